@@ -1,0 +1,18 @@
+"""attnkit: exact softmax attention through interchangeable, plugin-registered backends."""
+
+from .api import attention, backends, explain
+from .backend import Backend, Capabilities
+from .hookspecs import hookimpl
+from .spec import AttentionProblem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionProblem",
+    "Backend",
+    "Capabilities",
+    "attention",
+    "backends",
+    "explain",
+    "hookimpl",
+]

@@ -1,0 +1,227 @@
+"""The public entry points: `attention`, `explain`, `backends`.
+
+A call validates its inputs into an `AttentionProblem`, selects a backend (cached per
+problem), and runs it under autograd. Under ``torch.compile`` the call goes through the
+``attnkit::attention`` custom op instead, so a compiled graph holds it without a break.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import Explanation, Registration, registry
+from .spec import UNBOUNDED, AttentionProblem
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    seqlens_k: torch.Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Exact softmax attention, ``softmax(scale * q @ k^T + mask) @ v``.
+
+    Arguments:
+        q: ``(B, Hq, Sq, D)``. k, v: ``(B, Hkv, Sk, D)``, with ``Hq % Hkv == 0``; query head
+            ``h`` reads kv head ``h // (Hq // Hkv)`` (GQA/MQA). Any strides: a ``(B, S, H, D)``
+            tensor passed as ``.transpose(1, 2)`` is read in place by the fast backends.
+            float16, bfloat16, float32 or float64, all three the same dtype and device.
+        causal: mask aligned to the **bottom-right** corner. With ``Sk_b`` the number of valid
+            keys of batch ``b``, query ``i`` sees key ``j`` iff ``j <= i + Sk_b - Sq``.
+            For Sq=2, Sk=5 (``1`` = visible)::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+            and for Sq=5, Sk=2 the first three queries see nothing::
+
+                0 0
+                0 0
+                0 0
+                1 0
+                1 1
+
+        scale: applied to ``q @ k^T``; default ``1 / sqrt(D)``.
+        window: ``(left, right)`` sliding window, ``-1`` = unbounded on that side: query ``i``
+            sees key ``j`` iff ``i + Sk_b - Sq - left <= j <= i + Sk_b - Sq + right``;
+            combined with ``causal`` by AND.
+        seqlens_k: int32/int64 ``(B,)`` on q's device, each in ``[0, Sk]``: keys at positions
+            ``>= seqlens_k[b]`` do not exist for batch ``b`` (padded keys, KV caches of
+            different fill). Bottom-right alignment uses ``Sk_b = seqlens_k[b]``.
+        softcap: if given (> 0), scores become ``softcap * tanh(scores / softcap)`` before
+            the softmax.
+        return_lse: also return ``lse``, the natural-log log-sum-exp of the scaled (capped)
+            scores, float32 ``(B, Hq, Sq)`` (float64 for float64 inputs). Not differentiable.
+        backend: ``None``/``"auto"`` picks the best backend that computes this problem to spec
+            (see `explain`); a name forces that backend or raises ``ValueError`` saying why it
+            cannot.
+
+    Returns:
+        ``out`` ``(B, Hq, Sq, D)`` in q's dtype, or ``(out, lse)`` if ``return_lse``.
+
+    A query row that sees no key (fully masked) gives 0 in ``out``, ``-inf`` in ``lse`` and
+    zero gradients; never NaN. Softmax is max-subtracted with fp32 accumulation for fp16/bf16;
+    fp32 inputs are computed to fp32 accuracy. Gradients flow to q, k and v (kv gradients
+    summed over each GQA group) through the same backend that ran the forward, which saved
+    only ``out`` and ``lse``. The forward is deterministic; a backend whose backward is not
+    is never chosen under ``torch.use_deterministic_algorithms(True)``.
+
+    Raises ``TypeError``/``ValueError`` naming the offending tensor, its shape, dtype and
+    device for invalid input, and `attnkit.registry.NoBackendError` (a ``ValueError``)
+    listing every backend's reasons when none can run the problem.
+    """
+    if torch.compiler.is_compiling():
+        return _compiled_attention(q, k, v, causal, scale, window, seqlens_k, softcap,
+                                   return_lse, backend)
+    problem = AttentionProblem.from_tensors(
+        q, k, v, causal=causal, scale=scale, window=window, seqlens_k=seqlens_k,
+        softcap=softcap, return_lse=return_lse,
+    )
+    chosen = registry.select(problem, backend)
+    if seqlens_k is not None and seqlens_k.dtype != torch.int32:
+        seqlens_k = seqlens_k.to(torch.int32)
+    if problem.is_empty:
+        out, lse = _empty_result(problem, q)
+        if problem.needs_grad:  # keep the graph: zero gradients, same as a backend would give
+            out = out + 0 * (q.sum() + k.sum() + v.sum())
+    elif problem.needs_grad:
+        out, lse = _AttentionFunction.apply(q, k, v, seqlens_k, problem, chosen)
+    else:
+        out, lse = chosen.forward(problem, q, k, v, seqlens_k)
+    return (out, lse) if return_lse else out
+
+
+def explain(q, k, v, **options) -> Explanation:
+    """Every backend's verdict on this call, without running it.
+
+    Takes `attention`'s arguments; ``str()`` of the result is a readable table, and its
+    ``chosen`` attribute names the backend ``backend="auto"`` would use.
+    """
+    options.pop("backend", None)
+    problem = AttentionProblem.from_tensors(q, k, v, **options)
+    return registry.explain(problem)
+
+
+def backends() -> dict[str, Registration]:
+    """The registered backends by name (see also `attnkit.registry.registry.failures`)."""
+    return registry.registrations()
+
+
+def _empty_result(problem: AttentionProblem, q: torch.Tensor):
+    B, H, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=lse_dtype, device=q.device)
+    return out, lse
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """Forward and backward on one backend; saves q, k, v, out and lse (nothing S x S)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seqlens_k, problem, backend):
+        out, lse = backend.forward(problem, q, k, v, seqlens_k)
+        ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
+        ctx.problem, ctx.backend = problem, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, seqlens_k = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.backward(ctx.problem, q, k, v, out, lse, dout.contiguous(),
+                                          seqlens_k)
+        return dq, dk, dv, None, None, None
+
+
+# -- torch.compile: a custom op with a fake implementation ---------------------------------
+
+def _problem_from_op_args(q, k, v, seqlens_k, causal, scale, wl, wr, softcap, needs_grad,
+                          check_values):
+    return AttentionProblem.from_tensors(
+        q, k, v, causal=causal, scale=scale, window=(wl, wr), seqlens_k=seqlens_k,
+        softcap=softcap if softcap > 0 else None, return_lse=True, needs_grad=needs_grad,
+        check_values=check_values,
+    )
+
+
+@torch.library.custom_op("attnkit::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_k: torch.Tensor | None,
+    causal: bool, scale: float, window_left: int, window_right: int, softcap: float,
+    needs_grad: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
+                                    window_right, softcap, needs_grad, True)
+    chosen = registry.select(problem, backend)
+    if problem.is_empty:
+        return _empty_result(problem, q)
+    out, lse = chosen.forward(problem, q, k, v, seqlens_k)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, seqlens_k, causal, scale, window_left, window_right, softcap, needs_grad,
+      backend):
+    problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
+                                    window_right, softcap, needs_grad, False)
+    return _empty_result(problem, q)
+
+
+@torch.library.custom_op("attnkit::attention_backward", mutates_args=())
+def _attention_backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, seqlens_k: torch.Tensor | None, causal: bool, scale: float,
+    window_left: int, window_right: int, softcap: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
+                                    window_right, softcap, True, False)
+    if problem.is_empty:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # Same problem, same cache entry: the backend that ran the forward.
+    chosen = registry.select(problem, backend)
+    return chosen.backward(problem, q, k, v, out, lse, dout.contiguous(), seqlens_k)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, seqlens_k, causal, scale, window_left, window_right, softcap,
+      backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, seqlens_k, causal, scale, wl, wr, softcap, _needs_grad, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
+    ctx.options = (causal, scale, wl, wr, softcap, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _op_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, seqlens_k = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, seqlens_k, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _compiled_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse,
+                        backend):
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    wl, wr = window if window is not None else (UNBOUNDED, UNBOUNDED)
+    if seqlens_k is not None and seqlens_k.dtype != torch.int32:
+        seqlens_k = seqlens_k.to(torch.int32)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+    out, lse = _attention_op(q, k, v, seqlens_k, causal, float(scale), wl, wr,
+                             float(softcap or 0.0), needs_grad, backend or "auto")
+    return (out, lse) if return_lse else out

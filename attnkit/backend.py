@@ -1,0 +1,138 @@
+"""The backend contract: capabilities as data, plus forward and backward.
+
+A backend states what it can compute in a `Capabilities` record; the base class turns that
+record into the reasons it cannot run a given `AttentionProblem`, so selection, ``explain``,
+``attnkit backends`` and the conformance suite all read the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+
+from .spec import AttentionProblem
+
+#: Every feature flag a backend may declare, with what a problem needs it for.
+FEATURES = {
+    "causal": "causal=True",
+    "gqa": "Hq != Hkv (GQA/MQA)",
+    "window": "a sliding window",
+    "seqlens_k": "seqlens_k",
+    "softcap": "softcap",
+    "lse": "return_lse=True",
+    "backward": "gradients",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend computes to spec. Everything not declared here is refused."""
+
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    head_dim_min: int = 1
+    head_dim_max: int = 256
+    causal: bool = True
+    gqa: bool = True
+    window: bool = True
+    seqlens_k: bool = True
+    softcap: bool = True
+    lse: bool = True
+    backward: bool = True
+    #: The backward is bitwise deterministic (the forward always must be).
+    deterministic: bool = True
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["devices"] = sorted(self.devices)
+        d["dtypes"] = sorted(str(t).replace("torch.", "") for t in self.dtypes)
+        return d
+
+
+class Backend:
+    """Base class of every backend. Subclasses set `name` and `capabilities` and implement
+    `forward` and `backward`; most override `availability` and nothing else.
+
+    Tensors a backend receives: ``q (B, Hq, Sq, D)``, ``k``/``v (B, Hkv, Sk, D)`` with any
+    strides, ``seqlens_k`` ``None`` or int32 contiguous ``(B,)`` on the same device. It returns
+    ``out`` in q's dtype with q's shape and ``lse`` float32 ``(B, Hq, Sq)``; gradients in their
+    input's dtype and shape (kv gradients summed over each GQA group). Empty problems
+    (B, Hq, Sq or Sk = 0) are answered by the core and never reach a backend.
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+    #: Short description shown by ``attnkit backends``.
+    description: ClassVar[str] = ""
+
+    def availability(self) -> tuple[bool, str]:
+        """``(ok, reason)``: can this backend run on this machine at all. Cheap, never raises."""
+        return True, ""
+
+    def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
+        """Why this backend cannot compute `problem` to spec; empty means it can."""
+        caps = self.capabilities
+        reasons = []
+        if problem.device.type not in caps.devices:
+            reasons.append(
+                f"device {problem.device.type!r} not in supported {sorted(caps.devices)}"
+            )
+        if problem.dtype not in caps.dtypes:
+            names = sorted(str(d) for d in caps.dtypes)
+            reasons.append(f"dtype {problem.dtype} not in supported {names}")
+        if not caps.head_dim_min <= problem.head_dim <= caps.head_dim_max:
+            reasons.append(
+                f"head dim {problem.head_dim} outside supported "
+                f"[{caps.head_dim_min}, {caps.head_dim_max}]"
+            )
+        for flag, used in (
+            ("causal", problem.causal),
+            ("gqa", problem.heads_q != problem.heads_kv),
+            ("window", problem.has_window),
+            ("seqlens_k", problem.has_seqlens_k),
+            ("softcap", problem.softcap is not None),
+            ("lse", problem.return_lse),
+            ("backward", problem.needs_grad),
+        ):
+            if used and not getattr(caps, flag):
+                reasons.append(f"{FEATURES[flag]} not supported")
+        if problem.needs_grad and problem.deterministic and not caps.deterministic:
+            reasons.append(
+                "backward is not deterministic and torch.use_deterministic_algorithms(True) is set"
+            )
+        return reasons
+
+    def forward(
+        self,
+        problem: AttentionProblem,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seqlens_k: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(out, lse)``."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        problem: AttentionProblem,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        seqlens_k: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(dq, dk, dv)`` from the saved ``out`` and ``lse``."""
+        raise NotImplementedError
+
+    @property
+    def version(self) -> str:
+        """The version of the distribution that ships this backend."""
+        return getattr(self, "_version", "") or ""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

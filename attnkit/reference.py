@@ -1,0 +1,136 @@
+"""Reference implementations: the oracle every backend is held to.
+
+Three formulations of the same spec, each in plain PyTorch, in whatever dtype the inputs
+have (float64 included), differentiable by autograd:
+
+- `naive`: the textbook formula, ``softmax(S) = exp(S) / sum(exp(S))``, no max-subtraction.
+  It overflows in fp16 once a score passes ~11: kept to show why the others exist.
+- `safe`: the max-subtracted softmax over the materialized score matrix.
+- `online`: the online softmax over key blocks (FlashAttention's recurrence); it never
+  holds the whole ``Sq x Sk`` score matrix.
+
+All follow `attnkit.spec` (bottom-right causal, window, seqlens_k, softcap, GQA); a query row
+that sees no key gives 0 in ``out`` and ``-inf`` in ``lse``. Each returns ``(out, lse)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spec import UNBOUNDED
+
+
+def visible_mask(
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    seqlens_k: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean ``(B or 1, 1, Sq, Sk)``: True where query ``i`` sees key ``j``.
+
+    With ``Sk_b`` the valid keys of batch ``b`` (``seqlens_k[b]``, else ``Sk``) and
+    ``off = Sk_b - Sq``: visible iff ``j < Sk_b`` and, for causal, ``j <= i + off``; for a
+    window ``(left, right)``, ``i + off - left <= j <= i + off + right`` (-1 = unbounded).
+    """
+    if seqlens_k is not None:
+        device = seqlens_k.device
+    i = torch.arange(seqlen_q, device=device).view(1, 1, -1, 1)
+    j = torch.arange(seqlen_k, device=device).view(1, 1, 1, -1)
+    if seqlens_k is None:
+        sk_b = torch.full((1, 1, 1, 1), seqlen_k, device=device, dtype=torch.long)
+    else:
+        sk_b = seqlens_k.to(torch.long).view(-1, 1, 1, 1)
+    rel = j - i - (sk_b - seqlen_q)  # key position relative to the query's diagonal
+    mask = j < sk_b
+    left, right = window if window is not None else (UNBOUNDED, UNBOUNDED)
+    if left != UNBOUNDED:
+        mask = mask & (rel >= -left)
+    if right != UNBOUNDED:
+        mask = mask & (rel <= right)
+    if causal:
+        mask = mask & (rel <= 0)
+    return mask
+
+
+def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Repeat kv heads for GQA: query head h reads kv head h // (Hq // Hkv)."""
+    group = q.shape[1] // t.shape[1]
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def _scores(q, k, scale, softcap):
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def _defaults(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+def naive(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
+    """Textbook attention: ``P = exp(S) / sum(exp(S))``, ``O = P V``. Overflows in fp16."""
+    scale = _defaults(q, scale)
+    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    s = _scores(q, k, scale, softcap)
+    mask = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window,
+                        seqlens_k=seqlens_k, device=q.device)
+    e = torch.where(mask, torch.exp(s), torch.zeros((), dtype=s.dtype, device=s.device))
+    denom = e.sum(-1, keepdim=True)
+    p = torch.where(denom > 0, e / torch.where(denom > 0, denom, 1), 0)
+    return torch.matmul(p, v), torch.log(denom.squeeze(-1))
+
+
+def safe(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
+    """Max-subtracted softmax over the materialized score matrix."""
+    scale = _defaults(q, scale)
+    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    s = _scores(q, k, scale, softcap)
+    mask = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window,
+                        seqlens_k=seqlens_k, device=q.device)
+    s = s.masked_fill(~mask, float("-inf"))
+    # Subtracting the row max changes nothing mathematically, so it carries no gradient.
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, 0)
+    e = torch.exp(s - m)
+    denom = e.sum(-1, keepdim=True)
+    p = e / torch.where(denom > 0, denom, 1)
+    return torch.matmul(p, v), (m + torch.log(denom)).squeeze(-1)
+
+
+def online(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None,
+           block_k: int = 64):
+    """FlashAttention's online softmax: one pass over key blocks with a running max ``m``,
+    running sum ``l`` and an output rescaled whenever the max grows."""
+    scale = _defaults(q, scale)
+    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    mask = visible_mask(Sq, Sk, causal=causal, window=window, seqlens_k=seqlens_k,
+                        device=q.device)
+    m = torch.full((B, H, Sq, 1), float("-inf"), dtype=q.dtype, device=q.device)
+    denom = torch.zeros((B, H, Sq, 1), dtype=q.dtype, device=q.device)
+    acc = torch.zeros((B, H, Sq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    for j0 in range(0, Sk, block_k):
+        kb, vb = k[:, :, j0:j0 + block_k], v[:, :, j0:j0 + block_k]
+        s = _scores(q, kb, scale, softcap).masked_fill(~mask[..., j0:j0 + block_k],
+                                                       float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True)).detach()
+        m_safe = torch.where(torch.isfinite(m_new), m_new, 0)
+        alpha = torch.exp(m - m_safe)  # 0 while the row has seen nothing (m = -inf)
+        p = torch.exp(s - m_safe)
+        denom = denom * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + torch.matmul(p, vb)
+        m = m_new
+    m_safe = torch.where(torch.isfinite(m), m, 0)
+    out = acc / torch.where(denom > 0, denom, 1)
+    return out, (m_safe + torch.log(denom)).squeeze(-1)
+
+
+REFERENCES = {"naive": naive, "safe": safe, "online": online}
