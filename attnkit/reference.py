@@ -133,4 +133,36 @@ def online(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, so
     return out, (m_safe + torch.log(denom)).squeeze(-1)
 
 
+def backward(q, k, v, out, lse, dout, *, causal=False, scale=None, window=None, seqlens_k=None,
+             softcap=None):
+    """The attention backward from the saved ``out`` and ``lse``, without autograd.
+
+    ``P = exp(S - lse)``, ``dV = P^T dO``, ``dP = dO V^T``, ``D = rowsum(dO * O)``,
+    ``dS = P * (dP - D)`` (times ``1 - tanh^2`` under softcap), ``dQ = scale dS K``,
+    ``dK = scale dS^T Q``; kv gradients summed over each GQA group. Returns ``(dq, dk, dv)``.
+    """
+    scale = _defaults(q, scale)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
+    s = _scores(q, ke, scale, softcap)
+    mask = visible_mask(Sq, Sk, causal=causal, window=window, seqlens_k=seqlens_k,
+                        device=q.device)
+    lse = lse.to(s.dtype).unsqueeze(-1)
+    p = torch.where(mask, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)), 0)
+    dv = torch.matmul(p.transpose(-1, -2), dout)
+    dp = torch.matmul(dout, ve.transpose(-1, -2))
+    delta = (dout * out).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    if softcap is not None:
+        ds = ds * (1 - (s / softcap) ** 2)
+    dq = torch.matmul(ds, ke) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q) * scale
+    group = Hq // Hkv
+    if group > 1:
+        dk = dk.view(B, Hkv, group, Sk, D).sum(2)
+        dv = dv.view(B, Hkv, group, Sk, D).sum(2)
+    return dq, dk, dv
+
+
 REFERENCES = {"naive": naive, "safe": safe, "online": online}

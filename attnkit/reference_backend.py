@@ -36,11 +36,11 @@ class ReferenceBackend(Backend):
         return out.to(q.dtype), lse.to(lse_dtype)
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
+        # Explicit formulas, not autograd: this also runs inside the torch.compile custom
+        # op, where autograd is switched off.
         ct = _compute_dtype(q.dtype)
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().to(ct).requires_grad_(True) for t in (q, k, v))
-            o, _ = reference.safe(qq, kk, vv, **_options(problem, seqlens_k))
-            dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), dout.to(ct))
+        dq, dk, dv = reference.backward(*(t.to(ct) for t in (q, k, v, out, lse, dout)),
+                                        **_options(problem, seqlens_k))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -282,7 +282,8 @@ class Registry:
             return backend
         explanation = self.explain(problem)
         if explanation.chosen is None:
-            raise NoBackendError("no attnkit backend can compute this problem.\n" + str(explanation))
+            raise NoBackendError(
+                "no attnkit backend can compute this problem.\n" + str(explanation))
         return self._regs[explanation.chosen].backend
 
 

@@ -1,0 +1,104 @@
+"""``attnkit backends | check | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_backends(args) -> int:
+    from .registry import registry
+
+    regs = registry.registrations()
+    rows = []
+    for name, reg in regs.items():
+        ok, why = reg.availability
+        rows.append({
+            "name": name,
+            "description": reg.backend.description,
+            "plugin": reg.plugin,
+            "distribution": reg.distribution,
+            "version": reg.version,
+            "available": ok,
+            "reason": why,
+            "priority": reg.priority,
+            "capabilities": reg.backend.capabilities.as_dict(),
+        })
+    failures = [{"plugin": f.plugin, "distribution": f.distribution, "error": f.error}
+                for f in registry.failures]
+    if args.json:
+        json.dump({"backends": rows, "failed_plugins": failures}, sys.stdout, indent=2)
+        print()
+        return 0
+    for r in rows:
+        status = "available" if r["available"] else f"unavailable: {r['reason']}"
+        prio = "by name only" if r["priority"] is None else f"priority {r['priority']}"
+        caps = r["capabilities"]
+        feats = [f for f in ("causal", "gqa", "window", "seqlens_k", "softcap", "lse",
+                             "backward", "deterministic") if caps[f]]
+        print(f"{r['name']}  ({r['distribution']}, plugin {r['plugin']}, {prio})")
+        print(f"    {status}")
+        if r["description"]:
+            print(f"    {r['description']}")
+        print(f"    devices {', '.join(caps['devices'])}; dtypes {', '.join(caps['dtypes'])}; "
+              f"head dim {caps['head_dim_min']}..{caps['head_dim_max']}")
+        print(f"    features: {', '.join(feats)}")
+    for f in failures:
+        print(f"FAILED plugin {f['plugin']} ({f['distribution']}): {f['error']}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .testing.runner import run_check
+
+    return run_check(args.backend, device=args.device, quick=args.quick,
+                     pytest_args=args.pytest_args)
+
+
+def _cmd_bench(args) -> int:
+    from .bench.cli import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnkit", description="Exact softmax attention through pluggable backends.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backends", help="list registered backends and failed plugins")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_backends)
+
+    p = sub.add_parser("check", help="run the conformance suite against a backend",
+                       epilog="Arguments after -- go to pytest, e.g. -- -x -k causal")
+    p.add_argument("backend", help="backend name, e.g. torch-blocked, triton, cupy, reference")
+    p.add_argument("--device", default="cpu", help="device to test on (cpu, cuda)")
+    p.add_argument("--quick", action="store_true", help="a small grid (for interpreters, CI)")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("bench", help="benchmark backends beside PyTorch SDPA")
+    try:
+        from .bench.cli import configure_parser
+    except ImportError as e:  # keep `backends` and `check` working if bench cannot import
+        p.set_defaults(func=lambda _a, e=e: sys.exit(f"attnkit bench unavailable: {e}"))
+    else:
+        configure_parser(p)
+        p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # everything after -- is for pytest (attnkit check)
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    args.pytest_args = extra
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The pytest plugin behind ``attnkit check``: options, fixtures and case parametrization.
+
+Load it with ``-p attnkit.testing.plugin`` and point it at a backend with
+``--attnkit-backend NAME [--attnkit-device cuda] [--attnkit-quick]``. Tests that take a
+``case`` argument are parametrized with the cases generated from that backend's capabilities;
+``refused`` with the problems it does not claim. The session fails if the backend's forward
+never ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ..registry import registry
+from . import cases as _cases
+
+_calls = {"forward": 0, "backward": 0}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("attnkit", "attnkit conformance")
+    group.addoption("--attnkit-backend", default=None, help="backend under test")
+    group.addoption("--attnkit-device", default="cpu", help="device: cpu or cuda")
+    group.addoption("--attnkit-quick", action="store_true", help="small grid")
+
+
+def _backend_name(config) -> str:
+    name = config.getoption("--attnkit-backend")
+    if not name:
+        raise pytest.UsageError("the attnkit conformance suite needs --attnkit-backend NAME")
+    return name
+
+
+def _backend(config):
+    name = _backend_name(config)
+    backend = registry.get(name)  # raises with the recorded error for a failed plugin
+    ok, why = registry.registrations()[name].availability
+    if not ok:
+        raise pytest.UsageError(f"backend {name!r} is not available here: {why}")
+    return backend
+
+
+def pytest_configure(config):
+    if not config.getoption("--attnkit-backend"):
+        return
+    backend = _backend(config)
+    device = config.getoption("--attnkit-device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError("--attnkit-device cuda but torch sees no CUDA device")
+    if device.split(":")[0] not in backend.capabilities.devices:
+        raise pytest.UsageError(
+            f"backend {backend.name!r} declares devices {sorted(backend.capabilities.devices)}, "
+            f"not {device!r}")
+    _count_calls(backend)
+
+
+def _count_calls(backend):
+    """Wrap the instance's forward/backward so the session can prove the backend ran."""
+    if getattr(backend, "_attnkit_counted", False):
+        return
+    for method in ("forward", "backward"):
+        inner = getattr(backend, method)
+
+        def counted(*args, _inner=inner, _method=method, **kwargs):
+            _calls[_method] += 1
+            return _inner(*args, **kwargs)
+
+        setattr(backend, method, counted)
+    backend._attnkit_counted = True
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    if not config.getoption("--attnkit-backend"):
+        return
+    backend = _backend(config)
+    caps = backend.capabilities
+    quick = config.getoption("--attnkit-quick")
+    prefix = f"{backend.name}-{config.getoption('--attnkit-device')}"
+    if "case" in metafunc.fixturenames:
+        cs = _cases.generate(caps, quick=quick)
+        metafunc.parametrize("case", cs, ids=[f"{prefix}-{c.id}" for c in cs])
+    if "refused" in metafunc.fixturenames:
+        rs = _cases.refused_problems(caps)
+        if not rs:
+            reason = "the backend claims every dtype and feature: nothing to refuse"
+            metafunc.parametrize("refused", [pytest.param(None, marks=pytest.mark.skip(reason))],
+                                 ids=[f"{prefix}-nothing"])
+        else:
+            metafunc.parametrize("refused", rs, ids=[f"{prefix}-{r[0].replace(' ', '_')}"
+                                                     for r in rs])
+
+
+@pytest.fixture(scope="session")
+def backend_name(pytestconfig) -> str:
+    return _backend_name(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def backend(pytestconfig):
+    return _backend(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    return pytestconfig.getoption("--attnkit-device")
+
+
+@pytest.fixture(scope="session")
+def quick(pytestconfig) -> bool:
+    return pytestconfig.getoption("--attnkit-quick")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not config.getoption("--attnkit-backend"):
+        return
+    terminalreporter.write_line(
+        f"attnkit conformance: backend {_backend_name(config)!r} on "
+        f"{config.getoption('--attnkit-device')}: forward ran {_calls['forward']} times, "
+        f"backward {_calls['backward']} times")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    if not config.getoption("--attnkit-backend") or exitstatus != 0:
+        return
+    if _calls["forward"] == 0:
+        # Green without the backend ever running would be a lie.
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

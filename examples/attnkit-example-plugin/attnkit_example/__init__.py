@@ -1,0 +1,1 @@
+"""A minimal third-party attnkit backend (see plugin.py)."""

@@ -1,0 +1,112 @@
+"""The public API: autograd, torch.compile, explain(), determinism rules."""
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import reference
+from attnkit.registry import NoBackendError, registry
+
+
+def _qkv(B=2, Hq=4, Hkv=2, Sq=9, Sk=13, D=16, dtype=torch.float64):
+    mk = lambda *s: torch.randn(*s, dtype=dtype, requires_grad=True)  # noqa: E731
+    return mk(B, Hq, Sq, D), mk(B, Hkv, Sk, D), mk(B, Hkv, Sk, D)
+
+
+def test_attention_autograd_matches_reference():
+    q, k, v = _qkv()
+    seqlens = torch.tensor([13, 4])
+    kw = dict(causal=True, window=(5, -1), seqlens_k=seqlens, softcap=3.0)
+    out, lse = attnkit.attention(q, k, v, return_lse=True, backend="reference", **kw)
+    assert not lse.requires_grad
+    ref_out, ref_lse = reference.naive(q, k, v, **kw)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref_out, (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_sees_only_out_and_lse(monkeypatch):
+    q, k, v = _qkv(dtype=torch.float32)
+    backend = registry.get("reference")
+    seen = {}
+    real = backend.backward
+
+    def spy(problem, q, k, v, out, lse, dout, seqlens_k):
+        seen["shapes"] = [t.shape for t in (out, lse)]
+        return real(problem, q, k, v, out, lse, dout, seqlens_k)
+
+    monkeypatch.setattr(backend, "backward", spy)
+    attnkit.attention(q, k, v, backend="reference").sum().backward()
+    assert seen["shapes"] == [(2, 4, 9, 16), (2, 4, 9)]
+
+
+def test_explain_and_backends():
+    q, k, v = _qkv(dtype=torch.float32)
+    ex = attnkit.explain(q, k, v, causal=True, backend="ignored")
+    assert any(v.name == "reference" for v in ex.verdicts)
+    assert "reference" in attnkit.backends()
+
+
+def test_no_backend_error_lists_inputs_and_reasons():
+    q, k, v = _qkv(dtype=torch.float32)
+    with pytest.raises(NoBackendError) as e:
+        attnkit.attention(q[..., :1].expand(2, 4, 9, 300).contiguous(),
+                          k[..., :1].expand(2, 2, 13, 300).contiguous(),
+                          v[..., :1].expand(2, 2, 13, 300).contiguous(), backend="example-sdpa"
+                          if "example-sdpa" in attnkit.backends() else "reference", window=(1, 1))
+    assert "cannot compute" in str(e.value)
+
+
+def test_deterministic_mode_refuses_nondeterministic_backward():
+    from plugins_for_tests.good import Good
+
+    class Racy(Good):
+        name = "racy"
+        capabilities = Good.capabilities.__class__(
+            devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), deterministic=False)
+
+    registry.register(Racy(), priority=None)
+    try:
+        q, k, v = _qkv(dtype=torch.float32)
+        attnkit.attention(q, k, v, backend="racy")  # fine by default
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(NoBackendError, match="not deterministic"):
+            attnkit.attention(q, k, v, backend="racy")
+        with torch.no_grad():  # no backward needed: allowed
+            attnkit.attention(q, k, v, backend="racy")
+    finally:
+        torch.use_deterministic_algorithms(False)
+        registry.unregister("racy")
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+    q, k, v = _qkv(dtype=torch.float32)
+    seqlens = torch.tensor([13, 7], dtype=torch.int32)
+
+    def f(q, k, v):
+        out, lse = attnkit.attention(q, k, v, causal=True, seqlens_k=seqlens, return_lse=True,
+                                     backend="reference")
+        return (out * 2).sum() + lse.clamp(min=-1e4).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    loss = compiled(q, k, v)
+    torch.testing.assert_close(loss, f(q, k, v))
+    got = torch.autograd.grad(loss, (q, k, v))
+    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_validates_inputs():
+    torch._dynamo.reset()
+    q, k, v = _qkv(dtype=torch.float32)
+    compiled = torch.compile(lambda q, k, v: attnkit.attention(q, k, v, backend="reference"),
+                             fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="head dim mismatch"):
+        compiled(q, k[..., :8], v[..., :8])

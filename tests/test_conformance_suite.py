@@ -1,0 +1,52 @@
+"""The conformance suite itself: it passes the reference and catches wrong backends."""
+
+import pytest
+from wrong_backends import WRONG
+
+from attnkit.registry import registry
+from attnkit.testing.runner import suite_files
+
+
+def _run_suite(pytester, name, *extra):
+    return pytester.runpytest_inprocess(
+        *suite_files(), "-p", "attnkit.testing.plugin", f"--attnkit-backend={name}",
+        "--attnkit-quick", "-p", "no:cacheprovider", *extra)
+
+
+@pytest.fixture
+def wrong_backend(request):
+    backend = request.param()
+    registry.register(backend, priority=None, plugin="tests")
+    yield backend.name
+    registry.unregister(backend.name)
+
+
+EXPECTED_FAILURE = {
+    "wrong-no-causal": "max|got - ref64|",
+    "wrong-nan-rows": "NaN value(s)",
+    "wrong-top-left": "max|got - ref64|",
+    "wrong-softcap": "cap5",
+    "wrong-nondeterministic": "differs between two identical runs",
+}
+
+
+@pytest.mark.parametrize("wrong_backend", WRONG, indirect=True, ids=[w.name for w in WRONG])
+def test_suite_catches_wrong_backend(pytester, wrong_backend):
+    result = _run_suite(pytester, wrong_backend)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) > 0, f"{wrong_backend} passed the suite: {outcomes}"
+    # The failure says what is wrong, in numbers.
+    result.stdout.fnmatch_lines([f"*{EXPECTED_FAILURE[wrong_backend]}*"])
+
+
+def test_suite_passes_reference(pytester):
+    result = _run_suite(pytester, "reference")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) > 40 and outcomes.get("failed", 0) == 0, outcomes
+    result.stdout.fnmatch_lines(["*backend 'reference' on cpu: forward ran *"])
+
+
+def test_suite_fails_when_backend_never_runs(pytester):
+    # Only the refusal tests: green tests, but the backend's forward never ran.
+    result = _run_suite(pytester, "reference", "-k", "refuses")
+    assert result.ret != 0

@@ -1,0 +1,83 @@
+"""Deliberately wrong backends: the conformance suite must catch each of them."""
+
+import torch
+
+from attnkit import reference
+from attnkit.backend import Backend, Capabilities
+from attnkit.reference_backend import ReferenceBackend
+
+_CAPS = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                     head_dim_max=256)
+
+
+class DropsCausalMask(ReferenceBackend):
+    """Claims causal but ignores it."""
+
+    name = "wrong-no-causal"
+    capabilities = _CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        out, lse = reference.safe(q, k, v, scale=problem.scale, window=problem.window,
+                                  seqlens_k=seqlens_k, softcap=problem.softcap)
+        return out, lse.float()
+
+
+class NaNOnMaskedRows(ReferenceBackend):
+    """Uses the textbook 0/0 on rows that see no key."""
+
+    name = "wrong-nan-rows"
+    capabilities = _CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        out, lse = super().forward(problem, q, k, v, seqlens_k)
+        rows = torch.isinf(lse).unsqueeze(-1).expand_as(out)
+        return out.masked_fill(rows, float("nan")), lse
+
+
+class TopLeftCausal(ReferenceBackend):
+    """Aligns causal to the top-left corner (SDPA's is_causal), not the bottom-right."""
+
+    name = "wrong-top-left"
+    capabilities = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                                window=False, seqlens_k=False, softcap=False)
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        if not problem.causal:
+            return super().forward(problem, q, k, v, seqlens_k)
+        g = problem.group_size
+        kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        s = (q @ kk.transpose(-1, -2)) * problem.scale
+        top_left = torch.ones(s.shape[-2:], dtype=torch.bool).tril()  # j <= i
+        s = s.masked_fill(~top_left, float("-inf"))
+        return torch.softmax(s, -1) @ vv, torch.logsumexp(s, -1).float()
+
+
+class ClaimsSoftcapIgnoresIt(Backend):
+    """Declares softcap and silently skips it."""
+
+    name = "wrong-softcap"
+    capabilities = _CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        out, lse = reference.safe(q, k, v, scale=problem.scale, causal=problem.causal,
+                                  window=problem.window, seqlens_k=seqlens_k)
+        return out, lse.float()
+
+    backward = ReferenceBackend.backward
+
+
+class NondeterministicForward(ReferenceBackend):
+    """Adds run-dependent noise in the last bit."""
+
+    name = "wrong-nondeterministic"
+    capabilities = _CAPS
+    _n = 0
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        out, lse = super().forward(problem, q, k, v, seqlens_k)
+        NondeterministicForward._n += 1
+        return out * (1 + 1e-7 * (self._n % 2)), lse
+
+
+WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt,
+         NondeterministicForward]
