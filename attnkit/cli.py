@@ -56,6 +56,39 @@ def _cmd_check(args) -> int:
                      pytest_args=args.pytest_args)
 
 
+def _cmd_demo(args) -> int:
+    import time
+
+    import torch
+
+    from . import api, reference
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    B, H, S, D = 2, 8, args.seqlen, 64
+    q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(3))
+    chosen = api.explain(q, k, v, causal=True).chosen if args.backend is None else args.backend
+    run = lambda: api.attention(q, k, v, causal=True, backend=args.backend)  # noqa: E731
+    out = run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    ref, _ = reference.safe(q.double(), k.double(), v.double(), causal=True)
+    err = (out.double() - ref).abs().max().item()
+    ms = sorted(times)[len(times) // 2] * 1e3
+    print(f"backend {chosen} on {device}: causal attention B={B} H={H} S={S} D={D} {args.dtype}")
+    print(f"  max |out - float64 reference| = {err:.2e}")
+    print(f"  forward median {ms:.2f} ms "
+          f"({2 * B * H * S * S * D / (ms * 1e-3) / 1e12:.3f} TFLOP/s)")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench.cli import run
 
@@ -77,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device to test on (cpu, cuda)")
     p.add_argument("--quick", action="store_true", help="a small grid (for interpreters, CI)")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("demo", help="run one attention call on the automatically chosen "
+                       "backend: which backend, its error against float64, its time")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--backend", default=None, help="default: automatic selection")
+    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmark backends beside PyTorch SDPA")
     try:

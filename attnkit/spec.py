@@ -8,7 +8,7 @@ tensor, its shape, dtype and device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,12 +24,12 @@ def describe_tensor(name: str, t: torch.Tensor) -> str:
     return f"{name} (shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device})"
 
 
-@dataclass(frozen=True)
-class AttentionProblem:
+class AttentionProblem(NamedTuple):
     """A normalized description of one attention call: sizes, dtype, device and options.
 
     It holds no tensors, is hashable, and is what backends are asked about
-    (``not_supported_reasons``) and what selection is cached on.
+    (``not_supported_reasons``) and what selection is cached on. (A named tuple rather than
+    a frozen dataclass: it is built on every call, and this is several times cheaper.)
     """
 
     batch: int
@@ -206,24 +206,9 @@ class AttentionProblem:
             needs_grad = torch.is_grad_enabled() and (
                 q.requires_grad or k.requires_grad or v.requires_grad
             )
-        return cls(
-            batch=B,
-            heads_q=Hq,
-            heads_kv=Hkv,
-            seqlen_q=Sq,
-            seqlen_k=Sk,
-            head_dim=D,
-            dtype=q.dtype,
-            device=q.device,
-            causal=causal,
-            scale=scale,
-            window=window,
-            has_seqlens_k=seqlens_k is not None,
-            softcap=softcap,
-            return_lse=return_lse,
-            needs_grad=bool(needs_grad),
-            deterministic=torch.are_deterministic_algorithms_enabled(),
-        )
+        return cls(B, Hq, Hkv, Sq, Sk, D, q.dtype, q.device, causal, scale, window,
+                   seqlens_k is not None, softcap, return_lse, bool(needs_grad),
+                   torch.are_deterministic_algorithms_enabled())
 
 
 def _check_seqlens_k(s, q: torch.Tensor, B: int, Sk: int, check_values: bool) -> None:

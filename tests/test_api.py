@@ -51,14 +51,19 @@ def test_explain_and_backends():
     assert "reference" in attnkit.backends()
 
 
-def test_no_backend_error_lists_inputs_and_reasons():
-    q, k, v = _qkv(dtype=torch.float32)
-    with pytest.raises(NoBackendError) as e:
-        attnkit.attention(q[..., :1].expand(2, 4, 9, 300).contiguous(),
-                          k[..., :1].expand(2, 2, 13, 300).contiguous(),
-                          v[..., :1].expand(2, 2, 13, 300).contiguous(), backend="example-sdpa"
-                          if "example-sdpa" in attnkit.backends() else "reference", window=(1, 1))
-    assert "cannot compute" in str(e.value)
+def test_named_backend_that_cannot_run_says_why():
+    from plugins_for_tests.good import Good
+
+    registry.register(Good(), priority=None)
+    try:
+        q, k, v = _qkv(dtype=torch.float64)
+        with pytest.raises(NoBackendError) as e:
+            attnkit.attention(q, k, v, softcap=2.0, backend="good")
+        msg = str(e.value)
+        assert "backend 'good' cannot compute q (B=2, Hq=4, Sq=9, D=16)" in msg
+        assert "dtype torch.float64 not in supported" in msg and "softcap not supported" in msg
+    finally:
+        registry.unregister("good")
 
 
 def test_deterministic_mode_refuses_nondeterministic_backward():

@@ -123,7 +123,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
-    if not config.getoption("--attnkit-backend") or exitstatus != 0:
+    if (not config.getoption("--attnkit-backend") or exitstatus != 0
+            or config.option.collectonly):
         return
     if _calls["forward"] == 0:
         # Green without the backend ever running would be a lie.

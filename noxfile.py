@@ -1,0 +1,91 @@
+"""attnkit's checks, one session per concern.
+
+``nox`` runs the default sessions (what CI runs): lint, the core's tests, and the conformance
+suite for each first-party backend on this machine's CPU. The ``gpu`` session runs the
+conformance suite on CUDA and is not a default: it needs a GPU.
+
+Torch is installed first, pinned (``ATTNKIT_TORCH``, default ``torch==2.13.0``, the CPU build
+on the project's machines), so no dependency resolution can pull a multi-GB CUDA build.
+Arguments after ``--`` go to pytest: ``nox -s tests -- -x -k registry``.
+"""
+
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["lint", "tests", "conformance"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("ATTNKIT_TORCH", "torch==2.13.0")
+PLUGINS = {
+    "torch_blocked": "plugins/torch_blocked",
+    "triton": "plugins/triton",
+    "cupy": "plugins/cupy",
+}
+BACKEND_NAMES = {"torch_blocked": "torch-blocked", "triton": "triton", "cupy": "cupy"}
+
+
+def _install(session, *paths, extra=()):
+    """Torch (pinned) first, then the core and the given plugins, editable."""
+    session.install("setuptools>=64", TORCH, *extra)
+    args = ["--no-build-isolation", "-e", "."]
+    for p in paths:
+        args += ["-e", p]
+    session.install(*args)
+
+
+@nox.session
+def lint(session):
+    """ruff over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def tests(session):
+    """The core's own tests: spec, references, registry and plugin loading, API, CLI,
+    the conformance suite against deliberately wrong backends, the example plugin."""
+    _install(session)
+    session.run("pytest", "tests", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("backend", list(PLUGINS))
+def conformance(session, backend):
+    """The conformance suite (``attnkit check``) on CPU for one backend, plus its own tests.
+
+    triton runs under TRITON_INTERPRET=1 on a quick grid. cupy cannot launch without a GPU:
+    there every CUDA source and template instance is compiled for sm_80 and sm_90 instead,
+    and the suite runs in the ``gpu`` session.
+    """
+    extra = ("cupy-cuda13x",) if backend == "cupy" else ()
+    _install(session, PLUGINS[backend], extra=extra)
+    name = BACKEND_NAMES[backend]
+    session.run("attnkit", "backends")
+    if backend == "cupy":
+        if not shutil.which("nvcc"):
+            session.error("the cupy session compiles every kernel with nvcc; nvcc not found")
+        session.run("python", "plugins/cupy/scripts/compile_all.py", "--arch", "sm_80",
+                    "--arch", "sm_90")
+        session.run("pytest", "plugins/cupy/tests", *session.posargs)
+        return
+    env = {"TRITON_INTERPRET": "1"} if backend == "triton" else {}
+    quick = ["--quick"] if backend == "triton" else []
+    session.run("attnkit", "check", name, *quick, "--", *session.posargs, env=env)
+    session.run("pytest", f"{PLUGINS[backend]}/tests", *session.posargs, env=env)
+
+
+@nox.session(default=False)
+@nox.parametrize("backend", list(PLUGINS))
+def gpu(session, backend):
+    """The full conformance suite on CUDA (needs an NVIDIA GPU and a CUDA build of torch:
+    set ATTNKIT_TORCH, e.g. ATTNKIT_TORCH=torch)."""
+    extra = ("cupy-cuda13x",) if backend == "cupy" else ()
+    _install(session, PLUGINS[backend], extra=extra)
+    has_cuda = session.run("python", "-c", "import torch; print(torch.cuda.is_available())",
+                           silent=True).strip()
+    if has_cuda != "True":
+        session.skip("no CUDA device visible to torch")
+    session.run("attnkit", "check", BACKEND_NAMES[backend], "--device", "cuda", "--",
+                *session.posargs)

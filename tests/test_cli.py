@@ -1,0 +1,74 @@
+"""`attnkit backends` and `attnkit check`, as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from attnkit.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "attnkit.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def test_backends_json(capsys):
+    assert main(["backends", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    ref = next(b for b in data["backends"] if b["name"] == "reference")
+    assert ref["available"] is True and ref["priority"] is None
+    assert ref["capabilities"]["dtypes"] == ["bfloat16", "float16", "float32", "float64"]
+    assert ref["distribution"] == "attnkit (built in)"
+    assert isinstance(data["failed_plugins"], list)
+
+
+def test_backends_text_shows_failed_plugin(tmp_path):
+    # A real broken distribution on the path: entry point to a module that does not import.
+    dist = tmp_path / "broken_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[attnkit]\nbroken = broken_plugin_mod\n")
+    (tmp_path / "broken_plugin_mod.py").write_text("raise ImportError('missing libcuda')\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = _cli("backends", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "reference" in r.stdout
+    assert "FAILED plugin broken (broken-plugin 1.0): ImportError: missing libcuda" in r.stdout
+    r = _cli("backends", env={**env, "ATTNKIT_STRICT_PLUGINS": "1"})
+    assert r.returncode != 0 and "missing libcuda" in r.stderr
+    r = _cli("backends", env={**env, "ATTNKIT_PLUGINS": ""})
+    assert "FAILED" not in r.stdout and "reference" in r.stdout
+
+
+def test_check_reference_quick():
+    r = _cli("check", "reference", "--quick", cwd="/")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "backend 'reference' on cpu: forward ran" in r.stdout
+    assert " passed" in r.stdout
+
+
+def test_check_unknown_backend():
+    r = _cli("check", "no-such-backend")
+    assert r.returncode != 0
+    assert "unknown backend 'no-such-backend'" in r.stdout + r.stderr
+
+
+def test_check_passes_pytest_args():
+    r = _cli("check", "reference", "--quick", "--", "-k", "fp32 and causal", "--co")
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "fp32" in r.stdout and "fp16" not in r.stdout
+
+
+@pytest.mark.parametrize("device", ["cuda"])
+def test_check_refuses_missing_device(device):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = _cli("check", "reference", "--device", device)
+    assert r.returncode != 0 and "sees no CUDA device" in r.stdout + r.stderr

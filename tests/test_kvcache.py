@@ -1,0 +1,329 @@
+"""attention_with_kvcache, merge_attention, the encoder-decoder example, the decode suite's
+ability to fail, and the triton split-KV decode kernel under TRITON_INTERPRET=1."""
+
+import importlib.util
+import os
+import pathlib
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import reference
+from attnkit.reference_backend import ReferenceBackend
+from attnkit.registry import NoBackendError, registry
+from attnkit.spec import AttentionProblem
+from attnkit.testing.accuracy import assert_close
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REF = "reference"
+
+
+def _cache(B=3, Hkv=2, S=10, D=8, dtype=torch.float32, bshd=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if bshd:
+        return torch.randn((B, S, Hkv, D), generator=g, dtype=dtype).transpose(1, 2)
+    return torch.randn((B, Hkv, S, D), generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("bshd", [False, True], ids=["bhsd", "bshd-cache"])
+@pytest.mark.parametrize("seqlens_dtype", [torch.int32, torch.int64])
+def test_append_in_place_and_attend_prefix(bshd, seqlens_dtype):
+    B, Hq, Hkv, S, D, s_new = 3, 4, 2, 10, 8, 2
+    kc, vc = _cache(bshd=bshd), _cache(bshd=bshd, seed=1)
+    kc0, vc0 = kc.clone(), vc.clone()
+    cs = torch.tensor([0, 5, 8], dtype=seqlens_dtype)
+    q, kn, vn = _cache(B, Hq, s_new, D, seed=2), _cache(B, Hkv, s_new, D, seed=3), \
+        _cache(B, Hkv, s_new, D, seed=4)
+    out, lse = attnkit.attention_with_kvcache(q, kc, vc, cs, kn, vn, backend=REF,
+                                              return_lse=True)
+    assert cs.tolist() == [0, 5, 8] and cs.dtype == seqlens_dtype
+    assert kc.stride() == kc0.stride()  # written in place, same buffer
+    for b, L in enumerate(cs.tolist()):
+        torch.testing.assert_close(kc[b, :, L:L + s_new], kn[b], rtol=0, atol=0)
+        torch.testing.assert_close(vc[b, :, L:L + s_new], vn[b], rtol=0, atol=0)
+        untouched = [i for i in range(S) if not L <= i < L + s_new]
+        assert torch.equal(kc[b, :, untouched], kc0[b, :, untouched])
+        assert torch.equal(vc[b, :, untouched], vc0[b, :, untouched])
+        n = L + s_new
+        o, lz = reference.safe(q[b:b + 1].double(), kc[b:b + 1, :, :n].double(),
+                               vc[b:b + 1, :, :n].double(), causal=True)
+        torch.testing.assert_close(out[b:b + 1].double(), o, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lse[b:b + 1].double(), lz, rtol=0, atol=1e-5)
+
+
+def test_no_new_keys_attends_cache_as_is_bottom_right():
+    kc, vc = _cache(), _cache(seed=1)
+    q = _cache(3, 4, 3, 8, seed=2)
+    cs = torch.tensor([0, 2, 10], dtype=torch.int32)
+    out = attnkit.attention_with_kvcache(q, kc, vc, cs, backend=REF)
+    ref = attnkit.attention(q, kc, vc, seqlens_k=cs, causal=True, backend=REF)
+    assert torch.equal(out, ref)
+    # Batch 0 has nothing cached; batch 1 (2 keys, 3 queries): query 0 sees nothing.
+    assert (out[0] == 0).all() and (out[1, :, 0] == 0).all() and not torch.isnan(out).any()
+
+
+def test_window_and_softcap_pass_through():
+    kc, vc = _cache(S=30), _cache(S=30, seed=1)
+    q, kn, vn = _cache(3, 4, 1, 8, seed=2), _cache(3, 2, 1, 8, seed=3), _cache(3, 2, 1, 8, seed=4)
+    cs = torch.tensor([29, 4, 15], dtype=torch.int32)
+    out = attnkit.attention_with_kvcache(q, kc, vc, cs, kn, vn, window=(5, 0), softcap=3.0,
+                                         scale=0.3, backend=REF)
+    ref = attnkit.attention(q, kc, vc, seqlens_k=cs + 1, causal=True, window=(5, 0),
+                            softcap=3.0, scale=0.3, backend=REF)
+    assert torch.equal(out, ref)
+
+
+def _call(**over):
+    args = dict(q=_cache(3, 4, 2, 8, seed=2), k_cache=_cache(), v_cache=_cache(seed=1),
+                cache_seqlens=torch.tensor([0, 5, 8], dtype=torch.int32),
+                k_new=_cache(3, 2, 2, 8, seed=3), v_new=_cache(3, 2, 2, 8, seed=4))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(k_new=None), ValueError, "k_new and v_new must be given together"),
+    (dict(q=_cache(3, 4, 1, 8)), ValueError, r"Sq=1 queries but k_new .* S_new=2"),
+    (dict(v_cache=_cache(S=11)), ValueError, r"v_cache \(shape \(3, 2, 11, 8\)"),
+    (dict(k_cache=_cache(dtype=torch.float64)), TypeError, "must share one dtype"),
+    (dict(q=_cache(3, 3, 2, 8)), ValueError, "multiple of kv heads"),
+    (dict(k_new=_cache(3, 1, 2, 8), v_new=_cache(3, 1, 2, 8)), ValueError,
+     r"k_new \(shape \(3, 1, 2, 8\).* must be \(B=3, Hkv=2"),
+    (dict(cache_seqlens=torch.tensor([0, 5, 8])[:2]), ValueError, r"shape \(3,\)"),
+    (dict(cache_seqlens=torch.tensor([0.0, 5, 8])), TypeError, "torch.int32 or torch.int64"),
+    (dict(cache_seqlens=[0, 5, 8]), TypeError, "cache_seqlens must be an int tensor"),
+    (dict(cache_seqlens=torch.tensor([0, -1, 8], dtype=torch.int32)), ValueError, ">= 0"),
+    (dict(cache_seqlens=torch.tensor([0, 5, 9], dtype=torch.int32)), ValueError,
+     r"overflow: batch 2 holds 9 .* 11 > S_max=10; nothing was written"),
+    (dict(q=_cache(3, 4, 2, 8).reshape(3, 4, 16)), ValueError, "must have 4 dimensions"),
+])
+def test_errors_name_the_input_and_write_nothing(over, exc, match):
+    args = _call(**over)
+    kc0, vc0 = args["k_cache"].clone(), args["v_cache"].clone()
+    with pytest.raises(exc, match=match):
+        attnkit.attention_with_kvcache(**args, backend=REF)
+    assert torch.equal(args["k_cache"], kc0) and torch.equal(args["v_cache"], vc0)
+
+
+def test_refused_backend_writes_nothing():
+    args = _call()
+    kc0 = args["k_cache"].clone()
+    with pytest.raises(NoBackendError, match="unknown backend"):
+        attnkit.attention_with_kvcache(**args, backend="no-such-backend")
+    assert torch.equal(args["k_cache"], kc0)
+
+
+def test_gradients_are_refused_forward_only():
+    args = _call(q=_cache(3, 4, 2, 8, seed=2).requires_grad_(True))
+    with pytest.raises(RuntimeError, match="forward only.*q require"):
+        attnkit.attention_with_kvcache(**args, backend=REF)
+    with torch.no_grad():  # the same call without autograd is fine
+        attnkit.attention_with_kvcache(**args, backend=REF)
+
+
+# -- merge_attention ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_merge_equals_full_attention(dtype):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 4, 5, 16, generator=g).to(dtype)
+    k = torch.randn(3, 2, 40, 16, generator=g).to(dtype)
+    v = torch.randn(3, 2, 40, 16, generator=g).to(dtype)
+    lens = torch.tensor([0, 9, 40], dtype=torch.int32)  # batch 0 sees nothing at all
+    outs, lses = [], []
+    for a, z in ((0, 10), (10, 11), (11, 40)):
+        o, lz = attnkit.attention(q, k[:, :, a:z], v[:, :, a:z], return_lse=True, backend=REF,
+                                  seqlens_k=(lens - a).clamp(0, z - a).to(torch.int32))
+        outs.append(o)
+        lses.append(lz)
+    out, lse = attnkit.merge_attention(outs, lses)
+    r64 = reference.safe(q.double(), k.double(), v.double(), seqlens_k=lens)
+    rlp = reference.safe(q, k, v, seqlens_k=lens)
+    assert out.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close("out", out, r64[0], rlp[0], dtype)
+    assert_close("lse", lse, r64[1], rlp[1], dtype)
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+
+
+def test_merge_ignores_garbage_of_empty_partials():
+    out1 = torch.randn(2, 3, 4)
+    lse1 = torch.randn(2, 3)
+    junk = torch.full((2, 3, 4), float("nan"))
+    ninf = torch.full((2, 3), float("-inf"))
+    out, lse = attnkit.merge_attention([out1, junk], [lse1, ninf])
+    assert torch.equal(out, out1) and torch.equal(lse, lse1)
+    out, lse = attnkit.merge_attention([junk, junk], [ninf, ninf])
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_merge_is_order_free_and_handles_huge_lse():
+    outs = [torch.randn(1, 2, 3, 8) for _ in range(3)]
+    lses = [torch.tensor([[[1000.0, -1000.0, 0.0]] * 2]),
+            torch.tensor([[[999.0, -999.0, 1.0]] * 2]), torch.full((1, 2, 3), -5.0)]
+    a = attnkit.merge_attention(outs, lses)
+    b = attnkit.merge_attention(outs[::-1], lses[::-1])
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    assert torch.isfinite(a[0]).all() and torch.isfinite(a[1]).all()
+    torch.testing.assert_close(a[1][0, 0, 0], torch.logaddexp(torch.tensor(1000.0),
+                                                              torch.tensor(999.0)))
+
+
+@pytest.mark.parametrize("outs, lses, match", [
+    ([], [], "at least one pair"),
+    ([torch.zeros(2, 3)], [], "one lse per out"),
+    ([torch.zeros(2, 3), torch.zeros(2, 4)], [torch.zeros(2), torch.zeros(2)], "must match"),
+    ([torch.zeros(2, 3)], [torch.zeros(3)], r"must have shape \(2,\)"),
+])
+def test_merge_errors(outs, lses, match):
+    with pytest.raises(ValueError, match=match):
+        attnkit.merge_attention(outs, lses)
+
+
+# -- the example and the suite ---------------------------------------------------------------
+
+def test_encoder_decoder_example_matches_recompute():
+    mod = runpy.run_path(str(ROOT / "examples" / "encoder_decoder.py"))
+    worst = mod["main"](backend=REF, steps=6, verbose=False)
+    assert worst < 1e-4
+
+
+class IgnoresSeqlens(ReferenceBackend):
+    """Wrong for every KV cache: attends over the whole buffer, garbage included."""
+
+    name = "wrong-ignores-seqlens"
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        return super().forward(problem, q, k, v, None)
+
+
+def test_decode_suite_catches_a_backend_ignoring_cache_fill(pytester):
+    registry.register(IgnoresSeqlens(), priority=None, plugin="tests")
+    try:
+        suite = ROOT / "attnkit" / "testing" / "suite_decode.py"
+        result = pytester.runpytest_inprocess(
+            str(suite), "-p", "attnkit.testing.plugin", "--attnkit-backend",
+            "wrong-ignores-seqlens", "--attnkit-quick", "-p", "no:cacheprovider")
+    finally:
+        registry.unregister("wrong-ignores-seqlens")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) > 0, outcomes
+    result.stdout.fnmatch_lines(["*max|got - ref64|*"])
+
+
+# -- the triton split-KV decode kernel, interpreted on CPU -----------------------------------
+
+#: Triton picks the interpreter when its kernels are decorated, so the kernel runs happen in a
+#: subprocess started with TRITON_INTERPRET=1 (test_decode_kernel_under_interpreter).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted_only = pytest.mark.skipif(
+    not INTERPRETED, reason="run in a TRITON_INTERPRET=1 subprocess by "
+    "test_decode_kernel_under_interpreter")
+
+
+@pytest.fixture(scope="module")
+def decode_module():
+    """attnkit_triton/decode.py loaded by path: the rest of that package is not needed."""
+    pytest.importorskip("triton")
+    path = ROOT / "plugins" / "triton" / "attnkit_triton" / "decode.py"
+    spec = importlib.util.spec_from_file_location("attnkit_triton_decode_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_kernel_under_interpreter():
+    if INTERPRETED:
+        pytest.skip("this is the interpreter subprocess itself")
+    pytest.importorskip("triton")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "interpreted"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+        timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert f"{len(DECODE_CASES)} passed" in r.stdout, r.stdout[-2000:]
+
+
+DECODE_CASES = [
+    # B, Hq, Hkv, Sq, Sk, D, dtype, options, splits
+    (2, 4, 2, 1, 100, 16, torch.float32, {}, 3),
+    (2, 4, 1, 2, 70, 40, torch.float16, {"causal": True, "seqlens": [0, 50]}, 4),
+    (3, 2, 2, 3, 90, 32, torch.bfloat16,
+     {"causal": True, "window": (5, 0), "seqlens": [90, 7, 33], "softcap": 5.0, "bshd": True}, 2),
+    (1, 8, 2, 1, 600, 64, torch.float16, {"causal": True}, None),  # default split count
+    (2, 2, 2, 4, 3, 16, torch.float32, {"causal": True}, 1),  # rows with no key
+    (1, 4, 4, 2, 80, 16, torch.float32, {"window": (3, 3)}, 8),  # empty splits
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES,
+                         ids=[f"{str(c[6])[6:]}-B{c[0]}H{c[1]}x{c[2]}-q{c[3]}k{c[4]}d{c[5]}-"
+                              f"splits{c[8]}" for c in DECODE_CASES])
+@interpreted_only
+def test_split_kv_decode_interpreted(decode_module, case):
+    B, Hq, Hkv, Sq, Sk, D, dtype, opts, splits = case
+    opts = dict(opts)
+    g = torch.Generator().manual_seed(11)
+    bshd = opts.pop("bshd", False)
+
+    def rand(h, s):
+        if bshd:
+            return torch.randn((B, s, h, D), generator=g).to(dtype).transpose(1, 2)
+        return torch.randn((B, h, s, D), generator=g).to(dtype)
+
+    q, k, v = rand(Hq, Sq), rand(Hkv, Sk), rand(Hkv, Sk)
+    seqlens = opts.pop("seqlens", None)
+    seqlens = None if seqlens is None else torch.tensor(seqlens, dtype=torch.int32)
+    problem = AttentionProblem.from_tensors(q, k, v, seqlens_k=seqlens, **opts)
+    if splits is None:
+        assert decode_module.use_split_kv(problem)
+        assert decode_module.num_splits(problem) > 1
+    out, lse = decode_module.decode_forward(problem, q, k, v, seqlens, splits=splits)
+    r64 = reference.safe(q.double(), k.double(), v.double(), seqlens_k=seqlens, **opts)
+    rlp = reference.safe(q, k, v, seqlens_k=seqlens, **opts)
+    assert out.dtype == dtype and out.stride() == q.stride() and lse.dtype == torch.float32
+    assert_close("out", out, r64[0], rlp[0], dtype)
+    assert_close("lse", lse, r64[1], rlp[1].float(), dtype)
+    again = decode_module.decode_forward(problem, q, k, v, seqlens, splits=splits)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+
+
+def _meta_problem(B, Hq, Hkv, Sq, Sk, D=128, dtype=torch.bfloat16, **kw):
+    q = torch.empty(B, Hq, Sq, D, device="meta", dtype=dtype)
+    k = torch.empty(B, Hkv, Sk, D, device="meta", dtype=dtype)
+    return AttentionProblem.from_tensors(q, k, k, **kw)
+
+
+def test_split_count_heuristic(decode_module):
+    ns = decode_module.num_splits
+    h100 = 132
+    # The issue's workload: 128 (batch x kv head) programs on 132 SMs -> 2 splits.
+    assert ns(_meta_problem(16, 32, 8, 1, 65536, causal=True), h100) == 2
+    # Batch 1: 8 programs; many splits, the last wave at least 90% full.
+    s = ns(_meta_problem(1, 32, 8, 1, 65536), h100)
+    assert 8 * s >= h100 and (8 * s / h100) / -(-8 * s // h100) >= 0.9
+    # Enough programs already, or too few keys to split.
+    assert ns(_meta_problem(64, 32, 8, 1, 8192), h100) == 1
+    assert ns(_meta_problem(1, 32, 8, 1, 200), h100) == 1
+    # A left window bounds the keys worth splitting.
+    assert ns(_meta_problem(1, 32, 8, 1, 65536, window=(500, 0)), h100) <= 3
+
+
+def test_use_split_kv_only_for_decoding_shapes(decode_module, monkeypatch):
+    monkeypatch.setattr(decode_module, "_sm_count", lambda device: 132)
+    use = decode_module.use_split_kv
+    assert use(_meta_problem(16, 32, 8, 1, 4096, causal=True))
+    assert use(_meta_problem(2, 16, 2, 4, 20000))
+    assert not use(_meta_problem(16, 32, 8, 64, 4096))  # prefill-shaped: many queries
+    assert not use(_meta_problem(16, 32, 8, 1, 4096, dtype=torch.float64))
+    assert not use(_meta_problem(16, 32, 8, 1, 4096, D=512))
+    assert not use(_meta_problem(128, 32, 8, 1, 4096))  # enough programs without splitting
+    with pytest.raises(ValueError, match="float64"):
+        p = _meta_problem(1, 1, 1, 1, 16, D=16, dtype=torch.float64)
+        decode_module.decode_forward(p, None, None, None, None)
