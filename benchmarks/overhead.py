@@ -56,7 +56,8 @@ def main():
             lambda: AttentionProblem.from_tensors(q, k, v, causal=True)),
         "select, cached (registry.select)": timed(lambda: registry.select(problem, None)),
         "backend.forward directly": timed(lambda: backend.forward(problem, q, k, v, None)),
-        "attnkit.attention()": timed(lambda: attnkit.attention(q, k, v, causal=True, backend=args.backend)),
+        "attnkit.attention()": timed(
+            lambda: attnkit.attention(q, k, v, causal=True, backend=name)),
     }
     rows["overhead of attention() over forward"] = (
         rows["attnkit.attention()"] - rows["backend.forward directly"])
