@@ -129,7 +129,10 @@ class Registry:
     def _load(self) -> None:
         pm = pluggy.PluginManager("attnkit")
         pm.add_hookspecs(hookspecs)
-        sources = [(name, name, "attnkit (built in)") for name in BUILTIN_PLUGINS]
+        from . import __version__
+
+        builtin = f"attnkit {__version__} (built in)"
+        sources = [(name, name, builtin, __version__) for name in BUILTIN_PLUGINS]
         allowed = os.environ.get("ATTNKIT_PLUGINS")
         allowed_names = None
         if allowed is not None:
@@ -138,8 +141,8 @@ class Registry:
             if allowed_names is not None and ep.name not in allowed_names:
                 continue
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown"
-            sources.append((ep.name, ep.value, dist))
-        for plugin, target, dist in sources:
+            sources.append((ep.name, ep.value, dist, ep.dist.version if ep.dist else ""))
+        for plugin, target, dist, version in sources:
             try:
                 module = importlib.import_module(target.split(":")[0])
                 pm.register(module, name=plugin)
@@ -148,7 +151,7 @@ class Registry:
                 if not impls:
                     raise RuntimeError(f"{target} defines no attnkit_register_backends hook")
                 for impl in impls:
-                    impl.function(register=self._registrar(plugin, dist))
+                    impl.function(register=self._registrar(plugin, dist, version))
             except Exception as e:
                 self._record_failure(plugin, dist, e)
         if self.failures:
@@ -170,7 +173,7 @@ class Registry:
             PluginFailure(plugin, dist, f"{type(e).__name__}: {e}", traceback.format_exc())
         )
 
-    def _registrar(self, plugin: str, dist: str):
+    def _registrar(self, plugin: str, dist: str, version: str = ""):
         def register(backend: Backend, priority: int | Mapping[str, int] | None = 0) -> None:
             if not isinstance(backend, Backend):
                 raise TypeError(f"register() takes a Backend instance, got {backend!r}")
@@ -182,8 +185,8 @@ class Registry:
                     f"backend name {backend.name!r} is already registered by plugin "
                     f"{other.plugin!r} ({other.distribution})"
                 )
-            version = backend.version or dist.rsplit(" ", 1)[-1]
-            self._regs[backend.name] = Registration(backend, priority, plugin, dist, version)
+            self._regs[backend.name] = Registration(backend, priority, plugin, dist,
+                                                    backend.version or version)
             self._cache.clear()
 
         return register

@@ -23,7 +23,7 @@ def test_backends_json(capsys):
     ref = next(b for b in data["backends"] if b["name"] == "reference")
     assert ref["available"] is True and ref["priority"] is None
     assert ref["capabilities"]["dtypes"] == ["bfloat16", "float16", "float32", "float64"]
-    assert ref["distribution"] == "attnkit (built in)"
+    assert ref["distribution"] == "attnkit 0.1.0 (built in)" and ref["version"] == "0.1.0"
     assert isinstance(data["failed_plugins"], list)
 
 
