@@ -1,0 +1,110 @@
+"""Where a benchmark ran: device, clocks, library and plugin versions, date."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+
+import torch
+
+from .. import __version__, api
+from ..registry import registry
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cupy_version() -> str | None:
+    # cupy ships as cupy-cudaXXx wheels; read the metadata instead of importing (slow, and it
+    # may need a driver).
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name == "cupy" or name.startswith("cupy-cuda"):
+            return f"{dist.metadata['Name']} {dist.version}"
+    return None
+
+
+def _nvidia_smi(index: int) -> dict:
+    """SM clocks (current, max, application) and power limit, if nvidia-smi answers."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {"error": "nvidia-smi not found"}
+    fields = ["clocks.sm", "clocks.max.sm", "clocks.applications.graphics", "clocks.mem",
+              "power.limit", "driver_version", "temperature.gpu"]
+    try:
+        res = subprocess.run([exe, f"--query-gpu={','.join(fields)}",
+                              "--format=csv,noheader,nounits", "-i", str(index)],
+                             capture_output=True, text=True, timeout=15)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    if res.returncode != 0:
+        return {"error": (res.stderr or res.stdout).strip()[:300]}
+    values = [v.strip() for v in res.stdout.strip().splitlines()[0].split(",")]
+    return dict(zip(fields, values))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_bytes": props.total_memory,
+            "clocks": _nvidia_smi(index),
+        }
+    return {
+        "type": device.type,
+        "name": _cpu_name(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def versions() -> dict:
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "triton": _dist_version("triton"),
+        "cupy": _cupy_version(),
+        "attnkit": __version__,
+    }
+    plugins = {}
+    for name, reg in api.backends().items():
+        ok, why = reg.availability
+        plugins[name] = {"plugin": reg.plugin, "distribution": reg.distribution,
+                         "version": reg.version, "available": ok, "reason": why}
+    out["backends"] = plugins
+    out["failed_plugins"] = [{"plugin": f.plugin, "distribution": f.distribution,
+                              "error": f.error} for f in registry.failures]
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.platform(),
+        "device": device_info(device),
+        "versions": versions(),
+    }
