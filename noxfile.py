@@ -45,8 +45,9 @@ def lint(session):
 @nox.session
 def tests(session):
     """The core's own tests: spec, references, registry and plugin loading, API, CLI,
-    the conformance suite against deliberately wrong backends, the example plugin."""
-    _install(session)
+    the conformance suite against deliberately wrong backends, the example plugin, the
+    benchmark harness (with matplotlib, so its plots are drawn)."""
+    _install(session, extra=("matplotlib",))
     session.run("pytest", "tests", *session.posargs)
 
 
