@@ -63,6 +63,16 @@ def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
+def _drop_missing_keys(k, v, seqlens_k):
+    """Zero keys/values at positions >= seqlens_k[b]: they do not exist, and may hold NaN
+    (an uninitialized cache), which a masked score would still multiply in as 0 * NaN."""
+    if seqlens_k is None:
+        return k, v
+    pos = torch.arange(k.shape[2], device=k.device).view(1, 1, -1, 1)
+    missing = pos >= seqlens_k.to(k.device, torch.long).view(-1, 1, 1, 1)
+    return k.masked_fill(missing, 0), v.masked_fill(missing, 0)
+
+
 def _scores(q, k, scale, softcap):
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap is not None:
@@ -77,6 +87,7 @@ def _defaults(q, scale):
 def naive(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
     """Textbook attention: ``P = exp(S) / sum(exp(S))``, ``O = P V``. Overflows in fp16."""
     scale = _defaults(q, scale)
+    k, v = _drop_missing_keys(k, v, seqlens_k)
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     s = _scores(q, k, scale, softcap)
     mask = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window,
@@ -90,6 +101,7 @@ def naive(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, sof
 def safe(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
     """Max-subtracted softmax over the materialized score matrix."""
     scale = _defaults(q, scale)
+    k, v = _drop_missing_keys(k, v, seqlens_k)
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     s = _scores(q, k, scale, softcap)
     mask = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window,
@@ -109,6 +121,7 @@ def online(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, so
     """FlashAttention's online softmax: one pass over key blocks with a running max ``m``,
     running sum ``l`` and an output rescaled whenever the max grows."""
     scale = _defaults(q, scale)
+    k, v = _drop_missing_keys(k, v, seqlens_k)
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
@@ -144,6 +157,7 @@ def backward(q, k, v, out, lse, dout, *, causal=False, scale=None, window=None, 
     scale = _defaults(q, scale)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    k, v = _drop_missing_keys(k, v, seqlens_k)
     ke, ve = _expand_kv(q, k), _expand_kv(q, v)
     s = _scores(q, ke, scale, softcap)
     mask = visible_mask(Sq, Sk, causal=causal, window=window, seqlens_k=seqlens_k,

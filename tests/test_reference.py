@@ -98,3 +98,20 @@ def test_explicit_backward_matches_autograd(opts):
                              dout, **opts)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["naive", "safe", "online"])
+def test_missing_keys_may_hold_nan(name):
+    q, k, v = _qkv(Sq=3, Sk=11, requires_grad=False)
+    seqlens = torch.tensor([4, 11, 0])
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 4:] = float("nan")
+    v2[0, :, 4:] = float("inf")
+    f = reference.REFERENCES[name]
+    out, lse = f(q, k2, v2, seqlens_k=seqlens)
+    want, want_lse = f(q, k, v, seqlens_k=seqlens)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+    dout = torch.randn_like(out)
+    grads = reference.backward(q, k2, v2, out, lse, dout, seqlens_k=seqlens)
+    assert all(torch.isfinite(g).all() for g in grads)
