@@ -3,6 +3,7 @@
 from .api import attention, backends, explain
 from .backend import Backend, Capabilities
 from .hookspecs import hookimpl
+from .kvcache import attention_with_kvcache, merge_attention
 from .spec import AttentionProblem
 
 __version__ = "0.1.0"
@@ -12,7 +13,9 @@ __all__ = [
     "Backend",
     "Capabilities",
     "attention",
+    "attention_with_kvcache",
     "backends",
     "explain",
     "hookimpl",
+    "merge_attention",
 ]

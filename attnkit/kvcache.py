@@ -1,0 +1,230 @@
+"""Decoding with a KV cache, and merging attention computed over disjoint key sets.
+
+- `attention_with_kvcache`: append the new keys/values of a decoding step into preallocated
+  caches (in place) and attend over each batch's filled prefix. Because causal masks are
+  aligned to the bottom-right corner of each batch's *valid* keys (DESIGN.md), attention over
+  a cache is plain `attnkit.attention` with ``seqlens_k = cache_seqlens + S_new``: the newest
+  query sees every cached key, the ones before it one key fewer each.
+- `merge_attention`: the online-softmax rescaling as a public function, to combine partial
+  results (out, lse) over disjoint key sets, e.g. a cached prefix and a fresh suffix, or
+  key splits computed on different devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .api import attention
+from .registry import registry
+from .spec import FLOAT_DTYPES, AttentionProblem, describe_tensor
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention of new queries over a KV cache, appending new keys/values first.
+
+    Arguments:
+        q: ``(B, Hq, Sq, D)``, the queries of this step.
+        k_cache, v_cache: ``(B, Hkv, S_max, D)``, preallocated; positions
+            ``< cache_seqlens[b]`` of batch ``b`` hold its keys/values so far. Any strides (a
+            ``(B, S_max, Hkv, D)`` buffer passed as ``.transpose(1, 2)`` is written and read in
+            place).
+        cache_seqlens: int32/int64 ``(B,)`` on q's device: how many positions of each batch's
+            cache are filled **before** this call. It is read, never modified: the caller
+            advances it (``cache_seqlens += S_new``) once the step is accepted.
+        k_new, v_new: ``(B, Hkv, S_new, D)`` or both ``None``. When given they are written in
+            place into the caches at positions ``cache_seqlens[b] ... cache_seqlens[b] + S_new
+            - 1`` of every batch, then attended; ``Sq`` must equal ``S_new`` (query ``i`` is the
+            token at position ``cache_seqlens[b] + i``). Without them (``S_new = 0``) the ``Sq``
+            queries attend over the filled prefix as it is, bottom-right aligned.
+        causal, scale, window, softcap, return_lse, backend: as in `attnkit.attention`; the
+            masks apply over each batch's ``cache_seqlens[b] + S_new`` valid keys. ``causal``
+            defaults to True (a decoder's self-attention); use False for cross-attention over an
+            encoder's outputs.
+
+    Returns:
+        ``out`` ``(B, Hq, Sq, D)``, or ``(out, lse)`` if ``return_lse``.
+
+    Forward only: raises if gradients are requested. Raises ``ValueError`` before writing
+    anything if ``cache_seqlens[b] + S_new > S_max`` for any batch.
+    """
+    _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    s_new = 0 if k_new is None else k_new.shape[2]
+    seqlens_k = cache_seqlens.to(torch.int32) + s_new  # a new tensor: the caller's is untouched
+    # Refuse (bad options, no backend for this problem) before the caches are written.
+    problem = AttentionProblem.from_tensors(
+        q, k_cache, v_cache, causal=causal, scale=scale, window=window, seqlens_k=seqlens_k,
+        softcap=softcap, return_lse=return_lse, needs_grad=False, check_values=False)
+    registry.select(problem, backend)
+    if k_new is not None and s_new > 0 and q.shape[0] > 0:
+        _append(k_cache, v_cache, cache_seqlens, k_new, v_new)
+    return attention(q, k_cache, v_cache, causal=causal, scale=scale, window=window,
+                     seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse,
+                     backend=backend)
+
+
+def _append(k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
+    """Write every batch's new positions with one indexed store per cache (no batch loop)."""
+    B, _, s_new, _ = k_new.shape
+    dev = k_cache.device
+    rows = torch.arange(B, device=dev).view(B, 1)
+    pos = cache_seqlens.to(device=dev, dtype=torch.long).view(B, 1) + torch.arange(
+        s_new, device=dev).view(1, s_new)
+    # Advanced indices around a slice: the indexed view is (B, S_new, Hkv, D).
+    k_cache[rows, :, pos] = k_new.permute(0, 2, 1, 3)
+    v_cache[rows, :, pos] = v_new.permute(0, 2, 1, 3)
+
+
+def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
+    named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
+    if (k_new is None) != (v_new is None):
+        given = "k_new" if k_new is not None else "v_new"
+        raise ValueError(f"k_new and v_new must be given together; only {given} was given")
+    if k_new is not None:
+        named += [("k_new", k_new), ("v_new", v_new)]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(B, Hq, Sq, D)" if name == "q" else (
+                "(B, Hkv, S_max, D)" if "cache" in name else "(B, Hkv, S_new, D)")
+            raise ValueError(f"{describe_tensor(name, t)} must have 4 dimensions {layout}, "
+                             f"got {t.dim()}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{describe_tensor(name, t)}: dtype {t.dtype} is not supported; "
+                            "attention takes float16, bfloat16, float32 or float64 inputs")
+    if any(t.dtype != q.dtype for _, t in named):
+        raise TypeError("q, the caches and the new keys/values must share one dtype: "
+                        + ", ".join(describe_tensor(n, t) for n, t in named))
+    if any(t.device != q.device for _, t in named):
+        raise ValueError("q, the caches and the new keys/values must be on one device: "
+                         + ", ".join(describe_tensor(n, t) for n, t in named))
+    if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
+        wanting = [n for n, t in named if t.requires_grad]
+        raise RuntimeError(
+            f"attention_with_kvcache is forward only, but {', '.join(wanting)} require(s) "
+            "grad; call it under torch.no_grad() / torch.inference_mode(), or use "
+            "attnkit.attention for training")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape (B, Hkv, S_max, D): "
+                         f"{describe_tensor('k_cache', k_cache)}, "
+                         f"{describe_tensor('v_cache', v_cache)}")
+    B, Hq, Sq, D = q.shape
+    Bc, Hkv, S_max, Dc = k_cache.shape
+    if Bc != B or Dc != D:
+        raise ValueError(f"{describe_tensor('k_cache', k_cache)} must be (B={B}, Hkv, S_max, "
+                         f"D={D}) to match {describe_tensor('q', q)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads must be a multiple of kv heads (GQA): "
+                         f"{describe_tensor('q', q)} has Hq={Hq}, "
+                         f"{describe_tensor('k_cache', k_cache)} has Hkv={Hkv}")
+    if k_new is not None:
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k_new and v_new must have the same shape (B, Hkv, S_new, D): "
+                             f"{describe_tensor('k_new', k_new)}, "
+                             f"{describe_tensor('v_new', v_new)}")
+        Bn, Hn, s_new, Dn = k_new.shape
+        if (Bn, Hn, Dn) != (B, Hkv, D):
+            raise ValueError(f"{describe_tensor('k_new', k_new)} must be (B={B}, Hkv={Hkv}, "
+                             f"S_new, D={D}) to match {describe_tensor('k_cache', k_cache)}")
+        if Sq != s_new:
+            raise ValueError(f"{describe_tensor('q', q)} has Sq={Sq} queries but "
+                             f"{describe_tensor('k_new', k_new)} appends S_new={s_new} "
+                             "positions; each new position needs its query (Sq == S_new)")
+    else:
+        s_new = 0
+    _check_cache_seqlens(cache_seqlens, q, B, S_max, s_new)
+
+
+def _check_cache_seqlens(s, q, B: int, S_max: int, s_new: int) -> None:
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an int tensor of shape ({B},), got "
+                        f"{type(s).__name__}")
+    desc = describe_tensor("cache_seqlens", s)
+    if s.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{desc} must have dtype torch.int32 or torch.int64")
+    if tuple(s.shape) != (B,):
+        raise ValueError(f"{desc} must have shape ({B},), one fill level per batch")
+    if s.device != q.device:
+        raise ValueError(f"{desc} must be on q's device {q.device}")
+    if B == 0:
+        return
+    lo, hi = int(s.min()), int(s.max())  # one sync, before anything is written
+    if lo < 0:
+        raise ValueError(f"{desc} values must be >= 0, got min {lo}")
+    if hi + s_new > S_max:
+        b = int(torch.argmax(s.to(torch.long)))
+        raise ValueError(
+            f"KV cache overflow: batch {b} holds {hi} positions and {s_new} new ones would "
+            f"need {hi + s_new} > S_max={S_max}; nothing was written")
+
+
+def merge_attention(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over disjoint key sets into attention over their union, exactly.
+
+    Partial ``i`` over key set ``K_i`` is ``out_i = sum_{j in K_i} exp(s_j - lse_i) v_j`` with
+    ``lse_i = log sum_{j in K_i} exp(s_j)``. Over the union::
+
+        lse = log sum_i exp(lse_i)                    (computed as m + log sum_i exp(lse_i - m),
+                                                        m = max_i lse_i, so nothing overflows)
+        out = sum_i exp(lse_i - lse) * out_i
+
+    A partial whose row saw no key has ``lse_i = -inf`` and weight 0, whatever its ``out_i``;
+    a row no partial saw gets ``out = 0`` and ``lse = -inf``, never NaN.
+
+    Arguments:
+        outs: one or more tensors of one shape ``(..., D)`` (e.g. ``(B, Hq, Sq, D)``), one dtype.
+        lses: matching natural-log lse tensors of shape ``(...)``, e.g. ``(B, Hq, Sq)``.
+
+    Returns:
+        ``(out, lse)``: out in the partials' dtype, lse float32 (float64 for float64 partials).
+        The sums run in float32 (float64 for float64 inputs).
+    """
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"merge_attention needs one lse per out and at least one pair; got "
+                         f"{len(outs)} outs and {len(lses)} lses")
+    shape, dtype, device = outs[0].shape, outs[0].dtype, outs[0].device
+    for i, (o, s) in enumerate(zip(outs, lses)):
+        if not isinstance(o, torch.Tensor) or not isinstance(s, torch.Tensor):
+            raise TypeError(f"outs[{i}] and lses[{i}] must be tensors")
+        if o.shape != shape or o.dtype != dtype or o.device != device:
+            raise ValueError(f"every out must match {describe_tensor('outs[0]', outs[0])}; "
+                             f"got {describe_tensor(f'outs[{i}]', o)}")
+        if o.dim() == 0 or tuple(s.shape) != tuple(shape[:-1]):
+            raise ValueError(f"{describe_tensor(f'lses[{i}]', s)} must have shape "
+                             f"{tuple(shape[:-1])} (its out's shape without the last dim)")
+        if not s.is_floating_point() or s.device != device:
+            raise ValueError(f"{describe_tensor(f'lses[{i}]', s)} must be a float tensor on "
+                             f"{device}")
+    acc_dtype = torch.float64 if torch.float64 in (dtype, *(s.dtype for s in lses)) \
+        else torch.float32
+    lse_stack = torch.stack([s.to(acc_dtype) for s in lses])  # (P, ...)
+    m = lse_stack.amax(0)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse_stack - m_safe)  # exp(-inf) = 0: empty partials weigh nothing
+    total = w.sum(0)
+    lse = m_safe + torch.log(total)  # log 0 = -inf for rows no partial saw
+    w = w / torch.where(total > 0, total, torch.ones_like(total))
+    out = torch.zeros(shape, dtype=acc_dtype, device=device)
+    for wi, o in zip(w, outs):
+        # where(), not multiply: an empty partial's out may hold anything, even NaN.
+        out += torch.where(wi.unsqueeze(-1) > 0, wi.unsqueeze(-1) * o.to(acc_dtype), 0)
+    return out.to(dtype), lse.to(torch.float64 if acc_dtype == torch.float64 else torch.float32)
