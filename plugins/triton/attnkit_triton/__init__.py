@@ -1,0 +1,5 @@
+"""attnkit's Triton backend: fused forward and backward attention kernels."""
+
+from .backend import TritonBackend
+
+__all__ = ["TritonBackend"]

@@ -1,0 +1,368 @@
+"""The backward kernels, recomputing probabilities from the saved ``lse``:
+
+1. ``_prep_kernel``: ``delta = rowsum(dO * O)`` and ``lse`` in log2 units, into row buffers
+   padded to a whole number of query blocks (pad rows: delta 0, lse +inf, so p = 0 there and
+   the kernels read them without masks). A fully masked row's lse is -inf; it becomes +inf
+   too, so its probabilities are exactly 0 instead of exp2(-inf + inf) = NaN.
+2. ``_dkdv_kernel``: one program per (key block, batch * kv head); it loops over the query
+   heads of the GQA group and the query blocks that see its keys, so dK/dV are summed in
+   registers: no atomics, deterministic.
+3. ``_dq_kernel``: one program per (query block, batch * query head), looping over key blocks.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._band import (
+    band_mask,
+    dot_precision,
+    key_range,
+    load_tile,
+    mma,
+    query_range,
+    store_tile,
+    tanh,
+)
+from ._configs import KernelConfig, interpreting, padded_head_dim
+from ._forward import _band_args, _score_args
+
+
+@triton.jit
+def _prep_kernel(O, DO, LSE, DELTA, LSE2,
+                 sob, soh, som, sod, sdb, sdh, sdm, sdd,
+                 H, Sq, Sq_pad,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+              + rows.to(tl.int64)[:, None] * som + offs_d[None, :] * sod)
+    do_ptrs = (DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+               + rows.to(tl.int64)[:, None] * sdm + offs_d[None, :] * sdd)
+    o = load_tile(o_ptrs, rows, Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    do = load_tile(do_ptrs, rows, Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(LSE + bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(DELTA + bh.to(tl.int64) * Sq_pad + rows, delta)
+    tl.store(LSE2 + bh.to(tl.int64) * Sq_pad + rows, lse2)
+
+
+@triton.jit
+def _scores_t(qk, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """Scores in log2 units and, with a softcap, tanh's value (for its derivative)."""
+    if SOFTCAP:
+        t = tanh(qk * cap_in)
+        s = t * cap_out
+    else:
+        t = qk
+        s = qk * qk_scale
+    return s, t
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, q_desc, do_desc,
+                 sqm, sqd, sdm, sdd, start, end, cols, off, Sq, Sk_b, left, right,
+                 qk_scale, cap_in, cap_out,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_tile = offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    do_tile = offs_m[:, None] * sdm + offs_d[None, :] * sdd
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + offs_m
+        if USE_TMA:
+            q = q_desc.load([m0, 0])
+            do = do_desc.load([m0, 0])
+        else:
+            m0_64 = tl.cast(m0, tl.int64)
+            q = load_tile(q_base + m0_64 * sqm + q_tile, rows, Sq, offs_d, HEAD_DIM,
+                          MASKED, BLOCK_D != HEAD_DIM)
+            do = load_tile(do_base + m0_64 * sdm + do_tile, rows, Sq, offs_d, HEAD_DIM,
+                           MASKED, BLOCK_D != HEAD_DIM)
+        lse2 = tl.load(lse2_base + rows)
+        delta = tl.load(delta_base + rows)
+        if PREC == 0:
+            qk_t = mma(k, tl.trans(q), None, PREC)
+        else:
+            # fp32: the forward's orientation, so the scores (and their rounding) match the
+            # ones lse was computed from; large scores amplify any mismatch into p.
+            qk_t = tl.trans(mma(q, tl.trans(k), None, PREC))
+        s_t, t_t = _scores_t(qk_t, qk_scale, cap_in, cap_out, SOFTCAP)
+        if MASKED:
+            mask = band_mask(rows[None, :], cols[:, None], off, Sk_b, left, right,
+                             HAS_LEFT, HAS_RIGHT)
+            s_t = tl.where(mask, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        dv = mma(p_t.to(do.dtype), do, dv, PREC)
+        dp_t = mma(v, tl.trans(do), None, PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk = mma(ds_t.to(q.dtype), q, dk, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sdb, sdh, sdm, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                 HKV, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    if HAS_SEQLENS:
+        Sk_b = tl.load(SEQLENS + b)
+    else:
+        Sk_b = Sk
+    off = Sk_b - Sq
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        k = k_desc.load([n0, 0])
+        v = v_desc.load([n0, 0])
+    else:
+        n0_64 = tl.cast(n0, tl.int64)
+        k = load_tile(k_base + n0_64 * skn + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                      cols, Sk, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        v = load_tile(v_base + n0_64 * svn + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                      cols, Sk, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = query_range(n0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
+                                           HAS_LEFT, HAS_RIGHT)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        row_base = (b * (HKV * GROUP) + h).to(tl.int64) * Sq_pad
+        if USE_TMA:
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM],
+                                               strides=[sqm, 1], block_shape=[BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(do_base, shape=[Sq, HEAD_DIM],
+                                                strides=[sdm, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])
+        else:
+            q_desc = q_base
+            do_desc = do_base
+        # Boundary blocks below the band, the fully visible middle, boundary blocks above.
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
+                              q_desc, do_desc, sqm, sqd, sdm, sdd, lo, full_lo, cols, off, Sq,
+                              Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M,
+                              BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
+                              q_desc, do_desc, sqm, sqd, sdm, sdd, full_lo, full_hi, cols, off,
+                              Sq, Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM,
+                              BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA,
+                              PREC)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
+                              q_desc, do_desc, sqm, sqd, sdm, sdd, full_hi, hi, cols, off, Sq,
+                              Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M,
+                              BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC)
+
+    dk = dk * scale  # d(scores)/d(qk) = scale (softcap's tanh' is applied per element)
+    dk_ptrs = (DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh
+               + n0.to(tl.int64) * sdkn + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd)
+    dv_ptrs = (DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh
+               + n0.to(tl.int64) * sdvn + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd)
+    store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), cols, Sk, offs_d, HEAD_DIM,
+               BLOCK_D != HEAD_DIM)
+    store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), cols, Sk, offs_d, HEAD_DIM,
+               BLOCK_D != HEAD_DIM)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
+               start, end, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, cap_out,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_tile = offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_tile = offs_n[:, None] * svn + offs_d[None, :] * svd
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        if USE_TMA:
+            k = k_desc.load([n0, 0])
+            v = v_desc.load([n0, 0])
+        else:
+            n0_64 = tl.cast(n0, tl.int64)
+            k = load_tile(k_base + n0_64 * skn + k_tile, cols, Sk, offs_d, HEAD_DIM,
+                          MASKED, BLOCK_D != HEAD_DIM)
+            v = load_tile(v_base + n0_64 * svn + v_tile, cols, Sk, offs_d, HEAD_DIM,
+                          MASKED, BLOCK_D != HEAD_DIM)
+        qk = mma(q, tl.trans(k), None, PREC)
+        s, t = _scores_t(qk, qk_scale, cap_in, cap_out, SOFTCAP)
+        if MASKED:
+            mask = band_mask(rows[:, None], cols[None, :], off, Sk_b, left, right,
+                             HAS_LEFT, HAS_RIGHT)
+            s = tl.where(mask, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = mma(do, tl.trans(v), None, PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = mma(ds.to(k.dtype), k, dq, PREC)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
+               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+               sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd,
+               H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, REVERSE_M: tl.constexpr, USE_TMA: tl.constexpr,
+               PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if REVERSE_M:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    if HAS_SEQLENS:
+        Sk_b = tl.load(SEQLENS + b)
+    else:
+        Sk_b = Sk
+    off = Sk_b - Sq
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    m0_64 = tl.cast(m0, tl.int64)
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[sqm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(do_base, shape=[Sq, HEAD_DIM], strides=[sdm, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        q = q_desc.load([m0, 0])
+        do = do_desc.load([m0, 0])
+    else:
+        k_desc = k_base
+        v_desc = v_base
+        q = load_tile(q_base + m0_64 * sqm + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                      rows, Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        do = load_tile(do_base + m0_64 * sdm + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                       rows, Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    lse2 = tl.load(LSE2 + bh.to(tl.int64) * Sq_pad + rows)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Sq_pad + rows)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = key_range(m0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
+                                         HAS_LEFT, HAS_RIGHT)
+    dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
+                    lo, full_lo, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, cap_out,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA,
+                    PREC)
+    dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
+                    full_lo, full_hi, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in,
+                    cap_out, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                    USE_TMA, PREC)
+    dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
+                    full_hi, hi, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, cap_out,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA,
+                    PREC)
+    dq = dq * scale
+    dq_ptrs = (DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
+               + m0_64 * sdqm + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd)
+    store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows, Sq, offs_d, HEAD_DIM,
+               BLOCK_D != HEAD_DIM)
+
+
+_PREP_BLOCK_M = 64
+
+
+def prepare(q, out, lse, dout, pad_to: int):
+    """``delta`` and log2 ``lse`` as (B * Hq, Sq_pad) row buffers."""
+    B, Hq, Sq, D = q.shape
+    pad_to = max(pad_to, _PREP_BLOCK_M)
+    Sq_pad = triton.cdiv(Sq, pad_to) * pad_to
+    delta = torch.empty((B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
+    lse = lse.contiguous()  # our own forward's (B, Hq, Sq): already contiguous
+    _prep_kernel[(Sq_pad // _PREP_BLOCK_M, B * Hq)](
+        out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Sq, Sq_pad,
+        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M, num_warps=4,
+    )
+    return delta, lse2
+
+
+def _common(problem, q, seqlens_k, use_tma):
+    left, right, has_left, has_right = _band_args(problem)
+    qk_scale, cap_in, cap_out = _score_args(problem)
+    args = (problem.scale, qk_scale, cap_in, cap_out, left, right)
+    flags = dict(HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+                 SOFTCAP=problem.softcap is not None, USE_TMA=use_tma,
+                 PREC=dot_precision(q.dtype, interpreting()))
+    return args, flags
+
+
+def launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, cfg: KernelConfig,
+                use_tma: bool):
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    args, flags = _common(problem, q, seqlens_k, use_tma)
+    _dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), B * Hkv)](
+        q, k, v, dout, lse2, delta, dk, dv, seqlens_k if seqlens_k is not None else delta,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        Hkv, Sq, delta.shape[1], Sk, problem.group_size, *args,
+        HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )
+
+
+def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelConfig,
+              use_tma: bool):
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    args, flags = _common(problem, q, seqlens_k, use_tma)
+    _dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * Hq)](
+        q, k, v, dout, lse2, delta, dq, seqlens_k if seqlens_k is not None else delta,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        Hq, Sq, delta.shape[1], Sk, problem.group_size, *args,
+        HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        REVERSE_M=problem.band[1] is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **flags,
+    )
+
+
+def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
+                    dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool):
+    delta, lse2 = prepare(q, out, lse, dout, max(dkdv_cfg.block_m, dq_cfg.block_m))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,
+                use_tma and dkdv_cfg.tma)
+    launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, dq_cfg, use_tma and dq_cfg.tma)
+    return dq, dk, dv

@@ -1,0 +1,133 @@
+"""Tile sizes, warps and pipeline stages per kernel: a tuned table, not a runtime autotune.
+
+A table keeps the first call fast and the choice reproducible (the forward must be bitwise
+deterministic run to run, which a timing-driven autotune would not guarantee across
+processes). Entries for Hopper were measured with scripts/perf.py --sweep on an H100
+(benchmarks/NOTES-triton.md); other GPUs get the conservative defaults, and the interpreter
+small tiles so CPU tests stay quick.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+
+import triton
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    block_d: int = 0  # filled by `padded_head_dim`
+    warp_spec: bool = False
+    #: May this kernel use tensor descriptors where the layout allows (False: pointers).
+    tma: bool = True
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Tile width for the head dim: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# (block_d, causal) -> config, for sm90 (Hopper). The bf16, S=4k sweep on an H100 (see
+# benchmarks/NOTES-triton.md) picked these; `tma=False` where the pointer path measured faster.
+_HOPPER_FWD = {
+    (16, False): KernelConfig(128, 64, 8, 3), (16, True): KernelConfig(128, 64, 8, 3),
+    (32, False): KernelConfig(128, 64, 8, 3), (32, True): KernelConfig(128, 64, 8, 3),
+    (64, False): KernelConfig(128, 64, 8, 3), (64, True): KernelConfig(128, 64, 8, 3, tma=False),
+    (128, False): KernelConfig(128, 128, 8, 3),
+    (128, True): KernelConfig(128, 128, 8, 3, tma=False),
+    (256, False): KernelConfig(128, 64, 8, 2), (256, True): KernelConfig(128, 64, 8, 2),
+}
+# Backward: (dk/dv kernel, dq kernel) per (block_d, causal).
+_HOPPER_BWD = {
+    (16, False): (KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3)),
+    (16, True): (KernelConfig(32, 64, 4, 3), KernelConfig(64, 64, 4, 3)),
+    (32, False): (KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3)),
+    (32, True): (KernelConfig(32, 64, 4, 3), KernelConfig(64, 64, 4, 3)),
+    (64, False): (KernelConfig(64, 64, 4, 3, tma=False), KernelConfig(64, 64, 4, 3)),
+    (64, True): (KernelConfig(32, 64, 4, 3), KernelConfig(64, 64, 4, 3, tma=False)),
+    (128, False): (KernelConfig(64, 128, 8, 2), KernelConfig(128, 32, 8, 3)),
+    (128, True): (KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3)),
+    (256, False): (KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)),
+    (256, True): (KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)),
+}
+# Everything else (Ampere and newer non-Hopper parts): shared-memory-safe sizes.
+_DEFAULT_FWD = {
+    16: KernelConfig(128, 64, 4, 3), 32: KernelConfig(128, 64, 4, 3),
+    64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 2),
+    256: KernelConfig(64, 32, 4, 1),
+}
+_DEFAULT_BWD = {
+    16: (KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+    32: (KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+    64: (KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+    128: (KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+    256: (KernelConfig(16, 32, 4, 1), KernelConfig(32, 16, 4, 1)),
+}
+# The interpreter: small, unequal tiles (many boundary cases, quick numpy steps). Equal in
+# all three kernels, as for fp32 below.
+_INTERPRET = KernelConfig(32, 16, 4, 1)
+
+
+def _fp32_config(block_d: int) -> KernelConfig:
+    """fp32 uses one tile shape in all three kernels: the backward then recomputes exactly
+    the forward's scores (same products, same summation), which fp32 accuracy at large
+    scores needs, since lse was computed from them. fp32 speed is not the goal."""
+    return KernelConfig(32, 32, 4, 1) if block_d > 128 else KernelConfig(64, 32, 4, 2)
+
+
+def _arch(device) -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def forward_config(head_dim: int, causal: bool, dtype, device) -> KernelConfig:
+    return _forward_config(head_dim, causal, dtype, device, interpreting())
+
+
+@functools.lru_cache(maxsize=256)  # a table lookup, but on every call: keep it off the clock
+def _forward_config(head_dim, causal, dtype, device, interpret) -> KernelConfig:
+    import torch
+
+    bd = padded_head_dim(head_dim)
+    if interpret:
+        cfg = _INTERPRET
+    elif dtype == torch.float32:
+        cfg = _fp32_config(bd)
+    elif _arch(device) == 90:
+        cfg = _HOPPER_FWD[(bd, causal)]
+    else:
+        cfg = _DEFAULT_FWD[bd]
+    return replace(cfg, block_d=bd)
+
+
+def backward_configs(head_dim: int, causal: bool, dtype,
+                     device) -> tuple[KernelConfig, KernelConfig]:
+    return _backward_configs(head_dim, causal, dtype, device, interpreting())
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_configs(head_dim, causal, dtype, device, interpret):
+    import torch
+
+    bd = padded_head_dim(head_dim)
+    if interpret:
+        dkdv = dq = _INTERPRET
+    elif dtype == torch.float32:
+        dkdv = dq = _fp32_config(bd)
+    elif _arch(device) == 90:
+        dkdv, dq = _HOPPER_BWD[(bd, causal)]
+    else:
+        dkdv, dq = _DEFAULT_BWD[bd]
+    return replace(dkdv, block_d=bd), replace(dq, block_d=bd)

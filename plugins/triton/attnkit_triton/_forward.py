@@ -1,0 +1,197 @@
+"""The forward kernel: one program per (query block, batch * query head).
+
+Tiled ``Q K^T``, the online softmax in registers (exp2, with log2(e) folded into the scale),
+``P V`` accumulated in fp32; writes ``out`` and the natural-log ``lse``. Key blocks outside
+the visible band are never visited, and only boundary blocks pay for the mask.
+
+Two load paths share the kernel: plain pointers (any strides, any GPU, the interpreter) and
+Hopper tensor descriptors (TMA) where the layout allows them (``USE_TMA``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._band import LOG2E, band_mask, dot_precision, key_range, load_tile, mma, store_tile, tanh
+from ._configs import KernelConfig, interpreting
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
+              qk_scale, cap_in, cap_out,
+              MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    qk = mma(q, tl.trans(k), None, PREC)
+    if SOFTCAP:
+        s = tanh(qk * cap_in) * cap_out
+    else:
+        s = qk * qk_scale
+    if MASKED:
+        mask = band_mask(rows[:, None], cols[None, :], off, Sk_b, left, right,
+                         HAS_LEFT, HAS_RIGHT)
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = mma(p.to(v.dtype), v, acc, PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
+                start, end, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, cap_out,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
+                WARP_SPEC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_tile = offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_tile = offs_n[:, None] * svn + offs_d[None, :] * svd
+    for n0 in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
+        cols = n0 + offs_n
+        if USE_TMA:
+            k = k_desc.load([n0, 0])
+            v = v_desc.load([n0, 0])
+        else:
+            n0_64 = tl.cast(n0, tl.int64)
+            k = load_tile(k_base + n0_64 * skn + k_tile, cols, Sk, offs_d, HEAD_DIM,
+                          MASKED, BLOCK_D != HEAD_DIM)
+            v = load_tile(v_base + n0_64 * svn + v_tile, cols, Sk, offs_d, HEAD_DIM,
+                          MASKED, BLOCK_D != HEAD_DIM)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
+                                  qk_scale, cap_in, cap_out, MASKED, HAS_LEFT, HAS_RIGHT,
+                                  SOFTCAP, PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                sob, soh, som, sod,
+                H, Sq, Sk, GROUP, qk_scale, cap_in, cap_out, left, right,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, REVERSE_M: tl.constexpr, USE_TMA: tl.constexpr,
+                PREC: tl.constexpr, WARP_SPEC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if REVERSE_M:  # causal: the longest rows first, so the short ones fill the tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    if HAS_SEQLENS:
+        Sk_b = tl.load(SEQLENS + b)
+    else:
+        Sk_b = Sk
+    off = Sk_b - Sq
+
+    # 64-bit base offsets: tensors may exceed 2^31 elements.
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[sqm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        q = q_desc.load([m0, 0])
+    else:
+        k_desc = k_base
+        v_desc = v_base
+        q_ptrs = q_base + m0.to(tl.int64) * sqm + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+        q = load_tile(q_ptrs, rows, Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = key_range(m0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
+                                         HAS_LEFT, HAS_RIGHT)
+    # Leading boundary blocks (window's left edge), the unmasked middle, then the trailing
+    # boundary (diagonal, right edge, end of the valid keys).
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
+                                skn, skd, svn, svd, lo, full_lo, rows, off, Sk, Sk_b,
+                                left, right, qk_scale, cap_in, cap_out,
+                                HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                                SOFTCAP, USE_TMA, PREC, False)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
+                                skn, skd, svn, svd, full_lo, full_hi, rows, off, Sk, Sk_b,
+                                left, right, qk_scale, cap_in, cap_out,
+                                HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
+                                SOFTCAP, USE_TMA, PREC, WARP_SPEC)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
+                                skn, skd, svn, svd, full_hi, hi, rows, off, Sk, Sk_b,
+                                left, right, qk_scale, cap_in, cap_out,
+                                HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                                SOFTCAP, USE_TMA, PREC, False)
+
+    # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSE + bh.to(tl.int64) * Sq + rows, lse, mask=rows < Sq)
+    if USE_TMA:
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[Sq, HEAD_DIM], strides=[som, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        o_desc.store([m0, 0], out.to(O.dtype.element_ty))
+    else:
+        o_ptrs = o_base + m0.to(tl.int64) * som + offs_m[:, None] * som + offs_d[None, :] * sod
+        store_tile(o_ptrs, out.to(O.dtype.element_ty), rows, Sq, offs_d, HEAD_DIM,
+                   BLOCK_D != HEAD_DIM)
+
+
+def _band_args(problem):
+    left, right = problem.band
+    return (0 if left is None else left), (0 if right is None else right), left is not None, \
+        right is not None
+
+
+def _score_args(problem):
+    """(qk_scale, cap_in, cap_out): scores in log2 units, with or without the softcap."""
+    qk_scale = problem.scale * LOG2E
+    if problem.softcap is None:
+        return qk_scale, 1.0, 1.0
+    return qk_scale, problem.scale / problem.softcap, problem.softcap * LOG2E
+
+
+def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool):
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    left, right, has_left, has_right = _band_args(problem)
+    qk_scale, cap_in, cap_out = _score_args(problem)
+    grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Sq, Sk, problem.group_size, qk_scale, cap_in, cap_out, left, right,
+        HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        SOFTCAP=problem.softcap is not None, REVERSE_M=problem.band[1] is not None,
+        USE_TMA=use_tma, PREC=dot_precision(q.dtype, interpreting()), WARP_SPEC=cfg.warp_spec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+__all__ = ["launch_forward"]

@@ -1,0 +1,366 @@
+"""Split-KV ("flash-decoding") forward: few queries over a long key range.
+
+A decoding step has one (or a few) query rows per head and thousands of keys. One program per
+(batch, head) would leave most SMs idle while it walks the whole cache, so here the key range
+of every (batch, kv head) is cut into ``num_splits`` chunks read by separate programs; each
+writes a partial ``(out, lse)`` in fp32, and a second small kernel merges the partials with
+the online-softmax rescaling (`attnkit.merge_attention` is the same math in PyTorch).
+
+GQA: one program handles all ``group * Sq`` query rows of its kv head, so each K/V tile is
+read from memory once per kv head, not once per query head.
+
+This module imports only torch, triton and attnkit's core, so it can be loaded on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from attnkit.spec import AttentionProblem
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float32: tl.float32}
+MAX_HEAD_DIM = 256
+#: Queries per call this path is meant for (a decoding step, a few speculative tokens).
+MAX_DECODE_QUERIES = 16
+#: Fewer keys than this per split costs more in partials and launch than it gains.
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 128
+#: A split count is good enough once its last wave of programs is this full (see num_splits).
+WAVE_EFFICIENCY = 0.9
+#: SM count assumed off-GPU (TRITON_INTERPRET=1 on CPU tensors), kept small so that tiny test
+#: shapes still split.
+_INTERPRETER_SMS = 4
+
+
+# -- kernels -------------------------------------------------------------------------------
+
+@triton.jit
+def _tanh(x):
+    # sign(x) * (1 - e) / (1 + e), e = exp(-2|x|) <= 1: never overflows.
+    e = tl.math.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _split_kv_kernel(
+    Q, K, V, SEQLENS, PART_O, PART_L,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    Hq, Hkv, Sq, Sk, num_splits,
+    qk_scale, cap_log2, left, right,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """One (key split, batch x kv head, row block): partial out and lse (log2 units) of the
+    rows ``r = i * GROUP + g`` (query ``i`` of query head ``kv_head * GROUP + g``).
+
+    IEEE_DOT: fp32 products without tf32 (fp32 inputs need fp32 accuracy); also used for bf16
+    under TRITON_INTERPRET=1, whose bf16 tl.dot returns garbage (triton 3.9)."""
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    bh = pid // num_splits
+    b = bh // Hkv
+    kvh = bh % Hkv
+    r0 = tl.program_id(1) * BLOCK_M
+    n_rows = GROUP * Sq
+
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    qi = rows // GROUP
+    h = kvh * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    if HAS_SEQLENS:
+        sk_b = tl.load(SEQLENS + b)
+    else:
+        sk_b = Sk + r0 * 0
+    off = sk_b - Sq  # bottom-right alignment: query i's diagonal is key i + off
+
+    # Keys any row of this block can see, then this program's share of them.
+    i_first = r0 // GROUP
+    i_last = (tl.minimum(r0 + BLOCK_M, n_rows) - 1) // GROUP
+    lo = r0 * 0
+    hi = sk_b
+    if HAS_LEFT:
+        lo = tl.maximum(i_first + off - left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, i_last + off + right + 1)
+    n_keys = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+
+    b64 = b.to(tl.int64)
+    q_ptrs = (Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh
+              + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j0 in tl.range(start, end, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < end
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = col_ok[:, None]
+        else:
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k).to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if HAS_SOFTCAP:
+            s = cap_log2 * _tanh(s * qk_scale)
+        else:
+            s = s * qk_scale
+        visible = col_ok[None, :]
+        if HAS_LEFT or HAS_RIGHT:
+            rel = cols[None, :] - qi[:, None] - off
+            if HAS_LEFT:
+                visible = visible & (rel >= -left)
+            if HAS_RIGHT:
+                visible = visible & (rel <= right)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
+        if IEEE_DOT:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    # Partials are (B, Hq, Sq, num_splits[, D]), so the merge reads one row's splits in a run.
+    part = ((b64 * Hq + h.to(tl.int64)) * Sq + qi) * num_splits + split
+    tl.store(PART_L + part, lse2, mask=row_ok)
+    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], out,
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(
+    PART_O, PART_L, O, LSE,
+    stride_ob, stride_oh, stride_os, stride_od,
+    Hq, Sq, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One query row: out = sum_s w_s out_s / sum_s w_s, w_s = 2^(lse_s - max lse)."""
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
+    i = row % Sq
+    h = (row // Sq) % Hq
+    b = row // (Sq * Hq)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    lse2 = tl.load(PART_L + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse2 - m_safe)  # 0 for splits that saw no key
+    total = tl.sum(w, 0)
+    part = tl.load(PART_O + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    log2_total = tl.math.log2(tl.where(total > 0, total, 1.0))
+    lse = tl.where(total > 0, (m_safe + log2_total) * 0.6931471805599453, float("-inf"))
+    tl.store(O + b * stride_ob + h * stride_oh + i * stride_os + offs_d * stride_od,
+             out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + row, lse)
+
+
+# -- launch configuration ------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None
+                              else torch.cuda.current_device())
+    return _INTERPRETER_SMS
+
+
+def _tiles(problem: AttentionProblem) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D): rows of one kv head's query group, keys per step, D."""
+    block_d = max(16, _next_pow2(problem.head_dim))
+    rows = problem.group_size * problem.seqlen_q
+    block_m = min(max(16, _next_pow2(rows)), 64 if block_d <= 128 else 32)
+    block_n = 64 if block_d <= 128 else 32
+    return block_m, block_n, block_d
+
+
+def _visible_span(problem: AttentionProblem) -> int:
+    """An upper bound on the keys one row block sees: Sk, or less under a left window."""
+    left, _ = problem.band
+    if left is None:
+        return problem.seqlen_k
+    return min(problem.seqlen_k, left + problem.seqlen_q)
+
+
+def num_splits(problem: AttentionProblem, sm_count: int | None = None) -> int:
+    """How many key splits `decode_forward` uses.
+
+    With ``P`` (batch x kv head x row block) programs: none when ``P`` alone fills the SMs;
+    otherwise the fewest splits ``s`` that give every SM a program (``P * s >= SMs``) and whose
+    waves are at least ``WAVE_EFFICIENCY`` full (``P * s / SMs`` over its ceiling), so the
+    last wave does not leave SMs idle. No split gets fewer than ``MIN_KEYS_PER_SPLIT`` keys.
+    Measured on the H100 (B=16, Hkv=8, one query, 1k-64k keys): 1-3 splits are within noise
+    of each other and 4-5 are 2-5% slower (benchmarks/NOTES-decode.md).
+    """
+    if sm_count is None:
+        sm_count = _sm_count(problem.device)
+    block_m, _, _ = _tiles(problem)
+    row_blocks = triton.cdiv(problem.group_size * problem.seqlen_q, block_m)
+    programs = max(problem.batch * problem.heads_kv * row_blocks, 1)
+    most = min(triton.cdiv(_visible_span(problem), MIN_KEYS_PER_SPLIT), MAX_SPLITS)
+    if programs >= sm_count or most <= 1:
+        return 1
+    fewest = triton.cdiv(sm_count, programs)
+    if fewest >= most:
+        return most
+    best, best_eff = fewest, 0.0
+    for s in range(fewest, most + 1):
+        waves = programs * s / sm_count
+        eff = waves / -(-waves // 1)
+        if eff >= WAVE_EFFICIENCY:
+            return s
+        if eff > best_eff:
+            best, best_eff = s, eff
+    return best
+
+
+def _kernel_supports(problem: AttentionProblem) -> list[str]:
+    reasons = []
+    if problem.dtype not in _TL_DTYPES:
+        reasons.append(f"dtype {problem.dtype} (split-KV kernel takes fp16, bf16, fp32)")
+    if problem.head_dim > MAX_HEAD_DIM:
+        reasons.append(f"head dim {problem.head_dim} > {MAX_HEAD_DIM}")
+    return reasons
+
+
+def use_split_kv(problem: AttentionProblem) -> bool:
+    """True for decoding-shaped problems: few queries (``Sq <= MAX_DECODE_QUERIES``), a key
+    range long enough to split, and too few (batch x kv head) programs to fill the SMs."""
+    if _kernel_supports(problem) or problem.is_empty:
+        return False
+    if problem.seqlen_q > MAX_DECODE_QUERIES:
+        return False
+    return num_splits(problem) > 1
+
+
+def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages):
+    B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
+    Hkv, G = problem.heads_kv, problem.group_size
+    block_m, default_n, block_d = _tiles(problem)
+    block_n = block_n or default_n
+    left, right = problem.band
+    dev = q.device
+    part_o = torch.empty((B, Hq, Sq, splits, D), dtype=torch.float32, device=dev)
+    part_l = torch.empty((B, Hq, Sq, splits), dtype=torch.float32, device=dev)
+    out = torch.empty_like(q)  # q's layout: a transposed (B, S, H, D) q gets the same out
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
+
+    if problem.softcap is not None:
+        qk_scale, cap_log2 = problem.scale / problem.softcap, problem.softcap * LOG2E
+    else:
+        qk_scale, cap_log2 = problem.scale * LOG2E, 1.0
+    row_blocks = triton.cdiv(G * Sq, block_m)
+    _split_kv_kernel[(splits * B * Hkv, row_blocks)](
+        q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l,
+        *q.stride(), *k.stride(), *v.stride(),
+        Hq, Hkv, Sq, problem.seqlen_k, splits,
+        qk_scale, cap_log2, left or 0, right or 0,
+        GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=left is not None,
+        HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
+        IEEE_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting()),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _merge_kernel[(B * Hq * Sq,)](
+        part_o, part_l, out, lse, *out.stride(), Hq, Sq, splits,
+        HEAD_DIM=D, BLOCK_S=max(_next_pow2(splits), 2), BLOCK_D=block_d,
+        num_warps=4 if block_d * _next_pow2(splits) >= 4096 else 2,
+    )
+    return out, lse
+
+
+# -- public --------------------------------------------------------------------------------
+
+def decode_forward(
+    problem: AttentionProblem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqlens_k: torch.Tensor | None,
+    *,
+    splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Backend.forward`'s contract with the key range split across programs.
+
+    Any strides, GQA, the band of ``problem.band`` (causal, window), ``seqlens_k`` (None or
+    int32 contiguous ``(B,)`` on q's device), softcap; rows that see no key get out 0 and lse
+    -inf. Returns ``(out, lse)``: out in q's dtype and layout, lse float32 ``(B, Hq, Sq)``.
+
+    ``splits`` (default: `num_splits`), ``block_n``, ``num_warps`` and ``num_stages`` override
+    the launch configuration, for tests and tuning; the result does not depend on them beyond
+    rounding. It is bitwise the same run to run for one configuration.
+    """
+    reasons = _kernel_supports(problem)
+    if reasons:
+        raise ValueError(f"split-KV decode kernel cannot compute {problem.describe()}: "
+                         + "; ".join(reasons))
+    if problem.is_empty:
+        raise ValueError("decode_forward got an empty problem; the core answers those")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"split-KV decode kernel runs on CUDA tensors (or with "
+                         f"TRITON_INTERPRET=1); got tensors on {q.device}")
+    if seqlens_k is not None and (seqlens_k.dtype != torch.int32
+                                  or not seqlens_k.is_contiguous()):
+        raise ValueError("seqlens_k must be int32 and contiguous (the core converts it)")
+    if splits is None:
+        splits = num_splits(problem)
+    if not 1 <= splits <= 4096:
+        raise ValueError(f"splits must be in [1, 4096], got {splits}")
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    return _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages)

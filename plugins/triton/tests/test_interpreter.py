@@ -1,0 +1,152 @@
+"""The Triton backend on CPU through the Triton interpreter, against the float64 reference.
+
+Shapes are tiny (the interpreter steps numpy per program) but chosen to cross block edges:
+the interpreter tiles are 32x16 (forward) and 16x32 / 32x16 (backward), so 37 or 45 rows
+leave partial blocks and causal/window bands cut blocks in every position.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import attnkit  # noqa: E402
+from attnkit import reference  # noqa: E402
+from attnkit.testing.accuracy import assert_close  # noqa: E402
+from attnkit.testing.cases import Case  # noqa: E402
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+CASES = [
+    Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=37, seqlen_k=45, head_dim=32, dtype=F16),
+    Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=37, seqlen_k=45, head_dim=32, dtype=F32),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=33, seqlen_k=29, head_dim=16, dtype=BF16),
+    Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=45, seqlen_k=45, head_dim=32, dtype=F16,
+         causal=True),
+    Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=20, seqlen_k=70, head_dim=16, dtype=F32,
+         causal=True),
+    # Sq > Sk with bottom-right causal: the first rows see nothing.
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=50, seqlen_k=17, head_dim=16, dtype=F16,
+         causal=True, expect_masked_rows=True),
+    # Odd head dims: padded inside the kernel with masks.
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=37, seqlen_k=40, head_dim=40, dtype=F16),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=30, seqlen_k=37, head_dim=72, dtype=F32,
+         causal=True),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=9, seqlen_k=21, head_dim=3, dtype=F32),
+    # Sliding windows, alone and with causal, including far-off windows.
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=60, seqlen_k=60, head_dim=16, dtype=F16,
+         window=(8, 0)),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=60, seqlen_k=70, head_dim=16, dtype=F32,
+         window=(16, 5)),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=40, seqlen_k=60, head_dim=16, dtype=F16,
+         window=(-1, 4)),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=40, seqlen_k=60, head_dim=16, dtype=F32,
+         window=(3, -1)),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=45, seqlen_k=50, head_dim=16, dtype=F16,
+         window=(4, 4), causal=True),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=60, seqlen_k=20, head_dim=16, dtype=F32,
+         window=(2, 0), expect_masked_rows=True),
+    # seqlens_k: random, zero, mixed (0, Sk, Sk/2, 1), with causal.
+    Case(batch=3, heads_q=1, heads_kv=1, seqlen_q=33, seqlen_k=40, head_dim=16, dtype=F16,
+         seqlens_k="random"),
+    Case(batch=2, heads_q=1, heads_kv=1, seqlen_q=20, seqlen_k=40, head_dim=16, dtype=F32,
+         seqlens_k="zero", expect_masked_rows=True),
+    Case(batch=4, heads_q=1, heads_kv=1, seqlen_q=33, seqlen_k=40, head_dim=16, dtype=F32,
+         seqlens_k="mixed", causal=True, expect_masked_rows=True),
+    # Softcap, with large scores so tanh saturates.
+    Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=37, seqlen_k=40, head_dim=16, dtype=F32,
+         softcap=5.0, magnitude=3.0),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=37, seqlen_k=40, head_dim=32, dtype=F16,
+         softcap=30.0, causal=True),
+    # GQA and MQA: kv heads indexed, dK/dV summed over each group.
+    Case(batch=1, heads_q=6, heads_kv=2, seqlen_q=37, seqlen_k=33, head_dim=16, dtype=F16),
+    Case(batch=2, heads_q=4, heads_kv=1, seqlen_q=37, seqlen_k=45, head_dim=16, dtype=F32,
+         causal=True),
+    # (B, S, H, D) tensors passed transposed: read in place through their strides.
+    Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=37, seqlen_k=40, head_dim=32, dtype=F16,
+         layout="bshd"),
+    Case(batch=1, heads_q=4, heads_kv=2, seqlen_q=33, seqlen_k=33, head_dim=16, dtype=F32,
+         layout="bshd", causal=True),
+    # Scores up to ~50: overflows fp16 without max-subtraction.
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=37, seqlen_k=40, head_dim=32, dtype=F16,
+         magnitude=8.0, tag="overflow"),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=1, seqlen_k=1, head_dim=16, dtype=F32),
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=1, seqlen_k=50, head_dim=16, dtype=F16,
+         causal=True),
+]
+
+
+def _reference(case, q, k, v, seqlens_k, dtype, dout):
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+    with torch.enable_grad():
+        out, lse = reference.safe(qq, kk, vv, **case.options(seqlens_k))
+        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
+    return out.detach(), lse.detach(), grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_forward_backward_match_reference(case):
+    gen = torch.Generator().manual_seed(hash(case.id) % 2**31)
+    q, k, v, seqlens_k = case.make_inputs("cpu", gen)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+    out, lse = attnkit.attention(q, k, v, **case.options(seqlens_k), return_lse=True,
+                                 backend="triton")
+    dout = torch.randn(out.shape, generator=gen).to(q.dtype)
+    ref64 = _reference(case, q, k, v, seqlens_k, torch.float64, dout)
+    ref_lp = _reference(case, q, k, v, seqlens_k, case.dtype, dout)
+
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert_close(f"{case.id} out", out, ref64[0], ref_lp[0], case.dtype, factor=2)
+    assert_close(f"{case.id} lse", lse, ref64[1], ref_lp[1], case.dtype, factor=2)
+
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for name, g, t, g64, glp in zip("qkv", grads, (q, k, v), ref64[2], ref_lp[2]):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        assert_close(f"{case.id} d{name}", g, g64, glp, case.dtype, factor=3)
+
+    masked = case.masked_rows(seqlens_k).expand(out.shape[:3])
+    if case.expect_masked_rows:
+        assert masked.any()
+    if masked.any():
+        assert (out[masked] == 0).all()
+        assert (lse[masked] == float("-inf")).all()
+        assert (grads[0][masked] == 0).all()
+
+
+def test_strided_inputs_are_not_copied():
+    """BSHD views go to the kernels as they are: out keeps q's layout, nothing contiguous."""
+    case = Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=20, seqlen_k=20, head_dim=16,
+                dtype=F32, layout="bshd", grad=False)
+    q, k, v, _ = case.make_inputs("cpu", torch.Generator().manual_seed(0))
+    assert not q.is_contiguous()
+    out = attnkit.attention(q, k, v, backend="triton")
+    assert out.stride() == q.stride()
+
+
+def test_forward_is_repeatable():
+    case = Case(batch=2, heads_q=2, heads_kv=1, seqlen_q=37, seqlen_k=45, head_dim=16,
+                dtype=F16, causal=True)
+    q, k, v, _ = case.make_inputs("cpu", torch.Generator().manual_seed(1))
+    a = attnkit.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    b = attnkit.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_refuses_float64_and_large_head_dims():
+    q = torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="triton"):
+        attnkit.attention(q, q, q, backend="triton")
+    q = torch.randn(1, 1, 4, 264)
+    with pytest.raises(ValueError, match="head dim"):
+        attnkit.attention(q, q, q, backend="triton")
+
+
+def test_availability_under_interpreter():
+    ok, why = attnkit.backends()["triton"].backend.availability()
+    assert ok, why
