@@ -1,0 +1,560 @@
+"""FlashAttention-2 with PyTorch tensor operations on blocks.
+
+Forward: the outer loop walks query blocks, the inner loop the key/value blocks that block
+can see. Each row keeps a running max ``m`` and running sum ``l``; a new key block raises the
+max, the accumulator and ``l`` are rescaled by ``exp(m_old - m_new)``, and at the end
+``out = acc / l`` and ``lse = m + log(l)``. Nothing ``Sq x Sk`` is ever held: the largest
+temporaries are one ``(rows of a query block) x (keys of a key block)`` tile.
+
+Backward: the same walk, recomputing each tile's probabilities from ``q``, ``k`` and the
+saved ``lse`` (``P = exp(S - lse)``), with ``D = rowsum(dO * O)`` and
+``dS = P * (dP - D)``; ``dq`` is accumulated per query block, ``dk`` and ``dv`` in fp32
+buffers the size of ``k`` and ``v``.
+
+Work follows the mask: for every query block, `_Band.key_blocks` returns only the key blocks
+some row of it can see, split into fully visible blocks (no mask built) and the few that
+straddle a boundary of the causal / window / seqlens_k band (masked). The causal forward
+therefore computes about half the tiles of the non-causal one.
+
+GQA never repeats K/V: the query heads of one kv group are folded into the rows of the tile,
+``q`` block ``(B, Hq, n, D)`` -> ``(B, Hkv, group * n, D)``, so one matmul per tile serves
+the whole group and ``dS^T @ Q`` sums dk/dv over the group for free.
+
+Precision: statistics and accumulators are fp32 (fp64 for fp64 inputs). On CPU, fp16/bf16
+inputs are upcast (K and V once, O(S) extra memory; q per block). On CUDA/XPU fp16/bf16
+operands go to the GEMMs as they are and the GEMMs return fp32 (``torch.bmm(..., out_dtype)``,
+fp32 accumulation), as FlashAttention does; P and dS are rounded to the input dtype before
+their matmuls, also as FlashAttention does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+#: Env var overriding the block sizes for every call: "BQxBK", e.g. "128x512".
+BLOCKS_ENV = "ATTNKIT_TORCH_BLOCKED_BLOCKS"
+#: Env var: "0" makes fp16/bf16 on CUDA/XPU upcast to fp32 GEMMs instead of running
+#: half-precision GEMMs with fp32 results (for comparison, or a torch without the latter).
+MIXED_ENV = "ATTNKIT_TORCH_BLOCKED_MIXED"
+
+#: Score-tile budget per device type, in elements of ``B * Hq * block_q * block_k``: large
+#: enough that the per-op Python/launch overhead (~10 ops per tile) is small against the
+#: tile's work, bounded so that a tile and its few same-sized temporaries take a fixed amount
+#: of memory, independent of the sequence length.
+TILE_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 25, "xpu": 1 << 25, "mps": 1 << 23}
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Rows of a query block and keys of a key block (both upper bounds: blocks are split
+    evenly, so a sequence of 97 with ``q=64`` gives blocks of 49 and 48)."""
+
+    q: int
+    k: int
+
+    def __post_init__(self):
+        if not (isinstance(self.q, int) and isinstance(self.k, int) and self.q > 0
+                and self.k > 0):
+            raise ValueError(f"block sizes must be positive ints, got q={self.q!r}, "
+                             f"k={self.k!r}")
+
+
+def parse_blocks(text: str) -> BlockSizes:
+    """``"128x512"`` (or ``"128,512"``) -> ``BlockSizes(128, 512)``."""
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        bq, bk = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{BLOCKS_ENV}={text!r}: expected 'BQxBK', e.g. '128x512'") from None
+    return BlockSizes(bq, bk)
+
+
+def _pow2_clamp(x: int, lo: int, hi: int) -> int:
+    p = 1 << max(0, int(x).bit_length() - 1) if x >= 1 else 1
+    return min(hi, max(lo, p))
+
+
+def default_block_sizes(device_type: str, dtype: torch.dtype, batch: int, heads_q: int,
+                        head_dim: int) -> BlockSizes:
+    """Block sizes for a problem on a device (measured on CPU; see benchmarks/NOTES-...).
+
+    The budget (`TILE_BUDGET`) is halved for fp64 and scaled down for head dims above 128
+    (the q/acc blocks grow with D). With ``BH = B * Hq`` tiles batched together:
+
+    - CPU: ``block_q`` = 256 rows (128 when BH > 16: the batched tile is big enough, and
+      short query blocks waste less on the causal diagonal); ``block_k`` fills the budget,
+      a power of two in [256, 4096]. GEMMs of fewer than ~128 rows run far below peak, and a
+      long key block costs nothing on the diagonal (masked segments are block_q wide).
+    - GPU: ``block_k`` = 1024 (512 on MPS); ``block_q`` fills the budget, a power of two in
+      [128, 1024]: each op must move enough data to hide its ~5-10 us launch.
+    """
+    budget = TILE_BUDGET.get(device_type, 1 << 22)
+    if dtype == torch.float64:
+        budget //= 2
+    if head_dim > 128:
+        budget = budget * 128 // head_dim
+    bh = max(1, batch * heads_q)
+    if device_type == "cpu":
+        bq = 256 if bh <= 16 else 128
+        return BlockSizes(bq, _pow2_clamp(budget // (bh * bq), 256, 4096))
+    bk = 512 if device_type == "mps" else 1024
+    return BlockSizes(_pow2_clamp(budget // (bh * bk), 128, 1024), bk)
+
+
+def resolve_block_sizes(override: BlockSizes | None, device_type, dtype, batch, heads_q,
+                        head_dim) -> BlockSizes:
+    """Explicit sizes, else the env var, else the device default."""
+    if override is not None:
+        return override
+    env = os.environ.get(BLOCKS_ENV, "").strip()
+    if env:
+        return parse_blocks(env)
+    return default_block_sizes(device_type, dtype, batch, heads_q, head_dim)
+
+
+@dataclass
+class WorkCount:
+    """What a call computed: tiles, tiles that needed a mask, and score elements."""
+
+    tiles: int = 0
+    masked_tiles: int = 0
+    #: Score elements computed, ``sum(B * Hq * n * m)`` over tiles.
+    elements: int = 0
+    query_blocks: int = 0
+    empty_query_blocks: int = 0
+    block_sizes: BlockSizes | None = field(default=None)
+
+    def add_tile(self, rows: int, keys: int, masked: bool) -> None:
+        self.tiles += 1
+        self.masked_tiles += int(masked)
+        self.elements += rows * keys
+
+
+def _split(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cut into ``ceil((hi - lo) / size)`` nearly equal pieces."""
+    n = hi - lo
+    if n <= 0:
+        return []
+    pieces = -(-n // size)
+    base, extra = divmod(n, pieces)
+    out, start = [], lo
+    for p in range(pieces):
+        end = start + base + (1 if p < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+class _Band:
+    """Which keys each query row sees (spec: ``j < Sk_b`` and
+    ``-left <= j - (i + Sk_b - Sq) <= right``), asked block by block.
+
+    With per-batch ``seqlens_k`` the diagonal offset ``Sk_b - Sq`` differs per batch. The
+    tiles are computed for all batches at once (one matmul per tile, Python overhead
+    independent of B), so a key block is visited if *any* batch's row sees it and is
+    unmasked only if *every* batch's row sees all of it: the visited range is the union over
+    batches (from the smallest and largest ``Sk_b``), and the batches shorter than the
+    longest pay for masked columns. Looping per batch would skip exactly, at B times the
+    per-tile overhead; the union is the better trade for the usual padded batches and for
+    decoding (Sq = 1), where tiles are small and overhead dominates.
+    """
+
+    def __init__(self, seqlen_q, seqlen_k, band, seqlens_k, device):
+        self.left, self.right = band
+        self.seqlen_q = seqlen_q
+        if seqlens_k is None:
+            self.lens = None
+            sk_min = sk_max = seqlen_k
+        else:
+            host = seqlens_k.tolist()  # one device sync per call: block ranges live on host
+            sk_min, sk_max = min(host), max(host)
+            self.lens = seqlens_k.to(torch.long).view(-1, 1, 1, 1, 1)
+        self.sk_min, self.sk_max = sk_min, sk_max
+        self.off_min, self.off_max = sk_min - seqlen_q, sk_max - seqlen_q
+        self.arange = torch.arange(max(seqlen_q, seqlen_k), device=device)
+        self._masks: dict = {}
+
+    def key_blocks(self, i0: int, i1: int, block_k: int) -> list[tuple[int, int, bool]]:
+        """Key blocks ``(j0, j1, needs_mask)`` that rows ``[i0, i1)`` can see."""
+        left, right = self.left, self.right
+        lo = 0 if left is None else max(0, i0 + self.off_min - left)
+        hi = self.sk_max if right is None else min(self.sk_max, i1 + self.off_max + right)
+        if hi <= lo:
+            return []
+        # Keys every row of the block sees, in every batch, less the one edge column on a
+        # bounded side: the masked segments are then exactly n wide and, for causal with
+        # block_q == block_k, line up with the key blocks (no one-column tiles).
+        full_lo = lo if left is None else max(lo, i1 + self.off_max - left)
+        full_hi = self.sk_min if right is None else min(self.sk_min, i0 + self.off_min + right)
+        full_hi = min(full_hi, hi)
+        if full_lo < full_hi:
+            segments = [(lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)]
+        else:
+            segments = [(lo, hi, True)]
+        return [(a, b, masked) for s0, s1, masked in segments
+                for a, b in _split(s0, s1, block_k)]
+
+    def hidden(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        """Boolean ``(B or 1, 1, 1, n, m)``: True where row i must not see key j."""
+        key = (j0 - i0, i1 - i0, j1 - j0) if self.lens is None else (i0, i1, j0, j1)
+        cached = self._masks.get(key)
+        if cached is not None:
+            return cached
+        rel = self.arange[j0:j1].view(1, -1) - self.arange[i0:i1].view(-1, 1)  # j - i
+        if self.lens is None:
+            off = self.off_min
+            hidden = torch.zeros_like(rel, dtype=torch.bool)
+            if self.left is not None:
+                hidden |= rel < off - self.left
+            if self.right is not None:
+                hidden |= rel > off + self.right
+            hidden = hidden.view(1, 1, 1, *rel.shape)
+        else:
+            rel = rel.view(1, 1, 1, *rel.shape) - (self.lens - self.seqlen_q)
+            hidden = self.arange[j0:j1].view(1, 1, 1, 1, -1) >= self.lens
+            if self.left is not None:
+                hidden = hidden | (rel < -self.left)
+            if self.right is not None:
+                hidden = hidden | (rel > self.right)
+        if len(self._masks) < 64:  # causal/window diagonals repeat: build each shape once
+            self._masks[key] = hidden
+        return hidden
+
+
+def _bmm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 batched GEMM with fp32 accumulation and an fp32 result (CUDA/XPU)."""
+    return torch.bmm(a, b, out_dtype=torch.float32)
+
+
+def _has_fp32_out_gemm() -> bool:
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 8)
+
+
+@dataclass(frozen=True)
+class _Precision:
+    """Dtypes of one call: ``compute`` for statistics and accumulators, ``operand`` for what
+    the GEMMs read (the input dtype when ``mixed``, else ``compute``)."""
+
+    compute: torch.dtype
+    operand: torch.dtype
+
+    @classmethod
+    def for_inputs(cls, q: torch.Tensor, mixed: bool | None) -> _Precision:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if mixed is None:
+            mixed = (half and q.device.type in ("cuda", "xpu") and _has_fp32_out_gemm()
+                     and os.environ.get(MIXED_ENV, "1") != "0")
+        return cls(compute, q.dtype if (mixed and half) else compute)
+
+    @property
+    def mixed(self) -> bool:
+        return self.operand != self.compute
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
+        """``a @ b`` over matching leading dims, result in ``compute`` (into ``out`` if given
+        and the operands are in ``compute``)."""
+        if not self.mixed:
+            return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
+        lead = a.shape[:-2]
+        out = _bmm_fp32_out(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+        return out.view(*lead, a.shape[-2], b.shape[-1])
+
+    def add_mm_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``acc += a @ b`` in place (``acc`` in ``compute``; may be a slice of a buffer)."""
+        if self.mixed:
+            acc.add_(self.mm(a.to(self.operand), b))
+            return
+        acc3 = acc.view(-1, *acc.shape[-2:])
+        acc3.baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+
+
+class _Workspace:
+    """Reused tile buffers, one flat allocation per slot sized for the largest tile.
+
+    A fresh multi-MiB tile per key block costs page faults on CPU (allocations that large
+    go straight to the OS and come back zero-filled); writing every tile into one buffer
+    avoids them. Tiles of one call differ in size by at most a row or column (`_split`): a
+    contiguous prefix of the slot's buffer, viewed at the tile's shape, holds each.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = self._flat.get(slot)
+        if flat is None or flat.numel() < numel:
+            flat = self._flat[slot] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return flat[:numel].view(shape)
+
+
+def _workspace(prec, q):
+    """Buffers for the fp32/fp64 GEMM path on CPU; elsewhere the caching allocator reuses
+    memory already (and the mixed path's fp32-output GEMM takes no ``out``)."""
+    if prec.mixed or q.device.type != "cpu":
+        return None
+    return _Workspace(q.device, prec.compute)
+
+
+def _buf(ws, slot, shape):
+    return None if ws is None else ws.get(slot, shape)
+
+
+def _fold_rows(t: torch.Tensor, i0: int, i1: int, heads_kv: int, dtype: torch.dtype,
+               factor: float = 1.0, ws=None, slot: str = "") -> torch.Tensor:
+    """Rows ``[i0, i1)`` of a ``(B, Hq, S, D)`` tensor as ``(B, Hkv, group * n, D)`` in
+    ``dtype``, times ``factor``: one copy of the block (cast, scale and GQA fold together)."""
+    B, Hq, _, D = t.shape
+    n, group = i1 - i0, Hq // heads_kv
+    shape = (B, heads_kv, group, n, D)
+    out = torch.empty(shape, dtype=dtype, device=t.device) if ws is None else ws.get(slot, shape)
+    out.copy_(t[:, :, i0:i1].view(B, heads_kv, group, n, D))
+    if factor != 1.0:
+        out.mul_(factor)  # in `dtype`, not in the (half) input dtype
+    return out.view(B, heads_kv, group * n, D)
+
+
+def _fold_stat(t: torch.Tensor, i0: int, i1: int, heads_kv: int) -> torch.Tensor:
+    """Rows ``[i0, i1)`` of a per-row ``(B, Hq, S)`` statistic as ``(B, Hkv, group * n)``."""
+    B, Hq, _ = t.shape
+    return t[:, :, i0:i1].reshape(B, heads_kv, (Hq // heads_kv) * (i1 - i0))
+
+
+def _unfold(t: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """``(B, Hkv, group * n, ...)`` back to ``(B, Hq, n, ...)``."""
+    B, heads_kv, rows = t.shape[:3]
+    n = rows // (heads_q // heads_kv)
+    return t.reshape(B, heads_q, n, *t.shape[3:])
+
+
+#: Scores are kept in base 2 (``s * log2(e)``) so the tile's exponential is ``exp2``, which
+#: PyTorch's CPU kernels compute about twice as fast as ``exp``; ``lse`` is converted back.
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def _scores(prec, qf, kb, s_factor, softcap, keep_tanh=False, ws=None):
+    """One tile of (capped) scores times ``log2(e)``, in ``compute``; and ``tanh`` if the
+    softcap backward needs it."""
+    s = prec.mm(qf, kb.transpose(-1, -2), out=_buf(ws, "s", (*qf.shape[:-1], kb.shape[-2])))
+    if s_factor != 1.0:
+        s.mul_(s_factor)
+    if softcap is None:
+        return s, None
+    # The scale carries 1 / softcap, so tanh's argument is already scores / softcap.
+    if not keep_tanh:
+        return s.tanh_().mul_(softcap * LOG2E), None
+    t = torch.tanh(s)
+    return torch.mul(t, softcap * LOG2E, out=s), t
+
+
+def _factors(prec, scale, softcap):
+    """How ``scale * log2(e)`` (or ``scale / softcap``) is applied: folded into the fp32
+    copy of the q block (``q_factor``), or, when q is a raw half operand, onto the fp32
+    scores (``s_factor``)."""
+    total = scale / softcap if softcap is not None else scale * LOG2E
+    return (1.0, total) if prec.mixed else (total, 1.0)
+
+
+@contextlib.contextmanager
+def _ieee_fp32(prec: _Precision, device: torch.device):
+    """fp32 GEMMs at fp32 accuracy on CUDA, even if the caller enabled TF32 globally (the
+    spec forbids silent TF32); the caller's setting is restored afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    if prec.operand != torch.float32 or device.type != "cuda" or previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _exact_fp32_gemms(fn):
+    """Run ``fn(q, ...)`` under `_ieee_fp32` for its inputs."""
+
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kwargs):
+        with _ieee_fp32(_Precision.for_inputs(q, kwargs.get("mixed")), q.device):
+            return fn(q, *args, **kwargs)
+
+    return wrapper
+
+
+@_exact_fp32_gemms
+def blocked_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    band: tuple[int | None, int | None] = (None, None),
+    seqlens_k: torch.Tensor | None = None,
+    softcap: float | None = None,
+    blocks: BlockSizes | None = None,
+    mixed: bool | None = None,
+    work: WorkCount | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` for ``q (B, Hq, Sq, D)``, ``k``/``v (B, Hkv, Sk, D)`` (any strides).
+
+    ``band`` is `AttentionProblem.band` (causal folded into the window; None = unbounded).
+    ``out`` is contiguous in q's dtype; ``lse`` fp32 (fp64 for fp64 inputs) ``(B, Hq, Sq)``.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    prec = _Precision.for_inputs(q, mixed)
+    ct = prec.compute
+    bs = resolve_block_sizes(blocks, q.device.type, q.dtype, B, Hq, D)
+    geo = _Band(Sq, Sk, band, seqlens_k, q.device)
+    q_factor, s_factor = _factors(prec, scale, softcap)
+    # Half K/V are cast once (O(S) memory), not once per query block.
+    kc, vc = k.to(prec.operand), v.to(prec.operand)
+    ws = _workspace(prec, q)
+    if work is not None:
+        work.block_sizes = bs
+
+    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=ct, device=q.device)
+    for i0, i1 in _split(0, Sq, bs.q):
+        tiles = geo.key_blocks(i0, i1, bs.k)
+        if work is not None:
+            work.query_blocks += 1
+            work.empty_query_blocks += int(not tiles)
+        if not tiles:  # every row of the block sees no key
+            out[:, :, i0:i1] = 0
+            lse[:, :, i0:i1] = float("-inf")
+            continue
+        qf = _fold_rows(q, i0, i1, Hkv, prec.operand, q_factor, ws, "q")
+        rows = qf.shape[2]
+        m = l = acc = None
+        any_masked = False
+        for j0, j1, masked in tiles:
+            s, _ = _scores(prec, qf, kc[:, :, j0:j1], s_factor, softcap, ws=ws)
+            if masked:
+                any_masked = True
+                s.view(B, Hkv, Hq // Hkv, i1 - i0, j1 - j0).masked_fill_(
+                    geo.hidden(i0, i1, j0, j1), float("-inf"))
+            tile_max = s.amax(-1)
+            m_new = tile_max if m is None else torch.maximum(m, tile_max)
+            # A row that has seen only masked keys has m = -inf: subtract 0 instead, so
+            # exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+            m_ref = m_new.masked_fill(m_new == float("-inf"), 0) if any_masked else m_new
+            p = s.sub_(m_ref.unsqueeze(-1)).exp2_()
+            vb = vc[:, :, j0:j1]
+            if m is None:
+                l = p.sum(-1)
+                acc = prec.mm(p.to(prec.operand), vb, out=_buf(ws, "acc", (*p.shape[:-1], D)))
+            else:
+                alpha = torch.exp2(m - m_ref)  # <= 1; 0 while the row had seen nothing
+                l = l.mul_(alpha).add_(p.sum(-1))
+                acc.mul_(alpha.unsqueeze(-1))
+                prec.add_mm_(acc, p, vb)
+            m = m_new
+            if work is not None:
+                work.add_tile(B * Hq * (i1 - i0), j1 - j0, masked)
+        # Rows that saw no key: l = 0 -> out 0, lse = 0 + log(0) = -inf.
+        m_ref = m.masked_fill(m == float("-inf"), 0) if any_masked else m
+        acc.div_(torch.where(l > 0, l, 1).unsqueeze(-1))
+        out[:, :, i0:i1] = _unfold(acc.view(B, Hkv, rows, D), Hq)
+        lse[:, :, i0:i1] = _unfold(m_ref.add_(torch.log2(l)).mul_(LN2), Hq)
+    return out, lse
+
+
+@_exact_fp32_gemms
+def blocked_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    *,
+    scale: float,
+    band: tuple[int | None, int | None] = (None, None),
+    seqlens_k: torch.Tensor | None = None,
+    softcap: float | None = None,
+    blocks: BlockSizes | None = None,
+    mixed: bool | None = None,
+    work: WorkCount | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from the saved ``out`` and ``lse``, recomputing P tile by tile."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    prec = _Precision.for_inputs(q, mixed)
+    ct = prec.compute
+    bs = resolve_block_sizes(blocks, q.device.type, q.dtype, B, Hq, D)
+    geo = _Band(Sq, Sk, band, seqlens_k, q.device)
+    q_factor, s_factor = _factors(prec, scale, softcap)
+    kc, vc = k.to(prec.operand), v.to(prec.operand)
+    ws = _workspace(prec, q)
+    if work is not None:
+        work.block_sizes = bs
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # fp32 accumulators for dk/dv; for fp32 inputs they are the results themselves.
+    dk = torch.zeros((B, Hkv, Sk, D), dtype=ct, device=q.device)
+    dv = torch.zeros((B, Hkv, Sk, D), dtype=ct, device=q.device)
+    for i0, i1 in _split(0, Sq, bs.q):
+        tiles = geo.key_blocks(i0, i1, bs.k)
+        if work is not None:
+            work.query_blocks += 1
+            work.empty_query_blocks += int(not tiles)
+        if not tiles:
+            dq[:, :, i0:i1] = 0
+            continue
+        n = i1 - i0
+        qf = _fold_rows(q, i0, i1, Hkv, prec.operand, q_factor)
+        do = _fold_rows(dout, i0, i1, Hkv, prec.operand)
+        # D = rowsum(dO * O), in fp32 from the saved (input-dtype) out.
+        delta = _fold_rows(dout, i0, i1, Hkv, ct).mul_(_fold_rows(out, i0, i1, Hkv, ct)).sum(-1)
+        lse_b = _fold_stat(lse, i0, i1, Hkv).to(ct) * LOG2E  # base 2, like the scores
+        # Rows that saw no key (lse = -inf) get P = exp2(s - inf) = 0: zero gradients, no NaN.
+        lse_b = lse_b.masked_fill(lse_b == float("-inf"), float("inf")).unsqueeze(-1)
+        dq_acc = torch.zeros((B, Hkv, qf.shape[2], D), dtype=ct, device=q.device)
+        for j0, j1, masked in tiles:
+            kb, vb = kc[:, :, j0:j1], vc[:, :, j0:j1]
+            s, t = _scores(prec, qf, kb, s_factor, softcap, keep_tanh=True, ws=ws)
+            if masked:
+                s.view(B, Hkv, Hq // Hkv, n, j1 - j0).masked_fill_(
+                    geo.hidden(i0, i1, j0, j1), float("-inf"))
+            p = s.sub_(lse_b).exp2_()
+            p_op = p.to(prec.operand)
+            prec.add_mm_(dv[:, :, j0:j1], p_op.transpose(-1, -2), do)
+            dp = prec.mm(do, vb.transpose(-1, -2), out=_buf(ws, "dp", s.shape))
+            ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)  # dS = P * (dP - D)
+            if t is not None:  # through the cap: d(c tanh(u/c))/du = 1 - tanh^2
+                ds.mul_(t.mul_(t).neg_().add_(1))
+            ds_op = ds.to(prec.operand)
+            prec.add_mm_(dq_acc, ds_op, kb)
+            prec.add_mm_(dk[:, :, j0:j1], ds_op.transpose(-1, -2), qf)
+            if work is not None:
+                work.add_tile(B * Hq * n, j1 - j0, masked)
+        dq[:, :, i0:i1] = _unfold(dq_acc.mul_(scale), Hq)
+    # dk accumulated dS^T @ (q * q_factor); the chain rule wants scale * dS^T @ q. (dS is
+    # the gradient of the natural-log scores: P is the same in either base.)
+    if scale / q_factor != 1.0:
+        dk.mul_(scale / q_factor)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+__all__ = [
+    "BLOCKS_ENV",
+    "BlockSizes",
+    "WorkCount",
+    "blocked_backward",
+    "blocked_forward",
+    "default_block_sizes",
+    "parse_blocks",
+    "resolve_block_sizes",
+]
