@@ -112,8 +112,14 @@ def quick(pytestconfig) -> bool:
     return pytestconfig.getoption("--attnkit-quick")
 
 
+def _xdist_controller(config) -> bool:
+    """Under pytest-xdist the tests run in workers; each worker checks its own calls."""
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config,
+                                                                             "workerinput")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not config.getoption("--attnkit-backend"):
+    if not config.getoption("--attnkit-backend") or _xdist_controller(config):
         return
     terminalreporter.write_line(
         f"attnkit conformance: backend {_backend_name(config)!r} on "
@@ -124,7 +130,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     if (not config.getoption("--attnkit-backend") or exitstatus != 0
-            or config.option.collectonly):
+            or config.option.collectonly or _xdist_controller(config)):
         return
     if _calls["forward"] == 0:
         # Green without the backend ever running would be a lie.
