@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU session, in two device calls of under 10 minutes each (logs and results in $OUT):
+#   bash benchmarks/gpu_session.sh check   # conformance of every GPU backend on CUDA
+#   bash benchmarks/gpu_session.sh bench   # standard grid + decode beside SDPA, torch-blocked
+# Both start by installing the project (editable, no deps: the device has no network).
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/attnkit-out}
+mkdir -p "$OUT"
+python -m pip install --no-deps --no-build-isolation -e . -e plugins/torch_blocked -e plugins/triton \
+    -e plugins/cupy > /tmp/install.log 2>&1 || { tail -30 /tmp/install.log; exit 1; }
+python -m attnkit.cli backends 2>&1 | grep -E "^[a-z]|available|FAILED"
+summary() { grep -E "passed|failed|error|attnkit conformance" "$1" | tail -3; }
+
+case "${1:-}" in
+check)
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+    python -c "import torch, triton, cupy; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'cupy', cupy.__version__)"
+    for b in triton cupy torch-blocked; do
+        timeout "${CHECK_TIMEOUT:-200}" python -m attnkit.cli check "$b" --device cuda -- \
+            -n 8 -q -p no:randomly > "$OUT/check-$b.log" 2>&1
+        echo "== attnkit check $b --device cuda: rc=$?"; summary "$OUT/check-$b.log"
+    done
+    # > 2^31 elements (64-bit offsets), alone: --match selects none of the other cases.
+    timeout 90 python plugins/triton/scripts/check_cuda.py --subset extra --paths auto \
+        --match only-the-large-problem > "$OUT/check-triton-large.log" 2>&1
+    echo "== triton > 2^31 elements: rc=$?"; tail -3 "$OUT/check-triton-large.log"
+    python benchmarks/overhead.py --device cuda --out "$OUT/overhead_cuda.json"
+    ;;
+bench)
+    python -m attnkit.cli bench --out "$OUT/h100" --no-plot --quiet \
+        --backends triton,cupy,sdpa-flash,sdpa-cudnn --time-limit-s 300 > "$OUT/bench.log" 2>&1
+    echo "== bench rc=$?"
+    python -m attnkit.cli bench --decode --out "$OUT/h100" --no-plot --quiet \
+        --time-limit-s 60 >> "$OUT/bench.log" 2>&1
+    echo "== decode rc=$?"
+    python plugins/torch_blocked/scripts/measure_cuda.py --budget-s 120 \
+        --out "$OUT/torch_blocked_cuda.json" > "$OUT/torch_blocked.log" 2>&1
+    echo "== torch-blocked rc=$?"; tail -15 "$OUT/torch_blocked.log"
+    tail -c 5000 "$OUT/bench.log"
+    ;;
+*)
+    echo "usage: gpu_session.sh check|bench" >&2; exit 2 ;;
+esac

@@ -1,0 +1,222 @@
+// Shared device helpers for the attnkit CuPy kernels.
+//
+// The kernels are compiled by NVRTC at run time, where no CUDA or C++ header is available, so
+// this file defines everything it needs itself: integer types, fp16/bf16 conversions and the
+// PTX wrappers (cp.async, ldmatrix, mma.sync m16n8k16). It compiles unchanged with nvcc.
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+
+#define ATTN_DEVICE __device__ __forceinline__
+
+// Scores are kept in log2 units so the softmax can use exp2.
+#define ATTN_LOG2E 1.4426950408889634f
+#define ATTN_LN2 0.6931471805599453f
+
+ATTN_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+ATTN_DEVICE float pos_inf() { return __int_as_float(0x7f800000); }
+
+// Element tags: fp16/bf16 tensors are moved around as raw 16-bit words.
+struct Half {};
+struct BF16 {};
+
+template <typename T> struct Elem;
+
+template <> struct Elem<Half> {
+    static ATTN_DEVICE float to_float(u16 h) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+        return f;
+    }
+    static ATTN_DEVICE u16 from_float(float f) {
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+        return h;
+    }
+    // lo goes to the low half (the lower column index in an mma fragment).
+    static ATTN_DEVICE u32 pack(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+template <> struct Elem<BF16> {
+    static ATTN_DEVICE float to_float(u16 h) { return __uint_as_float(((u32)h) << 16); }
+    static ATTN_DEVICE u16 from_float(float f) {
+        u16 h;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+        return h;
+    }
+    static ATTN_DEVICE u32 pack(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// ---- small math -------------------------------------------------------------------------
+
+// exp2 with the hardware approximation (relative error ~2^-22, exp2(-inf) = 0).
+ATTN_DEVICE float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+ATTN_DEVICE float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+ATTN_DEVICE float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+ATTN_DEVICE float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+ATTN_DEVICE float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// lse (natural log) -> the log2-unit offset the backward subtracts. A fully-masked row has
+// lse = -inf; +inf makes every probability of that row exp2(s - inf) = 0 instead of NaN.
+ATTN_DEVICE float lse_to_log2(float lse) { return lse == neg_inf() ? pos_inf() : lse * ATTN_LOG2E; }
+
+// ---- the visible band -------------------------------------------------------------------
+//
+// Query i of a batch with skb valid keys sees key j iff j < skb and
+// -left <= j - (i + skb - Sq) <= right. The host clamps left/right to [0, Sq + Sk], so an
+// unbounded side is a finite number that never masks and no sum below overflows int32.
+struct Band {
+    int skb;    // valid keys of this batch
+    int off;    // skb - Sq: key index of query i's diagonal is i + off
+    int left;
+    int right;
+
+    ATTN_DEVICE bool visible(int i, int j, bool band) const {
+        if (j >= skb) return false;
+        if (!band) return true;
+        int rel = j - i - off;
+        return rel >= -left && rel <= right;
+    }
+    // Keys [lo, hi) that any query of [m0, m1] may see.
+    ATTN_DEVICE int key_lo(int m0, bool band) const { return band ? max(0, m0 + off - left) : 0; }
+    ATTN_DEVICE int key_hi(int m1, bool band) const {
+        return band ? min(skb, m1 + off + right + 1) : skb;
+    }
+    // Queries [lo, hi) of [0, Sq) that any key of [n0, n1] may be seen by.
+    ATTN_DEVICE int query_lo(int n0, bool band) const {
+        return band ? max(0, n0 - off - right) : 0;
+    }
+    ATTN_DEVICE int query_hi(int n1, int Sq, bool band) const {
+        return band ? min(Sq, n1 - off + left + 1) : Sq;
+    }
+    // True when every (query in [m0, m1], key in [n0, n1]) pair is visible.
+    ATTN_DEVICE bool tile_full(int m0, int m1, int n0, int n1, bool band) const {
+        if (n1 >= skb) return false;
+        if (!band) return true;
+        return n0 - m1 - off >= -left && n1 - m0 - off <= right;
+    }
+};
+
+// ---- shared memory and asynchronous copies ----------------------------------------------
+
+ATTN_DEVICE u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16-byte global -> shared copy; bytes beyond src_bytes (0 or 16) are zero-filled.
+ATTN_DEVICE void cp_async16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+
+ATTN_DEVICE void cp_async4(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+
+ATTN_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N> ATTN_DEVICE void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+ATTN_DEVICE void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+ATTN_DEVICE void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// Copy rows [0, ROWS) x cols [0, DP) of a 16-bit (rows, D) matrix into shared memory with row
+// stride LDS elements. Rows >= nvalid and columns >= D become 0, so padded rows never carry
+// garbage (or NaN) into an mma. `vec` (decided on the host: unit column stride, 16-byte
+// aligned rows, D % 8 == 0) selects cp.async; otherwise plain strided loads are used.
+// `safe` is any readable address, handed to zero-byte copies.
+template <int ROWS, int DP, int LDS, int NT>
+ATTN_DEVICE void load_tile_16(u16* sm, const u16* g, i64 s_row, i64 s_col, int nvalid, int D,
+                              bool vec, const u16* safe) {
+    if (vec) {
+        constexpr int CH = DP / 8;
+        constexpr int ITERS = (ROWS * CH + NT - 1) / NT;
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            int idx = threadIdx.x + it * NT;
+            if ((ROWS * CH) % NT != 0 && idx >= ROWS * CH) break;
+            int r = idx / CH, c = idx % CH;
+            bool ok = r < nvalid && c * 8 < D;
+            const u16* src = ok ? g + (i64)r * s_row + c * 8 : safe;
+            cp_async16(smem_u32(sm + r * LDS + c * 8), src, ok ? 16 : 0);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < ROWS * DP; idx += NT) {
+            int r = idx / DP, c = idx % DP;
+            u16 x = 0;
+            if (r < nvalid && c < D) x = g[(i64)r * s_row + (i64)c * s_col];
+            sm[r * LDS + c] = x;
+        }
+    }
+}
+
+// Copy n floats of a contiguous row (values at index >= nvalid become 0).
+template <int N, int NT>
+ATTN_DEVICE void load_row_f32(float* sm, const float* g, int nvalid, const float* safe) {
+    for (int i = threadIdx.x; i < N; i += NT) {
+        bool ok = i < nvalid;
+        cp_async4(smem_u32(sm + i), ok ? g + i : safe, ok ? 4 : 0);
+    }
+}

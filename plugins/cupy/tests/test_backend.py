@@ -1,0 +1,156 @@
+"""CPU tests of the cupy backend: registration, availability, argument checks, variants."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from attnkit_cupy import _compile, _launch
+from attnkit_cupy.backend import CupyBackend
+
+import attnkit
+from attnkit.registry import NoBackendError
+
+
+def test_registered_through_the_entry_point():
+    reg = attnkit.backends()["cupy"]
+    assert isinstance(reg.backend, CupyBackend)
+    assert reg.distribution.startswith("attnkit-cupy")
+    assert reg.priority_for("cuda") == 50 and reg.priority_for("cpu") is None
+
+
+def test_availability_gives_a_reason_when_unusable():
+    ok, why = CupyBackend().availability()
+    assert isinstance(ok, bool)
+    if not torch.cuda.is_available():
+        assert not ok and why, "without CUDA the backend must say why it is unavailable"
+
+
+def test_availability_without_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    ok, why = CupyBackend().availability()
+    assert not ok and "cupy is not importable" in why
+
+
+def test_cpu_tensors_are_refused_with_reasons():
+    q = torch.randn(1, 2, 8, 16)
+    reasons = CupyBackend().not_supported_reasons(attnkit.AttentionProblem.from_tensors(q, q, q))
+    assert any("device 'cpu'" in r for r in reasons)
+    with pytest.raises(NoBackendError, match="cupy"):
+        attnkit.attention(q, q, q, backend="cupy")
+
+
+def _qkv(B=2, Hq=4, Hkv=2, Sq=8, Sk=9, D=16, dtype=torch.float16):
+    return (torch.randn(B, Hq, Sq, D).to(dtype), torch.randn(B, Hkv, Sk, D).to(dtype),
+            torch.randn(B, Hkv, Sk, D).to(dtype))
+
+
+def _check(q, k, v, seqlens=None):
+    _launch.check_inputs(q, k, v, seqlens, require_cuda=False)
+
+
+def test_argument_checks_accept_valid_inputs():
+    q, k, v = _qkv()
+    _check(q, k, v)
+    _check(q, k, v, torch.tensor([3, 9], dtype=torch.int32))
+    _check(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)  # strided q
+
+
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float16, bfloat16"),
+    (lambda q, k, v: (q, k.float(), v.float()), TypeError, "share one dtype"),
+    (lambda q, k, v: (q[0], k, v), ValueError, "4-D"),
+    (lambda q, k, v: (q, k[:, :, :5], v), ValueError, "k and v must be"),
+    (lambda q, k, v: (q[..., :8], k, v), ValueError, "k and v must be"),
+    (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of kv heads"),
+    (lambda q, k, v: (torch.randn(1, 1, 2, 300, dtype=torch.float16),) * 3, ValueError,
+     "head dim"),
+    (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "empty problem"),
+])
+def test_argument_checks_reject(mutate, exc, match):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises(exc, match=match):
+        _check(q, k, v)
+
+
+@pytest.mark.parametrize("seqlens, exc, match", [
+    (torch.tensor([3, 9]), TypeError, "int32"),
+    (torch.tensor([3, 9, 1], dtype=torch.int32), ValueError, r"shape \(2,\)"),
+    (torch.tensor([[3, 9], [1, 1]], dtype=torch.int32)[:, 0], TypeError, "contiguous"),
+])
+def test_seqlens_checks(seqlens, exc, match):
+    q, k, v = _qkv()
+    with pytest.raises(exc, match=match):
+        _check(q, k, v, seqlens)
+
+
+def test_cuda_is_required():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        _launch.check_inputs(q, k, v, None)
+
+
+def test_backward_checks():
+    q, k, v = _qkv()
+    out, dout = torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty(2, 4, 8)
+    _launch.check_backward(q, out, lse, dout)
+    with pytest.raises(ValueError, match="lse"):
+        _launch.check_backward(q, out, lse.double(), dout)
+    with pytest.raises(ValueError, match="dout"):
+        _launch.check_backward(q, out, lse, dout[:, :, :4])
+
+
+def test_head_dim_buckets():
+    assert [_compile.head_dim_bucket(d) for d in (1, 32, 33, 111, 128, 129, 200, 256)] == \
+        [32, 32, 64, 128, 128, 192, 256, 256]
+    with pytest.raises(ValueError):
+        _compile.head_dim_bucket(257)
+
+
+def test_variants_name_every_kernel_and_fit_shared_memory():
+    variants = _compile.all_variants()
+    assert len(variants) == len(set(variants)) == 2 * 3 * len(_compile.HEAD_DIM_BUCKETS) * 4
+    for var in variants:
+        names = var.kernels()
+        assert set(names) == ({"fwd"} if var.source == "forward" else {"delta", "dq", "dkdv"})
+        for role in names:
+            rows, threads, smem = var.geometry(role)
+            assert rows > 0 and threads % 32 == 0
+            # 163 KiB: the largest dynamic shared memory an sm_80 block may opt in to.
+            assert smem <= 163 * 1024, (var, role, smem)
+
+
+def test_kernel_source_is_self_contained():
+    for src in _compile.SOURCES:
+        text = _compile.kernel_source(src)
+        assert "#include" not in text  # NVRTC gets no include path and no system headers
+        assert "struct Band" in text and "mma.sync" in text
+
+
+def test_band_arguments():
+    q, k, v = _qkv(Sq=8, Sk=9)
+    prob = attnkit.AttentionProblem.from_tensors(q, k, v, causal=True, window=(3, -1))
+    assert _launch._band_args(prob) == (True, 3, 0)
+    prob = attnkit.AttentionProblem.from_tensors(q, k, v)
+    assert _launch._band_args(prob) == (False, 17, 17)
+    prob = attnkit.AttentionProblem.from_tensors(q, k, v, window=(1000, 2))
+    assert _launch._band_args(prob) == (True, 17, 2)
+
+
+def test_output_layout_follows_the_input():
+    q = torch.randn(2, 5, 3, 16).transpose(1, 2)  # (B, S, H, D) passed transposed
+    out = _launch._like_layout(q)
+    assert out.shape == q.shape and out.stride() == q.stride()
+    q = torch.randn(2, 3, 5, 16)
+    assert _launch._like_layout(q).is_contiguous()
+
+
+def test_cuda_problem_without_cupy_gives_a_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    q = torch.randn(1, 2, 8, 16)
+    prob = attnkit.AttentionProblem.from_tensors(q, q, q)
+    prob = prob._replace(device=torch.device("cuda", 0))
+    reasons = CupyBackend().not_supported_reasons(prob)
+    assert any("compute capability" in r for r in reasons)
