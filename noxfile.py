@@ -60,15 +60,16 @@ def conformance(session, backend):
     there every CUDA source and template instance is compiled for sm_80 and sm_90 instead,
     and the suite runs in the ``gpu`` session.
     """
-    extra = ("cupy-cuda13x",) if backend == "cupy" else ()
+    # The Triton interpreter needs numpy; CuPy is imported (not launched) by the cupy tests.
+    extra = {"cupy": ("cupy-cuda13x",), "triton": ("numpy",)}.get(backend, ())
     _install(session, PLUGINS[backend], extra=extra)
     name = BACKEND_NAMES[backend]
     session.run("attnkit", "backends")
     if backend == "cupy":
         if not shutil.which("nvcc"):
             session.error("the cupy session compiles every kernel with nvcc; nvcc not found")
-        session.run("python", "plugins/cupy/scripts/compile_all.py", "--arch", "sm_80",
-                    "--arch", "sm_90")
+        session.run("python", "plugins/cupy/scripts/compile_all.py", "--arch", "80",
+                    "--arch", "90")
         session.run("pytest", "plugins/cupy/tests", *session.posargs)
         return
     env = {"TRITON_INTERPRET": "1"} if backend == "triton" else {}

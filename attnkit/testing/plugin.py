@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ..registry import registry
+from ..registry import NoBackendError, registry
 from . import cases as _cases
 
 _calls = {"forward": 0, "backward": 0}
@@ -34,7 +34,10 @@ def _backend_name(config) -> str:
 
 def _backend(config):
     name = _backend_name(config)
-    backend = registry.get(name)  # raises with the recorded error for a failed plugin
+    try:
+        backend = registry.get(name)  # carries the recorded error of a failed plugin
+    except NoBackendError as e:
+        raise pytest.UsageError(str(e)) from e
     ok, why = registry.registrations()[name].availability
     if not ok:
         raise pytest.UsageError(f"backend {name!r} is not available here: {why}")

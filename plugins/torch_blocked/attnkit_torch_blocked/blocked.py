@@ -174,6 +174,9 @@ class _Band:
         else:
             host = seqlens_k.tolist()  # one device sync per call: block ranges live on host
             sk_min, sk_max = min(host), max(host)
+            if sk_min < 0 or sk_max > seqlen_k:  # the core checks only CPU tensors' values
+                raise ValueError(f"seqlens_k values must lie in [0, Sk={seqlen_k}], got min "
+                                 f"{sk_min}, max {sk_max}")
             self.lens = seqlens_k.to(torch.long).view(-1, 1, 1, 1, 1)
         self.sk_min, self.sk_max = sk_min, sk_max
         self.off_min, self.off_max = sk_min - seqlen_q, sk_max - seqlen_q

@@ -122,7 +122,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS,
     b = bh // HKV
     hk = bh % HKV
     if HAS_SEQLENS:
-        Sk_b = tl.load(SEQLENS + b)
+        # Clamped: the host does not read seqlens_k on CUDA, so bad values must stay in bounds.
+        Sk_b = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
     else:
         Sk_b = Sk
     off = Sk_b - Sq
@@ -245,7 +246,8 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
     if HAS_SEQLENS:
-        Sk_b = tl.load(SEQLENS + b)
+        # Clamped: the host does not read seqlens_k on CUDA, so bad values must stay in bounds.
+        Sk_b = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
     else:
         Sk_b = Sk
     off = Sk_b - Sq

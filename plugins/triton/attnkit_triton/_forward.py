@@ -91,7 +91,8 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
     if HAS_SEQLENS:
-        Sk_b = tl.load(SEQLENS + b)
+        # Clamped: the host does not read seqlens_k on CUDA, so bad values must stay in bounds.
+        Sk_b = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
     else:
         Sk_b = Sk
     off = Sk_b - Sq

@@ -113,6 +113,14 @@ class TritonBackend(Backend):
         if problem.device.type == "cpu" and not interpreting():
             reasons.append("cpu tensors run only under the Triton interpreter "
                            "(TRITON_INTERPRET=1)")
+        big = 1 << 31
+        if problem.needs_grad and (
+                problem.batch * problem.heads_q * problem.seqlen_q * problem.head_dim >= big
+                or problem.batch * problem.heads_kv * problem.seqlen_k * problem.head_dim >= big):
+            # Seen on the H100: dK/dV wrong for 2^31-element inputs (forward and dQ right).
+            # Refused until found, so such problems go to a backend that computes them.
+            reasons.append("backward with a tensor of 2^31 or more elements (known dK/dV "
+                           "error, under investigation)")
         if problem.device.type == "cuda" and interpreting():
             reasons.append("TRITON_INTERPRET=1 runs kernels on CPU tensors; cuda tensors "
                            "need the interpreter off")

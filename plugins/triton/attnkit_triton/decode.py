@@ -85,7 +85,8 @@ def _split_kv_kernel(
     d_ok = offs_d < HEAD_DIM
 
     if HAS_SEQLENS:
-        sk_b = tl.load(SEQLENS + b)
+        # Clamped: the host does not read seqlens_k on CUDA, so bad values must stay in bounds.
+        sk_b = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
     else:
         sk_b = Sk + r0 * 0
     off = sk_b - Sq  # bottom-right alignment: query i's diagonal is key i + off

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
     Band band;
-    band.skb = seqlens ? seqlens[b] : Sk;
+    band.skb = valid_keys(seqlens, b, Sk);
     band.off = band.skb - Sq;
     band.left = left;
     band.right = right;
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
     const int hk = blockIdx.y, b = blockIdx.z;
     const int n0 = kb * BK;
     Band band;
-    band.skb = seqlens ? seqlens[b] : Sk;
+    band.skb = valid_keys(seqlens, b, Sk);
     band.off = band.skb - Sq;
     band.left = left;
     band.right = right;
@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
     Band band;
-    band.skb = seqlens ? seqlens[b] : Sk;
+    band.skb = valid_keys(seqlens, b, Sk);
     band.off = band.skb - Sq;
     band.left = left;
     band.right = right;
@@ -584,7 +584,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n0 = blockIdx.x * BK, hk = blockIdx.y, b = blockIdx.z;
     Band band;
-    band.skb = seqlens ? seqlens[b] : Sk;
+    band.skb = valid_keys(seqlens, b, Sk);
     band.off = band.skb - Sq;
     band.left = left;
     band.right = right;

@@ -111,6 +111,12 @@ ATTN_DEVICE float lse_to_log2(float lse) { return lse == neg_inf() ? pos_inf() :
 // Query i of a batch with skb valid keys sees key j iff j < skb and
 // -left <= j - (i + skb - Sq) <= right. The host clamps left/right to [0, Sq + Sk], so an
 // unbounded side is a finite number that never masks and no sum below overflows int32.
+// Valid keys of batch b. The host does not read seqlens_k of CUDA tensors (that would stall
+// every call), so an out-of-range value is clamped here to keep every access in bounds.
+ATTN_DEVICE int valid_keys(const int* seqlens, int b, int Sk) {
+    return seqlens ? min(max(seqlens[b], 0), Sk) : Sk;
+}
+
 struct Band {
     int skb;    // valid keys of this batch
     int off;    // skb - Sq: key index of query i's diagonal is i + off

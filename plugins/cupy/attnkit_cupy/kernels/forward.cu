@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
     Band band;
-    band.skb = seqlens ? seqlens[b] : Sk;
+    band.skb = valid_keys(seqlens, b, Sk);
     band.off = band.skb - Sq;
     band.left = left;
     band.right = right;
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
     Band band;
-    band.skb = seqlens ? seqlens[b] : Sk;
+    band.skb = valid_keys(seqlens, b, Sk);
     band.off = band.skb - Sq;
     band.left = left;
     band.right = right;
