@@ -28,7 +28,7 @@ MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 DTYPES = ("fp16", "bf16", "fp32")
 _ELEM = {"fp16": "Half", "bf16": "BF16"}
 
-#: fp16/bf16 tiles per padded head dim (tuned on an H100, see benchmarks/NOTES-cupy.md):
+#: fp16/bf16 tiles per padded head dim (tuned on an H100, see benchmarks/NOTES.md (CuPy section)):
 #: forward (warps, 16-row slabs per warp, keys per tile), dq (keys per tile) and dkdv
 #: (warps, queries per tile). Register budget: accumulators must stay under 255 per thread.
 FWD_TILES = {32: (4, 2, 64), 64: (4, 2, 64), 96: (4, 2, 64), 128: (4, 2, 64),

@@ -82,7 +82,7 @@ def _pow2_clamp(x: int, lo: int, hi: int) -> int:
 
 def default_block_sizes(device_type: str, dtype: torch.dtype, batch: int, heads_q: int,
                         head_dim: int) -> BlockSizes:
-    """Block sizes for a problem on a device (measured on CPU; see benchmarks/NOTES-...).
+    """Block sizes for a problem on a device (measured on CPU; see benchmarks/NOTES.md).
 
     The budget (`TILE_BUDGET`) is halved for fp64 and scaled down for head dims above 128
     (the q/acc blocks grow with D). With ``BH = B * Hq`` tiles batched together:

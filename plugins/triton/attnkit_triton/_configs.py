@@ -3,7 +3,7 @@
 A table keeps the first call fast and the choice reproducible (the forward must be bitwise
 deterministic run to run, which a timing-driven autotune would not guarantee across
 processes). Entries for Hopper were measured with scripts/perf.py --sweep on an H100
-(benchmarks/NOTES-triton.md); other GPUs get the conservative defaults, and the interpreter
+(benchmarks/NOTES.md, Triton section); other GPUs get the conservative defaults, and the interpreter
 small tiles so CPU tests stay quick.
 """
 
@@ -38,7 +38,7 @@ def interpreting() -> bool:
 
 
 # (block_d, causal) -> config, for sm90 (Hopper). The bf16, S=4k sweep on an H100 (see
-# benchmarks/NOTES-triton.md) picked these; `tma=False` where the pointer path measured faster.
+# benchmarks/NOTES.md, Triton section) picked these; `tma=False` where the pointer path measured faster.
 _HOPPER_FWD = {
     (16, False): KernelConfig(128, 64, 8, 3), (16, True): KernelConfig(128, 64, 8, 3),
     (32, False): KernelConfig(128, 64, 8, 3), (32, True): KernelConfig(128, 64, 8, 3),

@@ -243,7 +243,7 @@ def num_splits(problem: AttentionProblem, sm_count: int | None = None) -> int:
     waves are at least ``WAVE_EFFICIENCY`` full (``P * s / SMs`` over its ceiling), so the
     last wave does not leave SMs idle. No split gets fewer than ``MIN_KEYS_PER_SPLIT`` keys.
     Measured on the H100 (B=16, Hkv=8, one query, 1k-64k keys): 1-3 splits are within noise
-    of each other and 4-5 are 2-5% slower (benchmarks/NOTES-decode.md).
+    of each other and 4-5 are 2-5% slower (benchmarks/NOTES.md, decode section).
     """
     if sm_count is None:
         sm_count = _sm_count(problem.device)
