@@ -38,7 +38,8 @@ def interpreting() -> bool:
 
 
 # (block_d, causal) -> config, for sm90 (Hopper). The bf16, S=4k sweep on an H100 (see
-# benchmarks/NOTES.md, Triton section) picked these; `tma=False` where the pointer path measured faster.
+# benchmarks/NOTES.md, Triton section) picked these; `tma=False` where the pointer path
+# measured faster.
 _HOPPER_FWD = {
     (16, False): KernelConfig(128, 64, 8, 3), (16, True): KernelConfig(128, 64, 8, 3),
     (32, False): KernelConfig(128, 64, 8, 3), (32, True): KernelConfig(128, 64, 8, 3),
