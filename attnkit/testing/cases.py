@@ -11,12 +11,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .. import reference
 from ..backend import Capabilities
 from ..reference import visible_mask
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
                 torch.float64: "fp64"}
-_DTYPE_ORDER = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPE_ORDER = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Head dims worth testing: powers of two, odd multiples of 8 and a prime; the backend's
 #: declared extremes are added. Generated cases stop at 256 (larger ones only test time).
@@ -51,7 +52,7 @@ class Case:
     @property
     def id(self) -> str:
         parts = [
-            _DTYPE_NAMES[self.dtype],
+            DTYPE_NAMES[self.dtype],
             f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
             f"q{self.seqlen_q}k{self.seqlen_k}d{self.head_dim}",
         ]
@@ -102,6 +103,15 @@ class Case:
         return dict(causal=self.causal, window=self.window, seqlens_k=seqlens_k,
                     softcap=self.softcap)
 
+    def reference(self, q, k, v, seqlens_k, dtype, dout, grad: bool = True):
+        """``(out, lse, grads)`` of the reference with the inputs cast to `dtype`: float64
+        gives ``ref64``, the input dtype ``ref_lp`` (the accuracy rule's two references)."""
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_(grad) for t in (q, k, v))
+        with torch.enable_grad():
+            out, lse = reference.safe(qq, kk, vv, **self.options(seqlens_k))
+            grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype)) if grad else None
+        return out.detach(), lse.detach(), grads
+
     def masked_rows(self, seqlens_k) -> torch.Tensor:
         """Boolean (B or 1, 1, Sq): rows that see no key."""
         m = visible_mask(self.seqlen_q, self.seqlen_k, causal=self.causal, window=self.window,
@@ -110,7 +120,7 @@ class Case:
 
 
 def _dtypes(caps: Capabilities, quick: bool):
-    dts = [d for d in _DTYPE_ORDER if d in caps.dtypes]
+    dts = [d for d in DTYPE_ORDER if d in caps.dtypes]
     # float64 is only tested where it is the backend's only dtype or the grid is full.
     if quick and len(dts) > 1 and torch.float64 in dts:
         dts.remove(torch.float64)
@@ -205,7 +215,7 @@ def refused_problems(caps: Capabilities) -> list[tuple[str, Case]]:
     base = Case(dtype=dt, seqlen_q=16, seqlen_k=16, grad=False,
                 head_dim=max(caps.head_dim_min, min(64, caps.head_dim_max)))
     out = []
-    for d in _DTYPE_ORDER:
+    for d in DTYPE_ORDER:
         if d not in caps.dtypes:
             out.append((f"dtype {d}", replace(base, dtype=d)))
     if caps.head_dim_max < 1 << 12:

@@ -24,15 +24,6 @@ def _generator(case) -> tuple[torch.Generator, int]:
     return torch.Generator().manual_seed(seed), seed
 
 
-def _reference(case, q, k, v, seqlens_k, dtype, dout, grad):
-    """Reference (out, lse, grads) with inputs cast to `dtype` (float64 = ref64)."""
-    qq, kk, vv = (t.detach().to(dtype).requires_grad_(grad) for t in (q, k, v))
-    with torch.enable_grad():
-        out, lse = reference.safe(qq, kk, vv, scale=None, **case.options(seqlens_k))
-        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype)) if grad else None
-    return out.detach(), lse.detach(), grads
-
-
 def _run(backend_name, case, q, k, v, seqlens_k, return_lse):
     res = attnkit.attention(q, k, v, **case.options(seqlens_k), return_lse=return_lse,
                             backend=backend_name)
@@ -52,8 +43,8 @@ def test_matches_reference(case, backend, backend_name, device):
     assert tuple(out.shape) == tuple(q.shape), f"{where}: out shape {tuple(out.shape)}"
 
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(device, q.dtype)
-    ref64 = _reference(case, q, k, v, seqlens_k, torch.float64, dout, case.grad)
-    ref_lp = _reference(case, q, k, v, seqlens_k, q.dtype, dout, case.grad)
+    ref64 = case.reference(q, k, v, seqlens_k, torch.float64, dout, case.grad)
+    ref_lp = case.reference(q, k, v, seqlens_k, q.dtype, dout, case.grad)
 
     assert_close(f"{where} out", out, ref64[0], ref_lp[0], q.dtype, factor=2)
     masked = case.masked_rows(seqlens_k).to(out.device).expand(out.shape[:3])

@@ -22,10 +22,7 @@ from attnkit import reference
 from attnkit.registry import NoBackendError, registry
 from attnkit.spec import AttentionProblem
 from attnkit.testing.accuracy import assert_close
-
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                torch.float64: "fp64"}
-_DTYPE_ORDER = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class DecodeCase:
 
     @property
     def id(self) -> str:
-        parts = [_DTYPE_NAMES[self.dtype], f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+        parts = [DTYPE_NAMES[self.dtype], f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
                  f"smax{self.s_max}new{self.s_new}q{self.seqlen_q}d{self.head_dim}"]
         parts.append("causal" if self.causal else "noncausal")
         if self.window is not None:
@@ -83,12 +80,12 @@ class MergeCase:
 
     @property
     def id(self) -> str:
-        return (f"{_DTYPE_NAMES[self.dtype]}-B{self.batch}H{self.heads_q}x{self.heads_kv}-"
+        return (f"{DTYPE_NAMES[self.dtype]}-B{self.batch}H{self.heads_q}x{self.heads_kv}-"
                 f"q{self.seqlen_q}k{self.seqlen_k}d{self.head_dim}-parts{len(self.bounds) - 1}")
 
 
 def _dtypes(caps, quick: bool) -> list[torch.dtype]:
-    dts = [d for d in _DTYPE_ORDER if d in caps.dtypes]
+    dts = [d for d in DTYPE_ORDER if d in caps.dtypes]
     if quick and len(dts) > 1 and torch.float64 in dts:
         dts.remove(torch.float64)
     return dts

@@ -124,14 +124,6 @@ def warm(variants, jobs: int) -> None:
     print(f"warm: {len(variants)} variants in {time.time() - t0:.1f} s", flush=True)
 
 
-def _reference(case, q, k, v, seqlens_k, dtype, dout):
-    qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-    with torch.enable_grad():
-        out, lse = reference.safe(qq, kk, vv, **case.options(seqlens_k))
-        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
-    return out.detach(), lse.detach(), grads
-
-
 def run_case(case: Case, device="cuda", seed=None) -> list[str]:
     """Failures (empty list = pass) of one case: accuracy, masked rows, repeatability."""
     seed = random.randrange(2**31) if seed is None else seed
@@ -151,8 +143,8 @@ def run_case(case: Case, device="cuda", seed=None) -> list[str]:
         fails.append(f"{where}: forward not bitwise repeatable")
     if not all(torch.equal(a, b) for a, b in zip(grads, grads2)):
         fails.append(f"{where}: backward not bitwise repeatable")
-    ref64 = _reference(case, q, k, v, seqlens, torch.float64, dout)
-    reflp = _reference(case, q, k, v, seqlens, q.dtype, dout)
+    ref64 = case.reference(q, k, v, seqlens, torch.float64, dout)
+    reflp = case.reference(q, k, v, seqlens, q.dtype, dout)
     for name, got, r64, rlp, f in [("out", out, ref64[0], reflp[0], 2),
                                    ("lse", lse, ref64[1], reflp[1], 2)] + [
             (f"d{n}", g, g64, glp, 3) for n, g, g64, glp in zip("qkv", grads, ref64[2],

@@ -22,7 +22,6 @@ import traceback
 import torch
 
 import attnkit
-from attnkit import reference
 from attnkit.testing.accuracy import check
 from attnkit.testing.cases import Case, generate
 
@@ -73,14 +72,6 @@ def extra_cases() -> list[Case]:
     return out
 
 
-def _reference(case, q, k, v, seqlens_k, dtype, dout):
-    qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-    with torch.enable_grad():
-        out, lse = reference.safe(qq, kk, vv, **case.options(seqlens_k))
-        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
-    return out.detach(), lse.detach(), grads
-
-
 def run_case(case: Case, seed: int) -> list[str]:
     """Failures (empty = pass) of one case on the current load path."""
     gen = torch.Generator().manual_seed(seed)
@@ -89,8 +80,8 @@ def run_case(case: Case, seed: int) -> list[str]:
     out, lse = attnkit.attention(q, k, v, **case.options(seqlens_k), return_lse=True,
                                  backend="triton")
     dout = torch.randn(out.shape, generator=gen).to("cuda", q.dtype)
-    ref64 = _reference(case, q, k, v, seqlens_k, torch.float64, dout)
-    ref_lp = _reference(case, q, k, v, seqlens_k, q.dtype, dout)
+    ref64 = case.reference(q, k, v, seqlens_k, torch.float64, dout)
+    ref_lp = case.reference(q, k, v, seqlens_k, q.dtype, dout)
     fails = []
     for name, got, r64, rlp, f in (("out", out, ref64[0], ref_lp[0], 2),
                                    ("lse", lse, ref64[1], ref_lp[1], 2)):
@@ -138,8 +129,8 @@ def check_large() -> list[str]:
     case = Case(batch=1, heads_q=H, heads_kv=H, seqlen_q=n, seqlen_k=n, head_dim=D, dtype=F16,
                 causal=True, window=(W, 0))
     qs, ks, vs, ds = (t.detach()[sl] for t in (q, k, v, dout))
-    ref64 = _reference(case, qs, ks, vs, None, torch.float64, ds)
-    ref_lp = _reference(case, qs, ks, vs, None, F16, ds)
+    ref64 = case.reference(qs, ks, vs, None, torch.float64, ds)
+    ref_lp = case.reference(qs, ks, vs, None, F16, ds)
     fails = []
     rows = slice(W, n)  # rows whose whole window lies inside the slice
     for name, got, r64, rlp, f in (

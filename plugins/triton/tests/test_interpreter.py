@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit import reference  # noqa: E402
 from attnkit.testing.accuracy import assert_close  # noqa: E402
 from attnkit.testing.cases import Case  # noqa: E402
 
@@ -80,14 +79,6 @@ CASES = [
 ]
 
 
-def _reference(case, q, k, v, seqlens_k, dtype, dout):
-    qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-    with torch.enable_grad():
-        out, lse = reference.safe(qq, kk, vv, **case.options(seqlens_k))
-        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
-    return out.detach(), lse.detach(), grads
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_forward_backward_match_reference(case):
     gen = torch.Generator().manual_seed(hash(case.id) % 2**31)
@@ -97,8 +88,8 @@ def test_forward_backward_match_reference(case):
     out, lse = attnkit.attention(q, k, v, **case.options(seqlens_k), return_lse=True,
                                  backend="triton")
     dout = torch.randn(out.shape, generator=gen).to(q.dtype)
-    ref64 = _reference(case, q, k, v, seqlens_k, torch.float64, dout)
-    ref_lp = _reference(case, q, k, v, seqlens_k, case.dtype, dout)
+    ref64 = case.reference(q, k, v, seqlens_k, torch.float64, dout)
+    ref_lp = case.reference(q, k, v, seqlens_k, case.dtype, dout)
 
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
