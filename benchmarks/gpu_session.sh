@@ -19,7 +19,7 @@ check)
 triton.__version__, 'cupy', cupy.__version__)"
     for b in triton cupy torch-blocked; do
         timeout "${CHECK_TIMEOUT:-200}" python -m attnkit.cli check "$b" --device cuda -- \
-            -n 8 -q -p no:randomly > "$OUT/check-$b.log" 2>&1
+            -n 8 -p no:randomly > "$OUT/check-$b.log" 2>&1
         echo "== attnkit check $b --device cuda: rc=$?"; summary "$OUT/check-$b.log"
     done
     # > 2^31 elements (64-bit offsets), alone: --match selects none of the other cases.
