@@ -18,7 +18,7 @@ import torch
 
 from .api import attention
 from .registry import registry
-from .spec import FLOAT_DTYPES, AttentionProblem, describe_tensor
+from .spec import FLOAT_DTYPES, AttentionProblem, check_lengths_tensor, describe_tensor
 
 
 def attention_with_kvcache(
@@ -152,16 +152,7 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> N
 
 
 def _check_cache_seqlens(s, q, B: int, S_max: int, s_new: int) -> None:
-    if not isinstance(s, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be an int tensor of shape ({B},), got "
-                        f"{type(s).__name__}")
-    desc = describe_tensor("cache_seqlens", s)
-    if s.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{desc} must have dtype torch.int32 or torch.int64")
-    if tuple(s.shape) != (B,):
-        raise ValueError(f"{desc} must have shape ({B},), one fill level per batch")
-    if s.device != q.device:
-        raise ValueError(f"{desc} must be on q's device {q.device}")
+    desc = check_lengths_tensor("cache_seqlens", s, q, B)
     if B == 0 or (s_new == 0 and s.device.type != "cpu"):
         # Nothing will be written: no reason to stall the GPU for a host-side check (the
         # kernels clamp fill levels to the cache).

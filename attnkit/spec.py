@@ -211,16 +211,23 @@ class AttentionProblem(NamedTuple):
                    torch.are_deterministic_algorithms_enabled())
 
 
-def _check_seqlens_k(s, q: torch.Tensor, B: int, Sk: int, check_values: bool) -> None:
+def check_lengths_tensor(name: str, s, q: torch.Tensor, B: int) -> str:
+    """Type, dtype, shape ``(B,)`` and device of a per-batch length tensor (``seqlens_k``,
+    ``cache_seqlens``); returns its description for further messages."""
     if not isinstance(s, torch.Tensor):
-        raise TypeError(f"seqlens_k must be an int tensor of shape ({B},), got {type(s).__name__}")
-    desc = describe_tensor("seqlens_k", s)
+        raise TypeError(f"{name} must be an int tensor of shape ({B},), got {type(s).__name__}")
+    desc = describe_tensor(name, s)
     if s.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{desc} must have dtype torch.int32 or torch.int64")
     if tuple(s.shape) != (B,):
         raise ValueError(f"{desc} must have shape ({B},), one length per batch")
     if s.device != q.device:
         raise ValueError(f"{desc} must be on q's device {q.device}")
+    return desc
+
+
+def _check_seqlens_k(s, q: torch.Tensor, B: int, Sk: int, check_values: bool) -> None:
+    desc = check_lengths_tensor("seqlens_k", s, q, B)
     # Reading values on the host would stall every CUDA call (and break CUDA graph capture):
     # only CPU tensors are checked; GPU kernels clamp to [0, Sk] instead.
     if check_values and B > 0 and s.device.type == "cpu":
