@@ -25,21 +25,6 @@ import attnkit
 from attnkit.testing.accuracy import check
 from attnkit.testing.cases import Case, generate
 
-
-def _ensure_registered():
-    """Use the installed plugin; where its entry point is missing (a checkout copied without
-    a working ``pip install -e``), register the same backend object at run time."""
-    if "triton" not in attnkit.backends():
-        from attnkit_triton import TritonBackend
-
-        from attnkit.registry import registry
-
-        print("note: no 'triton' entry point installed; registered at run time", flush=True)
-        registry.register(TritonBackend(), priority={"cuda": 100})
-
-
-_ensure_registered()
-
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 

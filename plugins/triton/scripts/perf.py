@@ -30,21 +30,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attnkit
 from attnkit.spec import AttentionProblem
 
-
-def _ensure_registered():
-    """Use the installed plugin; where its entry point is missing (a checkout copied without
-    a working ``pip install -e``), register the same backend object at run time."""
-    if "triton" not in attnkit.backends():
-        from attnkit_triton import TritonBackend
-
-        from attnkit.registry import registry
-
-        print("note: no 'triton' entry point installed; registered at run time", flush=True)
-        registry.register(TritonBackend(), priority={"cuda": 100})
-
-
-_ensure_registered()
-
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
