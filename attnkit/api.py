@@ -84,7 +84,13 @@ def attention(
         q, k, v, causal=causal, scale=scale, window=window, seqlens_k=seqlens_k,
         softcap=softcap, return_lse=return_lse,
     )
-    chosen = registry.select(problem, backend)
+    return run_problem(problem, registry.select(problem, backend), q, k, v, seqlens_k)
+
+
+def run_problem(problem: AttentionProblem, chosen, q, k, v, seqlens_k):
+    """Run a validated problem on the backend selected for it (eager path of `attention`,
+    shared with `attention_with_kvcache`, which validates and selects before writing)."""
+    return_lse = problem.return_lse
     if seqlens_k is not None and seqlens_k.dtype != torch.int32:
         seqlens_k = seqlens_k.to(torch.int32)
     if problem.is_empty:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .api import attention
+from .api import run_problem
 from .registry import registry
 from .spec import FLOAT_DTYPES, AttentionProblem, check_lengths_tensor, describe_tensor
 
@@ -70,12 +70,10 @@ def attention_with_kvcache(
     problem = AttentionProblem.from_tensors(
         q, k_cache, v_cache, causal=causal, scale=scale, window=window, seqlens_k=seqlens_k,
         softcap=softcap, return_lse=return_lse, needs_grad=False, check_values=False)
-    registry.select(problem, backend)
+    chosen = registry.select(problem, backend)
     if k_new is not None and s_new > 0 and q.shape[0] > 0:
         _append(k_cache, v_cache, cache_seqlens, k_new, v_new)
-    return attention(q, k_cache, v_cache, causal=causal, scale=scale, window=window,
-                     seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse,
-                     backend=backend)
+    return run_problem(problem, chosen, q, k_cache, v_cache, seqlens_k)
 
 
 def _append(k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
