@@ -396,6 +396,21 @@ def _exact_fp32_gemms(fn):
 
 
 @_exact_fp32_gemms
+def _prepare(q, k, v, scale, band, seqlens_k, softcap, blocks, mixed, work):
+    """What the forward and the backward share: precision, block sizes, the band geometry,
+    score factors, K/V in the operand dtype and the tile workspace."""
+    B, Hq, Sq, D = q.shape
+    prec = _Precision.for_inputs(q, mixed)
+    bs = resolve_block_sizes(blocks, q.device.type, q.dtype, B, Hq, D)
+    geo = _Band(Sq, k.shape[2], band, seqlens_k, q.device)
+    q_factor, s_factor = _factors(prec, scale, softcap)
+    # Half K/V are cast once (O(S) memory), not once per query block.
+    kc, vc = k.to(prec.operand), v.to(prec.operand)
+    if work is not None:
+        work.block_sizes = bs
+    return prec, bs, geo, q_factor, s_factor, kc, vc, _workspace(prec, q)
+
+
 def blocked_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -415,17 +430,10 @@ def blocked_forward(
     ``out`` is contiguous in q's dtype; ``lse`` fp32 (fp64 for fp64 inputs) ``(B, Hq, Sq)``.
     """
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    prec = _Precision.for_inputs(q, mixed)
+    Hkv = k.shape[1]
+    prec, bs, geo, q_factor, s_factor, kc, vc, ws = _prepare(
+        q, k, v, scale, band, seqlens_k, softcap, blocks, mixed, work)
     ct = prec.compute
-    bs = resolve_block_sizes(blocks, q.device.type, q.dtype, B, Hq, D)
-    geo = _Band(Sq, Sk, band, seqlens_k, q.device)
-    q_factor, s_factor = _factors(prec, scale, softcap)
-    # Half K/V are cast once (O(S) memory), not once per query block.
-    kc, vc = k.to(prec.operand), v.to(prec.operand)
-    ws = _workspace(prec, q)
-    if work is not None:
-        work.block_sizes = bs
 
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=ct, device=q.device)
@@ -494,15 +502,9 @@ def blocked_backward(
     """``(dq, dk, dv)`` from the saved ``out`` and ``lse``, recomputing P tile by tile."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    prec = _Precision.for_inputs(q, mixed)
+    prec, bs, geo, q_factor, s_factor, kc, vc, ws = _prepare(
+        q, k, v, scale, band, seqlens_k, softcap, blocks, mixed, work)
     ct = prec.compute
-    bs = resolve_block_sizes(blocks, q.device.type, q.dtype, B, Hq, D)
-    geo = _Band(Sq, Sk, band, seqlens_k, q.device)
-    q_factor, s_factor = _factors(prec, scale, softcap)
-    kc, vc = k.to(prec.operand), v.to(prec.operand)
-    ws = _workspace(prec, q)
-    if work is not None:
-        work.block_sizes = bs
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # fp32 accumulators for dk/dv; for fp32 inputs they are the results themselves.
