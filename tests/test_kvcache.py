@@ -1,7 +1,6 @@
 """attention_with_kvcache, merge_attention, the encoder-decoder example, the decode suite's
 ability to fail, and the triton split-KV decode kernel under TRITON_INTERPRET=1."""
 
-import importlib.util
 import os
 import pathlib
 import runpy
@@ -228,13 +227,9 @@ interpreted_only = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def decode_module():
-    """attnkit_triton/decode.py loaded by path: the rest of that package is not needed."""
+    """The triton plugin's split-KV decode module (needs the plugin and triton installed)."""
     pytest.importorskip("triton")
-    path = ROOT / "plugins" / "triton" / "attnkit_triton" / "decode.py"
-    spec = importlib.util.spec_from_file_location("attnkit_triton_decode_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return pytest.importorskip("attnkit_triton.decode")
 
 
 def test_decode_kernel_under_interpreter():

@@ -23,6 +23,7 @@ from ._band import (
     query_range,
     store_tile,
     tanh,
+    valid_keys,
 )
 from ._configs import KernelConfig, interpreting, padded_head_dim
 from ._forward import _band_args, _score_args
@@ -121,11 +122,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS,
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
-    if HAS_SEQLENS:
-        # Clamped: the host does not read seqlens_k on CUDA, so bad values must stay in bounds.
-        Sk_b = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
-    else:
-        Sk_b = Sk
+    Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
     off = Sk_b - Sq
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
@@ -245,11 +242,7 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
     h = bh % H
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
-    if HAS_SEQLENS:
-        # Clamped: the host does not read seqlens_k on CUDA, so bad values must stay in bounds.
-        Sk_b = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
-    else:
-        Sk_b = Sk
+    Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
     off = Sk_b - Sq
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)

@@ -22,6 +22,16 @@ def _cdiv_up(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def valid_keys(SEQLENS, b, Sk, HAS_SEQLENS: tl.constexpr):
+    """Keys of batch ``b``: ``seqlens_k[b]`` clamped to ``[0, Sk]`` (the host does not read
+    seqlens_k on CUDA, so an out-of-range value must stay in bounds), else ``Sk``."""
+    if HAS_SEQLENS:
+        return tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
+    else:
+        return Sk
+
+
+@triton.jit
 def key_range(m0, Sq, Sk_b, left, right,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):

@@ -12,7 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._band import LOG2E, band_mask, dot_precision, key_range, load_tile, mma, store_tile, tanh
+from ._band import (
+    LOG2E,
+    band_mask,
+    dot_precision,
+    key_range,
+    load_tile,
+    mma,
+    store_tile,
+    tanh,
+    valid_keys,
+)
 from ._configs import KernelConfig, interpreting
 
 
@@ -90,11 +100,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
     h = bh % H
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
-    if HAS_SEQLENS:
-        # Clamped: the host does not read seqlens_k on CUDA, so bad values must stay in bounds.
-        Sk_b = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
-    else:
-        Sk_b = Sk
+    Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
     off = Sk_b - Sq
 
     # 64-bit base offsets: tensors may exceed 2^31 elements.

@@ -23,6 +23,8 @@ import triton.language as tl
 
 from attnkit.spec import AttentionProblem
 
+from ._band import valid_keys
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -85,8 +87,7 @@ def _split_kv_kernel(
     d_ok = offs_d < HEAD_DIM
 
     if HAS_SEQLENS:
-        # Clamped: the host does not read seqlens_k on CUDA, so bad values must stay in bounds.
-        sk_b = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), Sk)
+        sk_b = valid_keys(SEQLENS, b, Sk, True)
     else:
         sk_b = Sk + r0 * 0
     off = sk_b - Sq  # bottom-right alignment: query i's diagonal is key i + off
