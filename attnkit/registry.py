@@ -204,15 +204,6 @@ class Registry:
             self._regs.pop(name, None)
             self._cache.clear()
 
-    def reload(self) -> None:
-        """Forget everything and load the plugins again (reads the environment again)."""
-        with self._lock:
-            self._regs.clear()
-            self.failures.clear()
-            self._cache.clear()
-            self._loaded = False
-        self._ensure_loaded()
-
     # -- queries -------------------------------------------------------------------------
     def registrations(self) -> dict[str, Registration]:
         self._ensure_loaded()
