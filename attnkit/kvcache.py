@@ -65,7 +65,10 @@ def attention_with_kvcache(
     """
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     s_new = 0 if k_new is None else k_new.shape[2]
-    seqlens_k = cache_seqlens.to(torch.int32) + s_new  # a new tensor: the caller's is untouched
+    # Kernels only read seqlens_k, so with nothing appended the caller's int32 tensor is
+    # passed as is (one launch less per decoding step); otherwise a new tensor.
+    seqlens_k = (cache_seqlens if s_new == 0 and cache_seqlens.dtype == torch.int32
+                 else cache_seqlens.to(torch.int32) + s_new)
     # Refuse (bad options, no backend for this problem) before the caches are written.
     problem = AttentionProblem.from_tensors(
         q, k_cache, v_cache, causal=causal, scale=scale, window=window, seqlens_k=seqlens_k,
@@ -150,19 +153,65 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> N
 
 
 def _check_cache_seqlens(s, q, B: int, S_max: int, s_new: int) -> None:
-    desc = check_lengths_tensor("cache_seqlens", s, q, B)
+    check_lengths_tensor("cache_seqlens", s, q, B)
     if B == 0 or (s_new == 0 and s.device.type != "cpu"):
         # Nothing will be written: no reason to stall the GPU for a host-side check (the
         # kernels clamp fill levels to the cache).
         return
     lo, hi = (int(x) for x in torch.aminmax(s))  # one sync, before anything is written
     if lo < 0:
-        raise ValueError(f"{desc} values must be >= 0, got min {lo}")
+        raise ValueError(f"{describe_tensor('cache_seqlens', s)} values must be >= 0, got "
+                         f"min {lo}")
     if hi + s_new > S_max:
         b = int(torch.argmax(s.to(torch.long)))
         raise ValueError(
             f"KV cache overflow: batch {b} holds {hi} positions and {s_new} new ones would "
             f"need {hi + s_new} > S_max={S_max}; nothing was written")
+
+
+#: Fewer keys than this per split costs more in partials and launches than it gains.
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 128
+#: A split count is good enough once its last wave of programs is this full.
+WAVE_EFFICIENCY = 0.9
+
+
+def visible_span(problem: AttentionProblem) -> int:
+    """An upper bound on the keys one query row block sees: Sk, or less under a left window."""
+    left, _ = problem.band
+    if left is None:
+        return problem.seqlen_k
+    return min(problem.seqlen_k, left + problem.seqlen_q)
+
+
+def choose_splits(programs: int, keys: int, sm_count: int) -> int:
+    """How many parts a split-KV ("flash-decoding") kernel cuts each key range into.
+
+    ``programs`` is how many thread blocks the kernel has without splitting (e.g. batch x kv
+    head), ``keys`` the longest key range one of them reads. No split when the programs
+    alone fill the SMs; otherwise the fewest splits ``s`` that give every SM a program
+    (``programs * s >= sm_count``) and whose waves are at least ``WAVE_EFFICIENCY`` full, so
+    the last wave does not leave SMs idle. No split gets fewer than ``MIN_KEYS_PER_SPLIT``
+    keys. Measured on the H100 (B=16, Hkv=8, one query, 1k-64k keys): 1-3 splits are within
+    noise of each other, 4-5 are 2-5% slower (benchmarks/NOTES.md, decode section). Shared by
+    the GPU backends so they split alike.
+    """
+    programs = max(programs, 1)
+    most = min(-(-keys // MIN_KEYS_PER_SPLIT), MAX_SPLITS)
+    if programs >= sm_count or most <= 1:
+        return 1
+    fewest = -(-sm_count // programs)
+    if fewest >= most:
+        return most
+    best, best_eff = fewest, 0.0
+    for s in range(fewest, most + 1):
+        waves = programs * s / sm_count
+        eff = waves / -(-waves // 1)
+        if eff >= WAVE_EFFICIENCY:
+            return s
+        if eff > best_eff:
+            best, best_eff = s, eff
+    return best
 
 
 def merge_attention(

@@ -211,26 +211,26 @@ class AttentionProblem(NamedTuple):
                    torch.are_deterministic_algorithms_enabled())
 
 
-def check_lengths_tensor(name: str, s, q: torch.Tensor, B: int) -> str:
+def check_lengths_tensor(name: str, s, q: torch.Tensor, B: int) -> None:
     """Type, dtype, shape ``(B,)`` and device of a per-batch length tensor (``seqlens_k``,
-    ``cache_seqlens``); returns its description for further messages."""
+    ``cache_seqlens``). Runs on every call: the description is built only for an error."""
     if not isinstance(s, torch.Tensor):
         raise TypeError(f"{name} must be an int tensor of shape ({B},), got {type(s).__name__}")
-    desc = describe_tensor(name, s)
     if s.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{desc} must have dtype torch.int32 or torch.int64")
+        raise TypeError(f"{describe_tensor(name, s)} must have dtype torch.int32 or torch.int64")
     if tuple(s.shape) != (B,):
-        raise ValueError(f"{desc} must have shape ({B},), one length per batch")
+        raise ValueError(f"{describe_tensor(name, s)} must have shape ({B},), one length per "
+                         "batch")
     if s.device != q.device:
-        raise ValueError(f"{desc} must be on q's device {q.device}")
-    return desc
+        raise ValueError(f"{describe_tensor(name, s)} must be on q's device {q.device}")
 
 
 def _check_seqlens_k(s, q: torch.Tensor, B: int, Sk: int, check_values: bool) -> None:
-    desc = check_lengths_tensor("seqlens_k", s, q, B)
+    check_lengths_tensor("seqlens_k", s, q, B)
     # Reading values on the host would stall every CUDA call (and break CUDA graph capture):
     # only CPU tensors are checked; GPU kernels clamp to [0, Sk] instead.
     if check_values and B > 0 and s.device.type == "cpu":
         lo, hi = (int(x) for x in torch.aminmax(s))
         if lo < 0 or hi > Sk:
-            raise ValueError(f"{desc} values must lie in [0, Sk={Sk}], got min {lo}, max {hi}")
+            raise ValueError(f"{describe_tensor('seqlens_k', s)} values must lie in [0, Sk={Sk}], "
+                             f"got min {lo}, max {hi}")

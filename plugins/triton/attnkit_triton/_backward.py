@@ -27,6 +27,7 @@ from ._band import (
 )
 from ._configs import KernelConfig, interpreting, padded_head_dim
 from ._forward import _band_args, _score_args
+from ._launcher import FastKernel, cdiv
 
 
 @triton.jit
@@ -299,15 +300,17 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
 _PREP_BLOCK_M = 64
 
 
+_PREP, _DKDV, _DQ = (FastKernel(k) for k in (_prep_kernel, _dkdv_kernel, _dq_kernel))
+
+
 def prepare(q, out, lse, dout, pad_to: int):
     """``delta`` and log2 ``lse`` as (B * Hq, Sq_pad) row buffers."""
     B, Hq, Sq, D = q.shape
     pad_to = max(pad_to, _PREP_BLOCK_M)
-    Sq_pad = triton.cdiv(Sq, pad_to) * pad_to
-    delta = torch.empty((B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty((B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
+    Sq_pad = cdiv(Sq, pad_to) * pad_to
+    delta, lse2 = torch.empty((2, B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()  # our own forward's (B, Hq, Sq): already contiguous
-    _prep_kernel[(Sq_pad // _PREP_BLOCK_M, B * Hq)](
+    _PREP[(Sq_pad // _PREP_BLOCK_M, B * Hq)](
         out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Sq, Sq_pad,
         HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M, num_warps=4,
     )
@@ -329,7 +332,7 @@ def launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, cfg: Ker
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     args, flags = _common(problem, q, seqlens_k, use_tma)
-    _dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), B * Hkv)](
+    _DKDV[(cdiv(Sk, cfg.block_n), B * Hkv)](
         q, k, v, dout, lse2, delta, dk, dv, seqlens_k if seqlens_k is not None else delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         Hkv, Sq, delta.shape[1], Sk, problem.group_size, *args,
@@ -343,7 +346,7 @@ def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelCon
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     args, flags = _common(problem, q, seqlens_k, use_tma)
-    _dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * Hq)](
+    _DQ[(cdiv(Sq, cfg.block_m), B * Hq)](
         q, k, v, dout, lse2, delta, dq, seqlens_k if seqlens_k is not None else delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         Hq, Sq, delta.shape[1], Sk, problem.group_size, *args,

@@ -33,8 +33,13 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+#: Triton picks interpreter or compiler when a kernel is decorated, so the environment at
+#: import is what counts (and reading it on every call costs microseconds).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 # (block_d, causal) -> config, for sm90 (Hopper). The bf16, S=4k sweep on an H100 (see
@@ -60,6 +65,20 @@ _HOPPER_BWD = {
     (128, True): (KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3)),
     (256, False): (KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)),
     (256, True): (KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)),
+}
+# Short sequences (max(Sq, Sk) <= SHORT_SEQLEN) at D=128: each program walks only a few key
+# blocks, so smaller tiles (more programs, shorter prologue) win. bf16 S=512 sweep on the H100
+# (benchmarks/NOTES.md, "Short sequences"): forward 64x64 w4 pointers 333 vs 262 TFLOP/s
+# non-causal, 215 vs 168 causal; dK/dV non-causal 32x64 w4 pointers 243 vs 191; dQ causal
+# 64x32 w4 pointers 226 vs 169.
+SHORT_SEQLEN = 512
+_HOPPER_FWD_SHORT = {
+    (128, False): KernelConfig(64, 64, 4, 3, tma=False),
+    (128, True): KernelConfig(64, 64, 4, 3, tma=False),
+}
+_HOPPER_BWD_SHORT = {
+    (128, False): (KernelConfig(32, 64, 4, 3, tma=False), _HOPPER_BWD[(128, False)][1]),
+    (128, True): (_HOPPER_BWD[(128, True)][0], KernelConfig(64, 32, 4, 3, tma=False)),
 }
 # Everything else (Ampere and newer non-Hopper parts): shared-memory-safe sizes.
 _DEFAULT_FWD = {
@@ -93,12 +112,14 @@ def _arch(device) -> int:
     return major * 10 + minor
 
 
-def forward_config(head_dim: int, causal: bool, dtype, device) -> KernelConfig:
-    return _forward_config(head_dim, causal, dtype, device, interpreting())
+def forward_config(head_dim: int, causal: bool, dtype, device,
+                   short: bool = False) -> KernelConfig:
+    """``short``: max(Sq, Sk) <= SHORT_SEQLEN (see _HOPPER_FWD_SHORT)."""
+    return _forward_config(head_dim, causal, dtype, device, interpreting(), short)
 
 
 @functools.lru_cache(maxsize=256)  # a table lookup, but on every call: keep it off the clock
-def _forward_config(head_dim, causal, dtype, device, interpret) -> KernelConfig:
+def _forward_config(head_dim, causal, dtype, device, interpret, short) -> KernelConfig:
     import torch
 
     bd = padded_head_dim(head_dim)
@@ -107,19 +128,20 @@ def _forward_config(head_dim, causal, dtype, device, interpret) -> KernelConfig:
     elif dtype == torch.float32:
         cfg = _fp32_config(bd)
     elif _arch(device) == 90:
-        cfg = _HOPPER_FWD[(bd, causal)]
+        cfg = (_HOPPER_FWD_SHORT.get((bd, causal)) if short else None) or \
+            _HOPPER_FWD[(bd, causal)]
     else:
         cfg = _DEFAULT_FWD[bd]
     return replace(cfg, block_d=bd)
 
 
-def backward_configs(head_dim: int, causal: bool, dtype,
-                     device) -> tuple[KernelConfig, KernelConfig]:
-    return _backward_configs(head_dim, causal, dtype, device, interpreting())
+def backward_configs(head_dim: int, causal: bool, dtype, device,
+                     short: bool = False) -> tuple[KernelConfig, KernelConfig]:
+    return _backward_configs(head_dim, causal, dtype, device, interpreting(), short)
 
 
 @functools.lru_cache(maxsize=256)
-def _backward_configs(head_dim, causal, dtype, device, interpret):
+def _backward_configs(head_dim, causal, dtype, device, interpret, short):
     import torch
 
     bd = padded_head_dim(head_dim)
@@ -128,7 +150,8 @@ def _backward_configs(head_dim, causal, dtype, device, interpret):
     elif dtype == torch.float32:
         dkdv = dq = _fp32_config(bd)
     elif _arch(device) == 90:
-        dkdv, dq = _HOPPER_BWD[(bd, causal)]
+        dkdv, dq = (_HOPPER_BWD_SHORT.get((bd, causal)) if short else None) or \
+            _HOPPER_BWD[(bd, causal)]
     else:
         dkdv, dq = _DEFAULT_BWD[bd]
     return replace(dkdv, block_d=bd), replace(dq, block_d=bd)

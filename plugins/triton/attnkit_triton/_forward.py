@@ -24,6 +24,7 @@ from ._band import (
     valid_keys,
 )
 from ._configs import KernelConfig, interpreting
+from ._launcher import FastKernel, cdiv
 
 
 @triton.jit
@@ -166,6 +167,9 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
                    BLOCK_D != HEAD_DIM)
 
 
+_FWD = FastKernel(_fwd_kernel)
+
+
 def _band_args(problem):
     left, right = problem.band
     return (0 if left is None else left), (0 if right is None else right), left is not None, \
@@ -187,8 +191,8 @@ def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     left, right, has_left, has_right = _band_args(problem)
     qk_scale, cap_in, cap_out = _score_args(problem)
-    grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
-    _fwd_kernel[grid](
+    grid = (cdiv(Sq, cfg.block_m), B * Hq)
+    _FWD[grid](
         q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Sq, Sk, problem.group_size, qk_scale, cap_in, cap_out, left, right,

@@ -9,6 +9,7 @@ pointer path (``=1`` asks for TMA and raises where it cannot apply), for compari
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 
@@ -16,7 +17,13 @@ import torch
 
 from attnkit.backend import Backend, Capabilities
 
-from ._configs import backward_configs, forward_config, interpreting, padded_head_dim
+from ._configs import (
+    SHORT_SEQLEN,
+    backward_configs,
+    forward_config,
+    interpreting,
+    padded_head_dim,
+)
 
 _TMA_ENV = "ATTNKIT_TRITON_TMA"
 
@@ -32,36 +39,42 @@ def _alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+_ALLOCATOR_VAR: tuple | None = None  # (Triton's "no allocator" value, its ContextVar)
+
+
 def _ensure_allocator() -> None:
     """Device-side descriptors need global scratch memory from a host allocator. Triton keeps
     it in a ContextVar, so it is per thread: the autograd engine runs the backward on its own
     thread. Set ours wherever none is set (a caller's own allocator is left alone)."""
+    global _ALLOCATOR_VAR
     import triton
 
-    try:
-        from triton.runtime._allocation import _NULL_ALLOCATOR, _allocator
+    if _ALLOCATOR_VAR is None:
+        try:
+            from triton.runtime._allocation import _NULL_ALLOCATOR, _allocator
 
-        if _allocator.get() is not _NULL_ALLOCATOR:
-            return
-    except ImportError:  # another Triton layout: setting it again is harmless
-        pass
+            _ALLOCATOR_VAR = (_NULL_ALLOCATOR, _allocator)
+        except ImportError:  # another Triton layout: setting it again is harmless
+            _ALLOCATOR_VAR = ()
+    if _ALLOCATOR_VAR and _ALLOCATOR_VAR[1].get() is not _ALLOCATOR_VAR[0]:
+        return
     triton.set_allocator(_alloc)
 
 
 def _tma_layout_ok(t: torch.Tensor) -> bool:
     """TMA: 16-byte aligned base and strides, unit stride on the head dim."""
-    es = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((s * es) % 16 == 0 for s in t.stride()[:-1]))
-
-
-def use_tma(problem, *tensors: torch.Tensor) -> bool:
-    """Whether this call takes the tensor-descriptor path."""
-    mode = os.environ.get(_TMA_ENV, "auto")
-    if mode == "0":
+    st = t.stride()
+    if st[-1] != 1 or t.data_ptr() & 15:
         return False
+    es = t.element_size()
+    return not any((s * es) & 15 for s in st[:-1])
+
+
+@functools.lru_cache(maxsize=1024)
+def _tma_problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
+    """Why TMA cannot apply, from the problem alone (cached: this runs on every call)."""
     reasons = []
-    if interpreting() or problem.device.type != "cuda":
+    if interpret or problem.device.type != "cuda":
         reasons.append("not on a CUDA device")
     elif torch.cuda.get_device_capability(problem.device)[0] < 9:
         reasons.append("needs sm90+")
@@ -69,6 +82,15 @@ def use_tma(problem, *tensors: torch.Tensor) -> bool:
         reasons.append("this Triton has no tl.make_tensor_descriptor")
     if padded_head_dim(problem.head_dim) != problem.head_dim:
         reasons.append(f"head dim {problem.head_dim} is not a power of two >= 16")
+    return tuple(reasons)
+
+
+def use_tma(problem, *tensors: torch.Tensor) -> bool:
+    """Whether this call takes the tensor-descriptor path."""
+    mode = os.environ.get(_TMA_ENV, "auto")
+    if mode == "0":
+        return False
+    reasons = list(_tma_problem_reasons(problem, interpreting()))
     if not all(_tma_layout_ok(t) for t in tensors):
         reasons.append("a tensor is not 16-byte aligned with unit head-dim stride")
     if any(t.numel() * t.element_size() >= 1 << 31 for t in tensors):
@@ -82,6 +104,15 @@ def use_tma(problem, *tensors: torch.Tensor) -> bool:
         return False
     _ensure_allocator()
     return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_splits(problem, interpret: bool) -> int:
+    """Key splits of the split-KV decode kernel for this problem, 0 where it does not apply
+    (cached per problem: the rule walks candidate split counts)."""
+    from .decode import num_splits, use_split_kv
+
+    return num_splits(problem) if use_split_kv(problem) else 0
 
 
 class TritonBackend(Backend):
@@ -128,12 +159,14 @@ class TritonBackend(Backend):
 
     def forward(self, problem, q, k, v, seqlens_k):
         from ._forward import launch_forward
-        from .decode import decode_forward, use_split_kv
+        from .decode import decode_forward
 
-        if use_split_kv(problem):  # decoding: split the keys so every SM reads the cache
+        splits = _decode_splits(problem, interpreting())
+        if splits:  # decoding: split the keys so every SM reads the cache
             with _on_device(q):
-                return decode_forward(problem, q, k, v, seqlens_k)
-        cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device)
+                return decode_forward(problem, q, k, v, seqlens_k, splits=splits)
+        cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
+                             _short(problem))
         tma = cfg.tma and use_tma(problem, q, k, v)
         with _on_device(q):
             return launch_forward(problem, q, k, v, seqlens_k, cfg, tma)
@@ -142,11 +175,15 @@ class TritonBackend(Backend):
         from ._backward import launch_backward
 
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
-                                          q.device)
+                                            q.device, _short(problem))
         tma = use_tma(problem, q, k, v, dout)
         with _on_device(q):
             return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
                                    dkdv_cfg, dq_cfg, tma)
+
+
+def _short(problem) -> bool:
+    return max(problem.seqlen_q, problem.seqlen_k) <= SHORT_SEQLEN
 
 
 def _on_device(t: torch.Tensor):

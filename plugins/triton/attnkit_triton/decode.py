@@ -8,22 +8,22 @@ the online-softmax rescaling (`attnkit.merge_attention` is the same math in PyTo
 
 GQA: one program handles all ``group * Sq`` query rows of its kv head, so each K/V tile is
 read from memory once per kv head, not once per query head.
-
-This module imports only torch, triton and attnkit's core, so it can be loaded on its own.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from attnkit.kvcache import choose_splits, visible_span
 from attnkit.spec import AttentionProblem
 
 from ._band import valid_keys
+from ._configs import interpreting
+from ._launcher import FastKernel, cdiv
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -33,11 +33,6 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
 MAX_HEAD_DIM = 256
 #: Queries per call this path is meant for (a decoding step, a few speculative tokens).
 MAX_DECODE_QUERIES = 16
-#: Fewer keys than this per split costs more in partials and launch than it gains.
-MIN_KEYS_PER_SPLIT = 256
-MAX_SPLITS = 128
-#: A split count is good enough once its last wave of programs is this full (see num_splits).
-WAVE_EFFICIENCY = 0.9
 #: SM count assumed off-GPU (TRITON_INTERPRET=1 on CPU tensors), kept small so that tiny test
 #: shapes still split.
 _INTERPRETER_SMS = 4
@@ -197,10 +192,11 @@ def _merge_kernel(
     tl.store(LSE + row, lse)
 
 
+_SPLIT, _MERGE = FastKernel(_split_kv_kernel), FastKernel(_merge_kernel)
+
+
 # -- launch configuration ------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _next_pow2(n: int) -> int:
@@ -228,44 +224,15 @@ def _tiles(problem: AttentionProblem) -> tuple[int, int, int]:
     return block_m, block_n, block_d
 
 
-def _visible_span(problem: AttentionProblem) -> int:
-    """An upper bound on the keys one row block sees: Sk, or less under a left window."""
-    left, _ = problem.band
-    if left is None:
-        return problem.seqlen_k
-    return min(problem.seqlen_k, left + problem.seqlen_q)
-
-
 def num_splits(problem: AttentionProblem, sm_count: int | None = None) -> int:
-    """How many key splits `decode_forward` uses.
-
-    With ``P`` (batch x kv head x row block) programs: none when ``P`` alone fills the SMs;
-    otherwise the fewest splits ``s`` that give every SM a program (``P * s >= SMs``) and whose
-    waves are at least ``WAVE_EFFICIENCY`` full (``P * s / SMs`` over its ceiling), so the
-    last wave does not leave SMs idle. No split gets fewer than ``MIN_KEYS_PER_SPLIT`` keys.
-    Measured on the H100 (B=16, Hkv=8, one query, 1k-64k keys): 1-3 splits are within noise
-    of each other and 4-5 are 2-5% slower (benchmarks/NOTES.md, decode section).
-    """
+    """How many key splits `decode_forward` uses: `attnkit.kvcache.choose_splits` over this
+    kernel's (batch x kv head x row block) programs."""
     if sm_count is None:
         sm_count = _sm_count(problem.device)
     block_m, _, _ = _tiles(problem)
-    row_blocks = triton.cdiv(problem.group_size * problem.seqlen_q, block_m)
-    programs = max(problem.batch * problem.heads_kv * row_blocks, 1)
-    most = min(triton.cdiv(_visible_span(problem), MIN_KEYS_PER_SPLIT), MAX_SPLITS)
-    if programs >= sm_count or most <= 1:
-        return 1
-    fewest = triton.cdiv(sm_count, programs)
-    if fewest >= most:
-        return most
-    best, best_eff = fewest, 0.0
-    for s in range(fewest, most + 1):
-        waves = programs * s / sm_count
-        eff = waves / -(-waves // 1)
-        if eff >= WAVE_EFFICIENCY:
-            return s
-        if eff > best_eff:
-            best, best_eff = s, eff
-    return best
+    row_blocks = cdiv(problem.group_size * problem.seqlen_q, block_m)
+    return choose_splits(problem.batch * problem.heads_kv * row_blocks,
+                         visible_span(problem), sm_count)
 
 
 def _kernel_supports(problem: AttentionProblem) -> list[str]:
@@ -294,8 +261,10 @@ def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages)
     block_n = block_n or default_n
     left, right = problem.band
     dev = q.device
-    part_o = torch.empty((B, Hq, Sq, splits, D), dtype=torch.float32, device=dev)
-    part_l = torch.empty((B, Hq, Sq, splits), dtype=torch.float32, device=dev)
+    # One workspace for both partials: an allocation costs microseconds on every step.
+    n_part = B * Hq * Sq * splits
+    work = torch.empty(n_part * (D + 1), dtype=torch.float32, device=dev)
+    part_o, part_l = work[: n_part * D], work[n_part * D:]
     out = torch.empty_like(q)  # q's layout: a transposed (B, S, H, D) q gets the same out
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
 
@@ -303,8 +272,8 @@ def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages)
         qk_scale, cap_log2 = problem.scale / problem.softcap, problem.softcap * LOG2E
     else:
         qk_scale, cap_log2 = problem.scale * LOG2E, 1.0
-    row_blocks = triton.cdiv(G * Sq, block_m)
-    _split_kv_kernel[(splits * B * Hkv, row_blocks)](
+    row_blocks = cdiv(G * Sq, block_m)
+    _SPLIT[(splits * B * Hkv, row_blocks)](
         q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l,
         *q.stride(), *k.stride(), *v.stride(),
         Hq, Hkv, Sq, problem.seqlen_k, splits,
@@ -312,10 +281,10 @@ def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages)
         GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=left is not None,
         HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
-        IEEE_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting()),
+        IEEE_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting()),
         num_warps=num_warps, num_stages=num_stages,
     )
-    _merge_kernel[(B * Hq * Sq,)](
+    _MERGE[(B * Hq * Sq,)](
         part_o, part_l, out, lse, *out.stride(), Hq, Sq, splits,
         HEAD_DIM=D, BLOCK_S=max(_next_pow2(splits), 2), BLOCK_D=block_d,
         num_warps=4 if block_d * _next_pow2(splits) >= 4096 else 2,
@@ -353,7 +322,7 @@ def decode_forward(
                          + "; ".join(reasons))
     if problem.is_empty:
         raise ValueError("decode_forward got an empty problem; the core answers those")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"split-KV decode kernel runs on CUDA tensors (or with "
                          f"TRITON_INTERPRET=1); got tensors on {q.device}")
     if seqlens_k is not None and (seqlens_k.dtype != torch.int32

@@ -1,7 +1,6 @@
 """Check the split-KV decode kernel on CUDA and time it against PyTorch SDPA (flash).
 
-Loads ``attnkit_triton/decode.py`` by path, so the rest of the triton package (possibly
-mid-edit) is not imported. Writes ``decode_perf.json`` and ``decode_perf.log`` under $OUT
+Writes ``decode_perf.json`` and ``decode_perf.log`` under $OUT
 (or the current directory) and prints a short table last.
 
     python plugins/triton/scripts/decode_perf.py [--quick]
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -42,10 +40,8 @@ def log(msg: str) -> None:
 
 
 def load_decode():
-    path = HERE.parent / "attnkit_triton" / "decode.py"
-    spec = importlib.util.spec_from_file_location("attnkit_triton_decode", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    import attnkit_triton.decode as mod
+
     return mod
 
 

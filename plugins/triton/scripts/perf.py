@@ -143,32 +143,31 @@ DQ_CANDIDATES = [
 ]
 
 
-def _sweep_tasks():
+def _sweep_tasks(seqlen: int = 4096, head_dims=(64, 128)):
     from attnkit_triton._configs import KernelConfig
 
     tasks = []
-    for d in (64, 128):
+    for d in head_dims:
         for causal in (False, True):
             for tma in (True, False):
                 for kind, cands in (("fwd", FWD_CANDIDATES), ("dkdv", DKDV_CANDIDATES),
                                     ("dq", DQ_CANDIDATES)):
                     for bm, bn, w, st in cands:
                         cfg = KernelConfig(bm, bn, w, st, block_d=d)
-                        tasks.append((kind, d, causal, tma, cfg))
+                        tasks.append((kind, d, causal, tma, cfg, seqlen))
                 cfg = KernelConfig(128, 128 if d == 64 else 64, 8, 2, block_d=d, warp_spec=True)
                 if tma:
-                    tasks.append(("fwd", d, causal, tma, cfg))
+                    tasks.append(("fwd", d, causal, tma, cfg, seqlen))
     return tasks
 
 
 def _run_sweep_task(task, timed=False):
     from attnkit_triton import _backward, _forward
 
-    kind, d, causal, tma, cfg = task
+    kind, d, causal, tma, cfg, s = task
     if tma:
         from attnkit_triton.backend import _ensure_allocator
         _ensure_allocator()
-    s = 4096
     q, k, v, dout = inputs("bf16", d, s, grad=False)
     problem = AttentionProblem.from_tensors(q, k, v, causal=causal)
     try:
@@ -201,8 +200,8 @@ def _run_sweep_task(task, timed=False):
         return task, f"{type(e).__name__}: {str(e)[:160]}"
 
 
-def sweep(jobs: int, results: dict):
-    tasks = _sweep_tasks()
+def sweep(jobs: int, results: dict, seqlen: int = 4096, head_dims=(64, 128)):
+    tasks = _sweep_tasks(seqlen, head_dims)
     parallel(_run_sweep_task, tasks, jobs)  # compile everything in parallel
     rows = []
     for t in tasks:
@@ -210,14 +209,14 @@ def sweep(jobs: int, results: dict):
         print("  sweep", t[0], f"D={t[1]} causal={t[2]} tma={int(t[3])}", t[4], rows[-1][1],
               flush=True)
     best = {}
-    for (kind, d, causal, tma, cfg), tf in rows:
+    for (kind, d, causal, tma, cfg, _), tf in rows:
         key = f"{kind} D={d} causal={causal}"
         tag = (f"tma={int(tma)} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
                + (" ws" if cfg.warp_spec else ""))
         results.setdefault("sweep", []).append({"key": key, "config": tag, "tflops": tf})
         if isinstance(tf, float) and tf > best.get(key, ("", 0.0))[1]:
             best[key] = (tag, tf)
-    print("\nsweep (bf16, S=4096; TFLOP/s per kernel, bwd kernels counted as 1.25x fwd):")
+    print(f"\nsweep (bf16, S={seqlen}; TFLOP/s per kernel, bwd kernels counted as 1.25x fwd):")
     for key, (tag, tf) in sorted(best.items()):
         print(f"  {key:28s} best {tag:34s} {tf:7.1f}")
     errors = [r for r in results["sweep"] if isinstance(r["tflops"], str)]
@@ -250,6 +249,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-seqlen", type=int, default=4096)
+    ap.add_argument("--sweep-d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--no-grid", action="store_true")
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--json", default=None)
@@ -258,7 +259,7 @@ def main() -> int:
                "triton": triton.__version__, "grid": []}
     t0 = time.time()
     if args.sweep:
-        sweep(args.jobs, results)
+        sweep(args.jobs, results, args.sweep_seqlen, tuple(args.sweep_d))
         print(f"sweep took {time.time() - t0:.0f}s", flush=True)
     if not args.no_grid:
         results["call_overhead_us"] = call_overhead()

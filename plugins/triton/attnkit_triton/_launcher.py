@@ -1,0 +1,145 @@
+"""Launching compiled kernels without Triton's per-call argument binding.
+
+``kernel[grid](*args, **constexprs)`` re-derives every argument's specialization, builds a
+cache key and options and looks the kernel up on each call: 31 us per launch on the H100
+host, against 8 us for the compiled kernel's own launcher (plugins/triton/scripts/
+launch_cost.py, benchmarks/NOTES.md). A decoding step launches two kernels and a backward
+three, each worth tens of microseconds of GPU time, so that cost is the GPU waiting.
+
+`FastKernel` keeps, per kernel, the compiled kernels it has launched, keyed by a key finer
+than Triton's specialization: each tensor's dtype and address modulo 16, every other
+argument by value, the constexprs and launch options. A new key goes through Triton's own
+path (which compiles or finds the kernel and returns it); a known key calls the compiled
+kernel's launcher with the same arguments Triton would pass. Launch hooks (profilers) and the
+interpreter always take Triton's path. A probe kernel checks once per process that the direct
+call computes what Triton's path does; if not, everything takes Triton's path, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from ._configs import interpreting
+
+#: ``ATTNKIT_TRITON_FAST_LAUNCH=0`` (read at import) sends every launch through Triton's path,
+#: for comparisons; tests flip ``ENABLED``.
+ENABLED = os.environ.get("ATTNKIT_TRITON_FAST_LAUNCH") != "0"
+#: Entries per kernel before the cache is emptied (distinct shapes, layouts, scales).
+_MAX_ENTRIES = 512
+_probe_state: bool | None = None  # None: not yet probed
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a slower constexpr function in newer
+    Triton)."""
+    return -(-a // b)
+
+
+def _hook_active(hook) -> bool:
+    # Newer Triton keeps the hooks as (usually empty) HookChain objects, older ones as None.
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _hooks_set() -> bool:
+    rt = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if rt is None:
+        return True  # a Triton without knobs: do not guess its launcher's convention
+    return _hook_active(rt.launch_enter_hook) or _hook_active(rt.launch_exit_hook)
+
+
+def _arg_key(a):
+    return (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a
+
+
+class FastKernel:
+    """``FastKernel(jit_fn)[grid](*args, **constexprs)``: as ``jit_fn[grid](...)``, with
+    every runtime argument passed positionally and every constexpr by name."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        params = getattr(fn, "params", None)
+        if params is None:  # the interpreter's function: always launched through Triton
+            self.n_runtime, self.constexpr_names, self.entries = 0, (), {}
+            return
+        first = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
+        if not all(p.is_constexpr for p in params[first:]):
+            raise TypeError(f"{fn.__name__}: constexpr parameters must come last")
+        self.n_runtime = first
+        self.constexpr_names = tuple(p.name for p in params[first:])
+        self.entries: dict = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **constexprs: self.launch(grid, args, constexprs)
+
+    def launch(self, grid, args, constexprs):
+        if not _fast_enabled():
+            return self.fn[grid](*args, **constexprs)
+        driver = triton.runtime.driver.active
+        device = driver.get_current_device()
+        key = (device, tuple(map(_arg_key, args)), tuple(constexprs.items()))
+        entry = self.entries.get(key)
+        if entry is None:
+            if len(args) != self.n_runtime:
+                raise TypeError(f"{self.fn.__name__}: {self.n_runtime} runtime arguments "
+                                f"expected positionally, got {len(args)}")
+            compiled = self.fn[grid](*args, **constexprs)
+            if len(self.entries) >= _MAX_ENTRIES:
+                self.entries.clear()
+            tail = tuple(constexprs[n] for n in self.constexpr_names)
+            self.entries[key] = (compiled, tail)
+            return compiled
+        compiled, tail = entry
+        stream = driver.get_current_stream(device)
+        gx = grid[0]
+        gy = grid[1] if len(grid) > 1 else 1
+        gz = grid[2] if len(grid) > 2 else 1
+        compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None,
+                      None, None, *args, *tail)
+        return compiled
+
+
+def _fast_enabled() -> bool:
+    if not ENABLED or interpreting() or _hooks_set():
+        return False
+    if _probe_state is None:
+        _probe()
+    return _probe_state
+
+
+@triton.jit
+def _probe_kernel(X, Y, n, a, C: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    ok = i < n
+    tl.store(Y + i, tl.load(X + i, mask=ok) * a + C + n, mask=ok)
+
+
+def _probe() -> None:
+    """Launch a small kernel both ways and compare (once per process)."""
+    global _probe_state
+    _probe_state = False  # while probing, and for good if it fails
+    try:
+        x = torch.arange(8, dtype=torch.float32, device="cuda")
+        y_ref, y_fast = torch.full_like(x, -1.0), torch.full_like(x, -1.0)
+        k = FastKernel(_probe_kernel)
+        compiled = k.fn[(1,)](x, y_ref, 5, 0.5, C=3.0, BLOCK=8)
+        device = triton.runtime.driver.active.get_current_device()
+        stream = triton.runtime.driver.active.get_current_stream(device)
+        compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None,
+                     None, x, y_fast, 5, 0.5, 3.0, 8)
+        same = torch.equal(y_ref, y_fast)
+    except Exception as e:  # a Triton whose launcher takes other arguments
+        warnings.warn(f"attnkit-triton: direct kernel launches disabled ({type(e).__name__}: "
+                      f"{e}); every launch takes Triton's slower path", RuntimeWarning,
+                      stacklevel=3)
+        return
+    if not same:
+        warnings.warn("attnkit-triton: direct kernel launches disabled (the probe kernel "
+                      "computed something else than through Triton's path)", RuntimeWarning,
+                      stacklevel=3)
+        return
+    _probe_state = True
