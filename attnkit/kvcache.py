@@ -184,7 +184,7 @@ def visible_span(problem: AttentionProblem) -> int:
     return min(problem.seqlen_k, left + problem.seqlen_q)
 
 
-def choose_splits(programs: int, keys: int, sm_count: int) -> int:
+def choose_splits(programs: int, keys: int, sm_count: int, *, fill: float = 1.0) -> int:
     """How many parts a split-KV ("flash-decoding") kernel cuts each key range into.
 
     ``programs`` is how many thread blocks the kernel has without splitting (e.g. batch x kv
@@ -192,13 +192,15 @@ def choose_splits(programs: int, keys: int, sm_count: int) -> int:
     alone fill the SMs; otherwise the fewest splits ``s`` that give every SM a program
     (``programs * s >= sm_count``) and whose waves are at least ``WAVE_EFFICIENCY`` full, so
     the last wave does not leave SMs idle. No split gets fewer than ``MIN_KEYS_PER_SPLIT``
-    keys. Measured on the H100 (B=16, Hkv=8, one query, 1k-64k keys): 1-3 splits are within
-    noise of each other, 4-5 are 2-5% slower (benchmarks/NOTES.md, decode section). Shared by
-    the GPU backends so they split alike.
+    keys. ``fill`` < 1 also skips splitting when the programs alone keep that share of the
+    SMs busy (for kernels whose partial writes and merge cost more than the idle SMs).
+    Measured on the H100 (B=16, Hkv=8, one query, 1k-64k keys, 128 programs): triton's 1-3
+    splits are within noise of each other and 4-5 are 2-5% slower; cupy's kernel is 3-7%
+    faster with one split than with two (benchmarks/NOTES.md, decode sections).
     """
     programs = max(programs, 1)
     most = min(-(-keys // MIN_KEYS_PER_SPLIT), MAX_SPLITS)
-    if programs >= sm_count or most <= 1:
+    if programs >= fill * sm_count or most <= 1:
         return 1
     fewest = -(-sm_count // programs)
     if fewest >= most:

@@ -1,11 +1,11 @@
 """Kernel variants, their launch geometry, and the lazy NVRTC module cache.
 
-A `Variant` is one compiled configuration: a kernel source (forward or backward), an element
-type, a padded head dim and the two masking flags. Each is compiled once per device through
-``cupy.RawModule(code=..., options=..., name_expressions=[...])``; CuPy adds ``-arch=sm_XY``
-for the current device and caches the cubin on disk, so a configuration is built once per
-machine. `all_variants` lists every configuration the backend can ask for: CI compiles that
-list with nvcc (scripts/compile_all.py).
+A `Variant` is one compiled configuration: a kernel source (forward, backward or the split-KV
+decode), an element type, a padded head dim and the two masking flags. Each is compiled once
+per device through ``cupy.RawModule(code=..., options=..., name_expressions=[...])``; CuPy
+adds ``-arch=sm_XY`` for the current device and caches the cubin on disk, so a configuration
+is built once per machine. `all_variants` lists every configuration the backend can ask for:
+CI compiles that list with nvcc (scripts/compile_all.py).
 
 The fp16/bf16 tile sizes are chosen here (``*_TILES``) and passed as template arguments, so
 the launch geometry below and the kernels cannot disagree; the fp32 kernels' fixed tiles are
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("forward", "backward")
+SOURCES = ("forward", "backward", "decode")
 
 #: Padded head dims: D is rounded up to the next bucket, the extra columns are zeros.
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 192, 256)
@@ -35,6 +35,14 @@ FWD_TILES = {32: (4, 2, 64), 64: (4, 2, 64), 96: (4, 2, 64), 128: (4, 2, 64),
              192: (4, 1, 64), 256: (4, 1, 32)}
 DQ_TILES = {32: 64, 64: 64, 96: 64, 128: 64, 192: 32, 256: 32}
 DKV_TILES = {32: (8, 64), 64: (4, 64), 96: (8, 32), 128: (4, 64), 192: (4, 32), 256: (4, 32)}
+#: Split-KV decode, fp16/bf16: (warps, keys per streamed tile, pipeline stages). Each warp takes
+#: tile / warps keys (a multiple of 16); stages - 1 tiles are in flight per block.
+DECODE_TILES = {32: (4, 64, 4), 64: (4, 64, 4), 96: (4, 64, 3), 128: (4, 64, 3),
+                192: (4, 64, 2), 256: (4, 64, 2)}
+#: Query rows per decode split block (DEC_ROWS in decode.cu), for every dtype.
+DECODE_ROWS = 16
+#: The fp32 decode kernel's fixed tiles (DecF32Cfg): warps, keys per tile, stages.
+DECODE_F32 = (4, 32, 2)
 
 #: NVRTC options. CuPy appends -arch=sm_XY for the current device (and caches per arch).
 OPTIONS = ("-std=c++17",)
@@ -53,18 +61,27 @@ def _b(x: bool) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    source: str  # "forward" or "backward"
+    source: str  # "forward", "backward" or "decode"
     dtype: str  # "fp16", "bf16" or "fp32"
     dp: int  # padded head dim
     band: bool  # causal / sliding-window mask code
     softcap: bool
-    #: fp16/bf16 tile sizes, (forward tile) or (dq tile, dkdv tile): part of the cache key.
+    #: fp16/bf16 tile sizes, (forward tile), (dq tile, dkdv tile) or (decode tile): part of
+    #: the cache key.
     tiles: tuple = ()
 
     def kernels(self) -> dict[str, str]:
         """Role -> C++ name expression of every kernel of this variant."""
         flags = f"{_b(self.band)}, {_b(self.softcap)}>"
         dp = self.dp
+        if self.source == "decode":
+            if self.dtype == "fp32":
+                return {"split": f"decode_split_f32_kernel<{dp}, {flags}",
+                        "merge": "decode_merge_kernel<float>"}
+            nw, bn, st = self.tiles
+            t = _ELEM[self.dtype]
+            return {"split": f"decode_split_kernel<{t}, {dp}, {nw}, {bn}, {st}, {flags}",
+                    "merge": f"decode_merge_kernel<{t}>"}
         if self.dtype == "fp32":
             if self.source == "forward":
                 return {"fwd": f"fwd_f32_kernel<{dp}, {flags}"}
@@ -79,17 +96,20 @@ class Variant:
                 "dq": f"bwd_dq_kernel<{t}, {dp}, {bn}, {flags}",
                 "dkdv": f"bwd_dkdv_kernel<{t}, {dp}, {nw}, {bq}, {flags}"}
 
-    # -- launch geometry (mirrors FwdCfg / F32Cfg / DqCfg / DkvCfg / BwdF32Cfg) --------------
+    # -- launch geometry (mirrors FwdCfg / F32Cfg / DqCfg / DkvCfg / BwdF32Cfg / DecCfg) -----
 
     def geometry(self, role: str) -> tuple[int, int, int]:
         """``(rows per block, threads per block, dynamic shared memory bytes)`` of a kernel.
 
-        Rows are queries for fwd/dq/delta and keys for dkdv; for a column-chunked dkdv the
-        grid has ``chunks()`` blocks per key tile.
+        Rows are queries for fwd/dq/delta, keys for dkdv, query rows (of one kv head's group)
+        for split and merge; for a column-chunked dkdv the grid has ``chunks()`` blocks per key
+        tile.
         """
         dp = self.dp
-        if role == "delta":
+        if role in ("delta", "merge"):
             return 4, 128, 0
+        if role == "split":
+            return (DECODE_ROWS,) + _decode_split_geometry(self.dtype, dp, self.tiles)
         if self.dtype == "fp32":
             if role == "fwd":
                 bm, bn, ldk = 16, 32, dp + 1
@@ -115,9 +135,23 @@ class Variant:
         return 2 if self.dtype != "fp32" and self.dp > 128 else 1
 
 
+def _decode_split_geometry(dtype: str, dp: int, tiles: tuple) -> tuple[int, int]:
+    """(threads, shared memory bytes) of a decode split kernel (DecCfg / DecF32Cfg)."""
+    if dtype == "fp32":
+        nw, bn, st = DECODE_F32
+        return nw * 32, (DECODE_ROWS * dp + st * bn * (2 * dp + 1)) * 4
+    nw, bn, st = tiles
+    lds = dp + 8
+    pipe = (DECODE_ROWS + 2 * st * bn) * lds * 2
+    merge = (nw * DECODE_ROWS * (dp + 8) + 3 * nw * DECODE_ROWS) * 4
+    return nw * 32, max(pipe, merge)
+
+
 def _tiles(source: str, dtype: str, dp: int) -> tuple:
     if dtype == "fp32":
         return ()
+    if source == "decode":
+        return DECODE_TILES[dp]
     return FWD_TILES[dp] if source == "forward" else (DQ_TILES[dp], DKV_TILES[dp])
 
 

@@ -109,14 +109,42 @@ def _cupy_stream(device_index: int):
     return s
 
 
-def _launch(variant, role, grid, args, device_index):
+_functions: dict[tuple, object] = {}
+
+
+def kernel_function(variant, role: str, device_index: int):
+    """The device-bound ``cupy.cuda.Function`` of one kernel (cached): it takes the stream
+    as an argument, so a launch needs no stream or device context switches, which cost
+    microseconds on every call."""
+    key = (variant, role, device_index)
+    fn = _functions.get(key)
+    if fn is None:
+        import cupy
+
+        with cupy.cuda.Device(device_index):
+            fn = _functions[key] = _compile.get_kernel(variant, role, device_index).kernel
+    return fn
+
+
+def run_kernels(launches, device_index: int) -> None:
+    """``launches``: (function, grid, block, args, shared_mem) tuples, run in order on
+    torch's current stream of ``device_index``."""
     import cupy
 
-    rows, threads, smem = variant.geometry(role)
+    stream = _cupy_stream(device_index)
+    if cupy.cuda.runtime.getDevice() == device_index:
+        for fn, grid, block, args, smem in launches:
+            fn(grid, block, args, shared_mem=smem, stream=stream)
+        return
     with cupy.cuda.Device(device_index):
-        kern = _compile.get_kernel(variant, role, device_index)
-        with _cupy_stream(device_index):
-            kern(grid, (threads,), args, shared_mem=smem)
+        for fn, grid, block, args, smem in launches:
+            fn(grid, block, args, shared_mem=smem, stream=stream)
+
+
+def _launch(variant, role, grid, args, device_index):
+    _, threads, smem = variant.geometry(role)
+    run_kernels([(kernel_function(variant, role, device_index), grid, (threads,), args, smem)],
+                device_index)
 
 
 def _ptr(t: torch.Tensor | None):

@@ -79,8 +79,12 @@ class CupyBackend(Backend):
         return reasons
 
     def forward(self, problem, q, k, v, seqlens_k):
-        from . import _launch
+        from . import _decode, _launch
 
+        # Decoding shapes (Sq <= 16, a long key range, too few blocks to fill the GPU) split
+        # the keys across blocks and merge (kernels/decode.cu).
+        if _decode.use_split_kv(problem):
+            return _decode.decode_forward(problem, q, k, v, seqlens_k)
         return _launch.forward(problem, q, k, v, seqlens_k)
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):

@@ -111,10 +111,12 @@ def test_head_dim_buckets():
 
 def test_variants_name_every_kernel_and_fit_shared_memory():
     variants = _compile.all_variants()
-    assert len(variants) == len(set(variants)) == 2 * 3 * len(_compile.HEAD_DIM_BUCKETS) * 4
+    assert len(variants) == len(set(variants)) == \
+        len(_compile.SOURCES) * 3 * len(_compile.HEAD_DIM_BUCKETS) * 4
+    roles = {"forward": {"fwd"}, "backward": {"delta", "dq", "dkdv"}, "decode": {"split", "merge"}}
     for var in variants:
         names = var.kernels()
-        assert set(names) == ({"fwd"} if var.source == "forward" else {"delta", "dq", "dkdv"})
+        assert set(names) == roles[var.source]
         for role in names:
             rows, threads, smem = var.geometry(role)
             assert rows > 0 and threads % 32 == 0

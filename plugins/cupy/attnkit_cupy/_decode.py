@@ -1,0 +1,216 @@
+"""Split-KV ("flash-decoding") forward for decoding-shaped problems (kernels/decode.cu).
+
+With Sq <= 16 queries and a long cache, `forward`'s one block per (query tile, head, batch)
+leaves most SMs idle and reads K/V once per query head. Here every (batch, kv head, block of
+16 of its group's query rows) is cut into ``splits`` key chunks read by separate blocks, each
+writing a partial (out, lse) into one fp32 workspace; a merge kernel combines them exactly.
+The split count is `attnkit.kvcache.choose_splits`, shared with the triton backend.
+
+Host work per call is kept small: everything that depends only on the `AttentionProblem`
+(variant, grid, constant kernel arguments) is computed once and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from attnkit.kvcache import (
+    MIN_KEYS_PER_SPLIT,
+    WAVE_EFFICIENCY,
+    choose_splits,
+    visible_span,
+)
+from attnkit.spec import AttentionProblem
+
+from . import _compile, _launch
+
+#: Queries per call this path is for (a decoding step, a few speculative tokens).
+MAX_DECODE_QUERIES = 16
+#: Upper bound on a forced split count (tests, tuning); the rule picks at most 128.
+MAX_FORCED_SPLITS = 4096
+#: Largest dynamic shared memory a block may opt in to on sm_90 (227 KiB).
+MAX_SMEM = 227 * 1024
+
+
+def row_blocks(problem: AttentionProblem) -> int:
+    """Split blocks per (batch, kv head): its ``group * Sq`` query rows, 16 per block."""
+    return -(-(problem.group_size * problem.seqlen_q) // _compile.DECODE_ROWS)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (cached per device index)."""
+    if device.type != "cuda":
+        raise ValueError(f"the split rule needs a CUDA device's SM count; got {device}")
+    return _sm_count_of(device.index if device.index is not None
+                        else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=4096)
+def num_splits(problem: AttentionProblem, sms: int) -> int:
+    """`choose_splits` over this kernel's (batch x kv head x row block) programs on a device
+    with ``sms`` SMs."""
+    programs = problem.batch * problem.heads_kv * row_blocks(problem)
+    # No split once the programs keep 90% of the SMs busy: on the H100 (B=16, Hkv=8: 128
+    # programs, 132 SMs) one split read 1.51 / 2.33 / 2.76 / 2.92 TB/s at 1k / 4k / 16k / 64k
+    # keys against 1.41 / 2.26 / 2.70 / 2.90 with two (benchmarks/NOTES.md).
+    return choose_splits(programs, visible_span(problem), sms, fill=WAVE_EFFICIENCY)
+
+
+def use_split_kv(problem: AttentionProblem) -> bool:
+    """True for decoding-shaped problems: ``Sq <= 16`` queries over at least
+    ``MIN_KEYS_PER_SPLIT`` visible keys. This kernel then runs even with a single split: it
+    reads each K/V head once for its whole query group, where the forward kernel reads it
+    once per query head with mostly empty query tiles."""
+    if problem.seqlen_q > MAX_DECODE_QUERIES or problem.is_empty:
+        return False
+    return visible_span(problem) >= MIN_KEYS_PER_SPLIT
+
+
+# -- argument checks ------------------------------------------------------------------------
+
+def check_tiles(dtype: str, head_dim: int, tiles) -> None:
+    """Raise ``ValueError`` unless ``tiles = (warps, keys per tile, stages)`` can be compiled
+    and launched for a fp16/bf16 problem of this head dim (fp32 has fixed tiles)."""
+    if dtype == "fp32":
+        raise ValueError("tiles apply to the fp16/bf16 decode kernel; fp32 has fixed tiles "
+                         f"{_compile.DECODE_F32} (warps, keys, stages)")
+    if not (isinstance(tiles, tuple) and len(tiles) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in tiles)):
+        raise ValueError(f"tiles must be a tuple (warps, keys per tile, stages) of ints, got "
+                         f"{tiles!r}")
+    nw, bn, st = tiles
+    if nw not in (1, 2, 4, 8) or bn < 16 or bn > 256 or bn % (16 * nw) or not 2 <= st <= 8:
+        raise ValueError(f"tiles {tiles}: need warps in (1, 2, 4, 8), keys per tile in "
+                         "[16, 256] and a multiple of 16 * warps, stages in [2, 8]")
+    var = _compile.Variant("decode", dtype, _compile.head_dim_bucket(head_dim), False, False,
+                           tiles)
+    smem = var.geometry("split")[2]
+    if smem > MAX_SMEM:
+        raise ValueError(f"tiles {tiles} at head dim {head_dim} need {smem} bytes of shared "
+                         f"memory per block, more than {MAX_SMEM}")
+
+
+def check_args(problem: AttentionProblem, q, k, v, seqlens_k, splits=None, tiles=None, *,
+               require_cuda: bool = True) -> None:
+    """`_launch.check_inputs`, plus: the tensors are the problem's, the grid fits, and the
+    optional ``splits`` / ``tiles`` overrides are valid."""
+    _launch.check_inputs(q, k, v, seqlens_k, require_cuda=require_cuda)
+    p = problem
+    if (tuple(q.shape) != (p.batch, p.heads_q, p.seqlen_q, p.head_dim)
+            or tuple(k.shape) != (p.batch, p.heads_kv, p.seqlen_k, p.head_dim)
+            or q.dtype != p.dtype or (seqlens_k is not None) != p.has_seqlens_k):
+        raise ValueError(f"tensors do not match the problem {p.describe()}: q "
+                         f"{tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, seqlens_k "
+                         f"{'given' if seqlens_k is not None else 'None'}")
+    if p.seqlen_q > MAX_DECODE_QUERIES:
+        raise ValueError(f"the split-KV decode kernel takes at most {MAX_DECODE_QUERIES} "
+                         f"queries, got Sq={p.seqlen_q}")
+    if p.batch * p.heads_kv > _launch.MAX_GRID_YZ:
+        raise ValueError(f"batch x kv heads = {p.batch * p.heads_kv} exceeds the CUDA grid "
+                         f"limit {_launch.MAX_GRID_YZ} of the split-KV decode kernel")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int)
+                               or not 1 <= splits <= MAX_FORCED_SPLITS):
+        raise ValueError(f"splits must be an int in [1, {MAX_FORCED_SPLITS}], got {splits!r}")
+    if tiles is not None:
+        check_tiles(_launch._DTYPE_NAMES[q.dtype], p.head_dim, tiles)
+
+
+# -- launch ---------------------------------------------------------------------------------
+
+class _Plan(NamedTuple):
+    """What one problem's launches need beyond the tensors' pointers and strides."""
+
+    variant: _compile.Variant
+    splits: int
+    split_grid: tuple
+    split_block: tuple
+    split_smem: int
+    merge_grid: tuple
+    merge_block: tuple
+    n_part: int  # partial rows: B * Hq * Sq * splits
+    split_tail: tuple  # constant kernel arguments after the strides (numpy scalars)
+    merge_tail: tuple
+    fp32: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(problem: AttentionProblem, splits: int, tiles) -> _Plan:
+    B, Hq, Hkv, Sq, Sk, D = (problem.batch, problem.heads_q, problem.heads_kv,
+                             problem.seqlen_q, problem.seqlen_k, problem.head_dim)
+    dtype = _launch._DTYPE_NAMES[problem.dtype]
+    fp32 = dtype == "fp32"
+    has_band, left, right = _launch._band_args(problem)
+    variant = _compile.variant_for("decode", dtype, D, has_band, problem.softcap is not None)
+    if tiles is not None:
+        variant = _compile.Variant("decode", dtype, variant.dp, variant.band, variant.softcap,
+                                   tiles)
+    nrows = B * Hq * Sq
+    _, split_threads, split_smem = variant.geometry("split")
+    merge_rows, merge_threads, _ = variant.geometry("merge")
+    return _Plan(
+        variant=variant, splits=splits,
+        split_grid=(splits, B * Hkv, row_blocks(problem)), split_block=(split_threads,),
+        split_smem=split_smem,
+        merge_grid=(-(-nrows // merge_rows),), merge_block=(merge_threads,),
+        n_part=nrows * splits,
+        split_tail=(*_launch._i32(Hq, Hkv, problem.group_size, Sq, Sk, D, left, right, splits),
+                    *_launch._f32(*_launch._score_args(problem, fp32))),
+        merge_tail=(*_launch._i32(Hq, Sq, D, splits), np.int64(nrows)),
+        fp32=fp32,
+    )
+
+
+def decode_forward(problem: AttentionProblem, q, k, v, seqlens_k, splits: int | None = None,
+                   tiles: tuple | None = None):
+    """`Backend.forward`'s contract with the key range split across blocks.
+
+    Returns ``(out, lse)`` as `_launch.forward` does: out in q's dtype and layout, lse float32
+    ``(B, Hq, Sq)`` natural log; rows that see no key get out 0 and lse -inf. ``splits``
+    (default: the split rule for this device) and ``tiles`` (fp16/bf16 only: warps, keys per
+    tile, stages; default `_compile.DECODE_TILES`) override the launch, for tests and tuning;
+    the result depends on them only through rounding, and is bitwise the same run to run for
+    one configuration.
+    """
+    check_args(problem, q, k, v, seqlens_k, splits, tiles)
+    if splits is None:
+        splits = num_splits(problem, sm_count(q.device))
+    plan = _plan(problem, splits, tiles)
+    D = problem.head_dim
+    # One workspace for both partials (an allocation costs microseconds per step): out
+    # (n_part, D) then lse (n_part,), addressed by pointer.
+    work = torch.empty(plan.n_part * (D + 1), dtype=torch.float32, device=q.device)
+    part_o = work.data_ptr()
+    part_l = part_o + plan.n_part * D * 4
+    out = _launch._like_layout(q)
+    lse = torch.empty((problem.batch, problem.heads_q, problem.seqlen_q), dtype=torch.float32,
+                      device=q.device)
+    vec = (not plan.fp32) and _launch._vec_ok(D, q, k, v)
+    split_args = (
+        _launch._ptr(q), _launch._ptr(k), _launch._ptr(v), np.uint64(part_o),
+        np.uint64(part_l), _launch._ptr(seqlens_k),
+        *_launch._strides(q), *_launch._strides(k), *_launch._strides(v),
+        *plan.split_tail, np.int32(vec),
+    )
+    merge_args = (np.uint64(part_o), np.uint64(part_l), _launch._ptr(out), _launch._ptr(lse),
+                  *_launch._strides(out, 3), *plan.merge_tail)
+    _run(plan, split_args, merge_args, _launch._device_index(q))
+    return out, lse
+
+
+def _run(plan: _Plan, split_args, merge_args, device_index: int) -> None:
+    """Both launches, in order, on torch's current stream of the tensors' device."""
+    _launch.run_kernels([
+        (_launch.kernel_function(plan.variant, "split", device_index), plan.split_grid,
+         plan.split_block, split_args, plan.split_smem),
+        (_launch.kernel_function(plan.variant, "merge", device_index), plan.merge_grid,
+         plan.merge_block, merge_args, 0),
+    ], device_index)
