@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnkit
+from attnkit.bench.timing import wall_us
 
 
 def _cases():
@@ -58,15 +59,6 @@ def _cases():
     cases["sdpa-flash fwd+bwd S512 D128"] = fwd_bwd(lambda: sdpa_flash(*s512g, is_causal=True))
     cases["sdpa-flash decode 1k"] = lambda: sdpa_flash(q1, kc, vc, enable_gqa=True)
     return cases
-
-
-def _wall_us(fn, n):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
 
 
 def _host_us(fn, n):
@@ -110,7 +102,7 @@ def main():
         except Exception as e:  # report, go on with the others
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue
-        wall, host = _wall_us(fn, args.calls), _host_us(fn, args.calls)
+        wall, host = wall_us(fn, args.calls), _host_us(fn, args.calls)
         gpu = _gpu_us(fn, min(args.calls, 50))
         rows[name] = {"wall_us": round(wall, 1), "host_us": round(host, 1),
                       "event_us": round(gpu, 1)}

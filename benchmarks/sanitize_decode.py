@@ -1,10 +1,38 @@
-import torch, attnkit
-torch.manual_seed(0)
-for dt, D, Sq, kw in [(torch.bfloat16, 128, 1, dict(causal=True)), (torch.float16, 40, 3, dict(causal=True, window=(100, 0), softcap=20.0)), (torch.float32, 64, 2, dict(causal=False))]:
+"""A few decoding steps through the cupy split-KV kernel, for compute-sanitizer (CUDA only).
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_decode.py
+
+Covers bf16 / fp16 / fp32, head dims 128 / 40 / 64, in-place append of 1-3 new positions,
+fill levels 0 and full, causal, window and softcap, GQA 4:1.
+"""
+
+import torch
+
+import attnkit
+
+CASES = [
+    (torch.bfloat16, 128, 1, dict(causal=True)),
+    (torch.float16, 40, 3, dict(causal=True, window=(100, 0), softcap=20.0)),
+    (torch.float32, 64, 2, dict(causal=False)),
+]
+
+
+def main():
+    torch.manual_seed(0)
     B, Hq, Hkv, S = 3, 8, 2, 700
-    q = torch.randn(B, Hq, Sq, D, device="cuda", dtype=dt)
-    kc = torch.randn(B, Hkv, S, D, device="cuda", dtype=dt); vc = torch.randn_like(kc)
-    lens = torch.tensor([0, 333, S - Sq], dtype=torch.int32, device="cuda")
-    kn = torch.randn(B, Hkv, Sq, D, device="cuda", dtype=dt); vn = torch.randn_like(kn)
-    out = attnkit.attention_with_kvcache(q, kc, vc, lens, kn, vn, backend="cupy", **kw)
-    torch.cuda.synchronize(); print(dt, D, "ok", out.isnan().any().item())
+    for dtype, D, s_new, options in CASES:
+        def r(*shape, dtype=dtype):
+            return torch.randn(*shape, device="cuda", dtype=dtype)
+
+        q = r(B, Hq, s_new, D)
+        k_cache, v_cache = r(B, Hkv, S, D), r(B, Hkv, S, D)
+        k_new, v_new = r(B, Hkv, s_new, D), r(B, Hkv, s_new, D)
+        lens = torch.tensor([0, 333, S - s_new], dtype=torch.int32, device="cuda")
+        out = attnkit.attention_with_kvcache(q, k_cache, v_cache, lens, k_new, v_new,
+                                             backend="cupy", **options)
+        torch.cuda.synchronize()
+        print(dtype, D, "ok, NaN:", bool(out.isnan().any()))
+
+
+if __name__ == "__main__":
+    main()

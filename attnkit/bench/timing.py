@@ -148,3 +148,15 @@ def release_memory(device: torch.device | str, collect: bool = False) -> None:
         gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+def wall_us(fn: Callable[[], object], n: int = 50) -> float:
+    """Wall time per call in microseconds, ``n`` calls back to back after one warm call and
+    a sync: host launch cost included, no L2 flush (what a loop of small calls sees)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6

@@ -185,23 +185,26 @@ def decode_forward(problem: AttentionProblem, q, k, v, seqlens_k, splits: int | 
         splits = num_splits(problem, sm_count(q.device))
     plan = _plan(problem, splits, tiles)
     D = problem.head_dim
-    # One workspace for both partials (an allocation costs microseconds per step): out
-    # (n_part, D) then lse (n_part,), addressed by pointer.
-    work = torch.empty(plan.n_part * (D + 1), dtype=torch.float32, device=q.device)
+    # One workspace (allocations cost microseconds per step): partial out (n_part, D), partial
+    # lse (n_part,), then the returned lse (a view: it keeps the small workspace alive).
+    B, Hq, Sq = problem.batch, problem.heads_q, problem.seqlen_q
+    work = torch.empty(plan.n_part * (D + 1) + B * Hq * Sq, dtype=torch.float32,
+                       device=q.device)
+    lse = work[plan.n_part * (D + 1):].view(B, Hq, Sq)
     part_o = work.data_ptr()
     part_l = part_o + plan.n_part * D * 4
     out = _launch._like_layout(q)
-    lse = torch.empty((problem.batch, problem.heads_q, problem.seqlen_q), dtype=torch.float32,
-                      device=q.device)
     vec = (not plan.fp32) and _launch._vec_ok(D, q, k, v)
+    # Pointers and strides as Python ints: CuPy passes them as int64, the width of the
+    # kernels' pointer and i64 parameters (numpy scalars would cost a conversion each).
     split_args = (
-        _launch._ptr(q), _launch._ptr(k), _launch._ptr(v), np.uint64(part_o),
-        np.uint64(part_l), _launch._ptr(seqlens_k),
-        *_launch._strides(q), *_launch._strides(k), *_launch._strides(v),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), part_o, part_l,
+        0 if seqlens_k is None else seqlens_k.data_ptr(),
+        *q.stride(), *k.stride(), *v.stride(),
         *plan.split_tail, np.int32(vec),
     )
-    merge_args = (np.uint64(part_o), np.uint64(part_l), _launch._ptr(out), _launch._ptr(lse),
-                  *_launch._strides(out, 3), *plan.merge_tail)
+    merge_args = (part_o, part_l, out.data_ptr(), lse.data_ptr(), *out.stride()[:3],
+                  *plan.merge_tail)
     _run(plan, split_args, merge_args, _launch._device_index(q))
     return out, lse
 

@@ -24,6 +24,7 @@ import triton
 from triton.testing import do_bench
 
 from attnkit import reference
+from attnkit.bench.timing import wall_us
 from attnkit.spec import AttentionProblem
 from attnkit.testing.accuracy import check
 
@@ -124,17 +125,6 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def wall(fn, n: int = 50) -> float:
-    """Wall time (ms) per call back to back, launch overhead included, no flush."""
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
-
-
 def perf(dec, lengths, budget_s) -> list[dict]:
     """Default configuration against SDPA for every length first, then a sweep of launch
     configurations with the time left shared evenly between the lengths."""
@@ -152,7 +142,7 @@ def perf(dec, lengths, budget_s) -> list[dict]:
         err = (out.float() - ref.float()).abs().max().item()
         ours_fn = functools.partial(dec.decode_forward, problem, q, k, v, None)
         t_ours = bench(ours_fn)
-        w_sdpa, w_ours = wall(f_sdpa), wall(ours_fn)
+        w_sdpa, w_ours = wall_us(f_sdpa) / 1e3, wall_us(ours_fn) / 1e3
         splits = dec.num_splits(problem)
         row = {"sdpa_wall_ms": w_sdpa, "ours_wall_ms": w_ours,
                "Sk": Sk, "bytes": nbytes, "sdpa_ms": t_sdpa, "sdpa_TBps": nbytes / t_sdpa / 1e9,

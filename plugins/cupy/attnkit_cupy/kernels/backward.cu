@@ -192,22 +192,7 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
             }
 
         // dQ += dS K (K read transposed: keys are the reduction dimension).
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            u32 a[4];
-            a[0] = E::pack(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = E::pack(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = E::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = E::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int dpi = 0; dpi < DP / 16; ++dpi) {
-                u32 b0, b1, b2, b3;
-                const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                ldsm_x4_t(smem_u32(cK + r * LDS + dpi * 16 + (lane >> 4) * 8), b0, b1, b2, b3);
-                E::mma(acc[2 * dpi], a, b0, b1);
-                E::mma(acc[2 * dpi + 1], a, b2, b3);
-            }
-        }
+        mma_p_times_tile<E, BN / 16, DP, LDS>(acc, s, cK, lane);
         __syncthreads();
     }
 

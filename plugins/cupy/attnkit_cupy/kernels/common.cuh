@@ -226,3 +226,51 @@ ATTN_DEVICE void load_row_f32(float* sm, const float* g, int nvalid, const float
         cp_async4(smem_u32(sm + i), ok ? g + i : safe, ok ? 4 : 0);
     }
 }
+
+// acc += P B for one warp's 16 rows: P is KT * 16 columns of mma accumulator fragments
+// (s[2 * kk], s[2 * kk + 1]; accumulators are laid out as A fragments once packed), B a
+// (KT * 16) x DP tile in shared memory (row stride LDS) read transposed by ldmatrix, acc
+// DP / 8 n8 tiles. P V in the forward and decode kernels, dS K in dQ.
+template <typename E, int KT, int DP, int LDS>
+ATTN_DEVICE void mma_p_times_tile(float (*acc)[4], const float (*s)[4], const u16* sB,
+                                  int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+        u32 a[4];
+        a[0] = E::pack(s[2 * kk][0], s[2 * kk][1]);
+        a[1] = E::pack(s[2 * kk][2], s[2 * kk][3]);
+        a[2] = E::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[3] = E::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < DP / 16; ++dp) {
+            u32 b0, b1, b2, b3;
+            const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            ldsm_x4_t(smem_u32(sB + r * LDS + dp * 16 + (lane >> 4) * 8), b0, b1, b2, b3);
+            E::mma(acc[2 * dp], a, b0, b1);
+            E::mma(acc[2 * dp + 1], a, b2, b3);
+        }
+    }
+}
+
+// fp32 paths, one key per lane of a BN = 32 key tile: fold score x (this lane's key) into the
+// row's online softmax (m, l) and accumulate P V into acc (this lane's DP / 32 columns of a
+// BN x DP tile in shared memory, row stride DP).
+template <int BN, int DP>
+ATTN_DEVICE void f32_softmax_pv(float x, float& m, float& l, float* acc, const float* sV,
+                                int lane) {
+    constexpr int DPL = DP / 32;
+    const float mx = fmaxf(m, warp_max(x));
+    const float mu = mx == neg_inf() ? 0.f : mx;
+    const float alpha = expf(m - mu);
+    const float p = expf(x - mu);
+    m = mx;
+    l = l * alpha + p;
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) acc[c] *= alpha;
+#pragma unroll 8
+    for (int jj = 0; jj < BN; ++jj) {
+        const float pj = __shfl_sync(0xffffffffu, p, jj);
+#pragma unroll
+        for (int c = 0; c < DPL; ++c) acc[c] = fmaf(pj, sV[jj * DP + lane + 32 * c], acc[c]);
+    }
+}

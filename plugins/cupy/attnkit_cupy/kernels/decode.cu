@@ -46,6 +46,29 @@ ATTN_DEVICE SplitRange split_range(const Band& band, int r0, int nrows, int grou
     return s;
 }
 
+// What one split block works on (grid: split, batch x kv head, row block): its batch, kv
+// head, first row, band, key range and number of key tiles.
+template <int BN, bool BAND>
+struct SplitBlock {
+    int split, b, hk, r0, nrows, ntiles;
+    Band band;
+    SplitRange rg;
+    ATTN_DEVICE SplitBlock(const int* seqlens, int Hkv, int group, int Sq, int Sk, int left,
+                           int right, int splits) {
+        split = blockIdx.x;
+        b = blockIdx.y / Hkv;
+        hk = blockIdx.y % Hkv;
+        r0 = blockIdx.z * DEC_ROWS;
+        nrows = group * Sq;
+        band.skb = valid_keys(seqlens, b, Sk);
+        band.off = band.skb - Sq;
+        band.left = left;
+        band.right = right;
+        rg = split_range<BN, BAND>(band, r0, nrows, group, split, splits);
+        ntiles = rg.end > rg.start ? (rg.end - rg.start + BN - 1) / BN : 0;
+    }
+};
+
 // Offset of partial (row r of the block, split) in the (B, Hq, Sq, splits) partial arrays.
 ATTN_DEVICE i64 partial_index(int b, int hk, int row, int group, int Hq, int Sq, int split,
                               int splits) {
@@ -114,15 +137,11 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     u16* sV = sK + ST * BN * LDS;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int split = blockIdx.x, b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
-    const int r0 = blockIdx.z * DEC_ROWS, nrows = group * Sq;
-    Band band;
-    band.skb = valid_keys(seqlens, b, Sk);
-    band.off = band.skb - Sq;
-    band.left = left;
-    band.right = right;
-    const SplitRange rg = split_range<BN, BAND>(band, r0, nrows, group, split, splits);
-    const int ntiles = rg.end > rg.start ? (rg.end - rg.start + BN - 1) / BN : 0;
+    const SplitBlock<BN, BAND> blk(seqlens, Hkv, group, Sq, Sk, left, right, splits);
+    const int split = blk.split, b = blk.b, hk = blk.hk, r0 = blk.r0, nrows = blk.nrows;
+    const int ntiles = blk.ntiles;
+    const Band& band = blk.band;
+    const SplitRange& rg = blk.rg;
 
     const u16* kg = k + b * k_sb + hk * k_sh;
     const u16* vg = v + b * v_sb + hk * v_sh;
@@ -229,22 +248,7 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
         }
 
         // O += P V: the score accumulators are already laid out as mma A fragments.
-#pragma unroll
-        for (int kk = 0; kk < KW / 16; ++kk) {
-            u32 a[4];
-            a[0] = E::pack(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = E::pack(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = E::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = E::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int dp = 0; dp < DP / 16; ++dp) {
-                u32 b0, b1, b2, b3;
-                const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                ldsm_x4_t(smem_u32(cV + r * LDS + dp * 16 + (lane >> 4) * 8), b0, b1, b2, b3);
-                E::mma(acc[2 * dp], a, b0, b1);
-                E::mma(acc[2 * dp + 1], a, b2, b3);
-            }
-        }
+        mma_p_times_tile<E, KW / 16, DP, LDS>(acc, s, cV, lane);
     }
     cp_async_wait<0>();
     __syncthreads();  // the pipeline's shared memory is reused below
@@ -326,15 +330,11 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
     float* sV = sK + ST * BN * LDK;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int split = blockIdx.x, b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
-    const int r0 = blockIdx.z * DEC_ROWS, nrows = group * Sq;
-    Band band;
-    band.skb = valid_keys(seqlens, b, Sk);
-    band.off = band.skb - Sq;
-    band.left = left;
-    band.right = right;
-    const SplitRange rg = split_range<BN, BAND>(band, r0, nrows, group, split, splits);
-    const int ntiles = rg.end > rg.start ? (rg.end - rg.start + BN - 1) / BN : 0;
+    const SplitBlock<BN, BAND> blk(seqlens, Hkv, group, Sq, Sk, left, right, splits);
+    const int split = blk.split, b = blk.b, hk = blk.hk, r0 = blk.r0, nrows = blk.nrows;
+    const int ntiles = blk.ntiles;
+    const Band& band = blk.band;
+    const SplitRange& rg = blk.rg;
 
     const float* kg = k + b * k_sb + hk * k_sh;
     const float* vg = v + b * v_sb + hk * v_sh;
@@ -402,21 +402,7 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
         for (int r = 0; r < R; ++r) {
             float x = SOFTCAP ? tanhf(s[r] * cap_in) * softcap : s[r] * scale;
             if (j >= rg.end || !band.visible(qi[r], j, BAND)) x = neg_inf();
-            const float mx = fmaxf(row_m[r], warp_max(x));
-            const float mu = mx == neg_inf() ? 0.f : mx;
-            const float alpha = expf(row_m[r] - mu);
-            const float p = expf(x - mu);
-            row_m[r] = mx;
-            row_l[r] = row_l[r] * alpha + p;
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) acc[r][c] *= alpha;
-#pragma unroll 8
-            for (int jj = 0; jj < BN; ++jj) {
-                const float pj = __shfl_sync(0xffffffffu, p, jj);
-#pragma unroll
-                for (int c = 0; c < DPL; ++c)
-                    acc[r][c] = fmaf(pj, cV[jj * DP + lane + 32 * c], acc[r][c]);
-            }
+            f32_softmax_pv<BN, DP>(x, row_m[r], row_l[r], acc[r], cV, lane);
         }
     }
     cp_async_wait<0>();

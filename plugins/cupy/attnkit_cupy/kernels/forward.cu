@@ -309,21 +309,7 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
             const int i = m0 + warp * R + r;
             float x = SOFTCAP ? tanhf(s[r] * cap_in) * softcap : s[r] * scale;
             if (!band.visible(i, j, BAND)) x = neg_inf();
-            const float mx = fmaxf(row_m[r], warp_max(x));
-            const float mu = mx == neg_inf() ? 0.f : mx;
-            const float alpha = expf(row_m[r] - mu);
-            const float p = expf(x - mu);
-            row_m[r] = mx;
-            row_l[r] = row_l[r] * alpha + p;
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) acc[r][c] *= alpha;
-#pragma unroll 8
-            for (int jj = 0; jj < BN; ++jj) {
-                const float pj = __shfl_sync(0xffffffffu, p, jj);
-#pragma unroll
-                for (int c = 0; c < DPL; ++c)
-                    acc[r][c] = fmaf(pj, sV[jj * DP + lane + 32 * c], acc[r][c]);
-            }
+            f32_softmax_pv<BN, DP>(x, row_m[r], row_l[r], acc[r], sV, lane);
         }
     }
 
