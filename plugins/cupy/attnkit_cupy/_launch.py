@@ -8,7 +8,9 @@ calls order correctly with the surrounding PyTorch work without any synchronizat
 
 from __future__ import annotations
 
+import ctypes
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -139,6 +141,51 @@ def run_kernels(launches, device_index: int) -> None:
     with cupy.cuda.Device(device_index):
         for fn, grid, block, args, smem in launches:
             fn(grid, block, args, shared_mem=smem, stream=stream)
+
+
+#: ctypes type of each kernel argument kind (Python ints are pointers and i64 strides).
+_CTYPES = {int: ctypes.c_int64, np.int64: ctypes.c_int64, np.uint64: ctypes.c_uint64,
+           np.int32: ctypes.c_int32, np.float32: ctypes.c_float}
+
+
+class ParamBlock:
+    """One kernel's arguments as ``cuLaunchKernel`` takes them: a ctypes value per argument
+    and the array of their addresses, built once per launch plan and refilled per call.
+    CuPy's own launch wraps every argument in a new object on every call (~0.5 us each, ~30
+    arguments per decode kernel), which kept a decoding step's host time above what the GPU
+    hides (benchmarks/NOTES.md, cupy decode)."""
+
+    def __init__(self, args):
+        self.values = [_CTYPES[type(a)]() for a in args]
+        self.addresses = (ctypes.c_void_p * len(args))(
+            *[ctypes.addressof(v) for v in self.values])
+        self.pointer = ctypes.addressof(self.addresses)
+        self.lock = threading.Lock()
+
+    def launch(self, fn, grid, block, args, smem: int, stream_ptr: int) -> None:
+        from cupy_backends.cuda.api import driver
+
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        with self.lock:  # the driver copies the values at launch; refill only after that
+            for slot, a in zip(self.values, args):
+                slot.value = a
+            driver.launchKernel(fn.ptr, gx, gy, gz, block[0], 1, 1, smem, stream_ptr,
+                                self.pointer, 0)
+
+
+def run_with_params(launches, device_index: int) -> None:
+    """As `run_kernels`, each launch a (ParamBlock, function, grid, block, args, shared_mem)
+    tuple, through ``cuLaunchKernel`` on torch's current stream."""
+    import cupy
+
+    stream = _cupy_stream(device_index).ptr
+    if cupy.cuda.runtime.getDevice() == device_index:
+        for params, fn, grid, block, args, smem in launches:
+            params.launch(fn, grid, block, args, smem, stream)
+        return
+    with cupy.cuda.Device(device_index):
+        for params, fn, grid, block, args, smem in launches:
+            params.launch(fn, grid, block, args, smem, stream)
 
 
 def _launch(variant, role, grid, args, device_index):
