@@ -29,9 +29,10 @@ def main(path, backend):
                             parts.append("   n/a    ")
                             continue
                         f = row[backend] / row["sdpa-flash"]
-                        c = row[backend] / row["sdpa-cudnn"]
+                        # A run without cuDNN (--backends) has no cuDNN column: nan.
+                        c = row[backend] / row.get("sdpa-cudnn", float("nan"))
                         worst.setdefault(("flash", m), []).append((f, dtype, d, causal, s))
-                        if d == 128 and s >= 4096:
+                        if d == 128 and s >= 4096 and "sdpa-cudnn" in row:
                             worst.setdefault(("cudnn D128 S>=4k", m), []).append(
                                 (c, dtype, d, causal, s))
                         parts.append(f"{f:4.2f} {c:4.2f}  {row[backend]:5.0f}")

@@ -209,26 +209,13 @@ def decode_forward(problem: AttentionProblem, q, k, v, seqlens_k, splits: int | 
     return out, lse
 
 
-_param_blocks: dict[tuple, _launch.ParamBlock] = {}
-
-
-def _params(plan: _Plan, role: str, args) -> _launch.ParamBlock:
-    key = (plan, role, tuple(map(type, args)))
-    block = _param_blocks.get(key)
-    if block is None:
-        if len(_param_blocks) > 1024:
-            _param_blocks.clear()
-        block = _param_blocks[key] = _launch.ParamBlock(args)
-    return block
-
-
 def _run(plan: _Plan, split_args, merge_args, device_index: int) -> None:
     """Both launches, in order, on torch's current stream of the tensors' device."""
-    _launch.run_with_params([
-        (_params(plan, "split", split_args),
+    _launch.run_kernels([
+        (_launch.param_block((plan, "split"), split_args),
          _launch.kernel_function(plan.variant, "split", device_index), plan.split_grid,
          plan.split_block, split_args, plan.split_smem),
-        (_params(plan, "merge", merge_args),
+        (_launch.param_block((plan, "merge"), merge_args),
          _launch.kernel_function(plan.variant, "merge", device_index), plan.merge_grid,
          plan.merge_block, merge_args, 0),
     ], device_index)

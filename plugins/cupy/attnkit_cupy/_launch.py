@@ -115,9 +115,8 @@ _functions: dict[tuple, object] = {}
 
 
 def kernel_function(variant, role: str, device_index: int):
-    """The device-bound ``cupy.cuda.Function`` of one kernel (cached): it takes the stream
-    as an argument, so a launch needs no stream or device context switches, which cost
-    microseconds on every call."""
+    """The device-bound ``cupy.cuda.Function`` of one kernel (cached), launched by
+    `run_kernels` with no stream or device context switch per call."""
     key = (variant, role, device_index)
     fn = _functions.get(key)
     if fn is None:
@@ -128,21 +127,6 @@ def kernel_function(variant, role: str, device_index: int):
     return fn
 
 
-def run_kernels(launches, device_index: int) -> None:
-    """``launches``: (function, grid, block, args, shared_mem) tuples, run in order on
-    torch's current stream of ``device_index``."""
-    import cupy
-
-    stream = _cupy_stream(device_index)
-    if cupy.cuda.runtime.getDevice() == device_index:
-        for fn, grid, block, args, smem in launches:
-            fn(grid, block, args, shared_mem=smem, stream=stream)
-        return
-    with cupy.cuda.Device(device_index):
-        for fn, grid, block, args, smem in launches:
-            fn(grid, block, args, shared_mem=smem, stream=stream)
-
-
 #: ctypes type of each kernel argument kind (Python ints are pointers and i64 strides).
 _CTYPES = {int: ctypes.c_int64, np.int64: ctypes.c_int64, np.uint64: ctypes.c_uint64,
            np.int32: ctypes.c_int32, np.float32: ctypes.c_float}
@@ -150,10 +134,10 @@ _CTYPES = {int: ctypes.c_int64, np.int64: ctypes.c_int64, np.uint64: ctypes.c_ui
 
 class ParamBlock:
     """One kernel's arguments as ``cuLaunchKernel`` takes them: a ctypes value per argument
-    and the array of their addresses, built once per launch plan and refilled per call.
-    CuPy's own launch wraps every argument in a new object on every call (~0.5 us each, ~30
-    arguments per decode kernel), which kept a decoding step's host time above what the GPU
-    hides (benchmarks/NOTES.md, cupy decode)."""
+    and the array of their addresses, built once per launch site and refilled per call.
+    CuPy's own launch wraps every argument in a new object on every call (~30 arguments per
+    kernel); this cut a decoding step's host time from ~133 to ~112 us on the H100
+    (benchmarks/NOTES.md, cupy decode)."""
 
     def __init__(self, args):
         self.values = [_CTYPES[type(a)]() for a in args]
@@ -173,9 +157,24 @@ class ParamBlock:
                                 self.pointer, 0)
 
 
-def run_with_params(launches, device_index: int) -> None:
-    """As `run_kernels`, each launch a (ParamBlock, function, grid, block, args, shared_mem)
-    tuple, through ``cuLaunchKernel`` on torch's current stream."""
+_param_blocks: dict[tuple, ParamBlock] = {}
+
+
+def param_block(site, args) -> ParamBlock:
+    """The parameter block of one launch site (e.g. a variant and kernel role) for
+    arguments of these types, built on first use."""
+    key = (site, tuple(map(type, args)))
+    block = _param_blocks.get(key)
+    if block is None:
+        if len(_param_blocks) > 1024:
+            _param_blocks.clear()
+        block = _param_blocks[key] = ParamBlock(args)
+    return block
+
+
+def run_kernels(launches, device_index: int) -> None:
+    """``launches``: (ParamBlock, function, grid, block, args, shared_mem) tuples, run in
+    order through ``cuLaunchKernel`` on torch's current stream of ``device_index``."""
     import cupy
 
     stream = _cupy_stream(device_index).ptr
@@ -190,7 +189,8 @@ def run_with_params(launches, device_index: int) -> None:
 
 def _launch(variant, role, grid, args, device_index):
     _, threads, smem = variant.geometry(role)
-    run_kernels([(kernel_function(variant, role, device_index), grid, (threads,), args, smem)],
+    run_kernels([(param_block((variant, role), args),
+                  kernel_function(variant, role, device_index), grid, (threads,), args, smem)],
                 device_index)
 
 

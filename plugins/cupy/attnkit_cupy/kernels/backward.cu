@@ -78,11 +78,7 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
-    Band band;
-    band.skb = valid_keys(seqlens, b, Sk);
-    band.off = band.skb - Sq;
-    band.left = left;
-    band.right = right;
+    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
     const u16* kg = k + b * k_sb + hk * k_sh;
     const u16* vg = v + b * v_sb + hk * v_sh;
 
@@ -251,11 +247,7 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
     const int kb = blockIdx.x / NCH, c0 = (blockIdx.x % NCH) * DC;
     const int hk = blockIdx.y, b = blockIdx.z;
     const int n0 = kb * BK;
-    Band band;
-    band.skb = valid_keys(seqlens, b, Sk);
-    band.off = band.skb - Sq;
-    band.left = left;
-    band.right = right;
+    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
 
     // Queries that can see some key of this block, for every head of the group.
     const int n1 = min(n0 + BK, band.skb) - 1;
@@ -466,11 +458,7 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
-    Band band;
-    band.skb = valid_keys(seqlens, b, Sk);
-    band.off = band.skb - Sq;
-    band.left = left;
-    band.right = right;
+    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
     const float* kg = k + b * k_sb + hk * k_sh;
     const float* vg = v + b * v_sb + hk * v_sh;
     load_rows_f32<BM, DP, DP, NT>(sQ, q + b * q_sb + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
@@ -568,11 +556,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n0 = blockIdx.x * BK, hk = blockIdx.y, b = blockIdx.z;
-    Band band;
-    band.skb = valid_keys(seqlens, b, Sk);
-    band.off = band.skb - Sq;
-    band.left = left;
-    band.right = right;
+    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
     load_rows_f32<BK, DP, DP, NT>(sK, k + b * k_sb + hk * k_sh + (i64)n0 * k_ss, k_ss, k_sd,
                                   band.skb - n0, D);
     load_rows_f32<BK, DP, DP, NT>(sV, v + b * v_sb + hk * v_sh + (i64)n0 * v_ss, v_ss, v_sd,

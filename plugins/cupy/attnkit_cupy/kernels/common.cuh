@@ -123,6 +123,17 @@ struct Band {
     int left;
     int right;
 
+    // Batch b's band: its valid keys (seqlens clamped to [0, Sk]) and the bottom-right offset.
+    static ATTN_DEVICE Band of_batch(const int* seqlens, int b, int Sk, int Sq, int left,
+                                     int right) {
+        Band band;
+        band.skb = valid_keys(seqlens, b, Sk);
+        band.off = band.skb - Sq;
+        band.left = left;
+        band.right = right;
+        return band;
+    }
+
     ATTN_DEVICE bool visible(int i, int j, bool band) const {
         if (j >= skb) return false;
         if (!band) return true;

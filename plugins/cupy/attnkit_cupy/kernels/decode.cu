@@ -60,10 +60,7 @@ struct SplitBlock {
         hk = blockIdx.y % Hkv;
         r0 = blockIdx.z * DEC_ROWS;
         nrows = group * Sq;
-        band.skb = valid_keys(seqlens, b, Sk);
-        band.off = band.skb - Sq;
-        band.left = left;
-        band.right = right;
+        band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
         rg = split_range<BN, BAND>(band, r0, nrows, group, split, splits);
         ntiles = rg.end > rg.start ? (rg.end - rg.start + BN - 1) / BN : 0;
     }

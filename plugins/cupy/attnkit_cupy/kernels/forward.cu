@@ -39,11 +39,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
-    Band band;
-    band.skb = valid_keys(seqlens, b, Sk);
-    band.off = band.skb - Sq;
-    band.left = left;
-    band.right = right;
+    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
 
     const u16* qg = q + b * q_sb + h * q_sh;
     const u16* kg = k + b * k_sb + hk * k_sh;
@@ -267,11 +263,7 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
-    Band band;
-    band.skb = valid_keys(seqlens, b, Sk);
-    band.off = band.skb - Sq;
-    band.left = left;
-    band.right = right;
+    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
     const float* kg = k + b * k_sb + hk * k_sh;
     const float* vg = v + b * v_sb + hk * v_sh;
 
