@@ -63,20 +63,61 @@ def attention_with_kvcache(
     Forward only: raises if gradients are requested. Raises ``ValueError`` before writing
     anything if ``cache_seqlens[b] + S_new > S_max`` for any batch.
     """
-    _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    options = (causal, scale, window, softcap, return_lse)
+    key = _metadata_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, options)
+    problem = _validated.get(key) if key is not None else None
+    if problem is None:
+        _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     s_new = 0 if k_new is None else k_new.shape[2]
+    if problem is not None and (s_new > 0 or cache_seqlens.device.type == "cpu"):
+        # The metadata was checked before; the fill levels are values, checked every call.
+        _check_cache_seqlens(cache_seqlens, q, q.shape[0], k_cache.shape[2], s_new)
     # Kernels only read seqlens_k, so with nothing appended the caller's int32 tensor is
     # passed as is (one launch less per decoding step); otherwise a new tensor.
     seqlens_k = (cache_seqlens if s_new == 0 and cache_seqlens.dtype == torch.int32
                  else cache_seqlens.to(torch.int32) + s_new)
+    if problem is None:
+        problem = AttentionProblem.from_tensors(
+            q, k_cache, v_cache, causal=causal, scale=scale, window=window,
+            seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse, needs_grad=False,
+            check_values=False)
+        if key is not None:
+            if len(_validated) >= _MAX_VALIDATED:
+                _validated.clear()
+            _validated[key] = problem
     # Refuse (bad options, no backend for this problem) before the caches are written.
-    problem = AttentionProblem.from_tensors(
-        q, k_cache, v_cache, causal=causal, scale=scale, window=window, seqlens_k=seqlens_k,
-        softcap=softcap, return_lse=return_lse, needs_grad=False, check_values=False)
     chosen = registry.select(problem, backend)
     if k_new is not None and s_new > 0 and q.shape[0] > 0:
         _append(k_cache, v_cache, cache_seqlens, k_new, v_new)
     return run_problem(problem, chosen, q, k_cache, v_cache, seqlens_k)
+
+
+#: Problems of recent calls by `_metadata_key`: a decoding loop repeats one call signature
+#: every step, and validating it again was a third of a step's host time (benchmarks/NOTES.md).
+_validated: dict = {}
+_MAX_VALIDATED = 256
+
+
+def _metadata_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, options):
+    """Everything `_check_kvcache_inputs` and `AttentionProblem.from_tensors` read, except
+    the fill levels' values; None for inputs that cannot be keyed (they take the slow path,
+    which raises the proper error if they are wrong)."""
+    try:
+        new = None if k_new is None else (
+            type(k_new), k_new.shape, k_new.dtype, k_new.device, k_new.requires_grad,
+            type(v_new), v_new.shape, v_new.dtype, v_new.device, v_new.requires_grad)
+        key = (type(q), q.shape, q.dtype, q.device, q.requires_grad,
+               type(k_cache), k_cache.shape, k_cache.dtype, k_cache.device,
+               k_cache.requires_grad,
+               type(v_cache), v_cache.shape, v_cache.dtype, v_cache.device,
+               v_cache.requires_grad,
+               type(cache_seqlens), cache_seqlens.shape, cache_seqlens.dtype,
+               cache_seqlens.device, new, options, torch.is_grad_enabled(),
+               torch.are_deterministic_algorithms_enabled())
+        hash(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable option (a list)
+        return None
+    return key
 
 
 def _append(k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:

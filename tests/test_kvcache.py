@@ -322,3 +322,64 @@ def test_use_split_kv_only_for_decoding_shapes(decode_module, monkeypatch):
     with pytest.raises(ValueError, match="float64"):
         p = _meta_problem(1, 1, 1, 1, 16, D=16, dtype=torch.float64)
         decode_module.decode_forward(p, None, None, None, None)
+
+
+# -- repeated calls (a decoding loop) --------------------------------------------------------
+
+def test_repeated_signature_still_checks_fill_levels():
+    """The validated problem is reused for a repeated call signature; the fill levels are
+    values and are checked on every call that appends."""
+    args = _call()
+    attnkit.attention_with_kvcache(**args, backend=REF)
+    full = dict(args, cache_seqlens=torch.tensor([9, 9, 9], dtype=torch.int32))
+    kc0 = full["k_cache"].clone()
+    with pytest.raises(ValueError, match="overflow"):
+        attnkit.attention_with_kvcache(**full, backend=REF)
+    assert torch.equal(full["k_cache"], kc0)
+    with pytest.raises(ValueError, match=">= 0"):
+        attnkit.attention_with_kvcache(**dict(args, cache_seqlens=torch.tensor(
+            [0, -1, 2], dtype=torch.int32)), backend=REF)
+
+
+def _gpu_backend(name):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    reg = attnkit.backends().get(name)
+    if reg is None or not reg.availability[0]:
+        pytest.skip(f"backend {name} is not available here")
+    return name
+
+
+@pytest.mark.parametrize("name", ["triton", "cupy"])
+def test_decoding_loop_on_cuda(name):
+    """Step after step with fresh queries and appended keys (one call signature, so the
+    backends' per-signature launch caches are hit), then a cache of other strides and a
+    step without new keys: every output equals the reference over the filled prefix."""
+    backend = _gpu_backend(name)
+    B, Hq, Hkv, S, D, dt = 3, 8, 2, 700, 64, torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g, device="cuda").to(dt)
+
+    def check(out, q, kc, vc, lens):
+        for b, n in enumerate(lens.tolist()):
+            o64, _ = reference.safe(q[b:b + 1].double(), kc[b:b + 1, :, :n].double(),
+                                    vc[b:b + 1, :, :n].double(), causal=True)
+            olp, _ = reference.safe(q[b:b + 1], kc[b:b + 1, :, :n], vc[b:b + 1, :, :n],
+                                    causal=True)
+            assert_close(f"{name} out[{b}]", out[b:b + 1], o64, olp, dt)
+
+    for layout in ("bhsd", "bshd"):
+        kc, vc = rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
+        if layout == "bshd":
+            kc, vc = (rnd(B, S, Hkv, D).transpose(1, 2) for _ in range(2))
+        lens = torch.tensor([300, 17, 512], dtype=torch.int32, device="cuda")
+        for _ in range(4):
+            q, kn, vn = rnd(B, Hq, 1, D), rnd(B, Hkv, 1, D), rnd(B, Hkv, 1, D)
+            out = attnkit.attention_with_kvcache(q, kc, vc, lens, kn, vn, backend=backend)
+            lens += 1
+            check(out, q, kc, vc, lens)
+        q = rnd(B, Hq, 2, D)
+        out = attnkit.attention_with_kvcache(q, kc, vc, lens, backend=backend)
+        check(out, q, kc, vc, lens)

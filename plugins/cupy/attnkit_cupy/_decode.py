@@ -169,6 +169,75 @@ def _plan(problem: AttentionProblem, splits: int, tiles) -> _Plan:
     )
 
 
+class _Prepared(NamedTuple):
+    """One call signature's launches, checked once: constant arguments are filled into the
+    parameter blocks here; each call refills only the pointers."""
+
+    plan: _Plan
+    device_index: int
+    out_strides: tuple  # q's layout: (B, Sq, Hq, D) memory for a transposed q
+    work_elems: int
+    lse_offset: int
+    split_fn: object
+    merge_fn: object
+    split_params: _launch.ParamBlock
+    merge_params: _launch.ParamBlock
+
+
+#: Split-block argument slots of q, k, v, partial out, partial lse, seqlens_k; merge-block
+#: slots of partial out, partial lse, out, lse (the order of the kernels' parameters).
+_SPLIT_POINTERS = (0, 1, 2, 3, 4, 5)
+_MERGE_POINTERS = (0, 1, 2, 3)
+_prepared: dict = {}
+_MAX_PREPARED = 256
+
+
+def _signature(problem, q, k, v, seqlens_k, splits, tiles):
+    """Everything `check_args` and `_prepare` read from the tensors (not their addresses,
+    except whether they are 16-byte aligned), or None when it cannot be hashed."""
+    try:
+        key = (problem, splits, tiles,
+               type(q), q.shape, q.stride(), q.dtype, q.device,
+               type(k), k.shape, k.stride(), k.dtype, k.device,
+               type(v), v.shape, v.stride(), v.dtype, v.device,
+               (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15,
+               None if seqlens_k is None else (
+                   type(seqlens_k), seqlens_k.shape, seqlens_k.dtype, seqlens_k.device,
+                   seqlens_k.is_contiguous()))
+        hash(key)
+    except (AttributeError, TypeError):  # not tensors: check_args says what is wrong
+        return None
+    return key
+
+
+def _prepare(problem, q, k, v, seqlens_k, splits, tiles) -> _Prepared:
+    check_args(problem, q, k, v, seqlens_k, splits, tiles)
+    if splits is None:
+        splits = num_splits(problem, sm_count(q.device))
+    plan = _plan(problem, splits, tiles)
+    B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
+    transposed = q.stride(1) < q.stride(2)  # out in q's layout, as `_launch._like_layout`
+    out_strides = ((Sq * Hq * D, D, Hq * D, 1) if transposed else (Hq * Sq * D, Sq * D, D, 1))
+    vec = (not plan.fp32) and _launch._vec_ok(D, q, k, v)
+    # Pointers (placeholders 0 here) and strides as Python ints: the kernels' pointer and i64
+    # parameters are 64-bit.
+    split_args = (0, 0, 0, 0, 0, 0, *q.stride(), *k.stride(), *v.stride(), *plan.split_tail,
+                  np.int32(vec))
+    merge_args = (0, 0, 0, 0, *out_strides[:3], *plan.merge_tail)
+    device_index = _launch._device_index(q)
+    return _Prepared(
+        plan=plan, device_index=device_index,
+        out_strides=out_strides,
+        # One workspace (allocations cost microseconds per step): partial out (n_part, D),
+        # partial lse (n_part,), then the returned lse (a view: it keeps the workspace alive).
+        work_elems=plan.n_part * (D + 1) + B * Hq * Sq, lse_offset=plan.n_part * (D + 1),
+        split_fn=_launch.kernel_function(plan.variant, "split", device_index),
+        merge_fn=_launch.kernel_function(plan.variant, "merge", device_index),
+        split_params=_launch.ParamBlock(split_args),
+        merge_params=_launch.ParamBlock(merge_args),
+    )
+
+
 def decode_forward(problem: AttentionProblem, q, k, v, seqlens_k, splits: int | None = None,
                    tiles: tuple | None = None):
     """`Backend.forward`'s contract with the key range split across blocks.
@@ -179,43 +248,35 @@ def decode_forward(problem: AttentionProblem, q, k, v, seqlens_k, splits: int | 
     tile, stages; default `_compile.DECODE_TILES`) override the launch, for tests and tuning;
     the result depends on them only through rounding, and is bitwise the same run to run for
     one configuration.
+
+    A decoding loop calls this with one signature (problem, shapes, strides, dtypes, devices,
+    alignment) every step: the checks and launch setup run once per signature, and a step
+    costs two allocations and two launches.
     """
-    check_args(problem, q, k, v, seqlens_k, splits, tiles)
-    if splits is None:
-        splits = num_splits(problem, sm_count(q.device))
-    plan = _plan(problem, splits, tiles)
-    D = problem.head_dim
-    # One workspace (allocations cost microseconds per step): partial out (n_part, D), partial
-    # lse (n_part,), then the returned lse (a view: it keeps the small workspace alive).
-    B, Hq, Sq = problem.batch, problem.heads_q, problem.seqlen_q
-    work = torch.empty(plan.n_part * (D + 1) + B * Hq * Sq, dtype=torch.float32,
-                       device=q.device)
-    lse = work[plan.n_part * (D + 1):].view(B, Hq, Sq)
+    key = _signature(problem, q, k, v, seqlens_k, splits, tiles)
+    prep = _prepared.get(key) if key is not None else None
+    if prep is None:
+        prep = _prepare(problem, q, k, v, seqlens_k, splits, tiles)
+        if key is not None:
+            if len(_prepared) >= _MAX_PREPARED:
+                _prepared.clear()
+            _prepared[key] = prep
+    plan = prep.plan
+    dev = q.device
+    work = torch.empty(prep.work_elems, dtype=torch.float32, device=dev)
+    B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
+    out = torch.empty_strided((B, Hq, Sq, D), prep.out_strides, dtype=q.dtype, device=dev)
+    lse = work.as_strided((B, Hq, Sq), (Hq * Sq, Sq, 1), prep.lse_offset)
     part_o = work.data_ptr()
     part_l = part_o + plan.n_part * D * 4
-    out = _launch._like_layout(q)
-    vec = (not plan.fp32) and _launch._vec_ok(D, q, k, v)
-    # Pointers and strides as Python ints: CuPy passes them as int64, the width of the
-    # kernels' pointer and i64 parameters (numpy scalars would cost a conversion each).
-    split_args = (
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), part_o, part_l,
-        0 if seqlens_k is None else seqlens_k.data_ptr(),
-        *q.stride(), *k.stride(), *v.stride(),
-        *plan.split_tail, np.int32(vec),
-    )
-    merge_args = (part_o, part_l, out.data_ptr(), lse.data_ptr(), *out.stride()[:3],
-                  *plan.merge_tail)
-    _run(plan, split_args, merge_args, _launch._device_index(q))
+    index = prep.device_index
+    with _launch.on_device(index):
+        stream = _launch.current_stream(index)
+        prep.split_params.launch_slots(
+            prep.split_fn, plan.split_grid, plan.split_block, _SPLIT_POINTERS,
+            (q.data_ptr(), k.data_ptr(), v.data_ptr(), part_o, part_l,
+             0 if seqlens_k is None else seqlens_k.data_ptr()), plan.split_smem, stream)
+        prep.merge_params.launch_slots(
+            prep.merge_fn, plan.merge_grid, plan.merge_block, _MERGE_POINTERS,
+            (part_o, part_l, out.data_ptr(), lse.data_ptr()), 0, stream)
     return out, lse
-
-
-def _run(plan: _Plan, split_args, merge_args, device_index: int) -> None:
-    """Both launches, in order, on torch's current stream of the tensors' device."""
-    _launch.run_kernels([
-        (_launch.param_block((plan, "split"), split_args),
-         _launch.kernel_function(plan.variant, "split", device_index), plan.split_grid,
-         plan.split_block, split_args, plan.split_smem),
-        (_launch.param_block((plan, "merge"), merge_args),
-         _launch.kernel_function(plan.variant, "merge", device_index), plan.merge_grid,
-         plan.merge_block, merge_args, 0),
-    ], device_index)

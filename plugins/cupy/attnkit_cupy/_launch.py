@@ -8,10 +8,10 @@ calls order correctly with the surrounding PyTorch work without any synchronizat
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import threading
-import warnings
 
 import numpy as np
 import torch
@@ -67,13 +67,15 @@ def check_inputs(q, k, v, seqlens_k, *, require_cuda: bool = True) -> None:
     if Sq + Sk >= MAX_SEQ_SUM:
         raise ValueError(f"Sq + Sk = {Sq + Sk} must be < {MAX_SEQ_SUM} for the cupy backend")
     if seqlens_k is not None:
-        desc = describe_tensor("seqlens_k", seqlens_k)
         if seqlens_k.dtype != torch.int32 or not seqlens_k.is_contiguous():
-            raise TypeError(f"{desc} must be a contiguous int32 tensor")
+            raise TypeError(f"{describe_tensor('seqlens_k', seqlens_k)} must be a contiguous "
+                            "int32 tensor")
         if tuple(seqlens_k.shape) != (B,):
-            raise ValueError(f"{desc} must have shape ({B},)")
+            raise ValueError(f"{describe_tensor('seqlens_k', seqlens_k)} must have shape "
+                             f"({B},)")
         if seqlens_k.device != q.device:
-            raise ValueError(f"{desc} must be on q's device {q.device}")
+            raise ValueError(f"{describe_tensor('seqlens_k', seqlens_k)} must be on q's "
+                             f"device {q.device}")
 
 
 def check_backward(q, out, lse, dout) -> None:
@@ -91,24 +93,15 @@ def check_backward(q, out, lse, dout) -> None:
 
 # -- launch helpers -------------------------------------------------------------------------
 
-_streams: dict[tuple[int, int], object] = {}
+def _stream_getter():
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:  # the handle as an int, without building a torch Stream object
+        return raw
+    return lambda device_index: torch.cuda.current_stream(device_index).cuda_stream
 
 
-def _cupy_stream(device_index: int):
-    """CuPy's view of PyTorch's current stream on this device (cached per stream handle)."""
-    import cupy
-
-    ptr = torch.cuda.current_stream(device_index).cuda_stream
-    key = (device_index, ptr)
-    s = _streams.get(key)
-    if s is None:
-        with warnings.catch_warnings():
-            # CuPy 14 deprecates ExternalStream for Stream.from_external, which needs the
-            # __cuda_stream__ protocol; a raw handle works on CuPy 13 and 14 alike.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            s = cupy.cuda.ExternalStream(ptr, device_index)
-        _streams[key] = s
-    return s
+#: ``current_stream(device_index)``: the handle of PyTorch's current stream on that device.
+current_stream = _stream_getter()
 
 
 _functions: dict[tuple, object] = {}
@@ -132,28 +125,40 @@ _CTYPES = {int: ctypes.c_int64, np.int64: ctypes.c_int64, np.uint64: ctypes.c_ui
            np.int32: ctypes.c_int32, np.float32: ctypes.c_float}
 
 
+_driver = None  # cupy_backends.cuda.api.driver, imported on the first launch
+
+
 class ParamBlock:
     """One kernel's arguments as ``cuLaunchKernel`` takes them: a ctypes value per argument
-    and the array of their addresses, built once per launch site and refilled per call.
+    and the array of their addresses, built (and filled with ``args``) once per launch site;
+    each call refills all arguments, or only some (`launch_slots`).
     CuPy's own launch wraps every argument in a new object on every call (~30 arguments per
     kernel); this cut a decoding step's host time from ~133 to ~112 us on the H100
     (benchmarks/NOTES.md, cupy decode)."""
 
     def __init__(self, args):
-        self.values = [_CTYPES[type(a)]() for a in args]
+        self.values = [_CTYPES[type(a)](a) for a in args]
         self.addresses = (ctypes.c_void_p * len(args))(
             *[ctypes.addressof(v) for v in self.values])
         self.pointer = ctypes.addressof(self.addresses)
         self.lock = threading.Lock()
 
     def launch(self, fn, grid, block, args, smem: int, stream_ptr: int) -> None:
-        from cupy_backends.cuda.api import driver
+        """Fill every argument, then launch."""
+        self.launch_slots(fn, grid, block, range(len(self.values)), args, smem, stream_ptr)
 
+    def launch_slots(self, fn, grid, block, slots, args, smem: int, stream_ptr: int) -> None:
+        """Refill only the arguments at ``slots`` (e.g. the pointers, when the rest were
+        filled once for a launch site), then launch."""
+        global _driver
+        if _driver is None:
+            from cupy_backends.cuda.api import driver as _driver
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        values = self.values
         with self.lock:  # the driver copies the values at launch; refill only after that
-            for slot, a in zip(self.values, args):
-                slot.value = a
-            driver.launchKernel(fn.ptr, gx, gy, gz, block[0], 1, 1, smem, stream_ptr,
+            for i, a in zip(slots, args):
+                values[i].value = a
+            _driver.launchKernel(fn.ptr, gx, gy, gz, block[0], 1, 1, smem, stream_ptr,
                                 self.pointer, 0)
 
 
@@ -175,16 +180,23 @@ def param_block(site, args) -> ParamBlock:
 def run_kernels(launches, device_index: int) -> None:
     """``launches``: (ParamBlock, function, grid, block, args, shared_mem) tuples, run in
     order through ``cuLaunchKernel`` on torch's current stream of ``device_index``."""
+    with on_device(device_index):
+        stream = current_stream(device_index)
+        for params, fn, grid, block, args, smem in launches:
+            params.launch(fn, grid, block, args, smem, stream)
+
+
+_NOTHING = contextlib.nullcontext()  # reusable
+
+
+def on_device(device_index: int):
+    """A context making ``device_index`` CUDA's current device (``cuLaunchKernel`` launches
+    on the current context); nothing to do, and nearly free, when it already is."""
     import cupy
 
-    stream = _cupy_stream(device_index).ptr
     if cupy.cuda.runtime.getDevice() == device_index:
-        for params, fn, grid, block, args, smem in launches:
-            params.launch(fn, grid, block, args, smem, stream)
-        return
-    with cupy.cuda.Device(device_index):
-        for params, fn, grid, block, args, smem in launches:
-            params.launch(fn, grid, block, args, smem, stream)
+        return _NOTHING
+    return cupy.cuda.Device(device_index)
 
 
 def _launch(variant, role, grid, args, device_index):

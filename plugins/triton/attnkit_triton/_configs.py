@@ -74,7 +74,18 @@ _HOPPER_BWD = {
 # D=64 (same sweep at D=64): forward non-causal 128x64 w8 on pointers 312 vs 258 through
 # TMA, causal 64x64 w4 195 vs 185; dK/dV 32x64 w4 pointers 236 vs 219 non-causal, 154 vs 127
 # causal; dQ causal 64x32 w4 256 vs 232.
-SHORT_SEQLEN = 512
+# D=128 at S=1k (sweep at S=1024, third session): the same configs win again (forward 64x64
+# w4 pointers 407 vs 366 TFLOP/s non-causal, 308 vs 261 causal; dK/dV non-causal 281 vs 236;
+# dQ causal 317 vs 264), so the short tables reach 1k there; D=64 was not swept at 1k. A
+# second S=512 sweep with more candidates: dK/dV causal 32x64 w4 2 stages on pointers 169 vs
+# 147 (3 stages through TMA).
+SHORT_SEQLEN = {64: 512, 128: 1024}
+
+
+@functools.cache
+def short_seqlen(head_dim: int) -> int:
+    """Longest max(Sq, Sk) that takes the short-sequence tables at this head dim."""
+    return SHORT_SEQLEN.get(padded_head_dim(head_dim), 0)
 _HOPPER_FWD_SHORT = {
     (64, False): KernelConfig(128, 64, 8, 3, tma=False),
     (64, True): KernelConfig(64, 64, 4, 3, tma=False),
@@ -85,7 +96,7 @@ _HOPPER_BWD_SHORT = {
     (64, False): (KernelConfig(32, 64, 4, 3, tma=False), KernelConfig(64, 64, 4, 3, tma=False)),
     (64, True): (KernelConfig(32, 64, 4, 3, tma=False), KernelConfig(64, 32, 4, 3, tma=False)),
     (128, False): (KernelConfig(32, 64, 4, 3, tma=False), _HOPPER_BWD[(128, False)][1]),
-    (128, True): (_HOPPER_BWD[(128, True)][0], KernelConfig(64, 32, 4, 3, tma=False)),
+    (128, True): (KernelConfig(32, 64, 4, 2, tma=False), KernelConfig(64, 32, 4, 3, tma=False)),
 }
 # Everything else (Ampere and newer non-Hopper parts): shared-memory-safe sizes.
 _DEFAULT_FWD = {
@@ -121,7 +132,7 @@ def _arch(device) -> int:
 
 def forward_config(head_dim: int, causal: bool, dtype, device,
                    short: bool = False) -> KernelConfig:
-    """``short``: max(Sq, Sk) <= SHORT_SEQLEN (see _HOPPER_FWD_SHORT)."""
+    """``short``: max(Sq, Sk) <= short_seqlen(head_dim) (see _HOPPER_FWD_SHORT)."""
     return _forward_config(head_dim, causal, dtype, device, interpreting(), short)
 
 

@@ -103,6 +103,41 @@ class FastKernel:
         return compiled
 
 
+    def direct(self, grid, args, constexprs) -> DirectLaunch:
+        """Launch once, as ``self[grid](*args, **constexprs)``, and return a `DirectLaunch`
+        for later calls of this launch site whose arguments have the same key (the caller's
+        own cache must guarantee it: tensor dtypes and 16-byte alignment, every other
+        argument's value)."""
+        return DirectLaunch(self, grid, constexprs, self.launch(grid, args, constexprs))
+
+
+class DirectLaunch:
+    """One launch site with its kernel, grid and constexprs resolved: ``site(*args)`` calls
+    the compiled kernel's launcher with no key at all. Pointers may be passed as ints (a
+    workspace's parts, without building tensor views) while `fast_launches` is true."""
+
+    def __init__(self, kernel: FastKernel, grid, constexprs, compiled):
+        self.kernel, self.grid, self.constexprs, self.compiled = kernel, grid, constexprs, compiled
+        self.tail = tuple(constexprs[n] for n in kernel.constexpr_names)
+        self.gx, self.gy, self.gz = (tuple(grid) + (1, 1))[:3]
+
+    def __call__(self, *args):
+        c = self.compiled
+        if c is None or not _fast_enabled():
+            return self.kernel.fn[self.grid](*args, **self.constexprs)
+        driver = triton.runtime.driver.active
+        stream = driver.get_current_stream(driver.get_current_device())
+        c.run(self.gx, self.gy, self.gz, stream, c.function, c.packed_metadata, None, None,
+              None, *args, *self.tail)
+        return c
+
+
+def fast_launches() -> bool:
+    """Whether launches go directly to compiled kernels (else through Triton's path, where
+    every pointer must be a tensor)."""
+    return _fast_enabled()
+
+
 def _fast_enabled() -> bool:
     if not ENABLED or interpreting() or _hooks_set():
         return False

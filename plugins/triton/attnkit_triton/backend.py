@@ -18,11 +18,11 @@ import torch
 from attnkit.backend import Backend, Capabilities
 
 from ._configs import (
-    SHORT_SEQLEN,
     backward_configs,
     forward_config,
     interpreting,
     padded_head_dim,
+    short_seqlen,
 )
 
 _TMA_ENV = "ATTNKIT_TRITON_TMA"
@@ -183,7 +183,7 @@ class TritonBackend(Backend):
 
 
 def _short(problem) -> bool:
-    return max(problem.seqlen_q, problem.seqlen_k) <= SHORT_SEQLEN
+    return max(problem.seqlen_q, problem.seqlen_k) <= short_seqlen(problem.head_dim)
 
 
 def _on_device(t: torch.Tensor):

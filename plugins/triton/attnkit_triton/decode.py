@@ -13,6 +13,7 @@ read from memory once per kv head, not once per query head.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,7 +24,7 @@ from attnkit.spec import AttentionProblem
 
 from ._band import valid_keys
 from ._configs import interpreting
-from ._launcher import FastKernel, cdiv
+from ._launcher import DirectLaunch, FastKernel, cdiv, fast_launches
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -254,42 +255,89 @@ def use_split_kv(problem: AttentionProblem) -> bool:
     return num_splits(problem) > 1
 
 
+class _Prepared(NamedTuple):
+    """One call signature's two launch sites and workspace layout (see `_launch`)."""
+
+    split: DirectLaunch
+    merge: DirectLaunch
+    n_part: int  # partial rows: B * Hq * Sq * splits
+    out_strides: tuple  # q's layout, as torch.empty_like(q) gives
+
+
+_prepared: dict = {}
+_MAX_PREPARED = 256
+
+
+def _signature(problem, q, k, v, seqlens_k, config):
+    """What fixes both kernels' specialization besides the problem: strides, dtypes and
+    16-byte alignment of every tensor argument (workspace parts are aligned by construction)."""
+    return (problem, config, q.stride(), k.stride(), v.stride(), k.dtype, v.dtype,
+            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,
+            None if seqlens_k is None else seqlens_k.data_ptr() & 15)
+
+
 def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages):
+    """Both launches. The first call of a signature goes through `FastKernel` (Triton's path
+    if the kernel is new) and keeps the resolved launch sites; later calls hand the compiled
+    kernels their arguments directly: a decoding step repeats one signature, and this is
+    most of its host time."""
     B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
+    key = _signature(problem, q, k, v, seqlens_k, (splits, block_n, num_warps, num_stages))
+    prep = _prepared.get(key)
+    dev = q.device
+    # One workspace: partial out (n_part, D), partial lse (n_part,), lse (B, Hq, Sq).
+    n_part = B * Hq * Sq * splits
+    work = torch.empty(n_part * (D + 1) + B * Hq * Sq, dtype=torch.float32, device=dev)
+    lse = work.as_strided((B, Hq, Sq), (Hq * Sq, Sq, 1), n_part * (D + 1))
+    if prep is not None:
+        out = torch.empty_strided(q.shape, prep.out_strides, dtype=q.dtype, device=dev)
+        seq = seqlens_k if seqlens_k is not None else q
+        if fast_launches():  # workspace parts as addresses: no tensor views to build
+            part_o = work.data_ptr()
+            part_l = part_o + n_part * D * 4
+        else:
+            part_o, part_l = work[: n_part * D], work[n_part * D: n_part * (D + 1)]
+        prep.split(q, k, v, seq, part_o, part_l, *q.stride(), *k.stride(), *v.stride(),
+                   *_split_scalars(problem, splits))
+        prep.merge(part_o, part_l, out, lse, *prep.out_strides, Hq, Sq, splits)
+        return out, lse
+
     Hkv, G = problem.heads_kv, problem.group_size
     block_m, default_n, block_d = _tiles(problem)
     block_n = block_n or default_n
     left, right = problem.band
-    dev = q.device
-    # One workspace for both partials: an allocation costs microseconds on every step.
-    n_part = B * Hq * Sq * splits
-    work = torch.empty(n_part * (D + 1), dtype=torch.float32, device=dev)
-    part_o, part_l = work[: n_part * D], work[n_part * D:]
+    part_o, part_l = work[: n_part * D], work[n_part * D: n_part * (D + 1)]
     out = torch.empty_like(q)  # q's layout: a transposed (B, S, H, D) q gets the same out
-    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
+    split = _SPLIT.direct(
+        (splits * B * Hkv, cdiv(G * Sq, block_m)),
+        (q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l,
+         *q.stride(), *k.stride(), *v.stride(), *_split_scalars(problem, splits)),
+        dict(GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+             HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=left is not None,
+             HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
+             IEEE_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16
+                                                   and interpreting()),
+             num_warps=num_warps, num_stages=num_stages))
+    merge = _MERGE.direct(
+        (B * Hq * Sq,), (part_o, part_l, out, lse, *out.stride(), Hq, Sq, splits),
+        dict(HEAD_DIM=D, BLOCK_S=max(_next_pow2(splits), 2), BLOCK_D=block_d,
+             num_warps=4 if block_d * _next_pow2(splits) >= 4096 else 2))
+    if len(_prepared) >= _MAX_PREPARED:
+        _prepared.clear()
+    _prepared[key] = _Prepared(split, merge, n_part, out.stride())
+    return out, lse
 
+
+@functools.lru_cache(maxsize=1024)
+def _split_scalars(problem: AttentionProblem, splits: int) -> tuple:
+    """The split kernel's scalar arguments after the strides."""
+    left, right = problem.band
     if problem.softcap is not None:
         qk_scale, cap_log2 = problem.scale / problem.softcap, problem.softcap * LOG2E
     else:
         qk_scale, cap_log2 = problem.scale * LOG2E, 1.0
-    row_blocks = cdiv(G * Sq, block_m)
-    _SPLIT[(splits * B * Hkv, row_blocks)](
-        q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l,
-        *q.stride(), *k.stride(), *v.stride(),
-        Hq, Hkv, Sq, problem.seqlen_k, splits,
-        qk_scale, cap_log2, left or 0, right or 0,
-        GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=left is not None,
-        HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
-        IEEE_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting()),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    _MERGE[(B * Hq * Sq,)](
-        part_o, part_l, out, lse, *out.stride(), Hq, Sq, splits,
-        HEAD_DIM=D, BLOCK_S=max(_next_pow2(splits), 2), BLOCK_D=block_d,
-        num_warps=4 if block_d * _next_pow2(splits) >= 4096 else 2,
-    )
-    return out, lse
+    return (problem.heads_q, problem.heads_kv, problem.seqlen_q, problem.seqlen_k, splits,
+            qk_scale, cap_log2, left or 0, right or 0)
 
 
 # -- public --------------------------------------------------------------------------------
