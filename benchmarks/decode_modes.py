@@ -65,18 +65,9 @@ def _gpu_us(fn, flush, n=40) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
 
 
-def _host_us(fn, n=100) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
-
-
 def child(lengths) -> dict:
     from attnkit.bench import timing
+    from attnkit.bench.timing import host_us
 
     dev = torch.device("cuda", 0)
     timing.prepare(dev)
@@ -92,7 +83,7 @@ def child(lengths) -> dict:
                 "bench_us": round(bench, 1), "bench_tbs": round(gb / bench * 1e3, 2),
                 "gpu_flush_us": round(_gpu_us(fn, flush), 1),
                 "gpu_us": round(_gpu_us(fn, None), 1),
-                "host_us": round(_host_us(fn), 1),
+                "host_us": round(host_us(fn), 1),
             }
     return rows
 
@@ -108,7 +99,7 @@ def main() -> None:
         print(json.dumps(child(args.lengths)))
         return
     procs = []
-    for i in range(args.procs):
+    for _ in range(args.procs):
         r = subprocess.run([sys.executable, __file__, "--child", "--lengths",
                             *map(str, args.lengths)], capture_output=True, text=True)
         if r.returncode:

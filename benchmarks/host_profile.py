@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnkit
-from attnkit.bench.timing import wall_us
+from attnkit.bench.timing import host_us, wall_us
 
 
 def _cases():
@@ -61,17 +61,6 @@ def _cases():
     return cases
 
 
-def _host_us(fn, n):
-    """Host time alone: the clock stops before the sync."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
-
-
 def _gpu_us(fn, n):
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
           for _ in range(n)]
@@ -102,7 +91,7 @@ def main():
         except Exception as e:  # report, go on with the others
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue
-        wall, host = wall_us(fn, args.calls), _host_us(fn, args.calls)
+        wall, host = wall_us(fn, args.calls), host_us(fn, args.calls)
         gpu = _gpu_us(fn, min(args.calls, 50))
         rows[name] = {"wall_us": round(wall, 1), "host_us": round(host, 1),
                       "event_us": round(gpu, 1)}

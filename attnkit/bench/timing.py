@@ -160,3 +160,15 @@ def wall_us(fn: Callable[[], object], n: int = 50) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e6
+
+
+def host_us(fn: Callable[[], object], n: int = 100) -> float:
+    """Host time per call in microseconds, ``n`` calls back to back after a sync: the clock
+    stops before the closing sync, so it counts what the CPU spends launching, not the GPU."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return t
