@@ -27,7 +27,7 @@ import torch
 B, HQ, HKV, D = 16, 32, 8, 128
 
 
-def _contenders(Sk: int):
+def _contenders(Sk: int, order):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -43,10 +43,10 @@ def _contenders(Sk: int):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
 
-    out = {"sdpa-flash": flash}
-    for name in ("triton", "cupy"):
-        out[name] = (lambda name=name: attnkit.attention_with_kvcache(
-            q, kc, vc, lens, backend=name))
+    out = {}
+    for name in order:
+        out[name] = flash if name == "sdpa-flash" else (
+            lambda name=name: attnkit.attention_with_kvcache(q, kc, vc, lens, backend=name))
     return out
 
 
@@ -65,7 +65,7 @@ def _gpu_us(fn, flush, n=40) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
 
 
-def child(lengths) -> dict:
+def child(lengths, order) -> dict:
     from attnkit.bench import timing
     from attnkit.bench.timing import host_us
 
@@ -75,7 +75,7 @@ def child(lengths) -> dict:
     rows = {}
     for Sk in lengths:
         gb = 2 * B * HKV * Sk * D * 2 / 1e9
-        for name, fn in _contenders(Sk).items():
+        for name, fn in _contenders(Sk, order).items():
             fn()
             torch.cuda.synchronize()
             bench = timing.measure(fn, dev).median_ms * 1e3
@@ -92,16 +92,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--procs", type=int, default=6)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--contenders", nargs="+", default=["sdpa-flash", "triton", "cupy"],
+                    help="timed in this order in every process")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.lengths)))
+        print(json.dumps(child(args.lengths, args.contenders)))
         return
     procs = []
     for _ in range(args.procs):
         r = subprocess.run([sys.executable, __file__, "--child", "--lengths",
-                            *map(str, args.lengths)], capture_output=True, text=True)
+                            *map(str, args.lengths), "--contenders", *args.contenders],
+                           capture_output=True, text=True)
         if r.returncode:
             print(r.stderr[-2000:], file=sys.stderr)
             continue

@@ -29,10 +29,15 @@ DTYPES = ("fp16", "bf16", "fp32")
 _ELEM = {"fp16": "Half", "bf16": "BF16"}
 
 #: fp16/bf16 tiles per padded head dim (tuned on an H100, see benchmarks/NOTES.md (CuPy section)):
-#: forward (warps, 16-row slabs per warp, keys per tile), dq (keys per tile) and dkdv
-#: (warps, queries per tile). Register budget: accumulators must stay under 255 per thread.
-FWD_TILES = {32: (4, 2, 64), 64: (4, 2, 64), 96: (4, 2, 64), 128: (4, 2, 64),
-             192: (4, 1, 64), 256: (4, 1, 32)}
+#: forward (warps, 16-row slabs per warp, keys per tile, option bits FWD_*), dq (keys per tile)
+#: and dkdv (warps, queries per tile). Register budget: accumulators must stay under 255 per
+#: thread.
+FWD_TILES = {32: (4, 2, 64, 0), 64: (4, 2, 64, 1), 96: (4, 2, 64, 0), 128: (4, 2, 64, 2),
+             192: (4, 1, 64, 0), 256: (4, 1, 32, 0)}
+#: Forward option bits (the FWD_* macros of forward.cu): Q fragments kept in registers across
+#: key tiles (DP <= 64), the accumulator rescale skipped when no row max of a warp grew, and
+#: the older two-barrier pipeline (kept for A/B sweeps).
+FWD_QREG, FWD_LAZY, FWD_TWO_BARRIERS = 1, 2, 4
 DQ_TILES = {32: 64, 64: 64, 96: 64, 128: 64, 192: 32, 256: 32}
 DKV_TILES = {32: (8, 64), 64: (4, 64), 96: (8, 32), 128: (4, 64), 192: (4, 32), 256: (4, 32)}
 #: Split-KV decode, fp16/bf16: (warps, keys per streamed tile, pipeline stages). Each warp takes
@@ -89,8 +94,8 @@ class Variant:
                     "dkdv": f"bwd_dkdv_f32_kernel<{dp}, {flags}"}
         t = _ELEM[self.dtype]
         if self.source == "forward":
-            nw, mt, bn = self.tiles
-            return {"fwd": f"fwd_kernel<{t}, {dp}, {nw}, {mt}, {bn}, {flags}"}
+            nw, mt, bn, opt = self.tiles
+            return {"fwd": f"fwd_kernel<{t}, {dp}, {nw}, {mt}, {bn}, {opt}, {flags}"}
         bn, (nw, bq) = self.tiles
         return {"delta": f"bwd_delta_kernel<{t}>",
                 "dq": f"bwd_dq_kernel<{t}, {dp}, {bn}, {flags}",
@@ -118,7 +123,7 @@ class Variant:
             return br, 128, (2 * br * dp + 2 * bc * ldc + 2 * bc) * 4
         lds = dp + 8
         if role == "fwd":
-            nw, mt, bn = self.tiles
+            nw, mt, bn, _ = self.tiles
             bm = nw * 16 * mt
             return bm, nw * 32, (bm + 4 * bn) * lds * 2
         if role == "dq":

@@ -26,9 +26,13 @@ from attnkit_cupy import _compile  # noqa: E402
 import attnkit  # noqa: E402
 from attnkit.testing.cases import Case  # noqa: E402
 
+_Q, _L, _T2 = _compile.FWD_QREG, _compile.FWD_LAZY, _compile.FWD_TWO_BARRIERS
 #: Alternative fp16/bf16 tiles tried by --sweep (the current table entry is tried first).
+#: Forward: (warps, slabs, keys per tile, option bits); adding _T2 (the earlier two-barrier
+#: pipeline) to the default bits isolates the pipeline change.
 SWEEP = {
-    "fwd": {64: [(4, 2, 128), (8, 1, 64)], 128: [(4, 2, 32), (8, 1, 64), (8, 2, 32)]},
+    "fwd": {64: [(4, 2, 64, 0), (4, 2, 64, _Q | _L), (4, 2, 64, _L), (4, 2, 64, _Q | _T2)],
+            128: [(4, 2, 64, 0), (4, 2, 32, _L), (8, 2, 32, _L), (4, 2, 64, _L | _T2)]},
     "dq": {64: [32], 128: [32]},
     "dkdv": {64: [(4, 64), (8, 32)], 128: [(4, 32), (8, 64), (4, 64)]},
 }
@@ -102,13 +106,14 @@ def time_cupy(D, S, causal, dtype=torch.bfloat16) -> tuple[float, float]:
     return fwd, bench(lambda: f().backward(dout), grad_to_none=[q, k, v])
 
 
-def sweep(S=4096) -> list[dict]:
+def sweep(S=4096, kinds=tuple(SWEEP)) -> list[dict]:
     """Time alternative tiles for one kernel at a time (others at their table value), and
     check each alternative's results on a masked GQA case against the float64 reference."""
     import check_cuda
 
+    plan = {kind: SWEEP[kind] for kind in kinds}
     variants = set()
-    for kind, per_dim in SWEEP.items():
+    for kind, per_dim in plan.items():
         for D, alts in per_dim.items():
             base = _TABLES[kind][D]
             for alt in alts:
@@ -118,7 +123,7 @@ def sweep(S=4096) -> list[dict]:
             _TABLES[kind][D] = base
     check_cuda.warm(variants, 16)  # compile every alternative in parallel first
     out = []
-    for kind, per_dim in SWEEP.items():
+    for kind, per_dim in plan.items():
         table = _TABLES[kind]
         for D, alts in per_dim.items():
             base = table[D]
@@ -150,10 +155,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--sweep", action="store_true", help="time alternative tiles instead")
+    ap.add_argument("--kinds", nargs="+", choices=sorted(SWEEP), default=sorted(SWEEP),
+                    help="the kernels whose alternatives --sweep times")
     args = ap.parse_args(argv)
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     if args.sweep:
-        rows = sweep()
+        rows = sweep(kinds=tuple(args.kinds))
     else:
         rows = run(args.seqlens, args.dims, causals)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)

@@ -132,6 +132,25 @@ class DirectLaunch:
         return c
 
 
+    def run(self, stream: int, *args):
+        """Launch directly on ``stream``; the caller checked `fast_launches` and that
+        ``compiled`` is set (one check per step instead of one per launch)."""
+        c = self.compiled
+        c.run(self.gx, self.gy, self.gz, stream, c.function, c.packed_metadata, None, None,
+              None, *args, *self.tail)
+
+
+def _raw_stream_getter():
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:  # the handle as an int, without Triton's driver wrappers
+        return raw
+    return lambda index: torch.cuda.current_stream(index).cuda_stream
+
+
+#: ``current_stream(device_index)``: the handle of PyTorch's current stream on that device.
+current_stream = _raw_stream_getter()
+
+
 def fast_launches() -> bool:
     """Whether launches go directly to compiled kernels (else through Triton's path, where
     every pointer must be a tensor)."""

@@ -24,7 +24,7 @@ from attnkit.spec import AttentionProblem
 
 from ._band import valid_keys
 from ._configs import interpreting
-from ._launcher import DirectLaunch, FastKernel, cdiv, fast_launches
+from ._launcher import DirectLaunch, FastKernel, cdiv, current_stream, fast_launches
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -292,14 +292,20 @@ def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages)
     if prep is not None:
         out = torch.empty_strided(q.shape, prep.out_strides, dtype=q.dtype, device=dev)
         seq = seqlens_k if seqlens_k is not None else q
-        if fast_launches():  # workspace parts as addresses: no tensor views to build
+        if (fast_launches() and prep.split.compiled is not None
+                and prep.merge.compiled is not None):
+            # Workspace parts as addresses (no tensor views), one stream lookup per step.
+            stream = current_stream(dev.index)
             part_o = work.data_ptr()
             part_l = part_o + n_part * D * 4
+            prep.split.run(stream, q, k, v, seq, part_o, part_l, *q.stride(), *k.stride(),
+                           *v.stride(), *_split_scalars(problem, splits))
+            prep.merge.run(stream, part_o, part_l, out, lse, *prep.out_strides, Hq, Sq, splits)
         else:
             part_o, part_l = work[: n_part * D], work[n_part * D: n_part * (D + 1)]
-        prep.split(q, k, v, seq, part_o, part_l, *q.stride(), *k.stride(), *v.stride(),
-                   *_split_scalars(problem, splits))
-        prep.merge(part_o, part_l, out, lse, *prep.out_strides, Hq, Sq, splits)
+            prep.split(q, k, v, seq, part_o, part_l, *q.stride(), *k.stride(), *v.stride(),
+                       *_split_scalars(problem, splits))
+            prep.merge(part_o, part_l, out, lse, *prep.out_strides, Hq, Sq, splits)
         return out, lse
 
     Hkv, G = problem.heads_kv, problem.group_size

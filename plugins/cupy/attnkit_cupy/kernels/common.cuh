@@ -285,3 +285,81 @@ ATTN_DEVICE void f32_softmax_pv(float x, float& m, float& l, float* acc, const f
         for (int c = 0; c < DPL; ++c) acc[c] = fmaf(pj, sV[jj * DP + lane + 32 * c], acc[c]);
     }
 }
+
+// ---- forward helpers ----------------------------------------------------------------------
+
+// A compile-time bool as a value, to instantiate a generic lambda once per case.
+template <bool B> struct BoolTag {
+    static constexpr bool value = B;
+};
+
+// mma.sync m16n8k16 with a zero accumulator: the first k-step of a score tile writes c instead
+// of reading it, so the tile needs no zeroing moves (ptxas feeds the zero as RZ).
+template <typename T> struct MmaZero;
+
+template <> struct MmaZero<Half> {
+    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+    }
+};
+
+template <> struct MmaZero<BF16> {
+    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+    }
+};
+
+// Streams (ROWS x DP) 16-bit tiles with cp.async where every thread always copies the same
+// 16-byte column chunk: a row is taken as CHV chunks (DP / 8 rounded up to a power of two,
+// those past DP / 8 idle) and thread t copies chunk t % CHV of rows t / CHV + p * RS. Its
+// global address is then one pointer advanced by a fixed step and its shared address a
+// constant offset, instead of a row/column split and a 64-bit multiply per chunk. `fits` says
+// whether the scheme applies to these sizes; callers use load_tile_16 otherwise, and for tiles
+// with rows past the valid ones (load_rows takes whole tiles only).
+template <int ROWS, int DP, int LDS, int NT> struct RowStream {
+    static constexpr int CH = DP / 8;
+    static constexpr int CHV = CH <= 4 ? 4 : CH <= 8 ? 8 : CH <= 16 ? 16 : 32;
+    static constexpr int RS = NT / CHV > 0 ? NT / CHV : 1;  // rows per pass
+    static constexpr bool fits = CH <= 32 && NT % CHV == 0 && ROWS % RS == 0;
+    static constexpr int PASSES = ROWS / RS;
+
+    // This thread's byte offset inside a tile in shared memory.
+    static ATTN_DEVICE u32 smem_offset() {
+        return (u32)(((threadIdx.x / CHV) * LDS + (threadIdx.x % CHV) * 8) * 2);
+    }
+    // This thread's element offset inside a tile in global memory (row stride s_row).
+    static ATTN_DEVICE i64 global_offset(i64 s_row) {
+        return (i64)(threadIdx.x / CHV) * s_row + (threadIdx.x % CHV) * 8;
+    }
+    // Whether this thread's chunk holds data (columns < D): the others zero-fill theirs.
+    static ATTN_DEVICE bool col_ok(int D) { return (int)(threadIdx.x % CHV) * 8 < D; }
+    // This thread's first row (its rows are first_row() + p * RS).
+    static ATTN_DEVICE int first_row() { return (int)(threadIdx.x / CHV); }
+    // Copy a tile starting at g (already offset by global_offset). A thread whose chunk is past
+    // D (col_ok false) zero-fills it from `safe`; with PRED so does a row p * RS >= rows (rows
+    // counted from first_row()), else every row is copied.
+    template <bool PRED>
+    static ATTN_DEVICE void load_rows(u32 sm, const u16* g, i64 s_row, bool col_ok,
+                                      const u16* safe, int rows) {
+        if (CHV != CH && threadIdx.x % CHV >= CH) return;  // a chunk past the padded row
+        const u16* src = col_ok ? g : safe;
+        const i64 step = col_ok ? RS * s_row : 0;
+        const int bytes = col_ok ? 16 : 0;
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            if (PRED) {
+                const bool ok = col_ok && p * RS < rows;
+                cp_async16(sm + p * RS * LDS * 2, ok ? src : safe, ok ? 16 : 0);
+            } else {
+                cp_async16(sm + p * RS * LDS * 2, src, bytes);  // src is `safe` if !col_ok
+            }
+            src += step;
+        }
+    }
+};

@@ -14,11 +14,26 @@
 // mask code (without it only key padding, Sk and seqlens_k, is masked), SOFTCAP the tanh cap.
 #include "common.cuh"
 
+// Option bits of fwd_kernel (OPT, the fourth element of _compile.FWD_TILES entries).
+// FWD_QREG: this warp's Q fragments are read from shared memory once and kept in registers
+//   across key tiles (MT * DP / 4 registers: for DP <= 64).
+// FWD_LAZY: the accumulator rescale by exp2(m_old - m_new) is skipped for a tile where no row
+//   of the warp changed its maximum (the factor would be exactly 1: same result bits).
+// FWD_TWO_BARRIERS: the older pipeline: the next tile is issued before waiting for this one,
+//   with a barrier before and after the tile's math (kept to A/B the one-barrier pipeline).
+#define FWD_QREG 1
+#define FWD_LAZY 2
+#define FWD_TWO_BARRIERS 4
+
 // Tiles (chosen on the host, _compile.FWD_TILES): NW warps, each owning MT slabs of 16 query
-// rows (BM = NW * 16 * MT queries per block), BN keys per streamed tile. Shared memory:
-// (BM + 4 * BN) * (DP + 8) * 2 bytes: the Q tile and two stages of K and V, rows padded by 16
-// bytes so ldmatrix reads are free of bank conflicts.
-template <typename T, int DP, int NW, int MT, int BN, bool BAND, bool SOFTCAP>
+// rows (BM = NW * 16 * MT queries per block), BN keys per streamed tile, OPT option bits.
+// Shared memory: (BM + 4 * BN) * (DP + 8) * 2 bytes: the Q tile and two stages of K and V,
+// rows padded by 16 bytes so ldmatrix reads are free of bank conflicts.
+//
+// Pipeline (one barrier per key tile): wait for tile it, barrier, then issue tile it + 1 into
+// the other stage (the barrier also proves every warp finished tile it - 1, the last reader
+// of that stage), then the math of tile it while tile it + 1 lands.
+template <typename T, int DP, int NW, int MT, int BN, int OPT, bool BAND, bool SOFTCAP>
 __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     u16* __restrict__ o, float* __restrict__ lse, const int* __restrict__ seqlens,
@@ -28,13 +43,20 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     float scale_log2, float cap_in, float cap_out, int vec) {
     static_assert(DP % 32 == 0 && BN % 16 == 0 && MT >= 1, "bad forward tile");
     using E = Elem<T>;
+    using Z = MmaZero<T>;
+    constexpr bool QREG = (OPT & FWD_QREG) != 0, LAZY = (OPT & FWD_LAZY) != 0;
+    constexpr bool TWO_BARRIERS = (OPT & FWD_TWO_BARRIERS) != 0;
     constexpr int BM = NW * 16 * MT, LDS = DP + 8, NT = NW * 32;
     constexpr int NTN = BN / 8;  // score n8 tiles per row slab
     constexpr int NTD = DP / 8;  // output n8 tiles per row slab
+    constexpr int KD = DP / 16;  // k-steps of Q K^T
+    using Rows = RowStream<BN, DP, LDS, NT>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* sQ = reinterpret_cast<u16*>(smem_raw);
     u16* sK = sQ + BM * LDS;
     u16* sV = sK + 2 * BN * LDS;
+    const u32 sQa = smem_u32(sQ), sKa = smem_u32(sK), sVa = smem_u32(sV);
+    constexpr u32 STAGE = BN * LDS * 2;  // bytes per K or V stage
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
@@ -51,18 +73,39 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     const int t0 = lo / BN;
     const int ntiles = hi > lo ? (hi + BN - 1) / BN - t0 : 0;
 
-    if (ntiles > 0) {
-        load_tile_16<BM, DP, LDS, NT>(sQ, qg + (i64)m0 * q_ss, q_ss, q_sd, Sq - m0, D, vec, q);
-        const int n0 = t0 * BN;
-        load_tile_16<BN, DP, LDS, NT>(sK, kg + (i64)n0 * k_ss, k_ss, k_sd, band.skb - n0,
-                                      D, vec, k);
-        load_tile_16<BN, DP, LDS, NT>(sV, vg + (i64)n0 * v_ss, v_ss, v_sd, band.skb - n0,
-                                      D, vec, v);
-        cp_async_commit();
-    }
+    // K/V tile at key n0 into stage st. FAST (vector loads, RowStream sizes): fixed-stride
+    // copies, row-checked only for the last, partial tile; otherwise the general loader.
+    const bool col_ok = Rows::col_ok(D);
+    auto load_kv = [&](int n0, int st, auto fast) {
+        if constexpr (decltype(fast)::value) {
+            const u32 so = Rows::smem_offset() + st * STAGE;
+            const u16* kr = kg + (i64)n0 * k_ss + Rows::global_offset(k_ss);
+            const u16* vr = vg + (i64)n0 * v_ss + Rows::global_offset(v_ss);
+            if (n0 + BN <= band.skb) {
+                Rows::template load_rows<false>(sKa + so, kr, k_ss, col_ok, k, 0);
+                Rows::template load_rows<false>(sVa + so, vr, v_ss, col_ok, v, 0);
+            } else {
+                const int rows = band.skb - n0 - Rows::first_row();
+                Rows::template load_rows<true>(sKa + so, kr, k_ss, col_ok, k, rows);
+                Rows::template load_rows<true>(sVa + so, vr, v_ss, col_ok, v, rows);
+            }
+        } else {
+            load_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, kg + (i64)n0 * k_ss, k_ss, k_sd,
+                                          band.skb - n0, D, vec, k);
+            load_tile_16<BN, DP, LDS, NT>(sV + st * BN * LDS, vg + (i64)n0 * v_ss, v_ss, v_sd,
+                                          band.skb - n0, D, vec, v);
+        }
+    };
+
+    // Per-lane ldmatrix offsets (bytes): A rows of Q, B rows of K (non-transposed), V rows
+    // (transposed); k-steps and n/d tiles add compile-time constants.
+    const int wrow = warp * 16 * MT;  // first row of this warp inside the tile
+    const u32 q_lane = ((wrow + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + (lane >> 4) * 8) * 2;
+    const u32 k_lane = (((lane & 7) + (lane >> 4) * 8) * LDS + ((lane >> 3) & 1) * 8) * 2;
+    const u32 v_lane = (((lane & 7) + ((lane >> 3) & 1) * 8) * LDS + (lane >> 4) * 8) * 2;
 
     float acc[MT][NTD][4];
-    float row_m[MT][2], row_l[MT][2];
+    float row_m[MT][2], row_l[MT][2];  // running max (log2 units) and per-thread partial sum
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -72,128 +115,189 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
         row_m[mt][0] = row_m[mt][1] = neg_inf();
         row_l[mt][0] = row_l[mt][1] = 0.f;
     }
-    const int wrow = warp * 16 * MT;  // first row of this warp inside the tile
 
-    for (int it = 0; it < ntiles; ++it) {
-        const int st = it & 1;
-        const int n0 = (t0 + it) * BN;
-        if (it + 1 < ntiles) {
-            const int n0n = n0 + BN;
-            load_tile_16<BN, DP, LDS, NT>(sK + (st ^ 1) * BN * LDS, kg + (i64)n0n * k_ss, k_ss,
-                                          k_sd, band.skb - n0n, D, vec, k);
-            load_tile_16<BN, DP, LDS, NT>(sV + (st ^ 1) * BN * LDS, vg + (i64)n0n * v_ss, v_ss,
-                                          v_sd, band.skb - n0n, D, vec, v);
+    // Scores stay in raw units until the exponent: p = exp2(s * mult - m) is one FFMA. mult
+    // must be > 0 so the raw maximum is the scaled one; a scale <= 0 is applied up front.
+    const bool pos_scale = scale_log2 > 0.f;
+    const float mult = SOFTCAP ? cap_out : (pos_scale ? scale_log2 : 1.f);
+
+    // The Q tile, then the key tiles. Instantiated once per load path so the general loader's
+    // registers never weigh on the vector path's loop.
+    auto key_loop = [&](auto fast) {
+        u32 qf[QREG ? MT : 1][QREG ? KD : 1][4];  // Q fragments (FWD_QREG)
+        if (ntiles > 0) {
+            load_tile_16<BM, DP, LDS, NT>(sQ, qg + (i64)m0 * q_ss, q_ss, q_sd, Sq - m0, D, vec, q);
+            load_kv(t0 * BN, 0, fast);
             cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        const u16* cK = sK + st * BN * LDS;
-        const u16* cV = sV + st * BN * LDS;
-
-        // S = Q K^T for this warp's rows.
-        float s[MT][NTN][4];
+            if (QREG) {
+                cp_async_wait<0>();
+                __syncthreads();
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int n = 0; n < NTN; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < DP / 16; ++kk) {
-            u32 a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const int r = wrow + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                ldsm_x4(smem_u32(sQ + r * LDS + kk * 16 + (lane >> 4) * 8), a[mt][0], a[mt][1],
-                        a[mt][2], a[mt][3]);
+                    for (int kk = 0; kk < KD; ++kk)
+                        ldsm_x4(sQa + q_lane + (mt * 16 * LDS + kk * 16) * 2, qf[mt][kk][0],
+                                qf[mt][kk][1], qf[mt][kk][2], qf[mt][kk][3]);
             }
-#pragma unroll
-            for (int np = 0; np < BN / 16; ++np) {
-                u32 b0, b1, b2, b3;
-                const int r = np * 16 + (lane & 7) + (lane >> 4) * 8;
-                ldsm_x4(smem_u32(cK + r * LDS + kk * 16 + ((lane >> 3) & 1) * 8), b0, b1, b2, b3);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    E::mma(s[mt][2 * np], a[mt], b0, b1);
-                    E::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+        }
+
+        for (int it = 0; it < ntiles; ++it) {
+            const int st = it & 1;
+            const int n0 = (t0 + it) * BN;
+            if (TWO_BARRIERS) {
+                if (it + 1 < ntiles) {
+                    load_kv(n0 + BN, st ^ 1, fast);
+                    cp_async_commit();
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncthreads();
+            } else {
+                cp_async_wait<0>();
+                __syncthreads();
+                if (it + 1 < ntiles) {
+                    load_kv(n0 + BN, st ^ 1, fast);
+                    cp_async_commit();
                 }
             }
-        }
+            const u32 cK = sKa + st * STAGE + k_lane;
+            const u32 cV = sVa + st * STAGE + v_lane;
 
-        // Scores in log2 units, capped and masked; tiles inside the band skip the mask.
-        const bool full = band.tile_full(m0, m1, n0, n0 + BN - 1, BAND);
+            // S = Q K^T for this warp's rows.
+            float s[MT][NTN][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+            for (int kk = 0; kk < KD; ++kk) {
+                u32 a[MT][4];
 #pragma unroll
-            for (int n = 0; n < NTN; ++n)
+                for (int mt = 0; mt < MT; ++mt) {
+                    if (QREG) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = s[mt][n][e];
-                    x = SOFTCAP ? tanhf(x * cap_in) * cap_out : x * scale_log2;
-                    if (!full) {
-                        const int i = m0 + wrow + mt * 16 + (lane >> 2) + (e >> 1) * 8;
-                        const int j = n0 + n * 8 + (lane & 3) * 2 + (e & 1);
-                        if (!band.visible(i, j, BAND)) x = neg_inf();
+                        for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][kk][e];
+                    } else {
+                        ldsm_x4(sQa + q_lane + (mt * 16 * LDS + kk * 16) * 2, a[mt][0], a[mt][1],
+                                a[mt][2], a[mt][3]);
                     }
-                    s[mt][n][e] = x;
                 }
-
-        // Online softmax: rescale what was accumulated when the running max grows.
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+                for (int np = 0; np < BN / 16; ++np) {
+                    u32 b0, b1, b2, b3;
+                    ldsm_x4(cK + (np * 16 * LDS + kk * 16) * 2, b0, b1, b2, b3);
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                float mx = row_m[mt][hf];
-#pragma unroll
-                for (int n = 0; n < NTN; ++n)
-                    mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
-                mx = quad_max(mx);
-                const float mu = mx == neg_inf() ? 0.f : mx;  // a row that saw nothing yet
-                const float alpha = fast_exp2(row_m[mt][hf] - mu);
-                row_m[mt][hf] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int n = 0; n < NTN; ++n) {
-                    const float p0 = fast_exp2(s[mt][n][2 * hf] - mu);
-                    const float p1 = fast_exp2(s[mt][n][2 * hf + 1] - mu);
-                    s[mt][n][2 * hf] = p0;
-                    s[mt][n][2 * hf + 1] = p1;
-                    sum += p0 + p1;
-                }
-                row_l[mt][hf] = row_l[mt][hf] * alpha + sum;  // per-thread partial of the row
-#pragma unroll
-                for (int d = 0; d < NTD; ++d) {
-                    acc[mt][d][2 * hf] *= alpha;
-                    acc[mt][d][2 * hf + 1] *= alpha;
+                    for (int mt = 0; mt < MT; ++mt) {
+                        if (kk == 0) {
+                            Z::mma(s[mt][2 * np], a[mt], b0, b1);
+                            Z::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+                        } else {
+                            E::mma(s[mt][2 * np], a[mt], b0, b1);
+                            E::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+                        }
+                    }
                 }
             }
 
-        // O += P V: the score accumulators are already laid out as mma A fragments.
+            // Capped and masked scores; tiles inside the band skip the mask.
+            if (SOFTCAP || !pos_scale) {
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            u32 a[MT][4];
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = E::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = E::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = E::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = E::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    for (int n = 0; n < NTN; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            s[mt][n][e] = SOFTCAP ? tanhf(s[mt][n][e] * cap_in)
+                                                  : s[mt][n][e] * scale_log2;
+            }
+            if (!band.tile_full(m0, m1, n0, n0 + BN - 1, BAND)) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NTN; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = m0 + wrow + mt * 16 + (lane >> 2) + (e >> 1) * 8;
+                            const int j = n0 + n * 8 + (lane & 3) * 2 + (e & 1);
+                            if (!band.visible(i, j, BAND)) s[mt][n][e] = neg_inf();
+                        }
+            }
+
+            // Online softmax: the new row maxima, then the rescale of what was accumulated by
+            // alpha = exp2(m_old - m_new), then the probabilities (few values live at once). A
+            // row that saw no visible key yet keeps m = -inf and uses 0 in place of m there
+            // (alpha = 0, p = 0).
+            float alpha[MT][2];
+            bool grew = false;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    float mx = neg_inf();
+#pragma unroll
+                    for (int n = 0; n < NTN; ++n)
+                        mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
+                    const float m_old = row_m[mt][hf];
+                    const float m_new = fmaxf(m_old, quad_max(mx) * mult);
+                    row_m[mt][hf] = m_new;
+                    alpha[mt][hf] = fast_exp2(m_old - (m_new == neg_inf() ? 0.f : m_new));
+                    grew |= alpha[mt][hf] != 1.f;
+                    row_l[mt][hf] *= alpha[mt][hf];
+                }
+            if (!LAZY || __any_sync(0xffffffffu, grew)) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int d = 0; d < NTD; ++d)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[mt][d][e] *= alpha[mt][e >> 1];
             }
 #pragma unroll
-            for (int dp = 0; dp < DP / 16; ++dp) {
-                u32 b0, b1, b2, b3;
-                const int r = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                ldsm_x4_t(smem_u32(cV + r * LDS + dp * 16 + (lane >> 4) * 8), b0, b1, b2, b3);
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const float mu = row_m[mt][hf] == neg_inf() ? 0.f : row_m[mt][hf];
+                    float sum = 0.f;
+#pragma unroll
+                    for (int n = 0; n < NTN; ++n) {
+                        const float p0 = fast_exp2(fmaf(s[mt][n][2 * hf], mult, -mu));
+                        const float p1 = fast_exp2(fmaf(s[mt][n][2 * hf + 1], mult, -mu));
+                        s[mt][n][2 * hf] = p0;
+                        s[mt][n][2 * hf + 1] = p1;
+                        sum += p0 + p1;
+                    }
+                    row_l[mt][hf] += sum;
+                }
+
+            // O += P V: the score accumulators are already laid out as mma A fragments.
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32 a[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    E::mma(acc[mt][2 * dp], a[mt], b0, b1);
-                    E::mma(acc[mt][2 * dp + 1], a[mt], b2, b3);
+                    a[mt][0] = E::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    a[mt][1] = E::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    a[mt][2] = E::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    a[mt][3] = E::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < DP / 16; ++dp) {
+                    u32 b0, b1, b2, b3;
+                    ldsm_x4_t(cV + (kk * 16 * LDS + dp * 16) * 2, b0, b1, b2, b3);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        E::mma(acc[mt][2 * dp], a[mt], b0, b1);
+                        E::mma(acc[mt][2 * dp + 1], a[mt], b2, b3);
+                    }
                 }
             }
+            if (TWO_BARRIERS) __syncthreads();  // this stage is refilled two iterations from now
         }
-        __syncthreads();  // this stage is refilled two iterations from now
+    };
+    if constexpr (Rows::fits) {
+        if (vec)
+            key_loop(BoolTag<true>{});
+        else
+            key_loop(BoolTag<false>{});
+    } else {
+        key_loop(BoolTag<false>{});
     }
 
     // Epilogue: normalize, write out and lse once. A row that saw no key gives 0 and -inf.
