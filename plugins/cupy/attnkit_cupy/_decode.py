@@ -216,8 +216,7 @@ def _prepare(problem, q, k, v, seqlens_k, splits, tiles) -> _Prepared:
         splits = num_splits(problem, sm_count(q.device))
     plan = _plan(problem, splits, tiles)
     B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
-    transposed = q.stride(1) < q.stride(2)  # out in q's layout, as `_launch._like_layout`
-    out_strides = ((Sq * Hq * D, D, Hq * D, 1) if transposed else (Hq * Sq * D, Sq * D, D, 1))
+    out_strides = _launch._like_layout(q).stride()  # out in q's layout (once per signature)
     vec = (not plan.fp32) and _launch._vec_ok(D, q, k, v)
     # Pointers (placeholders 0 here) and strides as Python ints: the kernels' pointer and i64
     # parameters are 64-bit.

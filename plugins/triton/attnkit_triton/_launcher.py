@@ -122,14 +122,11 @@ class DirectLaunch:
         self.gx, self.gy, self.gz = (tuple(grid) + (1, 1))[:3]
 
     def __call__(self, *args):
-        c = self.compiled
-        if c is None or not _fast_enabled():
+        if self.compiled is None or not _fast_enabled():
             return self.kernel.fn[self.grid](*args, **self.constexprs)
         driver = triton.runtime.driver.active
-        stream = driver.get_current_stream(driver.get_current_device())
-        c.run(self.gx, self.gy, self.gz, stream, c.function, c.packed_metadata, None, None,
-              None, *args, *self.tail)
-        return c
+        self.run(driver.get_current_stream(driver.get_current_device()), *args)
+        return self.compiled
 
 
     def run(self, stream: int, *args):

@@ -260,7 +260,6 @@ class _Prepared(NamedTuple):
 
     split: DirectLaunch
     merge: DirectLaunch
-    n_part: int  # partial rows: B * Hq * Sq * splits
     out_strides: tuple  # q's layout, as torch.empty_like(q) gives
 
 
@@ -289,49 +288,56 @@ def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages)
     n_part = B * Hq * Sq * splits
     work = torch.empty(n_part * (D + 1) + B * Hq * Sq, dtype=torch.float32, device=dev)
     lse = work.as_strided((B, Hq, Sq), (Hq * Sq, Sq, 1), n_part * (D + 1))
-    if prep is not None:
-        out = torch.empty_strided(q.shape, prep.out_strides, dtype=q.dtype, device=dev)
-        seq = seqlens_k if seqlens_k is not None else q
-        if (fast_launches() and prep.split.compiled is not None
-                and prep.merge.compiled is not None):
-            # Workspace parts as addresses (no tensor views), one stream lookup per step.
-            stream = current_stream(dev.index)
-            part_o = work.data_ptr()
-            part_l = part_o + n_part * D * 4
-            prep.split.run(stream, q, k, v, seq, part_o, part_l, *q.stride(), *k.stride(),
-                           *v.stride(), *_split_scalars(problem, splits))
-            prep.merge.run(stream, part_o, part_l, out, lse, *prep.out_strides, Hq, Sq, splits)
-        else:
-            part_o, part_l = work[: n_part * D], work[n_part * D: n_part * (D + 1)]
-            prep.split(q, k, v, seq, part_o, part_l, *q.stride(), *k.stride(), *v.stride(),
-                       *_split_scalars(problem, splits))
-            prep.merge(part_o, part_l, out, lse, *prep.out_strides, Hq, Sq, splits)
-        return out, lse
+    fast = (prep is not None and fast_launches() and prep.split.compiled is not None
+            and prep.merge.compiled is not None)
+    if fast:  # workspace parts as addresses: no tensor views to build
+        part_o = work.data_ptr()
+        part_l = part_o + n_part * D * 4
+    else:
+        part_o, part_l = work[: n_part * D], work[n_part * D: n_part * (D + 1)]
+    # q's layout: a transposed (B, S, H, D) q gets the same out.
+    out = (torch.empty_like(q) if prep is None else
+           torch.empty_strided(q.shape, prep.out_strides, dtype=q.dtype, device=dev))
+    split_args = (q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l,
+                  *q.stride(), *k.stride(), *v.stride(), *_split_scalars(problem, splits))
+    merge_args = (part_o, part_l, out, lse, *out.stride(), Hq, Sq, splits)
+    if fast:
+        stream = current_stream(dev.index)  # one lookup for both launches
+        prep.split.run(stream, *split_args)
+        prep.merge.run(stream, *merge_args)
+    elif prep is not None:
+        prep.split(*split_args)
+        prep.merge(*merge_args)
+    else:
+        _prepare(problem, key, split_args, merge_args, seqlens_k is not None, splits, block_n,
+                 num_warps, num_stages)
+    return out, lse
 
-    Hkv, G = problem.heads_kv, problem.group_size
+
+def _prepare(problem, key, split_args, merge_args, has_seqlens, splits, block_n, num_warps,
+             num_stages):
+    """The first call of a signature: launch through `FastKernel` and keep both sites."""
+    B, Hq, Hkv, Sq, D = (problem.batch, problem.heads_q, problem.heads_kv, problem.seqlen_q,
+                         problem.head_dim)
+    G = problem.group_size
     block_m, default_n, block_d = _tiles(problem)
-    block_n = block_n or default_n
     left, right = problem.band
-    part_o, part_l = work[: n_part * D], work[n_part * D: n_part * (D + 1)]
-    out = torch.empty_like(q)  # q's layout: a transposed (B, S, H, D) q gets the same out
     split = _SPLIT.direct(
-        (splits * B * Hkv, cdiv(G * Sq, block_m)),
-        (q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l,
-         *q.stride(), *k.stride(), *v.stride(), *_split_scalars(problem, splits)),
-        dict(GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-             HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=left is not None,
+        (splits * B * Hkv, cdiv(G * Sq, block_m)), split_args,
+        dict(GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n or default_n,
+             BLOCK_D=block_d, HAS_SEQLENS=has_seqlens, HAS_LEFT=left is not None,
              HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
-             IEEE_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16
-                                                   and interpreting()),
+             IEEE_DOT=split_args[0].dtype == torch.float32 or (
+                 split_args[0].dtype == torch.bfloat16 and interpreting()),
              num_warps=num_warps, num_stages=num_stages))
     merge = _MERGE.direct(
-        (B * Hq * Sq,), (part_o, part_l, out, lse, *out.stride(), Hq, Sq, splits),
+        (B * Hq * Sq,), merge_args,
         dict(HEAD_DIM=D, BLOCK_S=max(_next_pow2(splits), 2), BLOCK_D=block_d,
              num_warps=4 if block_d * _next_pow2(splits) >= 4096 else 2))
     if len(_prepared) >= _MAX_PREPARED:
         _prepared.clear()
-    _prepared[key] = _Prepared(split, merge, n_part, out.stride())
-    return out, lse
+    out = merge_args[2]
+    _prepared[key] = _Prepared(split, merge, out.stride())
 
 
 @functools.lru_cache(maxsize=1024)

@@ -48,6 +48,14 @@ template <> struct Elem<Half> {
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
+    // c = A B with a zero accumulator: the first k-step of a score tile writes c instead of
+    // reading it, so the tile needs no zeroing moves (ptxas feeds the zero as RZ).
+    static ATTN_DEVICE void mma_zero(float* c, const u32* a, u32 b0, u32 b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+    }
 };
 
 template <> struct Elem<BF16> {
@@ -68,6 +76,14 @@ template <> struct Elem<BF16> {
             "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // c = A B with a zero accumulator: the first k-step of a score tile writes c instead of
+    // reading it, so the tile needs no zeroing moves (ptxas feeds the zero as RZ).
+    static ATTN_DEVICE void mma_zero(float* c, const u32* a, u32 b0, u32 b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
     }
 };
 
@@ -286,33 +302,26 @@ ATTN_DEVICE void f32_softmax_pv(float x, float& m, float& l, float* acc, const f
     }
 }
 
+// fp32 paths: s[r] = q_r . k_lane for the R query rows of this warp (rows warp * R + r of sQ,
+// row stride DP) against this lane's key (row `lane` of sK, row stride LDK).
+template <int R, int DP, int LDK>
+ATTN_DEVICE void f32_row_scores(float* s, const float* sQ, const float* sK, int warp,
+                                int lane) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = 0.f;
+#pragma unroll 8
+    for (int d = 0; d < DP; ++d) {
+        const float kd = sK[lane * LDK + d];
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[r] = fmaf(sQ[(warp * R + r) * DP + d], kd, s[r]);
+    }
+}
+
 // ---- forward helpers ----------------------------------------------------------------------
 
 // A compile-time bool as a value, to instantiate a generic lambda once per case.
 template <bool B> struct BoolTag {
     static constexpr bool value = B;
-};
-
-// mma.sync m16n8k16 with a zero accumulator: the first k-step of a score tile writes c instead
-// of reading it, so the tile needs no zeroing moves (ptxas feeds the zero as RZ).
-template <typename T> struct MmaZero;
-
-template <> struct MmaZero<Half> {
-    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
-            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
-    }
-};
-
-template <> struct MmaZero<BF16> {
-    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
-            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
-    }
 };
 
 // Streams (ROWS x DP) 16-bit tiles with cp.async where every thread always copies the same

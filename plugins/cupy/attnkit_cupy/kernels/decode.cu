@@ -386,14 +386,7 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
         const float* cK = sK + (it % ST) * BN * LDK;
         const float* cV = sV + (it % ST) * BN * DP;
         float s[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) s[r] = 0.f;
-#pragma unroll 8
-        for (int d = 0; d < DP; ++d) {
-            const float kd = cK[lane * LDK + d];
-#pragma unroll
-            for (int r = 0; r < R; ++r) s[r] = fmaf(sQ[(warp * R + r) * DP + d], kd, s[r]);
-        }
+        f32_row_scores<R, DP, LDK>(s, sQ, cK, warp, lane);
         const int j = rg.start + it * BN + lane;
 #pragma unroll
         for (int r = 0; r < R; ++r) {

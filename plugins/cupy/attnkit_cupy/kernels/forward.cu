@@ -43,7 +43,6 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     float scale_log2, float cap_in, float cap_out, int vec) {
     static_assert(DP % 32 == 0 && BN % 16 == 0 && MT >= 1, "bad forward tile");
     using E = Elem<T>;
-    using Z = MmaZero<T>;
     constexpr bool QREG = (OPT & FWD_QREG) != 0, LAZY = (OPT & FWD_LAZY) != 0;
     constexpr bool TWO_BARRIERS = (OPT & FWD_TWO_BARRIERS) != 0;
     constexpr int BM = NW * 16 * MT, LDS = DP + 8, NT = NW * 32;
@@ -186,8 +185,8 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         if (kk == 0) {
-                            Z::mma(s[mt][2 * np], a[mt], b0, b1);
-                            Z::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+                            E::mma_zero(s[mt][2 * np], a[mt], b0, b1);
+                            E::mma_zero(s[mt][2 * np + 1], a[mt], b2, b3);
                         } else {
                             E::mma(s[mt][2 * np], a[mt], b0, b1);
                             E::mma(s[mt][2 * np + 1], a[mt], b2, b3);
@@ -391,14 +390,7 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
         load_tile_f32<BN, DP, DP, NT>(sV, vg + (i64)n0 * v_ss, v_ss, v_sd, band.skb - n0, D);
         __syncthreads();
         float s[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) s[r] = 0.f;
-#pragma unroll 8
-        for (int d = 0; d < DP; ++d) {
-            const float kv = sK[lane * LDK + d];
-#pragma unroll
-            for (int r = 0; r < R; ++r) s[r] = fmaf(sQ[(warp * R + r) * DP + d], kv, s[r]);
-        }
+        f32_row_scores<R, DP, LDK>(s, sQ, sK, warp, lane);
         const int j = n0 + lane;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
