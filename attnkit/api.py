@@ -142,8 +142,11 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, seqlens_k = ctx.saved_tensors
-        dq, dk, dv = ctx.backend.backward(ctx.problem, q, k, v, out, lse, dout.contiguous(),
-                                          seqlens_k)
+        # Backends get dout contiguous or in out's own layout: a (B, S, H, D) model's dout
+        # arrives in out's layout, and copying it cost a launch and a pass over dout.
+        if dout.stride() != out.stride():
+            dout = dout.contiguous()
+        dq, dk, dv = ctx.backend.backward(ctx.problem, q, k, v, out, lse, dout, seqlens_k)
         return dq, dk, dv, None, None, None
 
 

@@ -126,7 +126,8 @@ class Backend:
         dout: torch.Tensor,
         seqlens_k: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(dq, dk, dv)`` from the saved ``out`` and ``lse``."""
+        """Return ``(dq, dk, dv)`` from the saved ``out`` and ``lse``. ``dout`` is contiguous
+        or has exactly ``out``'s strides (the core copies it otherwise)."""
         raise NotImplementedError
 
     @property

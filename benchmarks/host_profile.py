@@ -45,6 +45,14 @@ def _cases():
             torch.autograd.backward(out, do512)
         return run
 
+    # As the bench times it: (B, S, H, D) leaves passed as transposed views, autograd.grad.
+    leaves = [r(32, 512, 16, 128).requires_grad_() for _ in range(3)]
+    bshd = [t.transpose(1, 2) for t in leaves]
+    do_bshd = r(32, 512, 16, 128).transpose(1, 2)
+
+    def fwd_grad(fn):
+        return lambda: torch.autograd.grad(fn(), leaves, do_bshd)
+
     cases = {}
     for b in ("triton", "cupy"):
         cases[f"{b} fwd tiny"] = lambda b=b: attnkit.attention(*tiny, causal=True, backend=b)
@@ -52,11 +60,15 @@ def _cases():
                                                                     backend=b)
         cases[f"{b} fwd+bwd S512 D128"] = fwd_bwd(
             lambda b=b: attnkit.attention(*s512g, causal=True, backend=b))
+        cases[f"{b} fwd+grad S512 D128 bshd"] = fwd_grad(
+            lambda b=b: attnkit.attention(*bshd, causal=True, backend=b))
         cases[f"{b} decode 1k"] = lambda b=b: attnkit.attention_with_kvcache(
             q1, kc, vc, lens, causal=True, backend=b)
     cases["sdpa-flash fwd tiny"] = lambda: sdpa_flash(*tiny, is_causal=True)
     cases["sdpa-flash fwd S512 D128"] = lambda: sdpa_flash(*s512, is_causal=True)
     cases["sdpa-flash fwd+bwd S512 D128"] = fwd_bwd(lambda: sdpa_flash(*s512g, is_causal=True))
+    cases["sdpa-flash fwd+grad S512 D128 bshd"] = fwd_grad(lambda: sdpa_flash(*bshd,
+                                                                              is_causal=True))
     cases["sdpa-flash decode 1k"] = lambda: sdpa_flash(q1, kc, vc, enable_gqa=True)
     return cases
 

@@ -1,10 +1,12 @@
-"""A few decoding steps through the cupy split-KV kernel, for compute-sanitizer (CUDA only).
+"""A few decoding steps through a split-KV kernel, for compute-sanitizer (CUDA only).
 
-    compute-sanitizer --tool memcheck python benchmarks/sanitize_decode.py
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_decode.py [cupy|triton]
 
 Covers bf16 / fp16 / fp32, head dims 128 / 40 / 64, in-place append of 1-3 new positions,
 fill levels 0 and full, causal, window and softcap, GQA 4:1.
 """
+
+import sys
 
 import torch
 
@@ -17,7 +19,7 @@ CASES = [
 ]
 
 
-def main():
+def main(backend: str):
     torch.manual_seed(0)
     B, Hq, Hkv, S = 3, 8, 2, 700
     for dtype, D, s_new, options in CASES:
@@ -29,10 +31,10 @@ def main():
         k_new, v_new = r(B, Hkv, s_new, D), r(B, Hkv, s_new, D)
         lens = torch.tensor([0, 333, S - s_new], dtype=torch.int32, device="cuda")
         out = attnkit.attention_with_kvcache(q, k_cache, v_cache, lens, k_new, v_new,
-                                             backend="cupy", **options)
+                                             backend=backend, **options)
         torch.cuda.synchronize()
-        print(dtype, D, "ok, NaN:", bool(out.isnan().any()))
+        print(backend, dtype, D, "ok, NaN:", bool(out.isnan().any()))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "cupy")

@@ -68,7 +68,9 @@ def test_matches_reference(case, backend, backend_name, device):
         assert not torch.isfinite(naive_out).all(), f"{where}: inputs too small to overflow"
 
     if case.grad:
-        grads = torch.autograd.grad(out, (q, k, v), dout)
+        # dout in out's layout (as a (B, S, H, D) model passes it): it reaches the backend
+        # uncopied, so a backend that ignored dout's strides would fail here.
+        grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out).copy_(dout))
         for name, g, t, g64, glp in zip("qkv", grads, (q, k, v), ref64[2], ref_lp[2]):
             assert g.dtype == t.dtype and g.shape == t.shape, (
                 f"{where}: d{name} is {g.dtype} {tuple(g.shape)}, "

@@ -10,6 +10,8 @@
 3. ``_dq_kernel``: one program per (query block, batch * query head), looping over key blocks.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,7 @@ from ._band import (
 )
 from ._configs import KernelConfig, interpreting, padded_head_dim
 from ._forward import _band_args, _score_args
-from ._launcher import FastKernel, cdiv
+from ._launcher import FastKernel, Sites, cdiv, layout_key
 
 
 @triton.jit
@@ -300,7 +302,7 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
 _PREP_BLOCK_M = 64
 
 
-_PREP, _DKDV, _DQ = (FastKernel(k) for k in (_prep_kernel, _dkdv_kernel, _dq_kernel))
+_PREP, _DKDV, _DQ = (Sites(FastKernel(k)) for k in (_prep_kernel, _dkdv_kernel, _dq_kernel))
 
 
 def prepare(q, out, lse, dout, pad_to: int):
@@ -310,57 +312,71 @@ def prepare(q, out, lse, dout, pad_to: int):
     Sq_pad = cdiv(Sq, pad_to) * pad_to
     delta, lse2 = torch.empty((2, B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()  # our own forward's (B, Hq, Sq): already contiguous
-    _PREP[(Sq_pad // _PREP_BLOCK_M, B * Hq)](
-        out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Sq, Sq_pad,
-        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M, num_warps=4,
-    )
+    args = (out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Sq, Sq_pad)
+    _PREP.launch(
+        (q.dtype, q.shape, Sq_pad, layout_key(out, dout, lse)), args,
+        lambda: ((Sq_pad // _PREP_BLOCK_M, B * Hq),
+                 dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M,
+                      num_warps=4)))
     return delta, lse2
 
 
-def _common(problem, q, seqlens_k, use_tma):
-    left, right, has_left, has_right = _band_args(problem)
-    qk_scale, cap_in, cap_out = _score_args(problem)
-    args = (problem.scale, qk_scale, cap_in, cap_out, left, right)
-    flags = dict(HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-                 SOFTCAP=problem.softcap is not None, USE_TMA=use_tma,
-                 PREC=dot_precision(q.dtype, interpreting()))
-    return args, flags
+@functools.lru_cache(maxsize=1024)
+def _scalars(problem) -> tuple:
+    """The dK/dV and dQ kernels' arguments after ``Sk, GROUP``."""
+    left, right, _, _ = _band_args(problem)
+    return (problem.scale, *_score_args(problem), left, right)
+
+
+def _flags(problem, seqlens_k, dtype, use_tma: bool) -> dict:
+    _, _, has_left, has_right = _band_args(problem)
+    return dict(HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+                SOFTCAP=problem.softcap is not None, USE_TMA=use_tma,
+                PREC=dot_precision(dtype, interpreting()))
 
 
 def launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, cfg: KernelConfig,
-                use_tma: bool):
+                use_tma: bool, layout=None):
+    """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    args, flags = _common(problem, q, seqlens_k, use_tma)
-    _DKDV[(cdiv(Sk, cfg.block_n), B * Hkv)](
-        q, k, v, dout, lse2, delta, dk, dv, seqlens_k if seqlens_k is not None else delta,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        Hkv, Sq, delta.shape[1], Sk, problem.group_size, *args,
-        HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
+    args = (q, k, v, dout, lse2, delta, dk, dv, seqlens_k if seqlens_k is not None else delta,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            Hkv, Sq, delta.shape[1], Sk, problem.group_size, *_scalars(problem))
+    layout = layout or layout_key(q, k, v, dout, seqlens_k)
+    # delta, lse2, dk and dv are fresh allocations: their layout follows from the rest.
+    _DKDV.launch(
+        (problem, cfg, use_tma, layout), args,
+        lambda: ((cdiv(Sk, cfg.block_n), B * Hkv), dict(
+            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_flags(problem, seqlens_k, q.dtype, use_tma))))
 
 
 def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelConfig,
-              use_tma: bool):
+              use_tma: bool, layout=None):
+    """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
-    args, flags = _common(problem, q, seqlens_k, use_tma)
-    _DQ[(cdiv(Sq, cfg.block_m), B * Hq)](
-        q, k, v, dout, lse2, delta, dq, seqlens_k if seqlens_k is not None else delta,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        Hq, Sq, delta.shape[1], Sk, problem.group_size, *args,
-        HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        REVERSE_M=problem.band[1] is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **flags,
-    )
+    args = (q, k, v, dout, lse2, delta, dq, seqlens_k if seqlens_k is not None else delta,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            Hq, Sq, delta.shape[1], Sk, problem.group_size, *_scalars(problem))
+    layout = layout or layout_key(q, k, v, dout, seqlens_k)
+    _DQ.launch(
+        (problem, cfg, use_tma, layout), args,
+        lambda: ((cdiv(Sq, cfg.block_m), B * Hq), dict(
+            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            REVERSE_M=problem.band[1] is not None, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **_flags(problem, seqlens_k, q.dtype, use_tma))))
 
 
 def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
                     dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool):
     delta, lse2 = prepare(q, out, lse, dout, max(dkdv_cfg.block_m, dq_cfg.block_m))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    layout = layout_key(q, k, v, dout, seqlens_k)
     launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,
-                use_tma and dkdv_cfg.tma)
-    launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, dq_cfg, use_tma and dq_cfg.tma)
+                use_tma and dkdv_cfg.tma, layout)
+    launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, dq_cfg, use_tma and dq_cfg.tma,
+              layout)
     return dq, dk, dv

@@ -8,6 +8,8 @@ Two load paths share the kernel: plain pointers (any strides, any GPU, the inter
 Hopper tensor descriptors (TMA) where the layout allows them (``USE_TMA``).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +26,7 @@ from ._band import (
     valid_keys,
 )
 from ._configs import KernelConfig, interpreting
-from ._launcher import FastKernel, cdiv
+from ._launcher import FastKernel, Sites, cdiv, layout_key
 
 
 @triton.jit
@@ -167,7 +169,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
                    BLOCK_D != HEAD_DIM)
 
 
-_FWD = FastKernel(_fwd_kernel)
+_FWD = Sites(FastKernel(_fwd_kernel))
 
 
 def _band_args(problem):
@@ -184,24 +186,32 @@ def _score_args(problem):
     return qk_scale, problem.scale / problem.softcap, problem.softcap * LOG2E
 
 
+@functools.lru_cache(maxsize=1024)
+def _scalars(problem) -> tuple:
+    """The forward kernel's arguments after the strides."""
+    left, right, _, _ = _band_args(problem)
+    return (problem.heads_q, problem.seqlen_q, problem.seqlen_k, problem.group_size,
+            *_score_args(problem), left, right)
+
+
 def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool):
     B, Hq, Sq, D = q.shape
-    Sk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    left, right, has_left, has_right = _band_args(problem)
-    qk_scale, cap_in, cap_out = _score_args(problem)
-    grid = (cdiv(Sq, cfg.block_m), B * Hq)
-    _FWD[grid](
-        q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Sq, Sk, problem.group_size, qk_scale, cap_in, cap_out, left, right,
-        HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        SOFTCAP=problem.softcap is not None, REVERSE_M=problem.band[1] is not None,
-        USE_TMA=use_tma, PREC=dot_precision(q.dtype, interpreting()), WARP_SPEC=cfg.warp_spec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem))
+
+    def setup():
+        _, _, has_left, has_right = _band_args(problem)
+        return (cdiv(Sq, cfg.block_m), B * Hq), dict(
+            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+            SOFTCAP=problem.softcap is not None, REVERSE_M=problem.band[1] is not None,
+            USE_TMA=use_tma, PREC=dot_precision(q.dtype, interpreting()),
+            WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    # out and lse are fresh allocations: their layout follows from q's and the problem.
+    _FWD.launch((problem, cfg, use_tma, layout_key(q, k, v, seqlens_k)), args, setup)
     return out, lse
 
 

@@ -124,10 +124,8 @@ class DirectLaunch:
     def __call__(self, *args):
         if self.compiled is None or not _fast_enabled():
             return self.kernel.fn[self.grid](*args, **self.constexprs)
-        driver = triton.runtime.driver.active
-        self.run(driver.get_current_stream(driver.get_current_device()), *args)
+        self.run(current_stream(torch.cuda.current_device()), *args)
         return self.compiled
-
 
     def run(self, stream: int, *args):
         """Launch directly on ``stream``; the caller checked `fast_launches` and that
@@ -135,6 +133,37 @@ class DirectLaunch:
         c = self.compiled
         c.run(self.gx, self.gy, self.gz, stream, c.function, c.packed_metadata, None, None,
               None, *args, *self.tail)
+
+
+def layout_key(*tensors) -> tuple:
+    """What a kernel's specialization reads from tensor arguments besides the problem: each
+    one's dtype, strides and address modulo 16 (None for an absent one)."""
+    return tuple(None if t is None else (t.dtype, t.stride(), t.data_ptr() & 15)
+                 for t in tensors)
+
+
+class Sites:
+    """One kernel's launch sites by call signature. The first call of a signature goes
+    through `FastKernel` and keeps a `DirectLaunch`; later calls launch it with no per-argument
+    key: a training step repeats a few signatures, and keying ~30 arguments per launch was
+    most of a short problem's host time (benchmarks/NOTES.md)."""
+
+    def __init__(self, kernel: FastKernel):
+        self.kernel = kernel
+        self.sites: dict = {}
+
+    def launch(self, key, args, setup) -> None:
+        """Launch with ``args``. ``key`` must fix the grid, the constexprs and the
+        specialization of every argument that is not a fresh allocation (see `layout_key`);
+        ``setup()`` returns ``(grid, constexprs)`` and runs only for a new key."""
+        site = self.sites.get(key)
+        if site is not None:
+            site(*args)
+            return
+        grid, constexprs = setup()
+        if len(self.sites) >= _MAX_ENTRIES:
+            self.sites.clear()
+        self.sites[key] = self.kernel.direct(grid, args, constexprs)
 
 
 def _raw_stream_getter():

@@ -17,6 +17,7 @@ import torch
 
 from attnkit.backend import Backend, Capabilities
 
+from ._backward import launch_backward
 from ._configs import (
     backward_configs,
     forward_config,
@@ -24,6 +25,8 @@ from ._configs import (
     padded_head_dim,
     short_seqlen,
 )
+from ._forward import launch_forward
+from .decode import decode_forward, num_splits, use_split_kv
 
 _TMA_ENV = "ATTNKIT_TRITON_TMA"
 
@@ -110,8 +113,6 @@ def use_tma(problem, *tensors: torch.Tensor) -> bool:
 def _decode_splits(problem, interpret: bool) -> int:
     """Key splits of the split-KV decode kernel for this problem, 0 where it does not apply
     (cached per problem: the rule walks candidate split counts)."""
-    from .decode import num_splits, use_split_kv
-
     return num_splits(problem) if use_split_kv(problem) else 0
 
 
@@ -158,9 +159,6 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem, q, k, v, seqlens_k):
-        from ._forward import launch_forward
-        from .decode import decode_forward
-
         splits = _decode_splits(problem, interpreting())
         if splits:  # decoding: split the keys so every SM reads the cache
             with _on_device(q):
@@ -172,8 +170,6 @@ class TritonBackend(Backend):
             return launch_forward(problem, q, k, v, seqlens_k, cfg, tma)
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
-        from ._backward import launch_backward
-
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
                                             q.device, _short(problem))
         tma = use_tma(problem, q, k, v, dout)

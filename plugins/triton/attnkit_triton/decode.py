@@ -3,8 +3,10 @@
 A decoding step has one (or a few) query rows per head and thousands of keys. One program per
 (batch, head) would leave most SMs idle while it walks the whole cache, so here the key range
 of every (batch, kv head) is cut into ``num_splits`` chunks read by separate programs; each
-writes a partial ``(out, lse)`` in fp32, and a second small kernel merges the partials with
-the online-softmax rescaling (`attnkit.merge_attention` is the same math in PyTorch).
+writes a partial ``(out, lse)`` in fp32, and the last of them to finish merges the partials
+with the online-softmax rescaling (`attnkit.merge_attention` is the same math in PyTorch).
+One launch per step: a second merge kernel cost a launch of host time and a few microseconds
+of GPU time at 1k keys (benchmarks/NOTES.md).
 
 GQA: one program handles all ``group * Sq`` query rows of its kv head, so each K/V tile is
 read from memory once per kv head, not once per query head.
@@ -51,10 +53,11 @@ def _tanh(x):
 
 @triton.jit
 def _split_kv_kernel(
-    Q, K, V, SEQLENS, PART_O, PART_L,
+    Q, K, V, SEQLENS, PART_O, PART_L, O, LSE, COUNTERS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
     Hq, Hkv, Sq, Sk, num_splits,
     qk_scale, cap_log2, left, right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -63,7 +66,9 @@ def _split_kv_kernel(
     HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     """One (key split, batch x kv head, row block): partial out and lse (log2 units) of the
-    rows ``r = i * GROUP + g`` (query ``i`` of query head ``kv_head * GROUP + g``).
+    rows ``r = i * GROUP + g`` (query ``i`` of query head ``kv_head * GROUP + g``). The last
+    split of a (batch x kv head, row block) to finish merges all of them into O and LSE: it
+    knows it is last from a counter in COUNTERS, which it sets back to 0 for the next launch.
 
     IEEE_DOT: fp32 products without tf32 (fp32 inputs need fp32 accuracy); also used for bf16
     under TRITON_INTERPRET=1, whose bf16 tl.dot returns garbage (triton 3.9)."""
@@ -156,44 +161,51 @@ def _split_kv_kernel(
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     # Partials are (B, Hq, Sq, num_splits[, D]), so the merge reads one row's splits in a run.
     part = ((b64 * Hq + h.to(tl.int64)) * Sq + qi) * num_splits + split
+    part_mask = row_ok[:, None] & d_ok[None, :]
     tl.store(PART_L + part, lse2, mask=row_ok)
-    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], out,
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(PART_O + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=part_mask)
+
+    # Every thread's partial is stored before one thread's release-ordered increment.
+    tl.debug_barrier()
+    counter = COUNTERS + bh * tl.num_programs(1) + tl.program_id(1)
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        _merge_rows(PART_O, PART_L, O, LSE, part - split, row_ok, part_mask, b64, h, qi,
+                    offs_d, stride_ob, stride_oh, stride_os, stride_od, Hq, Sq, num_splits,
+                    HEAD_DIM)
 
 
 @triton.jit
-def _merge_kernel(
-    PART_O, PART_L, O, LSE,
-    stride_ob, stride_oh, stride_os, stride_od,
-    Hq, Sq, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One query row: out = sum_s w_s out_s / sum_s w_s, w_s = 2^(lse_s - max lse)."""
-    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
-    i = row % Sq
-    h = (row // Sq) % Hq
-    b = row // (Sq * Hq)
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < num_splits
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-
-    lse2 = tl.load(PART_L + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse2, 0)
+def _merge_rows(PART_O, PART_L, O, LSE, part0, row_ok, part_mask, b64, h, qi, offs_d,
+                stride_ob, stride_oh, stride_os, stride_od, Hq, Sq, num_splits,
+                HEAD_DIM: tl.constexpr):
+    """out = sum_s w_s out_s / sum_s w_s with w_s = 2^(lse_s - max lse), splits in order
+    (bitwise the same every run). Loads bypass L1 (.cg): the partials come from other SMs."""
+    m = tl.full(part0.shape, float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(PART_L + part0 + s, mask=row_ok, other=float("-inf"),
+                                  cache_modifier=".cg"))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse2 - m_safe)  # 0 for splits that saw no key
-    total = tl.sum(w, 0)
-    part = tl.load(PART_O + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
-    log2_total = tl.math.log2(tl.where(total > 0, total, 1.0))
-    lse = tl.where(total > 0, (m_safe + log2_total) * 0.6931471805599453, float("-inf"))
-    tl.store(O + b * stride_ob + h * stride_oh + i * stride_os + offs_d * stride_od,
-             out.to(O.dtype.element_ty), mask=d_ok)
-    tl.store(LSE + row, lse)
+    total = tl.zeros(part0.shape, tl.float32)
+    acc = tl.zeros(part_mask.shape, tl.float32)
+    for s in range(num_splits):
+        w = tl.math.exp2(tl.load(PART_L + part0 + s, mask=row_ok, other=float("-inf"),
+                                 cache_modifier=".cg") - m_safe)  # 0: a split saw no key
+        o_s = tl.load(PART_O + (part0 + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=part_mask, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o_s
+        total += w
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, (m_safe + tl.math.log2(tl.where(seen, total, 1.0)))
+                   * 0.6931471805599453, float("-inf"))
+    o_ptrs = (O + b64 * stride_ob + h[:, None].to(tl.int64) * stride_oh
+              + qi[:, None] * stride_os + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=part_mask)
+    tl.store(LSE + (b64 * Hq + h) * Sq + qi, lse, mask=row_ok)
 
 
-_SPLIT, _MERGE = FastKernel(_split_kv_kernel), FastKernel(_merge_kernel)
+_SPLIT = FastKernel(_split_kv_kernel)
 
 
 # -- launch configuration ------------------------------------------------------------------
@@ -256,40 +268,52 @@ def use_split_kv(problem: AttentionProblem) -> bool:
 
 
 class _Prepared(NamedTuple):
-    """One call signature's two launch sites and workspace layout (see `_launch`)."""
+    """One call signature's launch site and output layout (see `_launch`)."""
 
     split: DirectLaunch
-    merge: DirectLaunch
     out_strides: tuple  # q's layout, as torch.empty_like(q) gives
+    n_groups: int  # split counters the launch uses
+    tail: tuple  # every argument after the tensors: strides, sizes, scales
 
 
 _prepared: dict = {}
 _MAX_PREPARED = 256
 
+#: Split counters of the fused merge per (device, stream). Between launches every counter is
+#: 0 (the last split of each group sets its own back), so one buffer serves all launches on a
+#: stream, which runs them one after another.
+_counters: dict = {}
+
+
+def _counters_for(dev: torch.device, stream: int, n: int) -> torch.Tensor:
+    buf = _counters.get((dev, stream))
+    if buf is None or buf.numel() < n:
+        buf = _counters[(dev, stream)] = torch.zeros(max(n, 4096), dtype=torch.int32,
+                                                     device=dev)
+    return buf
+
 
 def _signature(problem, q, k, v, seqlens_k, config):
-    """What fixes both kernels' specialization besides the problem: strides, dtypes and
+    """What fixes the kernel's specialization besides the problem: strides, dtypes and
     16-byte alignment of every tensor argument (workspace parts are aligned by construction)."""
     return (problem, config, q.stride(), k.stride(), v.stride(), k.dtype, v.dtype,
             q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,
-            None if seqlens_k is None else seqlens_k.data_ptr() & 15)
+            None if seqlens_k is None else (seqlens_k.dtype, seqlens_k.stride(),
+                                            seqlens_k.data_ptr() & 15))
 
 
-def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages):
-    """Both launches. The first call of a signature goes through `FastKernel` (Triton's path
-    if the kernel is new) and keeps the resolved launch sites; later calls hand the compiled
-    kernels their arguments directly: a decoding step repeats one signature, and this is
-    most of its host time."""
+def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages):
+    """One launch. The first call of a signature (``prep`` None) goes through `FastKernel`
+    (Triton's path if the kernel is new) and keeps the resolved launch site; later calls hand
+    the compiled kernel its arguments directly: a decoding step repeats one signature, and
+    this is most of its host time."""
     B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
-    key = _signature(problem, q, k, v, seqlens_k, (splits, block_n, num_warps, num_stages))
-    prep = _prepared.get(key)
     dev = q.device
     # One workspace: partial out (n_part, D), partial lse (n_part,), lse (B, Hq, Sq).
     n_part = B * Hq * Sq * splits
     work = torch.empty(n_part * (D + 1) + B * Hq * Sq, dtype=torch.float32, device=dev)
     lse = work.as_strided((B, Hq, Sq), (Hq * Sq, Sq, 1), n_part * (D + 1))
-    fast = (prep is not None and fast_launches() and prep.split.compiled is not None
-            and prep.merge.compiled is not None)
+    fast = prep is not None and prep.split.compiled is not None and fast_launches()
     if fast:  # workspace parts as addresses: no tensor views to build
         part_o = work.data_ptr()
         part_l = part_o + n_part * D * 4
@@ -298,46 +322,43 @@ def _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages)
     # q's layout: a transposed (B, S, H, D) q gets the same out.
     out = (torch.empty_like(q) if prep is None else
            torch.empty_strided(q.shape, prep.out_strides, dtype=q.dtype, device=dev))
-    split_args = (q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l,
-                  *q.stride(), *k.stride(), *v.stride(), *_split_scalars(problem, splits))
-    merge_args = (part_o, part_l, out, lse, *out.stride(), Hq, Sq, splits)
-    if fast:
-        stream = current_stream(dev.index)  # one lookup for both launches
-        prep.split.run(stream, *split_args)
-        prep.merge.run(stream, *merge_args)
-    elif prep is not None:
-        prep.split(*split_args)
-        prep.merge(*merge_args)
+    stream = current_stream(dev.index) if dev.type == "cuda" else 0
+    if prep is None:
+        n_groups = B * problem.heads_kv * cdiv(problem.group_size * Sq, _tiles(problem)[0])
+        tail = (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                *_split_scalars(problem, splits))
     else:
-        _prepare(problem, key, split_args, merge_args, seqlens_k is not None, splits, block_n,
+        n_groups, tail = prep.n_groups, prep.tail
+    args = (q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l, out, lse,
+            _counters_for(dev, stream, n_groups), *tail)
+    if fast:
+        prep.split.run(stream, *args)
+    elif prep is not None:
+        prep.split(*args)
+    else:
+        _prepare(problem, key, args, n_groups, tail, seqlens_k is not None, splits, block_n,
                  num_warps, num_stages)
     return out, lse
 
 
-def _prepare(problem, key, split_args, merge_args, has_seqlens, splits, block_n, num_warps,
+def _prepare(problem, key, args, n_groups, tail, has_seqlens, splits, block_n, num_warps,
              num_stages):
-    """The first call of a signature: launch through `FastKernel` and keep both sites."""
-    B, Hq, Hkv, Sq, D = (problem.batch, problem.heads_q, problem.heads_kv, problem.seqlen_q,
-                         problem.head_dim)
+    """The first call of a signature: launch through `FastKernel` and keep the site."""
+    B, Hkv, Sq, D = problem.batch, problem.heads_kv, problem.seqlen_q, problem.head_dim
     G = problem.group_size
     block_m, default_n, block_d = _tiles(problem)
     left, right = problem.band
     split = _SPLIT.direct(
-        (splits * B * Hkv, cdiv(G * Sq, block_m)), split_args,
+        (splits * B * Hkv, cdiv(G * Sq, block_m)), args,
         dict(GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n or default_n,
              BLOCK_D=block_d, HAS_SEQLENS=has_seqlens, HAS_LEFT=left is not None,
              HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
-             IEEE_DOT=split_args[0].dtype == torch.float32 or (
-                 split_args[0].dtype == torch.bfloat16 and interpreting()),
+             IEEE_DOT=args[0].dtype == torch.float32 or (
+                 args[0].dtype == torch.bfloat16 and interpreting()),
              num_warps=num_warps, num_stages=num_stages))
-    merge = _MERGE.direct(
-        (B * Hq * Sq,), merge_args,
-        dict(HEAD_DIM=D, BLOCK_S=max(_next_pow2(splits), 2), BLOCK_D=block_d,
-             num_warps=4 if block_d * _next_pow2(splits) >= 4096 else 2))
     if len(_prepared) >= _MAX_PREPARED:
         _prepared.clear()
-    out = merge_args[2]
-    _prepared[key] = _Prepared(split, merge, out.stride())
+    _prepared[key] = _Prepared(split, args[6].stride(), n_groups, tail)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -376,22 +397,38 @@ def decode_forward(
     the launch configuration, for tests and tuning; the result does not depend on them beyond
     rounding. It is bitwise the same run to run for one configuration.
     """
+    if _refused(problem):
+        raise ValueError(_refused(problem))
+    if splits is None:
+        splits = num_splits(problem)
+    key = _signature(problem, q, k, v, seqlens_k, (splits, block_n, num_warps, num_stages))
+    prep = _prepared.get(key)
+    if prep is None:  # a signature seen before passed these checks
+        _check(seqlens_k, splits, block_n)
+    return _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps,
+                   num_stages)
+
+
+@functools.lru_cache(maxsize=1024)
+def _refused(problem: AttentionProblem) -> str:
+    """Why the kernel cannot take ``problem`` ("" if it can); cached: it runs every step."""
     reasons = _kernel_supports(problem)
     if reasons:
-        raise ValueError(f"split-KV decode kernel cannot compute {problem.describe()}: "
-                         + "; ".join(reasons))
+        return (f"split-KV decode kernel cannot compute {problem.describe()}: "
+                + "; ".join(reasons))
     if problem.is_empty:
-        raise ValueError("decode_forward got an empty problem; the core answers those")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"split-KV decode kernel runs on CUDA tensors (or with "
-                         f"TRITON_INTERPRET=1); got tensors on {q.device}")
+        return "decode_forward got an empty problem; the core answers those"
+    if problem.device.type != "cuda" and not interpreting():
+        return (f"split-KV decode kernel runs on CUDA tensors (or with TRITON_INTERPRET=1); "
+                f"got tensors on {problem.device}")
+    return ""
+
+
+def _check(seqlens_k, splits, block_n) -> None:
     if seqlens_k is not None and (seqlens_k.dtype != torch.int32
                                   or not seqlens_k.is_contiguous()):
         raise ValueError("seqlens_k must be int32 and contiguous (the core converts it)")
-    if splits is None:
-        splits = num_splits(problem)
     if not 1 <= splits <= 4096:
         raise ValueError(f"splits must be in [1, 4096], got {splits}")
     if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    return _launch(problem, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages)
