@@ -3,8 +3,10 @@
 ``kernel[grid](*args, **constexprs)`` re-derives every argument's specialization, builds a
 cache key and options and looks the kernel up on each call: 31 us per launch on the H100
 host, against 8 us for the compiled kernel's own launcher (plugins/triton/scripts/
-launch_cost.py, benchmarks/NOTES.md). A decoding step launches two kernels and a backward
+launch_cost.py, benchmarks/NOTES.md). A decoding step launches one kernel and a backward
 three, each worth tens of microseconds of GPU time, so that cost is the GPU waiting.
+`Sites` goes one step further for call sites that repeat a signature (every training and
+decoding step): the key is built once per call from the caller's tensors, not per argument.
 
 `FastKernel` keeps, per kernel, the compiled kernels it has launched, keyed by a key finer
 than Triton's specialization: each tensor's dtype and address modulo 16, every other
