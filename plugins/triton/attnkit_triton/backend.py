@@ -96,11 +96,6 @@ def use_tma(problem, *tensors: torch.Tensor) -> bool:
     reasons = list(_tma_problem_reasons(problem, interpreting()))
     if not all(_tma_layout_ok(t) for t in tensors):
         reasons.append("a tensor is not 16-byte aligned with unit head-dim stride")
-    if any(t.numel() * t.element_size() >= 1 << 31 for t in tensors):
-        # On the H100 run, dK/dV through descriptors were wrong for 4 GiB BSHD inputs while
-        # the pointer kernels (forward, dQ) were right; cause not yet found, so such
-        # tensors take the pointer path.
-        reasons.append("a tensor spans 2 GiB or more")
     if reasons:
         if mode == "1":
             raise ValueError(f"{_TMA_ENV}=1 but TMA cannot apply: {'; '.join(reasons)}")
@@ -145,14 +140,6 @@ class TritonBackend(Backend):
         if problem.device.type == "cpu" and not interpreting():
             reasons.append("cpu tensors run only under the Triton interpreter "
                            "(TRITON_INTERPRET=1)")
-        big = 1 << 31
-        if problem.needs_grad and (
-                problem.batch * problem.heads_q * problem.seqlen_q * problem.head_dim >= big
-                or problem.batch * problem.heads_kv * problem.seqlen_k * problem.head_dim >= big):
-            # Seen on the H100: dK/dV wrong for 2^31-element inputs (forward and dQ right).
-            # Refused until found, so such problems go to a backend that computes them.
-            reasons.append("backward with a tensor of 2^31 or more elements (known dK/dV "
-                           "error, under investigation)")
         if problem.device.type == "cuda" and interpreting():
             reasons.append("TRITON_INTERPRET=1 runs kernels on CPU tensors; cuda tensors "
                            "need the interpreter off")
