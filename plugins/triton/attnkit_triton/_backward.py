@@ -18,7 +18,6 @@ import triton.language as tl
 
 from ._band import (
     band_mask,
-    dot_precision,
     key_range,
     load_tile,
     mma,
@@ -27,8 +26,8 @@ from ._band import (
     tanh,
     valid_keys,
 )
-from ._configs import KernelConfig, interpreting, padded_head_dim
-from ._forward import _band_args, _score_args
+from ._configs import KernelConfig, padded_head_dim
+from ._forward import _band_args, _flags, _score_args
 from ._launcher import FastKernel, Sites, cdiv, layout_key
 
 
@@ -328,46 +327,40 @@ def _scalars(problem) -> tuple:
     return (problem.scale, *_score_args(problem), left, right)
 
 
-def _flags(problem, seqlens_k, dtype, use_tma: bool) -> dict:
-    _, _, has_left, has_right = _band_args(problem)
-    return dict(HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-                SOFTCAP=problem.softcap is not None, USE_TMA=use_tma,
-                PREC=dot_precision(dtype, interpreting()))
+def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, heads, grid,
+                  cfg: KernelConfig, use_tma: bool, layout, **constexprs):
+    """One of the two gradient kernels, which share their argument list but for the
+    gradient tensors written and the head count of the grid's second axis."""
+    args = (q, k, v, dout, lse2, delta, *grads, seqlens_k if seqlens_k is not None else delta,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *(s for g in grads for s in g.stride()),
+            heads, q.shape[2], delta.shape[1], k.shape[2], problem.group_size,
+            *_scalars(problem))
+    layout = layout or layout_key(q, k, v, dout, seqlens_k)
+    # delta, lse2 and the gradients are fresh allocations: their layout follows from the rest.
+    sites.launch(
+        (problem, cfg, use_tma, layout), args,
+        lambda: (grid, dict(
+            HEAD_DIM=q.shape[3], BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **constexprs, **_flags(problem, seqlens_k is not None, q.dtype, use_tma))))
 
 
 def launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, cfg: KernelConfig,
                 use_tma: bool, layout=None):
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    args = (q, k, v, dout, lse2, delta, dk, dv, seqlens_k if seqlens_k is not None else delta,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            Hkv, Sq, delta.shape[1], Sk, problem.group_size, *_scalars(problem))
-    layout = layout or layout_key(q, k, v, dout, seqlens_k)
-    # delta, lse2, dk and dv are fresh allocations: their layout follows from the rest.
-    _DKDV.launch(
-        (problem, cfg, use_tma, layout), args,
-        lambda: ((cdiv(Sk, cfg.block_n), B * Hkv), dict(
-            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **_flags(problem, seqlens_k, q.dtype, use_tma))))
+    B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
+    _launch_grads(_DKDV, problem, q, k, v, dout, delta, lse2, seqlens_k, (dk, dv), Hkv,
+                  (cdiv(Sk, cfg.block_n), B * Hkv), cfg, use_tma, layout)
 
 
 def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelConfig,
               use_tma: bool, layout=None):
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
-    B, Hq, Sq, D = q.shape
-    Sk = k.shape[2]
-    args = (q, k, v, dout, lse2, delta, dq, seqlens_k if seqlens_k is not None else delta,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            Hq, Sq, delta.shape[1], Sk, problem.group_size, *_scalars(problem))
-    layout = layout or layout_key(q, k, v, dout, seqlens_k)
-    _DQ.launch(
-        (problem, cfg, use_tma, layout), args,
-        lambda: ((cdiv(Sq, cfg.block_m), B * Hq), dict(
-            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            REVERSE_M=problem.band[1] is not None, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **_flags(problem, seqlens_k, q.dtype, use_tma))))
+    B, Hq, Sq = q.shape[0], q.shape[1], q.shape[2]
+    _launch_grads(_DQ, problem, q, k, v, dout, delta, lse2, seqlens_k, (dq,), Hq,
+                  (cdiv(Sq, cfg.block_m), B * Hq), cfg, use_tma, layout,
+                  REVERSE_M=problem.band[1] is not None)
 
 
 def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,

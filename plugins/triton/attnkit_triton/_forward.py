@@ -186,6 +186,14 @@ def _score_args(problem):
     return qk_scale, problem.scale / problem.softcap, problem.softcap * LOG2E
 
 
+def _flags(problem, has_seqlens: bool, dtype, use_tma: bool) -> dict:
+    """The constexprs the forward and backward kernels share."""
+    _, _, has_left, has_right = _band_args(problem)
+    return dict(HAS_SEQLENS=has_seqlens, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+                SOFTCAP=problem.softcap is not None, USE_TMA=use_tma,
+                PREC=dot_precision(dtype, interpreting()))
+
+
 @functools.lru_cache(maxsize=1024)
 def _scalars(problem) -> tuple:
     """The forward kernel's arguments after the strides."""
@@ -201,17 +209,14 @@ def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool
     args = (q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem))
 
-    def setup():
-        _, _, has_left, has_right = _band_args(problem)
-        return (cdiv(Sq, cfg.block_m), B * Hq), dict(
-            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            HAS_SEQLENS=seqlens_k is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-            SOFTCAP=problem.softcap is not None, REVERSE_M=problem.band[1] is not None,
-            USE_TMA=use_tma, PREC=dot_precision(q.dtype, interpreting()),
-            WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
     # out and lse are fresh allocations: their layout follows from q's and the problem.
-    _FWD.launch((problem, cfg, use_tma, layout_key(q, k, v, seqlens_k)), args, setup)
+    _FWD.launch(
+        (problem, cfg, use_tma, layout_key(q, k, v, seqlens_k)), args,
+        lambda: ((cdiv(Sq, cfg.block_m), B * Hq), dict(
+            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            REVERSE_M=problem.band[1] is not None, WARP_SPEC=cfg.warp_spec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_flags(problem, seqlens_k is not None, q.dtype, use_tma))))
     return out, lse
 
 

@@ -26,7 +26,14 @@ from attnkit.spec import AttentionProblem
 
 from ._band import valid_keys
 from ._configs import interpreting
-from ._launcher import DirectLaunch, FastKernel, cdiv, current_stream, fast_launches
+from ._launcher import (
+    DirectLaunch,
+    FastKernel,
+    cdiv,
+    current_stream,
+    fast_launches,
+    layout_key,
+)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -296,10 +303,7 @@ def _counters_for(dev: torch.device, stream: int, n: int) -> torch.Tensor:
 def _signature(problem, q, k, v, seqlens_k, config):
     """What fixes the kernel's specialization besides the problem: strides, dtypes and
     16-byte alignment of every tensor argument (workspace parts are aligned by construction)."""
-    return (problem, config, q.stride(), k.stride(), v.stride(), k.dtype, v.dtype,
-            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,
-            None if seqlens_k is None else (seqlens_k.dtype, seqlens_k.stride(),
-                                            seqlens_k.data_ptr() & 15))
+    return problem, config, layout_key(q, k, v, seqlens_k)
 
 
 def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages):
@@ -397,8 +401,9 @@ def decode_forward(
     the launch configuration, for tests and tuning; the result does not depend on them beyond
     rounding. It is bitwise the same run to run for one configuration.
     """
-    if _refused(problem):
-        raise ValueError(_refused(problem))
+    refused = _refused(problem)
+    if refused:
+        raise ValueError(refused)
     if splits is None:
         splits = num_splits(problem)
     key = _signature(problem, q, k, v, seqlens_k, (splits, block_n, num_warps, num_stages))
