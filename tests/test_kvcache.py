@@ -298,8 +298,13 @@ def _meta_problem(B, Hq, Hkv, Sq, Sk, D=128, dtype=torch.bfloat16, **kw):
 def test_split_count_heuristic(decode_module):
     ns = decode_module.num_splits
     h100 = 132
-    # The workload: 128 (batch x kv head) programs on 132 SMs -> 2 splits.
-    assert ns(_meta_problem(16, 32, 8, 1, 65536, causal=True), h100) == 2
+    # The workload: 128 (batch x kv head) programs on 132 SMs -> 2 splits at 1k
+    # keys; from LONG_CACHE_KEYS on the programs read unsplit (still on the decode kernel).
+    assert ns(_meta_problem(16, 32, 8, 1, 1024, causal=True), h100) == 2
+    for keys in (decode_module.LONG_CACHE_KEYS, 65536):
+        assert ns(_meta_problem(16, 32, 8, 1, keys, causal=True), h100) == 1
+    # Fewer programs than 90% of the SMs: long caches split too.
+    assert ns(_meta_problem(14, 32, 8, 1, 65536, causal=True), h100) > 1
     # Batch 1: 8 programs; many splits, the last wave at least 90% full.
     s = ns(_meta_problem(1, 32, 8, 1, 65536), h100)
     assert 8 * s >= h100 and (8 * s / h100) / -(-8 * s // h100) >= 0.9
@@ -314,6 +319,7 @@ def test_use_split_kv_only_for_decoding_shapes(decode_module, monkeypatch):
     monkeypatch.setattr(decode_module, "_sm_count", lambda device: 132)
     use = decode_module.use_split_kv
     assert use(_meta_problem(16, 32, 8, 1, 4096, causal=True))
+    assert use(_meta_problem(16, 32, 8, 1, 65536, causal=True))  # one split, same kernel
     assert use(_meta_problem(2, 16, 2, 4, 20000))
     assert not use(_meta_problem(16, 32, 8, 64, 4096))  # prefill-shaped: many queries
     assert not use(_meta_problem(16, 32, 8, 1, 4096, dtype=torch.float64))

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnkit.kvcache import choose_splits, visible_span
+from attnkit.kvcache import WAVE_EFFICIENCY, choose_splits, visible_span
 from attnkit.spec import AttentionProblem
 
 from ._band import valid_keys
@@ -244,15 +244,28 @@ def _tiles(problem: AttentionProblem) -> tuple[int, int, int]:
     return block_m, block_n, block_d
 
 
+#: From this many visible keys on, programs that keep WAVE_EFFICIENCY of the SMs busy read
+#: the cache unsplit. H100, B=16 Hkv=8 (128 programs, 132 SMs), one split against two, TB/s:
+#: 2.624 / 2.608 at 4k, 3.032 / 3.023 at 16k, 3.181 / 3.171 at 64k (benchmarks/NOTES.md,
+#: fifth session); at 1k two splits stay faster (1.10x SDPA-flash in the committed bench).
+LONG_CACHE_KEYS = 4096
+
+
+def _programs(problem: AttentionProblem) -> int:
+    """Programs of the kernel without splitting: (batch x kv head x row block)."""
+    block_m, _, _ = _tiles(problem)
+    return problem.batch * problem.heads_kv * cdiv(problem.group_size * problem.seqlen_q,
+                                                   block_m)
+
+
 def num_splits(problem: AttentionProblem, sm_count: int | None = None) -> int:
     """How many key splits `decode_forward` uses: `attnkit.kvcache.choose_splits` over this
-    kernel's (batch x kv head x row block) programs."""
+    kernel's programs, with no split for a long cache whose programs nearly fill the SMs."""
     if sm_count is None:
         sm_count = _sm_count(problem.device)
-    block_m, _, _ = _tiles(problem)
-    row_blocks = cdiv(problem.group_size * problem.seqlen_q, block_m)
-    return choose_splits(problem.batch * problem.heads_kv * row_blocks,
-                         visible_span(problem), sm_count)
+    keys = visible_span(problem)
+    fill = WAVE_EFFICIENCY if keys >= LONG_CACHE_KEYS else 1.0
+    return choose_splits(_programs(problem), keys, sm_count, fill=fill)
 
 
 def _kernel_supports(problem: AttentionProblem) -> list[str]:
@@ -266,12 +279,14 @@ def _kernel_supports(problem: AttentionProblem) -> list[str]:
 
 def use_split_kv(problem: AttentionProblem) -> bool:
     """True for decoding-shaped problems: few queries (``Sq <= MAX_DECODE_QUERIES``), a key
-    range long enough to split, and too few (batch x kv head) programs to fill the SMs."""
+    range long enough to split, and too few (batch x kv head) programs to fill the SMs. The
+    kernel then runs even where `num_splits` is 1: it reads each K/V head once for its whole
+    query group, where the forward kernel reads it once per query head."""
     if _kernel_supports(problem) or problem.is_empty:
         return False
     if problem.seqlen_q > MAX_DECODE_QUERIES:
         return False
-    return num_splits(problem) > 1
+    return choose_splits(_programs(problem), visible_span(problem), _sm_count(problem.device)) > 1
 
 
 class _Prepared(NamedTuple):
