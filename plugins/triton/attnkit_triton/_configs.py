@@ -61,11 +61,14 @@ _HOPPER_BWD = {
     (32, True): (KernelConfig(32, 64, 4, 3), KernelConfig(64, 64, 4, 3)),
     (64, False): (KernelConfig(64, 64, 4, 3, tma=False), KernelConfig(64, 64, 4, 3)),
     (64, True): (KernelConfig(32, 64, 4, 3), KernelConfig(64, 64, 4, 3, tma=False)),
-    (128, False): (KernelConfig(64, 128, 8, 2), KernelConfig(128, 32, 8, 3)),
+    (128, False): (KernelConfig(64, 128, 8, 3), KernelConfig(128, 32, 8, 3)),
     (128, True): (KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3)),
     (256, False): (KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)),
     (256, True): (KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)),
 }
+# D=128 non-causal dK/dV: 3 stages, not the first sweep's 2 (fifth session A/B through the
+# whole backward, bf16 and fp16, S 2k-16k: +1-8%); causal keeps 32x64 (64x128 with 3 stages
+# was 4% slower at 2k-4k, 3-5% faster at 8k-16k).
 # Short sequences (max(Sq, Sk) <= SHORT_SEQLEN) at D=128: each program walks only a few key
 # blocks, so smaller tiles (more programs, shorter prologue) win. bf16 S=512 sweep on the H100
 # (benchmarks/NOTES.md, "Short sequences"): forward 64x64 w4 pointers 333 vs 262 TFLOP/s
