@@ -26,6 +26,8 @@ from ._configs import (
     short_seqlen,
 )
 from ._forward import launch_forward
+from ._hopper import launch_forward as launch_forward_hopper
+from ._hopper import use_gluon
 from .decode import decode_forward, num_splits, use_split_kv
 
 _TMA_ENV = "ATTNKIT_TRITON_TMA"
@@ -114,7 +116,8 @@ def _decode_splits(problem, interpret: bool) -> int:
 class TritonBackend(Backend):
     name = "triton"
     description = ("fused Triton kernels: online-softmax forward, recomputing backward "
-                   "(dK/dV per key block, dQ per query block); TMA on Hopper")
+                   "(dK/dV per key block, dQ per query block); TMA on Hopper, and a "
+                   "warp-specialized Gluon forward on sm_90")
     capabilities = Capabilities(
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
@@ -150,6 +153,9 @@ class TritonBackend(Backend):
         if splits:  # decoding: split the keys so every SM reads the cache
             with _on_device(q):
                 return decode_forward(problem, q, k, v, seqlens_k, splits=splits)
+        if use_gluon(problem, q, k, v):  # sm_90 dense training shapes: warp-specialized
+            with _on_device(q):
+                return launch_forward_hopper(problem, q, k, v)
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
                              _short(problem))
         tma = cfg.tma and use_tma(problem, q, k, v)

@@ -1,0 +1,124 @@
+"""The Hopper forward in Gluon: when it runs, and its launcher (kernels in ``_gluon_kernels``).
+
+Triton's ``tl`` forward cannot keep a producer warp feeding TMA loads while two consumer
+warpgroups alternate tensor-core and softmax work (its automatic warp specialization measured
+30-40% slower on the H100); Gluon, shipped with Triton, states that schedule explicitly. It
+covers the dense training shape that dominates time: sm_90, fp16/bf16, head dim 64 or 128,
+Sq == Sk a multiple of 128, causal or not, GQA, no window/softcap/seqlens_k, q/k/v dense in
+(B, H, S, D) or (B, S, H, D) order (the latter passed as ``.transpose(1, 2)``), k and v alike.
+Everything else takes the ``tl`` forward, whose results it matches (same ``out`` and
+natural-log ``lse``, so the backward is unchanged). ``ATTNKIT_TRITON_GLUON=0`` turns it off;
+``=1`` makes a call it cannot take an error instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ._band import LOG2E
+from ._configs import interpreting
+
+_ENV = "ATTNKIT_TRITON_GLUON"
+BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
+BLOCK_N = 128  # keys per tile (the causal mask assumes BLOCK_N == BLOCK_M)
+_MAXNREG = 168  # 12 warps x 32 threads x 168 <= 64K registers; setmaxnreg gives 240/240/24
+
+
+@functools.lru_cache(maxsize=1)
+def kernels():
+    """The Gluon module, or the ImportError's text when this Triton lacks Gluon's Hopper API."""
+    try:
+        from . import _gluon_kernels
+    except Exception as e:  # ImportError, or an API this module does not know
+        return f"{type(e).__name__}: {e}"
+    return _gluon_kernels
+
+
+@functools.lru_cache(maxsize=1024)
+def _problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
+    reasons = []
+    if interpret or problem.device.type != "cuda":
+        reasons.append("not on a CUDA device")
+    elif torch.cuda.get_device_capability(problem.device) != (9, 0):
+        reasons.append("needs sm_90 (wgmma)")
+    elif isinstance(kernels(), str):
+        reasons.append(f"this Triton has no usable Gluon Hopper API ({kernels()})")
+    if problem.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {problem.dtype} (fp16/bf16 only)")
+    if problem.head_dim not in (64, 128):
+        reasons.append(f"head dim {problem.head_dim} (64 or 128 only)")
+    if problem.seqlen_q != problem.seqlen_k or problem.seqlen_q % BLOCK_M:
+        reasons.append(f"Sq={problem.seqlen_q}, Sk={problem.seqlen_k} (equal, multiples of "
+                       f"{BLOCK_M})")
+    if problem.has_window or problem.softcap is not None or problem.has_seqlens_k:
+        reasons.append("window, softcap or seqlens_k")
+    return tuple(reasons)
+
+
+def _view_2d(t: torch.Tensor):
+    """``(rows, columns, rb, rh, ch)`` of the 2-D TMA view of a dense (B, H, S, D) tensor held
+    in (B, H, S, D) or (B, S, H, D) order (see ``_fwd_kernel``), else None."""
+    B, H, S, D = t.shape
+    if t.is_contiguous():
+        return B * H * S, D, H * S, S, 0
+    if t.transpose(1, 2).is_contiguous():
+        return B * S, H * D, S, 0, D
+    return None
+
+
+def _layout_ok(t: torch.Tensor) -> bool:
+    return _view_2d(t) is not None and not t.data_ptr() & 15  # TMA: 16-byte aligned base
+
+
+def use_gluon(problem, q, k, v) -> bool:
+    """Whether this forward call takes the Gluon kernel."""
+    mode = os.environ.get(_ENV, "auto")
+    if mode == "0":
+        return False
+    reasons = list(_problem_reasons(problem, interpreting()))
+    if not all(_layout_ok(t) for t in (q, k, v)) or k.stride() != v.stride():
+        reasons.append("q, k, v must be dense in (B, H, S, D) or (B, S, H, D) order, "
+                       "16-byte aligned, k and v in one layout")
+    if reasons:
+        if mode == "1":
+            raise ValueError(f"{_ENV}=1 but the Gluon forward cannot apply: "
+                             f"{'; '.join(reasons)}")
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def _smem_layouts(dtype: torch.dtype, head_dim: int):
+    gl = kernels().gl
+    el = gl.float16 if dtype == torch.float16 else gl.bfloat16
+    return (gl.NVMMASharedLayout.get_default_for([64, head_dim], el),
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], el))
+
+
+def launch_forward(problem, q, k, v):
+    """``out`` (like q) and ``lse`` (B, Hq, S) float32, natural log, as the ``tl`` forward."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, H, S, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    q_layout, kv_layout = _smem_layouts(q.dtype, D)
+    (qr, qc, *q_rc), (kr, kc, *kv_rc) = _view_2d(q), _view_2d(k)
+    if out.stride() != q.stride() or v.stride() != k.stride():
+        raise AssertionError("out follows q's strides and v k's (use_gluon checked them)")
+    q_desc, o_desc = (TensorDescriptor(t, [qr, qc], [qc, 1], [64, D], q_layout)
+                      for t in (q, out))
+    k_desc, v_desc = (TensorDescriptor(t, [kr, kc], [kc, 1], [BLOCK_N, D], kv_layout)
+                      for t in (k, v))
+    # D=128: K+V slots are 64 KB each, two fit beside Q; D=64 measured no better with three.
+    kernels()._fwd_kernel[(S // BLOCK_M, B * H)](
+        q_desc, k_desc, v_desc, o_desc, lse, S, H, problem.group_size,
+        problem.scale * LOG2E, *q_rc, *kv_rc, problem.causal, BLOCK_N, 2, num_warps=4,
+        maxnreg=_MAXNREG)
+    return out, lse
+
+
+__all__ = ["launch_forward", "use_gluon"]
