@@ -42,6 +42,20 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+def path_enabled(env: str, what: str, reasons) -> bool:
+    """Whether an optional kernel path (TMA, the Gluon forward) takes this call: when it can
+    apply (``reasons()`` empty). ``env=0`` turns it off; ``env=1`` makes a refusal an error."""
+    mode = os.environ.get(env, "auto")
+    if mode == "0":
+        return False
+    found = reasons()
+    if found:
+        if mode == "1":
+            raise ValueError(f"{env}=1 but {what} cannot apply: {'; '.join(found)}")
+        return False
+    return True
+
+
 # (block_d, causal) -> config, for sm90 (Hopper). The bf16, S=4k sweep on an H100 (see
 # benchmarks/NOTES.md, Triton section) picked these; `tma=False` where the pointer path
 # measured faster.

@@ -14,12 +14,11 @@ natural-log ``lse``, so the backward is unchanged). ``ATTNKIT_TRITON_GLUON=0`` t
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from ._band import LOG2E
-from ._configs import interpreting
+from ._configs import interpreting, path_enabled
 
 _ENV = "ATTNKIT_TRITON_GLUON"
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
@@ -75,19 +74,14 @@ def _layout_ok(t: torch.Tensor) -> bool:
 
 def use_gluon(problem, q, k, v) -> bool:
     """Whether this forward call takes the Gluon kernel."""
-    mode = os.environ.get(_ENV, "auto")
-    if mode == "0":
-        return False
-    reasons = list(_problem_reasons(problem, interpreting()))
-    if not all(_layout_ok(t) for t in (q, k, v)) or k.stride() != v.stride():
-        reasons.append("q, k, v must be dense in (B, H, S, D) or (B, S, H, D) order, "
-                       "16-byte aligned, k and v in one layout")
-    if reasons:
-        if mode == "1":
-            raise ValueError(f"{_ENV}=1 but the Gluon forward cannot apply: "
-                             f"{'; '.join(reasons)}")
-        return False
-    return True
+    def reasons():
+        found = list(_problem_reasons(problem, interpreting()))
+        if not all(_layout_ok(t) for t in (q, k, v)) or k.stride() != v.stride():
+            found.append("q, k, v must be dense in (B, H, S, D) or (B, S, H, D) order, "
+                         "16-byte aligned, k and v in one layout")
+        return found
+
+    return path_enabled(_ENV, "the Gluon forward", reasons)
 
 
 @functools.lru_cache(maxsize=16)
@@ -100,15 +94,13 @@ def _smem_layouts(dtype: torch.dtype, head_dim: int):
 
 def launch_forward(problem, q, k, v):
     """``out`` (like q) and ``lse`` (B, Hq, S) float32, natural log, as the ``tl`` forward."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
+    TensorDescriptor = kernels().TensorDescriptor
     B, H, S, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     q_layout, kv_layout = _smem_layouts(q.dtype, D)
     (qr, qc, *q_rc), (kr, kc, *kv_rc) = _view_2d(q), _view_2d(k)
-    if out.stride() != q.stride() or v.stride() != k.stride():
-        raise AssertionError("out follows q's strides and v k's (use_gluon checked them)")
+    # out = empty_like(q) keeps q's strides; use_gluon checked that v has k's
     q_desc, o_desc = (TensorDescriptor(t, [qr, qc], [qc, 1], [64, D], q_layout)
                       for t in (q, out))
     k_desc, v_desc = (TensorDescriptor(t, [kr, kc], [kc, 1], [BLOCK_N, D], kv_layout)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
 
 import torch
 
@@ -23,6 +22,7 @@ from ._configs import (
     forward_config,
     interpreting,
     padded_head_dim,
+    path_enabled,
     short_seqlen,
 )
 from ._forward import launch_forward
@@ -92,15 +92,13 @@ def _tma_problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
 
 def use_tma(problem, *tensors: torch.Tensor) -> bool:
     """Whether this call takes the tensor-descriptor path."""
-    mode = os.environ.get(_TMA_ENV, "auto")
-    if mode == "0":
-        return False
-    reasons = list(_tma_problem_reasons(problem, interpreting()))
-    if not all(_tma_layout_ok(t) for t in tensors):
-        reasons.append("a tensor is not 16-byte aligned with unit head-dim stride")
-    if reasons:
-        if mode == "1":
-            raise ValueError(f"{_TMA_ENV}=1 but TMA cannot apply: {'; '.join(reasons)}")
+    def reasons():
+        found = list(_tma_problem_reasons(problem, interpreting()))
+        if not all(_tma_layout_ok(t) for t in tensors):
+            found.append("a tensor is not 16-byte aligned with unit head-dim stride")
+        return found
+
+    if not path_enabled(_TMA_ENV, "TMA", reasons):
         return False
     _ensure_allocator()
     return True

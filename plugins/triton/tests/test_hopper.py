@@ -1,7 +1,6 @@
 """The Gluon Hopper forward: it compiles for sm_90 with this Triton (no GPU needed), the
 dispatch says why it does not apply, and on an sm_90 GPU it matches the tl forward."""
 
-import math
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import torch
 from attnkit_triton import _hopper
 
 import attnkit
+from attnkit import reference
 from attnkit.spec import AttentionProblem
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "compile_gluon.py"
@@ -67,12 +67,7 @@ def test_gluon_forward_matches_tl_forward_on_cuda(monkeypatch, dtype, D, causal,
         return torch.randn(B, H, S, D, device="cuda", dtype=dtype)
 
     q, k, v = make(Hq), make(Hkv), make(Hkv)
-    s = (q.double() @ k.double().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2))
-    s = s / math.sqrt(D)
-    if causal:
-        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device="cuda").triu(1), -math.inf)
-    ref = torch.softmax(s, -1) @ v.double().repeat_interleave(Hq // Hkv, 1)
-    ref_lse = torch.logsumexp(s, -1)
+    ref, ref_lse = reference.safe(q.double(), k.double(), v.double(), causal=causal)
     monkeypatch.setenv("ATTNKIT_TRITON_GLUON", "1")  # an error if the Gluon path cannot apply
     out, lse = attnkit.attention(q, k, v, causal=causal, backend="triton", return_lse=True)
     monkeypatch.setenv("ATTNKIT_TRITON_GLUON", "0")
