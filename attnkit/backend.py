@@ -41,7 +41,9 @@ class Capabilities:
     softcap: bool = True
     lse: bool = True
     backward: bool = True
-    #: The backward is bitwise deterministic (the forward always must be).
+    #: The backward is bitwise deterministic under ``torch.use_deterministic_algorithms(True)``
+    #: (the forward always must be). A backend may take a faster, non-repeatable backward
+    #: otherwise, if it says so; with False it is never chosen in deterministic mode.
     deterministic: bool = True
 
     def as_dict(self) -> dict:

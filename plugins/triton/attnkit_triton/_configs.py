@@ -42,9 +42,11 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
-def path_enabled(env: str, what: str, reasons) -> bool:
-    """Whether an optional kernel path (TMA, the Gluon forward) takes this call: when it can
-    apply (``reasons()`` empty). ``env=0`` turns it off; ``env=1`` makes a refusal an error."""
+def path_enabled(env: str, what: str, reasons, preferred: bool = True) -> bool:
+    """Whether an optional kernel path (TMA, the Gluon kernels) takes this call: when it can
+    apply (``reasons()`` empty) and, left to itself, when it is ``preferred`` (measured
+    faster here). ``env=0`` turns it off; ``env=1`` takes it wherever it can apply and makes
+    a refusal an error."""
     mode = os.environ.get(env, "auto")
     if mode == "0":
         return False
@@ -53,7 +55,7 @@ def path_enabled(env: str, what: str, reasons) -> bool:
         if mode == "1":
             raise ValueError(f"{env}=1 but {what} cannot apply: {'; '.join(found)}")
         return False
-    return True
+    return mode == "1" or preferred
 
 
 # (block_d, causal) -> config, for sm90 (Hopper). The bf16, S=4k sweep on an H100 (see

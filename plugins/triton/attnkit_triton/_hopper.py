@@ -1,39 +1,66 @@
-"""The Hopper forward in Gluon: when it runs, and its launcher (kernels in ``_gluon_kernels``).
+"""The Hopper kernels in Gluon: when they run, and their launchers (kernels in
+``_gluon_forward`` and ``_gluon_backward``).
 
-Triton's ``tl`` forward cannot keep a producer warp feeding TMA loads while two consumer
+Triton's ``tl`` kernels cannot keep a producer warp feeding TMA loads while two consumer
 warpgroups alternate tensor-core and softmax work (its automatic warp specialization measured
 30-40% slower on the H100); Gluon, shipped with Triton, states that schedule explicitly. It
 covers the dense training shape that dominates time: sm_90, fp16/bf16, head dim 64 or 128,
-Sq == Sk a multiple of 128, causal or not, GQA, no window/softcap/seqlens_k, q/k/v dense in
-(B, H, S, D) or (B, S, H, D) order (the latter passed as ``.transpose(1, 2)``), k and v alike.
-Everything else takes the ``tl`` forward, whose results it matches (same ``out`` and
-natural-log ``lse``, so the backward is unchanged). ``ATTNKIT_TRITON_GLUON=0`` turns it off;
-``=1`` makes a call it cannot take an error instead.
+Sq == Sk a multiple of 128, causal or not, GQA, no window/softcap/seqlens_k, q/k/v (and dout)
+dense in (B, H, S, D) or (B, S, H, D) order (the latter passed as ``.transpose(1, 2)``), k and
+v alike. Everything else takes the ``tl`` kernels, whose results these match (same ``out`` and
+natural-log ``lse``; gradients to rounding).
+
+The backward sums dQ over key blocks with TMA reduce-adds, so its dQ rounds differently run to
+run: under ``torch.use_deterministic_algorithms(True)`` the deterministic ``tl`` backward runs.
+Left to themselves (``auto``) the paths run from the sequence lengths where they measured
+faster than ``tl`` (``_MIN_SEQLEN``). ``ATTNKIT_TRITON_GLUON`` / ``ATTNKIT_TRITON_GLUON_BWD``
+``=0`` turn them off; ``=1`` takes them wherever they can apply and makes a call they cannot
+take an error instead.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
+from ._backward import prepare
 from ._band import LOG2E
 from ._configs import interpreting, path_enabled
 
 _ENV = "ATTNKIT_TRITON_GLUON"
+_BWD_ENV = "ATTNKIT_TRITON_GLUON_BWD"
 BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 BLOCK_N = 128  # keys per tile (the causal mask assumes BLOCK_N == BLOCK_M)
 _MAXNREG = 168  # 12 warps x 32 threads x 168 <= 64K registers; setmaxnreg gives 240/240/24
+# Shortest Sq (= Sk) from which auto mode takes the Gluon kernel, per (pass, head dim, causal):
+# the bf16 grid on an H100, Gluon vs tl (benchmarks/NOTES.md, "Seventh and eighth sessions").
+_MIN_SEQLEN = {
+    ("forward", 64, False): 1024, ("forward", 64, True): 4096,
+    ("forward", 128, False): 1024, ("forward", 128, True): 512,
+    ("backward", 64, False): 4096, ("backward", 64, True): 4096,
+    ("backward", 128, False): 1024, ("backward", 128, True): 4096,
+}
 
 
 @functools.lru_cache(maxsize=1)
 def kernels():
-    """The Gluon module, or the ImportError's text when this Triton lacks Gluon's Hopper API."""
+    """The Gluon kernel modules (``.fwd``, ``.bwd``, ``.gl``, ``.TensorDescriptor``), or the
+    ImportError's text when this Triton lacks Gluon's Hopper API."""
     try:
-        from . import _gluon_kernels
+        from triton.experimental.gluon import language as gl
+
+        from . import _gluon_backward, _gluon_forward
     except Exception as e:  # ImportError, or an API this module does not know
         return f"{type(e).__name__}: {e}"
-    return _gluon_kernels
+    return types.SimpleNamespace(fwd=_gluon_forward, bwd=_gluon_backward, gl=gl,
+                                 TensorDescriptor=_gluon_forward.TensorDescriptor)
+
+
+def _preferred(kind: str, problem) -> bool:
+    least = _MIN_SEQLEN.get((kind, problem.head_dim, problem.causal))
+    return least is not None and problem.seqlen_q >= least
 
 
 @functools.lru_cache(maxsize=1024)
@@ -81,7 +108,24 @@ def use_gluon(problem, q, k, v) -> bool:
                          "16-byte aligned, k and v in one layout")
         return found
 
-    return path_enabled(_ENV, "the Gluon forward", reasons)
+    return path_enabled(_ENV, "the Gluon forward", reasons, _preferred("forward", problem))
+
+
+def use_gluon_backward(problem, q, k, v, dout) -> bool:
+    """Whether this backward call takes the Gluon kernel (its dQ is summed with atomic adds:
+    never when torch was asked for deterministic algorithms)."""
+    def reasons():
+        found = list(_problem_reasons(problem, interpreting()))
+        if problem.deterministic or torch.are_deterministic_algorithms_enabled():
+            found.append("torch.use_deterministic_algorithms(True) (its dQ is summed with "
+                         "atomic adds)")
+        if not all(_layout_ok(t) for t in (q, k, v, dout)) or k.stride() != v.stride():
+            found.append("q, k, v, dout must be dense in (B, H, S, D) or (B, S, H, D) order, "
+                         "16-byte aligned, k and v in one layout")
+        return found
+
+    return path_enabled(_BWD_ENV, "the Gluon backward", reasons,
+                        _preferred("backward", problem))
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,11 +150,38 @@ def launch_forward(problem, q, k, v):
     k_desc, v_desc = (TensorDescriptor(t, [kr, kc], [kc, 1], [BLOCK_N, D], kv_layout)
                       for t in (k, v))
     # D=128: K+V slots are 64 KB each, two fit beside Q; D=64 measured no better with three.
-    kernels()._fwd_kernel[(S // BLOCK_M, B * H)](
+    kernels().fwd._fwd_kernel[(S // BLOCK_M, B * H)](
         q_desc, k_desc, v_desc, o_desc, lse, S, H, problem.group_size,
         problem.scale * LOG2E, *q_rc, *kv_rc, problem.causal, BLOCK_N, 2, num_warps=4,
         maxnreg=_MAXNREG)
     return out, lse
 
 
-__all__ = ["launch_forward", "use_gluon"]
+def launch_backward(problem, q, k, v, out, lse, dout):
+    """``(dq, dk, dv)`` as the ``tl`` backward computes them, dQ summed in float32."""
+    TensorDescriptor = kernels().TensorDescriptor
+    B, H, S, D = q.shape
+    delta, lse2 = prepare(q, out, lse, dout, BLOCK_M)  # S % BLOCK_M == 0: no pad rows
+    dq = torch.zeros_like(q, dtype=torch.float32)  # keeps q's strides, so q's 2-D view
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    q_layout, kv_layout = _smem_layouts(q.dtype, D)
+    (qr, qc, *q_rc), (dr, dc, *do_rc), (kr, kc, *kv_rc) = map(_view_2d, (q, dout, k))
+    q_desc = TensorDescriptor(q, [qr, qc], [qc, 1], [64, D], q_layout)
+    do_desc = TensorDescriptor(dout, [dr, dc], [dc, 1], [64, D], q_layout)
+    dq_desc = TensorDescriptor(dq, [qr, qc], [qc, 1], [64, 64], _dq_layout())
+    k_desc, v_desc = (TensorDescriptor(t, [kr, kc], [kc, 1], [BLOCK_N, D], kv_layout)
+                      for t in (k, v))
+    kernels().bwd._bwd_kernel[(S // BLOCK_N, B * k.shape[1])](
+        q_desc, k_desc, v_desc, do_desc, dq_desc, lse2, delta, dk, dv, S, H,
+        problem.group_size, problem.scale * LOG2E, problem.scale, *q_rc, *do_rc, *kv_rc, kc,
+        problem.causal, 2, num_warps=4, maxnreg=_MAXNREG)
+    return dq.to(q.dtype), dk, dv
+
+
+@functools.lru_cache(maxsize=1)
+def _dq_layout():
+    gl = kernels().gl
+    return gl.NVMMASharedLayout.get_default_for([64, 64], gl.float32)
+
+
+__all__ = ["launch_backward", "launch_forward", "use_gluon", "use_gluon_backward"]

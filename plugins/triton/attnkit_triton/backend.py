@@ -26,8 +26,9 @@ from ._configs import (
     short_seqlen,
 )
 from ._forward import launch_forward
+from ._hopper import launch_backward as launch_backward_hopper
 from ._hopper import launch_forward as launch_forward_hopper
-from ._hopper import use_gluon
+from ._hopper import use_gluon, use_gluon_backward
 from .decode import decode_forward, num_splits, use_split_kv
 
 _TMA_ENV = "ATTNKIT_TRITON_TMA"
@@ -161,6 +162,9 @@ class TritonBackend(Backend):
             return launch_forward(problem, q, k, v, seqlens_k, cfg, tma)
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
+        if use_gluon_backward(problem, q, k, v, dout):
+            with _on_device(q):
+                return launch_backward_hopper(problem, q, k, v, out, lse, dout)
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
                                             q.device, _short(problem))
         tma = use_tma(problem, q, k, v, dout)

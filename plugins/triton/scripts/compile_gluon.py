@@ -1,5 +1,5 @@
-"""Compile the Gluon Hopper forward for sm_90 without a GPU (CI: catches Gluon API changes in a
-new Triton before a GPU run does).
+"""Compile the Gluon Hopper forward and backward for sm_90 without a GPU (CI: catches Gluon
+API changes in a new Triton before a GPU run does).
 
 Triton's CUDA driver is replaced by a stub that reports an sm_90 target, so ``warmup`` runs
 the whole compiler (Gluon -> TTGIR -> PTX -> cubin with Triton's bundled ptxas) and launches
@@ -49,36 +49,48 @@ def main() -> int:
     if isinstance(mod, str):
         print(f"no Gluon Hopper API in Triton {triton.__version__}: {mod}")
         return 1
-    failed = 0
+    failed = total = 0
     S, H = 1024, 2
     for dtype in (torch.bfloat16, torch.float16):
         for D in (64, 128):
             for causal in (False, True):
                 t = torch.empty(H * S, D, dtype=dtype)
+                f32 = torch.empty(H * S, D, dtype=torch.float32)
                 lse = torch.empty(H * S, dtype=torch.float32)
                 q_l, kv_l = _hopper._smem_layouts(dtype, D)
                 qd = TensorDescriptor(t, [H * S, D], [D, 1], [64, D], q_l)
                 kd = TensorDescriptor(t, [H * S, D], [D, 1], [_hopper.BLOCK_N, D], kv_l)
-                name = f"{str(dtype)[6:]} D={D} causal={causal}"
-                try:
-                    k = mod._fwd_kernel.warmup(qd, kd, kd, qd, lse, S, H, 1, 0.1,
-                                               H * S, S, 0, H * S, S, 0, causal,
-                                               _hopper.BLOCK_N, 2, num_warps=4,
-                                               maxnreg=_hopper._MAXNREG,
-                                               grid=(S // _hopper.BLOCK_M, H))
-                except Exception as e:
-                    failed += 1
-                    root = e
-                    while root.__cause__ is not None:
-                        root = root.__cause__
-                    print(f"{name}: FAILED {type(root).__name__}: {str(root)[-1500:]}")
-                    continue
-                ptx = k.asm["ptx"]
-                ok = "setmaxnreg.dec" in ptx and "wgmma.mma_async" in ptx
-                failed += not ok
-                print(f"{name}: {'ok' if ok else 'PTX lacks setmaxnreg/wgmma'} "
-                      f"(smem {k.metadata.shared} B, {ptx.count('wgmma.mma_async')} wgmma)")
-    print(f"triton {triton.__version__}: {8 - failed}/8 variants compiled for sm_90")
+                dqd = TensorDescriptor(f32, [H * S, D], [D, 1], [64, 64], _hopper._dq_layout())
+                views = (H * S, S, 0)  # (rb, rh, ch) of a (1, H, S, D) tensor
+                runs = (
+                    ("forward", mod.fwd._fwd_kernel, S // _hopper.BLOCK_M,
+                     (qd, kd, kd, qd, lse, S, H, 1, 0.1, *views, *views, causal,
+                      _hopper.BLOCK_N, 2)),
+                    ("backward", mod.bwd._bwd_kernel, S // _hopper.BLOCK_N,
+                     (qd, kd, kd, qd, dqd, lse, lse, t, t, S, H, 1, 0.1, 0.1, *views, *views,
+                      *views, D, causal, 2)),
+                )
+                for kind, kernel, blocks, args in runs:
+                    total += 1
+                    name = f"{kind} {str(dtype)[6:]} D={D} causal={causal}"
+                    try:
+                        k = kernel.warmup(*args, num_warps=4, maxnreg=_hopper._MAXNREG,
+                                          grid=(blocks, H))
+                    except Exception as e:
+                        failed += 1
+                        root = e
+                        while root.__cause__ is not None:
+                            root = root.__cause__
+                        print(f"{name}: FAILED {type(root).__name__}: {str(root)[-1500:]}")
+                        continue
+                    ptx = k.asm["ptx"]
+                    ok = "setmaxnreg.dec" in ptx and "wgmma.mma_async" in ptx
+                    if kind == "backward":  # dQ's adds are TMA reduces, not per-element atomics
+                        ok = ok and "cp.reduce.async.bulk.tensor" in ptx
+                    failed += not ok
+                    print(f"{name}: {'ok' if ok else 'PTX lacks setmaxnreg/wgmma/bulk reduce'} "
+                          f"(smem {k.metadata.shared} B, {ptx.count('wgmma.mma_async')} wgmma)")
+    print(f"triton {triton.__version__}: {total - failed}/{total} variants compiled for sm_90")
     return 1 if failed else 0
 
 

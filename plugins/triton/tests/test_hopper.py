@@ -1,5 +1,5 @@
-"""The Gluon Hopper forward: it compiles for sm_90 with this Triton (no GPU needed), the
-dispatch says why it does not apply, and on an sm_90 GPU it matches the tl forward."""
+"""The Gluon Hopper kernels: they compile for sm_90 with this Triton (no GPU needed), the
+dispatch says why they do not apply, and on an sm_90 GPU they match the tl kernels."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from attnkit_triton import _hopper
+from attnkit_triton import _configs, _hopper
 
 import attnkit
 from attnkit import reference
@@ -17,12 +17,12 @@ from attnkit.spec import AttentionProblem
 SCRIPT = Path(__file__).parents[1] / "scripts" / "compile_gluon.py"
 
 
-def test_gluon_forward_compiles_for_sm90():
+def test_gluon_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert "8/8 variants compiled for sm_90" in r.stdout
+    assert "16/16 variants compiled for sm_90" in r.stdout
 
 
 def _problem(**kw):
@@ -46,27 +46,67 @@ def test_gluon_dispatch_explains_refusals(monkeypatch):
         _hopper.use_gluon(_problem(), sbhd, kv, kv)
 
 
+def test_gluon_backward_dispatch_explains_refusals(monkeypatch):
+    q = torch.empty(2, 4, 256, 128, dtype=torch.bfloat16)
+    kv = torch.empty(2, 2, 256, 128, dtype=torch.bfloat16)
+    assert not _hopper.use_gluon_backward(_problem(), q, kv, kv, q)
+    monkeypatch.setenv("ATTNKIT_TRITON_GLUON_BWD", "1")
+    with pytest.raises(ValueError, match="use_deterministic_algorithms") as e:
+        _hopper.use_gluon_backward(_problem(deterministic=True, dtype=torch.float32), q, kv,
+                                   kv, q)
+    assert "dtype torch.float32" in str(e.value)
+    with pytest.raises(ValueError, match="q, k, v, dout must be dense"):
+        _hopper.use_gluon_backward(_problem(), q, kv, kv, q.transpose(2, 3))
+
+
+def test_auto_mode_takes_a_path_only_where_preferred(monkeypatch):
+    monkeypatch.delenv("ATTNKIT_X", raising=False)
+    assert _configs.path_enabled("ATTNKIT_X", "x", lambda: [], preferred=True)
+    assert not _configs.path_enabled("ATTNKIT_X", "x", lambda: [], preferred=False)
+    monkeypatch.setenv("ATTNKIT_X", "1")  # forced: wherever it can apply
+    assert _configs.path_enabled("ATTNKIT_X", "x", lambda: [], preferred=False)
+    monkeypatch.setenv("ATTNKIT_X", "0")
+    assert not _configs.path_enabled("ATTNKIT_X", "x", lambda: [], preferred=True)
+    for kind in ("forward", "backward"):  # every shape the kernels cover has a threshold
+        for D in (64, 128):
+            for causal in (False, True):
+                assert _hopper._preferred(kind, _problem(head_dim=D, causal=causal,
+                                                         seqlen_q=16384, seqlen_k=16384))
+
+
 sm90 = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)
     or os.environ.get("TRITON_INTERPRET") == "1", reason="needs an sm_90 GPU")
 
 
-@sm90
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("B,Hq,Hkv,S,layout", [(1, 2, 2, 128, "bhsd"), (2, 4, 1, 384, "bshd"),
-                                                (1, 6, 2, 1024, "bshd"), (2, 2, 2, 256, "bhsd")])
+def gpu_cases(test):
+    """fp16/bf16, D 64/128, causal or not, MHA and GQA 2:1 / 4:1, (B, H, S, D) tensors and
+    (B, S, H, D) ones seen through ``.transpose(1, 2)``."""
+    for mark in (
+        pytest.mark.parametrize("B,Hq,Hkv,S,layout", [
+            (1, 2, 2, 128, "bhsd"), (2, 4, 1, 384, "bshd"), (1, 6, 2, 1024, "bshd"),
+            (2, 2, 2, 256, "bhsd")]),
+        pytest.mark.parametrize("causal", [False, True]),
+        pytest.mark.parametrize("D", [64, 128]),
+        pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16]),
+        sm90,
+    ):
+        test = mark(test)
+    return test
+
+
+def _make(layout, B, S, H, D, dtype):
+    if layout == "bshd":
+        return torch.randn(B, S, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+    return torch.randn(B, H, S, D, device="cuda", dtype=dtype)
+
+
+@gpu_cases
 def test_gluon_forward_matches_tl_forward_on_cuda(monkeypatch, dtype, D, causal, B, Hq, Hkv, S,
                                                   layout):
     torch.manual_seed(S + D)
 
-    def make(H):  # (B, H, S, D) view of a tensor held in `layout` order
-        if layout == "bshd":
-            return torch.randn(B, S, H, D, device="cuda", dtype=dtype).transpose(1, 2)
-        return torch.randn(B, H, S, D, device="cuda", dtype=dtype)
-
-    q, k, v = make(Hq), make(Hkv), make(Hkv)
+    q, k, v = (_make(layout, B, S, H, D, dtype) for H in (Hq, Hkv, Hkv))
     ref, ref_lse = reference.safe(q.double(), k.double(), v.double(), causal=causal)
     monkeypatch.setenv("ATTNKIT_TRITON_GLUON", "1")  # an error if the Gluon path cannot apply
     out, lse = attnkit.attention(q, k, v, causal=causal, backend="triton", return_lse=True)
@@ -88,3 +128,35 @@ def test_gluon_forward_matches_tl_forward_on_cuda(monkeypatch, dtype, D, causal,
     for a, b in ((qg, qt), (kg, kt), (vg, vt)):
         tol = 2e-2 * b.grad.abs().max().item() + 1e-2
         assert (a.grad - b.grad).abs().max().item() <= tol
+
+
+@gpu_cases
+def test_gluon_backward_matches_reference_on_cuda(monkeypatch, dtype, D, causal, B, Hq, Hkv, S,
+                                                  layout):
+    """Gradients within twice the tl backward's error from a float64 reference, with random
+    dout, GQA, both layouts; under deterministic algorithms the tl backward runs instead."""
+    torch.manual_seed(S + D + causal)
+
+    q, k, v, dout = (_make(layout, B, S, H, D, dtype) for H in (Hq, Hkv, Hkv, Hq))
+
+    def grads(mode, on=(q, k, v)):
+        monkeypatch.setenv("ATTNKIT_TRITON_GLUON_BWD", mode)
+        leaves = [t.detach().clone().requires_grad_() for t in on]
+        out = attnkit.attention(*leaves, causal=causal, backend="triton")
+        return torch.autograd.grad(out, leaves, dout)
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(reference.safe(*leaves, causal=causal)[0], leaves, dout.double())
+    for name, g, g_tl, r in zip(("dq", "dk", "dv"), grads("1"), grads("0"), ref):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        err, err_tl = ((x.double() - r).abs().max().item() for x in (g, g_tl))
+        assert err <= 2 * err_tl + 1e-3, (name, err, err_tl)
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(ValueError, match="use_deterministic_algorithms"):
+            grads("1")
+        first, second = grads("auto"), grads("auto")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -1,0 +1,226 @@
+"""Gluon kernel of the Hopper backward (sm_90): dK, dV and dQ in one warp-specialized kernel
+(see ``_hopper.py`` for when it runs and the launcher).
+
+A program owns 128 keys of one (batch, kv head), split between two consumer warpgroups of 64
+keys (240 registers each after ``setmaxnreg``), which hold dK and dV in registers over every
+query block and query head of the GQA group that sees their keys. A 1-warp producer streams
+64-row Q and dO tiles through ``NUM_BUF`` shared-memory slots with TMA. Per query block a
+consumer computes, in its keys' orientation (keys x queries, so P^T and dS^T are already the
+left operands of the dV and dK products and stay in registers):
+
+    S^T = K Q^T,  P^T = exp2(S^T * scale*log2(e) - lse2),  dP^T = V dO^T,
+    dS^T = P^T (dP^T - delta) * scale,  dV += P^T dO,  dK += dS^T Q.
+
+dQ += dS K spans both warpgroups' keys: each writes its dS^T to shared memory, the two meet
+on an mbarrier, and each computes one half of the block's dQ columns (head dim 128; at head
+dim 64 the warpgroups take turns), stages it in shared memory and adds it into a float32
+buffer with a TMA reduce-add (``cp.reduce.async.bulk.tensor``), which the warpgroup does not
+wait for until it next needs that buffer. Five products instead of the seven of the
+deterministic ``tl`` backward, at the price of run-to-run rounding differences in dQ: this
+kernel is never used under ``torch.use_deterministic_algorithms(True)``.
+"""
+
+from triton._C.libtriton import ir
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.language.core import builtin
+
+from ._gluon_forward import _tma_load
+
+if hasattr(tma, "async_atomic_add"):
+    _tma_add = tma.async_atomic_add
+else:  # Triton 3.6 builds the op (cp.reduce.async.bulk.tensor) but does not name it in Gluon
+    @builtin
+    def _tma_add(tensor_desc, coord, src, _semantic=None):
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD,
+                                                  tensor_desc.handle, coord, src.handle)
+
+BLOCK_M = gl.constexpr(64)  # query rows per tile
+
+
+@gluon.jit
+def _bwd_producer(descs, bufs, bars, coords, NUM_BUF: gl.constexpr):
+    """One warp: K and V once, then every (query head, query block)'s Q and dO tiles."""
+    q_desc, k_desc, v_desc, do_desc = descs
+    k_smem, v_smem, q_smem, do_smem = bufs
+    kv_bar, q_ready, do_ready, q_empty, do_empty = bars
+    b, hk, GROUP, m_lo, n_m, kv_row, kv_col, q_rb, q_rh, q_ch, do_rb, do_rh, do_ch = coords
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    _tma_load(k_desc, [kv_row, kv_col], kv_bar, k_smem)
+    _tma_load(v_desc, [kv_row, kv_col], kv_bar, v_smem)
+    for it in range(GROUP * n_m):
+        h = hk * GROUP + it // n_m
+        m0 = m_lo + (it % n_m) * BLOCK_M
+        s = it % NUM_BUF
+        ph = (it // NUM_BUF) & 1
+        mbarrier.wait(q_empty.index(s), ph ^ 1)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [b * q_rb + h * q_rh + m0, h * q_ch], q_ready.index(s),
+                  q_smem.index(s))
+        mbarrier.wait(do_empty.index(s), ph ^ 1)
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        _tma_load(do_desc, [b * do_rb + h * do_rh + m0, h * do_ch], do_ready.index(s),
+                  do_smem.index(s))
+
+
+@gluon.jit
+def _dq_part(ds_smem, base, k_smem, dq_smem, dq_desc, dq_row, dq_col, c: gl.constexpr,
+             dq_layout: gl.constexpr):
+    """Adds columns 64c .. 64c + 63 of this query block's dQ (dS K over the program's 128
+    keys: both warpgroups' dS^T) into the float32 dQ with a TMA reduce from shared memory."""
+    zero = gl.zeros([BLOCK_M, 64], gl.float32, dq_layout)
+    k0 = k_smem.slice(0, 64, dim=0).slice(64 * c, 64, dim=1)
+    k1 = k_smem.slice(64, 64, dim=0).slice(64 * c, 64, dim=1)
+    dq = warpgroup_mma(ds_smem.index(base).permute((1, 0)), k0, zero, use_acc=False,
+                       is_async=True)
+    dq = warpgroup_mma(ds_smem.index(base + 1).permute((1, 0)), k1, dq, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=(dq, ))
+    tma.store_wait(0)  # the previous reduce has read this warpgroup's buffer
+    dq_smem.store(dq)
+    fence_async_shared()
+    _tma_add(dq_desc, [dq_row, dq_col + 64 * c], dq_smem)
+
+
+@gluon.jit
+def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr,
+                  ROLE: gl.constexpr):
+    """One consumer warpgroup (ROLE 0 or 1): keys 64 * ROLE .. 64 * ROLE + 63 of the program."""
+    q_desc, k_desc, v_desc, do_desc, dq_desc = descs
+    k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem = bufs
+    kv_bar, q_ready, do_ready, q_empty, do_empty, ds_bar = bars
+    (b, hk, H, GROUP, S, m_lo, n_m, kv_row, kv_col, q_rb, q_rh, q_ch, do_rb, do_rh, do_ch,
+     lse_ptr, delta_ptr, dk_ptr, dv_ptr, ld_kv, qk_scale, scale) = scal
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    dtype: gl.constexpr = k_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                  k_width=2)
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, 64, 16])
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    keys = m_lo + ROLE * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    k_w = k_smem.slice(ROLE * 64, 64, dim=0)
+    v_w = v_smem.slice(ROLE * 64, 64, dim=0)
+    dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+    zero = gl.zeros([64, BLOCK_M], gl.float32, s_layout)
+    mbarrier.wait(kv_bar, 0)
+    for it in range(GROUP * n_m):
+        h = hk * GROUP + it // n_m
+        m0 = m_lo + (it % n_m) * BLOCK_M
+        s = it % NUM_BUF
+        ph = (it // NUM_BUF) & 1
+        q_s = q_smem.index(s)
+        do_s = do_smem.index(s)
+        mbarrier.wait(q_ready.index(s), ph)
+        st = warpgroup_mma(k_w, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), ph)
+        dpt = warpgroup_mma(v_w, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+        row_off = (b * H + h) * S + m0
+        cols = gl.arange(0, BLOCK_M, layout=col_layout)
+        lse2 = gl.load(lse_ptr + row_off + cols)
+        delta = gl.load(delta_ptr + row_off + cols)
+        st = warpgroup_mma_wait(1, deps=(st, ))
+        pt = gl.exp2(st * qk_scale - lse2[None, :])
+        if CAUSAL:  # causal: m_lo is the program's first key; mask the two diagonal blocks
+            if m0 < m_lo + 128:
+                pt = gl.where((m0 + cols)[None, :] >= keys[:, None], pt, 0.0)
+        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_s, dv, is_async=True)
+        dpt = warpgroup_mma_wait(1, deps=(dpt, ))
+        dst = pt * (dpt - delta[None, :]) * scale
+        ds_op = dst.to(dtype)
+        dk = warpgroup_mma(gl.convert_layout(ds_op, op_layout), q_s, dk, is_async=True)
+        # Both warpgroups' dS^T in shared memory (double-buffered: a buffer is written again
+        # two blocks later, after the other warpgroup has passed this block's barrier).
+        ds_smem.index(2 * (it % 2) + ROLE).store(ds_op)
+        fence_async_shared()
+        mbarrier.arrive(ds_bar.index(it % 2), count=1)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        mbarrier.arrive(q_empty.index(s), count=1)
+        mbarrier.arrive(do_empty.index(s), count=1)
+        mbarrier.wait(ds_bar.index(it % 2), (it // 2) & 1)
+        dq_row = b * q_rb + h * q_rh + m0
+        if HEAD_DIM == 128:  # each warpgroup computes one 64-column half
+            _dq_part(ds_smem, 2 * (it % 2), k_smem, dq_smem.index(ROLE), dq_desc, dq_row,
+                     h * q_ch, ROLE, dq_layout)
+        else:  # head dim 64: the warpgroups take turns
+            if it % 2 == ROLE:
+                _dq_part(ds_smem, 2 * (it % 2), k_smem, dq_smem.index(ROLE), dq_desc, dq_row,
+                         h * q_ch, 0, dq_layout)
+    # dK was scaled through dS; both written once, from registers.
+    rows = kv_row + ROLE * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
+    cols = kv_col + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    offs = rows.to(gl.int64)[:, None] * ld_kv + cols[None, :]
+    gl.store(dk_ptr + offs, dk.to(dtype))
+    gl.store(dv_ptr + offs, dv.to(dtype))
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                S, H, GROUP, qk_scale, scale, q_rb, q_rh, q_ch, do_rb, do_rh, do_ch,
+                kv_rb, kv_rh, kv_ch, ld_kv,
+                CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr):
+    # 2-D views as in the forward (``_fwd_kernel``); dq_desc views a float32 buffer laid out
+    # like q, dk/dv are laid out like k (ld_kv columns). lse (log2) and delta are
+    # (B * H, S) rows.
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    dtype: gl.constexpr = k_desc.dtype
+    n0 = gl.program_id(0) * 128  # causal: the programs with the most query blocks first
+    bh = gl.program_id(1)
+    HKV = H // GROUP
+    b = bh // HKV
+    hk = bh % HKV
+    if CAUSAL:
+        m_lo = n0
+    else:
+        m_lo = n0 * 0
+    n_m = (S - m_lo) // BLOCK_M
+
+    k_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [128, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], do_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [4, 64, BLOCK_M], ds_layout)  # [buffer, role]
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, 64], dq_desc.layout)  # role
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)
+        mbarrier.init(do_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(ds_bar.index(i), count=2)
+
+    kv_row = b * kv_rb + hk * kv_rh + n0
+    descs = (q_desc, k_desc, v_desc, do_desc, dq_desc)
+    bufs = (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem)
+    bars = (kv_bar, q_ready, do_ready, q_empty, do_empty, ds_bar)
+    scal = (b, hk, H, GROUP, S, m_lo, n_m, kv_row, hk * kv_ch, q_rb, q_rh, q_ch, do_rb, do_rh,
+            do_ch, lse_ptr, delta_ptr, dk_ptr, dv_ptr, ld_kv, qk_scale, scale)
+    gl.warp_specialize([
+        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, 0)),
+        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, 1)),
+        (_bwd_producer, (descs[:4], bufs[:4], bars[:5],
+                         (b, hk, GROUP, m_lo, n_m, kv_row, hk * kv_ch, q_rb, q_rh, q_ch, do_rb,
+                          do_rh, do_ch), NUM_BUF)),
+    ], [4, 1], [240, 24])
