@@ -48,14 +48,14 @@ def path_enabled(env: str, what: str, reasons, preferred: bool = True) -> bool:
     faster here). ``env=0`` turns it off; ``env=1`` takes it wherever it can apply and makes
     a refusal an error."""
     mode = os.environ.get(env, "auto")
-    if mode == "0":
+    if mode == "0" or (mode != "1" and not preferred):  # auto: no reasons to work out
         return False
     found = reasons()
     if found:
         if mode == "1":
             raise ValueError(f"{env}=1 but {what} cannot apply: {'; '.join(found)}")
         return False
-    return mode == "1" or preferred
+    return True
 
 
 # (block_d, causal) -> config, for sm90 (Hopper). The bf16, S=4k sweep on an H100 (see

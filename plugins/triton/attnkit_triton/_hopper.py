@@ -95,18 +95,19 @@ def _view_2d(t: torch.Tensor):
     return None
 
 
-def _layout_ok(t: torch.Tensor) -> bool:
-    return _view_2d(t) is not None and not t.data_ptr() & 15  # TMA: 16-byte aligned base
+def _layout_reasons(names: str, k: torch.Tensor, v: torch.Tensor, *others) -> list[str]:
+    # TMA: a 2-D view and a 16-byte aligned base; k and v share one descriptor geometry.
+    if (all(_view_2d(t) is not None and not t.data_ptr() & 15 for t in (k, v, *others))
+            and k.stride() == v.stride()):
+        return []
+    return [f"{names} must be dense in (B, H, S, D) or (B, S, H, D) order, 16-byte aligned, "
+            "k and v in one layout"]
 
 
 def use_gluon(problem, q, k, v) -> bool:
     """Whether this forward call takes the Gluon kernel."""
     def reasons():
-        found = list(_problem_reasons(problem, interpreting()))
-        if not all(_layout_ok(t) for t in (q, k, v)) or k.stride() != v.stride():
-            found.append("q, k, v must be dense in (B, H, S, D) or (B, S, H, D) order, "
-                         "16-byte aligned, k and v in one layout")
-        return found
+        return [*_problem_reasons(problem, interpreting()), *_layout_reasons("q, k, v", k, v, q)]
 
     return path_enabled(_ENV, "the Gluon forward", reasons, _preferred("forward", problem))
 
@@ -115,13 +116,11 @@ def use_gluon_backward(problem, q, k, v, dout) -> bool:
     """Whether this backward call takes the Gluon kernel (its dQ is summed with atomic adds:
     never when torch was asked for deterministic algorithms)."""
     def reasons():
-        found = list(_problem_reasons(problem, interpreting()))
-        if problem.deterministic or torch.are_deterministic_algorithms_enabled():
+        found = [*_problem_reasons(problem, interpreting()),
+                 *_layout_reasons("q, k, v, dout", k, v, q, dout)]
+        if problem.deterministic:  # torch's mode when the forward built the problem
             found.append("torch.use_deterministic_algorithms(True) (its dQ is summed with "
                          "atomic adds)")
-        if not all(_layout_ok(t) for t in (q, k, v, dout)) or k.stride() != v.stride():
-            found.append("q, k, v, dout must be dense in (B, H, S, D) or (B, S, H, D) order, "
-                         "16-byte aligned, k and v in one layout")
         return found
 
     return path_enabled(_BWD_ENV, "the Gluon backward", reasons,
