@@ -91,7 +91,7 @@ def _dq_part(ds_smem, base, k_smem, dq_smem, dq_desc, dq_row, dq_col, c: gl.cons
 
 @gluon.jit
 def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr,
-                  ROLE: gl.constexpr):
+                  SCALED_DELTA: gl.constexpr, ROLE: gl.constexpr):
     """One consumer warpgroup (ROLE 0 or 1): keys 64 * ROLE .. 64 * ROLE + 63 of the program."""
     q_desc, k_desc, v_desc, do_desc, dq_desc = descs
     k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem = bufs
@@ -139,7 +139,10 @@ def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.con
                 pt = gl.where((m0 + cols)[None, :] >= keys[:, None], pt, 0.0)
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_s, dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=(dpt, ))
-        dst = pt * (dpt - delta[None, :]) * scale
+        if SCALED_DELTA:  # delta_ptr holds delta * scale: one multiply fewer per score
+            dst = pt * (dpt * scale - delta[None, :])
+        else:
+            dst = pt * (dpt - delta[None, :]) * scale
         ds_op = dst.to(dtype)
         dk = warpgroup_mma(gl.convert_layout(ds_op, op_layout), q_s, dk, is_async=True)
         # Both warpgroups' dS^T in shared memory (double-buffered: a buffer is written again
@@ -172,10 +175,10 @@ def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.con
 def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                 S, H, GROUP, qk_scale, scale, q_rb, q_rh, q_ch, do_rb, do_rh, do_ch,
                 kv_rb, kv_rh, kv_ch, ld_kv,
-                CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr):
+                CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr, SCALED_DELTA: gl.constexpr):
     # 2-D views as in the forward (``_fwd_kernel``); dq_desc views a float32 buffer laid out
     # like q, dk/dv are laid out like k (ld_kv columns). lse (log2) and delta are
-    # (B * H, S) rows.
+    # (B * H, S) rows; delta is premultiplied by ``scale`` if SCALED_DELTA.
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     dtype: gl.constexpr = k_desc.dtype
     n0 = gl.program_id(0) * 128  # causal: the programs with the most query blocks first
@@ -218,8 +221,8 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk
     scal = (b, hk, H, GROUP, S, m_lo, n_m, kv_row, hk * kv_ch, q_rb, q_rh, q_ch, do_rb, do_rh,
             do_ch, lse_ptr, delta_ptr, dk_ptr, dv_ptr, ld_kv, qk_scale, scale)
     gl.warp_specialize([
-        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, 0)),
-        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, 1)),
+        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, SCALED_DELTA, 0)),
+        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, SCALED_DELTA, 1)),
         (_bwd_producer, (descs[:4], bufs[:4], bars[:5],
                          (b, hk, GROUP, m_lo, n_m, kv_row, hk * kv_ch, q_rb, q_rh, q_ch, do_rb,
                           do_rh, do_ch), NUM_BUF)),

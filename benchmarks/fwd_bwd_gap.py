@@ -1,0 +1,118 @@
+"""Why triton's fwd+bwd cell at causal S=16k takes longer than its fwd and bwd cells together.
+
+The grids of 2026-11-22 (H100) and 2026-12-02 (H200) both show it (benchmarks/NOTES.md, ninth
+session): +3 to +17% at S=16k causal (B=1), within -8..+5% everywhere else and for cuDNN.
+This times, with the grid's own method (`attnkit.bench.timing.measure`: L2 flushed, CUDA
+events, median), the three modes at a few (B, S) so the effect can be pinned on the batch or
+the seqlen, with each Gluon path on and off, and profiles a few calls of each mode to say
+whether a kernel got slower (per-kernel device time) or the GPU sat idle (busy < wall).
+
+    python benchmarks/fwd_bwd_gap.py --out gap.json     # needs an sm_90 GPU, ~2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+import attnkit
+from attnkit.bench import timing
+
+SHAPES = [(2, 8192, True), (1, 16384, True), (2, 16384, True), (1, 8192, True),
+          (1, 16384, False)]
+PATHS = {"gluon fwd+bwd": {}, "tl fwd": {"ATTNKIT_TRITON_GLUON": "0"},
+         "tl bwd": {"ATTNKIT_TRITON_GLUON_BWD": "0"}}
+
+
+def _inputs(B, S, H=16, D=128, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    leaves = [torch.randn(B, S, H, D, generator=g, device="cuda", dtype=dtype)
+              .requires_grad_(True) for _ in range(3)]
+    dout = torch.randn(B, S, H, D, generator=g, device="cuda", dtype=dtype).transpose(1, 2)
+    return leaves, [t.transpose(1, 2) for t in leaves], dout
+
+
+def _modes(leaves, views, dout, causal):
+    q, k, v = views
+
+    def fwd():
+        with torch.no_grad():
+            return attnkit.attention(q, k, v, causal=causal, backend="triton")
+
+    kept = attnkit.attention(q, k, v, causal=causal, backend="triton")
+
+    def bwd():
+        return torch.autograd.grad(kept, leaves, dout, retain_graph=True)
+
+    def fwd_bwd():
+        out = attnkit.attention(q, k, v, causal=causal, backend="triton")
+        return torch.autograd.grad(out, leaves, dout)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd_bwd}
+
+
+def _profile(fn, calls=5):
+    """Per-kernel device microseconds per call, and GPU-busy vs wall per call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = e.self_cuda_time_total
+        if us > 0:
+            kernels[e.key[:60]] = us / calls
+    return kernels, sum(kernels.values()), start.elapsed_time(end) * 1e3 / calls
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = []
+    for B, S, causal in SHAPES:
+        leaves, views, dout = _inputs(B, S)
+        for path, env in PATHS.items():
+            for key in ("ATTNKIT_TRITON_GLUON", "ATTNKIT_TRITON_GLUON_BWD"):
+                os.environ.pop(key, None)
+            os.environ.update(env)
+            fns = _modes(leaves, views, dout, causal)
+            row = {"B": B, "S": S, "causal": causal, "path": path}
+            for mode, fn in fns.items():
+                fn()
+                t = timing.measure(fn, "cuda", first_call_done=True)
+                kernels, busy, wall = _profile(fn)
+                row[mode] = {"median_ms": t.median_ms, "min_ms": t.min_ms,
+                             "busy_us": busy, "wall_us": wall, "kernels_us": kernels}
+            row["excess"] = row["fwd_bwd"]["median_ms"] / (
+                row["fwd"]["median_ms"] + row["bwd"]["median_ms"]) - 1
+            rows.append(row)
+            print(f"B={B} S={S:5} {'causal' if causal else 'full  '} {path:14} "
+                  f"fwd {row['fwd']['median_ms']:.3f} bwd {row['bwd']['median_ms']:.3f} "
+                  f"fwd_bwd {row['fwd_bwd']['median_ms']:.3f} excess {row['excess']:+.1%} "
+                  f"busy/wall fwd_bwd {row['fwd_bwd']['busy_us']:.0f}/"
+                  f"{row['fwd_bwd']['wall_us']:.0f} us", flush=True)
+            for mode in ("fwd", "bwd", "fwd_bwd"):
+                top = sorted(row[mode]["kernels_us"].items(), key=lambda kv: -kv[1])[:4]
+                print(f"    {mode:8}" + "  ".join(f"{n[:28]} {us:.0f}" for n, us in top))
+        del leaves, views, dout
+        timing.release_memory(torch.device("cuda"), collect=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
