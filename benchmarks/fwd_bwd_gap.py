@@ -7,7 +7,7 @@ events, median), the three modes at a few (B, S) so the effect can be pinned on 
 the seqlen, with each Gluon path on and off, and profiles a few calls of each mode to say
 whether a kernel got slower (per-kernel device time) or the GPU sat idle (busy < wall).
 
-    python benchmarks/fwd_bwd_gap.py --out gap.json     # needs an sm_90 GPU, ~2 minutes
+    python benchmarks/fwd_bwd_gap.py --out gap.json     # needs an sm_90 GPU
 """
 
 from __future__ import annotations
