@@ -13,10 +13,10 @@ select the path, so two runs compare two paths.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
+from _gpu_profile import kernel_profile, write_rows  # benchmarks/, beside this script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
@@ -39,19 +39,12 @@ def _cell(D, causal, S, profile):
               for a, b in zip(got, ref))
     row = {"D": D, "causal": causal, "S": S, "err": err}
     for name, out in (("cudnn", o_ref), ("triton", o)):
-        ms = do_bench(lambda out=out: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
-                      warmup=50, rep=300)
-        row[name] = flops / ms / 1e9
-    if profile:
-        acts = [torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=acts) as prof:
-            for out in (o_ref, o) * 5:
-                torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-            torch.cuda.synchronize()
-        row["kernels_us"] = {
-            e.key[:60]: getattr(e, "self_device_time_total", None) or e.self_cuda_time_total
-            for e in prof.key_averages()}
-        row["kernels_us"] = {n: us / 5 for n, us in row["kernels_us"].items() if us > 0}
+        def backward(out=out):
+            return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+
+        row[name] = flops / do_bench(backward, warmup=50, rep=300) / 1e9
+        if profile:
+            row[f"{name}_kernels_us"] = kernel_profile(backward)[0]
     return row
 
 
@@ -70,12 +63,11 @@ def main() -> int:
                 print(f"D={D:3} {'causal' if causal else 'full  '} S={S:5}  cudnn "
                       f"{r['cudnn']:4.0f}  triton {r['triton']:4.0f} TFLOP/s  "
                       f"{r['triton'] / r['cudnn']:.2f}x  err {r['err']:.1e}", flush=True)
-                for name, us in sorted(r.get("kernels_us", {}).items(), key=lambda kv: -kv[1]):
-                    print(f"    {us:9.1f} us  {name}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+                for side in ("triton", "cudnn"):
+                    for name, us in sorted(r.get(f"{side}_kernels_us", {}).items(),
+                                           key=lambda kv: -kv[1]):
+                        print(f"    {side:6} {us:9.1f} us  {name}")
+    write_rows(args.out, rows)
     return 0
 
 

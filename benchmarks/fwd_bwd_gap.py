@@ -13,10 +13,10 @@ whether a kernel got slower (per-kernel device time) or the GPU sat idle (busy <
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
+from _gpu_profile import kernel_profile, write_rows  # benchmarks/, beside this script
 
 import attnkit
 from attnkit.bench import timing
@@ -54,27 +54,6 @@ def _modes(leaves, views, dout, causal):
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd_bwd}
 
 
-def _profile(fn, calls=5):
-    """Per-kernel device microseconds per call, and GPU-busy vs wall per call."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-    kernels = {}
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = e.self_cuda_time_total
-        if us > 0:
-            kernels[e.key[:60]] = us / calls
-    return kernels, sum(kernels.values()), start.elapsed_time(end) * 1e3 / calls
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
@@ -91,7 +70,7 @@ def main() -> int:
             for mode, fn in fns.items():
                 fn()
                 t = timing.measure(fn, "cuda", first_call_done=True)
-                kernels, busy, wall = _profile(fn)
+                kernels, busy, wall = kernel_profile(fn)
                 row[mode] = {"median_ms": t.median_ms, "min_ms": t.min_ms,
                              "busy_us": busy, "wall_us": wall, "kernels_us": kernels}
             row["excess"] = row["fwd_bwd"]["median_ms"] / (
@@ -107,10 +86,7 @@ def main() -> int:
                 print(f"    {mode:8}" + "  ".join(f"{n[:28]} {us:.0f}" for n, us in top))
         del leaves, views, dout
         timing.release_memory(torch.device("cuda"), collect=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+    write_rows(args.out, rows)
     return 0
 
 
