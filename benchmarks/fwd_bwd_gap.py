@@ -6,6 +6,8 @@ This times, with the grid's own method (`attnkit.bench.timing.measure`: L2 flush
 events, median), the three modes at a few (B, S) so the effect can be pinned on the batch or
 the seqlen, with each Gluon path on and off, and profiles a few calls of each mode to say
 whether a kernel got slower (per-kernel device time) or the GPU sat idle (busy < wall).
+Run in the tenth session (`h200/fwd-bwd-gap.json`): -4..+5% everywhere, GPU busy 97-99%; the
+grid's excess came from its backend-major order, since changed (`attnkit/bench/runner.py`).
 
     python benchmarks/fwd_bwd_gap.py --out gap.json     # needs an sm_90 GPU
 """

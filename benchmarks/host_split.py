@@ -4,6 +4,9 @@ bf16 D=128 causal S=512 B=32 H=16, (B, S, H, D) leaves passed as transposed view
 bench's layout). Host microseconds per call, calls queued back to back with the GPU held by
 `torch.cuda._sleep` so no launch waits on it: the forward with grad, `autograd.grad` of
 those outputs, and the triton backend's forward / backward called directly (no autograd).
+Also the autograd engine's own cost on CUDA tensors (`autograd.grad` through one built-in
+node and through one trivial Python Function) and the host time spent inside our Function's
+backward during `autograd.grad`, which splits the engine from our code.
 Usage: ``python benchmarks/host_split.py``.
 """
 
@@ -21,6 +24,16 @@ from attnkit.registry import registry
 from attnkit.spec import AttentionProblem
 
 N = 30
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
 
 
 def _held(fn, n=N):
@@ -46,6 +59,14 @@ def main():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     row = {}
+    x = torch.randn(8, device="cuda", requires_grad=True)
+    gx = torch.randn(8, device="cuda")
+    for name, make in (("engine: built-in node", lambda: x * 2),
+                       ("engine: trivial Python Function", lambda: _Identity.apply(x))):
+        ys = [make() for _ in range(N + 3)]
+        for y in ys[N:]:
+            torch.autograd.grad(y, x, gx)
+        row[name] = _held(lambda i, ys=ys: torch.autograd.grad(ys[i], x, gx))
     for name, fwd in (("triton", lambda: attnkit.attention(q, k, v, causal=True,
                                                            backend="triton")),
                       ("sdpa-flash", lambda: flash(q, k, v))):
@@ -57,6 +78,22 @@ def main():
         row[f"{name} fwd+grad"] = _held(
             lambda i, f=fwd: torch.autograd.grad(f(), leaves, dout))
         row[f"{name} fwd, dropped"] = _held(lambda i, f=fwd: f())
+    inside, backward = [], _AttentionFunction.backward
+
+    def timed(ctx, *grads):
+        t0 = time.perf_counter()
+        result = backward(ctx, *grads)
+        inside.append((time.perf_counter() - t0) * 1e6)
+        return result
+
+    _AttentionFunction.backward = staticmethod(timed)
+    try:
+        outs = [attnkit.attention(q, k, v, causal=True, backend="triton") for _ in range(N)]
+        row["triton grad (timing its node)"] = _held(
+            lambda i: torch.autograd.grad(outs[i], leaves, dout))
+        row["  inside Function.backward"] = sum(inside) / len(inside)
+    finally:
+        _AttentionFunction.backward = staticmethod(backward)
     problem = AttentionProblem.from_tensors(q, k, v, causal=True)
     be = registry.select(problem, "triton")
     row["triton Function.apply"] = _held(

@@ -290,3 +290,14 @@ def test_a_corrupted_cuda_context_skips_the_rest():
     after = session.run(Cell("good", "sdpa", "fwd", "fp16", 1, 1, 1, 8, 8, 8, False),
                         lambda cell: None)
     assert after.status == "skipped" and "left unusable by bad" in after.error
+
+
+def test_grid_is_shape_major():
+    # Peers take turns on each shape, so they are timed in the same state of the GPU
+    # (backend-major runs read triton's long fwd+bwd cells 3-17% slow: NOTES.md).
+    cells = run_benchmark(device="cpu", seqlens=[16, 32], head_dims=[16], tokens=32,
+                          model_dim=16, modes=["fwd"], causal=[False],
+                          backends=["sdpa-math", "torch-blocked"], warmup_ms=0, rep_ms=1,
+                          progress=False)["cells"]
+    assert [c["seqlen_q"] for c in cells] == [16, 16, 32, 32]
+    assert {c["backend"] for c in cells[:2]} == {"sdpa-math", "torch-blocked"}

@@ -1,8 +1,13 @@
 """The measurement loops: every contender on every cell, recording failures instead of raising.
 
-Contenders run one after another (backend-major), each on inputs drawn from a generator seeded
-per shape, so every contender sees the same numbers while a backend that corrupts the CUDA
-context costs only its own cells and those after it (which are then recorded as skipped).
+The grid is shape-major: on each shape's inputs (drawn from a generator seeded per shape, so
+every contender sees the same numbers) every contender runs its modes before the next shape,
+so peers are timed seconds apart, in the same state of the GPU. Run backend-major (each
+backend through the whole grid in turn), triton's fwd+bwd cells at causal S=16k read 3-17%
+slower than its fwd and bwd cells summed, on an H100 and an H200; shape-major, -7..+4%
+(benchmarks/NOTES.md, tenth session; the mechanism, e.g. clocks or temperature, was not
+measured). A backend that corrupts the CUDA context costs every cell after it, recorded as
+skipped with the reason.
 """
 
 from __future__ import annotations
@@ -167,54 +172,55 @@ def run_grid(spec: GridSpec, contenders: list[Contender], device: torch.device,
     t0 = time.perf_counter()
     progress.start(len(contenders) * len(shapes) * len(spec.modes))
     cells: list[Cell] = []
-    for contender in contenders:
-        # (dtype, D, causal, mode) -> why larger seqlens are not run: a call was too slow.
-        too_slow: dict[tuple, str] = {}
-        for shape in shapes:
+    # (contender, dtype, D, causal, mode) -> why larger seqlens are not run: a call was too slow.
+    too_slow: dict[tuple, str] = {}
+    for shape in shapes:
+        todo: list[tuple[Contender, str, str]] = []  # (contender, mode, progress label)
+        for contender in contenders:
             label = (f"{contender.name} {shape.dtype} D={shape.head_dim} S={shape.seqlen}"
                      f"{' causal' if shape.causal else ''}")
-            todo = []
             for mode in spec.modes:
-                cell = _blank(contender, shape, mode)
-                why = too_slow.get((shape.dtype, shape.head_dim, shape.causal, mode))
+                why = too_slow.get((contender.name, shape.dtype, shape.head_dim, shape.causal,
+                                    mode))
                 if spec.time_limit_s is not None and time.perf_counter() - t0 > spec.time_limit_s:
                     why = f"not run: the time limit of {spec.time_limit_s:g}s was reached"
                 why = why or session.poisoned
                 if why:
+                    cell = _blank(contender, shape, mode)
                     cell.error = why
                     progress.step(f"{label} {mode} (skipped)")
                     cells.append(cell)
                 else:
-                    todo.append(mode)
-            if not todo:
-                continue
-            baseline = session.allocated()
-            try:
-                inputs = _grid_inputs(shape, spec.layout, device, seed)
-            except Exception as e:
-                for mode in todo:
-                    progress.step(f"{label} {mode}")
-                    cell = _blank(contender, shape, mode)
-                    cell.status = "oom" if timing.is_oom(e) else "error"
-                    cell.error = "making the inputs failed: " + _error_text(e)
-                    cells.append(cell)
-                timing.release_memory(device, collect=True)
-                continue
-            leaves, views, dout = inputs
-            for mode in todo:
+                    todo.append((contender, mode, label))
+        if not todo:
+            continue
+        baseline = session.allocated()
+        try:
+            leaves, views, dout = _grid_inputs(shape, spec.layout, device, seed)
+        except Exception as e:
+            for contender, mode, label in todo:
                 progress.step(f"{label} {mode}")
-                ref = _sdpa_reference(views, shape.causal) if mode == "fwd" else None
-                cell = _grid_cell(session, spec, contender, shape, mode, leaves, views, dout,
-                                  ref, baseline)
+                cell = _blank(contender, shape, mode)
+                cell.status = "oom" if timing.is_oom(e) else "error"
+                cell.error = "making the inputs failed: " + _error_text(e)
                 cells.append(cell)
-                del ref
-                if cell.ms is not None and cell.ms > spec.slow_call_s * 1e3:
-                    too_slow[(shape.dtype, shape.head_dim, shape.causal, mode)] = (
-                        f"not run: a call at seqlen {shape.seqlen} already took "
-                        f"{cell.ms:.0f} ms (> slow_call_s={spec.slow_call_s:g}s)")
-            del inputs, leaves, views, dout
-            if session.poisoned is None:
-                timing.release_memory(device)
+            timing.release_memory(device, collect=True)
+            continue
+        held = session.allocated()
+        ref = _sdpa_reference(views, shape.causal) if "fwd" in spec.modes else None
+        baseline += session.allocated() - held  # a cell's peak counts inputs, not ref
+        for contender, mode, label in todo:
+            progress.step(f"{label} {mode}")
+            cell = _grid_cell(session, spec, contender, shape, mode, leaves, views, dout,
+                              ref if mode == "fwd" else None, baseline)
+            cells.append(cell)
+            if cell.ms is not None and cell.ms > spec.slow_call_s * 1e3:
+                too_slow[(contender.name, shape.dtype, shape.head_dim, shape.causal, mode)] = (
+                    f"not run: a call at seqlen {shape.seqlen} already took "
+                    f"{cell.ms:.0f} ms (> slow_call_s={spec.slow_call_s:g}s)")
+        del leaves, views, dout, ref
+        if session.poisoned is None:
+            timing.release_memory(device)
     progress.finish()
     add_ratios(cells)
     return cells
