@@ -2,12 +2,14 @@
 
 The grids of 2026-11-22 (H100) and 2026-12-02 (H200) both show it (benchmarks/NOTES.md, ninth
 session): +3 to +17% at S=16k causal (B=1), within -8..+5% everywhere else and for cuDNN.
-This times, with the grid's own method (`attnkit.bench.timing.measure`: L2 flushed, CUDA
-events, median), the three modes at a few (B, S) so the effect can be pinned on the batch or
-the seqlen, with each Gluon path on and off, and profiles a few calls of each mode to say
-whether a kernel got slower (per-kernel device time) or the GPU sat idle (busy < wall).
-Run in the tenth session (`h200/fwd-bwd-gap.json`): -4..+5% everywhere, GPU busy 97-99%; the
-grid's excess came from its backend-major order, since changed (`attnkit/bench/runner.py`).
+This times, with the grid's own inputs, calls and method (`attnkit.bench.runner.grid_inputs`,
+`mode_call`, `timing.measure`: L2 flushed, CUDA events, median), the three modes at a few
+(B, S) so the effect can be pinned on the batch or the seqlen, with each Gluon path on and
+off, and profiles a few calls of each mode to say whether a kernel got slower (per-kernel
+device time) or the GPU sat idle (busy < wall). Run in the tenth session
+(`h200/fwd-bwd-gap.json`, by this script's first version, which drew its own random inputs
+and defined the same three calls itself): -4..+5% everywhere, GPU busy 97-99%; the grid's
+excess came from its backend-major order, since changed (`attnkit/bench/runner.py`).
 
     python benchmarks/fwd_bwd_gap.py --out gap.json     # needs an sm_90 GPU
 """
@@ -21,7 +23,8 @@ import torch
 from _gpu_profile import kernel_profile, write_rows  # benchmarks/, beside this script
 
 import attnkit
-from attnkit.bench import timing
+from attnkit.bench import runner, timing
+from attnkit.bench.grid import Shape
 
 SHAPES = [(2, 8192, True), (1, 16384, True), (2, 16384, True), (1, 8192, True),
           (1, 16384, False)]
@@ -29,31 +32,8 @@ PATHS = {"gluon fwd+bwd": {}, "tl fwd": {"ATTNKIT_TRITON_GLUON": "0"},
          "tl bwd": {"ATTNKIT_TRITON_GLUON_BWD": "0"}}
 
 
-def _inputs(B, S, H=16, D=128, dtype=torch.bfloat16):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    leaves = [torch.randn(B, S, H, D, generator=g, device="cuda", dtype=dtype)
-              .requires_grad_(True) for _ in range(3)]
-    dout = torch.randn(B, S, H, D, generator=g, device="cuda", dtype=dtype).transpose(1, 2)
-    return leaves, [t.transpose(1, 2) for t in leaves], dout
-
-
-def _modes(leaves, views, dout, causal):
-    q, k, v = views
-
-    def fwd():
-        with torch.no_grad():
-            return attnkit.attention(q, k, v, causal=causal, backend="triton")
-
-    kept = attnkit.attention(q, k, v, causal=causal, backend="triton")
-
-    def bwd():
-        return torch.autograd.grad(kept, leaves, dout, retain_graph=True)
-
-    def fwd_bwd():
-        out = attnkit.attention(q, k, v, causal=causal, backend="triton")
-        return torch.autograd.grad(out, leaves, dout)
-
-    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd_bwd}
+def _triton(q, k, v, causal):
+    return attnkit.attention(q, k, v, causal=causal, backend="triton")
 
 
 def main() -> int:
@@ -62,12 +42,15 @@ def main() -> int:
     args = p.parse_args()
     rows = []
     for B, S, causal in SHAPES:
-        leaves, views, dout = _inputs(B, S)
+        # The grid's own inputs and timed calls: bf16, H=16, D=128, (B, S, H, D) views.
+        leaves, views, dout = runner.grid_inputs(Shape(B, 16, S, 128, causal, "bf16"), "bshd",
+                                                 torch.device("cuda"), 0)
         for path, env in PATHS.items():
             for key in ("ATTNKIT_TRITON_GLUON", "ATTNKIT_TRITON_GLUON_BWD"):
                 os.environ.pop(key, None)
             os.environ.update(env)
-            fns = _modes(leaves, views, dout, causal)
+            fns = {mode: runner.mode_call(_triton, mode, leaves, views, dout, causal)
+                   for mode in ("fwd", "bwd", "fwd_bwd")}
             row = {"B": B, "S": S, "causal": causal, "path": path}
             for mode, fn in fns.items():
                 fn()

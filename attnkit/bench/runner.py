@@ -76,7 +76,7 @@ class _Unsupported(Exception):
     """The backend declares it cannot compute this problem."""
 
 
-def _grid_inputs(shape: Shape, layout: str, device: torch.device, seed: int):
+def grid_inputs(shape: Shape, layout: str, device: torch.device, seed: int):
     """q, k, v leaves (requires_grad) in ``layout``, their (B, H, S, D) views, and dout."""
     g = torch.Generator(device=device)
     # A per-shape seed that is the same in every process (str hashes are salted).
@@ -114,6 +114,25 @@ def _sdpa_reference(views, causal: bool) -> torch.Tensor | None:
         return None
 
 
+def mode_call(attention: Callable, mode: str, leaves, views, dout, causal: bool):
+    """The call a grid cell times: ``fwd`` the forward without grad, ``bwd`` the backward of
+    one forward made here (kept), ``fwd_bwd`` both; ``attention(q, k, v, causal=...)``."""
+    q, k, v = views
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return attention(q, k, v, causal=causal)
+    elif mode == "bwd":
+        out = attention(q, k, v, causal=causal)
+
+        def fn():
+            return torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    else:
+        def fn():
+            return torch.autograd.grad(attention(q, k, v, causal=causal), leaves, dout)
+    return fn
+
+
 def _grid_cell(session: _Session, spec: GridSpec, contender: Contender, shape: Shape,
                mode: str, leaves, views, dout, ref, baseline: int) -> Cell:
     cell = Cell(contender.name, contender.kind, mode, shape.dtype, shape.batch, shape.heads,
@@ -128,22 +147,10 @@ def _grid_cell(session: _Session, spec: GridSpec, contender: Contender, shape: S
         if reasons:
             raise _Unsupported("; ".join(reasons))
         with contender.context():
+            fn = mode_call(contender.attention, mode, leaves, views, dout, shape.causal)
             if mode == "fwd":
-                def fn():
-                    with torch.no_grad():
-                        return contender.attention(q, k, v, causal=shape.causal)
-
                 _check_output(cell, fn(), ref)
-            elif mode == "bwd":
-                out = contender.attention(q, k, v, causal=shape.causal)
-
-                def fn():
-                    return torch.autograd.grad(out, leaves, dout, retain_graph=True)
-            else:
-                def fn():
-                    out = contender.attention(q, k, v, causal=shape.causal)
-                    return torch.autograd.grad(out, leaves, dout)
-
+            elif mode == "fwd_bwd":
                 # Measured on the second call: the first may autotune (extra buffers).
                 fn()
                 mem = timing.peak_memory(fn, session.device, baseline)
@@ -196,7 +203,7 @@ def run_grid(spec: GridSpec, contenders: list[Contender], device: torch.device,
             continue
         baseline = session.allocated()
         try:
-            leaves, views, dout = _grid_inputs(shape, spec.layout, device, seed)
+            leaves, views, dout = grid_inputs(shape, spec.layout, device, seed)
         except Exception as e:
             for contender, mode, label in todo:
                 progress.step(f"{label} {mode}")
@@ -207,7 +214,8 @@ def run_grid(spec: GridSpec, contenders: list[Contender], device: torch.device,
             timing.release_memory(device, collect=True)
             continue
         held = session.allocated()
-        ref = _sdpa_reference(views, shape.causal) if "fwd" in spec.modes else None
+        ref = (_sdpa_reference(views, shape.causal)
+               if any(mode == "fwd" for _, mode, _ in todo) else None)
         baseline += session.allocated() - held  # a cell's peak counts inputs, not ref
         for contender, mode, label in todo:
             progress.step(f"{label} {mode}")
