@@ -10,8 +10,6 @@
 3. ``_dq_kernel``: one program per (query block, batch * query head), looping over key blocks.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -311,40 +309,37 @@ def prepare(q, out, lse, dout, pad_to: int, delta_scale: float = 1.0):
     Sq_pad = cdiv(Sq, pad_to) * pad_to
     delta, lse2 = torch.empty((2, B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()  # our own forward's (B, Hq, Sq): already contiguous
-    args = (out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), delta_scale, Hq, Sq,
-            Sq_pad)
     _PREP.launch(
-        (q.dtype, q.shape, Sq_pad, layout_key(out, dout, lse)), args,
+        (q.dtype, q.shape, Sq_pad, delta_scale, layout_key(out, dout, lse)),
+        (out, dout, lse, delta, lse2),
         lambda: ((Sq_pad // _PREP_BLOCK_M, B * Hq),
                  dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M,
-                      num_warps=4)))
+                      num_warps=4),
+                 (*out.stride(), *dout.stride(), delta_scale, Hq, Sq, Sq_pad)))
     return delta, lse2
-
-
-@functools.lru_cache(maxsize=1024)
-def _scalars(problem) -> tuple:
-    """The dK/dV and dQ kernels' arguments after ``Sk, GROUP``."""
-    left, right, _, _ = _band_args(problem)
-    return (problem.scale, *_score_args(problem), left, right)
 
 
 def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, heads, grid,
                   cfg: KernelConfig, use_tma: bool, layout, **constexprs):
     """One of the two gradient kernels, which share their argument list but for the
     gradient tensors written and the head count of the grid's second axis."""
-    args = (q, k, v, dout, lse2, delta, *grads, seqlens_k if seqlens_k is not None else delta,
+    def setup():
+        left, right, _, _ = _band_args(problem)
+        return grid, dict(
+            HEAD_DIM=q.shape[3], BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **constexprs, **_flags(problem, seqlens_k is not None, q.dtype, use_tma)), (
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *(s for g in grads for s in g.stride()),
             heads, q.shape[2], delta.shape[1], k.shape[2], problem.group_size,
-            *_scalars(problem))
-    layout = layout or layout_key(q, k, v, dout, seqlens_k)
-    # delta, lse2 and the gradients are fresh allocations: their layout follows from the rest.
+            problem.scale, *_score_args(problem), left, right)
+
+    # delta, lse2 and the gradients are fresh allocations: their layout follows from the
+    # rest, so the key fixes every stride and scalar after the pointers.
     sites.launch(
-        (problem, cfg, use_tma, layout), args,
-        lambda: (grid, dict(
-            HEAD_DIM=q.shape[3], BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **constexprs, **_flags(problem, seqlens_k is not None, q.dtype, use_tma))))
+        (problem, cfg, use_tma, layout or layout_key(q, k, v, dout, seqlens_k)),
+        (q, k, v, dout, lse2, delta, *grads, seqlens_k if seqlens_k is not None else delta),
+        setup)
 
 
 def launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, cfg: KernelConfig,
@@ -365,10 +360,11 @@ def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelCon
 
 
 def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
-                    dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool):
+                    dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool, layout=None):
+    """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
     delta, lse2 = prepare(q, out, lse, dout, max(dkdv_cfg.block_m, dq_cfg.block_m))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    layout = layout_key(q, k, v, dout, seqlens_k)
+    layout = layout or layout_key(q, k, v, dout, seqlens_k)
     launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,
                 use_tma and dkdv_cfg.tma, layout)
     launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, dq_cfg, use_tma and dq_cfg.tma,

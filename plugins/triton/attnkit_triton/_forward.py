@@ -8,8 +8,6 @@ Two load paths share the kernel: plain pointers (any strides, any GPU, the inter
 Hopper tensor descriptors (TMA) where the layout allows them (``USE_TMA``).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -194,7 +192,6 @@ def _flags(problem, has_seqlens: bool, dtype, use_tma: bool) -> dict:
                 PREC=dot_precision(dtype, interpreting()))
 
 
-@functools.lru_cache(maxsize=1024)
 def _scalars(problem) -> tuple:
     """The forward kernel's arguments after the strides."""
     left, right, _, _ = _band_args(problem)
@@ -202,21 +199,23 @@ def _scalars(problem) -> tuple:
             *_score_args(problem), left, right)
 
 
-def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool):
+def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool,
+                   layout=None):
+    """``layout``: `layout_key` of (q, k, v, seqlens_k) if the caller has it."""
     B, Hq, Sq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    args = (q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem))
-
-    # out and lse are fresh allocations: their layout follows from q's and the problem.
+    # out and lse are fresh allocations: their layout follows from q's and the problem, so
+    # the key fixes every stride and scalar after the pointers.
     _FWD.launch(
-        (problem, cfg, use_tma, layout_key(q, k, v, seqlens_k)), args,
+        (problem, cfg, use_tma, layout or layout_key(q, k, v, seqlens_k)),
+        (q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse),
         lambda: ((cdiv(Sq, cfg.block_m), B * Hq), dict(
             HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             REVERSE_M=problem.band[1] is not None, WARP_SPEC=cfg.warp_spec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **_flags(problem, seqlens_k is not None, q.dtype, use_tma))))
+            **_flags(problem, seqlens_k is not None, q.dtype, use_tma)),
+            (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem))))
     return out, lse
 
 

@@ -28,6 +28,7 @@ import torch
 from ._backward import prepare
 from ._band import LOG2E
 from ._configs import interpreting, path_enabled
+from ._launcher import FastKernel
 
 _ENV = "ATTNKIT_TRITON_GLUON"
 _BWD_ENV = "ATTNKIT_TRITON_GLUON_BWD"
@@ -35,12 +36,14 @@ BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 BLOCK_N = 128  # keys per tile (the causal mask assumes BLOCK_N == BLOCK_M)
 _MAXNREG = 168  # 12 warps x 32 threads x 168 <= 64K registers; setmaxnreg gives 240/240/24
 # Shortest Sq (= Sk) from which auto mode takes the Gluon kernel, per (pass, head dim, causal):
-# the bf16 grid on an H100, Gluon vs tl (benchmarks/NOTES.md, "Seventh and eighth sessions").
+# the bf16 grid on an H100, Gluon vs tl (benchmarks/NOTES.md, "Seventh and eighth sessions"),
+# and for head dim 128 the eleventh session's H200 comparison of the current kernels
+# (benchmarks/h200/gluon-vs-tl-short.json: non-causal from 512, causal backward from 2k).
 _MIN_SEQLEN = {
     ("forward", 64, False): 1024, ("forward", 64, True): 4096,
-    ("forward", 128, False): 1024, ("forward", 128, True): 512,
+    ("forward", 128, False): 512, ("forward", 128, True): 512,
     ("backward", 64, False): 4096, ("backward", 64, True): 4096,
-    ("backward", 128, False): 1024, ("backward", 128, True): 4096,
+    ("backward", 128, False): 512, ("backward", 128, True): 2048,
 }
 # Per (head dim, causal): whether the backward takes delta premultiplied by the softmax scale
 # (dS = P (dP scale - delta scale), one multiply fewer per score). Measured on an H200 from
@@ -88,21 +91,51 @@ def _problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
     return tuple(reasons)
 
 
-def _view_2d(t: torch.Tensor):
+def _view_2d(shape, stride):
     """``(rows, columns, rb, rh, ch)`` of the 2-D TMA view of a dense (B, H, S, D) tensor held
-    in (B, H, S, D) or (B, S, H, D) order (see ``_fwd_kernel``), else None."""
-    B, H, S, D = t.shape
-    if t.is_contiguous():
+    in (B, H, S, D) or (B, S, H, D) order (see ``_fwd_kernel``), else None. Dense as torch's
+    ``is_contiguous`` has it: size-1 dims may have any stride."""
+    B, H, S, D = shape
+    if _dense(shape, stride, (0, 1, 2, 3)):
         return B * H * S, D, H * S, S, 0
-    if t.transpose(1, 2).is_contiguous():
+    if _dense(shape, stride, (0, 2, 1, 3)):
         return B * S, H * D, S, 0, D
     return None
 
 
-def _layout_reasons(names: str, k: torch.Tensor, v: torch.Tensor, *others) -> list[str]:
-    # TMA: a 2-D view and a 16-byte aligned base; k and v share one descriptor geometry.
-    if (all(_view_2d(t) is not None and not t.data_ptr() & 15 for t in (k, v, *others))
-            and k.stride() == v.stride()):
+def _dense(shape, stride, order) -> bool:
+    expected = 1
+    for dim in reversed(order):
+        if shape[dim] != 1 and stride[dim] != expected:
+            return False
+        expected *= shape[dim]
+    return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _views(q_shape, kv_shape, q_strides: tuple, k_stride, v_stride):
+    """The 2-D views of the q-shaped tensors (q, then dout) and the one view k and v share,
+    or None when one is not dense in either order or v's strides are not k's. Cached: the
+    layout is checked on every call, from strides alone."""
+    views = tuple(_view_2d(q_shape, st) for st in q_strides)
+    kv = _view_2d(kv_shape, k_stride)
+    if None in views or kv is None or v_stride != k_stride:
+        return None
+    return views, kv
+
+
+def _layout(q, k, v, dout=None):
+    """``(views, aligned)``: `_views` of these tensors and whether every base is 16-byte
+    aligned (TMA's requirement; descriptors' strides are aligned by their shapes)."""
+    qs = (q.stride(),) if dout is None else (q.stride(), dout.stride())
+    ptrs = q.data_ptr() | k.data_ptr() | v.data_ptr() | (0 if dout is None else
+                                                          dout.data_ptr())
+    return _views(q.shape, k.shape, qs, k.stride(), v.stride()), not ptrs & 15
+
+
+def _layout_reasons(names: str, layout) -> list[str]:
+    views, aligned = layout
+    if views is not None and aligned:
         return []
     return [f"{names} must be dense in (B, H, S, D) or (B, S, H, D) order, 16-byte aligned, "
             "k and v in one layout"]
@@ -111,7 +144,8 @@ def _layout_reasons(names: str, k: torch.Tensor, v: torch.Tensor, *others) -> li
 def use_gluon(problem, q, k, v) -> bool:
     """Whether this forward call takes the Gluon kernel."""
     def reasons():
-        return [*_problem_reasons(problem, interpreting()), *_layout_reasons("q, k, v", k, v, q)]
+        return [*_problem_reasons(problem, interpreting()),
+                *_layout_reasons("q, k, v", _layout(q, k, v))]
 
     return path_enabled(_ENV, "the Gluon forward", reasons, _preferred("forward", problem))
 
@@ -121,7 +155,7 @@ def use_gluon_backward(problem, q, k, v, dout) -> bool:
     never when torch was asked for deterministic algorithms)."""
     def reasons():
         found = [*_problem_reasons(problem, interpreting()),
-                 *_layout_reasons("q, k, v, dout", k, v, q, dout)]
+                 *_layout_reasons("q, k, v, dout", _layout(q, k, v, dout))]
         if problem.deterministic:  # torch's mode when the forward built the problem
             found.append("torch.use_deterministic_algorithms(True) (its dQ is summed with "
                          "atomic adds)")
@@ -129,6 +163,68 @@ def use_gluon_backward(problem, q, k, v, dout) -> bool:
 
     return path_enabled(_BWD_ENV, "the Gluon backward", reasons,
                         _preferred("backward", problem))
+
+
+class _Descriptors:
+    """TMA descriptors of one geometry. The first is built by ``TensorDescriptor``, which
+    checks it; its checks depend only on the geometry and the base's 16-byte alignment (which
+    `use_gluon` checks per call), so later ones copy its fields with a new base: ~3x cheaper,
+    and a launch builds four or five."""
+
+    def __init__(self, rows: int, cols: int, block: list, layout):
+        self.geometry = ([rows, cols], [cols, 1], block, layout)
+        self.fields = None
+
+    def __call__(self, base):
+        cls = kernels().TensorDescriptor
+        if self.fields is None:
+            desc = cls(base, *self.geometry)
+            fields = getattr(desc, "__dict__", None)  # a Triton with slotted descriptors
+            self.fields = False if fields is None else {**fields, "base": None}
+            return desc
+        if self.fields is False:
+            return cls(base, *self.geometry)
+        desc = object.__new__(cls)
+        desc.__dict__.update(self.fields)
+        desc.base = base
+        return desc
+
+
+class _Plan:
+    """One launch signature of a Gluon kernel (cached per problem and layout): descriptor
+    makers by role, the launch's ``(grid, constexprs, fixed arguments)``, and after the first
+    call a direct launch site, which skips Triton's per-call argument binding (~14 us per
+    launch measured on the development machine, more on a GPU host)."""
+
+    def __init__(self, kernel, setup, **descriptors):
+        self.kernel, self.setup, self.site = kernel, setup, None
+        self.__dict__.update(descriptors)
+
+    def launch(self, args) -> None:
+        if self.site is None:
+            grid, constexprs, fixed = self.setup
+            self.site = FastKernel(self.kernel).direct(grid, args, constexprs, fixed)
+        else:
+            self.site(*args)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_plan(problem, views):
+    """Descriptor makers and the launch of one forward signature."""
+    (q_view,), kv_view = views
+    D, S = problem.head_dim, problem.seqlen_q
+    q_layout, kv_layout = _smem_layouts(problem.dtype, D)
+    (qr, qc, *q_rc), (kr, kc, *kv_rc) = q_view, kv_view
+    # D=128: K+V slots are 64 KB each, two fit beside Q; D=64 measured no better with three.
+    return _Plan(
+        kernels().fwd._fwd_kernel,
+        q=_Descriptors(qr, qc, [64, D], q_layout),
+        kv=_Descriptors(kr, kc, [BLOCK_N, D], kv_layout),
+        setup=((S // BLOCK_M, problem.batch * problem.heads_q),
+               dict(CAUSAL=problem.causal, BLOCK_N=BLOCK_N, NUM_BUF=2, num_warps=4,
+                    maxnreg=_MAXNREG),
+               (S, problem.heads_q, problem.group_size, problem.scale * LOG2E, *q_rc,
+                *kv_rc)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -141,45 +237,44 @@ def _smem_layouts(dtype: torch.dtype, head_dim: int):
 
 def launch_forward(problem, q, k, v):
     """``out`` (like q) and ``lse`` (B, Hq, S) float32, natural log, as the ``tl`` forward."""
-    TensorDescriptor = kernels().TensorDescriptor
     B, H, S, D = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q)  # keeps q's strides, so q's 2-D view
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    q_layout, kv_layout = _smem_layouts(q.dtype, D)
-    (qr, qc, *q_rc), (kr, kc, *kv_rc) = _view_2d(q), _view_2d(k)
-    # out = empty_like(q) keeps q's strides; use_gluon checked that v has k's
-    q_desc, o_desc = (TensorDescriptor(t, [qr, qc], [qc, 1], [64, D], q_layout)
-                      for t in (q, out))
-    k_desc, v_desc = (TensorDescriptor(t, [kr, kc], [kc, 1], [BLOCK_N, D], kv_layout)
-                      for t in (k, v))
-    # D=128: K+V slots are 64 KB each, two fit beside Q; D=64 measured no better with three.
-    kernels().fwd._fwd_kernel[(S // BLOCK_M, B * H)](
-        q_desc, k_desc, v_desc, o_desc, lse, S, H, problem.group_size,
-        problem.scale * LOG2E, *q_rc, *kv_rc, problem.causal, BLOCK_N, 2, num_warps=4,
-        maxnreg=_MAXNREG)
+    plan = _forward_plan(problem, _layout(q, k, v)[0])
+    plan.launch((plan.q(q), plan.kv(k), plan.kv(v), plan.q(out), lse))
     return out, lse
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_plan(problem, views):
+    """Descriptor makers and the launch of one backward signature."""
+    (q_view, do_view), kv_view = views
+    D, S, causal = problem.head_dim, problem.seqlen_q, problem.causal
+    q_layout, kv_layout = _smem_layouts(problem.dtype, D)
+    (qr, qc, *q_rc), (dr, dc, *do_rc), (kr, kc, *kv_rc) = q_view, do_view, kv_view
+    scaled = _SCALED_DELTA[D, causal]
+    return _Plan(
+        kernels().bwd._bwd_kernel,
+        q=_Descriptors(qr, qc, [64, D], q_layout), do=_Descriptors(dr, dc, [64, D], q_layout),
+        dq=_Descriptors(qr, qc, [64, 64], _dq_layout()),
+        kv=_Descriptors(kr, kc, [BLOCK_N, D], kv_layout),
+        delta_scale=problem.scale if scaled else 1.0,
+        setup=((S // BLOCK_N, problem.batch * problem.heads_kv),
+               dict(CAUSAL=causal, NUM_BUF=2, SCALED_DELTA=scaled, num_warps=4,
+                    maxnreg=_MAXNREG),
+               (S, problem.heads_q, problem.group_size, problem.scale * LOG2E, problem.scale,
+                *q_rc, *do_rc, *kv_rc, kc)))
 
 
 def launch_backward(problem, q, k, v, out, lse, dout):
     """``(dq, dk, dv)`` as the ``tl`` backward computes them, dQ summed in float32."""
-    TensorDescriptor = kernels().TensorDescriptor
-    B, H, S, D = q.shape
-    scaled = _SCALED_DELTA[D, problem.causal]
+    plan = _backward_plan(problem, _layout(q, k, v, dout)[0])
     delta, lse2 = prepare(q, out, lse, dout, BLOCK_M,  # S % BLOCK_M == 0: no pad rows
-                          problem.scale if scaled else 1.0)
+                          plan.delta_scale)
     dq = torch.zeros_like(q, dtype=torch.float32)  # keeps q's strides, so q's 2-D view
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    q_layout, kv_layout = _smem_layouts(q.dtype, D)
-    (qr, qc, *q_rc), (dr, dc, *do_rc), (kr, kc, *kv_rc) = map(_view_2d, (q, dout, k))
-    q_desc = TensorDescriptor(q, [qr, qc], [qc, 1], [64, D], q_layout)
-    do_desc = TensorDescriptor(dout, [dr, dc], [dc, 1], [64, D], q_layout)
-    dq_desc = TensorDescriptor(dq, [qr, qc], [qc, 1], [64, 64], _dq_layout())
-    k_desc, v_desc = (TensorDescriptor(t, [kr, kc], [kc, 1], [BLOCK_N, D], kv_layout)
-                      for t in (k, v))
-    kernels().bwd._bwd_kernel[(S // BLOCK_N, B * k.shape[1])](
-        q_desc, k_desc, v_desc, do_desc, dq_desc, lse2, delta, dk, dv, S, H,
-        problem.group_size, problem.scale * LOG2E, problem.scale, *q_rc, *do_rc, *kv_rc, kc,
-        problem.causal, 2, scaled, num_warps=4, maxnreg=_MAXNREG)
+    plan.launch((plan.q(q), plan.kv(k), plan.kv(v), plan.do(dout), plan.dq(dq), lse2, delta,
+                 dk, dv))
     return dq.to(q.dtype), dk, dv
 
 

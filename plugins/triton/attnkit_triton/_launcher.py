@@ -105,27 +105,32 @@ class FastKernel:
         return compiled
 
 
-    def direct(self, grid, args, constexprs) -> DirectLaunch:
-        """Launch once, as ``self[grid](*args, **constexprs)``, and return a `DirectLaunch`
-        for later calls of this launch site whose arguments have the same key (the caller's
-        own cache must guarantee it: tensor dtypes and 16-byte alignment, every other
-        argument's value)."""
-        return DirectLaunch(self, grid, constexprs, self.launch(grid, args, constexprs))
+    def direct(self, grid, args, constexprs, fixed=()) -> DirectLaunch:
+        """Launch once through Triton's path, as ``self.fn[grid](*args, *fixed,
+        **constexprs)``, and return a `DirectLaunch` for later calls of this launch site,
+        which pass only ``args``: the caller's own key must fix ``fixed``, the grid, the
+        constexprs and the specialization of ``args`` (tensor dtypes and 16-byte alignment,
+        every other argument's value). Triton's path takes arguments `launch` cannot key
+        (Gluon's tensor descriptors)."""
+        return DirectLaunch(self, grid, constexprs, self.fn[grid](*args, *fixed, **constexprs),
+                            fixed)
 
 
 class DirectLaunch:
-    """One launch site with its kernel, grid and constexprs resolved: ``site(*args)`` calls
-    the compiled kernel's launcher with no key at all. Pointers may be passed as ints (a
-    workspace's parts, without building tensor views) while `fast_launches` is true."""
+    """One launch site with its kernel, grid, constexprs and trailing arguments (``fixed``:
+    strides, sizes, scales) resolved: ``site(*args)`` calls the compiled kernel's launcher
+    with ``args`` and no key at all. Pointers may be passed as ints (a workspace's parts,
+    without building tensor views) while `fast_launches` is true."""
 
-    def __init__(self, kernel: FastKernel, grid, constexprs, compiled):
+    def __init__(self, kernel: FastKernel, grid, constexprs, compiled, fixed=()):
         self.kernel, self.grid, self.constexprs, self.compiled = kernel, grid, constexprs, compiled
-        self.tail = tuple(constexprs[n] for n in kernel.constexpr_names)
+        self.fixed = tuple(fixed)
+        self.tail = (*self.fixed, *(constexprs[n] for n in kernel.constexpr_names))
         self.gx, self.gy, self.gz = (tuple(grid) + (1, 1))[:3]
 
     def __call__(self, *args):
         if self.compiled is None or not _fast_enabled():
-            return self.kernel.fn[self.grid](*args, **self.constexprs)
+            return self.kernel.fn[self.grid](*args, *self.fixed, **self.constexprs)
         self.run(current_stream(torch.cuda.current_device()), *args)
         return self.compiled
 
@@ -155,17 +160,18 @@ class Sites:
         self.sites: dict = {}
 
     def launch(self, key, args, setup) -> None:
-        """Launch with ``args``. ``key`` must fix the grid, the constexprs and the
-        specialization of every argument that is not a fresh allocation (see `layout_key`);
-        ``setup()`` returns ``(grid, constexprs)`` and runs only for a new key."""
+        """Launch with ``args`` followed by the site's fixed arguments. ``key`` must fix the
+        grid, the constexprs, the fixed arguments and the specialization of every argument
+        in ``args`` that is not a fresh allocation (see `layout_key`); ``setup()`` returns
+        ``(grid, constexprs, fixed)`` and runs only for a new key."""
         site = self.sites.get(key)
         if site is not None:
             site(*args)
             return
-        grid, constexprs = setup()
+        grid, constexprs, fixed = setup()
         if len(self.sites) >= _MAX_ENTRIES:
             self.sites.clear()
-        self.sites[key] = self.kernel.direct(grid, args, constexprs)
+        self.sites[key] = self.kernel.direct(grid, args, constexprs, fixed)
 
 
 def _raw_stream_getter():

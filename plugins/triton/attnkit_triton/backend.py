@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -26,9 +27,12 @@ from ._configs import (
     short_seqlen,
 )
 from ._forward import launch_forward
+from ._hopper import _BWD_ENV as _GLUON_BWD_ENV
+from ._hopper import _ENV as _GLUON_ENV
 from ._hopper import launch_backward as launch_backward_hopper
 from ._hopper import launch_forward as launch_forward_hopper
 from ._hopper import use_gluon, use_gluon_backward
+from ._launcher import layout_key
 from .decode import decode_forward, num_splits, use_split_kv
 
 _TMA_ENV = "ATTNKIT_TRITON_TMA"
@@ -148,29 +152,66 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem, q, k, v, seqlens_k):
-        splits = _decode_splits(problem, interpreting())
-        if splits:  # decoding: split the keys so every SM reads the cache
-            with _on_device(q):
-                return decode_forward(problem, q, k, v, seqlens_k, splits=splits)
-        if use_gluon(problem, q, k, v):  # sm_90 dense training shapes: warp-specialized
-            with _on_device(q):
+        layout = layout_key(q, k, v, seqlens_k)
+        key = ("forward", problem, layout, os.environ.get(_GLUON_ENV),
+               os.environ.get(_TMA_ENV))
+        route = _routes.get(key)
+        if route is None:
+            route = _remember(key, self._forward_route(problem, q, k, v))
+        elif route[-1] is True:  # tl with TMA: Triton's allocator is per thread
+            _ensure_allocator()
+        with _on_device(q):
+            if route[0] == "decode":  # decoding: split the keys so every SM reads the cache
+                return decode_forward(problem, q, k, v, seqlens_k, splits=route[1])
+            if route[0] == "gluon":  # sm_90 dense training shapes: warp-specialized
                 return launch_forward_hopper(problem, q, k, v)
+            return launch_forward(problem, q, k, v, seqlens_k, *route[1:], layout)
+
+    def _forward_route(self, problem, q, k, v) -> tuple:
+        splits = _decode_splits(problem, interpreting())
+        if splits:
+            return "decode", splits
+        if use_gluon(problem, q, k, v):
+            return ("gluon",)
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
                              _short(problem))
-        tma = cfg.tma and use_tma(problem, q, k, v)
-        with _on_device(q):
-            return launch_forward(problem, q, k, v, seqlens_k, cfg, tma)
+        return "tl", cfg, cfg.tma and use_tma(problem, q, k, v)
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
-        if use_gluon_backward(problem, q, k, v, dout):
-            with _on_device(q):
+        layout = layout_key(q, k, v, dout, seqlens_k)
+        key = ("backward", problem, layout, os.environ.get(_GLUON_BWD_ENV),
+               os.environ.get(_TMA_ENV))
+        route = _routes.get(key)
+        if route is None:
+            route = _remember(key, self._backward_route(problem, q, k, v, dout))
+        elif route[-1] is True:  # tl with TMA: Triton's allocator is per thread
+            _ensure_allocator()
+        with _on_device(q):
+            if route[0] == "gluon":
                 return launch_backward_hopper(problem, q, k, v, out, lse, dout)
+            return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k, *route[1:],
+                                   layout)
+
+    def _backward_route(self, problem, q, k, v, dout) -> tuple:
+        if use_gluon_backward(problem, q, k, v, dout):
+            return ("gluon",)
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
                                             q.device, _short(problem))
-        tma = use_tma(problem, q, k, v, dout)
-        with _on_device(q):
-            return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
-                                   dkdv_cfg, dq_cfg, tma)
+        return "tl", dkdv_cfg, dq_cfg, use_tma(problem, q, k, v, dout)
+
+
+#: Each call's path and configs by (pass, problem, `layout_key` of the tensors the checks
+#: read, the path switches' environment values): the checks are the same for every call of
+#: a signature, and redoing them cost ~10% of a short training step's host time.
+_routes: dict = {}
+_MAX_ROUTES = 1024
+
+
+def _remember(key, route: tuple) -> tuple:
+    if len(_routes) >= _MAX_ROUTES:
+        _routes.clear()
+    _routes[key] = route
+    return route
 
 
 def _short(problem) -> bool:

@@ -59,6 +59,25 @@ def test_gluon_backward_dispatch_explains_refusals(monkeypatch):
         _hopper.use_gluon_backward(_problem(), q, kv, kv, q.transpose(2, 3))
 
 
+@pytest.mark.parametrize("dims,perm", [
+    ((2, 3, 8, 4), (0, 1, 2, 3)), ((2, 8, 3, 4), (0, 2, 1, 3)),  # BHSD, BSHD
+    ((1, 8, 1, 4), (0, 2, 1, 3)), ((1, 1, 8, 4), (0, 1, 2, 3)),  # size-1 dims
+    ((8, 2, 3, 4), (1, 2, 0, 3)), ((2, 3, 4, 8), (0, 1, 3, 2)),  # SBHD, D not innermost
+])
+def test_tma_views_follow_torch_contiguity(dims, perm):
+    """The 2-D TMA view is read from shape and strides alone (cached per layout): it exists
+    exactly when torch calls the tensor contiguous in (B, H, S, D) or (B, S, H, D) order, and
+    it addresses every element where the tensor holds it."""
+    t = torch.arange(torch.Size(dims).numel()).reshape(dims).permute(perm)
+    view = _hopper._view_2d(t.shape, t.stride())
+    assert (view is not None) == (t.is_contiguous() or t.transpose(1, 2).is_contiguous())
+    if view is not None:
+        rows, cols, rb, rh, ch = view
+        b, h, s, d = torch.meshgrid(*(torch.arange(n) for n in t.shape), indexing="ij")
+        assert rows * cols == t.numel()  # t's values are their own storage offsets
+        assert torch.equal((b * rb + h * rh + s) * cols + h * ch + d, t)
+
+
 def test_auto_mode_takes_a_path_only_where_preferred(monkeypatch):
     monkeypatch.delenv("ATTNKIT_X", raising=False)
     assert _configs.path_enabled("ATTNKIT_X", "x", lambda: [], preferred=True)

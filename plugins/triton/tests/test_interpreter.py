@@ -129,6 +129,26 @@ def test_forward_is_repeatable():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("switch", ["ATTNKIT_TRITON_GLUON", "ATTNKIT_TRITON_GLUON_BWD",
+                                    "ATTNKIT_TRITON_TMA"])
+def test_path_switches_are_read_on_every_call(monkeypatch, switch):
+    """The backend remembers each signature's path, keyed by the switches' values too: a
+    switch forced on (which cannot apply under the interpreter) is an error at once, even
+    right after the same call ran, and nothing after it is stale."""
+    q, k, v = (torch.randn(1, 1, 16, 16, requires_grad=True) for _ in range(3))
+
+    def step():
+        torch.autograd.grad(attnkit.attention(q, k, v, causal=True, backend="triton").sum(),
+                            (q, k, v))
+
+    step()
+    monkeypatch.setenv(switch, "1")
+    with pytest.raises(ValueError, match=f"{switch}=1 but .* not on a CUDA device"):
+        step()
+    monkeypatch.setenv(switch, "0")
+    step()
+
+
 def test_refuses_float64_and_large_head_dims():
     q = torch.randn(1, 1, 4, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="triton"):
