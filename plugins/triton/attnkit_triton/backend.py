@@ -152,25 +152,20 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem, q, k, v, seqlens_k):
+        splits = _decode_splits(problem, interpreting())
+        if splits:  # decoding: split the keys so every SM reads the cache
+            with _on_device(q):
+                return decode_forward(problem, q, k, v, seqlens_k, splits=splits)
         layout = layout_key(q, k, v, seqlens_k)
         key = ("forward", problem, layout, os.environ.get(_GLUON_ENV),
                os.environ.get(_TMA_ENV))
-        route = _routes.get(key)
-        if route is None:
-            route = _remember(key, self._forward_route(problem, q, k, v))
-        elif route[-1] is True:  # tl with TMA: Triton's allocator is per thread
-            _ensure_allocator()
+        route = _route(key, lambda: self._forward_route(problem, q, k, v))
         with _on_device(q):
-            if route[0] == "decode":  # decoding: split the keys so every SM reads the cache
-                return decode_forward(problem, q, k, v, seqlens_k, splits=route[1])
             if route[0] == "gluon":  # sm_90 dense training shapes: warp-specialized
                 return launch_forward_hopper(problem, q, k, v)
             return launch_forward(problem, q, k, v, seqlens_k, *route[1:], layout)
 
     def _forward_route(self, problem, q, k, v) -> tuple:
-        splits = _decode_splits(problem, interpreting())
-        if splits:
-            return "decode", splits
         if use_gluon(problem, q, k, v):
             return ("gluon",)
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
@@ -181,11 +176,7 @@ class TritonBackend(Backend):
         layout = layout_key(q, k, v, dout, seqlens_k)
         key = ("backward", problem, layout, os.environ.get(_GLUON_BWD_ENV),
                os.environ.get(_TMA_ENV))
-        route = _routes.get(key)
-        if route is None:
-            route = _remember(key, self._backward_route(problem, q, k, v, dout))
-        elif route[-1] is True:  # tl with TMA: Triton's allocator is per thread
-            _ensure_allocator()
+        route = _route(key, lambda: self._backward_route(problem, q, k, v, dout))
         with _on_device(q):
             if route[0] == "gluon":
                 return launch_backward_hopper(problem, q, k, v, out, lse, dout)
@@ -207,10 +198,15 @@ _routes: dict = {}
 _MAX_ROUTES = 1024
 
 
-def _remember(key, route: tuple) -> tuple:
-    if len(_routes) >= _MAX_ROUTES:
-        _routes.clear()
-    _routes[key] = route
+def _route(key, make) -> tuple:
+    """The remembered route for ``key``, else ``make()``'s (which runs the checks)."""
+    route = _routes.get(key)
+    if route is None:
+        if len(_routes) >= _MAX_ROUTES:
+            _routes.clear()
+        route = _routes[key] = make()
+    elif route[-1] is True:  # tl with TMA: Triton's allocator is per thread
+        _ensure_allocator()
     return route
 
 
