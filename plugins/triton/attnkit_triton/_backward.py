@@ -307,7 +307,9 @@ def prepare(q, out, lse, dout, pad_to: int, delta_scale: float = 1.0):
     B, Hq, Sq, D = q.shape
     pad_to = max(pad_to, _PREP_BLOCK_M)
     Sq_pad = cdiv(Sq, pad_to) * pad_to
-    delta, lse2 = torch.empty((2, B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
+    # one allocation; unbind explicitly (tuple unpacking iterates through a slower path)
+    delta, lse2 = torch.empty((2, B * Hq, Sq_pad), dtype=torch.float32,
+                              device=q.device).unbind(0)
     lse = lse.contiguous()  # our own forward's (B, Hq, Sq): already contiguous
     _PREP.launch(
         (q.dtype, q.shape, Sq_pad, delta_scale, layout_key(out, dout, lse)),

@@ -112,6 +112,7 @@ class FastKernel:
         constexprs and the specialization of ``args`` (tensor dtypes and 16-byte alignment,
         every other argument's value). Triton's path takes arguments `launch` cannot key
         (Gluon's tensor descriptors)."""
+        _fast_enabled()  # the one-time probe runs here, on a first call, not on a later one
         return DirectLaunch(self, grid, constexprs, self.fn[grid](*args, *fixed, **constexprs),
                             fixed)
 
