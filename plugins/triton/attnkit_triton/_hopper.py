@@ -172,11 +172,12 @@ class _Descriptors:
     and a launch builds four or five."""
 
     def __init__(self, rows: int, cols: int, block: list, layout):
+        self.cls = kernels().TensorDescriptor
         self.geometry = ([rows, cols], [cols, 1], block, layout)
         self.fields = None
 
     def __call__(self, base):
-        cls = kernels().TensorDescriptor
+        cls = self.cls
         if self.fields is None:
             desc = cls(base, *self.geometry)
             fields = getattr(desc, "__dict__", None)  # a Triton with slotted descriptors
@@ -235,12 +236,18 @@ def _smem_layouts(dtype: torch.dtype, head_dim: int):
             gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], el))
 
 
-def launch_forward(problem, q, k, v):
+def forward_plan(problem, q, k, v) -> _Plan:
+    """The launch plan of a forward call that `use_gluon` accepted (callers that cache their
+    route per layout keep it, and pass it to `launch_forward`)."""
+    return _forward_plan(problem, _layout(q, k, v)[0])
+
+
+def launch_forward(problem, q, k, v, plan: _Plan | None = None):
     """``out`` (like q) and ``lse`` (B, Hq, S) float32, natural log, as the ``tl`` forward."""
     B, H, S, D = q.shape
     out = torch.empty_like(q)  # keeps q's strides, so q's 2-D view
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    plan = _forward_plan(problem, _layout(q, k, v)[0])
+    plan = plan or forward_plan(problem, q, k, v)
     plan.launch((plan.q(q), plan.kv(k), plan.kv(v), plan.q(out), lse))
     return out, lse
 
@@ -266,9 +273,14 @@ def _backward_plan(problem, views):
                 *q_rc, *do_rc, *kv_rc, kc)))
 
 
-def launch_backward(problem, q, k, v, out, lse, dout):
+def backward_plan(problem, q, k, v, dout) -> _Plan:
+    """As `forward_plan`, for a backward call that `use_gluon_backward` accepted."""
+    return _backward_plan(problem, _layout(q, k, v, dout)[0])
+
+
+def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None):
     """``(dq, dk, dv)`` as the ``tl`` backward computes them, dQ summed in float32."""
-    plan = _backward_plan(problem, _layout(q, k, v, dout)[0])
+    plan = plan or backward_plan(problem, q, k, v, dout)
     delta, lse2 = prepare(q, out, lse, dout, BLOCK_M,  # S % BLOCK_M == 0: no pad rows
                           plan.delta_scale)
     dq = torch.zeros_like(q, dtype=torch.float32)  # keeps q's strides, so q's 2-D view
@@ -284,4 +296,5 @@ def _dq_layout():
     return gl.NVMMASharedLayout.get_default_for([64, 64], gl.float32)
 
 
-__all__ = ["launch_backward", "launch_forward", "use_gluon", "use_gluon_backward"]
+__all__ = ["backward_plan", "forward_plan", "launch_backward", "launch_forward", "use_gluon",
+           "use_gluon_backward"]

@@ -8,13 +8,12 @@ three, each worth tens of microseconds of GPU time, so that cost is the GPU wait
 `Sites` goes one step further for call sites that repeat a signature (every training and
 decoding step): the key is built once per call from the caller's tensors, not per argument.
 
-`FastKernel` keeps, per kernel, the compiled kernels it has launched, keyed by a key finer
-than Triton's specialization: each tensor's dtype and address modulo 16, every other
-argument by value, the constexprs and launch options. A new key goes through Triton's own
-path (which compiles or finds the kernel and returns it); a known key calls the compiled
-kernel's launcher with the same arguments Triton would pass. Launch hooks (profilers) and the
-interpreter always take Triton's path. A probe kernel checks once per process that the direct
-call computes what Triton's path does; if not, everything takes Triton's path, with a warning.
+`FastKernel` holds a kernel and the names of its constexprs; its `direct` launches a site's
+first call through Triton's own path (which compiles or finds the kernel and returns it) and
+keeps a `DirectLaunch`, which later calls the compiled kernel's launcher with the same
+arguments Triton would pass. Launch hooks (profilers) and the interpreter always take
+Triton's path. A probe kernel checks once per process that the direct call computes what
+Triton's path does; if not, everything takes Triton's path, with a warning.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from ._configs import interpreting
 #: ``ATTNKIT_TRITON_FAST_LAUNCH=0`` (read at import) sends every launch through Triton's path,
 #: for comparisons; tests flip ``ENABLED``.
 ENABLED = os.environ.get("ATTNKIT_TRITON_FAST_LAUNCH") != "0"
-#: Entries per kernel before the cache is emptied (distinct shapes, layouts, scales).
+#: Sites per kernel before the cache is emptied (distinct shapes, layouts, scales).
 _MAX_ENTRIES = 512
 _probe_state: bool | None = None  # None: not yet probed
 
@@ -54,56 +53,20 @@ def _hooks_set() -> bool:
     return _hook_active(rt.launch_enter_hook) or _hook_active(rt.launch_exit_hook)
 
 
-def _arg_key(a):
-    return (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a
-
-
 class FastKernel:
-    """``FastKernel(jit_fn)[grid](*args, **constexprs)``: as ``jit_fn[grid](...)``, with
-    every runtime argument passed positionally and every constexpr by name."""
+    """A jit function whose launch sites go direct (`direct`): every runtime argument is
+    passed positionally, every constexpr by name."""
 
     def __init__(self, fn):
         self.fn = fn
         params = getattr(fn, "params", None)
         if params is None:  # the interpreter's function: always launched through Triton
-            self.n_runtime, self.constexpr_names, self.entries = 0, (), {}
+            self.constexpr_names = ()
             return
         first = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
         if not all(p.is_constexpr for p in params[first:]):
             raise TypeError(f"{fn.__name__}: constexpr parameters must come last")
-        self.n_runtime = first
         self.constexpr_names = tuple(p.name for p in params[first:])
-        self.entries: dict = {}
-
-    def __getitem__(self, grid):
-        return lambda *args, **constexprs: self.launch(grid, args, constexprs)
-
-    def launch(self, grid, args, constexprs):
-        if not _fast_enabled():
-            return self.fn[grid](*args, **constexprs)
-        driver = triton.runtime.driver.active
-        device = driver.get_current_device()
-        key = (device, tuple(map(_arg_key, args)), tuple(constexprs.items()))
-        entry = self.entries.get(key)
-        if entry is None:
-            if len(args) != self.n_runtime:
-                raise TypeError(f"{self.fn.__name__}: {self.n_runtime} runtime arguments "
-                                f"expected positionally, got {len(args)}")
-            compiled = self.fn[grid](*args, **constexprs)
-            if len(self.entries) >= _MAX_ENTRIES:
-                self.entries.clear()
-            tail = tuple(constexprs[n] for n in self.constexpr_names)
-            self.entries[key] = (compiled, tail)
-            return compiled
-        compiled, tail = entry
-        stream = driver.get_current_stream(device)
-        gx = grid[0]
-        gy = grid[1] if len(grid) > 1 else 1
-        gz = grid[2] if len(grid) > 2 else 1
-        compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, None,
-                      None, None, *args, *tail)
-        return compiled
-
 
     def direct(self, grid, args, constexprs, fixed=()) -> DirectLaunch:
         """Launch once through Triton's path, as ``self.fn[grid](*args, *fixed,
@@ -214,8 +177,7 @@ def _probe() -> None:
     try:
         x = torch.arange(8, dtype=torch.float32, device="cuda")
         y_ref, y_fast = torch.full_like(x, -1.0), torch.full_like(x, -1.0)
-        k = FastKernel(_probe_kernel)
-        compiled = k.fn[(1,)](x, y_ref, 5, 0.5, C=3.0, BLOCK=8)
+        compiled = _probe_kernel[(1,)](x, y_ref, 5, 0.5, C=3.0, BLOCK=8)
         device = triton.runtime.driver.active.get_current_device()
         stream = triton.runtime.driver.active.get_current_stream(device)
         compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None,

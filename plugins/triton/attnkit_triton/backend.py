@@ -29,9 +29,9 @@ from ._configs import (
 from ._forward import launch_forward
 from ._hopper import _BWD_ENV as _GLUON_BWD_ENV
 from ._hopper import _ENV as _GLUON_ENV
+from ._hopper import backward_plan, forward_plan, use_gluon, use_gluon_backward
 from ._hopper import launch_backward as launch_backward_hopper
 from ._hopper import launch_forward as launch_forward_hopper
-from ._hopper import use_gluon, use_gluon_backward
 from ._launcher import layout_key
 from .decode import decode_forward, num_splits, use_split_kv
 
@@ -162,12 +162,12 @@ class TritonBackend(Backend):
         route = _route(key, lambda: self._forward_route(problem, q, k, v))
         with _on_device(q):
             if route[0] == "gluon":  # sm_90 dense training shapes: warp-specialized
-                return launch_forward_hopper(problem, q, k, v)
+                return launch_forward_hopper(problem, q, k, v, route[1])
             return launch_forward(problem, q, k, v, seqlens_k, *route[1:], layout)
 
     def _forward_route(self, problem, q, k, v) -> tuple:
-        if use_gluon(problem, q, k, v):
-            return ("gluon",)
+        if use_gluon(problem, q, k, v):  # the key fixes the layout, so the launch plan too
+            return "gluon", forward_plan(problem, q, k, v)
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
                              _short(problem))
         return "tl", cfg, cfg.tma and use_tma(problem, q, k, v)
@@ -179,13 +179,13 @@ class TritonBackend(Backend):
         route = _route(key, lambda: self._backward_route(problem, q, k, v, dout))
         with _on_device(q):
             if route[0] == "gluon":
-                return launch_backward_hopper(problem, q, k, v, out, lse, dout)
+                return launch_backward_hopper(problem, q, k, v, out, lse, dout, route[1])
             return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k, *route[1:],
                                    layout)
 
     def _backward_route(self, problem, q, k, v, dout) -> tuple:
         if use_gluon_backward(problem, q, k, v, dout):
-            return ("gluon",)
+            return "gluon", backward_plan(problem, q, k, v, dout)
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
                                             q.device, _short(problem))
         return "tl", dkdv_cfg, dq_cfg, use_tma(problem, q, k, v, dout)

@@ -98,8 +98,6 @@ def main():
     }
     from attnkit_triton import _launcher
 
-    fast = _launcher.FastKernel(fn)
-    rows["FastKernel[grid](...)"] = per_call_us(lambda: fast[grid](*args, **kwargs))
     for enabled in (False, True):
         _launcher.ENABLED = enabled
         rows[f"attnkit.attention, fast launch {'on' if enabled else 'off'}"] = per_call_us(
