@@ -15,9 +15,13 @@ dQ += dS K spans both warpgroups' keys: each writes its dS^T to shared memory, t
 on an mbarrier, and each computes one half of the block's dQ columns (head dim 128; at head
 dim 64 the warpgroups take turns), stages it in shared memory and adds it into a float32
 buffer with a TMA reduce-add (``cp.reduce.async.bulk.tensor``), which the warpgroup does not
-wait for until it next needs that buffer. Five products instead of the seven of the
-deterministic ``tl`` backward, at the price of run-to-run rounding differences in dQ: this
-kernel is never used under ``torch.use_deterministic_algorithms(True)``.
+wait for until it next needs that buffer. With ``DQ_LAG`` a warpgroup computes a block's dQ
+share one block later, so the two may drift a block apart instead of meeting every block
+(+0-4% at head dim 64, -1 to -8% at 128: ``_hopper._DQ_LAG``).
+
+Five products instead of the seven of the deterministic ``tl`` backward, at the price of
+run-to-run rounding differences in dQ: this kernel is never used under
+``torch.use_deterministic_algorithms(True)``.
 """
 
 from triton._C.libtriton import ir
@@ -74,8 +78,9 @@ def _bwd_producer(descs, bufs, bars, coords, NUM_BUF: gl.constexpr):
 @gluon.jit
 def _dq_part(ds_smem, base, k_smem, dq_smem, dq_desc, dq_row, dq_col, c: gl.constexpr,
              dq_layout: gl.constexpr):
-    """Adds columns 64c .. 64c + 63 of this query block's dQ (dS K over the program's 128
-    keys: both warpgroups' dS^T) into the float32 dQ with a TMA reduce from shared memory."""
+    """Adds columns 64c .. 64c + 63 of one query block's dQ (dS K over the program's 128
+    keys: both warpgroups' dS^T, buffers ``base`` and ``base + 1``) into the float32 dQ
+    with a TMA reduce from shared memory."""
     zero = gl.zeros([BLOCK_M, 64], gl.float32, dq_layout)
     k0 = k_smem.slice(0, 64, dim=0).slice(64 * c, 64, dim=1)
     k1 = k_smem.slice(64, 64, dim=0).slice(64 * c, 64, dim=1)
@@ -90,8 +95,27 @@ def _dq_part(ds_smem, base, k_smem, dq_smem, dq_desc, dq_row, dq_col, c: gl.cons
 
 
 @gluon.jit
+def _dq_block(j, ds_smem, ds_bar, k_smem, dq_smem, dq_desc, coords, ROLE: gl.constexpr,
+              DS_BUF: gl.constexpr, dq_layout: gl.constexpr):
+    """Query block ``j``'s share of dQ for this warpgroup, once both dS^T halves are in."""
+    b, hk, GROUP, n_m, m_lo, q_rb, q_rh, q_ch = coords
+    HEAD_DIM: gl.constexpr = k_smem.shape[1]
+    slot = j % DS_BUF
+    mbarrier.wait(ds_bar.index(slot), (j // DS_BUF) & 1)
+    h = hk * GROUP + j // n_m
+    dq_row = b * q_rb + h * q_rh + m_lo + (j % n_m) * BLOCK_M
+    if HEAD_DIM == 128:  # each warpgroup computes one 64-column half
+        _dq_part(ds_smem, 2 * slot, k_smem, dq_smem, dq_desc, dq_row, h * q_ch, ROLE,
+                 dq_layout)
+    else:  # head dim 64: the warpgroups take turns
+        if j % 2 == ROLE:
+            _dq_part(ds_smem, 2 * slot, k_smem, dq_smem, dq_desc, dq_row, h * q_ch, 0,
+                     dq_layout)
+
+
+@gluon.jit
 def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr,
-                  SCALED_DELTA: gl.constexpr, ROLE: gl.constexpr):
+                  SCALED_DELTA: gl.constexpr, DQ_LAG: gl.constexpr, ROLE: gl.constexpr):
     """One consumer warpgroup (ROLE 0 or 1): keys 64 * ROLE .. 64 * ROLE + 63 of the program."""
     q_desc, k_desc, v_desc, do_desc, dq_desc = descs
     k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem = bufs
@@ -109,6 +133,8 @@ def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.con
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, 64, 16])
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    DS_BUF: gl.constexpr = 4 if DQ_LAG else 2
+    dq_coords = (b, hk, GROUP, n_m, m_lo, q_rb, q_rh, q_ch)
 
     keys = m_lo + ROLE * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
     k_w = k_smem.slice(ROLE * 64, 64, dim=0)
@@ -145,23 +171,27 @@ def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.con
             dst = pt * (dpt - delta[None, :]) * scale
         ds_op = dst.to(dtype)
         dk = warpgroup_mma(gl.convert_layout(ds_op, op_layout), q_s, dk, is_async=True)
-        # Both warpgroups' dS^T in shared memory (double-buffered: a buffer is written again
-        # two blocks later, after the other warpgroup has passed this block's barrier).
-        ds_smem.index(2 * (it % 2) + ROLE).store(ds_op)
+        # Both warpgroups' dS^T in shared memory. A buffer is written again DS_BUF blocks
+        # later, when the other warpgroup has finished reading it: it has passed a later
+        # block's barrier, two blocks later without DQ_LAG, four with it.
+        slot = it % DS_BUF
+        ds_smem.index(2 * slot + ROLE).store(ds_op)
         fence_async_shared()
-        mbarrier.arrive(ds_bar.index(it % 2), count=1)
+        mbarrier.arrive(ds_bar.index(slot), count=1)
         dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(q_empty.index(s), count=1)
         mbarrier.arrive(do_empty.index(s), count=1)
-        mbarrier.wait(ds_bar.index(it % 2), (it // 2) & 1)
-        dq_row = b * q_rb + h * q_rh + m0
-        if HEAD_DIM == 128:  # each warpgroup computes one 64-column half
-            _dq_part(ds_smem, 2 * (it % 2), k_smem, dq_smem.index(ROLE), dq_desc, dq_row,
-                     h * q_ch, ROLE, dq_layout)
-        else:  # head dim 64: the warpgroups take turns
-            if it % 2 == ROLE:
-                _dq_part(ds_smem, 2 * (it % 2), k_smem, dq_smem.index(ROLE), dq_desc, dq_row,
-                         h * q_ch, 0, dq_layout)
+        if DQ_LAG:  # the previous block's dQ: the other warpgroup may be a block behind
+            if it > 0:
+                _dq_block(it - 1, ds_smem, ds_bar, k_smem, dq_smem.index(ROLE), dq_desc,
+                          dq_coords, ROLE, DS_BUF, dq_layout)
+        else:
+            _dq_block(it, ds_smem, ds_bar, k_smem, dq_smem.index(ROLE), dq_desc, dq_coords,
+                      ROLE, DS_BUF, dq_layout)
+    if DQ_LAG:
+        if GROUP * n_m > 0:
+            _dq_block(GROUP * n_m - 1, ds_smem, ds_bar, k_smem, dq_smem.index(ROLE), dq_desc,
+                      dq_coords, ROLE, DS_BUF, dq_layout)
     # dK was scaled through dS; both written once, from registers.
     rows = kv_row + ROLE * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
     cols = kv_col + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
@@ -175,7 +205,8 @@ def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.con
 def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                 S, H, GROUP, qk_scale, scale, q_rb, q_rh, q_ch, do_rb, do_rh, do_ch,
                 kv_rb, kv_rh, kv_ch, ld_kv,
-                CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr, SCALED_DELTA: gl.constexpr):
+                CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr, SCALED_DELTA: gl.constexpr,
+                DQ_LAG: gl.constexpr):
     # 2-D views as in the forward (``_fwd_kernel``); dq_desc views a float32 buffer laid out
     # like q, dk/dv are laid out like k (ld_kv columns). lse (log2) and delta are
     # (B * H, S) rows; delta is premultiplied by ``scale`` if SCALED_DELTA.
@@ -197,13 +228,14 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk
     q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], do_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
-    ds_smem = gl.allocate_shared_memory(dtype, [4, 64, BLOCK_M], ds_layout)  # [buffer, role]
+    DS_BUF: gl.constexpr = 4 if DQ_LAG else 2
+    ds_smem = gl.allocate_shared_memory(dtype, [2 * DS_BUF, 64, BLOCK_M], ds_layout)  # [slot, role]
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     do_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_bar = gl.allocate_shared_memory(gl.int64, [DS_BUF, 1], mbarrier.MBarrierLayout())
     dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, 64], dq_desc.layout)  # role
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(NUM_BUF):
@@ -211,7 +243,7 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk
         mbarrier.init(do_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)
         mbarrier.init(do_empty.index(i), count=2)
-    for i in gl.static_range(2):
+    for i in gl.static_range(DS_BUF):
         mbarrier.init(ds_bar.index(i), count=2)
 
     kv_row = b * kv_rb + hk * kv_rh + n0
@@ -221,8 +253,8 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk
     scal = (b, hk, H, GROUP, S, m_lo, n_m, kv_row, hk * kv_ch, q_rb, q_rh, q_ch, do_rb, do_rh,
             do_ch, lse_ptr, delta_ptr, dk_ptr, dv_ptr, ld_kv, qk_scale, scale)
     gl.warp_specialize([
-        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, SCALED_DELTA, 0)),
-        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, SCALED_DELTA, 1)),
+        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, SCALED_DELTA, DQ_LAG, 0)),
+        (_bwd_consumer, (descs, bufs, bars, scal, CAUSAL, NUM_BUF, SCALED_DELTA, DQ_LAG, 1)),
         (_bwd_producer, (descs[:4], bufs[:4], bars[:5],
                          (b, hk, GROUP, m_lo, n_m, kv_row, hk * kv_ch, q_rb, q_rh, q_ch, do_rb,
                           do_rh, do_ch), NUM_BUF)),

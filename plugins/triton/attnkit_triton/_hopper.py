@@ -49,6 +49,10 @@ _MIN_SEQLEN = {
 # (dS = P (dP scale - delta scale), one multiply fewer per score). Measured on an H200 from
 # S=4k: 1-5% faster, except at head dim 128 causal, 0-4% slower (NOTES.md, ninth session).
 _SCALED_DELTA = {(64, False): True, (64, True): True, (128, False): True, (128, True): False}
+# Per (head dim, causal): whether a warpgroup computes each query block's dQ share a block
+# late (``_bwd_consumer``). Measured on an H200 from S=4k: +0-4% at head dim 64, -1 to -8%
+# at 128 except causal 2k-4k, +1-2% (NOTES.md, twelfth session).
+_DQ_LAG = {(64, False): True, (64, True): True, (128, False): False, (128, True): False}
 
 
 @functools.lru_cache(maxsize=1)
@@ -267,8 +271,8 @@ def _backward_plan(problem, views):
         kv=_Descriptors(kr, kc, [BLOCK_N, D], kv_layout),
         delta_scale=problem.scale if scaled else 1.0,
         setup=((S // BLOCK_N, problem.batch * problem.heads_kv),
-               dict(CAUSAL=causal, NUM_BUF=2, SCALED_DELTA=scaled, num_warps=4,
-                    maxnreg=_MAXNREG),
+               dict(CAUSAL=causal, NUM_BUF=2, SCALED_DELTA=scaled, DQ_LAG=_DQ_LAG[D, causal],
+                    num_warps=4, maxnreg=_MAXNREG),
                (S, problem.heads_q, problem.group_size, problem.scale * LOG2E, problem.scale,
                 *q_rc, *do_rc, *kv_rc, kc)))
 

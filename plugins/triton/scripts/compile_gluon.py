@@ -68,7 +68,8 @@ def main() -> int:
                       _hopper.BLOCK_N, 2)),
                     ("backward", mod.bwd._bwd_kernel, S // _hopper.BLOCK_N,
                      (qd, kd, kd, qd, dqd, lse, lse, t, t, S, H, 1, 0.1, 0.1, *views, *views,
-                      *views, D, causal, 2, _hopper._SCALED_DELTA[D, causal])),
+                      *views, D, causal, 2, _hopper._SCALED_DELTA[D, causal],
+                      _hopper._DQ_LAG[D, causal])),
                 )
                 for kind, kernel, blocks, args in runs:
                     total += 1
