@@ -17,7 +17,7 @@ dim 64 the warpgroups take turns), stages it in shared memory and adds it into a
 buffer with a TMA reduce-add (``cp.reduce.async.bulk.tensor``), which the warpgroup does not
 wait for until it next needs that buffer. With ``DQ_LAG`` a warpgroup computes a block's dQ
 share one block later, so the two may drift a block apart instead of meeting every block
-(+0-4% at head dim 64, -1 to -8% at 128: ``_hopper._DQ_LAG``).
+(+0-4% at head dim 64, -2 to -9% at 128: ``_hopper._DQ_LAG``).
 
 Five products instead of the seven of the deterministic ``tl`` backward, at the price of
 run-to-run rounding differences in dQ: this kernel is never used under

@@ -50,7 +50,7 @@ _MIN_SEQLEN = {
 # S=4k: 1-5% faster, except at head dim 128 causal, 0-4% slower (NOTES.md, ninth session).
 _SCALED_DELTA = {(64, False): True, (64, True): True, (128, False): True, (128, True): False}
 # Per (head dim, causal): whether a warpgroup computes each query block's dQ share a block
-# late (``_bwd_consumer``). Measured on an H200 from S=4k: +0-4% at head dim 64, -1 to -8%
+# late (``_bwd_consumer``). Measured on an H200: +0-4% at head dim 64 (S >= 4k), -2 to -9%
 # at 128 except causal 2k-4k, +1-2% (NOTES.md, twelfth session).
 _DQ_LAG = {(64, False): True, (64, True): True, (128, False): False, (128, True): False}
 
