@@ -17,7 +17,7 @@ dim 64 the warpgroups take turns), stages it in shared memory and adds it into a
 buffer with a TMA reduce-add (``cp.reduce.async.bulk.tensor``), which the warpgroup does not
 wait for until it next needs that buffer. With ``DQ_LAG`` a warpgroup computes a block's dQ
 share one block later, so the two may drift a block apart instead of meeting every block
-(+0-4% at head dim 64, -2 to -9% at 128: ``_hopper._DQ_LAG``).
+(where that pays: ``_hopper._DQ_LAG``).
 
 Five products instead of the seven of the deterministic ``tl`` backward, at the price of
 run-to-run rounding differences in dQ: this kernel is never used under
@@ -96,10 +96,11 @@ def _dq_part(ds_smem, base, k_smem, dq_smem, dq_desc, dq_row, dq_col, c: gl.cons
 
 @gluon.jit
 def _dq_block(j, ds_smem, ds_bar, k_smem, dq_smem, dq_desc, coords, ROLE: gl.constexpr,
-              DS_BUF: gl.constexpr, dq_layout: gl.constexpr):
+              dq_layout: gl.constexpr):
     """Query block ``j``'s share of dQ for this warpgroup, once both dS^T halves are in."""
     b, hk, GROUP, n_m, m_lo, q_rb, q_rh, q_ch = coords
     HEAD_DIM: gl.constexpr = k_smem.shape[1]
+    DS_BUF: gl.constexpr = ds_bar.shape[0]
     slot = j % DS_BUF
     mbarrier.wait(ds_bar.index(slot), (j // DS_BUF) & 1)
     h = hk * GROUP + j // n_m
@@ -133,7 +134,7 @@ def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.con
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, 64, 16])
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-    DS_BUF: gl.constexpr = 4 if DQ_LAG else 2
+    DS_BUF: gl.constexpr = ds_bar.shape[0]  # dS^T slots per warpgroup (see _bwd_kernel)
     dq_coords = (b, hk, GROUP, n_m, m_lo, q_rb, q_rh, q_ch)
 
     keys = m_lo + ROLE * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
@@ -184,14 +185,14 @@ def _bwd_consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, NUM_BUF: gl.con
         if DQ_LAG:  # the previous block's dQ: the other warpgroup may be a block behind
             if it > 0:
                 _dq_block(it - 1, ds_smem, ds_bar, k_smem, dq_smem.index(ROLE), dq_desc,
-                          dq_coords, ROLE, DS_BUF, dq_layout)
+                          dq_coords, ROLE, dq_layout)
         else:
             _dq_block(it, ds_smem, ds_bar, k_smem, dq_smem.index(ROLE), dq_desc, dq_coords,
-                      ROLE, DS_BUF, dq_layout)
+                      ROLE, dq_layout)
     if DQ_LAG:
         if GROUP * n_m > 0:
             _dq_block(GROUP * n_m - 1, ds_smem, ds_bar, k_smem, dq_smem.index(ROLE), dq_desc,
-                      dq_coords, ROLE, DS_BUF, dq_layout)
+                      dq_coords, ROLE, dq_layout)
     # dK was scaled through dS; both written once, from registers.
     rows = kv_row + ROLE * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
     cols = kv_col + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
@@ -228,7 +229,7 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse_ptr, delta_ptr, dk
     q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], do_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
-    DS_BUF: gl.constexpr = 4 if DQ_LAG else 2
+    DS_BUF: gl.constexpr = 4 if DQ_LAG else 2  # the reuse argument is in _bwd_consumer
     ds_smem = gl.allocate_shared_memory(dtype, [2 * DS_BUF, 64, BLOCK_M], ds_layout)  # [slot, role]
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
