@@ -5,17 +5,22 @@ The script behind `h200/gluon-bwd-variants.json` (ninth session), less the varia
 ``torch.autograd.grad`` of a kept forward (`triton.testing.do_bench` median, warm-up 50 ms,
 rep 300 ms), bf16, B*S = 16k tokens, H*D = 2048, and checks every gradient against cuDNN's
 (max error over max |grad|). Environment variables such as ``ATTNKIT_TRITON_GLUON_BWD=0``
-select the path, so two runs compare two paths. ``--dq-lag 0,1`` times the Gluon backward
-once per value of its ``DQ_LAG`` switch (``_hopper._DQ_LAG``) in each cell, in the order
-given and then reversed (twelfth session, `h200/gluon-bwd-dq-lag.json`).
+select the path, so two runs compare two paths. ``--variants L0,L1`` times the Gluon
+backward once per variant in each cell, in the order given and then reversed, each variant's
+gradients checked as above: a letter and a value per switch of `_hopper`'s tables, set for
+the cell's head dim and causal mode (``L``: ``_DQ_LAG``; the twelfth session's
+`h200/gluon-bwd-dq-lag.json`). The thirteenth session's `h200/gluon-bwd-stats.json` came
+from a version with two more switches, since folded into the kernel (``S``: how lse and
+delta are read, ``T``: dQ by turns at head dim 128; NOTES.md).
 
-    python benchmarks/bwd_vs_cudnn.py [--seqlens 4096,16384] [--profile] [--dq-lag 0,1]
-                                      [--out FILE]
+    python benchmarks/bwd_vs_cudnn.py [--seqlens 4096,16384] [--head-dims 128,64]
+                                      [--profile] [--variants L0,L1] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +33,18 @@ from triton.testing import do_bench
 import attnkit
 
 
-def _set_dq_lag(D, causal, lag) -> None:
-    """Switch the Gluon backward's DQ_LAG for one shape; cached plans and routes go with it."""
-    _hopper._DQ_LAG[D, causal] = bool(lag)
+def _switch(D, causal, variant: str) -> dict:
+    """Set the Gluon backward's switches for one shape from a variant string such as ``L1``;
+    returns the previous values (a variant string too). Cached plans and routes go with
+    them."""
+    tables = {"L": (_hopper._DQ_LAG, (D, causal))}
+    before = "".join(f"{k}{int(t[key])}" for k, (t, key) in tables.items())
+    for letter, value in re.findall(r"([A-Z])(\d)", variant):
+        table, key = tables[letter]
+        table[key] = type(table[key])(int(value))
     _hopper._backward_plan.cache_clear()
     triton_backend._routes.clear()
+    return before
 
 
 def _rel_err(got, ref) -> float:
@@ -41,7 +53,7 @@ def _rel_err(got, ref) -> float:
                for a, b in zip(got, ref))
 
 
-def _cell(D, causal, S, profile, lags=()):
+def _cell(D, causal, S, profile, variants=()):
     B, H = 16384 // S, 2048 // D
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16)
@@ -61,22 +73,22 @@ def _cell(D, causal, S, profile, lags=()):
         row[name] = flops / do_bench(backward, warmup=50, rep=300) / 1e9
         if profile:
             row[f"{name}_kernels_us"] = kernel_profile(backward)[0]
-    if lags:  # each value's gradients checked as above, then timed in order and reversed
-        default = _hopper._DQ_LAG[D, causal]
+    if variants:  # each one's gradients checked as above, then timed in order and reversed
+        default = _switch(D, causal, "")
         try:
             times = {}
-            for lag in (*lags, *reversed(lags)):
-                _set_dq_lag(D, causal, lag)
-                if lag not in times:
-                    row[f"lag{lag}_err"] = _rel_err(
+            for name in (*variants, *reversed(variants)):
+                _switch(D, causal, name)
+                if name not in times:
+                    row[f"{name}_err"] = _rel_err(
                         torch.autograd.grad(o, (q, k, v), do, retain_graph=True), ref)
-                times.setdefault(lag, []).append(do_bench(
+                times.setdefault(name, []).append(do_bench(
                     lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True),
                     warmup=50, rep=300))
-            for lag, ms in times.items():
-                row[f"lag{lag}"] = flops / (sum(ms) / len(ms)) / 1e9
+            for name, ms in times.items():
+                row[name] = flops / (sum(ms) / len(ms)) / 1e9
         finally:
-            _set_dq_lag(D, causal, default)
+            _switch(D, causal, default)
     return row
 
 
@@ -84,20 +96,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqlens", default="4096,8192,16384")
     p.add_argument("--profile", action="store_true", help="per-kernel device time per call")
-    p.add_argument("--dq-lag", default="", help="DQ_LAG values to time, e.g. 0,1")
+    p.add_argument("--head-dims", default="128,64")
+    p.add_argument("--variants", default="",
+                   help="Gluon backward variants to time, e.g. L0,L1")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    lags = tuple(int(x) for x in args.dq_lag.split(",") if x)
+    variants = tuple(x for x in args.variants.split(",") if x)
     rows = []
-    for D in (128, 64):
+    for D in map(int, args.head_dims.split(",")):
         for causal in (False, True):
             for S in map(int, args.seqlens.split(",")):
-                rows.append(_cell(D, causal, S, args.profile, lags))
+                rows.append(_cell(D, causal, S, args.profile, variants))
                 r = rows[-1]
                 print(f"D={D:3} {'causal' if causal else 'full  '} S={S:5}  cudnn "
                       f"{r['cudnn']:4.0f}  triton {r['triton']:4.0f} TFLOP/s  "
                       f"{r['triton'] / r['cudnn']:.2f}x  err {r['err']:.1e}" + "".join(
-                          f"  lag{lag} {r[f'lag{lag}']:4.0f}" for lag in lags), flush=True)
+                          f"  {name} {r[name]:4.0f} ({r[f'{name}_err']:.0e})"
+                          for name in variants), flush=True)
                 for side in ("triton", "cudnn"):
                     for name, us in sorted(r.get(f"{side}_kernels_us", {}).items(),
                                            key=lambda kv: -kv[1]):

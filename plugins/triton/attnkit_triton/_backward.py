@@ -32,7 +32,7 @@ from ._launcher import FastKernel, Sites, cdiv, layout_key
 @triton.jit
 def _prep_kernel(O, DO, LSE, DELTA, LSE2,
                  sob, soh, som, sod, sdb, sdh, sdm, sdd,
-                 delta_scale, H, Sq, Sq_pad,
+                 H, Sq, Sq_pad,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // H
@@ -48,7 +48,7 @@ def _prep_kernel(O, DO, LSE, DELTA, LSE2,
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(LSE + bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    tl.store(DELTA + bh.to(tl.int64) * Sq_pad + rows, delta * delta_scale)
+    tl.store(DELTA + bh.to(tl.int64) * Sq_pad + rows, delta)
     tl.store(LSE2 + bh.to(tl.int64) * Sq_pad + rows, lse2)
 
 
@@ -302,8 +302,9 @@ _PREP_BLOCK_M = 64
 _PREP, _DKDV, _DQ = (Sites(FastKernel(k)) for k in (_prep_kernel, _dkdv_kernel, _dq_kernel))
 
 
-def prepare(q, out, lse, dout, pad_to: int, delta_scale: float = 1.0):
-    """``delta`` (times ``delta_scale``) and log2 ``lse`` as (B * Hq, Sq_pad) row buffers."""
+def prepare(q, out, lse, dout, pad_to: int):
+    """``delta`` and log2 ``lse`` as (B * Hq, Sq_pad) row buffers: the halves of one
+    (2, B * Hq, Sq_pad) allocation, delta first."""
     B, Hq, Sq, D = q.shape
     pad_to = max(pad_to, _PREP_BLOCK_M)
     Sq_pad = cdiv(Sq, pad_to) * pad_to
@@ -312,12 +313,12 @@ def prepare(q, out, lse, dout, pad_to: int, delta_scale: float = 1.0):
                               device=q.device).unbind(0)
     lse = lse.contiguous()  # our own forward's (B, Hq, Sq): already contiguous
     _PREP.launch(
-        (q.dtype, q.shape, Sq_pad, delta_scale, layout_key(out, dout, lse)),
+        (q.dtype, q.shape, Sq_pad, layout_key(out, dout, lse)),
         (out, dout, lse, delta, lse2),
         lambda: ((Sq_pad // _PREP_BLOCK_M, B * Hq),
                  dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M,
                       num_warps=4),
-                 (*out.stride(), *dout.stride(), delta_scale, Hq, Sq, Sq_pad)))
+                 (*out.stride(), *dout.stride(), Hq, Sq, Sq_pad)))
     return delta, lse2
 
 

@@ -37,18 +37,16 @@ BLOCK_N = 128  # keys per tile (the causal mask assumes BLOCK_N == BLOCK_M)
 _MAXNREG = 168  # 12 warps x 32 threads x 168 <= 64K registers; setmaxnreg gives 240/240/24
 # Shortest Sq (= Sk) from which auto mode takes the Gluon kernel, per (pass, head dim, causal):
 # the bf16 grid on an H100, Gluon vs tl (benchmarks/NOTES.md, "Seventh and eighth sessions"),
-# and for head dim 128 the eleventh session's H200 comparison of the current kernels
-# (benchmarks/h200/gluon-vs-tl-short.json: non-causal from 512, causal backward from 2k).
+# the forwards at head dim 128 from the eleventh session's H200 comparison
+# (benchmarks/h200/gluon-vs-tl-short.json), the backwards from the thirteenth's, after the
+# backward's lse/delta change (h200/gluon-vs-tl-thirteenth.json: from 1k at head dim 64,
+# where 512 is a tie non-causal and 8% slower causal; from 512 at head dim 128).
 _MIN_SEQLEN = {
     ("forward", 64, False): 1024, ("forward", 64, True): 4096,
     ("forward", 128, False): 512, ("forward", 128, True): 512,
-    ("backward", 64, False): 4096, ("backward", 64, True): 4096,
-    ("backward", 128, False): 512, ("backward", 128, True): 2048,
+    ("backward", 64, False): 1024, ("backward", 64, True): 1024,
+    ("backward", 128, False): 512, ("backward", 128, True): 512,
 }
-# Per (head dim, causal): whether the backward takes delta premultiplied by the softmax scale
-# (dS = P (dP scale - delta scale), one multiply fewer per score). Measured on an H200 from
-# S=4k: 1-5% faster, except at head dim 128 causal, 0-4% slower (NOTES.md, ninth session).
-_SCALED_DELTA = {(64, False): True, (64, True): True, (128, False): True, (128, True): False}
 # Per (head dim, causal): whether a warpgroup computes each query block's dQ share a block
 # late (``_bwd_consumer``). Measured on an H200: +0-4% at head dim 64 (S >= 4k), -2 to -9%
 # at 128 except causal 2k-4k, +1-2% (NOTES.md, twelfth session).
@@ -160,6 +158,8 @@ def use_gluon_backward(problem, q, k, v, dout) -> bool:
     def reasons():
         found = [*_problem_reasons(problem, interpreting()),
                  *_layout_reasons("q, k, v, dout", _layout(q, k, v, dout))]
+        if not abs(problem.scale) >= 1e-30:  # the kernel divides by it (``_bwd_consumer``)
+            found.append(f"softmax scale {problem.scale} (|scale| >= 1e-30 only)")
         if problem.deterministic:  # torch's mode when the forward built the problem
             found.append("torch.use_deterministic_algorithms(True) (its dQ is summed with "
                          "atomic adds)")
@@ -263,16 +263,15 @@ def _backward_plan(problem, views):
     D, S, causal = problem.head_dim, problem.seqlen_q, problem.causal
     q_layout, kv_layout = _smem_layouts(problem.dtype, D)
     (qr, qc, *q_rc), (dr, dc, *do_rc), (kr, kc, *kv_rc) = q_view, do_view, kv_view
-    scaled = _SCALED_DELTA[D, causal]
     return _Plan(
         kernels().bwd._bwd_kernel,
         q=_Descriptors(qr, qc, [64, D], q_layout), do=_Descriptors(dr, dc, [64, D], q_layout),
         dq=_Descriptors(qr, qc, [64, 64], _dq_layout()),
         kv=_Descriptors(kr, kc, [BLOCK_N, D], kv_layout),
-        delta_scale=problem.scale if scaled else 1.0,
+        stats=_Descriptors(2 * problem.batch * problem.heads_q, S, [1, 64], _stats_layout()),
         setup=((S // BLOCK_N, problem.batch * problem.heads_kv),
-               dict(CAUSAL=causal, NUM_BUF=2, SCALED_DELTA=scaled, DQ_LAG=_DQ_LAG[D, causal],
-                    num_warps=4, maxnreg=_MAXNREG),
+               dict(CAUSAL=causal, NUM_BUF=2, DQ_LAG=_DQ_LAG[D, causal], num_warps=4,
+                    maxnreg=_MAXNREG),
                (S, problem.heads_q, problem.group_size, problem.scale * LOG2E, problem.scale,
                 *q_rc, *do_rc, *kv_rc, kc)))
 
@@ -285,12 +284,13 @@ def backward_plan(problem, q, k, v, dout) -> _Plan:
 def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None):
     """``(dq, dk, dv)`` as the ``tl`` backward computes them, dQ summed in float32."""
     plan = plan or backward_plan(problem, q, k, v, dout)
-    delta, lse2 = prepare(q, out, lse, dout, BLOCK_M,  # S % BLOCK_M == 0: no pad rows
-                          plan.delta_scale)
+    # delta and lse2 are the two halves of one (2, B * Hq, S) buffer (S % BLOCK_M == 0: no
+    # pad rows), which the kernel reads through one descriptor
+    delta, _ = prepare(q, out, lse, dout, BLOCK_M)
     dq = torch.zeros_like(q, dtype=torch.float32)  # keeps q's strides, so q's 2-D view
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    plan.launch((plan.q(q), plan.kv(k), plan.kv(v), plan.do(dout), plan.dq(dq), lse2, delta,
-                 dk, dv))
+    plan.launch((plan.q(q), plan.kv(k), plan.kv(v), plan.do(dout), plan.dq(dq),
+                 plan.stats(delta), dk, dv))
     return dq.to(q.dtype), dk, dv
 
 
@@ -298,6 +298,12 @@ def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None)
 def _dq_layout():
     gl = kernels().gl
     return gl.NVMMASharedLayout.get_default_for([64, 64], gl.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _stats_layout():
+    """Unswizzled: the rows are read as (1, 64) tiles in the MMA accumulator's layout."""
+    return kernels().gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 __all__ = ["backward_plan", "forward_plan", "launch_backward", "launch_forward", "use_gluon",

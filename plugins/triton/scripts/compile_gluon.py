@@ -61,15 +61,16 @@ def main() -> int:
                 qd = TensorDescriptor(t, [H * S, D], [D, 1], [64, D], q_l)
                 kd = TensorDescriptor(t, [H * S, D], [D, 1], [_hopper.BLOCK_N, D], kv_l)
                 dqd = TensorDescriptor(f32, [H * S, D], [D, 1], [64, 64], _hopper._dq_layout())
+                stats = torch.empty(2 * H * S, dtype=torch.float32)  # delta, lse2 rows
+                sd = TensorDescriptor(stats, [2 * H, S], [S, 1], [1, 64], _hopper._stats_layout())
                 views = (H * S, S, 0)  # (rb, rh, ch) of a (1, H, S, D) tensor
                 runs = (
                     ("forward", mod.fwd._fwd_kernel, S // _hopper.BLOCK_M,
                      (qd, kd, kd, qd, lse, S, H, 1, 0.1, *views, *views, causal,
                       _hopper.BLOCK_N, 2)),
                     ("backward", mod.bwd._bwd_kernel, S // _hopper.BLOCK_N,
-                     (qd, kd, kd, qd, dqd, lse, lse, t, t, S, H, 1, 0.1, 0.1, *views, *views,
-                      *views, D, causal, 2, _hopper._SCALED_DELTA[D, causal],
-                      _hopper._DQ_LAG[D, causal])),
+                     (qd, kd, kd, qd, dqd, sd, t, t, S, H, 1, 0.1, 0.1, *views, *views,
+                      *views, D, causal, 2, _hopper._DQ_LAG[D, causal])),
                 )
                 for kind, kernel, blocks, args in runs:
                     total += 1

@@ -52,9 +52,10 @@ def test_gluon_backward_dispatch_explains_refusals(monkeypatch):
     assert not _hopper.use_gluon_backward(_problem(), q, kv, kv, q)
     monkeypatch.setenv("ATTNKIT_TRITON_GLUON_BWD", "1")
     with pytest.raises(ValueError, match="use_deterministic_algorithms") as e:
-        _hopper.use_gluon_backward(_problem(deterministic=True, dtype=torch.float32), q, kv,
-                                   kv, q)
+        _hopper.use_gluon_backward(_problem(deterministic=True, dtype=torch.float32,
+                                            scale=0.0), q, kv, kv, q)
     assert "dtype torch.float32" in str(e.value)
+    assert "softmax scale 0.0" in str(e.value)
     with pytest.raises(ValueError, match="q, k, v, dout must be dense"):
         _hopper.use_gluon_backward(_problem(), q, kv, kv, q.transpose(2, 3))
 
