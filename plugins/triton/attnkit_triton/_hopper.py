@@ -49,7 +49,8 @@ _MIN_SEQLEN = {
 }
 # Per (head dim, causal): whether a warpgroup computes each query block's dQ share a block
 # late (``_bwd_consumer``). Measured on an H200: +0-4% at head dim 64 (S >= 4k), -2 to -9%
-# at 128 except causal 2k-4k, +1-2% (NOTES.md, twelfth session).
+# at 128 except causal 2k-4k, +1-2% (NOTES.md, twelfth session). Re-timed at 128 after the
+# thirteenth session's lse/delta change: within the timing's own spread, left off.
 _DQ_LAG = {(64, False): True, (64, True): True, (128, False): False, (128, True): False}
 
 
