@@ -33,7 +33,7 @@ from triton.testing import do_bench
 import attnkit
 
 
-def _switch(D, causal, variant: str) -> dict:
+def _switch(D, causal, variant: str) -> str:
     """Set the Gluon backward's switches for one shape from a variant string such as ``L1``;
     returns the previous values (a variant string too). Cached plans and routes go with
     them."""

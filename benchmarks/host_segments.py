@@ -119,7 +119,7 @@ def host_table(D=128, S=512, causal=True, dtype=torch.bfloat16):
         rows["  zeros_like f32"] = held(lambda: torch.zeros_like(q, dtype=torch.float32))
         rows["  layout_key"] = held(lambda: _backward.layout_key(q, k, v, dout, None))
         tma = tb.use_tma(problem, q, k, v, dout)
-        delta, lse2 = _backward.prepare(q, out, lse, dout, 128)
+        _, delta, lse2 = _backward.prepare(q, out, lse, dout, 128)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         rows["  launch_dkdv"] = held(lambda: _backward.launch_dkdv(
             problem, q, k, v, dout, delta, lse2, None, dk, dv, cfgs[0], tma and cfgs[0].tma))

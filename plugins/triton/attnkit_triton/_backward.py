@@ -303,14 +303,14 @@ _PREP, _DKDV, _DQ = (Sites(FastKernel(k)) for k in (_prep_kernel, _dkdv_kernel, 
 
 
 def prepare(q, out, lse, dout, pad_to: int):
-    """``delta`` and log2 ``lse`` as (B * Hq, Sq_pad) row buffers: the halves of one
-    (2, B * Hq, Sq_pad) allocation, delta first."""
+    """``(stats, delta, lse2)``: ``delta`` and log2 ``lse`` as (B * Hq, Sq_pad) row buffers,
+    the two halves of ``stats`` (2, B * Hq, Sq_pad), which the Gluon backward reads whole."""
     B, Hq, Sq, D = q.shape
     pad_to = max(pad_to, _PREP_BLOCK_M)
     Sq_pad = cdiv(Sq, pad_to) * pad_to
     # one allocation; unbind explicitly (tuple unpacking iterates through a slower path)
-    delta, lse2 = torch.empty((2, B * Hq, Sq_pad), dtype=torch.float32,
-                              device=q.device).unbind(0)
+    stats = torch.empty((2, B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
+    delta, lse2 = stats.unbind(0)
     lse = lse.contiguous()  # our own forward's (B, Hq, Sq): already contiguous
     _PREP.launch(
         (q.dtype, q.shape, Sq_pad, layout_key(out, dout, lse)),
@@ -319,7 +319,7 @@ def prepare(q, out, lse, dout, pad_to: int):
                  dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M,
                       num_warps=4),
                  (*out.stride(), *dout.stride(), Hq, Sq, Sq_pad)))
-    return delta, lse2
+    return stats, delta, lse2
 
 
 def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, heads, grid,
@@ -365,7 +365,7 @@ def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelCon
 def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
                     dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool, layout=None):
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
-    delta, lse2 = prepare(q, out, lse, dout, max(dkdv_cfg.block_m, dq_cfg.block_m))
+    _, delta, lse2 = prepare(q, out, lse, dout, max(dkdv_cfg.block_m, dq_cfg.block_m))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     layout = layout or layout_key(q, k, v, dout, seqlens_k)
     launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,

@@ -285,13 +285,11 @@ def backward_plan(problem, q, k, v, dout) -> _Plan:
 def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None):
     """``(dq, dk, dv)`` as the ``tl`` backward computes them, dQ summed in float32."""
     plan = plan or backward_plan(problem, q, k, v, dout)
-    # delta and lse2 are the two halves of one (2, B * Hq, S) buffer (S % BLOCK_M == 0: no
-    # pad rows), which the kernel reads through one descriptor
-    delta, _ = prepare(q, out, lse, dout, BLOCK_M)
+    stats, _, _ = prepare(q, out, lse, dout, BLOCK_M)  # S % BLOCK_M == 0: no pad rows
     dq = torch.zeros_like(q, dtype=torch.float32)  # keeps q's strides, so q's 2-D view
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     plan.launch((plan.q(q), plan.kv(k), plan.kv(v), plan.do(dout), plan.dq(dq),
-                 plan.stats(delta), dk, dv))
+                 plan.stats(stats), dk, dv))
     return dq.to(q.dtype), dk, dv
 
 
