@@ -137,10 +137,15 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
         ctx.problem, ctx.backend = problem, backend
         ctx.mark_non_differentiable(lse)
+        # lse has no gradient: without this, autograd fills a zeros tensor for it on every
+        # backward (an allocation and a kernel launch on the engine's thread).
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if dout is None:  # out did not reach the loss (only lse did): no gradient flows
+            return None, None, None, None, None, None
         q, k, v, out, lse, seqlens_k = ctx.saved_tensors
         # Backends get dout contiguous or in out's own layout: a (B, S, H, D) model's dout
         # arrives in out's layout, and copying it cost a launch and a pass over dout.

@@ -70,8 +70,9 @@ def _profiled_backward(call, n=100) -> cProfile.Profile:
     return prof
 
 
-def host_table(D=128, S=512, causal=True, dtype=torch.bfloat16):
-    """``({row: (min, median) us}, cProfile text)`` for one grid shape."""
+def training_cell(D=128, S=512, causal=True, dtype=torch.bfloat16):
+    """The bench's fwd+bwd cell: ``(leaves, (q, k, v) views, dout, ours, flash)``, the last
+    two the forward calls (triton, SDPA-flash)."""
     B, H = 16384 // S, 2048 // D
     leaves = [torch.randn(B, S, H, D, device="cuda", dtype=dtype).requires_grad_()
               for _ in range(3)]
@@ -85,12 +86,24 @@ def host_table(D=128, S=512, causal=True, dtype=torch.bfloat16):
     def ours():
         return attnkit.attention(q, k, v, causal=causal, backend="triton")
 
+    return leaves, (q, k, v), dout, ours, flash
+
+
+def step_rows(rows: dict, name: str, forward, leaves, dout) -> None:
+    """After a warm-up, ``rows[name + " fwd+grad"]`` (a training step) and ``rows[name +
+    " fwd (grad), dropped"]`` (its forward alone)."""
+    for _ in range(3):
+        torch.autograd.grad(forward(), leaves, dout)
+    rows[f"{name} fwd+grad"] = held(lambda: torch.autograd.grad(forward(), leaves, dout))
+    rows[f"{name} fwd (grad), dropped"] = held(forward)
+
+
+def host_table(D=128, S=512, causal=True, dtype=torch.bfloat16):
+    """``({row: (min, median) us}, cProfile text)`` for one grid shape."""
+    leaves, (q, k, v), dout, ours, flash = training_cell(D, S, causal, dtype)
     rows = {}
     for name, f in (("triton", ours), ("flash", flash)):
-        for _ in range(3):
-            torch.autograd.grad(f(), leaves, dout)
-        rows[f"{name} fwd+grad"] = held(lambda f=f: torch.autograd.grad(f(), leaves, dout))
-        rows[f"{name} fwd (grad), dropped"] = held(f)
+        step_rows(rows, name, f, leaves, dout)
         outs = iter([f() for _ in range(N)] * 7)
         rows[f"{name} grad"] = held(
             lambda outs=outs: torch.autograd.grad(next(outs), leaves, dout, retain_graph=True))
@@ -119,7 +132,7 @@ def host_table(D=128, S=512, causal=True, dtype=torch.bfloat16):
         rows["  zeros_like f32"] = held(lambda: torch.zeros_like(q, dtype=torch.float32))
         rows["  layout_key"] = held(lambda: _backward.layout_key(q, k, v, dout, None))
         tma = tb.use_tma(problem, q, k, v, dout)
-        _, delta, lse2 = _backward.prepare(q, out, lse, dout, 128)
+        delta, lse2 = _backward.prepare(q, out, lse, dout, 128).unbind(0)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         rows["  launch_dkdv"] = held(lambda: _backward.launch_dkdv(
             problem, q, k, v, dout, delta, lse2, None, dk, dv, cfgs[0], tma and cfgs[0].tma))

@@ -44,6 +44,29 @@ def test_backward_sees_only_out_and_lse(monkeypatch):
     assert seen["shapes"] == [(2, 4, 9, 16), (2, 4, 9)]
 
 
+class _NoGrad(torch.autograd.Function):
+    """Passes its input on and sends no gradient back (an undefined one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+def test_backward_without_a_gradient_for_out(monkeypatch):
+    """No zeros tensor is made for lse's gradient (autograd would fill one per backward), so
+    a backward whose out gradient is undefined gets None and gives no gradient, without
+    calling the backend."""
+    q, k, v = _qkv()
+    monkeypatch.setattr(registry.get("reference"), "backward", None)  # must not be called
+    out = attnkit.attention(q, k, v, backend="reference")
+    (dq,) = torch.autograd.grad(_NoGrad.apply(out).sum() + q.sum(), q)
+    assert torch.equal(dq, torch.ones_like(q))
+
+
 def test_explain_and_backends():
     q, k, v = _qkv(dtype=torch.float32)
     ex = attnkit.explain(q, k, v, causal=True, backend="ignored")

@@ -3,7 +3,8 @@
 1. ``_prep_kernel``: ``delta = rowsum(dO * O)`` and ``lse`` in log2 units, into row buffers
    padded to a whole number of query blocks (pad rows: delta 0, lse +inf, so p = 0 there and
    the kernels read them without masks). A fully masked row's lse is -inf; it becomes +inf
-   too, so its probabilities are exactly 0 instead of exp2(-inf + inf) = NaN.
+   too, so its probabilities are exactly 0 instead of exp2(-inf + inf) = NaN. For the Gluon
+   backward it also zeroes the float32 dQ that kernel sums into.
 2. ``_dkdv_kernel``: one program per (key block, batch * kv head); it loops over the query
    heads of the GQA group and the query blocks that see its keys, so dK/dV are summed in
    registers: no atomics, deterministic.
@@ -26,14 +27,15 @@ from ._band import (
 )
 from ._configs import KernelConfig, padded_head_dim
 from ._forward import _band_args, _flags, _score_args
-from ._launcher import FastKernel, Sites, cdiv, layout_key
+from ._launcher import DirectLaunch, FastKernel, Sites, cdiv, layout_key
 
 
 @triton.jit
-def _prep_kernel(O, DO, LSE, DELTA, LSE2,
-                 sob, soh, som, sod, sdb, sdh, sdm, sdd,
-                 H, Sq, Sq_pad,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _prep_kernel(O, DO, LSE, STATS, DQ,
+                 sob, soh, som, sod, sdb, sdh, sdm, sdd, sqb, sqh, sqm, sqd,
+                 H, Sq, Sq_pad, half,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 ZERO_DQ: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -48,8 +50,13 @@ def _prep_kernel(O, DO, LSE, DELTA, LSE2,
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(LSE + bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    tl.store(DELTA + bh.to(tl.int64) * Sq_pad + rows, delta)
-    tl.store(LSE2 + bh.to(tl.int64) * Sq_pad + rows, lse2)
+    tl.store(STATS + bh.to(tl.int64) * Sq_pad + rows, delta)  # delta, then lse2 ``half`` on
+    tl.store(STATS + half + bh.to(tl.int64) * Sq_pad + rows, lse2)
+    if ZERO_DQ:  # the float32 dQ that the Gluon backward sums into: one launch less
+        dq_ptrs = (DQ + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+                   + rows.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd)
+        store_tile(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), rows, Sq, offs_d,
+                   HEAD_DIM, BLOCK_D != HEAD_DIM)
 
 
 @triton.jit
@@ -302,24 +309,52 @@ _PREP_BLOCK_M = 64
 _PREP, _DKDV, _DQ = (Sites(FastKernel(k)) for k in (_prep_kernel, _dkdv_kernel, _dq_kernel))
 
 
-def prepare(q, out, lse, dout, pad_to: int):
-    """``(stats, delta, lse2)``: ``delta`` and log2 ``lse`` as (B * Hq, Sq_pad) row buffers,
-    the two halves of ``stats`` (2, B * Hq, Sq_pad), which the Gluon backward reads whole."""
-    B, Hq, Sq, D = q.shape
+def prepare(q, out, lse, dout, pad_to: int, dq_acc=None) -> torch.Tensor:
+    """``stats`` (2, B * Hq, Sq_pad) float32: ``delta`` and log2 ``lse`` as row buffers
+    (``stats.unbind(0)``). ``dq_acc``, if given (q's shape), is zeroed by the same launch."""
+    B, Hq, Sq, _ = q.shape
     pad_to = max(pad_to, _PREP_BLOCK_M)
-    Sq_pad = cdiv(Sq, pad_to) * pad_to
-    # one allocation; unbind explicitly (tuple unpacking iterates through a slower path)
-    stats = torch.empty((2, B * Hq, Sq_pad), dtype=torch.float32, device=q.device)
-    delta, lse2 = stats.unbind(0)
-    lse = lse.contiguous()  # our own forward's (B, Hq, Sq): already contiguous
-    _PREP.launch(
-        (q.dtype, q.shape, Sq_pad, layout_key(out, dout, lse)),
-        (out, dout, lse, delta, lse2),
+    stats = torch.empty((2, B * Hq, cdiv(Sq, pad_to) * pad_to), dtype=torch.float32,
+                        device=q.device)
+    launch_prep(q, out, lse.contiguous(), dout, stats, dq_acc)
+    return stats
+
+
+def launch_prep(q, out, lse, dout, stats, dq_acc=None) -> DirectLaunch:
+    """`prepare`'s launch into ``stats`` (its rows a multiple of the prep block), returning
+    its site: the Gluon backward's plan launches it again without the key."""
+    B, Hq, Sq, D = q.shape
+    Sq_pad = stats.shape[2]
+    zero = dq_acc is not None
+    return _PREP.launch(
+        (q.dtype, q.shape, Sq_pad, layout_key(out, dout, lse, dq_acc)),
+        (out, dout, lse, stats, dq_acc if zero else stats),
         lambda: ((Sq_pad // _PREP_BLOCK_M, B * Hq),
                  dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M,
-                      num_warps=4),
-                 (*out.stride(), *dout.stride(), Hq, Sq, Sq_pad)))
-    return stats, delta, lse2
+                      ZERO_DQ=zero, num_warps=4),
+                 (*out.stride(), *dout.stride(), *(dq_acc.stride() if zero else (0,) * 4),
+                  Hq, Sq, Sq_pad, B * Hq * Sq_pad)))
+
+
+@triton.jit
+def _cast_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n).to(Y.dtype.element_ty), mask=offs < n)
+
+
+_CAST = Sites(FastKernel(_cast_kernel))
+_CAST_BLOCK = 4096
+
+
+def cast_dense(x: torch.Tensor, y: torch.Tensor) -> DirectLaunch:
+    """``y.copy_(x)`` for two tensors of one layout, dense in memory (any dim order), in one
+    direct launch: torch's copy costs a few times more host time, which the autograd
+    engine's thread pays twice over (benchmarks/NOTES.md, fourteenth session). Returns the
+    launch site (see `launch_prep`)."""
+    n = x.numel()
+    return _CAST.launch(
+        (x.dtype, y.dtype, n, (x.data_ptr() | y.data_ptr()) & 15), (x, y),
+        lambda: ((cdiv(n, _CAST_BLOCK),), dict(BLOCK=_CAST_BLOCK, num_warps=4), (n,)))
 
 
 def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, heads, grid,
@@ -365,7 +400,7 @@ def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelCon
 def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
                     dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool, layout=None):
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
-    _, delta, lse2 = prepare(q, out, lse, dout, max(dkdv_cfg.block_m, dq_cfg.block_m))
+    delta, lse2 = prepare(q, out, lse, dout, max(dkdv_cfg.block_m, dq_cfg.block_m)).unbind(0)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     layout = layout or layout_key(q, k, v, dout, seqlens_k)
     launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,

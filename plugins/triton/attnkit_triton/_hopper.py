@@ -25,10 +25,10 @@ import types
 
 import torch
 
-from ._backward import prepare
+from ._backward import cast_dense, launch_prep
 from ._band import LOG2E
 from ._configs import interpreting, path_enabled
-from ._launcher import FastKernel
+from ._launcher import FastKernel, TmaLaunch, current_stream, fast_launches
 
 _ENV = "ATTNKIT_TRITON_GLUON"
 _BWD_ENV = "ATTNKIT_TRITON_GLUON_BWD"
@@ -198,20 +198,32 @@ class _Descriptors:
 
 class _Plan:
     """One launch signature of a Gluon kernel (cached per problem and layout): descriptor
-    makers by role, the launch's ``(grid, constexprs, fixed arguments)``, and after the first
-    call a direct launch site, which skips Triton's per-call argument binding (~14 us per
-    launch measured on the development machine, more on a GPU host)."""
+    makers by role, the launch's ``(grid, constexprs, fixed arguments)`` and the role of each
+    launch argument (``roles``: a descriptor maker's name, or None for a plain tensor). The
+    first call goes through Triton's path; later ones launch directly (`TmaLaunch`, else a
+    `DirectLaunch` that still lets Triton encode the descriptors), skipping Triton's per-call
+    argument binding and, with `TmaLaunch`, re-encoding descriptors whose tensors' addresses
+    repeat, as a training step's do."""
 
-    def __init__(self, kernel, setup, **descriptors):
-        self.kernel, self.setup, self.site = kernel, setup, None
+    def __init__(self, kernel, setup, roles, **descriptors):
+        self.kernel, self.setup, self.site, self.direct = kernel, setup, None, None
+        self.steps = None  # the backward's (prep site, direct launch, cast site): see there
         self.__dict__.update(descriptors)
+        self.makers = [None if r is None else descriptors[r] for r in roles]
 
-    def launch(self, args) -> None:
+    def launch(self, tensors) -> None:
+        direct = self.direct
+        if direct and fast_launches():
+            direct(tensors)
+            return
+        args = [t if m is None else m(t) for m, t in zip(self.makers, tensors)]
         if self.site is None:
             grid, constexprs, fixed = self.setup
             self.site = FastKernel(self.kernel).direct(grid, args, constexprs, fixed)
         else:
             self.site(*args)
+        if direct is None and self.site.compiled is not None and fast_launches():
+            self.direct = TmaLaunch.wrap(self.site, self.makers) or False  # False: asked once
 
 
 @functools.lru_cache(maxsize=256)
@@ -223,7 +235,7 @@ def _forward_plan(problem, views):
     (qr, qc, *q_rc), (kr, kc, *kv_rc) = q_view, kv_view
     # D=128: K+V slots are 64 KB each, two fit beside Q; D=64 measured no better with three.
     return _Plan(
-        kernels().fwd._fwd_kernel,
+        kernels().fwd._fwd_kernel, roles=("q", "kv", "kv", "q", None),
         q=_Descriptors(qr, qc, [64, D], q_layout),
         kv=_Descriptors(kr, kc, [BLOCK_N, D], kv_layout),
         setup=((S // BLOCK_M, problem.batch * problem.heads_q),
@@ -253,7 +265,7 @@ def launch_forward(problem, q, k, v, plan: _Plan | None = None):
     out = torch.empty_like(q)  # keeps q's strides, so q's 2-D view
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     plan = plan or forward_plan(problem, q, k, v)
-    plan.launch((plan.q(q), plan.kv(k), plan.kv(v), plan.q(out), lse))
+    plan.launch((q, k, v, out, lse))
     return out, lse
 
 
@@ -265,7 +277,7 @@ def _backward_plan(problem, views):
     q_layout, kv_layout = _smem_layouts(problem.dtype, D)
     (qr, qc, *q_rc), (dr, dc, *do_rc), (kr, kc, *kv_rc) = q_view, do_view, kv_view
     return _Plan(
-        kernels().bwd._bwd_kernel,
+        kernels().bwd._bwd_kernel, roles=("q", "kv", "kv", "do", "dq", "stats", None, None),
         q=_Descriptors(qr, qc, [64, D], q_layout), do=_Descriptors(dr, dc, [64, D], q_layout),
         dq=_Descriptors(qr, qc, [64, 64], _dq_layout()),
         kv=_Descriptors(kr, kc, [BLOCK_N, D], kv_layout),
@@ -283,14 +295,36 @@ def backward_plan(problem, q, k, v, dout) -> _Plan:
 
 
 def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None):
-    """``(dq, dk, dv)`` as the ``tl`` backward computes them, dQ summed in float32."""
+    """``(dq, dk, dv)`` as the ``tl`` backward computes them, dQ summed in float32: the prep
+    kernel (delta, lse2, zeroing dQ), this kernel, dQ's cast. After a first call through
+    the keyed launch sites, the plan keeps those two sites and launches all three directly
+    with one stream lookup: this runs on the autograd engine's thread, where every
+    microsecond of Python counts twice (benchmarks/NOTES.md, fourteenth session)."""
     plan = plan or backward_plan(problem, q, k, v, dout)
-    stats, _, _ = prepare(q, out, lse, dout, BLOCK_M)  # S % BLOCK_M == 0: no pad rows
-    dq = torch.zeros_like(q, dtype=torch.float32)  # keeps q's strides, so q's 2-D view
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    plan.launch((plan.q(q), plan.kv(k), plan.kv(v), plan.do(dout), plan.dq(dq),
-                 plan.stats(stats), dk, dv))
-    return dq.to(q.dtype), dk, dv
+    dq_acc = torch.empty_like(q, dtype=torch.float32)  # keeps q's strides, so q's 2-D view
+    stats = torch.empty((2, problem.batch * problem.heads_q, problem.seqlen_q),
+                        dtype=torch.float32, device=q.device)  # S % BLOCK_M == 0: no pad
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    tensors = (q, k, v, dout, dq_acc, stats, dk, dv)
+    steps = plan.steps
+    # The sites' keys are fixed by the plan's (problem and layout of q, k, v, dout) once out
+    # is laid out as q and out, lse are aligned, as our forwards' fresh outputs are.
+    same = (out.stride() == q.stride() and lse.is_contiguous()
+            and not (out.data_ptr() | lse.data_ptr()) & 15)
+    if steps and same and fast_launches():
+        stream = current_stream(q.device.index)
+        prep, direct, cast = steps
+        prep.run(stream, out, dout, lse, stats, dq_acc)
+        direct(tensors, stream)
+        cast.run(stream, dq_acc, dq)
+        return dq, dk, dv
+    prep = launch_prep(q, out, lse.contiguous(), dout, stats, dq_acc)
+    plan.launch(tensors)
+    cast = cast_dense(dq_acc, dq)
+    if (steps is None and same and plan.direct and fast_launches() and prep.compiled
+            and cast.compiled):
+        plan.steps = (prep, plan.direct, cast)
+    return dq, dk, dv
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ Triton's path does; if not, everything takes Triton's path, with a warning.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 
@@ -33,6 +34,7 @@ ENABLED = os.environ.get("ATTNKIT_TRITON_FAST_LAUNCH") != "0"
 #: Sites per kernel before the cache is emptied (distinct shapes, layouts, scales).
 _MAX_ENTRIES = 512
 _probe_state: bool | None = None  # None: not yet probed
+_raw_state = False  # whether the probe found Triton 3.6's C launcher callable as `_middle` has it
 
 
 def cdiv(a: int, b: int) -> int:
@@ -91,6 +93,7 @@ class DirectLaunch:
         self.fixed = tuple(fixed)
         self.tail = (*self.fixed, *(constexprs[n] for n in kernel.constexpr_names))
         self.gx, self.gy, self.gz = (tuple(grid) + (1, 1))[:3]
+        self.raw = _raw_launcher(compiled)
 
     def __call__(self, *args):
         if self.compiled is None or not _fast_enabled():
@@ -101,9 +104,100 @@ class DirectLaunch:
     def run(self, stream: int, *args):
         """Launch directly on ``stream``; the caller checked `fast_launches` and that
         ``compiled`` is set (one check per step instead of one per launch)."""
+        raw = self.raw
+        if raw is not None:
+            raw[0](self.gx, self.gy, self.gz, stream, *raw[1], *args, *self.tail)
+            return
         c = self.compiled
         c.run(self.gx, self.gy, self.gz, stream, c.function, c.packed_metadata, None, None,
               None, *args, *self.tail)
+
+
+class TmaLaunch:
+    """A direct launch of a kernel that takes host tensor descriptors (the Gluon kernels).
+
+    Triton 3.6's launcher encodes every descriptor into a ``CUtensorMap`` on each call, through
+    a Python wrapper and a driver call per descriptor (five per Gluon backward launch). An
+    encoding depends only on the base address and the descriptor's geometry, which the
+    site's key fixes, so this keeps each argument position's encodings by base address and
+    calls the C launcher with them. ``wrap`` returns None where Triton's launcher is not laid
+    out as this expects; the site then keeps Triton's wrapper.
+    """
+
+    _BASE_ARGS = 13  # grid (3), stream, function, cooperative, pdl, 2 scratches, 4 metadata
+
+    @classmethod
+    def wrap(cls, site: DirectLaunch, makers) -> TmaLaunch | None:
+        """``makers[i]`` builds position ``i``'s descriptor from a tensor (None: a plain
+        argument passed as given)."""
+        run = getattr(site.compiled, "run", None)
+        inner = getattr(run, "launch", None)
+        try:
+            closure = inspect.getclosurevars(inner)
+        except TypeError:  # not a Python function: a launcher without the wrapper
+            return None
+        launcher = closure.nonlocals.get("launcher")
+        indices = closure.nonlocals.get("tensordesc_indices")
+        metas = closure.nonlocals.get("tensordesc_meta")
+        expand = inner.__globals__.get("make_tensordesc_arg")
+        positions = {i for i, m in enumerate(makers) if m is not None}
+        if (launcher is None or expand is None or indices != positions
+                or inner.__globals__.get("_BASE_ARGS_FORMAT_LEN") != cls._BASE_ARGS
+                or not metas or not all(isinstance(m, dict) for m in metas)
+                or getattr(run, "global_scratch_size", 1)
+                or getattr(run, "profile_scratch_size", 1)):
+            return None
+        return cls(site, makers, launcher, expand, metas, run)
+
+    def __init__(self, site: DirectLaunch, makers, launcher, expand, metas, run):
+        self.site, self.launcher, self.expand = site, launcher, expand
+        self.grid = (site.gx, site.gy, site.gz)
+        self.middle = _middle(site.compiled)
+        metas = iter(metas)
+        # per position: None (plain), or (maker, its descriptor's metadata, encodings by address)
+        self.slots = [None if m is None else (m, next(metas), {}) for m in makers]
+
+    def __call__(self, tensors, stream: int | None = None) -> None:
+        """Launch on ``stream`` (default: the current one); the caller checked
+        `fast_launches`."""
+        if stream is None:
+            stream = current_stream(torch.cuda.current_device())
+        args = [*self.grid, stream, *self.middle]
+        for t, slot in zip(tensors, self.slots):
+            if slot is None:
+                args.append(t)
+                continue
+            maker, meta, encodings = slot
+            ptr = t.data_ptr()
+            encoded = encodings.get(ptr)
+            if encoded is None:
+                if len(encodings) >= _MAX_ENTRIES:
+                    encodings.clear()
+                encoded = encodings[ptr] = self.expand(maker(t), meta)
+            args.extend(encoded)
+        self.launcher(*args, *self.site.tail)
+
+
+def _middle(compiled) -> tuple:
+    """What Triton 3.6's launcher wrapper passes its C launcher between the stream and the
+    kernel's arguments: the function, cooperative and PDL flags, two scratch buffers (none
+    here), the packed metadata, launch metadata and the two hooks (none here)."""
+    run = compiled.run
+    return (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+            compiled.packed_metadata, None, None, None)
+
+
+def _raw_launcher(compiled):
+    """``(C launcher, middle arguments)`` of a kernel without tensor descriptors or scratch
+    memory, called without Triton's Python wrapper (a few us per launch, twice that on the
+    autograd engine's thread), where the probe found that this computes what Triton's path
+    does; else None."""
+    run = getattr(compiled, "run", None)
+    launch = getattr(run, "launch", None)
+    if (not _raw_state or launch is None or inspect.isfunction(launch)
+            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)):
+        return None
+    return launch, _middle(compiled)
 
 
 def layout_key(*tensors) -> tuple:
@@ -123,19 +217,21 @@ class Sites:
         self.kernel = kernel
         self.sites: dict = {}
 
-    def launch(self, key, args, setup) -> None:
+    def launch(self, key, args, setup) -> DirectLaunch:
         """Launch with ``args`` followed by the site's fixed arguments. ``key`` must fix the
         grid, the constexprs, the fixed arguments and the specialization of every argument
         in ``args`` that is not a fresh allocation (see `layout_key`); ``setup()`` returns
-        ``(grid, constexprs, fixed)`` and runs only for a new key."""
+        ``(grid, constexprs, fixed)`` and runs only for a new key. Returns the site, which a
+        caller whose own cache fixes the key may launch again itself."""
         site = self.sites.get(key)
         if site is not None:
             site(*args)
-            return
+            return site
         grid, constexprs, fixed = setup()
         if len(self.sites) >= _MAX_ENTRIES:
             self.sites.clear()
-        self.sites[key] = self.kernel.direct(grid, args, constexprs, fixed)
+        site = self.sites[key] = self.kernel.direct(grid, args, constexprs, fixed)
+        return site
 
 
 def _raw_stream_getter():
@@ -171,18 +267,28 @@ def _probe_kernel(X, Y, n, a, C: tl.constexpr, BLOCK: tl.constexpr):
 
 
 def _probe() -> None:
-    """Launch a small kernel both ways and compare (once per process)."""
-    global _probe_state
+    """Launch a small kernel through Triton's path, its compiled launcher and (`_raw_state`)
+    the C launcher under it, and compare (once per process)."""
+    global _probe_state, _raw_state
     _probe_state = False  # while probing, and for good if it fails
     try:
         x = torch.arange(8, dtype=torch.float32, device="cuda")
-        y_ref, y_fast = torch.full_like(x, -1.0), torch.full_like(x, -1.0)
+        y_ref, y_fast, y_raw = (torch.full_like(x, -1.0) for _ in range(3))
         compiled = _probe_kernel[(1,)](x, y_ref, 5, 0.5, C=3.0, BLOCK=8)
         device = triton.runtime.driver.active.get_current_device()
         stream = triton.runtime.driver.active.get_current_stream(device)
         compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None,
                      None, x, y_fast, 5, 0.5, 3.0, 8)
         same = torch.equal(y_ref, y_fast)
+        _raw_state = True  # for `_raw_launcher`'s question only
+        raw = _raw_launcher(compiled)
+        _raw_state = False
+        if raw is not None:
+            try:  # another Triton's C launcher takes other arguments: then not used
+                raw[0](1, 1, 1, stream, *raw[1], x, y_raw, 5, 0.5, 3.0, 8)
+                _raw_state = torch.equal(y_ref, y_raw)
+            except Exception:
+                pass
     except Exception as e:  # a Triton whose launcher takes other arguments
         warnings.warn(f"attnkit-triton: direct kernel launches disabled ({type(e).__name__}: "
                       f"{e}); every launch takes Triton's slower path", RuntimeWarning,

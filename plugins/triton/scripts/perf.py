@@ -180,7 +180,7 @@ def _run_sweep_task(task, timed=False):
                                                replace(cfg, block_m=128, block_n=64,
                                                        num_warps=8, num_stages=2,
                                                        warp_spec=False), tma)
-            _, delta, lse2 = _backward.prepare(q, out, lse, dout, 128)
+            delta, lse2 = _backward.prepare(q, out, lse, dout, 128).unbind(0)
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
             if kind == "dkdv":
                 def fn():

@@ -180,3 +180,18 @@ def test_gluon_backward_matches_reference_on_cuda(monkeypatch, dtype, D, causal,
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_dense_rounds_as_torch_on_cuda(dtype):
+    """The Gluon backward's dQ cast (`cast_dense`, a direct launch in place of ``.to``)
+    rounds as torch does, in any dense layout, at sizes that are not whole blocks."""
+    from attnkit_triton._backward import cast_dense
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1000, 5, 64, device="cuda").transpose(1, 2) * 1e3
+    y, y2 = torch.empty_like(x, dtype=dtype), torch.empty_like(x[:1], dtype=dtype)
+    cast_dense(x, y)
+    cast_dense(x[:1], y2)  # a second signature of the same launch site
+    assert torch.equal(y, x.to(dtype)) and torch.equal(y2, x[:1].to(dtype))

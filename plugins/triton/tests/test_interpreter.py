@@ -120,6 +120,37 @@ def test_strided_inputs_are_not_copied():
     assert out.stride() == q.stride()
 
 
+@pytest.mark.parametrize("D", [16, 40])
+def test_prepare_zeroes_the_gluon_dq_it_is_given(D):
+    """The prep kernel also zeroes the float32 dQ the Gluon backward sums into (whole rows
+    of every head, q's layout kept; a padded head dim's columns too), and computes the same
+    delta and lse2 with or without it."""
+    from attnkit_triton._backward import prepare
+
+    g = torch.Generator().manual_seed(2)
+    B, H, S = 2, 3, 70
+    q, out, dout = (torch.randn(B, S, H, D, generator=g).transpose(1, 2) for _ in range(3))
+    lse = torch.randn(B, H, S, generator=g)
+    dq = torch.full_like(q, float("nan"))
+    with_dq = prepare(q, out, lse, dout, 64, dq)
+    without = prepare(q, out, lse, dout, 64)
+    assert dq.stride() == q.stride() and torch.equal(dq, torch.zeros_like(dq))
+    assert torch.equal(with_dq, without)
+    delta, lse2 = with_dq.unbind(0)
+    assert torch.allclose(delta[:, :S].reshape(B, H, S), (out * dout).sum(-1), atol=1e-5)
+    assert torch.equal(lse2[:, :S].reshape(B, H, S), lse * 1.4426950408889634)
+    assert (delta[:, S:] == 0).all() and (lse2[:, S:] == float("inf")).all()
+
+
+def test_cast_dense_keeps_the_layout():
+    from attnkit_triton._backward import cast_dense
+
+    x = torch.randn(2, 70, 3, 40).transpose(1, 2)  # (B, H, S, D) view of (B, S, H, D)
+    y = torch.empty_like(x, dtype=torch.float16)  # (the interpreter rounds to bfloat16 its
+    cast_dense(x, y)                               # own way)
+    assert y.stride() == x.stride() and torch.equal(y, x.to(torch.float16))
+
+
 def test_forward_is_repeatable():
     case = Case(batch=2, heads_q=2, heads_kv=1, seqlen_q=37, seqlen_k=45, head_dim=16,
                 dtype=F16, causal=True)

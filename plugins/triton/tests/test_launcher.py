@@ -39,3 +39,58 @@ def test_direct_launch_probes_before_its_first_launch(monkeypatch):
     site(8)  # the probe refused direct launches: Triton's path, fixed arguments appended
     assert log[2:] == [("launch", (2,), (8, 5), {"C": 3})]
     assert site.tail == (5, 3)
+
+
+def test_tma_launch_passes_what_tritons_launcher_passes(monkeypatch):
+    """`TmaLaunch` hands Triton's C launcher the arguments Triton's own launcher would (the
+    installed Triton's ``CudaLauncher`` and descriptor wrapper, a recording function in place
+    of the C launcher and of the CUtensorMap encoding), and encodes each address once. A
+    Triton whose launcher is laid out differently gets no `TmaLaunch` (the plan then keeps
+    Triton's wrapper)."""
+    import inspect
+
+    import torch
+    from triton.backends.nvidia import driver
+
+    encoded, launched = [], []
+
+    def encode(desc, meta, *_):
+        encoded.append(desc.base.data_ptr())
+        return [("map", desc.base.data_ptr(), meta["swizzle"]), *desc.shape, 1]
+
+    monkeypatch.setattr(driver, "make_tensordesc_arg", encode)
+    signature = {"A": "tensordesc<fp16[8, 8]>", "X": "*fp32", "B": "tensordesc<fp16[8, 8]>",
+                 "n": "i32", "C": "constexpr"}
+    metas = [{"swizzle": 128}, {"swizzle": 64}]
+    run = object.__new__(driver.CudaLauncher)
+    run.__dict__.update(
+        launch=driver.wrap_handle_tensordesc(lambda *a: launched.append(a), signature, metas),
+        num_ctas=1, global_scratch_size=0, global_scratch_align=1, profile_scratch_size=0,
+        profile_scratch_align=1, launch_cooperative_grid=False, launch_pdl=False,
+        gsan_enabled=False)
+    compiled = SimpleNamespace(run=run, function=77, packed_metadata="packed")
+    kernel = _launcher.FastKernel(SimpleNamespace(
+        __name__="k", params=[SimpleNamespace(name=n, is_constexpr=n == "C") for n in signature]))
+    site = _launcher.DirectLaunch(kernel, (4, 2), {"C": 3}, compiled, fixed=(9,))
+
+    def maker(t):
+        return SimpleNamespace(base=t, shape=list(t.shape))
+
+    makers = [maker, None, maker]
+    tma = _launcher.TmaLaunch.wrap(site, makers)
+    if "tensordesc_indices" not in inspect.getclosurevars(run.launch).nonlocals:
+        assert tma is None  # not Triton 3.6's wrapper: the plan keeps Triton's
+        return
+    assert tma is not None
+    monkeypatch.setattr(_launcher, "current_stream", lambda index: 1234)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    a, x, b = torch.zeros(8, 8), torch.zeros(4), torch.zeros(8, 8)
+    site.run(1234, maker(a), x, maker(b))
+    tma((a, x, b))
+    assert len(launched) == 2 and launched[1] == launched[0]
+    assert launched[0][:3] == (4, 2, 1) and launched[0][-2:] == (9, 3)
+    tma((a, x, b))  # same addresses: nothing encoded again
+    assert encoded == [a.data_ptr(), b.data_ptr()] * 2 and launched[2] == launched[0]
+    c = torch.zeros(8, 8)
+    tma((c, x, b))
+    assert encoded[-1] == c.data_ptr() and launched[3][13][1] == c.data_ptr()
