@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import warnings
 
 import torch
@@ -124,7 +125,6 @@ class TmaLaunch:
     out as this expects; the site then keeps Triton's wrapper.
     """
 
-    _BASE_ARGS = 13  # grid (3), stream, function, cooperative, pdl, 2 scratches, 4 metadata
 
     @classmethod
     def wrap(cls, site: DirectLaunch, makers) -> TmaLaunch | None:
@@ -142,7 +142,7 @@ class TmaLaunch:
         expand = inner.__globals__.get("make_tensordesc_arg")
         positions = {i for i, m in enumerate(makers) if m is not None}
         if (launcher is None or expand is None or indices != positions
-                or inner.__globals__.get("_BASE_ARGS_FORMAT_LEN") != cls._BASE_ARGS
+                or inner.__globals__.get("_BASE_ARGS_FORMAT") != _BASE_ARGS_FORMAT
                 or not metas or not all(isinstance(m, dict) for m in metas)
                 or getattr(run, "global_scratch_size", 1)
                 or getattr(run, "profile_scratch_size", 1)):
@@ -178,6 +178,11 @@ class TmaLaunch:
         self.launcher(*args, *self.site.tail)
 
 
+#: The C launcher's leading arguments in Triton 3.6 (grid, stream, function, cooperative, PDL,
+#: two scratch buffers, packed and launch metadata, two hooks): what `_middle` fills in.
+_BASE_ARGS_FORMAT = "iiiKKppOOOOOO"
+
+
 def _middle(compiled) -> tuple:
     """What Triton 3.6's launcher wrapper passes its C launcher between the stream and the
     kernel's arguments: the function, cooperative and PDL flags, two scratch buffers (none
@@ -194,7 +199,9 @@ def _raw_launcher(compiled):
     does; else None."""
     run = getattr(compiled, "run", None)
     launch = getattr(run, "launch", None)
+    module = sys.modules.get(type(run).__module__)
     if (not _raw_state or launch is None or inspect.isfunction(launch)
+            or getattr(module, "_BASE_ARGS_FORMAT", None) != _BASE_ARGS_FORMAT
             or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)):
         return None
     return launch, _middle(compiled)

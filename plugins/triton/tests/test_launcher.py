@@ -1,5 +1,6 @@
 """The direct launcher's bookkeeping, without a GPU: a fake kernel stands in for Triton's."""
 
+import functools
 from types import SimpleNamespace
 
 from attnkit_triton import _launcher
@@ -94,3 +95,35 @@ def test_tma_launch_passes_what_tritons_launcher_passes(monkeypatch):
     c = torch.zeros(8, 8)
     tma((c, x, b))
     assert encoded[-1] == c.data_ptr() and launched[3][13][1] == c.data_ptr()
+
+
+def test_raw_launch_only_where_probed_and_laid_out_as_triton_36(monkeypatch):
+    """`DirectLaunch.run` calls the C launcher itself only after the probe found that
+    equivalent (`_raw_state`) and only for Triton 3.6's launcher layout, without descriptors
+    or scratch memory; it passes what Triton 3.6's ``CudaLauncher.__call__`` would."""
+    from triton.backends.nvidia import driver
+
+    calls = []
+    # a C launcher stands here as a partial (not a Python function, as a compiled one is not)
+    record = functools.partial(lambda *a: calls.append(a))
+    run = object.__new__(driver.CudaLauncher)
+    run.__dict__.update(launch=record, num_ctas=1, global_scratch_size=0, global_scratch_align=1,
+                        profile_scratch_size=0, profile_scratch_align=1,
+                        launch_cooperative_grid=False, launch_pdl=True, gsan_enabled=False)
+    compiled = SimpleNamespace(run=run, function=77, packed_metadata="packed")
+    monkeypatch.setattr(_launcher, "_raw_state", False)
+    assert _launcher._raw_launcher(compiled) is None  # not probed (or the probe failed)
+    monkeypatch.setattr(_launcher, "_raw_state", True)
+    raw = _launcher._raw_launcher(compiled)
+    if getattr(driver, "_BASE_ARGS_FORMAT", None) != _launcher._BASE_ARGS_FORMAT:
+        assert raw is None  # another Triton: its wrapper stays
+        return
+    site = _launcher.DirectLaunch(_launcher.FastKernel(_FakeKernel([])), (4,), {"C": 3}, compiled,
+                                  fixed=(9,))
+    assert site.raw is not None
+    site.run(1234, "x")  # the C launcher directly
+    driver.CudaLauncher.__call__(run, 4, 1, 1, 1234, 77, "packed", None, None, None, "x", 9, 3)
+    assert raw[1] == (77, False, True, None, None, "packed", None, None, None)
+    assert len(calls) == 2 and calls[0] == calls[1]
+    run.global_scratch_size = 16
+    assert _launcher._raw_launcher(compiled) is None
