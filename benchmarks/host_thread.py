@@ -49,18 +49,25 @@ class _Identity(torch.autograd.Function):
         return g
 
 
-def per_call(fn, n=N * 7):
-    """``(median, mean, 90th percentile)`` host us of single calls of ``fn``, the GPU kept
-    busy: the mean over a batch (`held`) also counts the rare slow call."""
-    times = []
+def _held_iterations(n):
+    """``range(n)``, the GPU held again (``torch.cuda._sleep``) every `N` calls so no call
+    waits on it; synchronized at the end."""
     for i in range(n):
         if i % N == 0:
             torch.cuda.synchronize()
             torch.cuda._sleep(100_000_000)
+        yield i
+    torch.cuda.synchronize()
+
+
+def per_call(fn, n=N * 7):
+    """``(median, mean, 90th percentile)`` host us of single calls of ``fn``, the GPU kept
+    busy: the mean over a batch (`held`) also counts the rare slow call."""
+    times = []
+    for _ in _held_iterations(n):
         t0 = _now()
         fn()
         times.append((_now() - t0) * 1e6)
-    torch.cuda.synchronize()
     times.sort()
     return statistics.median(times), statistics.fmean(times), times[int(0.9 * len(times))]
 
@@ -79,10 +86,7 @@ def grad_split(function, forward, inputs, grad, n=N * 7):
 
     function.backward = staticmethod(backward)
     try:
-        for i in range(n):
-            if i % N == 0:
-                torch.cuda.synchronize()
-                torch.cuda._sleep(100_000_000)
+        for _ in _held_iterations(n):
             marks.clear()
             y = forward()
             t0 = _now()
@@ -91,7 +95,6 @@ def grad_split(function, forward, inputs, grad, n=N * 7):
             rows.append((marks[0] - t0, marks[1] - marks[0], t3 - marks[1]))
     finally:
         function.backward = staticmethod(orig)
-        torch.cuda.synchronize()
     return _medians(rows)
 
 

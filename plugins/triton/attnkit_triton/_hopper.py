@@ -207,8 +207,7 @@ class _Plan:
 
     def __init__(self, kernel, setup, roles, **descriptors):
         self.kernel, self.setup, self.site, self.direct = kernel, setup, None, None
-        self.steps = None  # the backward's (prep site, direct launch, cast site): see there
-        self.__dict__.update(descriptors)
+        self.steps = None  # the backward's (prep site, cast site): see `launch_backward`
         self.makers = [None if r is None else descriptors[r] for r in roles]
 
     def launch(self, tensors) -> None:
@@ -313,17 +312,15 @@ def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None)
             and not (out.data_ptr() | lse.data_ptr()) & 15)
     if steps and same and fast_launches():
         stream = current_stream(q.device.index)
-        prep, direct, cast = steps
-        prep.run(stream, out, dout, lse, stats, dq_acc)
-        direct(tensors, stream)
-        cast.run(stream, dq_acc, dq)
+        steps[0].run(stream, out, dout, lse, stats, dq_acc)
+        plan.direct(tensors, stream)
+        steps[1].run(stream, dq_acc, dq)
         return dq, dk, dv
     prep = launch_prep(q, out, lse.contiguous(), dout, stats, dq_acc)
     plan.launch(tensors)
     cast = cast_dense(dq_acc, dq)
-    if (steps is None and same and plan.direct and fast_launches() and prep.compiled
-            and cast.compiled):
-        plan.steps = (prep, plan.direct, cast)
+    if steps is None and same and plan.direct and prep.compiled and cast.compiled:
+        plan.steps = (prep, cast)  # plan.direct set: fast launches were on
     return dq, dk, dv
 
 

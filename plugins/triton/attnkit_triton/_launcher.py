@@ -141,11 +141,8 @@ class TmaLaunch:
         metas = closure.nonlocals.get("tensordesc_meta")
         expand = inner.__globals__.get("make_tensordesc_arg")
         positions = {i for i, m in enumerate(makers) if m is not None}
-        if (launcher is None or expand is None or indices != positions
-                or inner.__globals__.get("_BASE_ARGS_FORMAT") != _BASE_ARGS_FORMAT
-                or not metas or not all(isinstance(m, dict) for m in metas)
-                or getattr(run, "global_scratch_size", 1)
-                or getattr(run, "profile_scratch_size", 1)):
+        if (launcher is None or expand is None or indices != positions or not _plain_36(run)
+                or not metas or not all(isinstance(m, dict) for m in metas)):
             return None
         return cls(site, makers, launcher, expand, metas, run)
 
@@ -192,19 +189,30 @@ def _middle(compiled) -> tuple:
             compiled.packed_metadata, None, None, None)
 
 
-def _raw_launcher(compiled):
-    """``(C launcher, middle arguments)`` of a kernel without tensor descriptors or scratch
-    memory, called without Triton's Python wrapper (a few us per launch, twice that on the
-    autograd engine's thread), where the probe found that this computes what Triton's path
-    does; else None."""
+def _plain_36(run) -> bool:
+    """Whether ``run`` (a compiled kernel's launcher) is laid out as Triton 3.6's, with no
+    scratch memory to allocate per launch: what both direct paths assume of its C launcher."""
+    module = sys.modules.get(type(run).__module__)
+    return (getattr(module, "_BASE_ARGS_FORMAT", None) == _BASE_ARGS_FORMAT
+            and not getattr(run, "global_scratch_size", 1)
+            and not getattr(run, "profile_scratch_size", 1))
+
+
+def _c_launcher(compiled):
+    """``(C launcher, middle arguments)`` of a kernel without tensor descriptors (its
+    launcher not wrapped in Python) on a `_plain_36` launcher, else None."""
     run = getattr(compiled, "run", None)
     launch = getattr(run, "launch", None)
-    module = sys.modules.get(type(run).__module__)
-    if (not _raw_state or launch is None or inspect.isfunction(launch)
-            or getattr(module, "_BASE_ARGS_FORMAT", None) != _BASE_ARGS_FORMAT
-            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)):
+    if launch is None or inspect.isfunction(launch) or not _plain_36(run):
         return None
     return launch, _middle(compiled)
+
+
+def _raw_launcher(compiled):
+    """`_c_launcher`, called without Triton's Python wrapper (a few us per launch, twice that
+    on the autograd engine's thread), where the probe found that this computes what
+    Triton's path does; else None."""
+    return _c_launcher(compiled) if _raw_state else None
 
 
 def layout_key(*tensors) -> tuple:
@@ -287,11 +295,9 @@ def _probe() -> None:
         compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None,
                      None, x, y_fast, 5, 0.5, 3.0, 8)
         same = torch.equal(y_ref, y_fast)
-        _raw_state = True  # for `_raw_launcher`'s question only
-        raw = _raw_launcher(compiled)
-        _raw_state = False
+        raw = _c_launcher(compiled)
         if raw is not None:
-            try:  # another Triton's C launcher takes other arguments: then not used
+            try:  # a launcher that refuses these arguments is simply not used
                 raw[0](1, 1, 1, stream, *raw[1], x, y_raw, 5, 0.5, 3.0, 8)
                 _raw_state = torch.equal(y_ref, y_raw)
             except Exception:

@@ -195,3 +195,42 @@ def test_cast_dense_rounds_as_torch_on_cuda(dtype):
     cast_dense(x, y)
     cast_dense(x[:1], y2)  # a second signature of the same launch site
     assert torch.equal(y, x.to(dtype)) and torch.equal(y2, x[:1].to(dtype))
+
+
+def test_gluon_backward_keeps_its_launch_sites(monkeypatch):
+    """The Gluon backward's first call goes through the keyed prep and cast sites and the
+    plan's launch; later calls launch the kept sites and the plan's direct launch on one
+    stream with the same arguments, unless out is laid out unlike q (then the keyed path
+    again). Bookkeeping only: fakes stand in for the launches (no GPU)."""
+    from types import SimpleNamespace
+
+    log = []
+
+    def site(name):
+        return SimpleNamespace(compiled=True, run=lambda stream, *a: log.append((name, stream, a)))
+
+    monkeypatch.setattr(_hopper, "launch_prep", lambda q, out, lse, dout, stats, dq_acc: (
+        log.append(("prep", None, (out, dout, lse, stats, dq_acc))) or site("prep")))
+    monkeypatch.setattr(_hopper, "cast_dense", lambda x, y: (
+        log.append(("cast", None, (x, y))) or site("cast")))
+    monkeypatch.setattr(_hopper, "fast_launches", lambda: True)
+    monkeypatch.setattr(_hopper, "current_stream", lambda index: 7)
+    plan = SimpleNamespace(steps=None, launch=lambda t: log.append(("main", None, t)),
+                           direct=lambda t, stream: log.append(("main", stream, t)))
+    problem = SimpleNamespace(batch=1, heads_q=2, seqlen_q=128)
+    q, k, v, dout = (torch.randn(1, 128, 2, 64).transpose(1, 2) for _ in range(4))
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 128)
+    for call in range(3):
+        log.clear()
+        dq, dk, dv = _hopper.launch_backward(problem, q, k, v, out, lse, dout, plan)
+        assert [(n, s) for n, s, _ in log] == (
+            [("prep", None), ("main", None), ("cast", None)] if call == 0
+            else [("prep", 7), ("main", 7), ("cast", 7)])
+        (_, _, (o, d, l_, stats, dq_acc)), (_, _, main), (_, _, (x, y)) = log
+        assert o is out and d is dout and l_ is lse and x is dq_acc and y is dq
+        assert main[:4] == (q, k, v, dout) and main[4:] == (dq_acc, stats, dk, dv)
+        assert stats.shape == (2, 2, 128) and dq_acc.dtype == torch.float32
+        assert dq.stride() == q.stride() and dq_acc.stride() == q.stride()
+    log.clear()
+    _hopper.launch_backward(problem, q, k, v, out.contiguous(), lse, dout, plan)
+    assert [s for _, s, _ in log] == [None, None, None]  # out not laid out as q: keyed path
