@@ -67,7 +67,7 @@ def main() -> int:
                 runs = (
                     ("forward", mod.fwd._fwd_kernel, S // _hopper.BLOCK_M,
                      (qd, kd, kd, qd, lse, S, H, 1, 0.1, *views, *views, causal,
-                      _hopper.BLOCK_N, 2)),
+                      _hopper.BLOCK_N, 2, _hopper._PINGPONG[D])),
                     ("backward", mod.bwd._bwd_kernel, S // _hopper.BLOCK_N,
                      (qd, kd, kd, qd, dqd, sd, t, t, S, H, 1, 0.1, 0.1, *views, *views,
                       *views, D, causal, 2, _hopper._DQ_LAG[D, causal])),
