@@ -37,3 +37,13 @@ def write_rows(path: str | None, rows: list) -> None:
         with open(path, "w") as f:
             json.dump({"environment": environment(torch.device("cuda")), "rows": rows}, f,
                       indent=1)
+
+
+def record(path: str | None, rows) -> int:
+    """Print each row of an iterable as it is measured, then `write_rows` them: 0 (exit)."""
+    kept = []
+    for row in rows:
+        kept.append(row)
+        print(row, flush=True)
+    write_rows(path, kept)
+    return 0

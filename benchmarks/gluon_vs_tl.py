@@ -16,7 +16,7 @@ import functools
 import os
 
 import torch
-from _gpu_profile import write_rows  # benchmarks/, beside this script
+from _gpu_profile import record  # benchmarks/, beside this script
 
 from attnkit.bench import runner, timing
 from attnkit.bench.grid import Shape
@@ -29,8 +29,10 @@ SWITCHES = {"fwd": "ATTNKIT_TRITON_GLUON", "bwd": "ATTNKIT_TRITON_GLUON_BWD"}
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
-    args = p.parse_args()
-    rows = []
+    return record(p.parse_args().out, _rows())
+
+
+def _rows():
     for D in (64, 128):
         for causal in (False, True):
             for S in (512, 1024, 2048, 4096):
@@ -50,10 +52,7 @@ def main() -> int:
                         t = timing.measure(calls[mode], "cuda", rep_ms=60)
                         row[f"{mode}_{path}"] = round(t.min_ms * 1e3, 1)
                     del os.environ[env]
-                rows.append(row)
-                print(row, flush=True)
-    write_rows(args.out, rows)
-    return 0
+                yield row
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ A program owns 128 query rows of one (batch, head): two consumer warpgroups of 6
 slots with TMA. Each slot has "ready" barriers (TMA bytes landed) and "empty" barriers (one
 arrival per consumer). Per consumer, the scores of tile j are issued before the ``P V`` of
 tile j-1 (FA3's intra-warpgroup overlap): the softmax of tile j runs while the tensor cores
-finish ``P V``. With ``PINGPONG`` the two warpgroups also take turns issuing their products
-(FA3's inter-warpgroup schedule, over an mbarrier per warpgroup): each one's softmax then runs
-under the other's products instead of both computing softmax while the tensor cores idle.
+finish ``P V``.
 """
 
 from triton.experimental import gluon
@@ -53,42 +51,32 @@ def _producer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, BLOCK_N: gl.constex
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qk_scale, rows, j, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
-    """Online-softmax update for one tile of scores (log2 units); MASK: the causal diagonal."""
-    s = s * qk_scale
+def _softmax(s, m_i, l_i, qk_scale, rows, j, BLOCK_N: gl.constexpr, MASK: gl.constexpr,
+             FOLD: gl.constexpr):
+    """Online-softmax update for one tile of scores; MASK: the causal diagonal. The running
+    max ``m_i`` is in log2 units, or with ``FOLD`` (qk_scale > 0) in raw score units: then the
+    row max needs no scaled copy of the tile and each score costs one FMA before exp2, not a
+    multiply and an FMA."""
+    if not FOLD:
+        s = s * qk_scale
     if MASK:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
         s = gl.where(rows[:, None] >= cols[None, :], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1))
-    p = gl.exp2(s - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
+    if FOLD:
+        p = gl.exp2(s * qk_scale - (m_new * qk_scale)[:, None])
+        alpha = gl.exp2((m_i - m_new) * qk_scale)
+    else:
+        p = gl.exp2(s - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
     return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
 
 
 @gluon.jit
-def _wait_turn(turns, t, ROLE: gl.constexpr, PINGPONG: gl.constexpr):
-    """Before this warpgroup's t-th issue: warpgroup 1 waits for warpgroup 0's t-th, and
-    warpgroup 0 (which goes first) for warpgroup 1's (t-1)-th."""
-    if PINGPONG:
-        if ROLE == 1:
-            mbarrier.wait(turns.index(1), t & 1)
-        elif t > 0:
-            mbarrier.wait(turns.index(0), (t - 1) & 1)
-
-
-@gluon.jit
-def _pass_turn(turns, ROLE: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turns.index(1 - ROLE), count=1)
-
-
-@gluon.jit
-def _scores(q, k_smem, k_ready, j, turns, NUM_BUF: gl.constexpr, BLOCK_N: gl.constexpr,
-            s_layout: gl.constexpr, ROLE: gl.constexpr, PINGPONG: gl.constexpr):
-    """Issue S_j = Q K_j^T (asynchronous) once K_j has landed and it is this warpgroup's
-    turn (its j-th)."""
+def _scores(q, k_smem, k_ready, j, NUM_BUF: gl.constexpr, BLOCK_N: gl.constexpr,
+            s_layout: gl.constexpr):
+    """Issue S_j = Q K_j^T (asynchronous) once K_j has landed."""
     mbarrier.wait(k_ready.index(j % NUM_BUF), (j // NUM_BUF) & 1)
-    _wait_turn(turns, j, ROLE, PINGPONG)
     zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
     return warpgroup_mma(q, k_smem.index(j % NUM_BUF).permute((1, 0)), zero, use_acc=False,
                          is_async=True)
@@ -102,18 +90,17 @@ def _pv(p_op, acc, v_smem, v_ready, j, NUM_BUF: gl.constexpr):
 
 
 @gluon.jit
-def _step(q, acc, p_op, m_i, l_i, rows, j, qk_scale, bufs, bars, turns, NUM_BUF: gl.constexpr,
+def _step(q, acc, p_op, m_i, l_i, rows, j, qk_scale, bufs, bars, NUM_BUF: gl.constexpr,
           BLOCK_N: gl.constexpr, MASK: gl.constexpr, s_layout: gl.constexpr,
-          ROLE: gl.constexpr, PINGPONG: gl.constexpr):
+          FOLD: gl.constexpr):
     """Tile j: S_j and P_{j-1} V_{j-1} in flight together, softmax(S_j) while P V runs."""
     q_smem, k_smem, v_smem = bufs
     q_bar, k_ready, v_ready, k_empty, v_empty = bars
-    s = _scores(q, k_smem, k_ready, j, turns, NUM_BUF, BLOCK_N, s_layout, ROLE, PINGPONG)
+    s = _scores(q, k_smem, k_ready, j, NUM_BUF, BLOCK_N, s_layout)
     acc = _pv(p_op, acc, v_smem, v_ready, j - 1, NUM_BUF)
-    _pass_turn(turns, ROLE, PINGPONG)
     s = warpgroup_mma_wait(1, deps=(s, ))  # groups retire in order: S_j is done
     mbarrier.arrive(k_empty.index(j % NUM_BUF), count=1)
-    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, j, BLOCK_N, MASK)
+    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, j, BLOCK_N, MASK, FOLD)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     mbarrier.arrive(v_empty.index((j - 1) % NUM_BUF), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
@@ -121,23 +108,21 @@ def _step(q, acc, p_op, m_i, l_i, rows, j, qk_scale, bufs, bars, turns, NUM_BUF:
 
 
 @gluon.jit
-def _first(q, m_i, l_i, rows, qk_scale, bufs, bars, turns, BLOCK_N: gl.constexpr,
-           MASK: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
-           ROLE: gl.constexpr, PINGPONG: gl.constexpr):
+def _first(q, m_i, l_i, rows, qk_scale, bufs, bars, BLOCK_N: gl.constexpr, MASK: gl.constexpr,
+           s_layout: gl.constexpr, p_layout: gl.constexpr, FOLD: gl.constexpr):
     """Tile 0: scores and softmax only (its P V is issued by the next step)."""
     q_smem, k_smem, v_smem = bufs
     q_bar, k_ready, v_ready, k_empty, v_empty = bars
-    s = _scores(q, k_smem, k_ready, 0, turns, 1, BLOCK_N, s_layout, ROLE, PINGPONG)
-    _pass_turn(turns, ROLE, PINGPONG)
+    s = _scores(q, k_smem, k_ready, 0, 1, BLOCK_N, s_layout)
     s = warpgroup_mma_wait(0, deps=(s, ))
     mbarrier.arrive(k_empty.index(0), count=1)
-    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, 0, BLOCK_N, MASK)
+    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, rows, 0, BLOCK_N, MASK, FOLD)
     return gl.convert_layout(p.to(q.dtype), p_layout), m_i, l_i
 
 
 @gluon.jit
-def _consumer(descs, bufs, bars, scal, turns, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-              NUM_BUF: gl.constexpr, ROLE: gl.constexpr, PINGPONG: gl.constexpr):
+def _consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_BUF: gl.constexpr, ROLE: gl.constexpr, FOLD: gl.constexpr):
     """One consumer warpgroup (ROLE 0 or 1): 64 query rows, out and lse written at the end."""
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, k_smem, v_smem = bufs
@@ -160,30 +145,24 @@ def _consumer(descs, bufs, bars, scal, turns, CAUSAL: gl.constexpr, BLOCK_N: gl.
 
     if CAUSAL:  # BLOCK_N == 128 == rows per program: the diagonal is the last tile, alone masked
         if n == 1:
-            p_op, m_i, l_i = _first(q, m_i, l_i, rows, qk_scale, bufs, bars, turns, BLOCK_N,
-                                    True, s_layout, p_layout, ROLE, PINGPONG)
+            p_op, m_i, l_i = _first(q, m_i, l_i, rows, qk_scale, bufs, bars, BLOCK_N, True,
+                                    s_layout, p_layout, FOLD)
         else:
-            p_op, m_i, l_i = _first(q, m_i, l_i, rows, qk_scale, bufs, bars, turns, BLOCK_N,
-                                    False, s_layout, p_layout, ROLE, PINGPONG)
+            p_op, m_i, l_i = _first(q, m_i, l_i, rows, qk_scale, bufs, bars, BLOCK_N, False,
+                                    s_layout, p_layout, FOLD)
         for j in range(1, n - 1):
             acc, p_op, m_i, l_i = _step(q, acc, p_op, m_i, l_i, rows, j, qk_scale, bufs, bars,
-                                        turns, NUM_BUF, BLOCK_N, False, s_layout, ROLE,
-                                        PINGPONG)
+                                        NUM_BUF, BLOCK_N, False, s_layout, FOLD)
         if n > 1:
             acc, p_op, m_i, l_i = _step(q, acc, p_op, m_i, l_i, rows, n - 1, qk_scale, bufs,
-                                        bars, turns, NUM_BUF, BLOCK_N, True, s_layout, ROLE,
-                                        PINGPONG)
+                                        bars, NUM_BUF, BLOCK_N, True, s_layout, FOLD)
     else:
-        p_op, m_i, l_i = _first(q, m_i, l_i, rows, qk_scale, bufs, bars, turns, BLOCK_N,
-                                False, s_layout, p_layout, ROLE, PINGPONG)
+        p_op, m_i, l_i = _first(q, m_i, l_i, rows, qk_scale, bufs, bars, BLOCK_N, False,
+                                s_layout, p_layout, FOLD)
         for j in range(1, n):
             acc, p_op, m_i, l_i = _step(q, acc, p_op, m_i, l_i, rows, j, qk_scale, bufs, bars,
-                                        turns, NUM_BUF, BLOCK_N, False, s_layout, ROLE,
-                                        PINGPONG)
-    mbarrier.wait(v_ready.index((n - 1) % NUM_BUF), ((n - 1) // NUM_BUF) & 1)
-    _wait_turn(turns, n, ROLE, PINGPONG)
-    acc = warpgroup_mma(p_op, v_smem.index((n - 1) % NUM_BUF), acc, is_async=True)
-    _pass_turn(turns, ROLE, PINGPONG)  # warpgroup 1's last issue waits for warpgroup 0's
+                                        NUM_BUF, BLOCK_N, False, s_layout, FOLD)
+    acc = _pv(p_op, acc, v_smem, v_ready, n - 1, NUM_BUF)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     mbarrier.arrive(v_empty.index((n - 1) % NUM_BUF), count=1)
 
@@ -193,6 +172,8 @@ def _consumer(descs, bufs, bars, scal, turns, CAUSAL: gl.constexpr, BLOCK_N: gl.
     q.store(out.to(q.dtype))
     fence_async_shared()
     _tma_store(o_desc, [q_row + ROLE * 64, q_col], q)
+    if FOLD:
+        m_i = m_i * qk_scale
     lse = (m_i + gl.log2(l_i)) * LN2
     gl.store(lse_ptr + lse_off + ROLE * 64 + gl.arange(0, 64, layout=row_layout), lse)
     tma.store_wait(0)
@@ -202,7 +183,7 @@ def _consumer(descs, bufs, bars, scal, turns, CAUSAL: gl.constexpr, BLOCK_N: gl.
 def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, S, H, GROUP, qk_scale,
                 q_rb, q_rh, q_ch, kv_rb, kv_rh, kv_ch,
                 CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr,
-                PINGPONG: gl.constexpr):
+                FOLD: gl.constexpr):
     # The descriptors are 2-D views (rows, columns) of 4-D tensors: position s of head h in
     # batch b is row b * rb + h * rh + s, its head dims start at column h * ch (out like q).
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
@@ -229,10 +210,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, S, H, GROUP, qk_scale,
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    mbarrier.init(turns.index(0), count=1)
-    mbarrier.init(turns.index(1), count=1)
     for i in gl.static_range(NUM_BUF):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -245,7 +223,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, S, H, GROUP, qk_scale,
     scal = (lse_ptr, lse_off, q_row, h * q_ch, kv_row, (h // GROUP) * kv_ch, q_start, n_blocks,
             qk_scale)
     gl.warp_specialize([
-        (_consumer, (descs, bufs, bars, scal, turns, CAUSAL, BLOCK_N, NUM_BUF, 0, PINGPONG)),
-        (_consumer, (descs, bufs, bars, scal, turns, CAUSAL, BLOCK_N, NUM_BUF, 1, PINGPONG)),
+        (_consumer, (descs, bufs, bars, scal, CAUSAL, BLOCK_N, NUM_BUF, 0, FOLD)),
+        (_consumer, (descs, bufs, bars, scal, CAUSAL, BLOCK_N, NUM_BUF, 1, FOLD)),
         (_producer, (descs, bufs, bars, scal, CAUSAL, BLOCK_N, NUM_BUF, 2)),
     ], [4, 1], [240, 24])

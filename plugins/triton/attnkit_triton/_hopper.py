@@ -52,9 +52,11 @@ _MIN_SEQLEN = {
 # at 128 except causal 2k-4k, +1-2% (NOTES.md, twelfth session). Re-timed at 128 after the
 # thirteenth session's lse/delta change: within the timing's own spread, left off.
 _DQ_LAG = {(64, False): True, (64, True): True, (128, False): False, (128, True): False}
-# Per head dim: whether the forward's two consumer warpgroups take turns issuing their
-# products (``_gluon_forward``, ``PINGPONG``). To be measured.
-_PINGPONG = {64: True, 128: True}
+# Per head dim: whether the forward's running row max is kept in raw score units when the
+# softmax scale is positive, so each score costs one FMA before exp2 (``_gluon_forward``,
+# ``FOLD``). Measured on an H200: +1-5% at head dim 128, +3-8% at 64, every cell
+# (benchmarks/h200/fwd-fold.json, NOTES.md fifteenth session).
+_FOLD = {64: True, 128: True}
 
 
 @functools.lru_cache(maxsize=1)
@@ -241,8 +243,8 @@ def _forward_plan(problem, views):
         q=_Descriptors(qr, qc, [64, D], q_layout),
         kv=_Descriptors(kr, kc, [BLOCK_N, D], kv_layout),
         setup=((S // BLOCK_M, problem.batch * problem.heads_q),
-               dict(CAUSAL=problem.causal, BLOCK_N=BLOCK_N, NUM_BUF=2, PINGPONG=_PINGPONG[D],
-                    num_warps=4, maxnreg=_MAXNREG),
+               dict(CAUSAL=problem.causal, BLOCK_N=BLOCK_N, NUM_BUF=2,
+                    FOLD=_FOLD[D] and problem.scale > 0, num_warps=4, maxnreg=_MAXNREG),
                (S, problem.heads_q, problem.group_size, problem.scale * LOG2E, *q_rc,
                 *kv_rc)))
 

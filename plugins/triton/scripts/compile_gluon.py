@@ -64,10 +64,12 @@ def main() -> int:
                 stats = torch.empty(2 * H * S, dtype=torch.float32)  # delta, lse2 rows
                 sd = TensorDescriptor(stats, [2 * H, S], [S, 1], [1, 64], _hopper._stats_layout())
                 views = (H * S, S, 0)  # (rb, rh, ch) of a (1, H, S, D) tensor
-                runs = (
-                    ("forward", mod.fwd._fwd_kernel, S // _hopper.BLOCK_M,
-                     (qd, kd, kd, qd, lse, S, H, 1, 0.1, *views, *views, causal,
-                      _hopper.BLOCK_N, 2, _hopper._PINGPONG[D])),
+                # The forward folds the scale into exp2 only for a positive scale: both forms.
+                runs = tuple(
+                    (f"forward{'' if fold else ' (scale <= 0)'}", mod.fwd._fwd_kernel,
+                     S // _hopper.BLOCK_M, (qd, kd, kd, qd, lse, S, H, 1, 0.1, *views, *views,
+                                            causal, _hopper.BLOCK_N, 2, fold))
+                    for fold in (True, False)) + (
                     ("backward", mod.bwd._bwd_kernel, S // _hopper.BLOCK_N,
                      (qd, kd, kd, qd, dqd, sd, t, t, S, H, 1, 0.1, 0.1, *views, *views,
                       *views, D, causal, 2, _hopper._DQ_LAG[D, causal])),
