@@ -6,7 +6,8 @@ Per cell (B*S = 16k tokens, H*D = 2048, (B, S, H, D) views, fp16 and bf16, head 
 difference; 0 means bitwise equal), then the four contenders are timed in ``--rounds``
 interleaved rounds (`attnkit.bench.timing.measure`, L2 flushed before each call); TFLOP/s of
 the median over rounds of each round's median. Run in the fifteenth session on an H200 for
-ping-pong turns (`h200/fwd-pingpong.json`, switch since removed) and the folded scale
+ping-pong turns (`h200/fwd-pingpong.json`, by this script's first version, commit f9b804c,
+whose columns are ``gluon``/``pingpong``; the switch is removed) and the folded scale
 (`h200/fwd-fold.json`).
 
     python benchmarks/fwd_variant.py --switch _FOLD --out fwd-fold.json   # needs an sm_90 GPU
