@@ -309,20 +309,21 @@ _PREP_BLOCK_M = 64
 _PREP, _DKDV, _DQ = (Sites(FastKernel(k)) for k in (_prep_kernel, _dkdv_kernel, _dq_kernel))
 
 
-def prepare(q, out, lse, dout, pad_to: int, dq_acc=None) -> torch.Tensor:
+def prepare(q, out, lse, dout, pad_to: int) -> torch.Tensor:
     """``stats`` (2, B * Hq, Sq_pad) float32: ``delta`` and log2 ``lse`` as row buffers
-    (``stats.unbind(0)``). ``dq_acc``, if given (q's shape), is zeroed by the same launch."""
+    (``stats.unbind(0)``)."""
     B, Hq, Sq, _ = q.shape
     pad_to = max(pad_to, _PREP_BLOCK_M)
     stats = torch.empty((2, B * Hq, cdiv(Sq, pad_to) * pad_to), dtype=torch.float32,
                         device=q.device)
-    launch_prep(q, out, lse.contiguous(), dout, stats, dq_acc)
+    launch_prep(q, out, lse.contiguous(), dout, stats)
     return stats
 
 
 def launch_prep(q, out, lse, dout, stats, dq_acc=None) -> DirectLaunch:
     """`prepare`'s launch into ``stats`` (its rows a multiple of the prep block), returning
-    its site: the Gluon backward's plan launches it again without the key."""
+    its site: the Gluon backward's plan launches it again without the key. ``dq_acc``, if
+    given (q's shape, float32), is zeroed by the same launch."""
     B, Hq, Sq, D = q.shape
     Sq_pad = stats.shape[2]
     zero = dq_acc is not None

@@ -125,7 +125,6 @@ class TmaLaunch:
     out as this expects; the site then keeps Triton's wrapper.
     """
 
-
     @classmethod
     def wrap(cls, site: DirectLaunch, makers) -> TmaLaunch | None:
         """``makers[i]`` builds position ``i``'s descriptor from a tensor (None: a plain

@@ -121,19 +121,20 @@ def test_strided_inputs_are_not_copied():
 
 
 @pytest.mark.parametrize("D", [16, 40])
-def test_prepare_zeroes_the_gluon_dq_it_is_given(D):
+def test_prep_zeroes_the_gluon_dq_it_is_given(D):
     """The prep kernel also zeroes the float32 dQ the Gluon backward sums into (whole rows
     of every head, q's layout kept; a padded head dim's columns too), and computes the same
     delta and lse2 with or without it."""
-    from attnkit_triton._backward import prepare
+    from attnkit_triton._backward import launch_prep, prepare
 
     g = torch.Generator().manual_seed(2)
     B, H, S = 2, 3, 70
     q, out, dout = (torch.randn(B, S, H, D, generator=g).transpose(1, 2) for _ in range(3))
     lse = torch.randn(B, H, S, generator=g)
     dq = torch.full_like(q, float("nan"))
-    with_dq = prepare(q, out, lse, dout, 64, dq)
     without = prepare(q, out, lse, dout, 64)
+    with_dq = torch.full_like(without, float("nan"))
+    launch_prep(q, out, lse, dout, with_dq, dq)
     assert dq.stride() == q.stride() and torch.equal(dq, torch.zeros_like(dq))
     assert torch.equal(with_dq, without)
     delta, lse2 = with_dq.unbind(0)
