@@ -32,18 +32,19 @@ def kernel_profile(fn, calls: int = 5):
     return kernels, sum(kernels.values()), start.elapsed_time(end) * 1e3 / calls
 
 
-def write_rows(path: str | None, rows: list) -> None:
+def write_rows(path: str | None, rows: list, **meta) -> None:
+    """``meta``: what the run compared (top-level keys beside the environment and rows)."""
     if path:
         with open(path, "w") as f:
-            json.dump({"environment": environment(torch.device("cuda")), "rows": rows}, f,
-                      indent=1)
+            json.dump({"environment": environment(torch.device("cuda")), **meta, "rows": rows},
+                      f, indent=1)
 
 
-def record(path: str | None, rows) -> int:
+def record(path: str | None, rows, **meta) -> int:
     """Print each row of an iterable as it is measured, then `write_rows` them: 0 (exit)."""
     kept = []
     for row in rows:
         kept.append(row)
         print(row, flush=True)
-    write_rows(path, kept)
+    write_rows(path, kept, **meta)
     return 0

@@ -1,15 +1,16 @@
 """Host time of a short causal training step on our path, segment by segment.
 
-bf16 D=128 causal S=512 (B=32, H=16, (B, S, H, D) views: the grid's host-bound cell). Host
-microseconds per call (min and median of 7 batches of 40), calls queued back to back with
-the GPU held by ``torch.cuda._sleep`` so no launch waits on it: our fwd+grad, forward and
-``autograd.grad`` beside SDPA-flash's; then the pieces of the triton backend's forward and
-backward called directly (route checks, allocations, each launch, the Gluon launchers), and
-cProfiles of our backward on the autograd thread and of the no-grad forward. Complements
-`host_split.py` (engine against node). Run in the eleventh session before and after the host
-path changes (benchmarks/NOTES.md).
+bf16 D=128 (or ``--head-dim``) causal S=512 (B=32, H=2048/D, (B, S, H, D) views: the grid's
+host-bound cells). Host microseconds per call (min and median of 7 batches of 40), calls
+queued back to back with the GPU held by ``torch.cuda._sleep`` so no launch waits on it:
+our fwd+grad, forward and ``autograd.grad`` beside SDPA-flash's; then the pieces of the
+triton backend's forward and backward called directly (route checks, allocations, each
+launch, the Gluon launchers), and cProfiles of our backward on the autograd thread and of
+the no-grad forward. Complements `host_split.py` (engine against node). Run in the eleventh
+session before and after the host path changes, in the sixteenth at head dim 64
+(benchmarks/NOTES.md).
 
-    python benchmarks/host_segments.py [--out FILE]
+    python benchmarks/host_segments.py [--head-dim 64] [--out FILE]
 """
 
 from __future__ import annotations
@@ -166,8 +167,10 @@ def host_table(D=128, S=512, causal=True, dtype=torch.bfloat16):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
+    p.add_argument("--head-dim", type=int, default=128,
+                   help="64 takes the tl backward at S=512 (`_hopper._MIN_SEQLEN`)")
     args = p.parse_args()
-    rows, prof = host_table()
+    rows, prof = host_table(D=args.head_dim)
     text = "".join(f"{k:<28} min {mn:8.1f} med {md:8.1f} us\n" for k, (mn, md) in rows.items())
     print(text + prof)
     if args.out:

@@ -40,6 +40,8 @@ class Case:
     #: None, or one of "random", "zero", "full", "mixed" (0 and Sk and values between).
     seqlens_k: str | None = None
     softcap: float | None = None
+    #: None: the default 1/sqrt(D).
+    scale: float | None = None
     #: "bhsd" (contiguous) or "bshd" (a (B, S, H, D) tensor transposed: non-contiguous).
     layout: str = "bhsd"
     #: Multiplies q and k: large enough that exp overflows fp16 without max-subtraction.
@@ -64,6 +66,8 @@ class Case:
             parts.append(f"seqlens-{self.seqlens_k}")
         if self.softcap is not None:
             parts.append(f"cap{self.softcap:g}")
+        if self.scale is not None:
+            parts.append(f"scale{self.scale:g}")
         if self.layout != "bhsd":
             parts.append(self.layout)
         if self.magnitude != 1.0:
@@ -101,7 +105,7 @@ class Case:
 
     def options(self, seqlens_k) -> dict:
         return dict(causal=self.causal, window=self.window, seqlens_k=seqlens_k,
-                    softcap=self.softcap)
+                    softcap=self.softcap, scale=self.scale)
 
     def reference(self, q, k, v, seqlens_k, dtype, dout, grad: bool = True):
         """``(out, lse, grads)`` of the reference with the inputs cast to `dtype`: float64
@@ -185,6 +189,12 @@ def generate(caps: Capabilities, quick: bool = False) -> list[Case]:
         cases.append(replace(base, softcap=5.0, magnitude=3.0))
         if caps.causal:
             cases.append(replace(base, softcap=30.0, causal=True))
+    # Any finite scale: zero (uniform weights over the visible keys) and negative ones too,
+    # where the largest scaled score belongs to the smallest raw one (a kernel that keeps
+    # the row max of raw scores must not do so here).
+    cases.append(replace(base, scale=0.3))
+    cases.append(replace(base, scale=0.0, causal=caps.causal))
+    cases.append(replace(base, scale=-0.2, causal=caps.causal, magnitude=2.0))
     if caps.gqa:
         cases.append(replace(base, heads_q=6, heads_kv=2))
         cases.append(replace(base, heads_q=4, heads_kv=1, causal=caps.causal))

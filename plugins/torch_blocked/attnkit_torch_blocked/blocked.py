@@ -547,8 +547,9 @@ def blocked_backward(
                 work.add_tile(B * Hq * n, j1 - j0, masked)
         dq[:, :, i0:i1] = _unfold(dq_acc.mul_(scale), Hq)
     # dk accumulated dS^T @ (q * q_factor); the chain rule wants scale * dS^T @ q. (dS is
-    # the gradient of the natural-log scores: P is the same in either base.)
-    if scale / q_factor != 1.0:
+    # the gradient of the natural-log scores: P is the same in either base.) A zero scale
+    # made q_factor and dk zero already.
+    if q_factor != 0.0 and scale / q_factor != 1.0:
         dk.mul_(scale / q_factor)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

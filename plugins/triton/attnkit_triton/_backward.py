@@ -27,7 +27,15 @@ from ._band import (
 )
 from ._configs import KernelConfig, padded_head_dim
 from ._forward import _band_args, _flags, _score_args
-from ._launcher import DirectLaunch, FastKernel, Sites, cdiv, layout_key
+from ._launcher import (
+    DirectLaunch,
+    FastKernel,
+    Sites,
+    cdiv,
+    current_stream,
+    fast_launches,
+    layout_key,
+)
 
 
 @triton.jit
@@ -309,13 +317,17 @@ _PREP_BLOCK_M = 64
 _PREP, _DKDV, _DQ = (Sites(FastKernel(k)) for k in (_prep_kernel, _dkdv_kernel, _dq_kernel))
 
 
+def _stats(q, pad_to: int) -> torch.Tensor:
+    B, Hq, Sq, _ = q.shape
+    pad_to = max(pad_to, _PREP_BLOCK_M)
+    return torch.empty((2, B * Hq, cdiv(Sq, pad_to) * pad_to), dtype=torch.float32,
+                       device=q.device)
+
+
 def prepare(q, out, lse, dout, pad_to: int) -> torch.Tensor:
     """``stats`` (2, B * Hq, Sq_pad) float32: ``delta`` and log2 ``lse`` as row buffers
     (``stats.unbind(0)``)."""
-    B, Hq, Sq, _ = q.shape
-    pad_to = max(pad_to, _PREP_BLOCK_M)
-    stats = torch.empty((2, B * Hq, cdiv(Sq, pad_to) * pad_to), dtype=torch.float32,
-                        device=q.device)
+    stats = _stats(q, pad_to)
     launch_prep(q, out, lse.contiguous(), dout, stats)
     return stats
 
@@ -375,37 +387,70 @@ def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, 
 
     # delta, lse2 and the gradients are fresh allocations: their layout follows from the
     # rest, so the key fixes every stride and scalar after the pointers.
-    sites.launch(
+    return sites.launch(
         (problem, cfg, use_tma, layout or layout_key(q, k, v, dout, seqlens_k)),
         (q, k, v, dout, lse2, delta, *grads, seqlens_k if seqlens_k is not None else delta),
         setup)
 
 
 def launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, cfg: KernelConfig,
-                use_tma: bool, layout=None):
+                use_tma: bool, layout=None) -> DirectLaunch:
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
     B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
-    _launch_grads(_DKDV, problem, q, k, v, dout, delta, lse2, seqlens_k, (dk, dv), Hkv,
-                  (cdiv(Sk, cfg.block_n), B * Hkv), cfg, use_tma, layout)
+    return _launch_grads(_DKDV, problem, q, k, v, dout, delta, lse2, seqlens_k, (dk, dv), Hkv,
+                         (cdiv(Sk, cfg.block_n), B * Hkv), cfg, use_tma, layout)
 
 
 def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelConfig,
-              use_tma: bool, layout=None):
+              use_tma: bool, layout=None) -> DirectLaunch:
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
     B, Hq, Sq = q.shape[0], q.shape[1], q.shape[2]
-    _launch_grads(_DQ, problem, q, k, v, dout, delta, lse2, seqlens_k, (dq,), Hq,
-                  (cdiv(Sq, cfg.block_m), B * Hq), cfg, use_tma, layout,
-                  REVERSE_M=problem.band[1] is not None)
+    return _launch_grads(_DQ, problem, q, k, v, dout, delta, lse2, seqlens_k, (dq,), Hq,
+                         (cdiv(Sq, cfg.block_m), B * Hq), cfg, use_tma, layout,
+                         REVERSE_M=problem.band[1] is not None)
+
+
+class BackwardSites:
+    """One route's three launch sites (prep, dK/dV, dQ), kept after its first call."""
+
+    __slots__ = ("sites",)
+
+    def __init__(self):
+        self.sites: tuple[DirectLaunch, DirectLaunch, DirectLaunch] | None = None
 
 
 def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
-                    dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool, layout=None):
-    """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
-    delta, lse2 = prepare(q, out, lse, dout, max(dkdv_cfg.block_m, dq_cfg.block_m)).unbind(0)
+                    dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool, layout=None,
+                    kept: BackwardSites | None = None):
+    """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it. ``kept``:
+    the caller's route's sites (one per problem and layout of q, k, v, dout, seqlens_k): after
+    a first call, later ones make their four allocations and three direct launches with no
+    key built, as the Gluon backward's plan does (this runs on the autograd engine's thread,
+    where Python costs about twice as much; benchmarks/NOTES.md, sixteenth session)."""
+    # The sites' keys are fixed by the route's once out is laid out as q and out, lse are
+    # contiguous-aligned, as our forward's fresh outputs are.
+    same = (out.stride() == q.stride() and lse.is_contiguous()
+            and not (out.data_ptr() | lse.data_ptr()) & 15)
+    stats = _stats(q, max(dkdv_cfg.block_m, dq_cfg.block_m))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if kept is not None and kept.sites is not None and same and fast_launches():
+        prep, dkdv, dq_site = kept.sites
+        delta = stats.data_ptr()  # stats[0]; lse2 is stats[1]
+        lse2 = delta + stats.stride(0) * 4
+        last = seqlens_k if seqlens_k is not None else delta
+        stream = current_stream(q.device.index)
+        prep.run(stream, out, dout, lse, stats, stats)
+        dkdv.run(stream, q, k, v, dout, lse2, delta, dk, dv, last)
+        dq_site.run(stream, q, k, v, dout, lse2, delta, dq, last)
+        return dq, dk, dv
+    delta, lse2 = stats.unbind(0)
+    prep = launch_prep(q, out, lse.contiguous(), dout, stats)
     layout = layout or layout_key(q, k, v, dout, seqlens_k)
-    launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,
-                use_tma and dkdv_cfg.tma, layout)
-    launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, dq_cfg, use_tma and dq_cfg.tma,
-              layout)
+    dkdv = launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,
+                       use_tma and dkdv_cfg.tma, layout)
+    dq_site = launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, dq_cfg,
+                        use_tma and dq_cfg.tma, layout)
+    sites = (prep, dkdv, dq_site)
+    if kept is not None and same and all(site.compiled is not None for site in sites):
+        kept.sites = sites
     return dq, dk, dv

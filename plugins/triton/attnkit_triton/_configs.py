@@ -26,6 +26,8 @@ class KernelConfig:
     warp_spec: bool = False
     #: May this kernel use tensor descriptors where the layout allows (False: pointers).
     tma: bool = True
+    #: Forward: take the row max over unscaled scores and scale inside exp2 (`_fwd_step`).
+    fold: bool = True
 
 
 def padded_head_dim(head_dim: int) -> int:

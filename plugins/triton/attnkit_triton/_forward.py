@@ -29,12 +29,17 @@ from ._launcher import FastKernel, Sites, cdiv, layout_key
 
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
-              qk_scale, cap_in, cap_out,
+              qk_scale, cap_in, unit,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+              SOFTCAP: tl.constexpr, FOLD: tl.constexpr, PREC: tl.constexpr):
+    # Scores s with exp2's argument s * unit - m * unit: m is the running max of s. FOLD
+    # keeps s unscaled (the max of raw scores is the max of scaled ones when unit > 0), so
+    # each score costs one FMA instead of a multiply and then an FMA.
     qk = mma(q, tl.trans(k), None, PREC)
     if SOFTCAP:
-        s = tanh(qk * cap_in) * cap_out
+        s = tanh(qk * cap_in)
+    elif FOLD:
+        s = qk
     else:
         s = qk * qk_scale
     if MASKED:
@@ -47,8 +52,12 @@ def _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
+    if SOFTCAP or FOLD:
+        p = tl.math.exp2(s * unit - (m_use * unit)[:, None])
+        alpha = tl.math.exp2((m_i - m_use) * unit)
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = mma(p.to(v.dtype), v, acc, PREC)
@@ -57,11 +66,11 @@ def _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
 
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
-                start, end, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, cap_out,
+                start, end, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, unit,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
-                WARP_SPEC: tl.constexpr):
+                SOFTCAP: tl.constexpr, FOLD: tl.constexpr, USE_TMA: tl.constexpr,
+                PREC: tl.constexpr, WARP_SPEC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_tile = offs_n[:, None] * skn + offs_d[None, :] * skd
@@ -78,8 +87,8 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, skd, svn,
             v = load_tile(v_base + n0_64 * svn + v_tile, cols, Sk, offs_d, HEAD_DIM,
                           MASKED, BLOCK_D != HEAD_DIM)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
-                                  qk_scale, cap_in, cap_out, MASKED, HAS_LEFT, HAS_RIGHT,
-                                  SOFTCAP, PREC)
+                                  qk_scale, cap_in, unit, MASKED, HAS_LEFT, HAS_RIGHT,
+                                  SOFTCAP, FOLD, PREC)
     return acc, l_i, m_i
 
 
@@ -87,12 +96,12 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, skd, svn,
 def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, som, sod,
-                H, Sq, Sk, GROUP, qk_scale, cap_in, cap_out, left, right,
+                H, Sq, Sk, GROUP, qk_scale, cap_in, unit, left, right,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                SOFTCAP: tl.constexpr, REVERSE_M: tl.constexpr, USE_TMA: tl.constexpr,
-                PREC: tl.constexpr, WARP_SPEC: tl.constexpr):
+                SOFTCAP: tl.constexpr, FOLD: tl.constexpr, REVERSE_M: tl.constexpr,
+                USE_TMA: tl.constexpr, PREC: tl.constexpr, WARP_SPEC: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:  # causal: the longest rows first, so the short ones fill the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -137,23 +146,25 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
     # boundary (diagonal, right edge, end of the valid keys).
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
                                 skn, skd, svn, svd, lo, full_lo, rows, off, Sk, Sk_b,
-                                left, right, qk_scale, cap_in, cap_out,
+                                left, right, qk_scale, cap_in, unit,
                                 HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, USE_TMA, PREC, False)
+                                SOFTCAP, FOLD, USE_TMA, PREC, False)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
                                 skn, skd, svn, svd, full_lo, full_hi, rows, off, Sk, Sk_b,
-                                left, right, qk_scale, cap_in, cap_out,
+                                left, right, qk_scale, cap_in, unit,
                                 HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, USE_TMA, PREC, WARP_SPEC)
+                                SOFTCAP, FOLD, USE_TMA, PREC, WARP_SPEC)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
                                 skn, skd, svn, svd, full_hi, hi, rows, off, Sk, Sk_b,
-                                left, right, qk_scale, cap_in, cap_out,
+                                left, right, qk_scale, cap_in, unit,
                                 HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, USE_TMA, PREC, False)
+                                SOFTCAP, FOLD, USE_TMA, PREC, False)
 
     # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if SOFTCAP or FOLD:
+        m_i = m_i * unit
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     tl.store(LSE + bh.to(tl.int64) * Sq + rows, lse, mask=rows < Sq)
@@ -192,11 +203,19 @@ def _flags(problem, has_seqlens: bool, dtype, use_tma: bool) -> dict:
                 PREC=dot_precision(dtype, interpreting()))
 
 
-def _scalars(problem) -> tuple:
-    """The forward kernel's arguments after the strides."""
+def _fold(problem, cfg: KernelConfig) -> bool:
+    """The FOLD constexpr: the scale goes into exp2's argument when its sign keeps the max."""
+    return cfg.fold and problem.softcap is None and problem.scale > 0
+
+
+def _scalars(problem, fold: bool) -> tuple:
+    """The forward kernel's arguments after the strides: ..., qk_scale, cap_in, unit (the
+    log2 multiplier of the scores the kernel keeps: see `_fwd_step`), left, right."""
     left, right, _, _ = _band_args(problem)
+    qk_scale, cap_in, cap_out = _score_args(problem)
+    unit = cap_out if problem.softcap is not None else (qk_scale if fold else 1.0)
     return (problem.heads_q, problem.seqlen_q, problem.seqlen_k, problem.group_size,
-            *_score_args(problem), left, right)
+            qk_scale, cap_in, unit, left, right)
 
 
 def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool,
@@ -213,9 +232,11 @@ def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool
         lambda: ((cdiv(Sq, cfg.block_m), B * Hq), dict(
             HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             REVERSE_M=problem.band[1] is not None, WARP_SPEC=cfg.warp_spec,
+            FOLD=_fold(problem, cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **_flags(problem, seqlens_k is not None, q.dtype, use_tma)),
-            (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem))))
+            (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
+             *_scalars(problem, _fold(problem, cfg)))))
     return out, lse
 
 

@@ -17,7 +17,7 @@ import torch
 
 from attnkit.backend import Backend, Capabilities
 
-from ._backward import launch_backward
+from ._backward import BackwardSites, launch_backward
 from ._configs import (
     backward_configs,
     forward_config,
@@ -180,15 +180,16 @@ class TritonBackend(Backend):
         with _on_device(q):
             if route[0] == "gluon":
                 return launch_backward_hopper(problem, q, k, v, out, lse, dout, route[1])
-            return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k, *route[1:],
-                                   layout)
+            _, dkdv_cfg, dq_cfg, kept, tma = route
+            return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k, dkdv_cfg,
+                                   dq_cfg, tma, layout, kept)
 
     def _backward_route(self, problem, q, k, v, dout) -> tuple:
         if use_gluon_backward(problem, q, k, v, dout):
             return "gluon", backward_plan(problem, q, k, v, dout)
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
                                             q.device, _short(problem))
-        return "tl", dkdv_cfg, dq_cfg, use_tma(problem, q, k, v, dout)
+        return "tl", dkdv_cfg, dq_cfg, BackwardSites(), use_tma(problem, q, k, v, dout)
 
 
 #: Each call's path and configs by (pass, problem, `layout_key` of the tensors the checks

@@ -127,3 +127,59 @@ def test_raw_launch_only_where_probed_and_laid_out_as_triton_36(monkeypatch):
     assert len(calls) == 2 and calls[0] == calls[1]
     run.global_scratch_size = 16
     assert _launcher._raw_launcher(compiled) is None
+
+
+def test_tl_backward_keeps_its_launch_sites(monkeypatch):
+    """The ``tl`` backward's first call of a route goes through the keyed prep, dK/dV and dQ
+    sites; later calls launch the kept sites on one stream with the same arguments (delta
+    and lse2 as stats' two rows, by address), unless out is laid out unlike q (then the
+    keyed path again). Bookkeeping only: fakes stand in for the launches (no GPU)."""
+    import torch
+    from attnkit_triton import _backward
+
+    log = []
+
+    def site(name):
+        return SimpleNamespace(compiled=True, run=lambda stream, *a: log.append((name, stream, a)))
+
+    def keyed(name, *picked):
+        def launch(*args):
+            log.append((name, None, tuple(args[i] for i in picked)))
+            return site(name)
+        return launch
+
+    monkeypatch.setattr(_backward, "launch_prep", keyed("prep", 1, 3, 2, 4, 4))
+    # (problem, q, k, v, dout, delta, lse2, seqlens_k, grads..., cfg, tma, layout)
+    monkeypatch.setattr(_backward, "launch_dkdv", keyed("dkdv", 1, 2, 3, 4, 6, 5, 8, 9, 7))
+    monkeypatch.setattr(_backward, "launch_dq", keyed("dq", 1, 2, 3, 4, 6, 5, 8, 7))
+    monkeypatch.setattr(_backward, "fast_launches", lambda: True)
+    monkeypatch.setattr(_backward, "current_stream", lambda index: 7)
+    cfg = SimpleNamespace(block_m=64, tma=False)
+    q, k, v, dout = (torch.randn(2, 100, 3, 16).transpose(1, 2) for _ in range(4))
+    out, lse = torch.empty_like(q), torch.empty(2, 3, 100)
+    kept = _backward.BackwardSites()
+    for call in range(3):
+        log.clear()
+        dq, dk, dv = _backward.launch_backward(None, q, k, v, out, lse, dout, None, cfg, cfg,
+                                               False, "layout", kept)
+        assert [(n, s) for n, s, _ in log] == (
+            [("prep", None), ("dkdv", None), ("dq", None)] if call == 0
+            else [("prep", 7), ("dkdv", 7), ("dq", 7)])
+        (_, _, prep), (_, _, dkdv), (_, _, dq_args) = log
+        stats = prep[3]
+        assert stats.shape == (2, 6, 128) and prep[4] is stats
+        assert all(a is b for a, b in zip(prep[:3], (out, dout, lse)))
+        rows = (stats[1], stats[0]) if call == 0 else (stats[1].data_ptr(), stats.data_ptr())
+        for args, grads in ((dkdv, (dk, dv)), (dq_args, (dq,))):
+            assert all(a is b for a, b in zip(args[:4] + args[6:-1], (q, k, v, dout) + grads))
+            if call == 0:
+                assert all(a.shape == b.shape and a.data_ptr() == b.data_ptr()
+                           for a, b in zip(args[4:6], rows))  # (empty: may hold NaN)
+                assert args[-1] is None
+            else:
+                assert args[4:6] == rows and args[-1] == stats.data_ptr()
+        assert dq.stride() == q.stride() and dk.stride() == k.stride()
+    log.clear()
+    _backward.launch_backward(None, q, k, v, out.contiguous(), lse, dout, None, cfg, cfg,
+                              False, "layout", kept)
+    assert [s for _, s, _ in log] == [None, None, None]  # out not laid out as q: keyed path
