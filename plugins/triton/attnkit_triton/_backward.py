@@ -410,6 +410,14 @@ def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelCon
                          REVERSE_M=problem.band[1] is not None)
 
 
+def fresh_layout(q, out, lse) -> bool:
+    """Whether out and lse are laid out as our forwards' fresh outputs are (out with q's
+    strides, lse contiguous, both 16-byte aligned): a backward route's key, which sees q, k,
+    v and dout, then also fixes the prep launch's, so the route's kept sites may launch."""
+    return (out.stride() == q.stride() and lse.is_contiguous()
+            and not (out.data_ptr() | lse.data_ptr()) & 15)
+
+
 class BackwardSites:
     """One route's three launch sites (prep, dK/dV, dQ), kept after its first call."""
 
@@ -427,10 +435,7 @@ def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
     a first call, later ones make their four allocations and three direct launches with no
     key built, as the Gluon backward's plan does (this runs on the autograd engine's thread,
     where Python costs about twice as much; benchmarks/NOTES.md, sixteenth session)."""
-    # The sites' keys are fixed by the route's once out is laid out as q and out, lse are
-    # contiguous-aligned, as our forward's fresh outputs are.
-    same = (out.stride() == q.stride() and lse.is_contiguous()
-            and not (out.data_ptr() | lse.data_ptr()) & 15)
+    same = fresh_layout(q, out, lse)
     stats = _stats(q, max(dkdv_cfg.block_m, dq_cfg.block_m))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if kept is not None and kept.sites is not None and same and fast_launches():

@@ -224,19 +224,20 @@ def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool
     B, Hq, Sq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+
+    def setup():
+        fold = _fold(problem, cfg)
+        return (cdiv(Sq, cfg.block_m), B * Hq), dict(
+            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            REVERSE_M=problem.band[1] is not None, WARP_SPEC=cfg.warp_spec, FOLD=fold,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_flags(problem, seqlens_k is not None, q.dtype, use_tma)), (
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem, fold))
+
     # out and lse are fresh allocations: their layout follows from q's and the problem, so
     # the key fixes every stride and scalar after the pointers.
-    _FWD.launch(
-        (problem, cfg, use_tma, layout or layout_key(q, k, v, seqlens_k)),
-        (q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse),
-        lambda: ((cdiv(Sq, cfg.block_m), B * Hq), dict(
-            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            REVERSE_M=problem.band[1] is not None, WARP_SPEC=cfg.warp_spec,
-            FOLD=_fold(problem, cfg),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **_flags(problem, seqlens_k is not None, q.dtype, use_tma)),
-            (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
-             *_scalars(problem, _fold(problem, cfg)))))
+    _FWD.launch((problem, cfg, use_tma, layout or layout_key(q, k, v, seqlens_k)),
+                (q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse), setup)
     return out, lse
 
 

@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from ._backward import cast_dense, launch_prep
+from ._backward import cast_dense, fresh_layout, launch_prep
 from ._band import LOG2E
 from ._configs import interpreting, path_enabled
 from ._launcher import FastKernel, TmaLaunch, current_stream, fast_launches
@@ -311,10 +311,7 @@ def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     tensors = (q, k, v, dout, dq_acc, stats, dk, dv)
     steps = plan.steps
-    # The sites' keys are fixed by the plan's (problem and layout of q, k, v, dout) once out
-    # is laid out as q and out, lse are aligned, as our forwards' fresh outputs are.
-    same = (out.stride() == q.stride() and lse.is_contiguous()
-            and not (out.data_ptr() | lse.data_ptr()) & 15)
+    same = fresh_layout(q, out, lse)  # then the plan's key fixes the prep and cast sites' too
     if steps and same and fast_launches():
         stream = current_stream(q.device.index)
         steps[0].run(stream, out, dout, lse, stats, dq_acc)
