@@ -38,8 +38,9 @@ def main(path, backend):
                         parts.append(f"{f:4.2f} {c:4.2f}  {row[backend]:5.0f}")
                     print(f"  {s:>6}  " + " | ".join(parts))
     for key, vals in sorted(worst.items()):
-        lo = min(vals)
-        print(f"min ratio vs {key[0]} ({key[1]}): {lo[0]:.2f} at {lo[1:]}")
+        lo, hi = min(vals), max(vals)
+        print(f"ratio vs {key[0]} ({key[1]}): min {lo[0]:.2f} at {lo[1:]}, "
+              f"max {hi[0]:.2f} at {hi[1:]}")
 
 
 if __name__ == "__main__":

@@ -140,8 +140,12 @@ _INTERPRET = KernelConfig(32, 16, 4, 1)
 def _fp32_config(block_d: int) -> KernelConfig:
     """fp32 uses one tile shape in all three kernels: the backward then recomputes exactly
     the forward's scores (same products, same summation), which fp32 accuracy at large
-    scores needs, since lse was computed from them. fp32 speed is not the goal."""
-    return KernelConfig(32, 32, 4, 1) if block_d > 128 else KernelConfig(64, 32, 4, 2)
+    scores needs, since lse was computed from them. fp32 speed is not the goal. The ieee dot
+    is FMA code unrolled over the tile, so the tile sets the compile time and the spills:
+    at D=128, 32x32 halves the first call's compile against 64x32 and makes fwd+bwd 1.26x
+    faster (64x32's dK/dV spilled ~50 KB), the forward alone 0.65x (benchmarks/NOTES.md,
+    seventeenth session)."""
+    return KernelConfig(32, 32, 4, 1 if block_d > 128 else 2)
 
 
 def _arch(device) -> int:

@@ -1,0 +1,134 @@
+"""Sustained forward (or fwd+bwd) at one shape, per dtype and contender, with the SM clock,
+power draw and temperature sampled by ``nvidia-smi`` while it runs: says whether a gap
+between dtypes or contenders is the clock.
+
+    python benchmarks/power_probe.py --seqlen 4096 --head-dim 128 --seconds 4 --out probe.json
+
+``--mode fwd_bwd`` times forward and backward together (FLOPs x 3.5, as in ``attnkit bench``).
+
+Each (contender, dtype) segment runs back to back for ``--seconds`` (after a warm-up), in the
+order given and then reversed, so a drift in temperature shows as a difference between the
+two passes rather than between contenders. Throughput is from CUDA events over the segment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import threading
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attnkit
+
+_QUERY = "clocks.sm,power.draw,temperature.gpu"
+
+
+class _Sampler(threading.Thread):
+    """Calls nvidia-smi every ``period`` s; each sample is filed under the current label."""
+
+    def __init__(self, period: float = 0.2):
+        super().__init__(daemon=True)
+        self.period, self.label, self.samples, self.stop = period, None, {}, False
+
+    def run(self):
+        while not self.stop:
+            label = self.label
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={_QUERY}",
+                                  "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split("\n")[0]
+            if label is not None and label == self.label:
+                self.samples.setdefault(label, []).append([float(x) for x in out.split(",")])
+            time.sleep(self.period)
+
+
+def _contenders(causal):
+    def triton(q, k, v):
+        return attnkit.attention(q, k, v, causal=causal, backend="triton")
+
+    def sdpa(backend):
+        def call(q, k, v):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                        is_causal=causal)
+        return call
+    return {"triton": triton, "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+            "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+
+
+def _with_backward(forward, dout):
+    def step(q, k, v):  # grad, not backward: no accumulation into .grad between steps
+        torch.autograd.grad(forward(q, k, v), (q, k, v), dout)
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--contenders", default="triton,sdpa-cudnn")
+    ap.add_argument("--dtypes", default="bf16,fp16")
+    ap.add_argument("--mode", choices=("fwd", "fwd_bwd"), default="fwd")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    S, D = a.seqlen, a.head_dim
+    B, H = max(1, 16384 // S), 2048 // D
+    flops = 4 * B * H * S * S * D / (2 if a.causal else 1) * (3.5 if a.mode == "fwd_bwd" else 1)
+    grad = a.mode == "fwd_bwd"
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    fns = _contenders(a.causal)
+    order = [(c, d) for d in a.dtypes.split(",") for c in a.contenders.split(",")]
+    sampler = _Sampler()
+    sampler.start()
+    rows = []
+    for rnd, seq in enumerate((order, order[::-1])):
+        for name, dt in seq:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v, dout = (torch.randn(B, H, S, D, device="cuda", dtype=dtypes[dt],
+                                         generator=gen) for _ in range(4))
+            fn = _with_backward(fns[name], dout) if grad else fns[name]
+            if grad:
+                q, k, v = (t.requires_grad_() for t in (q, k, v))
+            for _ in range(5):
+                fn(q, k, v)
+            torch.cuda.synchronize()
+            label = f"{rnd}:{name}:{dt}"
+            sampler.label = label
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            n, t0 = 0, time.time()
+            e0.record()
+            while time.time() - t0 < a.seconds:
+                for _ in range(8):
+                    fn(q, k, v)
+                n += 8
+                torch.cuda.synchronize()
+            e1.record()
+            torch.cuda.synchronize()
+            sampler.label = None
+            ms = e0.elapsed_time(e1) / n
+            s = sampler.samples.get(label, [])
+            med = [statistics.median(x[i] for x in s) if s else float("nan") for i in range(3)]
+            rows.append({"round": rnd, "contender": name, "dtype": dt, "mode": a.mode, "ms": ms,
+                         "tflops": flops / ms / 1e9, "sm_mhz": med[0], "power_w": med[1],
+                         "temp_c": med[2], "samples": len(s)})
+            r = rows[-1]
+            print(f"round {rnd} {name:11s} {dt}: {r['tflops']:6.1f} TFLOP/s  "
+                  f"{r['sm_mhz']:6.0f} MHz  {r['power_w']:6.1f} W  {r['temp_c']:4.0f} C  "
+                  f"({r['samples']} samples)", flush=True)
+    sampler.stop = True
+    import triton
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
+           "shape": {"B": B, "H": H, "S": S, "D": D, "causal": a.causal}}
+    with open(a.out, "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
