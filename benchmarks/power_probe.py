@@ -21,6 +21,7 @@ import threading
 import time
 
 import torch
+import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnkit
@@ -79,8 +80,8 @@ def main():
     a = ap.parse_args()
     S, D = a.seqlen, a.head_dim
     B, H = max(1, 16384 // S), 2048 // D
-    flops = 4 * B * H * S * S * D / (2 if a.causal else 1) * (3.5 if a.mode == "fwd_bwd" else 1)
     grad = a.mode == "fwd_bwd"
+    flops = 4 * B * H * S * S * D / (2 if a.causal else 1) * (3.5 if grad else 1)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     fns = _contenders(a.causal)
     order = [(c, d) for d in a.dtypes.split(",") for c in a.contenders.split(",")]
@@ -122,7 +123,6 @@ def main():
                   f"{r['sm_mhz']:6.0f} MHz  {r['power_w']:6.1f} W  {r['temp_c']:4.0f} C  "
                   f"({r['samples']} samples)", flush=True)
     sampler.stop = True
-    import triton
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
            "shape": {"B": B, "H": H, "S": S, "D": D, "causal": a.causal}}
