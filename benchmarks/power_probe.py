@@ -14,56 +14,44 @@ two passes rather than between contenders. Throughput is from CUDA events over t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import threading
 import time
 
 import torch
-import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from _gpu_profile import write_rows  # benchmarks/, beside this script
 
-import attnkit
+from attnkit.bench import contenders, grid
+from attnkit.bench.environment import nvidia_smi
 
-_QUERY = "clocks.sm,power.draw,temperature.gpu"
+_SAMPLED = ("clocks.sm", "power.draw", "temperature.gpu")
 
 
 class _Sampler(threading.Thread):
-    """Calls nvidia-smi every ``period`` s; each sample is filed under the current label."""
+    """Polls nvidia-smi every ``period`` s; each sample is filed under the current label."""
 
-    def __init__(self, period: float = 0.2):
+    def __init__(self, index: int, period: float = 0.2):
         super().__init__(daemon=True)
-        self.period, self.label, self.samples, self.stop = period, None, {}, False
+        self.index, self.period = index, period
+        self.label, self.samples, self.stop = None, {}, False
 
     def run(self):
         while not self.stop:
             label = self.label
-            out = subprocess.run(["nvidia-smi", f"--query-gpu={_QUERY}",
-                                  "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split("\n")[0]
-            if label is not None and label == self.label:
-                self.samples.setdefault(label, []).append([float(x) for x in out.split(",")])
+            got = nvidia_smi(self.index, _SAMPLED)
+            if label is not None and label == self.label and "error" not in got:
+                self.samples.setdefault(label, []).append([float(got[f]) for f in _SAMPLED])
             time.sleep(self.period)
 
 
-def _contenders(causal):
-    def triton(q, k, v):
-        return attnkit.attention(q, k, v, causal=causal, backend="triton")
-
-    def sdpa(backend):
-        def call(q, k, v):
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v,
-                                                                        is_causal=causal)
-        return call
-    return {"triton": triton, "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-            "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION)}
-
-
-def _with_backward(forward, dout):
-    def step(q, k, v):  # grad, not backward: no accumulation into .grad between steps
-        torch.autograd.grad(forward(q, k, v), (q, k, v), dout)
+def _step(contender, causal: bool, dout):
+    """One call of ``contender`` (pinned SDPA kernels enter their context per call); with
+    ``dout``, forward and ``autograd.grad`` (no accumulation into .grad between steps)."""
+    def step(q, k, v):
+        with contender.context():
+            out = contender.attention(q, k, v, causal=causal)
+            if dout is not None:
+                torch.autograd.grad(out, (q, k, v), dout)
     return step
 
 
@@ -81,21 +69,27 @@ def main():
     S, D = a.seqlen, a.head_dim
     B, H = max(1, 16384 // S), 2048 // D
     grad = a.mode == "fwd_bwd"
-    flops = 4 * B * H * S * S * D / (2 if a.causal else 1) * (3.5 if grad else 1)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    fns = _contenders(a.causal)
-    order = [(c, d) for d in a.dtypes.split(",") for c in a.contenders.split(",")]
-    sampler = _Sampler()
+    flops = grid.attention_flops(B, H, S, S, D, a.causal, a.mode)
+    device = torch.device("cuda", torch.cuda.current_device())
+    names = a.contenders.split(",")
+    order = [(c, d) for d in a.dtypes.split(",") for c in names]
+    picked = {}
+    for dt in a.dtypes.split(","):
+        chosen, left_out = contenders.select(device, grid.DTYPES[dt], D, names)
+        if left_out:
+            ap.error(f"{dt}: {left_out}")
+        picked.update({(c.name, dt): c for c in chosen})
+    sampler = _Sampler(device.index)
     sampler.start()
     rows = []
     for rnd, seq in enumerate((order, order[::-1])):
         for name, dt in seq:
             gen = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v, dout = (torch.randn(B, H, S, D, device="cuda", dtype=dtypes[dt],
+            q, k, v, dout = (torch.randn(B, H, S, D, device="cuda", dtype=grid.DTYPES[dt],
                                          generator=gen) for _ in range(4))
-            fn = _with_backward(fns[name], dout) if grad else fns[name]
             if grad:
                 q, k, v = (t.requires_grad_() for t in (q, k, v))
+            fn = _step(picked[name, dt], a.causal, dout if grad else None)
             for _ in range(5):
                 fn(q, k, v)
             torch.cuda.synchronize()
@@ -123,11 +117,8 @@ def main():
                   f"{r['sm_mhz']:6.0f} MHz  {r['power_w']:6.1f} W  {r['temp_c']:4.0f} C  "
                   f"({r['samples']} samples)", flush=True)
     sampler.stop = True
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
-           "shape": {"B": B, "H": H, "S": S, "D": D, "causal": a.causal}}
-    with open(a.out, "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    write_rows(a.out, rows, shape={"B": B, "H": H, "S": S, "D": D, "causal": a.causal},
+               mode=a.mode, seconds=a.seconds)
 
 
 if __name__ == "__main__":

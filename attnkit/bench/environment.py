@@ -31,13 +31,17 @@ def _cupy_version() -> str | None:
     return None
 
 
-def _nvidia_smi(index: int) -> dict:
-    """SM clocks (current, max, application) and power limit, if nvidia-smi answers."""
+#: What `device_info` records of a GPU: SM clocks (current, max, application), power limit.
+DEVICE_FIELDS = ("clocks.sm", "clocks.max.sm", "clocks.applications.graphics", "clocks.mem",
+                 "power.limit", "driver_version", "temperature.gpu")
+
+
+def nvidia_smi(index: int, fields=DEVICE_FIELDS) -> dict:
+    """``fields`` of GPU ``index`` as nvidia-smi reports them (strings, no units), or
+    ``{"error": ...}``; also polled by benchmarks/power_probe.py while a kernel runs."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return {"error": "nvidia-smi not found"}
-    fields = ["clocks.sm", "clocks.max.sm", "clocks.applications.graphics", "clocks.mem",
-              "power.limit", "driver_version", "temperature.gpu"]
     try:
         res = subprocess.run([exe, f"--query-gpu={','.join(fields)}",
                               "--format=csv,noheader,nounits", "-i", str(index)],
@@ -71,7 +75,7 @@ def device_info(device: torch.device) -> dict:
             "capability": f"{props.major}.{props.minor}",
             "multiprocessors": props.multi_processor_count,
             "memory_bytes": props.total_memory,
-            "clocks": _nvidia_smi(index),
+            "clocks": nvidia_smi(index),
         }
     return {
         "type": device.type,
