@@ -132,20 +132,31 @@ _DEFAULT_BWD = {
     128: (KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
     256: (KernelConfig(16, 32, 4, 1), KernelConfig(32, 16, 4, 1)),
 }
-# The interpreter: small, unequal tiles (many boundary cases, quick numpy steps). Equal in
-# all three kernels, as for fp32 below.
+# The interpreter: small, unequal tiles (many boundary cases, quick numpy steps), equal in
+# all three kernels.
 _INTERPRET = KernelConfig(32, 16, 4, 1)
 
 
-def _fp32_config(block_d: int) -> KernelConfig:
-    """fp32 uses one tile shape in all three kernels: the backward then recomputes exactly
-    the forward's scores (same products, same summation), which fp32 accuracy at large
-    scores needs, since lse was computed from them. fp32 speed is not the goal. The ieee dot
-    is FMA code unrolled over the tile, so the tile sets the compile time and the spills:
-    at D=128, 32x32 halves the first call's compile against 64x32 and makes fwd+bwd 1.26x
-    faster (64x32's dK/dV spilled ~50 KB), the forward alone 0.65x (benchmarks/NOTES.md,
-    seventeenth session)."""
-    return KernelConfig(32, 32, 4, 1 if block_d > 128 else 2)
+# fp32: (forward, dK/dV, dQ) per block_d. The ieee dot is FMA code unrolled over the tile, so
+# the tile sets compile time and spills; each score is a sequential FMA sum over the head dim
+# whatever the tiling, so the backward's recomputed scores match the forward's with different
+# tiles in each kernel. Per-kernel times on an H200, B=4 H=8 S=2048 (benchmarks/NOTES.md,
+# eighteenth session): D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV 32x32 w8 29 ms vs
+# 101 at w4 (which spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward 32x64 3.0 ms vs 3.4,
+# dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Head dims not measured keep 32x32.
+_FP32 = {
+    64: (KernelConfig(32, 64, 4, 2), KernelConfig(32, 32, 8, 2), KernelConfig(64, 64, 8, 2)),
+    128: (KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 8, 2), KernelConfig(16, 32, 4, 2)),
+}
+
+
+def _fp32_configs(block_d: int) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
+    """(forward, dK/dV, dQ) tiles for fp32 (see _FP32); fp32 speed is not the goal, so
+    unmeasured head dims take one small tile."""
+    if block_d in _FP32:
+        return _FP32[block_d]
+    cfg = KernelConfig(32, 32, 4, 1 if block_d > 128 else 2)
+    return cfg, cfg, cfg
 
 
 def _arch(device) -> int:
@@ -169,7 +180,7 @@ def _forward_config(head_dim, causal, dtype, device, interpret, short) -> Kernel
     if interpret:
         cfg = _INTERPRET
     elif dtype == torch.float32:
-        cfg = _fp32_config(bd)
+        cfg = _fp32_configs(bd)[0]
     elif _arch(device) == 90:
         cfg = (_HOPPER_FWD_SHORT.get((bd, causal)) if short else None) or \
             _HOPPER_FWD[(bd, causal)]
@@ -191,7 +202,7 @@ def _backward_configs(head_dim, causal, dtype, device, interpret, short):
     if interpret:
         dkdv = dq = _INTERPRET
     elif dtype == torch.float32:
-        dkdv = dq = _fp32_config(bd)
+        _, dkdv, dq = _fp32_configs(bd)
     elif _arch(device) == 90:
         dkdv, dq = (_HOPPER_BWD_SHORT.get((bd, causal)) if short else None) or \
             _HOPPER_BWD[(bd, causal)]
