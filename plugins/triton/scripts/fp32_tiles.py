@@ -14,6 +14,7 @@ the first call, for filling several caches in parallel before timing them one at
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -38,14 +39,21 @@ def main() -> int:
     ap.add_argument("--tiles", default=None)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--same-as", metavar="PATH", default=None,
+                    help="save the forward output here, or if the file exists, say whether "
+                         "the output is bitwise equal to it")
     args = ap.parse_args()
     if args.tiles:
         table = _configs._fp32_configs(_configs.padded_head_dim(args.head_dim))
-        tiles = [_tag(cur) if t == "*" else t for t, cur in zip(args.tiles.split(), table)]
-        tiles = [tuple(map(int, t.split(","))) for t in tiles]
-        if len(tiles) != 3 or any(len(t) != 4 for t in tiles):
-            ap.error("--tiles takes three tiles (forward, dK/dV, dQ), each "
-                     "block_m,block_n,num_warps,num_stages")
+        given = args.tiles.split()
+        try:
+            tiles = [tuple(map(int, (_tag(cur) if t == "*" else t).split(",")))
+                     for t, cur in zip(given, table)]
+        except ValueError:
+            tiles = []
+        if len(given) != 3 or len(tiles) != 3 or any(len(t) != 4 for t in tiles):
+            ap.error(f"--tiles {args.tiles!r}: give three tiles (forward, dK/dV, dQ), each "
+                     "block_m,block_n,num_warps,num_stages or *")
         tiles = tuple(_configs.KernelConfig(*t) for t in tiles)
         _configs._fp32_configs = lambda block_d: tiles
     label = " ".join(map(_tag, _configs._fp32_configs(_configs.padded_head_dim(args.head_dim))))
@@ -74,6 +82,12 @@ def main() -> int:
     if args.compile_only:
         return 0
 
+    same = ""
+    if args.same_as and os.path.exists(args.same_as):
+        same = f" | output bitwise equal to {args.same_as}: " \
+            f"{torch.equal(out.detach(), torch.load(args.same_as))}"
+    elif args.same_as:
+        torch.save(out.detach(), args.same_as)
     ref64, ref32 = (case.reference(q, k, v, None, dt, dout) for dt in (torch.float64,
                                                                        torch.float32))
     verdicts = [accuracy.check("out", out, ref64[0], ref32[0], torch.float32)] + [
@@ -97,7 +111,7 @@ def main() -> int:
     print(f"D={args.head_dim} [{label}] fwd {fwd_ms:.2f} ms ({flops / fwd_ms * 1e-9:.1f} "
           f"TFLOP/s), fwd+bwd {step_ms:.2f} ms ({3.5 * flops / step_ms * 1e-9:.1f}) | "
           + " ".join(f"{n}={per_kernel[n]:.2f}ms" for n in KERNELS if n in per_kernel)
-          + f" | accurate {all(ok for ok, _ in verdicts)}", flush=True)
+          + f" | accurate {all(ok for ok, _ in verdicts)}{same}", flush=True)
     for _, msg in verdicts:
         print("   ", msg)
     return 0 if all(ok for ok, _ in verdicts) else 1

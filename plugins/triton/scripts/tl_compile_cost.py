@@ -1,6 +1,6 @@
-"""Compile one `tl` kernel for sm_90 without a GPU and report its compile time and what
-ptxas says about registers and spills: the offline half of choosing a tile (fp32's tiles
-were chosen this way; benchmarks/NOTES.md, seventeenth session).
+"""Compile one `tl` kernel for sm_90 without a GPU and report its compile time, its shared
+memory, and what ptxas says about registers and spills: the offline half of choosing a tile
+(fp32's tiles were chosen this way; benchmarks/NOTES.md, seventeenth and eighteenth sessions).
 
     python plugins/triton/scripts/tl_compile_cost.py --kernel dkdv --head-dim 128 --tile 32,32,4,2
 
@@ -82,7 +82,8 @@ def main() -> int:
     os.unlink(f.name)
     usage = " | ".join(line.split(":", 1)[-1].strip() for line in report.splitlines()
                        if "spill" in line or "registers" in line)
-    print(f"{a.kernel} {a.dtype} D={a.head_dim} tile {a.tile}: compile {seconds:.1f} s; {usage}")
+    print(f"{a.kernel} {a.dtype} D={a.head_dim} tile {a.tile}: compile {seconds:.1f} s; "
+          f"shared memory {compiled.metadata.shared} B; {usage}")
     return 0
 
 
