@@ -50,3 +50,27 @@ def test_suite_fails_when_backend_never_runs(pytester):
     # Only the refusal tests: green tests, but the backend's forward never ran.
     result = _run_suite(pytester, "reference", "-k", "refuses")
     assert result.ret != 0
+
+
+def test_case_judge_applies_the_suite_rule():
+    """`Case.judge` (the scripts' verdict): the reference's own result passes; a gradient
+    off by more than the rule allows fails, named, with its numbers."""
+    import torch
+
+    from attnkit import reference
+    from attnkit.testing.cases import Case
+
+    case = Case(1, 2, 2, 33, 47, 16, torch.float32, causal=True)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, seqlens_k = case.make_inputs("cpu", gen)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = torch.randn(q.shape, generator=gen)
+    out, _ = reference.safe(q, k, v, **case.options(seqlens_k))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    verdicts = case.judge(q, k, v, seqlens_k, dout, out=out, grads=grads)
+    assert [m.split(":")[0] for _, m in verdicts] == ["out", "dq", "dk", "dv"]
+    assert all(ok for ok, _ in verdicts), verdicts
+    bad = (grads[0], grads[1] + 1e-2, grads[2])
+    verdicts = case.judge(q, k, v, seqlens_k, dout, grads=bad)
+    assert [ok for ok, _ in verdicts] == [True, False, True], verdicts
+    assert verdicts[1][1].startswith("dk: max|got - ref64| = 1.0"), verdicts[1][1]

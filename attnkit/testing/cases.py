@@ -14,6 +14,7 @@ import torch
 from .. import reference
 from ..backend import Capabilities
 from ..reference import visible_mask
+from . import accuracy
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
                 torch.float64: "fp64"}
@@ -115,6 +116,22 @@ class Case:
             out, lse = reference.safe(qq, kk, vv, **self.options(seqlens_k))
             grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype)) if grad else None
         return out.detach(), lse.detach(), grads
+
+    def judge(self, q, k, v, seqlens_k, dout, out=None, grads=None) -> list[tuple[bool, str]]:
+        """The accuracy rule on ``out`` and/or ``grads`` (dq, dk, dv) of these inputs, with
+        the suite's factors: one ``(ok, message)`` per tensor. For scripts that report rather
+        than assert (the suite itself asserts each tensor as it goes)."""
+        grad = grads is not None
+        ref64 = self.reference(q, k, v, seqlens_k, torch.float64, dout, grad)
+        ref_lp = self.reference(q, k, v, seqlens_k, self.dtype, dout, grad)
+        verdicts = []
+        if out is not None:
+            verdicts.append(accuracy.check("out", out, ref64[0], ref_lp[0], self.dtype,
+                                           accuracy.OUT_FACTOR))
+        if grad:
+            verdicts += [accuracy.check(f"d{n}", g, g64, glp, self.dtype, accuracy.GRAD_FACTOR)
+                         for n, g, g64, glp in zip("qkv", grads, ref64[2], ref_lp[2])]
+        return verdicts
 
     def masked_rows(self, seqlens_k) -> torch.Tensor:
         """Boolean (B or 1, 1, Sq): rows that see no key."""

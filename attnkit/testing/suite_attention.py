@@ -15,7 +15,7 @@ import attnkit
 from attnkit import reference
 from attnkit.registry import NoBackendError, registry
 from attnkit.testing import cases as _cases
-from attnkit.testing.accuracy import assert_close
+from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, assert_close
 
 
 def _generator(case) -> tuple[torch.Generator, int]:
@@ -46,7 +46,7 @@ def test_matches_reference(case, backend, backend_name, device):
     ref64 = case.reference(q, k, v, seqlens_k, torch.float64, dout, case.grad)
     ref_lp = case.reference(q, k, v, seqlens_k, q.dtype, dout, case.grad)
 
-    assert_close(f"{where} out", out, ref64[0], ref_lp[0], q.dtype, factor=2)
+    assert_close(f"{where} out", out, ref64[0], ref_lp[0], q.dtype, factor=OUT_FACTOR)
     masked = case.masked_rows(seqlens_k).to(out.device).expand(out.shape[:3])
     if case.expect_masked_rows:
         assert masked.any(), f"{where}: the case was meant to contain fully-masked rows"
@@ -56,7 +56,7 @@ def test_matches_reference(case, backend, backend_name, device):
         want = torch.float64 if q.dtype == torch.float64 else torch.float32
         assert lse.dtype == want, f"{where}: lse dtype {lse.dtype}, expected {want}"
         assert tuple(lse.shape) == tuple(q.shape[:3]), f"{where}: lse shape {tuple(lse.shape)}"
-        assert_close(f"{where} lse", lse, ref64[1], ref_lp[1], q.dtype, factor=2)
+        assert_close(f"{where} lse", lse, ref64[1], ref_lp[1], q.dtype, factor=OUT_FACTOR)
         if masked.any():
             assert (lse[masked] == float("-inf")).all(), \
                 f"{where}: fully-masked rows must give lse == -inf"
@@ -75,7 +75,7 @@ def test_matches_reference(case, backend, backend_name, device):
             assert g.dtype == t.dtype and g.shape == t.shape, (
                 f"{where}: d{name} is {g.dtype} {tuple(g.shape)}, "
                 f"expected {t.dtype} {tuple(t.shape)}")
-            assert_close(f"{where} d{name}", g, g64, glp, q.dtype, factor=3)
+            assert_close(f"{where} d{name}", g, g64, glp, q.dtype, factor=GRAD_FACTOR)
         if masked.any():
             assert (grads[0][masked] == 0).all(), f"{where}: fully-masked rows need dq == 0"
 

@@ -140,10 +140,11 @@ _INTERPRET = KernelConfig(32, 16, 4, 1)
 # fp32: (forward, dK/dV, dQ) per block_d. The ieee dot is FMA code unrolled over the tile, so
 # the tile sets compile time and spills; each score is a sequential FMA sum over the head dim
 # whatever the tiling, so the backward's recomputed scores match the forward's with different
-# tiles in each kernel. Per-kernel times on an H200, B=4 H=8 S=2048 (benchmarks/NOTES.md,
-# eighteenth session): D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV 32x32 w8 29 ms vs
-# 101 at w4 (which spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward 32x64 3.0 ms vs 3.4,
-# dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Head dims not measured keep 32x32.
+# tiles in each kernel. Per-kernel times on an H200, B=4 H=8 S=2048 (benchmarks/fp32_tiles.py;
+# NOTES.md, eighteenth session): D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV
+# 32x32 w8 29 ms vs 101 at w4 (which spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward
+# 32x64 3.0 ms vs 3.4, dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Head dims
+# not measured keep 32x32.
 _FP32 = {
     64: (KernelConfig(32, 64, 4, 2), KernelConfig(32, 32, 8, 2), KernelConfig(64, 64, 8, 2)),
     128: (KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 8, 2), KernelConfig(16, 32, 4, 2)),

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.testing.accuracy import assert_close  # noqa: E402
+from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, assert_close  # noqa: E402
 from attnkit.testing.cases import Case  # noqa: E402
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -93,13 +93,13 @@ def test_forward_backward_match_reference(case):
 
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-    assert_close(f"{case.id} out", out, ref64[0], ref_lp[0], case.dtype, factor=2)
-    assert_close(f"{case.id} lse", lse, ref64[1], ref_lp[1], case.dtype, factor=2)
+    assert_close(f"{case.id} out", out, ref64[0], ref_lp[0], case.dtype, factor=OUT_FACTOR)
+    assert_close(f"{case.id} lse", lse, ref64[1], ref_lp[1], case.dtype, factor=OUT_FACTOR)
 
     grads = torch.autograd.grad(out, (q, k, v), dout)
     for name, g, t, g64, glp in zip("qkv", grads, (q, k, v), ref64[2], ref_lp[2]):
         assert g.dtype == t.dtype and g.shape == t.shape
-        assert_close(f"{case.id} d{name}", g, g64, glp, case.dtype, factor=3)
+        assert_close(f"{case.id} d{name}", g, g64, glp, case.dtype, factor=GRAD_FACTOR)
 
     masked = case.masked_rows(seqlens_k).expand(out.shape[:3])
     if case.expect_masked_rows:

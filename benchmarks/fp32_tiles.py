@@ -3,7 +3,7 @@ do_bench medians of the forward and fwd+bwd with each kernel's own time from the
 The fp32 table in `_configs` (`_FP32`) was chosen with the scratch script this one was made
 from: same problem, accuracy rule and timings (benchmarks/NOTES.md, eighteenth session).
 
-    python plugins/triton/scripts/fp32_tiles.py --head-dim 256 --tiles "32,32,8,1 * *"
+    python benchmarks/fp32_tiles.py --head-dim 256 --tiles "32,32,8,1 * *"
 
 ``--tiles`` is "forward dK/dV dQ", each block_m,block_n,num_warps,num_stages or ``*`` for the
 table's (default: all the table's). Compare candidates in separate processes, each with its
@@ -19,11 +19,11 @@ import time
 
 import torch
 import triton
+from _gpu_profile import kernel_profile  # benchmarks/, beside this script
 from attnkit_triton import _configs
-from torch.profiler import ProfilerActivity, profile
 
 import attnkit
-from attnkit.testing import accuracy
+from attnkit.bench.grid import attention_flops
 from attnkit.testing.cases import Case
 
 KERNELS = ("_fwd_kernel", "_prep_kernel", "_dkdv_kernel", "_dq_kernel")
@@ -88,29 +88,19 @@ def main() -> int:
             f"{torch.equal(out.detach(), torch.load(args.same_as))}"
     elif args.same_as:
         torch.save(out.detach(), args.same_as)
-    ref64, ref32 = (case.reference(q, k, v, None, dt, dout) for dt in (torch.float64,
-                                                                       torch.float32))
-    verdicts = [accuracy.check("out", out, ref64[0], ref32[0], torch.float32)] + [
-        accuracy.check(f"d{n}", g, g64, g32, torch.float32, factor=3.0)
-        for n, g, g64, g32 in zip("qkv", grads, ref64[2], ref32[2])]
-    del ref64, ref32
+    verdicts = case.judge(q, k, v, None, dout, out=out, grads=grads)
 
     fwd_ms = triton.testing.do_bench(forward, warmup=30, rep=200)
     step_ms = triton.testing.do_bench(step, warmup=30, rep=200)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-    per_kernel = {}
-    for e in prof.key_averages():
-        name = next((n for n in KERNELS if n in e.key), None)
-        if name:
-            per_kernel[name] = per_kernel.get(name, 0.0) + e.device_time_total / e.count / 1e3
+    kernels, _, _ = kernel_profile(step, calls=10)  # device us per fwd+bwd step
+    per_kernel = {n: sum(us for key, us in kernels.items() if n in key) / 1e3 for n in KERNELS}
 
-    flops = 4 * case.batch * case.heads_q * args.seqlen ** 2 * args.head_dim
-    print(f"D={args.head_dim} [{label}] fwd {fwd_ms:.2f} ms ({flops / fwd_ms * 1e-9:.1f} "
-          f"TFLOP/s), fwd+bwd {step_ms:.2f} ms ({3.5 * flops / step_ms * 1e-9:.1f}) | "
-          + " ".join(f"{n}={per_kernel[n]:.2f}ms" for n in KERNELS if n in per_kernel)
+    shape = (case.batch, case.heads_q, args.seqlen, args.seqlen, args.head_dim, False)
+    fwd_tf = attention_flops(*shape, "fwd") / fwd_ms * 1e-9
+    step_tf = attention_flops(*shape, "fwd_bwd") / step_ms * 1e-9
+    print(f"D={args.head_dim} [{label}] fwd {fwd_ms:.2f} ms ({fwd_tf:.1f} TFLOP/s), "
+          f"fwd+bwd {step_ms:.2f} ms ({step_tf:.1f}) | "
+          + " ".join(f"{n}={ms:.2f}ms" for n, ms in per_kernel.items() if ms)
           + f" | accurate {all(ok for ok, _ in verdicts)}{same}", flush=True)
     for _, msg in verdicts:
         print("   ", msg)
