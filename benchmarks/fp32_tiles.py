@@ -43,8 +43,10 @@ def main() -> int:
                     help="save the forward output here, or if the file exists, say whether "
                          "the output is bitwise equal to it")
     args = ap.parse_args()
+    block_d = _configs.padded_head_dim(args.head_dim)
+    arch = _configs._arch(torch.device("cuda"))
     if args.tiles:
-        table = _configs._fp32_configs(_configs.padded_head_dim(args.head_dim))
+        table = _configs._fp32_configs(block_d, arch)
         given = args.tiles.split()
         try:
             tiles = [tuple(map(int, (_tag(cur) if t == "*" else t).split(",")))
@@ -55,8 +57,9 @@ def main() -> int:
             ap.error(f"--tiles {args.tiles!r}: give three tiles (forward, dK/dV, dQ), each "
                      "block_m,block_n,num_warps,num_stages or *")
         tiles = tuple(_configs.KernelConfig(*t) for t in tiles)
-        _configs._fp32_configs = lambda block_d: tiles
-    label = " ".join(map(_tag, _configs._fp32_configs(_configs.padded_head_dim(args.head_dim))))
+        _configs._fp32_configs = lambda block_d, arch: tiles
+    label = " ".join(map(_tag, _configs._fp32_configs(block_d, arch)))
+    label += f" TMA={os.environ.get('ATTNKIT_TRITON_TMA', 'auto')}"
 
     # magnitude 2: scores large enough that a backward recomputing them differently shows.
     case = Case(4, 8, 8, args.seqlen, args.seqlen, args.head_dim, torch.float32, magnitude=2.0)

@@ -2,6 +2,9 @@
 # The GPU session, in two device calls of under 10 minutes each (logs and results in $OUT):
 #   bash benchmarks/gpu_session.sh check   # conformance of every GPU backend on CUDA
 #   bash benchmarks/gpu_session.sh bench   # standard grid + decode beside SDPA, torch-blocked
+# and the fp32 tile work that waits for a GPU (benchmarks/NOTES.md, nineteenth session):
+#   bash benchmarks/gpu_session.sh fp32-tma   # the fp32 table through TMA and on pointers
+#   ATTNKIT_TRITON_TMA=0 bash benchmarks/gpu_session.sh fp32-256   # head dim 256 candidates
 # Both start by installing the project (editable, no deps: the device has no network).
 set -u
 export PYTHONUNBUFFERED=1
@@ -40,6 +43,37 @@ bench)
     echo "== torch-blocked rc=$?"; tail -15 "$OUT/torch_blocked.log"
     tail -c 5000 "$OUT/bench.log"
     ;;
+fp32-tma)
+    for D in 128 64; do
+        for tma in auto 0; do
+            log="$OUT/fp32-d$D-tma$tma.log"
+            TRITON_CACHE_DIR="/tmp/tc-fp32-$D-$tma" ATTNKIT_TRITON_TMA=$tma timeout 240 \
+                python benchmarks/fp32_tiles.py --head-dim "$D" > "$log" 2>&1
+            echo "== fp32 D=$D ATTNKIT_TRITON_TMA=$tma: rc=$?"; grep -E "^D=" "$log"
+        done
+    done
+    ;;
+fp32-256)
+    # "forward dK/dV dQ": now; all w8 (no spills on pointers); the tiles off Hopper; mixed.
+    # Compiled in parallel (a cold cache each), then timed one at a time.
+    set -- "32,32,4,1 32,32,4,1 32,32,4,1" "32,32,8,1 32,32,8,1 32,32,8,1" \
+        "32,16,8,1 16,16,4,1 32,16,8,1" "16,32,4,1 32,16,8,1 16,32,4,1"
+    i=0
+    for tiles in "$@"; do
+        i=$((i + 1))
+        TRITON_CACHE_DIR="/tmp/tc-fp32-256-$i" timeout 300 python benchmarks/fp32_tiles.py \
+            --head-dim 256 --tiles "$tiles" --compile-only > "$OUT/fp32-256-$i.log" 2>&1 &
+    done
+    wait
+    i=0
+    for tiles in "$@"; do
+        i=$((i + 1))
+        TRITON_CACHE_DIR="/tmp/tc-fp32-256-$i" timeout 120 python benchmarks/fp32_tiles.py \
+            --head-dim 256 --tiles "$tiles" --same-as /tmp/fp32-256-out.pt \
+            >> "$OUT/fp32-256-$i.log" 2>&1
+        echo "== fp32 D=256 [$tiles]: rc=$?"; grep -E "^D=" "$OUT/fp32-256-$i.log"
+    done
+    ;;
 *)
-    echo "usage: gpu_session.sh check|bench" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh check|bench|fp32-tma|fp32-256" >&2; exit 2 ;;
 esac

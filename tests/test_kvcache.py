@@ -3,6 +3,7 @@ ability to fail, and the triton split-KV decode kernel under TRITON_INTERPRET=1.
 
 import os
 import pathlib
+import re
 import runpy
 import subprocess
 import sys
@@ -242,7 +243,8 @@ def test_decode_kernel_under_interpreter():
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
         timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert f"{len(DECODE_CASES)} passed" in r.stdout, r.stdout[-2000:]
+    # The decode cases and test_decode_launch_overrides_are_checked_interpreted.
+    assert f"{len(DECODE_CASES) + 1} passed" in r.stdout, r.stdout[-2000:]
 
 
 DECODE_CASES = [
@@ -254,6 +256,9 @@ DECODE_CASES = [
     (1, 8, 2, 1, 600, 64, torch.float16, {"causal": True}, None),  # default split count
     (2, 2, 2, 4, 3, 16, torch.float32, {"causal": True}, 1),  # rows with no key
     (1, 4, 4, 2, 80, 16, torch.float32, {"window": (3, 3)}, 8),  # empty splits
+    # fp32 off Hopper reads fewer keys per step (`stream_config`: 16 at head dim 256).
+    (1, 8, 2, 2, 70, 200, torch.float32, {"causal": True, "arch": 86}, 3),
+    (1, 4, 1, 1, 90, 128, torch.float32, {"arch": 86}, 2),
 ]
 
 
@@ -275,18 +280,34 @@ def test_split_kv_decode_interpreted(decode_module, case):
     q, k, v = rand(Hq, Sq), rand(Hkv, Sk), rand(Hkv, Sk)
     seqlens = opts.pop("seqlens", None)
     seqlens = None if seqlens is None else torch.tensor(seqlens, dtype=torch.int32)
+    arch = opts.pop("arch", None)
     problem = AttentionProblem.from_tensors(q, k, v, seqlens_k=seqlens, **opts)
     if splits is None:
         assert decode_module.use_split_kv(problem)
         assert decode_module.num_splits(problem) > 1
-    out, lse = decode_module.decode_forward(problem, q, k, v, seqlens, splits=splits)
+    launch = {}
+    if arch is not None:  # that GPU's stream tiles, which the interpreter would not pick
+        launch = dict(zip(("block_n", "num_stages"), decode_module.stream_config(problem, arch)))
+        assert launch["block_n"] < decode_module.stream_config(problem, 90)[0]
+    out, lse = decode_module.decode_forward(problem, q, k, v, seqlens, splits=splits, **launch)
     r64 = reference.safe(q.double(), k.double(), v.double(), seqlens_k=seqlens, **opts)
     rlp = reference.safe(q, k, v, seqlens_k=seqlens, **opts)
     assert out.dtype == dtype and out.stride() == q.stride() and lse.dtype == torch.float32
     assert_close("out", out, r64[0], rlp[0], dtype)
     assert_close("lse", lse, r64[1], rlp[1].float(), dtype)
-    again = decode_module.decode_forward(problem, q, k, v, seqlens, splits=splits)
+    again = decode_module.decode_forward(problem, q, k, v, seqlens, splits=splits, **launch)
     assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+
+
+@interpreted_only
+def test_decode_launch_overrides_are_checked_interpreted(decode_module):
+    q, kv = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 40, 16)
+    problem = AttentionProblem.from_tensors(q, kv, kv)
+    for kw, words in (({"splits": 0}, "splits must be in [1, 4096], got 0"),
+                      ({"block_n": 24}, "block_n must be a power of two >= 16, got 24"),
+                      ({"num_stages": 0}, "num_stages must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            decode_module.decode_forward(problem, q, kv, kv, None, **kw)
 
 
 def _meta_problem(B, Hq, Hkv, Sq, Sk, D=128, dtype=torch.bfloat16, **kw):

@@ -6,6 +6,8 @@ unavailable with the reason, and nothing else changes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from attnkit.backend import Backend, Capabilities
@@ -20,6 +22,31 @@ def _compute_capability(device_index: int) -> int:
     import cupy
 
     return int(cupy.cuda.Device(device_index).compute_capability)
+
+
+def _shared_memory_limit(device_index: int) -> int:
+    """Dynamic shared memory a block may opt in to: 163 KB on A100, 99 KB on sm_86/sm_89,
+    227 KB on H100."""
+    import cupy
+
+    return int(cupy.cuda.Device(device_index).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+@functools.lru_cache(maxsize=1024)  # selection asks on every call
+def shared_memory_needed(problem) -> tuple[int, str]:
+    """(bytes, which kernel): the most dynamic shared memory per block among the kernels a
+    call of ``problem`` launches (forward or split-KV decode, and the backward's if it needs
+    gradients)."""
+    from . import _decode, _launch
+
+    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[problem.dtype]
+    band, softcap = _launch._band_args(problem)[0], problem.softcap is not None
+    fwd = "decode" if _decode.use_split_kv(problem) else "forward"
+    roles = [(fwd, "split" if fwd == "decode" else "fwd")]
+    if problem.needs_grad:
+        roles += [("backward", "dq"), ("backward", "dkdv")]
+    return max((_compile.variant_for(source, dtype, problem.head_dim, band, softcap)
+                .geometry(role)[2], f"{source} {role}") for source, role in roles)
 
 
 class CupyBackend(Backend):
@@ -37,6 +64,7 @@ class CupyBackend(Backend):
 
     def __init__(self):
         self._cc: dict[int, int] = {}
+        self._smem: dict[int, int] = {}
 
     def availability(self) -> tuple[bool, str]:
         try:
@@ -76,6 +104,20 @@ class CupyBackend(Backend):
                     return reasons
             if cc < MIN_COMPUTE_CAPABILITY:
                 reasons.append(f"{problem.device} has compute capability {cc / 10:.1f} < 8.0")
+                return reasons
+            limit = self._smem.get(idx)
+            if limit is None:
+                try:
+                    limit = self._smem[idx] = _shared_memory_limit(idx)
+                except Exception as e:
+                    reasons.append(f"cannot read the shared memory per block of "
+                                   f"{problem.device} ({type(e).__name__}: {e})")
+                    return reasons
+            need, kernel = shared_memory_needed(problem)
+            if need > limit:  # the tiles are sized for A100/H100; sm_86/sm_89 have 99 KB
+                reasons.append(f"the {kernel} kernel at head dim {problem.head_dim} "
+                               f"({str(problem.dtype)[6:]}) needs {need} bytes of shared "
+                               f"memory per block; {problem.device} (sm_{cc}) allows {limit}")
         return reasons
 
     def forward(self, problem, q, k, v, seqlens_k):

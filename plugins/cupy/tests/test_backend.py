@@ -156,3 +156,30 @@ def test_cuda_problem_without_cupy_gives_a_reason(monkeypatch):
     prob = prob._replace(device=torch.device("cuda", 0))
     reasons = CupyBackend().not_supported_reasons(prob)
     assert any("compute capability" in r for r in reasons)
+
+
+def test_kernels_over_the_gpus_shared_memory_are_refused(monkeypatch):
+    """The tiles are sized for A100/H100 (163/227 KB per block); sm_86/sm_89 allow 99 KB, so
+    the kernels that need more are refused there with their numbers, not launched."""
+    from attnkit_cupy import backend
+
+    def problem(D, Sq=512, Sk=512, dtype=torch.bfloat16, grad=False):
+        return attnkit.AttentionProblem(2, 4, 4, Sq, Sk, D, dtype, torch.device("cuda", 0),
+                                        needs_grad=grad)
+
+    def reasons(p, limit, cc=86):
+        monkeypatch.setattr(backend, "_compute_capability", lambda idx: cc)
+        monkeypatch.setattr(backend, "_shared_memory_limit", lambda idx: limit)
+        return CupyBackend().not_supported_reasons(p)
+
+    assert reasons(problem(64, grad=True), 101376) == []
+    assert reasons(problem(256, grad=True), 166912, cc=80) == []
+    (why,) = reasons(problem(256, grad=True), 101376)
+    need, kernel = backend.shared_memory_needed(problem(256, grad=True))
+    assert kernel.startswith("backward") and need > 101376
+    assert why == (f"the {kernel} kernel at head dim 256 (bfloat16) needs {need} bytes of "
+                   "shared memory per block; cuda:0 (sm_86) allows 101376")
+    (why,) = reasons(problem(128, Sq=1, Sk=4096), 101376)  # split-KV decoding
+    assert why.startswith("the decode split kernel at head dim 128")
+    assert reasons(problem(128, grad=True), 101376, cc=75) == [
+        "cuda:0 has compute capability 7.5 < 8.0"]

@@ -119,7 +119,8 @@ _HOPPER_BWD_SHORT = {
     (128, False): (KernelConfig(32, 64, 4, 3, tma=False), _HOPPER_BWD[(128, False)][1]),
     (128, True): (KernelConfig(32, 64, 4, 2, tma=False), KernelConfig(64, 32, 4, 3, tma=False)),
 }
-# Everything else (Ampere and newer non-Hopper parts): shared-memory-safe sizes.
+# Everything else (Ampere and newer non-Hopper parts): sizes that fit the 99 KB of shared
+# memory per block of sm_86/sm_89/sm_120 (scripts/compile_tables.py checks them).
 _DEFAULT_FWD = {
     16: KernelConfig(128, 64, 4, 3), 32: KernelConfig(128, 64, 4, 3),
     64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 2),
@@ -144,20 +145,52 @@ _INTERPRET = KernelConfig(32, 16, 4, 1)
 # NOTES.md, eighteenth session): D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV
 # 32x32 w8 29 ms vs 101 at w4 (which spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward
 # 32x64 3.0 ms vs 3.4, dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Head dims
-# not measured keep 32x32.
+# not measured keep 32x32 (off Hopper, 256: _FP32_SMALL_256). The spills quoted were the
+# pointer kernels'; on Hopper fp32 runs through TMA, whose kernels spill more (NOTES.md,
+# nineteenth session: what to time next).
 _FP32 = {
     64: (KernelConfig(32, 64, 4, 2), KernelConfig(32, 32, 8, 2), KernelConfig(64, 64, 8, 2)),
     128: (KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 8, 2), KernelConfig(16, 32, 4, 2)),
 }
 
 
-def _fp32_configs(block_d: int) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
+# fp32 at head dims 129..256 off Hopper: 32x32 tiles need 128-136 KB of shared memory in
+# the backward, over the 99 KB per block of sm_86/sm_89/sm_120, and spill on sm_86 in the
+# forward; these fit (64-96 KB, no spills; scripts/compile_tables.py checks every table
+# entry against each arch's limit). Not timed: no such GPU has been lent.
+_FP32_SMALL_256 = (KernelConfig(32, 16, 8, 1), KernelConfig(16, 16, 4, 1),
+                   KernelConfig(32, 16, 8, 1))
+
+
+def _fp32_configs(block_d: int, arch: int) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
     """(forward, dK/dV, dQ) tiles for fp32 (see _FP32); fp32 speed is not the goal, so
     unmeasured head dims take one small tile."""
     if block_d in _FP32:
         return _FP32[block_d]
+    if block_d > 128 and arch != 90:
+        return _FP32_SMALL_256
     cfg = KernelConfig(32, 32, 4, 1 if block_d > 128 else 2)
     return cfg, cfg, cfg
+
+
+def table_configs(arch: int | None, block_d: int, causal: bool, dtype,
+                  short: bool = False) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
+    """(forward, dK/dV, dQ) configs from the tables for a GPU of compute capability ``arch``
+    (major*10+minor; None: the interpreter), ``block_d`` = `padded_head_dim`. block_d is not
+    filled in. A pure function of its arguments, so scripts can ask for any GPU's choice."""
+    import torch
+
+    if arch is None:
+        return _INTERPRET, _INTERPRET, _INTERPRET
+    if dtype == torch.float32:
+        return _fp32_configs(block_d, arch)
+    if arch == 90:
+        fwd = (_HOPPER_FWD_SHORT.get((block_d, causal)) if short else None) or \
+            _HOPPER_FWD[(block_d, causal)]
+        bwd = (_HOPPER_BWD_SHORT.get((block_d, causal)) if short else None) or \
+            _HOPPER_BWD[(block_d, causal)]
+        return fwd, *bwd
+    return _DEFAULT_FWD[block_d], *_DEFAULT_BWD[block_d]
 
 
 def _arch(device) -> int:
@@ -175,18 +208,8 @@ def forward_config(head_dim: int, causal: bool, dtype, device,
 
 @functools.lru_cache(maxsize=256)  # a table lookup, but on every call: keep it off the clock
 def _forward_config(head_dim, causal, dtype, device, interpret, short) -> KernelConfig:
-    import torch
-
     bd = padded_head_dim(head_dim)
-    if interpret:
-        cfg = _INTERPRET
-    elif dtype == torch.float32:
-        cfg = _fp32_configs(bd)[0]
-    elif _arch(device) == 90:
-        cfg = (_HOPPER_FWD_SHORT.get((bd, causal)) if short else None) or \
-            _HOPPER_FWD[(bd, causal)]
-    else:
-        cfg = _DEFAULT_FWD[bd]
+    cfg = table_configs(None if interpret else _arch(device), bd, causal, dtype, short)[0]
     return replace(cfg, block_d=bd)
 
 
@@ -197,16 +220,6 @@ def backward_configs(head_dim: int, causal: bool, dtype, device,
 
 @functools.lru_cache(maxsize=256)
 def _backward_configs(head_dim, causal, dtype, device, interpret, short):
-    import torch
-
     bd = padded_head_dim(head_dim)
-    if interpret:
-        dkdv = dq = _INTERPRET
-    elif dtype == torch.float32:
-        _, dkdv, dq = _fp32_configs(bd)
-    elif _arch(device) == 90:
-        dkdv, dq = (_HOPPER_BWD_SHORT.get((bd, causal)) if short else None) or \
-            _HOPPER_BWD[(bd, causal)]
-    else:
-        dkdv, dq = _DEFAULT_BWD[bd]
+    _, dkdv, dq = table_configs(None if interpret else _arch(device), bd, causal, dtype, short)
     return replace(dkdv, block_d=bd), replace(dq, block_d=bd)

@@ -25,7 +25,7 @@ from attnkit.kvcache import WAVE_EFFICIENCY, choose_splits, visible_span
 from attnkit.spec import AttentionProblem
 
 from ._band import valid_keys
-from ._configs import interpreting
+from ._configs import _arch, interpreting
 from ._launcher import (
     DirectLaunch,
     FastKernel,
@@ -235,13 +235,28 @@ def _sm_count(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
-def _tiles(problem: AttentionProblem) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): rows of one kv head's query group, keys per step, D."""
+def _tiles(problem: AttentionProblem) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D): rows of one kv head's query group, and D."""
     block_d = max(16, _next_pow2(problem.head_dim))
     rows = problem.group_size * problem.seqlen_q
-    block_m = min(max(16, _next_pow2(rows)), 64 if block_d <= 128 else 32)
+    return min(max(16, _next_pow2(rows)), 64 if block_d <= 128 else 32), block_d
+
+
+def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int]:
+    """(BLOCK_N, num_stages): keys per step and the pipeline depth of their loads, on a GPU
+    of compute capability ``arch`` (None: the interpreter).
+
+    fp32 K/V tiles in three stages take 143-180 KB of shared memory at head dim 128 and
+    150-168 KB at 256 (more with more query rows): Hopper's 227 KB per block holds them (run
+    there); sm_86/sm_89's 99 KB never does, A100's 163 KB not at the most rows. Elsewhere fp32
+    reads half the keys per step in two stages (68-74 KB; scripts/compile_tables.py checks
+    every choice against each GPU's limit).
+    """
+    block_d = _tiles(problem)[1]
     block_n = 64 if block_d <= 128 else 32
-    return block_m, block_n, block_d
+    if problem.dtype == torch.float32 and block_d >= 128 and arch not in (None, 90):
+        return block_n // 2, 2
+    return block_n, 3
 
 
 #: From this many visible keys on, programs that keep WAVE_EFFICIENCY of the SMs busy read
@@ -253,7 +268,7 @@ LONG_CACHE_KEYS = 4096
 
 def _programs(problem: AttentionProblem) -> int:
     """Programs of the kernel without splitting: (batch x kv head x row block)."""
-    block_m, _, _ = _tiles(problem)
+    block_m, _ = _tiles(problem)
     return problem.batch * problem.heads_kv * cdiv(problem.group_size * problem.seqlen_q,
                                                    block_m)
 
@@ -365,7 +380,9 @@ def _prepare(problem, key, args, n_groups, tail, has_seqlens, splits, block_n, n
     """The first call of a signature: launch through `FastKernel` and keep the site."""
     B, Hkv, Sq, D = problem.batch, problem.heads_kv, problem.seqlen_q, problem.head_dim
     G = problem.group_size
-    block_m, default_n, block_d = _tiles(problem)
+    block_m, block_d = _tiles(problem)
+    default_n, default_stages = stream_config(
+        problem, None if interpreting() else _arch(problem.device))
     left, right = problem.band
     split = _SPLIT.direct(
         (splits * B * Hkv, cdiv(G * Sq, block_m)), args,
@@ -374,7 +391,7 @@ def _prepare(problem, key, args, n_groups, tail, has_seqlens, splits, block_n, n
              HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
              IEEE_DOT=args[0].dtype == torch.float32 or (
                  args[0].dtype == torch.bfloat16 and interpreting()),
-             num_warps=num_warps, num_stages=num_stages))
+             num_warps=num_warps, num_stages=num_stages or default_stages))
     if len(_prepared) >= _MAX_PREPARED:
         _prepared.clear()
     _prepared[key] = _Prepared(split, args[6].stride(), n_groups, tail)
@@ -404,7 +421,7 @@ def decode_forward(
     splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`Backend.forward`'s contract with the key range split across programs.
 
@@ -412,9 +429,10 @@ def decode_forward(
     int32 contiguous ``(B,)`` on q's device), softcap; rows that see no key get out 0 and lse
     -inf. Returns ``(out, lse)``: out in q's dtype and layout, lse float32 ``(B, Hq, Sq)``.
 
-    ``splits`` (default: `num_splits`), ``block_n``, ``num_warps`` and ``num_stages`` override
-    the launch configuration, for tests and tuning; the result does not depend on them beyond
-    rounding. It is bitwise the same run to run for one configuration.
+    ``splits`` (default: `num_splits`), ``block_n`` and ``num_stages`` (default:
+    `stream_config`) and ``num_warps`` override the launch configuration, for tests and
+    tuning; the result does not depend on them beyond rounding. It is bitwise the same run
+    to run for one configuration.
     """
     refused = _refused(problem)
     if refused:
@@ -424,7 +442,7 @@ def decode_forward(
     key = _signature(problem, q, k, v, seqlens_k, (splits, block_n, num_warps, num_stages))
     prep = _prepared.get(key)
     if prep is None:  # a signature seen before passed these checks
-        _check(seqlens_k, splits, block_n)
+        _check(seqlens_k, splits, block_n, num_stages)
     return _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps,
                    num_stages)
 
@@ -444,7 +462,7 @@ def _refused(problem: AttentionProblem) -> str:
     return ""
 
 
-def _check(seqlens_k, splits, block_n) -> None:
+def _check(seqlens_k, splits, block_n, num_stages) -> None:
     if seqlens_k is not None and (seqlens_k.dtype != torch.int32
                                   or not seqlens_k.is_contiguous()):
         raise ValueError("seqlens_k must be int32 and contiguous (the core converts it)")
@@ -452,3 +470,5 @@ def _check(seqlens_k, splits, block_n) -> None:
         raise ValueError(f"splits must be in [1, 4096], got {splits}")
     if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")

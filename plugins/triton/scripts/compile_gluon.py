@@ -23,12 +23,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
 
 
-class _Sm90Stub(CudaDriver):
-    def __init__(self):  # no libcuda: nothing here touches a device
-        pass
+class _StubDriver(CudaDriver):
+    """Triton's CUDA driver for a GPU of compute capability ``arch`` that is not there."""
+
+    def __init__(self, arch: int = 90):  # no libcuda: nothing here touches a device
+        self.arch = arch
 
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", self.arch, 32)
 
     def get_current_device(self):
         return 0
@@ -41,7 +43,7 @@ class _Sm90Stub(CudaDriver):
 
 
 def main() -> int:
-    triton.runtime.driver.set_active(_Sm90Stub())
+    triton.runtime.driver.set_active(_StubDriver())
     from attnkit_triton import _hopper
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 

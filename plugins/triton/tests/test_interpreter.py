@@ -81,6 +81,10 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_forward_backward_match_reference(case):
+    _check_against_reference(case)
+
+
+def _check_against_reference(case):
     gen = torch.Generator().manual_seed(hash(case.id) % 2**31)
     q, k, v, seqlens_k = case.make_inputs("cpu", gen)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
@@ -108,6 +112,48 @@ def test_forward_backward_match_reference(case):
         assert (out[masked] == 0).all()
         assert (lse[masked] == float("-inf")).all()
         assert (grads[0][masked] == 0).all()
+
+
+def test_fp32_tiles_for_small_shared_memory(monkeypatch):
+    """fp32 at head dims 129..256 off Hopper takes its own tiles per kernel (16 and 32 rows,
+    sized for sm_86's 99 KB; scripts/compile_tables.py). The interpreter otherwise runs its
+    one tile, so they are forced here."""
+    from attnkit_triton import _configs, backend
+
+    tiles = _configs.table_configs(86, 256, True, F32)
+    assert tiles == _configs._FP32_SMALL_256
+    assert tiles != _configs.table_configs(90, 256, True, F32)
+
+    def forget():  # the config lookups and the backend's routes are cached per problem
+        _configs._forward_config.cache_clear()
+        _configs._backward_configs.cache_clear()
+        backend._routes.clear()
+
+    asked = []
+    forget()
+    monkeypatch.setattr(_configs, "table_configs", lambda *args: asked.append(args) or tiles)
+    try:
+        _check_against_reference(Case(batch=1, heads_q=2, heads_kv=1, seqlen_q=37,
+                                      seqlen_k=45, head_dim=136, dtype=F32, causal=True))
+    finally:
+        forget()
+    assert len(asked) == 2  # the forward's lookup and the backward's
+
+
+def test_refuses_gpus_older_than_sm80(monkeypatch):
+    from attnkit_triton import backend
+
+    backend._device_reasons.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    try:
+        (why,) = backend._device_reasons(torch.device("cuda", 1))
+        assert why == ("cuda:1 has compute capability 7.5; the triton backend needs 8.0 or "
+                       "newer")
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 6))
+        backend._device_reasons.cache_clear()
+        assert backend._device_reasons(torch.device("cuda", 1)) == ()
+    finally:
+        backend._device_reasons.cache_clear()
 
 
 def test_strided_inputs_are_not_copied():
