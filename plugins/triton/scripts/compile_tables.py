@@ -54,7 +54,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100:
 BLOCK_DS = (16, 32, 64, 128, 256)
 
 
-def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool):
+def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None):
     """Compile one `tl` kernel (no mask flags: they add no shared memory)."""
     from attnkit_triton import _backward, _forward
     from attnkit_triton._band import dot_precision
@@ -67,6 +67,8 @@ def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool):
                   BLOCK_N=bn, num_warps=warps, num_stages=stages, grid=(1, 1),
                   HAS_SEQLENS=False, HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False,
                   USE_TMA=tma, PREC=dot_precision(dtype, False))
+    if maxnreg:
+        shared["maxnreg"] = maxnreg
     # (H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right)
     bwd_scalars = (2, 256, 256, 256, 1, 0.1, 0.1, 1.0, 1.0, 0, 0)
     if kernel == "dkdv":
@@ -139,14 +141,15 @@ def _init_worker(arch: int) -> None:
     triton.runtime.driver.set_active(_compile_gluon._StubDriver(arch))
 
 
-def compile_one(kernel: str, dtype: str, head_dim: int, tile, tma: bool, arch: int) -> dict:
+def compile_one(kernel: str, dtype: str, head_dim: int, tile, tma: bool, arch: int,
+                maxnreg=None) -> dict:
     """Compile one kernel for ``arch`` (in a worker whose driver stub targets it)."""
     t0 = time.perf_counter()
     try:
         if kernel == "decode":
             compiled = _decode_warmup(DTYPES[dtype], head_dim, tile)
         else:
-            compiled = _tl_warmup(kernel, DTYPES[dtype], head_dim, tile, tma)
+            compiled = _tl_warmup(kernel, DTYPES[dtype], head_dim, tile, tma, maxnreg)
     except Exception as e:  # report it with the entry, not as a traceback from the pool
         root = e
         while root.__cause__ is not None:
@@ -208,6 +211,8 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--tile", help="block_m,block_n,num_warps,num_stages (one kernel)")
     ap.add_argument("--tma", action="store_true", help="with --tile: the descriptor path")
+    ap.add_argument("--maxnreg", type=int, help="with --tile: Triton's register cap (ptxas "
+                    "otherwise picks its own under the kernel's 32*num_warps threads)")
     a = ap.parse_args()
     if a.tile is None:
         if a.kernel:
@@ -225,7 +230,7 @@ def main() -> int:
         # A process per target: Triton's in-memory kernel cache does not key on it.
         with ProcessPoolExecutor(1, initializer=_init_worker, initargs=(arch,)) as pool:
             r = pool.submit(compile_one, a.kernel, a.dtype, a.head_dim, tile, a.tma,
-                            arch).result()
+                            arch, a.maxnreg).result()
         name = f"{a.kernel} {a.dtype} D={a.head_dim} tile {a.tile} sm_{arch}"
         if "error" in r:
             print(f"{name}: FAILED {r['error']}")
