@@ -5,7 +5,7 @@
 # and the fp32 tile work that waits for a GPU (benchmarks/NOTES.md, nineteenth session):
 #   bash benchmarks/gpu_session.sh fp32-tma   # the fp32 table through TMA and on pointers
 #   ATTNKIT_TRITON_TMA=0 bash benchmarks/gpu_session.sh fp32-256   # head dim 256 candidates
-# Both start by installing the project (editable, no deps: the device has no network).
+# Each starts by installing the project (editable, no deps: the device has no network).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/attnkit-out}

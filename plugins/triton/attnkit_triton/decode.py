@@ -246,10 +246,10 @@ def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int
     """(BLOCK_N, num_stages): keys per step and the pipeline depth of their loads, on a GPU
     of compute capability ``arch`` (None: the interpreter).
 
-    fp32 K/V tiles in three stages take 143-180 KB of shared memory at head dim 128 and
-    150-168 KB at 256 (more with more query rows): Hopper's 227 KB per block holds them (run
+    fp32 K/V tiles in three stages take 140-176 KB of shared memory at head dim 128 and
+    146-164 KB at 256 (more with more query rows): Hopper's 227 KB per block holds them (run
     there); sm_86/sm_89's 99 KB never does, A100's 163 KB not at the most rows. Elsewhere fp32
-    reads half the keys per step in two stages (68-74 KB; scripts/compile_tables.py checks
+    reads half the keys per step in two stages (66-72 KB; scripts/compile_tables.py checks
     every choice against each GPU's limit).
     """
     block_d = _tiles(problem)[1]
