@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import torch
 import triton
@@ -42,6 +43,8 @@ def main() -> int:
     ap.add_argument("--same-as", metavar="PATH", default=None,
                     help="save the forward output here, or if the file exists, say whether "
                          "the output is bitwise equal to it")
+    ap.add_argument("--maxnreg", type=int, default=None,
+                    help="Triton's register cap for the three kernels (default: ptxas's choice)")
     args = ap.parse_args()
     block_d = _configs.padded_head_dim(args.head_dim)
     arch = _configs._arch(torch.device("cuda"))
@@ -58,8 +61,12 @@ def main() -> int:
                      "block_m,block_n,num_warps,num_stages or *")
         tiles = tuple(_configs.KernelConfig(*t) for t in tiles)
         _configs._fp32_configs = lambda block_d, arch: tiles
+    if args.maxnreg is not None:
+        capped = tuple(replace(t, maxnreg=args.maxnreg)
+                       for t in _configs._fp32_configs(block_d, arch))
+        _configs._fp32_configs = lambda block_d, arch: capped
     label = " ".join(map(_tag, _configs._fp32_configs(block_d, arch)))
-    label += f" TMA={os.environ.get('ATTNKIT_TRITON_TMA', 'auto')}"
+    label += f" TMA={os.environ.get('ATTNKIT_TRITON_TMA', 'auto')} maxnreg={args.maxnreg}"
 
     # magnitude 2: scores large enough that a backward recomputing them differently shows.
     case = Case(4, 8, 8, args.seqlen, args.seqlen, args.head_dim, torch.float32, magnitude=2.0)

@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh check   # conformance of every GPU backend on CUDA
 #   bash benchmarks/gpu_session.sh bench   # standard grid + decode beside SDPA, torch-blocked
 # and the fp32 tile work that waits for a GPU (benchmarks/NOTES.md, nineteenth session):
-#   bash benchmarks/gpu_session.sh fp32-tma   # the fp32 table through TMA and on pointers
+#   bash benchmarks/gpu_session.sh fp32-tma   # fp32 through TMA, TMA+maxnreg, pointers
 #   ATTNKIT_TRITON_TMA=0 bash benchmarks/gpu_session.sh fp32-256   # head dim 256 candidates
 # Each starts by installing the project (editable, no deps: the device has no network).
 set -u
@@ -44,12 +44,15 @@ bench)
     tail -c 5000 "$OUT/bench.log"
     ;;
 fp32-tma)
+    # TMA (ptxas's register choice), TMA with maxnreg=255, pointers; a cold cache each.
     for D in 128 64; do
-        for tma in auto 0; do
-            log="$OUT/fp32-d$D-tma$tma.log"
-            TRITON_CACHE_DIR="/tmp/tc-fp32-$D-$tma" ATTNKIT_TRITON_TMA=$tma timeout 240 \
-                python benchmarks/fp32_tiles.py --head-dim "$D" > "$log" 2>&1
-            echo "== fp32 D=$D ATTNKIT_TRITON_TMA=$tma: rc=$?"; grep -E "^D=" "$log"
+        for run in "auto" "auto 255" "0"; do
+            set -- $run
+            log="$OUT/fp32-d$D-tma$1-reg${2:-none}.log"
+            TRITON_CACHE_DIR="/tmp/tc-fp32-$D-$1-${2:-none}" ATTNKIT_TRITON_TMA=$1 timeout 90 \
+                python benchmarks/fp32_tiles.py --head-dim "$D" ${2:+--maxnreg $2} > "$log" 2>&1
+            echo "== fp32 D=$D ATTNKIT_TRITON_TMA=$1 maxnreg=${2:-none}: rc=$?"
+            grep -E "^D=" "$log"
         done
     done
     ;;

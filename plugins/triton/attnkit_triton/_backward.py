@@ -25,7 +25,7 @@ from ._band import (
     tanh,
     valid_keys,
 )
-from ._configs import KernelConfig, padded_head_dim
+from ._configs import KernelConfig, launch_options, padded_head_dim
 from ._forward import _band_args, _flags, _score_args
 from ._launcher import (
     DirectLaunch,
@@ -378,7 +378,7 @@ def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, 
         left, right, _, _ = _band_args(problem)
         return grid, dict(
             HEAD_DIM=q.shape[3], BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_N=cfg.block_n, **launch_options(cfg),
             **constexprs, **_flags(problem, seqlens_k is not None, q.dtype, use_tma)), (
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *(s for g in grads for s in g.stride()),

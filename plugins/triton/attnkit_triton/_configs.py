@@ -28,6 +28,17 @@ class KernelConfig:
     tma: bool = True
     #: Forward: take the row max over unscaled scores and scale inside exp2 (`_fwd_step`).
     fold: bool = True
+    #: Triton's ``maxnreg`` (a register cap for ptxas); None leaves ptxas its own choice,
+    #: which under the block size can be far below 255 (NOTES.md, nineteenth session).
+    maxnreg: int | None = None
+
+
+def launch_options(cfg: KernelConfig) -> dict:
+    """Triton's launch options of a `tl` kernel for ``cfg``."""
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg is not None:
+        opts["maxnreg"] = cfg.maxnreg
+    return opts
 
 
 def padded_head_dim(head_dim: int) -> int:

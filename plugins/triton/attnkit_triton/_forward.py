@@ -23,7 +23,7 @@ from ._band import (
     tanh,
     valid_keys,
 )
-from ._configs import KernelConfig, interpreting
+from ._configs import KernelConfig, interpreting, launch_options
 from ._launcher import FastKernel, Sites, cdiv, layout_key
 
 
@@ -230,7 +230,7 @@ def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool
         return (cdiv(Sq, cfg.block_m), B * Hq), dict(
             HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             REVERSE_M=problem.band[1] is not None, WARP_SPEC=cfg.warp_spec, FOLD=fold,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **launch_options(cfg),
             **_flags(problem, seqlens_k is not None, q.dtype, use_tma)), (
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem, fold))
 

@@ -58,17 +58,16 @@ def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None)
     """Compile one `tl` kernel (no mask flags: they add no shared memory)."""
     from attnkit_triton import _backward, _forward
     from attnkit_triton._band import dot_precision
+    from attnkit_triton._configs import KernelConfig, launch_options
 
     bm, bn, warps, stages = tile
     t = torch.empty(1, 2, 256, head_dim, dtype=dtype)
     stats = torch.empty(2 * 256, dtype=torch.float32)
     strides = list(t.stride())
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=bm,
-                  BLOCK_N=bn, num_warps=warps, num_stages=stages, grid=(1, 1),
-                  HAS_SEQLENS=False, HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False,
-                  USE_TMA=tma, PREC=dot_precision(dtype, False))
-    if maxnreg:
-        shared["maxnreg"] = maxnreg
+                  BLOCK_N=bn, grid=(1, 1), HAS_SEQLENS=False, HAS_LEFT=False, HAS_RIGHT=False,
+                  SOFTCAP=False, USE_TMA=tma, PREC=dot_precision(dtype, False),
+                  **launch_options(KernelConfig(bm, bn, warps, stages, maxnreg=maxnreg)))
     # (H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right)
     bwd_scalars = (2, 256, 256, 256, 1, 0.1, 0.1, 1.0, 1.0, 0, 0)
     if kernel == "dkdv":
