@@ -100,8 +100,8 @@ def _decode_warmup(dtype, head_dim: int, tile):
 
 
 def table_entries(arch: int) -> list[tuple]:
-    """(kernel, dtype name, head dim, tile, tma) for every distinct configuration the tables
-    give a GPU of compute capability ``arch``."""
+    """(kernel, dtype name, head dim, tile, tma, maxnreg) for every distinct configuration the
+    tables give a GPU of compute capability ``arch``."""
     from attnkit_triton import decode
     from attnkit_triton._configs import table_configs
 
@@ -116,12 +116,13 @@ def table_entries(arch: int) -> list[tuple]:
                     for kernel, cfg in zip(("fwd", "dkdv", "dq"), cfgs):
                         tile = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
                         # The backend takes TMA on sm90+ where the config allows it.
-                        entries.append((kernel, name, bd, tile, arch >= 90 and cfg.tma))
+                        entries.append((kernel, name, bd, tile, arch >= 90 and cfg.tma,
+                                        cfg.maxnreg))
             # Decode: the most query rows a program takes (its largest BLOCK_M).
             p = AttentionProblem(1, 64, 1, 1, 4096, bd, DTYPES[name], torch.device("cuda"))
             block_m, _ = decode._tiles(p)
             block_n, stages = decode.stream_config(p, arch)
-            entries.append(("decode", name, bd, (block_m, block_n, 4, stages), False))
+            entries.append(("decode", name, bd, (block_m, block_n, 4, stages), False, None))
     return list(dict.fromkeys(entries))
 
 
@@ -180,11 +181,11 @@ def sweep(archs, jobs: int) -> int:
         limit = SHARED_LIMIT[arch]
         entries = table_entries(arch)
         with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(arch,)) as pool:
-            results = pool.map(compile_one, *zip(*entries), [arch] * len(entries))
-            for (kernel, dtype, bd, tile, tma), r in zip(entries, results):
+            results = pool.map(compile_one, *zip(*(e[:5] + (arch, e[5]) for e in entries)))
+            for (kernel, dtype, bd, tile, tma, maxnreg), r in zip(entries, results):
                 total += 1
                 name = (f"sm_{arch} {kernel:6} {dtype} D={bd:<3} {_tag(tile):13} "
-                        f"{'tma' if tma else 'ptr'}")
+                        f"{'tma' if tma else 'ptr'}{f' maxnreg {maxnreg}' if maxnreg else ''}")
                 if "error" in r:
                     failed += 1
                     print(f"{name}: FAILED {r['error']}", flush=True)
