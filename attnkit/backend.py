@@ -7,6 +7,7 @@ record into the reasons it cannot run a given `AttentionProblem`, so selection, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -24,6 +25,12 @@ FEATURES = {
     "lse": "return_lse=True",
     "backward": "gradients",
 }
+
+
+@functools.lru_cache(maxsize=64)  # selection asks on every call; the answer never changes
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device."""
+    return torch.cuda.get_device_capability(device)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Capabilities:
     #: (the forward always must be). A backend may take a faster, non-repeatable backward
     #: otherwise, if it says so; with False it is never chosen in deterministic mode.
     deterministic: bool = True
+    #: Oldest CUDA GPU the kernels run on, as (major, minor) compute capability; None: any.
+    cuda_capability_min: tuple[int, int] | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -104,6 +113,18 @@ class Backend:
             reasons.append(
                 "backward is not deterministic and torch.use_deterministic_algorithms(True) is set"
             )
+        if caps.cuda_capability_min and problem.device.type == "cuda":
+            try:
+                cc = cuda_capability(problem.device)
+            except Exception as e:  # no driver or no such device: say so, do not raise
+                reasons.append(f"cannot read the compute capability of {problem.device} "
+                               f"({type(e).__name__}: {e})")
+            else:
+                if cc < caps.cuda_capability_min:
+                    reasons.append(
+                        f"{problem.device} has compute capability {cc[0]}.{cc[1]}; the "
+                        f"{self.name} backend needs {'.'.join(map(str, caps.cuda_capability_min))}"
+                        " or newer")
         return reasons
 
     def forward(

@@ -41,8 +41,11 @@ def _cmd_backends(args) -> int:
         print(f"    {status}")
         if r["description"]:
             print(f"    {r['description']}")
-        print(f"    devices {', '.join(caps['devices'])}; dtypes {', '.join(caps['dtypes'])}; "
-              f"head dim {caps['head_dim_min']}..{caps['head_dim_max']}")
+        cc = caps["cuda_capability_min"]
+        gpus = f" (CUDA {cc[0]}.{cc[1]}+)" if cc else ""
+        print(f"    devices {', '.join(caps['devices'])}{gpus}; dtypes "
+              f"{', '.join(caps['dtypes'])}; head dim {caps['head_dim_min']}.."
+              f"{caps['head_dim_max']}")
         print(f"    features: {', '.join(feats)}")
     for f in failures:
         print(f"FAILED plugin {f['plugin']} ({f['distribution']}): {f['error']}")

@@ -171,3 +171,33 @@ def test_availability_that_raises_is_recorded(make_registry):
     assert reg.select(problem()).name == "better"
     verdict = next(v for v in reg.explain(problem()).verdicts if v.name == "explodes")
     assert "availability() raised OSError: driver gone" in verdict.reasons[0]
+
+
+def test_cuda_capability_min_is_checked_by_the_base_class(monkeypatch):
+    """`Capabilities.cuda_capability_min`: older GPUs are refused by name, an unreadable one
+    says why, other devices are not asked."""
+    import attnkit.backend as backend_mod
+    from attnkit.backend import Backend, Capabilities
+
+    class NeedsAmpere(Backend):
+        name = "needs-ampere"
+        capabilities = Capabilities(devices=frozenset({"cuda", "cpu"}),
+                                    dtypes=frozenset({torch.float16}),
+                                    cuda_capability_min=(8, 0))
+
+    def problem(device):
+        return AttentionProblem(1, 1, 1, 4, 4, 16, torch.float16, torch.device(device))
+
+    def broken(device):
+        raise RuntimeError("no driver")
+
+    b = NeedsAmpere()
+    monkeypatch.setattr(backend_mod, "cuda_capability", lambda device: (7, 5))
+    assert b.not_supported_reasons(problem("cuda:1")) == [
+        "cuda:1 has compute capability 7.5; the needs-ampere backend needs 8.0 or newer"]
+    assert b.not_supported_reasons(problem("cpu")) == []
+    monkeypatch.setattr(backend_mod, "cuda_capability", lambda device: (8, 6))
+    assert b.not_supported_reasons(problem("cuda:1")) == []
+    monkeypatch.setattr(backend_mod, "cuda_capability", broken)
+    assert b.not_supported_reasons(problem("cuda:1")) == [
+        "cannot read the compute capability of cuda:1 (RuntimeError: no driver)"]

@@ -15,7 +15,7 @@ from attnkit.backend import Backend, Capabilities
 from . import _compile
 
 #: Tensor cores (mma.sync bf16, cp.async) need compute capability 8.0.
-MIN_COMPUTE_CAPABILITY = 80
+MIN_COMPUTE_CAPABILITY = (8, 0)
 
 
 def _compute_capability(device_index: int) -> int:
@@ -30,6 +30,11 @@ def _shared_memory_limit(device_index: int) -> int:
     import cupy
 
     return int(cupy.cuda.Device(device_index).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+def _device_limits(device_index: int) -> tuple[int, int]:
+    """(compute capability as major*10+minor, `_shared_memory_limit`) through cupy."""
+    return _compute_capability(device_index), _shared_memory_limit(device_index)
 
 
 @functools.lru_cache(maxsize=1024)  # selection asks on every call
@@ -59,12 +64,11 @@ class CupyBackend(Backend):
         head_dim_min=1,
         head_dim_max=_compile.MAX_HEAD_DIM,
         causal=True, gqa=True, window=True, seqlens_k=True, softcap=True, lse=True,
-        backward=True, deterministic=True,
+        backward=True, deterministic=True, cuda_capability_min=MIN_COMPUTE_CAPABILITY,
     )
 
     def __init__(self):
-        self._cc: dict[int, int] = {}
-        self._smem: dict[int, int] = {}
+        self._limits: dict[int, tuple[int, int]] = {}
 
     def availability(self) -> tuple[bool, str]:
         try:
@@ -84,35 +88,26 @@ class CupyBackend(Backend):
             ccs = [_compute_capability(i) for i in range(n)]
         except Exception as e:
             return False, f"cannot read the compute capability ({type(e).__name__}: {e})"
-        if max(ccs) < MIN_COMPUTE_CAPABILITY:
+        if max(ccs) < 10 * MIN_COMPUTE_CAPABILITY[0] + MIN_COMPUTE_CAPABILITY[1]:
             return False, (f"compute capability {max(ccs) / 10:.1f} < 8.0 (the kernels need "
                            "sm_80 or newer)")
         return True, ""
 
     def not_supported_reasons(self, problem):
+        # The base class refuses GPUs below MIN_COMPUTE_CAPABILITY (Capabilities).
         reasons = super().not_supported_reasons(problem)
         if problem.device.type == "cuda" and not reasons:
             idx = problem.device.index
             idx = torch.cuda.current_device() if idx is None else idx
-            cc = self._cc.get(idx)
-            if cc is None:
+            limits = self._limits.get(idx)
+            if limits is None:
                 try:
-                    cc = self._cc[idx] = _compute_capability(idx)
+                    limits = self._limits[idx] = _device_limits(idx)
                 except Exception as e:  # no cupy / no driver: say so instead of raising
                     reasons.append(f"cannot read the compute capability of {problem.device} "
                                    f"({type(e).__name__}: {e})")
                     return reasons
-            if cc < MIN_COMPUTE_CAPABILITY:
-                reasons.append(f"{problem.device} has compute capability {cc / 10:.1f} < 8.0")
-                return reasons
-            limit = self._smem.get(idx)
-            if limit is None:
-                try:
-                    limit = self._smem[idx] = _shared_memory_limit(idx)
-                except Exception as e:
-                    reasons.append(f"cannot read the shared memory per block of "
-                                   f"{problem.device} ({type(e).__name__}: {e})")
-                    return reasons
+            cc, limit = limits
             need, kernel = shared_memory_needed(problem)
             if need > limit:  # the tiles are sized for A100/H100; sm_86/sm_89 have 99 KB
                 reasons.append(f"the {kernel} kernel at head dim {problem.head_dim} "

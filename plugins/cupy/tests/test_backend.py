@@ -168,6 +168,8 @@ def test_kernels_over_the_gpus_shared_memory_are_refused(monkeypatch):
                                         needs_grad=grad)
 
     def reasons(p, limit, cc=86):
+        # The base class reads the capability through torch, the backend its limits via cupy.
+        monkeypatch.setattr(attnkit.backend, "cuda_capability", lambda device: divmod(cc, 10))
         monkeypatch.setattr(backend, "_compute_capability", lambda idx: cc)
         monkeypatch.setattr(backend, "_shared_memory_limit", lambda idx: limit)
         return CupyBackend().not_supported_reasons(p)
@@ -182,4 +184,4 @@ def test_kernels_over_the_gpus_shared_memory_are_refused(monkeypatch):
     (why,) = reasons(problem(128, Sq=1, Sk=4096), 101376)  # split-KV decoding
     assert why.startswith("the decode split kernel at head dim 128")
     assert reasons(problem(128, grad=True), 101376, cc=75) == [
-        "cuda:0 has compute capability 7.5 < 8.0"]
+        "cuda:0 has compute capability 7.5; the cupy backend needs 8.0 or newer"]

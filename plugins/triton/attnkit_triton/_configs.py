@@ -205,9 +205,9 @@ def table_configs(arch: int | None, block_d: int, causal: bool, dtype,
 
 
 def _arch(device) -> int:
-    import torch
+    from attnkit.backend import cuda_capability
 
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = cuda_capability(device)
     return major * 10 + minor
 
 

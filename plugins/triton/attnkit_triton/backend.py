@@ -95,16 +95,6 @@ def _tma_problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
     return tuple(reasons)
 
 
-@functools.lru_cache(maxsize=64)
-def _device_reasons(device: torch.device) -> tuple[str, ...]:
-    """Why this GPU cannot run the kernels (cached: selection asks on every call)."""
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:  # Triton's supported range; the tables assume cp.async and bf16 mma
-        return (f"{device} has compute capability {major}.{minor}; the triton backend needs "
-                "8.0 or newer",)
-    return ()
-
-
 def use_tma(problem, *tensors: torch.Tensor) -> bool:
     """Whether this call takes the tensor-descriptor path."""
     def reasons():
@@ -137,6 +127,8 @@ class TritonBackend(Backend):
         head_dim_min=1,
         head_dim_max=256,
         deterministic=True,  # no atomics: dK/dV are summed over GQA groups in registers
+        # Triton's supported range; the tables assume cp.async and bf16 mma.
+        cuda_capability_min=(8, 0),
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -159,8 +151,6 @@ class TritonBackend(Backend):
         if problem.device.type == "cuda" and interpreting():
             reasons.append("TRITON_INTERPRET=1 runs kernels on CPU tensors; cuda tensors "
                            "need the interpreter off")
-        elif problem.device.type == "cuda":
-            reasons.extend(_device_reasons(problem.device))
         return reasons
 
     def forward(self, problem, q, k, v, seqlens_k):

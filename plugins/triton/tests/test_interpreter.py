@@ -141,19 +141,16 @@ def test_fp32_tiles_for_small_shared_memory(monkeypatch):
 
 
 def test_refuses_gpus_older_than_sm80(monkeypatch):
-    from attnkit_triton import backend
+    """Capabilities.cuda_capability_min, which the base class checks."""
+    from attnkit.spec import AttentionProblem
 
-    backend._device_reasons.cache_clear()
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
-    try:
-        (why,) = backend._device_reasons(torch.device("cuda", 1))
-        assert why == ("cuda:1 has compute capability 7.5; the triton backend needs 8.0 or "
-                       "newer")
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 6))
-        backend._device_reasons.cache_clear()
-        assert backend._device_reasons(torch.device("cuda", 1)) == ()
-    finally:
-        backend._device_reasons.cache_clear()
+    backend = attnkit.backends()["triton"].backend
+    problem = AttentionProblem(1, 2, 2, 64, 64, 64, F16, torch.device("cuda", 1))
+    monkeypatch.setattr(attnkit.backend, "cuda_capability", lambda device: (7, 5))
+    why = ("cuda:1 has compute capability 7.5; the triton backend needs 8.0 or newer")
+    assert why in backend.not_supported_reasons(problem)
+    monkeypatch.setattr(attnkit.backend, "cuda_capability", lambda device: (8, 6))
+    assert not any("compute capability" in r for r in backend.not_supported_reasons(problem))
 
 
 def test_strided_inputs_are_not_copied():
