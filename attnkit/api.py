@@ -7,6 +7,8 @@ problem), and runs it under autograd. Under ``torch.compile`` the call goes thro
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .registry import Explanation, Registration, registry
@@ -70,13 +72,24 @@ def attention(
     zero gradients; never NaN. Softmax is max-subtracted with fp32 accumulation for fp16/bf16;
     fp32 inputs are computed to fp32 accuracy. Gradients flow to q, k and v (kv gradients
     summed over each GQA group) through the same backend that ran the forward, which saved
-    only ``out`` and ``lse``. The forward is deterministic; a backend whose backward is not
-    is never chosen under ``torch.use_deterministic_algorithms(True)``.
+    only ``out`` and ``lse``. Differentiable once: a second derivative (``create_graph=True``
+    then another backward through the gradients) raises ``RuntimeError``. The forward is
+    deterministic; a backend whose backward is not is never chosen under
+    ``torch.use_deterministic_algorithms(True)``.
+
+    Under ``torch.autocast`` on q's device, float32/float16/bfloat16 inputs are first cast to
+    the autocast dtype, as for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Raises ``TypeError``/``ValueError`` naming the offending tensor, its shape, dtype and
     device for invalid input, and `attnkit.registry.NoBackendError` (a ``ValueError``)
     listing every backend's reasons when none can run the problem.
     """
+    if autocast_device(q) is not None:  # cast as autocast does for SDPA, then run without it
+        q, k, v = _autocast_inputs(q, k, v)
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(q, k, v, causal=causal, scale=scale, window=window,
+                             seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse,
+                             backend=backend)
     if torch.compiler.is_compiling():
         return _compiled_attention(q, k, v, causal, scale, window, seqlens_k, softcap,
                                    return_lse, backend)
@@ -85,6 +98,33 @@ def attention(
         softcap=softcap, return_lse=return_lse,
     )
     return run_problem(problem, registry.select(problem, backend), q, k, v, seqlens_k)
+
+
+#: Device types whose autocast state can be asked (others raise when asked).
+_AUTOCAST_DEVICES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu")
+                              if torch.amp.is_autocast_available(t))
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64
+
+
+def autocast_device(t) -> str | None:
+    """The device type of ``t`` if ``torch.autocast`` is on for it, else None. Backends run
+    with autocast off: it would round the fp32 matmuls inside the torch backends (and the
+    reference) to the autocast dtype."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    kind = "cuda" if t.is_cuda else t.device.type  # is_cuda: the hot path's cheap question
+    if kind not in _AUTOCAST_DEVICES:
+        return None
+    return kind if torch.is_autocast_enabled(kind) else None
+
+
+def _autocast_inputs(q, k, v):
+    """q, k and v in the autocast dtype, as autocast casts them for
+    ``scaled_dot_product_attention``: a model's fp32 activations (say, after an fp32 rotary
+    embedding) run at the precision the user asked autocast for."""
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_DTYPES
+                 else t for t in (q, k, v))
 
 
 def run_problem(problem: AttentionProblem, chosen, q, k, v, seqlens_k):
@@ -151,8 +191,33 @@ class _AttentionFunction(torch.autograd.Function):
         # arrives in out's layout, and copying it cost a launch and a pass over dout.
         if dout.stride() != out.stride():
             dout = dout.contiguous()
-        dq, dk, dv = ctx.backend.backward(ctx.problem, q, k, v, out, lse, dout, seqlens_k)
-        return dq, dk, dv, None, None, None
+        args = (ctx.problem, q, k, v, out, lse, dout, seqlens_k)
+        autocast = autocast_device(q)  # loss.backward() called inside torch.autocast
+        if not torch.is_grad_enabled() and autocast is None:  # the usual case
+            return *ctx.backend.backward(*args), None, None, None
+        off = torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            grads = ctx.backend.backward(*args)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients get a node that
+            grads = _OnceDifferentiable.apply(*grads, q, k, v, dout)  # refuses, saying why
+        return *grads, None, None, None
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """Passes the gradients through; differentiating them raises. A backend's backward is
+    kernels (or, for the reference, ops that treat ``lse`` as a constant), so a derivative
+    taken through it would be missing terms: an error, not a wrong number."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *_inputs):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(
+            "attnkit.attention is differentiable once: its backward has no derivative of its "
+            "own, so a second derivative (create_graph=True, then differentiating the "
+            "gradients) is not supported")
 
 
 # -- torch.compile: a custom op with a fake implementation ---------------------------------

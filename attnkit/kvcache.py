@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .api import run_problem
+from .api import autocast_device, run_problem
 from .registry import registry
 from .spec import FLOAT_DTYPES, AttentionProblem, check_lengths_tensor, describe_tensor
 
@@ -60,9 +60,17 @@ def attention_with_kvcache(
     Returns:
         ``out`` ``(B, Hq, Sq, D)``, or ``(out, lse)`` if ``return_lse``.
 
+    Under ``torch.autocast`` nothing is cast: the caches are written in place in their own
+    dtype, so q, k_new and v_new must already have it.
+
     Forward only: raises if gradients are requested. Raises ``ValueError`` before writing
     anything if ``cache_seqlens[b] + S_new > S_max`` for any batch.
     """
+    if autocast_device(q) is not None:  # no cast (the caches keep their dtype); the backend
+        with torch.autocast(q.device.type, enabled=False):  # runs without autocast
+            return attention_with_kvcache(
+                q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal=causal, scale=scale,
+                window=window, softcap=softcap, return_lse=return_lse, backend=backend)
     options = (causal, scale, window, softcap, return_lse)
     key = _metadata_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, options)
     problem = _validated.get(key) if key is not None else None

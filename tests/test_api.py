@@ -67,6 +67,28 @@ def test_backward_without_a_gradient_for_out(monkeypatch):
     assert torch.equal(dq, torch.ones_like(q))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch-blocked"])
+def test_second_derivative_raises_instead_of_being_wrong(backend):
+    """A backward that is kernels has no derivative: differentiating the gradients must
+    raise. The reference's backward is torch ops, but treats lse as a constant, so its second
+    derivative came out wrong (off by 2.5 on a 6.3 entry) before this raised. The first
+    derivative taken with create_graph=True stays exact."""
+    q, k, v = _qkv()
+    out = attnkit.attention(q, k, v, causal=True, backend=backend)
+    got = torch.autograd.grad((out**2).sum(), (q, k, v), create_graph=True)
+    ref = reference.naive(q, k, v, causal=True)[0]
+    want = torch.autograd.grad((ref**2).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="attnkit.attention is differentiable once"):
+        torch.autograd.grad(got[0].pow(2).sum(), k)
+    # dout without a graph of its own (out.sum()): still refused, not "unused in the graph"
+    (dq,) = torch.autograd.grad(attnkit.attention(q, k, v, backend=backend).sum(), q,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        dq.sum().backward()
+
+
 def test_explain_and_backends():
     q, k, v = _qkv(dtype=torch.float32)
     ex = attnkit.explain(q, k, v, causal=True, backend="ignored")
@@ -129,6 +151,35 @@ def test_torch_compile_fullgraph(compiler):
     want = torch.autograd.grad(f(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_casts_inputs_like_sdpa(compiled):
+    """Under autocast, mixed fp32/bf16 inputs (an fp32 rotary embedding before a bf16 v) run
+    in the autocast dtype, as SDPA does; gradients come back in each input's dtype."""
+    torch._dynamo.reset()
+    q, k = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    f = lambda q, k, v: attnkit.attention(q, k, v, causal=True, backend="reference")  # noqa: E731
+    if compiled:
+        f = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = f(q, k, v)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == sdpa.dtype == torch.bfloat16
+    # the same numbers as bf16 inputs outside autocast: the backend ran with autocast off
+    want = attnkit.attention(q.bfloat16(), k.bfloat16(), v, causal=True, backend="reference")
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # backward inside autocast, too
+        got = torch.autograd.grad(out, (q, k, v), g)
+    assert [t.dtype for t in got] == [torch.float32, torch.float32, torch.bfloat16]
+    want = torch.autograd.grad(want, (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # float64 is not autocast's to change, here as elsewhere
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attnkit.attention(*(t.detach().double() for t in (q, k, v))).dtype == torch.float64
 
 
 def test_compile_validates_inputs():

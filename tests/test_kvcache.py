@@ -66,6 +66,22 @@ def test_no_new_keys_attends_cache_as_is_bottom_right():
     assert (out[0] == 0).all() and (out[1, :, 0] == 0).all() and not torch.isnan(out).any()
 
 
+def test_autocast_leaves_the_cache_dtype_and_the_backend_alone():
+    """Under autocast nothing is cast (the caches are written in their own dtype) and the
+    backend runs without autocast: the same numbers as outside it."""
+    bf16 = torch.bfloat16
+    kc, vc = _cache(dtype=bf16), _cache(dtype=bf16, seed=1)
+    q = _cache(3, 4, 2, 8, dtype=bf16, seed=2)
+    kn, vn = _cache(3, 2, 2, 8, dtype=bf16, seed=3), _cache(3, 2, 2, 8, dtype=bf16, seed=4)
+    cs = torch.tensor([0, 5, 8])
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = attnkit.attention_with_kvcache(q, kc2, vc2, cs, kn, vn, backend=REF)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = attnkit.attention_with_kvcache(q, kc, vc, cs, kn, vn, backend=REF)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
 def test_window_and_softcap_pass_through():
     kc, vc = _cache(S=30), _cache(S=30, seed=1)
     q, kn, vn = _cache(3, 4, 1, 8, seed=2), _cache(3, 2, 1, 8, seed=3), _cache(3, 2, 1, 8, seed=4)
