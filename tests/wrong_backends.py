@@ -79,5 +79,41 @@ class NondeterministicForward(ReferenceBackend):
         return out * (1 + 1e-7 * (self._n % 2)), lse
 
 
+class WritesIntoDout(ReferenceBackend):
+    """Scales dout in place after using it (a kernel reusing its input as scratch)."""
+
+    name = "wrong-writes-dout"
+    capabilities = _CAPS
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
+        grads = super().backward(problem, q, k, v, out, lse, dout, seqlens_k)
+        dout.mul_(0.5)
+        return grads
+
+
+class Float32Gradients(ReferenceBackend):
+    """Returns dq in fp32 for fp16/bf16 inputs (autograd would cast it back silently)."""
+
+    name = "wrong-grad-dtype"
+    capabilities = Capabilities(devices=frozenset({"cpu"}),
+                                dtypes=frozenset({torch.float16, torch.float32}))
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
+        dq, dk, dv = super().backward(problem, q, k, v, out, lse, dout, seqlens_k)
+        return dq.float(), dk, dv
+
+
+class GQAGradientsNotSummed(ReferenceBackend):
+    """Averages dK/dV over each GQA group instead of summing them."""
+
+    name = "wrong-gqa-grads"
+    capabilities = _CAPS
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
+        dq, dk, dv = super().backward(problem, q, k, v, out, lse, dout, seqlens_k)
+        g = problem.group_size
+        return dq, dk / g, dv / g
+
+
 WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt,
-         NondeterministicForward]
+         NondeterministicForward, WritesIntoDout, Float32Gradients, GQAGradientsNotSummed]

@@ -59,7 +59,8 @@ def pytest_configure(config):
 
 
 def _count_calls(backend):
-    """Wrap the instance's forward/backward so the session can prove the backend ran."""
+    """Wrap the instance's forward/backward so the session can prove the backend ran, and
+    hold every call to the contract at the boundary (`_checked`)."""
     if getattr(backend, "_attnkit_counted", False):
         return
     for method in ("forward", "backward"):
@@ -67,10 +68,43 @@ def _count_calls(backend):
 
         def counted(*args, _inner=inner, _method=method, **kwargs):
             _calls[_method] += 1
-            return _inner(*args, **kwargs)
+            return _checked(_method, _inner, args, kwargs)
 
         setattr(backend, method, counted)
     backend._attnkit_counted = True
+
+
+_INPUTS = {"forward": ("q", "k", "v", "seqlens_k"),
+           "backward": ("q", "k", "v", "out", "lse", "dout", "seqlens_k")}
+
+
+def _checked(method, inner, args, kwargs):
+    """Call ``inner`` and check what autograd would hide: the inputs are left as they were
+    (dout may be a buffer other gradients still use), and dq, dk, dv have q's, k's and v's
+    dtype and shape (autograd casts a wrong dtype silently; under torch.compile the fake
+    kernel promises the right one). The suite's tensors are small, so copies are cheap."""
+    named = dict(zip(_INPUTS[method], args[1:]))
+    before = {n: t.clone() for n, t in named.items() if isinstance(t, torch.Tensor)}
+    result = inner(*args, **kwargs)
+    for n, t in before.items():
+        if not _same(named[n], t):
+            raise AssertionError(f"backend {method} wrote into its input {n} "
+                                 f"(shape {tuple(t.shape)}, dtype {t.dtype})")
+    if method == "backward":
+        for n, g in zip(("dq", "dk", "dv"), result):
+            t = named[n[1]]
+            if g.dtype != t.dtype or g.shape != t.shape:
+                raise AssertionError(f"backend backward returned {n} {g.dtype} "
+                                     f"{tuple(g.shape)}; the contract is {n[1]}'s "
+                                     f"{t.dtype} {tuple(t.shape)}")
+    return result
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # NaN where there was NaN counts as unchanged (a backend without lse may return NaN).
+    if torch.equal(a, b):
+        return True
+    return bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else False
 
 
 def pytest_generate_tests(metafunc):
