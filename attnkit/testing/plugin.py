@@ -3,8 +3,9 @@
 Load it with ``-p attnkit.testing.plugin`` and point it at a backend with
 ``--attnkit-backend NAME [--attnkit-device cuda] [--attnkit-quick]``. Tests that take a
 ``case`` argument are parametrized with the cases generated from that backend's capabilities;
-``refused`` with the problems it does not claim. The session fails if the backend's forward
-never ran.
+``refused`` with the problems it does not claim. Every call of the backend's forward and
+backward is checked at the boundary (inputs left as they were, gradients in their inputs'
+dtype and shape), and the session fails if the forward never ran.
 """
 
 from __future__ import annotations
@@ -55,23 +56,23 @@ def pytest_configure(config):
         raise pytest.UsageError(
             f"backend {backend.name!r} declares devices {sorted(backend.capabilities.devices)}, "
             f"not {device!r}")
-    _count_calls(backend)
+    _watch_calls(backend)
 
 
-def _count_calls(backend):
+def _watch_calls(backend):
     """Wrap the instance's forward/backward so the session can prove the backend ran, and
     hold every call to the contract at the boundary (`_checked`)."""
-    if getattr(backend, "_attnkit_counted", False):
+    if getattr(backend, "_attnkit_watched", False):
         return
     for method in ("forward", "backward"):
         inner = getattr(backend, method)
 
-        def counted(*args, _inner=inner, _method=method, **kwargs):
+        def watched(*args, _inner=inner, _method=method, **kwargs):
             _calls[_method] += 1
             return _checked(_method, _inner, args, kwargs)
 
-        setattr(backend, method, counted)
-    backend._attnkit_counted = True
+        setattr(backend, method, watched)
+    backend._attnkit_watched = True
 
 
 _INPUTS = {"forward": ("q", "k", "v", "seqlens_k"),
