@@ -65,7 +65,8 @@ def main() -> int:
         capped = tuple(replace(t, maxnreg=args.maxnreg)
                        for t in _configs._fp32_configs(block_d, arch))
         _configs._fp32_configs = lambda block_d, arch: capped
-    label = " ".join(map(_tag, _configs._fp32_configs(block_d, arch)))
+    label = " ".join(_tag(c) + ("" if c.tma else "/ptr")
+                     for c in _configs._fp32_configs(block_d, arch))
     label += f" TMA={os.environ.get('ATTNKIT_TRITON_TMA', 'auto')} maxnreg={args.maxnreg}"
 
     # magnitude 2: scores large enough that a backward recomputing them differently shows.

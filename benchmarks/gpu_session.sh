@@ -2,9 +2,8 @@
 # The GPU session, in two device calls of under 10 minutes each (logs and results in $OUT):
 #   bash benchmarks/gpu_session.sh check   # conformance of every GPU backend on CUDA
 #   bash benchmarks/gpu_session.sh bench   # standard grid + decode beside SDPA, torch-blocked
-# and the fp32 tile work that waits for a GPU (benchmarks/NOTES.md, nineteenth session):
-#   bash benchmarks/gpu_session.sh fp32-tma   # fp32 through TMA, TMA+maxnreg, pointers
-#   ATTNKIT_TRITON_TMA=0 bash benchmarks/gpu_session.sh fp32-256   # head dim 256 candidates
+# and the fp32 comparison behind the fp32 table (benchmarks/NOTES.md, twentieth session):
+#   bash benchmarks/gpu_session.sh fp32-tma   # the table's TMA choice, +maxnreg, pointers
 # Each starts by installing the project (editable, no deps: the device has no network).
 set -u
 export PYTHONUNBUFFERED=1
@@ -44,7 +43,8 @@ bench)
     tail -c 5000 "$OUT/bench.log"
     ;;
 fp32-tma)
-    # TMA (ptxas's register choice), TMA with maxnreg=255, pointers; a cold cache each.
+    # The table's TMA choice per kernel, the same with maxnreg=255, pointers everywhere
+    # (ATTNKIT_TRITON_TMA=0); a cold cache each.
     for D in 128 64; do
         for run in "auto" "auto 255" "0"; do
             set -- $run
@@ -56,27 +56,6 @@ fp32-tma)
         done
     done
     ;;
-fp32-256)
-    # "forward dK/dV dQ": now; all w8 (no spills on pointers); the tiles off Hopper; mixed.
-    # Compiled in parallel (a cold cache each), then timed one at a time.
-    set -- "32,32,4,1 32,32,4,1 32,32,4,1" "32,32,8,1 32,32,8,1 32,32,8,1" \
-        "32,16,8,1 16,16,4,1 32,16,8,1" "16,32,4,1 32,16,8,1 16,32,4,1"
-    i=0
-    for tiles in "$@"; do
-        i=$((i + 1))
-        TRITON_CACHE_DIR="/tmp/tc-fp32-256-$i" timeout 300 python benchmarks/fp32_tiles.py \
-            --head-dim 256 --tiles "$tiles" --compile-only > "$OUT/fp32-256-$i.log" 2>&1 &
-    done
-    wait
-    i=0
-    for tiles in "$@"; do
-        i=$((i + 1))
-        TRITON_CACHE_DIR="/tmp/tc-fp32-256-$i" timeout 120 python benchmarks/fp32_tiles.py \
-            --head-dim 256 --tiles "$tiles" --same-as /tmp/fp32-256-out.pt \
-            >> "$OUT/fp32-256-$i.log" 2>&1
-        echo "== fp32 D=256 [$tiles]: rc=$?"; grep -E "^D=" "$OUT/fp32-256-$i.log"
-    done
-    ;;
 *)
-    echo "usage: gpu_session.sh check|bench|fp32-tma|fp32-256" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh check|bench|fp32-tma" >&2; exit 2 ;;
 esac

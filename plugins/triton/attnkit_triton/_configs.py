@@ -156,12 +156,16 @@ _INTERPRET = KernelConfig(32, 16, 4, 1)
 # NOTES.md, eighteenth session): D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV
 # 32x32 w8 29 ms vs 101 at w4 (which spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward
 # 32x64 3.0 ms vs 3.4, dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Head dims
-# not measured keep 32x32 (off Hopper, 256: _FP32_SMALL_256). The spills quoted were the
-# pointer kernels'; on Hopper fp32 runs through TMA, whose kernels spill more (NOTES.md,
-# nineteenth session: what to time next).
+# not measured keep 32x32 (off Hopper, 256: _FP32_SMALL_256). The backward reads through
+# pointers: with tensor descriptors ptxas gives its fp32 kernels far fewer registers, and
+# they spill (NOTES.md, twentieth session: on an H200 at D=128 dK/dV 28.9 ms with TMA, 20.7
+# with pointers, dQ 21.7 / 19.0; D=64 within 15%). The D=128 forward keeps TMA: 6.1 ms
+# against 13.8 through pointers.
 _FP32 = {
-    64: (KernelConfig(32, 64, 4, 2), KernelConfig(32, 32, 8, 2), KernelConfig(64, 64, 8, 2)),
-    128: (KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 8, 2), KernelConfig(16, 32, 4, 2)),
+    64: (KernelConfig(32, 64, 4, 2, tma=False), KernelConfig(32, 32, 8, 2, tma=False),
+         KernelConfig(64, 64, 8, 2, tma=False)),
+    128: (KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 8, 2, tma=False),
+          KernelConfig(16, 32, 4, 2, tma=False)),
 }
 
 
@@ -173,13 +177,20 @@ _FP32_SMALL_256 = (KernelConfig(32, 16, 8, 1), KernelConfig(16, 16, 4, 1),
                    KernelConfig(32, 16, 8, 1))
 
 
+# fp32 at head dims 129..256 on Hopper: 32x32 tiles through pointers, dK/dV with 8 warps
+# (H200, B=4 H=8 S=2048, ms with TMA / pointers: forward 88 / 21, dQ 185 / 32, dK/dV w4 244 /
+# 333, w8 174 / 40; NOTES.md, twentieth session).
+_FP32_HOPPER_256 = (KernelConfig(32, 32, 4, 1, tma=False), KernelConfig(32, 32, 8, 1, tma=False),
+                    KernelConfig(32, 32, 4, 1, tma=False))
+
+
 def _fp32_configs(block_d: int, arch: int) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
     """(forward, dK/dV, dQ) tiles for fp32 (see _FP32); fp32 speed is not the goal, so
     unmeasured head dims take one small tile."""
     if block_d in _FP32:
         return _FP32[block_d]
-    if block_d > 128 and arch != 90:
-        return _FP32_SMALL_256
+    if block_d > 128:
+        return _FP32_HOPPER_256 if arch == 90 else _FP32_SMALL_256
     cfg = KernelConfig(32, 32, 4, 1 if block_d > 128 else 2)
     return cfg, cfg, cfg
 
