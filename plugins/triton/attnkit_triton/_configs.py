@@ -156,11 +156,11 @@ _INTERPRET = KernelConfig(32, 16, 4, 1)
 # NOTES.md, eighteenth session): D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV
 # 32x32 w8 29 ms vs 101 at w4 (which spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward
 # 32x64 3.0 ms vs 3.4, dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Head dims
-# not measured keep 32x32 (off Hopper, 256: _FP32_SMALL_256). The backward reads through
-# pointers: with tensor descriptors ptxas gives its fp32 kernels far fewer registers, and
-# they spill (NOTES.md, twentieth session: on an H200 at D=128 dK/dV 28.9 ms with TMA, 20.7
-# with pointers, dQ 21.7 / 19.0; D=64 within 15%). The D=128 forward keeps TMA: 6.1 ms
-# against 13.8 through pointers.
+# not measured keep 32x32 (129..256: _FP32_HOPPER_256, _FP32_SMALL_256). All but the D=128
+# forward read through pointers: with tensor descriptors ptxas gives the fp32 backward far
+# fewer registers, and it spills (NOTES.md, twentieth session: on an H200 at D=128 dK/dV
+# 28.9 ms with TMA, 20.7 with pointers, dQ 21.7 / 19.0; D=64 within 15%, pointers ahead).
+# The D=128 forward keeps TMA: 6.1 ms against 13.8 through pointers.
 _FP32 = {
     64: (KernelConfig(32, 64, 4, 2, tma=False), KernelConfig(32, 32, 8, 2, tma=False),
          KernelConfig(64, 64, 8, 2, tma=False)),
@@ -191,7 +191,7 @@ def _fp32_configs(block_d: int, arch: int) -> tuple[KernelConfig, KernelConfig, 
         return _FP32[block_d]
     if block_d > 128:
         return _FP32_HOPPER_256 if arch == 90 else _FP32_SMALL_256
-    cfg = KernelConfig(32, 32, 4, 1 if block_d > 128 else 2)
+    cfg = KernelConfig(32, 32, 4, 2)
     return cfg, cfg, cfg
 
 
