@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from attnkit import backend as _core
 from attnkit.backend import Backend, Capabilities
 
 from . import _compile
@@ -24,17 +25,13 @@ def _compute_capability(device_index: int) -> int:
     return int(cupy.cuda.Device(device_index).compute_capability)
 
 
+@functools.lru_cache(maxsize=64)  # selection asks on every new problem; it never changes
 def _shared_memory_limit(device_index: int) -> int:
     """Dynamic shared memory a block may opt in to: 163 KB on A100, 99 KB on sm_86/sm_89,
     227 KB on H100."""
     import cupy
 
     return int(cupy.cuda.Device(device_index).attributes["MaxSharedMemoryPerBlockOptin"])
-
-
-def _device_limits(device_index: int) -> tuple[int, int]:
-    """(compute capability as major*10+minor, `_shared_memory_limit`) through cupy."""
-    return _compute_capability(device_index), _shared_memory_limit(device_index)
 
 
 @functools.lru_cache(maxsize=1024)  # selection asks on every call
@@ -67,9 +64,6 @@ class CupyBackend(Backend):
         backward=True, deterministic=True, cuda_capability_min=MIN_COMPUTE_CAPABILITY,
     )
 
-    def __init__(self):
-        self._limits: dict[int, tuple[int, int]] = {}
-
     def availability(self) -> tuple[bool, str]:
         try:
             import cupy
@@ -98,21 +92,18 @@ class CupyBackend(Backend):
         reasons = super().not_supported_reasons(problem)
         if problem.device.type == "cuda" and not reasons:
             idx = problem.device.index
-            idx = torch.cuda.current_device() if idx is None else idx
-            limits = self._limits.get(idx)
-            if limits is None:
-                try:
-                    limits = self._limits[idx] = _device_limits(idx)
-                except Exception as e:  # no cupy / no driver: say so instead of raising
-                    reasons.append(f"cannot read the compute capability of {problem.device} "
-                                   f"({type(e).__name__}: {e})")
-                    return reasons
-            cc, limit = limits
+            try:
+                limit = _shared_memory_limit(torch.cuda.current_device() if idx is None else idx)
+            except Exception as e:  # no cupy / no driver: say so instead of raising
+                return [f"cannot read the shared memory per block of {problem.device} "
+                        f"({type(e).__name__}: {e})"]
             need, kernel = shared_memory_needed(problem)
             if need > limit:  # the tiles are sized for A100/H100; sm_86/sm_89 have 99 KB
+                major, minor = _core.cuda_capability(problem.device)
                 reasons.append(f"the {kernel} kernel at head dim {problem.head_dim} "
                                f"({str(problem.dtype)[6:]}) needs {need} bytes of shared "
-                               f"memory per block; {problem.device} (sm_{cc}) allows {limit}")
+                               f"memory per block; {problem.device} (sm_{major}{minor}) "
+                               f"allows {limit}")
         return reasons
 
     def forward(self, problem, q, k, v, seqlens_k):

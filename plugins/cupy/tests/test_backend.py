@@ -168,9 +168,8 @@ def test_kernels_over_the_gpus_shared_memory_are_refused(monkeypatch):
                                         needs_grad=grad)
 
     def reasons(p, limit, cc=86):
-        # The base class reads the capability through torch, the backend its limits via cupy.
+        # The capability comes from the core (through torch), the limit via cupy.
         monkeypatch.setattr(attnkit.backend, "cuda_capability", lambda device: divmod(cc, 10))
-        monkeypatch.setattr(backend, "_compute_capability", lambda idx: cc)
         monkeypatch.setattr(backend, "_shared_memory_limit", lambda idx: limit)
         return CupyBackend().not_supported_reasons(p)
 

@@ -27,7 +27,7 @@ import torch
 
 from ._backward import cast_dense, fresh_layout, launch_prep
 from ._band import LOG2E
-from ._configs import interpreting, path_enabled
+from ._configs import _arch, interpreting, path_enabled
 from ._launcher import FastKernel, TmaLaunch, current_stream, fast_launches
 
 _ENV = "ATTNKIT_TRITON_GLUON"
@@ -83,7 +83,7 @@ def _problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
     reasons = []
     if interpret or problem.device.type != "cuda":
         reasons.append("not on a CUDA device")
-    elif torch.cuda.get_device_capability(problem.device) != (9, 0):
+    elif _arch(problem.device) != 90:
         reasons.append("needs sm_90 (wgmma)")
     elif isinstance(kernels(), str):
         reasons.append(f"this Triton has no usable Gluon Hopper API ({kernels()})")

@@ -19,6 +19,7 @@ from attnkit.backend import Backend, Capabilities
 
 from ._backward import BackwardSites, launch_backward
 from ._configs import (
+    _arch,
     backward_configs,
     forward_config,
     interpreting,
@@ -86,7 +87,7 @@ def _tma_problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
     reasons = []
     if interpret or problem.device.type != "cuda":
         reasons.append("not on a CUDA device")
-    elif torch.cuda.get_device_capability(problem.device)[0] < 9:
+    elif _arch(problem.device) < 90:
         reasons.append("needs sm90+")
     elif not _triton_has_descriptors():
         reasons.append("this Triton has no tl.make_tensor_descriptor")

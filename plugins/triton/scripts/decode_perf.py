@@ -1,12 +1,15 @@
-"""Check the split-KV decode kernel on CUDA and time it against PyTorch SDPA (flash).
+"""Check the split-KV decode kernel on CUDA and time it against PyTorch SDPA (flash; for
+fp32, which flash does not take, memory-efficient), then sweep launch configurations.
 
 Writes ``decode_perf.json`` and ``decode_perf.log`` under $OUT
 (or the current directory) and prints a short table last.
 
-    python plugins/triton/scripts/decode_perf.py [--quick]
+    python plugins/triton/scripts/decode_perf.py [--quick] [--dtype fp32]
+        [--configs "64,8,3 32,4,2"]
 
-Workload (issue 5): B=16, Hq=32, Hkv=8, D=128, bf16, one query token, caches of 1k..64k
-keys. Bandwidth = bytes of K+V read (B * Hkv * Sk * D * 2 tensors * 2 bytes) / time.
+Workload (issue 5): B=16, Hq=32, Hkv=8, D=128, bf16 (or ``--dtype``), one query token,
+caches of 1k..64k keys. Bandwidth = bytes of K+V read (B * Hkv * Sk * D * 2 tensors * bytes
+per element) / time. ``--configs`` replaces the sweep's (block_n, num_warps, num_stages).
 """
 
 from __future__ import annotations
@@ -101,23 +104,26 @@ def correctness(dec) -> list[dict]:
     return results
 
 
-def sdpa_flash(q, k, v):
+def sdpa_peer(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     f = torch.nn.functional.scaled_dot_product_attention
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+    fp32 = q.dtype == torch.float32
+    kind = SDPBackend.EFFICIENT_ATTENTION if fp32 else SDPBackend.FLASH_ATTENTION
+    name = "efficient" if fp32 else "flash"
+    with sdpa_kernel([kind]):
         try:
             f(q, k, v, enable_gqa=True)
             torch.cuda.synchronize()
-            return (lambda: f(q, k, v, enable_gqa=True)), "flash, enable_gqa=True"
+            return (lambda: f(q, k, v, enable_gqa=True)), f"{name}, enable_gqa=True"
         except RuntimeError as e:
-            log(f"SDPA flash with enable_gqa failed ({e}); timing expanded k/v instead")
+            log(f"SDPA {name} with enable_gqa failed ({e}); timing expanded k/v instead")
     g = q.shape[1] // k.shape[1]
     ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
 
     def run():
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        with sdpa_kernel([kind]):
             return f(q, ke, ve)
-    return run, "flash on k/v expanded to Hq heads"
+    return run, f"{name} on k/v expanded to Hq heads"
 
 
 def bench(fn) -> float:
@@ -125,17 +131,22 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def perf(dec, lengths, budget_s) -> list[dict]:
+SWEEP = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3), (128, 4, 3), (64, 8, 4), (32, 4, 4),
+         (128, 8, 2)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def perf(dec, lengths, budget_s, dtype=torch.bfloat16, sweep_cfgs=SWEEP) -> list[dict]:
     """Default configuration against SDPA for every length first, then a sweep of launch
     configurations with the time left shared evenly between the lengths."""
     B, Hq, Hkv, D = 16, 32, 8, 128
     rows, inputs = [], {}
     for Sk in lengths:
-        q, k, v = rand_inputs(B, Hq, Hkv, 1, Sk, D, torch.bfloat16)
+        q, k, v = rand_inputs(B, Hq, Hkv, 1, Sk, D, dtype)
         inputs[Sk] = (q, k, v)
-        nbytes = 2 * B * Hkv * Sk * D * 2
+        nbytes = 2 * B * Hkv * Sk * D * k.element_size()
         problem = AttentionProblem.from_tensors(q, k, v, causal=True)
-        f_sdpa, how = sdpa_flash(q, k, v)
+        f_sdpa, how = sdpa_peer(q, k, v)
         ref = f_sdpa()
         t_sdpa = bench(f_sdpa)
         out, _ = dec.decode_forward(problem, q, k, v, None)
@@ -158,8 +169,6 @@ def perf(dec, lengths, budget_s) -> list[dict]:
         del f_sdpa, ref
     torch.cuda.empty_cache()
 
-    sweep_cfgs = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3), (128, 4, 3), (64, 8, 4),
-                  (32, 4, 4), (128, 8, 2)]
     for n, row in enumerate(rows):
         Sk = row["Sk"]
         q, k, v = inputs[Sk]
@@ -191,14 +200,24 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--budget", type=float, default=170.0,
                         help="seconds into the run after which the sweep stops")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--configs", default=None,
+                        help='the sweep\'s "block_n,num_warps,num_stages ..." (default: SWEEP)')
     args = parser.parse_args()
+    try:
+        cfgs = SWEEP if args.configs is None else [tuple(map(int, c.split(",")))
+                                                  for c in args.configs.split()]
+    except ValueError:
+        parser.error(f"--configs {args.configs!r}: give block_n,num_warps,num_stages triples")
+    if any(len(c) != 3 for c in cfgs):
+        parser.error(f"--configs {args.configs!r}: give block_n,num_warps,num_stages triples")
     dec = load_decode()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     log(f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}, "
         f"triton {triton.__version__}")
     results = {"correctness": correctness(dec)}
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
-    results["perf"] = perf(dec, lengths, args.budget)
+    results["perf"] = perf(dec, lengths, args.budget, DTYPES[args.dtype], cfgs)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "decode_perf.json").write_text(json.dumps(results, indent=1))
     (OUT / "decode_perf.log").write_text("\n".join(LOG) + "\n")
