@@ -340,6 +340,9 @@ def test_split_count_heuristic(decode_module):
     assert ns(_meta_problem(16, 32, 8, 1, 1024, causal=True), h100) == 2
     for keys in (decode_module.LONG_CACHE_KEYS, 65536):
         assert ns(_meta_problem(16, 32, 8, 1, keys, causal=True), h100) == 1
+        # ... except in fp32, where one program per SM reads at half the speed of two.
+        fp32 = _meta_problem(16, 32, 8, 1, keys, dtype=torch.float32, causal=True)
+        assert ns(fp32, h100) == 2
     # Fewer programs than 90% of the SMs: long caches split too.
     assert ns(_meta_problem(14, 32, 8, 1, 65536, causal=True), h100) > 1
     # Batch 1: 8 programs; many splits, the last wave at least 90% full.

@@ -160,7 +160,8 @@ _INTERPRET = KernelConfig(32, 16, 4, 1)
 # forward read through pointers: with tensor descriptors ptxas gives the fp32 backward far
 # fewer registers, and it spills (NOTES.md, twentieth session: on an H200 at D=128 dK/dV
 # 28.9 ms with TMA, 20.7 with pointers, dQ 21.7 / 19.0; D=64 within 15%, pointers ahead).
-# The D=128 forward keeps TMA: 6.1 ms against 13.8 through pointers.
+# The D=128 forward keeps TMA: 6.1 ms against 13.8 through pointers. At D=16 and 32 pointers
+# tie or win too (twenty-first session: D=32 fwd+bwd 7.48 ms against 8.06 with TMA).
 _FP32 = {
     64: (KernelConfig(32, 64, 4, 2, tma=False), KernelConfig(32, 32, 8, 2, tma=False),
          KernelConfig(64, 64, 8, 2, tma=False)),
@@ -191,7 +192,7 @@ def _fp32_configs(block_d: int, arch: int) -> tuple[KernelConfig, KernelConfig, 
         return _FP32[block_d]
     if block_d > 128:
         return _FP32_HOPPER_256 if arch == 90 else _FP32_SMALL_256
-    cfg = KernelConfig(32, 32, 4, 2)
+    cfg = KernelConfig(32, 32, 4, 2, tma=False)
     return cfg, cfg, cfg
 
 

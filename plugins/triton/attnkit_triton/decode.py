@@ -256,6 +256,10 @@ def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int
     block_n = 64 if block_d <= 128 else 32
     if problem.dtype == torch.float32 and block_d >= 128 and arch not in (None, 90):
         return block_n // 2, 2
+    if problem.dtype == torch.float32 and block_d == 128 and arch == 90:
+        # H200, B=16 Hkv=8, 2 splits: 1.32 TB/s in two stages, 1.21 in three (twenty-first
+        # session).
+        return block_n, 2
     return block_n, 3
 
 
@@ -263,6 +267,8 @@ def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int
 #: the cache unsplit. H100, B=16 Hkv=8 (128 programs, 132 SMs), one split against two, TB/s:
 #: 2.624 / 2.608 at 4k, 3.032 / 3.023 at 16k, 3.181 / 3.171 at 64k (benchmarks/NOTES.md,
 #: fifth session); at 1k two splits stay faster (1.10x SDPA-flash in the committed bench).
+#: Not fp32: there one program per SM reads at half the speed of two (H200, D=128, 16k keys:
+#: 0.69 TB/s unsplit, 1.21 in two splits; NOTES.md, twenty-first session).
 LONG_CACHE_KEYS = 4096
 
 
@@ -279,7 +285,8 @@ def num_splits(problem: AttentionProblem, sm_count: int | None = None) -> int:
     if sm_count is None:
         sm_count = _sm_count(problem.device)
     keys = visible_span(problem)
-    fill = WAVE_EFFICIENCY if keys >= LONG_CACHE_KEYS else 1.0
+    long = keys >= LONG_CACHE_KEYS and problem.dtype != torch.float32
+    fill = WAVE_EFFICIENCY if long else 1.0
     return choose_splits(_programs(problem), keys, sm_count, fill=fill)
 
 

@@ -4,12 +4,13 @@ fp32, which flash does not take, memory-efficient), then sweep launch configurat
 Writes ``decode_perf.json`` and ``decode_perf.log`` under $OUT
 (or the current directory) and prints a short table last.
 
-    python plugins/triton/scripts/decode_perf.py [--quick] [--dtype fp32]
+    python plugins/triton/scripts/decode_perf.py [--quick] [--dtype fp32] [--head-dim 64]
         [--configs "64,8,3 32,4,2"]
 
-Workload (issue 5): B=16, Hq=32, Hkv=8, D=128, bf16 (or ``--dtype``), one query token,
-caches of 1k..64k keys. Bandwidth = bytes of K+V read (B * Hkv * Sk * D * 2 tensors * bytes
-per element) / time. ``--configs`` replaces the sweep's (block_n, num_warps, num_stages).
+Workload (issue 5): B=16, Hq=32, Hkv=8, D=128 (or ``--head-dim``), bf16 (or ``--dtype``),
+one query token, caches of 1k..64k keys. Bandwidth = bytes of K+V read (B * Hkv * Sk * D *
+2 tensors * bytes per element) / time. ``--configs`` replaces the sweep's (block_n,
+num_warps, num_stages).
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ SWEEP = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3), (128, 4, 3), (64, 8, 4
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def perf(dec, lengths, budget_s, dtype=torch.bfloat16, sweep_cfgs=SWEEP) -> list[dict]:
+def perf(dec, lengths, budget_s, dtype=torch.bfloat16, sweep_cfgs=SWEEP, D=128) -> list[dict]:
     """Default configuration against SDPA for every length first, then a sweep of launch
     configurations with the time left shared evenly between the lengths."""
-    B, Hq, Hkv, D = 16, 32, 8, 128
+    B, Hq, Hkv = 16, 32, 8
     rows, inputs = [], {}
     for Sk in lengths:
         q, k, v = rand_inputs(B, Hq, Hkv, 1, Sk, D, dtype)
@@ -201,6 +202,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=170.0,
                         help="seconds into the run after which the sweep stops")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--configs", default=None,
                         help='the sweep\'s "block_n,num_warps,num_stages ..." (default: SWEEP)')
     args = parser.parse_args()
@@ -217,7 +219,7 @@ def main() -> int:
         f"triton {triton.__version__}")
     results = {"correctness": correctness(dec)}
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
-    results["perf"] = perf(dec, lengths, args.budget, DTYPES[args.dtype], cfgs)
+    results["perf"] = perf(dec, lengths, args.budget, DTYPES[args.dtype], cfgs, args.head_dim)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "decode_perf.json").write_text(json.dumps(results, indent=1))
     (OUT / "decode_perf.log").write_text("\n".join(LOG) + "\n")
