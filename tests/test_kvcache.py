@@ -303,7 +303,8 @@ def test_split_kv_decode_interpreted(decode_module, case):
         assert decode_module.num_splits(problem) > 1
     launch = {}
     if arch is not None:  # that GPU's stream tiles, which the interpreter would not pick
-        launch = dict(zip(("block_n", "num_stages"), decode_module.stream_config(problem, arch)))
+        launch = dict(zip(("block_n", "num_warps", "num_stages"),
+                          decode_module.stream_config(problem, arch)))
         assert launch["block_n"] < decode_module.stream_config(problem, 90)[0]
     out, lse = decode_module.decode_forward(problem, q, k, v, seqlens, splits=splits, **launch)
     r64 = reference.safe(q.double(), k.double(), v.double(), seqlens_k=seqlens, **opts)
@@ -321,6 +322,7 @@ def test_decode_launch_overrides_are_checked_interpreted(decode_module):
     problem = AttentionProblem.from_tensors(q, kv, kv)
     for kw, words in (({"splits": 0}, "splits must be in [1, 4096], got 0"),
                       ({"block_n": 24}, "block_n must be a power of two >= 16, got 24"),
+                      ({"num_warps": 3}, "num_warps must be a power of two, got 3"),
                       ({"num_stages": 0}, "num_stages must be >= 1, got 0")):
         with pytest.raises(ValueError, match=re.escape(words)):
             decode_module.decode_forward(problem, q, kv, kv, None, **kw)

@@ -242,25 +242,30 @@ def _tiles(problem: AttentionProblem) -> tuple[int, int]:
     return min(max(16, _next_pow2(rows)), 64 if block_d <= 128 else 32), block_d
 
 
-def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int]:
-    """(BLOCK_N, num_stages): keys per step and the pipeline depth of their loads, on a GPU
-    of compute capability ``arch`` (None: the interpreter).
+def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages): keys per step, warps, and the pipeline depth of the
+    key loads, on a GPU of compute capability ``arch`` (None: the interpreter).
 
     fp32 K/V tiles in three stages take 140-176 KB of shared memory at head dim 128 and
     146-164 KB at 256 (more with more query rows): Hopper's 227 KB per block holds them (run
     there); sm_86/sm_89's 99 KB never does, A100's 163 KB not at the most rows. Elsewhere fp32
     reads half the keys per step in two stages (66-72 KB; scripts/compile_tables.py checks
-    every choice against each GPU's limit).
+    every choice against each GPU's limit). On Hopper (H200, B=16 Hkv=8, 4k-16k keys, TB/s;
+    NOTES.md, twenty-first session) fp32 at head dim 128 keeps two stages (1.32 against 1.21
+    in three), which fit two programs per SM; at 256, four warps hold 178 registers and read
+    0.09, eight warps 0.77.
     """
     block_d = _tiles(problem)[1]
     block_n = 64 if block_d <= 128 else 32
-    if problem.dtype == torch.float32 and block_d >= 128 and arch not in (None, 90):
-        return block_n // 2, 2
-    if problem.dtype == torch.float32 and block_d == 128 and arch == 90:
-        # H200, B=16 Hkv=8, 2 splits: 1.32 TB/s in two stages, 1.21 in three (twenty-first
-        # session).
-        return block_n, 2
-    return block_n, 3
+    if problem.dtype != torch.float32 or arch is None:
+        return block_n, 4, 3
+    if arch != 90:
+        return (block_n // 2, 4, 2) if block_d >= 128 else (block_n, 4, 3)
+    if block_d == 128:
+        return block_n, 4, 2
+    if block_d == 256:
+        return block_n, 8, 2
+    return block_n, 4, 3
 
 
 #: From this many visible keys on, programs that keep WAVE_EFFICIENCY of the SMs busy read
@@ -388,7 +393,7 @@ def _prepare(problem, key, args, n_groups, tail, has_seqlens, splits, block_n, n
     B, Hkv, Sq, D = problem.batch, problem.heads_kv, problem.seqlen_q, problem.head_dim
     G = problem.group_size
     block_m, block_d = _tiles(problem)
-    default_n, default_stages = stream_config(
+    default_n, default_warps, default_stages = stream_config(
         problem, None if interpreting() else _arch(problem.device))
     left, right = problem.band
     split = _SPLIT.direct(
@@ -398,7 +403,7 @@ def _prepare(problem, key, args, n_groups, tail, has_seqlens, splits, block_n, n
              HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
              IEEE_DOT=args[0].dtype == torch.float32 or (
                  args[0].dtype == torch.bfloat16 and interpreting()),
-             num_warps=num_warps, num_stages=num_stages or default_stages))
+             num_warps=num_warps or default_warps, num_stages=num_stages or default_stages))
     if len(_prepared) >= _MAX_PREPARED:
         _prepared.clear()
     _prepared[key] = _Prepared(split, args[6].stride(), n_groups, tail)
@@ -427,7 +432,7 @@ def decode_forward(
     *,
     splits: int | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`Backend.forward`'s contract with the key range split across programs.
@@ -436,10 +441,10 @@ def decode_forward(
     int32 contiguous ``(B,)`` on q's device), softcap; rows that see no key get out 0 and lse
     -inf. Returns ``(out, lse)``: out in q's dtype and layout, lse float32 ``(B, Hq, Sq)``.
 
-    ``splits`` (default: `num_splits`), ``block_n`` and ``num_stages`` (default:
-    `stream_config`) and ``num_warps`` override the launch configuration, for tests and
-    tuning; the result does not depend on them beyond rounding. It is bitwise the same run
-    to run for one configuration.
+    ``splits`` (default: `num_splits`), ``block_n``, ``num_warps`` and ``num_stages``
+    (default: `stream_config`) override the launch configuration, for tests and tuning; the
+    result does not depend on them beyond rounding. It is bitwise the same run to run for one
+    configuration.
     """
     refused = _refused(problem)
     if refused:
@@ -449,7 +454,7 @@ def decode_forward(
     key = _signature(problem, q, k, v, seqlens_k, (splits, block_n, num_warps, num_stages))
     prep = _prepared.get(key)
     if prep is None:  # a signature seen before passed these checks
-        _check(seqlens_k, splits, block_n, num_stages)
+        _check(seqlens_k, splits, block_n, num_warps, num_stages)
     return _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps,
                    num_stages)
 
@@ -469,7 +474,7 @@ def _refused(problem: AttentionProblem) -> str:
     return ""
 
 
-def _check(seqlens_k, splits, block_n, num_stages) -> None:
+def _check(seqlens_k, splits, block_n, num_warps, num_stages) -> None:
     if seqlens_k is not None and (seqlens_k.dtype != torch.int32
                                   or not seqlens_k.is_contiguous()):
         raise ValueError("seqlens_k must be int32 and contiguous (the core converts it)")
@@ -477,5 +482,7 @@ def _check(seqlens_k, splits, block_n, num_stages) -> None:
         raise ValueError(f"splits must be in [1, 4096], got {splits}")
     if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
     if num_stages is not None and num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")

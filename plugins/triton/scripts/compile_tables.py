@@ -121,8 +121,8 @@ def table_entries(arch: int) -> list[tuple]:
             # Decode: the most query rows a program takes (its largest BLOCK_M).
             p = AttentionProblem(1, 64, 1, 1, 4096, bd, DTYPES[name], torch.device("cuda"))
             block_m, _ = decode._tiles(p)
-            block_n, stages = decode.stream_config(p, arch)
-            entries.append(("decode", name, bd, (block_m, block_n, 4, stages), False, None))
+            block_n, warps, stages = decode.stream_config(p, arch)
+            entries.append(("decode", name, bd, (block_m, block_n, warps, stages), False, None))
     return list(dict.fromkeys(entries))
 
 
