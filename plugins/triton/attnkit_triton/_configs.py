@@ -155,8 +155,8 @@ _INTERPRET = KernelConfig(32, 16, 4, 1)
 # tiles in each kernel. Per-kernel times on an H200, B=4 H=8 S=2048 (benchmarks/fp32_tiles.py;
 # NOTES.md, eighteenth session): D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV
 # 32x32 w8 29 ms vs 101 at w4 (which spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward
-# 32x64 3.0 ms vs 3.4, dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Head dims
-# not measured keep 32x32 (129..256: _FP32_HOPPER_256, _FP32_SMALL_256). All but the D=128
+# 32x64 3.0 ms vs 3.4, dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Other head
+# dims take 32x32 (129..256: _FP32_HOPPER_256, _FP32_SMALL_256). All but the D=128
 # forward read through pointers: with tensor descriptors ptxas gives the fp32 backward far
 # fewer registers, and it spills (NOTES.md, twentieth session: on an H200 at D=128 dK/dV
 # 28.9 ms with TMA, 20.7 with pointers, dQ 21.7 / 19.0; D=64 within 15%, pointers ahead).
@@ -186,8 +186,8 @@ _FP32_HOPPER_256 = (KernelConfig(32, 32, 4, 1, tma=False), KernelConfig(32, 32, 
 
 
 def _fp32_configs(block_d: int, arch: int) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
-    """(forward, dK/dV, dQ) tiles for fp32 (see _FP32); fp32 speed is not the goal, so
-    unmeasured head dims take one small tile."""
+    """(forward, dK/dV, dQ) tiles for fp32 (see _FP32); head dims 16 and 32 take one small
+    tile through pointers (on the H200 as fast as TMA or faster: twenty-first session)."""
     if block_d in _FP32:
         return _FP32[block_d]
     if block_d > 128:

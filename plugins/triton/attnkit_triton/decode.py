@@ -246,26 +246,21 @@ def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int
     """(BLOCK_N, num_warps, num_stages): keys per step, warps, and the pipeline depth of the
     key loads, on a GPU of compute capability ``arch`` (None: the interpreter).
 
-    fp32 K/V tiles in three stages take 140-176 KB of shared memory at head dim 128 and
-    146-164 KB at 256 (more with more query rows): Hopper's 227 KB per block holds them (run
-    there); sm_86/sm_89's 99 KB never does, A100's 163 KB not at the most rows. Elsewhere fp32
-    reads half the keys per step in two stages (66-72 KB; scripts/compile_tables.py checks
-    every choice against each GPU's limit). On Hopper (H200, B=16 Hkv=8, 4k-16k keys, TB/s;
-    NOTES.md, twenty-first session) fp32 at head dim 128 keeps two stages (1.32 against 1.21
-    in three), which fit two programs per SM; at 256, four warps hold 178 registers and read
-    0.09, eight warps 0.77.
+    fp32 at head dims 128 and 256 is measured on Hopper only (H200, B=16 Hkv=8, 4k-16k keys,
+    TB/s; NOTES.md, twenty-first session): at 128 two stages (1.32 against 1.21 in three; 78
+    KB, two programs per SM); at 256 eight warps (0.77; four warps hold 178 registers and read
+    0.09). Off Hopper three fp32 stages would not fit (140-176 KB; sm_86/sm_89 allow 99 KB,
+    A100 163), so fp32 there reads half the keys per step in two stages with four warps, the
+    shape that read 0.75 at 256 on the H200 (scripts/compile_tables.py checks every choice
+    against each GPU's limit).
     """
     block_d = _tiles(problem)[1]
     block_n = 64 if block_d <= 128 else 32
-    if problem.dtype != torch.float32 or arch is None:
+    if problem.dtype != torch.float32 or arch is None or block_d < 128:
         return block_n, 4, 3
     if arch != 90:
-        return (block_n // 2, 4, 2) if block_d >= 128 else (block_n, 4, 3)
-    if block_d == 128:
-        return block_n, 4, 2
-    if block_d == 256:
-        return block_n, 8, 2
-    return block_n, 4, 3
+        return block_n // 2, 4, 2
+    return block_n, 4 if block_d == 128 else 8, 2
 
 
 #: From this many visible keys on, programs that keep WAVE_EFFICIENCY of the SMs busy read
