@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh bench   # standard grid + decode beside SDPA, torch-blocked
 # and the fp32 comparison behind the fp32 table (benchmarks/NOTES.md, twentieth session):
 #   bash benchmarks/gpu_session.sh fp32-tma   # the table's TMA choice, +maxnreg, pointers
+# and why fp32 decoding at head dim 256 reads 0.09 TB/s on 4 warps (NOTES.md, twenty-second):
+#   bash benchmarks/gpu_session.sh decode-d256   # Nsight Compute stall reasons, 4 warps vs 8
 # Each starts by installing the project (editable, no deps: the device has no network).
 set -u
 export PYTHONUNBUFFERED=1
@@ -56,6 +58,22 @@ fp32-tma)
         done
     done
     ;;
+decode-d256)
+    # One launch each of the old slow table entry (32 keys, 4 warps, 3 stages) and the
+    # committed one (8 warps, 2 stages) at B=16 Hq=32 Hkv=8, 4k keys, after two warm-ups.
+    command -v ncu > /dev/null || { echo "no ncu on this machine: nothing to profile"; exit 0; }
+    for cfg in "32 4 3" "32 8 2" "16 4 2"; do
+        set -- $cfg
+        timeout 150 ncu --kernel-name regex:_split_kv_kernel --launch-skip 2 --launch-count 1 \
+            --section LaunchStats --section Occupancy --section SchedulerStats \
+            --section WarpStateStats --section MemoryWorkloadAnalysis \
+            python benchmarks/decode_launch.py --block-n "$1" --warps "$2" --stages "$3" \
+            > "$OUT/ncu-d256-n$1-w$2-s$3.txt" 2>&1
+        echo "== ncu D=256 fp32 $cfg: rc=$?"
+        grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Stall|Mem Busy|Max Bandwidth" \
+            "$OUT/ncu-d256-n$1-w$2-s$3.txt" | head -20
+    done
+    ;;
 *)
-    echo "usage: gpu_session.sh check|bench|fp32-tma" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh check|bench|fp32-tma|decode-d256" >&2; exit 2 ;;
 esac
