@@ -71,7 +71,8 @@ decode-d256)
         timeout 150 "$ncu" --kernel-name regex:_split_kv_kernel --launch-skip 2 --launch-count 1 \
             --section LaunchStats --section Occupancy --section SchedulerStats \
             --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
-            python benchmarks/decode_launch.py --block-n "$1" --warps "$2" --stages "$3" \
+            python plugins/triton/scripts/decode_perf.py --dtype fp32 --head-dim 256 \
+            --configs "$1,$2,$3" --launch 3 \
             > "$OUT/ncu-d256-n$1-w$2-s$3.txt" 2>&1
         echo "== ncu D=256 fp32 $cfg: rc=$?"
         grep -iE "duration|registers per|achieved occupancy|warp cycles per issued|no eligible|stall|bank|mem busy" \

@@ -5,12 +5,13 @@ Writes ``decode_perf.json`` and ``decode_perf.log`` under $OUT
 (or the current directory) and prints a short table last.
 
     python plugins/triton/scripts/decode_perf.py [--quick] [--dtype fp32] [--head-dim 64]
-        [--configs "64,8,3 32,4,2"]
+        [--configs "64,8,3 32,4,2"] [--launch N [--launch-keys 4096]]
 
 Workload (issue 5): B=16, Hq=32, Hkv=8, D=128 (or ``--head-dim``), bf16 (or ``--dtype``),
 one query token, caches of 1k..64k keys. Bandwidth = bytes of K+V read (B * Hkv * Sk * D *
 2 tensors * bytes per element) / time. ``--configs`` replaces the sweep's (block_n,
-num_warps, num_stages).
+num_warps, num_stages). ``--launch N`` only launches each of them N times, for a profiler
+(benchmarks/gpu_session.sh decode-d256).
 """
 
 from __future__ import annotations
@@ -135,17 +136,17 @@ def bench(fn) -> float:
 SWEEP = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3), (128, 4, 3), (64, 8, 4), (32, 4, 4),
          (128, 8, 2)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BATCH, HQ, HKV = 16, 32, 8  # the workload's
 
 
 def perf(dec, lengths, budget_s, dtype=torch.bfloat16, sweep_cfgs=SWEEP, D=128) -> list[dict]:
     """Default configuration against SDPA for every length first, then a sweep of launch
     configurations with the time left shared evenly between the lengths."""
-    B, Hq, Hkv = 16, 32, 8
     rows, inputs = [], {}
     for Sk in lengths:
-        q, k, v = rand_inputs(B, Hq, Hkv, 1, Sk, D, dtype)
+        q, k, v = rand_inputs(BATCH, HQ, HKV, 1, Sk, D, dtype)
         inputs[Sk] = (q, k, v)
-        nbytes = 2 * B * Hkv * Sk * D * k.element_size()
+        nbytes = 2 * BATCH * HKV * Sk * D * k.element_size()
         problem = AttentionProblem.from_tensors(q, k, v, causal=True)
         f_sdpa, how = sdpa_peer(q, k, v)
         ref = f_sdpa()
@@ -196,6 +197,21 @@ def perf(dec, lengths, budget_s, dtype=torch.bfloat16, sweep_cfgs=SWEEP, D=128) 
     return rows
 
 
+def launch_only(dec, cfgs, n, Sk, dtype, D) -> int:
+    """Each configuration n times back to back and nothing else: a profiler picks one launch
+    of the split-KV kernel by name after skipping the first (compiling) ones."""
+    q, k, v = rand_inputs(BATCH, HQ, HKV, 1, Sk, D, dtype)
+    problem = AttentionProblem.from_tensors(q, k, v, causal=True)
+    for block_n, warps, stages in cfgs:
+        for _ in range(n):
+            dec.decode_forward(problem, q, k, v, None, block_n=block_n, num_warps=warps,
+                               num_stages=stages)
+        torch.cuda.synchronize()
+        log(f"D={D} {dtype} {Sk} keys, splits {dec.num_splits(problem)}: launched "
+            f"({block_n}, {warps}, {stages}) {n} times")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -205,15 +221,21 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--configs", default=None,
                         help='the sweep\'s "block_n,num_warps,num_stages ..." (default: SWEEP)')
+    parser.add_argument("--launch", type=int, metavar="N",
+                        help="only launch each --configs entry N times (no check, no SDPA)")
+    parser.add_argument("--launch-keys", type=int, default=4096)
     args = parser.parse_args()
     try:
         cfgs = SWEEP if args.configs is None else [tuple(map(int, c.split(",")))
                                                   for c in args.configs.split()]
+        if any(len(c) != 3 for c in cfgs):
+            raise ValueError
     except ValueError:
         parser.error(f"--configs {args.configs!r}: give block_n,num_warps,num_stages triples")
-    if any(len(c) != 3 for c in cfgs):
-        parser.error(f"--configs {args.configs!r}: give block_n,num_warps,num_stages triples")
     dec = load_decode()
+    if args.launch:
+        return launch_only(dec, cfgs, args.launch, args.launch_keys, DTYPES[args.dtype],
+                           args.head_dim)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     log(f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}, "
         f"triton {triton.__version__}")
