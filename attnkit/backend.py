@@ -27,6 +27,10 @@ FEATURES = {
 }
 
 
+class BackendContractError(RuntimeError):
+    """A backend returned something other than what the contract promises (a bug in it)."""
+
+
 @functools.lru_cache(maxsize=64)  # selection asks on every call; the answer never changes
 def cuda_capability(device: torch.device) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device."""
@@ -54,6 +58,9 @@ class Capabilities:
     deterministic: bool = True
     #: Oldest CUDA GPU the kernels run on, as (major, minor) compute capability; None: any.
     cuda_capability_min: tuple[int, int] | None = None
+    #: ``backward`` takes ``dlse``, the gradient flowing into ``lse`` (a loss on lse, or
+    #: `attnkit.merge_attention` of partial results). Without it a nonzero lse gradient raises.
+    lse_grad: bool = False
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -68,9 +75,12 @@ class Backend:
 
     Tensors a backend receives: ``q (B, Hq, Sq, D)``, ``k``/``v (B, Hkv, Sk, D)`` with any
     strides, ``seqlens_k`` ``None`` or int32 contiguous ``(B,)`` on the same device. It returns
-    ``out`` in q's dtype with q's shape and ``lse`` float32 ``(B, Hq, Sq)``; gradients in their
-    input's dtype and shape (kv gradients summed over each GQA group). Empty problems
-    (B, Hq, Sq or Sk = 0) are answered by the core and never reach a backend.
+    ``out`` in q's dtype with q's shape and ``lse`` float32 ``(B, Hq, Sq)`` (float64 allowed
+    for float64 inputs), both on q's device; gradients in their input's dtype and shape (kv
+    gradients summed over each GQA group). The core checks these shapes, dtypes and devices
+    on every call (`check_forward_result`, `check_backward_result`) and raises
+    `BackendContractError` naming the backend. Empty problems (B, Hq, Sq or Sk = 0) are
+    answered by the core and never reach a backend.
     """
 
     name: ClassVar[str] = ""
@@ -148,9 +158,20 @@ class Backend:
         lse: torch.Tensor,
         dout: torch.Tensor,
         seqlens_k: torch.Tensor | None,
+        dlse: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(dq, dk, dv)`` from the saved ``out`` and ``lse``. ``dout`` is contiguous
-        or has exactly ``out``'s strides (the core copies it otherwise)."""
+        """Return ``(dq, dk, dv)`` from the saved ``out`` and ``lse``.
+
+        ``dout`` is contiguous or has exactly ``out``'s strides (the core copies it otherwise).
+        ``dlse`` is the gradient flowing into ``lse``: float32 ``(B, Hq, Sq)`` (float64 for
+        float64 inputs), contiguous. The core passes it, as a keyword, only to a backend
+        whose `Capabilities` declare ``lse_grad`` and only when the loss reaches lse; a
+        backend without ``lse_grad`` never sees the keyword. With ``P = exp(S - lse)`` and
+        ``delta = rowsum(dout * out)`` the score gradient becomes
+        ``dS = P * (dP - (delta - dlse))``: ``d lse / dS = P``, so dlse enters as a per-row
+        offset of delta. Rows that saw no key (``lse = -inf``) have ``P = 0`` and zero
+        gradients whatever ``dlse`` holds there.
+        """
         raise NotImplementedError
 
     @property
@@ -160,3 +181,66 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def _lse_dtype_ok(lse: torch.Tensor, q: torch.Tensor) -> bool:
+    return lse.dtype == torch.float32 or (lse.dtype == q.dtype == torch.float64)
+
+
+def check_forward_result(backend: Backend, q: torch.Tensor, result) -> tuple:
+    """``result`` as ``(out, lse)`` if it keeps the contract (shapes, dtypes, devices: a few
+    attribute reads), else `BackendContractError` naming the backend."""
+    try:
+        out, lse = result
+    except (TypeError, ValueError):
+        raise BackendContractError(
+            f"backend {backend.name!r} forward returned {type(result).__name__}; the "
+            "contract is a pair (out, lse)") from None
+    if (isinstance(out, torch.Tensor) and isinstance(lse, torch.Tensor)
+            and out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+            and lse.shape == q.shape[:3] and _lse_dtype_ok(lse, q) and lse.device == q.device):
+        return out, lse
+    raise BackendContractError(
+        f"backend {backend.name!r} forward broke the contract: "
+        + "; ".join(_mismatches(q, ((out, "out", q.shape, "q's dtype", q.dtype),
+                                    (lse, "lse", q.shape[:3], "float32", torch.float32)))))
+
+
+def check_backward_result(backend: Backend, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, result) -> tuple:
+    """``result`` as ``(dq, dk, dv)`` if each has its input's shape, dtype and device (autograd
+    would cast a wrong dtype silently), else `BackendContractError` naming the backend."""
+    try:
+        dq, dk, dv = result
+    except (TypeError, ValueError):
+        raise BackendContractError(
+            f"backend {backend.name!r} backward returned {type(result).__name__}; the "
+            "contract is a triple (dq, dk, dv)") from None
+    ok = True
+    for g, t in ((dq, q), (dk, k), (dv, v)):
+        ok = (ok and isinstance(g, torch.Tensor) and g.shape == t.shape and g.dtype == t.dtype
+              and g.device == t.device)
+    if ok:
+        return dq, dk, dv
+    raise BackendContractError(
+        f"backend {backend.name!r} backward broke the contract: "
+        + "; ".join(_mismatches(q, ((g, n, t.shape, f"{n[1:]}'s dtype", t.dtype)
+                                    for g, n, t in ((dq, "dq", q), (dk, "dk", k),
+                                                    (dv, "dv", v))))))
+
+
+def _mismatches(q, expected) -> list[str]:
+    """What differs from the contract, one phrase per tensor (built only for an error)."""
+    found = []
+    for t, name, shape, dtype_name, dtype in expected:
+        if not isinstance(t, torch.Tensor):
+            found.append(f"{name} is {type(t).__name__}, not a tensor")
+            continue
+        lse_ok = name == "lse" and _lse_dtype_ok(t, q)
+        if t.shape != shape:
+            found.append(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.dtype != dtype and not lse_ok:
+            found.append(f"{name} has dtype {t.dtype}, expected {dtype_name} {dtype}")
+        if t.device != q.device:
+            found.append(f"{name} is on {t.device}, expected {q.device}")
+    return found
