@@ -1,21 +1,36 @@
-"""`attnkit bench` on a CPU: formulas, the JSON it writes, and failing cells kept as data."""
+"""`attnkit bench` on a CPU: formulas, the JSON it writes, failing cells kept as data, the
+modes, labelled runs and comparisons, the environment A/B, the README's tables, and the
+committed results."""
 
 from __future__ import annotations
 
+import copy
+import importlib
 import io
 import json
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from attnkit import Backend, Capabilities, reference
-from attnkit.bench import attention_flops, kv_bytes, run_benchmark
-from attnkit.bench.grid import default_decode, default_grid
+from attnkit.bench import attention_flops, kv_bytes, run_benchmark, standard_shape
+from attnkit.bench import cache as bench_cache
+from attnkit.bench.compare import compare_table, ratios
+from attnkit.bench.grid import STANDARD_MODEL_DIM, STANDARD_TOKENS, default_decode, default_grid
 from attnkit.bench.progress import Progress
-from attnkit.bench.report import SCHEMA, read_json
+from attnkit.bench.report import SCHEMA, read_json, readme_tables
+from attnkit.bench.tables import table
 from attnkit.bench.timing import measure
 from attnkit.cli import main
 from attnkit.registry import registry
+
+# The module, not the function of the same name that attnkit.bench exports.
+bench_env = importlib.import_module("attnkit.bench.environment")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 TINY = ["--device", "cpu", "--seqlens", "32,64", "--head-dims", "16", "--tokens", "128",
         "--model-dim", "32", "--warmup-ms", "0", "--rep-ms", "2", "--quiet"]
@@ -107,6 +122,30 @@ def test_standard_grid_is_flashattention_s():
     assert d.cache_lens == (1024, 4096, 16384, 65536)
     cpu = default_grid("cpu")
     assert cpu.dtypes == ("fp32",) and min(cpu.seqlens) == 256 and max(cpu.seqlens) == 2048
+    assert (STANDARD_TOKENS, STANDARD_MODEL_DIM) == (16384, 2048)
+    assert standard_shape(512, 64) == (32, 32) and standard_shape(16384, 128) == (1, 16)
+    assert standard_shape(32768, 128) == (1, 16)  # at least one sequence
+    with pytest.raises(ValueError, match="not a multiple of head dim 96"):
+        standard_shape(512, 96)
+
+
+def test_the_standard_grid_is_written_down_once():
+    # Every other place asks grid.py (standard_shape, STANDARD_*) instead of re-deriving it.
+    files = subprocess.run(["git", "ls-files", "*.py", "*.sh"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    found = [f"{f}:{n}" for f in files if f != "attnkit/bench/grid.py"
+             and (ROOT / f).is_file()
+             for n, line in enumerate((ROOT / f).read_text().splitlines(), 1)
+             if re.search(r"\b(16384|2048) ?//", line)]
+    assert not found, found
+
+
+def test_the_harness_uses_plugins_through_the_public_api_only():
+    for path in (ROOT / "attnkit" / "bench").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) attnkit_\w+", text, re.M), path.name
 
 
 def test_measure_counts_reps_and_times_slow_calls_once():
@@ -294,10 +333,268 @@ def test_a_corrupted_cuda_context_skips_the_rest():
 
 def test_grid_is_shape_major():
     # Peers take turns on each shape, so they are timed in the same state of the GPU
-    # (backend-major runs read triton's long fwd+bwd cells 3-17% slow: NOTES.md).
+    # (backend-major runs read triton's long fwd+bwd cells 3-17% slow: docs/tuning.md).
     cells = run_benchmark(device="cpu", seqlens=[16, 32], head_dims=[16], tokens=32,
                           model_dim=16, modes=["fwd"], causal=[False],
                           backends=["sdpa-math", "reference"], warmup_ms=0, rep_ms=1,
                           progress=False)["cells"]
     assert [c["seqlen_q"] for c in cells] == [16, 16, 32, 32]
     assert {c["backend"] for c in cells[:2]} == {"sdpa-math", "reference"}
+
+
+# -- provenance ------------------------------------------------------------------------------
+
+def test_a_run_records_its_source_commit_and_switches(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_BENCH_TEST_SWITCH", "on")
+    env = run_benchmark(device="cpu", seqlens=[16], head_dims=[16], tokens=16, model_dim=16,
+                        modes=["fwd"], causal=[False], backends=["sdpa-math"], warmup_ms=0,
+                        rep_ms=1, progress=False)["environment"]
+    assert env["switches"]["ATTNKIT_BENCH_TEST_SWITCH"] == "on"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    assert env["source"]["commit"] == head and isinstance(env["source"]["dirty"], bool)
+
+
+def test_outside_a_checkout_the_installed_version_stands_in(monkeypatch):
+    monkeypatch.setattr(bench_env, "_git", lambda *a: None)
+    monkeypatch.delenv(bench_env.COMMIT_ENV, raising=False)
+    src = bench_env.source_revision()
+    assert src["commit"] is None and src["dirty"] is None and src["installed"].startswith(
+        "attnkit ")
+    monkeypatch.setenv(bench_env.COMMIT_ENV, "abc1234")
+    assert bench_env.source_revision()["commit"] == "abc1234"
+    assert bench_env.COMMIT_ENV not in bench_env.switches()
+
+
+def test_committed_results_are_one_set_per_gpu_with_their_provenance():
+    dirs = sorted(p for p in RESULTS.iterdir() if p.is_dir())
+    assert {"h100", "h200"} <= {p.name for p in dirs}
+    for d in dirs:
+        names = {p.name for p in d.iterdir()}
+        assert names == {f"{s}.{e}" for s in ("bench", "decode") for e in ("json", "txt",
+                                                                           "png")}, d
+        for stem, kind in (("bench", "grid"), ("decode", "decode")):
+            result = read_json(d / f"{stem}.json")
+            env = result["environment"]
+            assert result["kind"] == kind and env["device"]["type"] == "cuda"
+            assert d.name in env["device"]["name"].lower()
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT.*", env["date"])
+            assert env["versions"]["torch"] and env["versions"]["triton"]
+            assert re.fullmatch(r"[0-9a-f]{40}", env["source"]["commit"])
+            assert isinstance(env["source"]["dirty"], bool)
+            assert "files" not in result  # where a machine once wrote it is no provenance
+
+
+# -- comparisons, labels, A/B ----------------------------------------------------------------
+
+def _result(kind: str, values: dict[tuple[str, int], float], status=None) -> dict:
+    """A minimal result: cells of backend/seqlen with the given throughput (or host time)."""
+    field = {"grid": "tflops", "decode": "tbps", "host": "host_us"}[kind]
+    cells = []
+    for (backend, s), x in values.items():
+        cells.append({"backend": backend, "kind": "sdpa" if backend.startswith("sdpa")
+                      else "attnkit", "mode": "decode" if kind == "decode" else "fwd",
+                      "dtype": "bf16", "batch": standard_shape(s, 128)[0], "heads_q": 16,
+                      "heads_kv": 16,
+                      "seqlen_q": s, "seqlen_k": s, "head_dim": 128, "causal": False,
+                      "status": (status or {}).get((backend, s), "ok"), "error": None,
+                      field: x, "notes": []})
+    return {"schema": SCHEMA, "kind": kind, "cells": cells}
+
+
+def test_ratios_are_speedups_over_the_base_in_every_unit():
+    base = _result("grid", {("triton", 512): 100.0, ("triton", 1024): 200.0,
+                            ("sdpa-flash", 512): 50.0})
+    run = _result("grid", {("triton", 512): 110.0, ("triton", 1024): 100.0,
+                           ("sdpa-flash", 512): 50.0, ("cupy", 512): 9.0})
+    r = ratios(run, base)
+    assert sorted(r.values()) == pytest.approx([0.5, 1.0, 1.1])  # cupy has no base cell
+    # Host time: lower is faster, so the ratio is the base's time over the run's.
+    h = ratios(_result("host", {("triton", 512): 20.0}), _result("host", {("triton", 512): 30.0}))
+    assert list(h.values()) == pytest.approx([1.5])
+    failed = _result("grid", {("triton", 512): 1.0}, status={("triton", 512): "error"})
+    assert ratios(failed, base) == {}
+    with pytest.raises(ValueError, match="cannot compare a grid result with a host one"):
+        ratios(run, _result("host", {}))
+    text = compare_table({"old": base, "new": run}, "old")
+    assert "fwd bf16 D=128 H=16" in text and "1.10" in text and "0.50" in text
+    gm = re.search(r"triton\s+([\d.]+) \(2\)", text)
+    assert gm and float(gm.group(1)) == pytest.approx((1.1 * 0.5) ** 0.5, abs=1e-3)
+
+
+def test_label_then_compare(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(bench_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY, "--backends", "sdpa-math,reference", "--modes", "fwd", "--causal", "false",
+            "--no-plot"]
+    assert main(["bench", *args, "--label", "before"]) == 0
+    saved = tmp_path / "cache" / "before" / "bench.json"
+    assert read_json(saved)["kind"] == "grid"
+    assert not (tmp_path / "attnkit-bench").exists()  # a labelled run needs no --out
+    capsys.readouterr()
+    # The same label compared and rewritten: the comparison is against the earlier run.
+    assert main(["bench", *args, "--label", "before", "--compare", "before",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    after = out.split("Against label before: TFLOP/s of this run over it")[1]
+    assert "fwd fp32 D=16 H=2" in after and "Geometric mean over label before" in after
+    cells = re.findall(r"^\s+(32|64)\s+([\d.]+)\s+([\d.]+)$", after, re.M)
+    assert len(cells) == 2  # one row per seqlen, a ratio per backend
+    # A results directory and a file are compared the same way.
+    assert main(["bench", *args, "--compare", str(tmp_path / "out"), "--out",
+                 str(tmp_path / "o2")]) == 0
+    assert f"Against {tmp_path / 'out' / 'bench.json'}" in capsys.readouterr().out
+    assert bench_cache.labels() == ["before"]
+
+
+def test_env_ab_runs_each_value_in_a_fresh_process(tmp_path, capsys):
+    rc = main(["bench", *TINY, "--backends", "sdpa-math", "--modes", "fwd", "--causal",
+               "false", "--seqlens", "32", "--no-plot", "--out", str(tmp_path),
+               "--env", "ATTNKIT_BENCH_TEST_AB=one,unset"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    one = read_json(tmp_path / "ATTNKIT_BENCH_TEST_AB=one" / "bench.json")
+    unset = read_json(tmp_path / "ATTNKIT_BENCH_TEST_AB=unset" / "bench.json")
+    # Each child saw its own value; the parent's environment never had it.
+    assert one["environment"]["switches"]["ATTNKIT_BENCH_TEST_AB"] == "one"
+    assert "ATTNKIT_BENCH_TEST_AB" not in unset["environment"]["switches"]
+    assert one["config"]["env"] == {"ATTNKIT_BENCH_TEST_AB": "one"}
+    assert "Against ATTNKIT_BENCH_TEST_AB=one: TFLOP/s of each run over it" in out
+    assert re.search(r"^\s+32\s+[\d.]+$", out, re.M)  # the ratio of the other run
+
+
+# -- modes -----------------------------------------------------------------------------------
+
+def test_host_overhead_on_a_cpu(tmp_path, capsys):
+    rc = main(["bench", "--host-overhead", "--device", "cpu", "--seqlens", "32", "--head-dims",
+               "16", "--tokens", "64", "--model-dim", "32", "--cache-lens", "64", "--quiet",
+               "--backends", "sdpa-flash,sdpa-math", "--out", str(tmp_path)])
+    assert rc == 0
+    result = read_json(tmp_path / "host.json")
+    by = {(c["backend"], c["mode"]): c for c in result["cells"]}
+    assert {m for _, m in by} == {"fwd", "fwd_bwd", "decode"}
+    for mode in ("fwd", "fwd_bwd", "decode"):
+        flash, math_ = by[("sdpa-flash", mode)], by[("sdpa-math", mode)]
+        assert flash["status"] == "ok" and 0 < flash["host_us_min"] <= flash["host_us"]
+        assert math_["host_vs_sdpa_flash"] == pytest.approx(math_["host_us"] / flash["host_us"])
+        assert flash["gpu_us"] is None  # a CPU has no separate device time
+    assert by[("sdpa-math", "decode")]["heads_kv"] < by[("sdpa-math", "decode")]["heads_q"]
+    assert by[("sdpa-math", "fwd")]["causal"] is True  # the grid's host-bound case
+    assert result["config"]["host"] == {"calls": 10, "batches": 3}
+    text = capsys.readouterr().out
+    assert "host us per call" in text and "decode fp32 B=4 Hq=8 Hkv=2 D=64 cache=64" in text
+    assert not (tmp_path / "host.png").exists()
+
+
+@pytest.fixture
+def nocausal():
+    b = _NoCausal()
+    registry.register(b, priority=None, plugin="test_bench")
+    yield b.name
+    registry.unregister(b.name)
+
+
+def test_host_overhead_records_unsupported_rows(tmp_path, nocausal):
+    result = run_benchmark(device="cpu", host_overhead=True, seqlens=[32], head_dims=[16],
+                           tokens=64, model_dim=32, cache_lens=[64],
+                           backends=["sdpa-math", nocausal], progress=False)
+    rows = {c["mode"]: c for c in result["cells"] if c["backend"] == nocausal}
+    assert rows["fwd"]["status"] == "unsupported" and "causal" in rows["fwd"]["error"]
+    assert rows["decode"]["status"] == "unsupported"
+
+
+def test_sustained_on_a_cpu(tmp_path):
+    assert main(["bench", "--sustained", "0.05", "--device", "cpu", "--seqlens", "32",
+                 "--head-dims", "16", "--tokens", "64", "--model-dim", "32", "--quiet",
+                 "--backends", "sdpa-flash,sdpa-math", "--out", str(tmp_path)]) == 0
+    result = read_json(tmp_path / "sustained.json")
+    assert result["config"]["sustained_s"] == 0.05
+    assert len(result["cells"]) == 2
+    for c in result["cells"]:
+        assert c["status"] == "ok" and [p["pass"] for p in c["passes"]] == [0, 1]
+        assert c["ms"] == pytest.approx(sum(p["ms"] for p in c["passes"]) / 2)
+        assert c["tflops"] == pytest.approx(c["flops"] / (c["ms"] * 1e-3) / 1e12)
+        # No nvidia-smi on a CPU run: no samples, nothing made up.
+        assert all(p["samples"] == 0 and p["sm_mhz"] is None for p in c["passes"])
+    assert "pass" in (tmp_path / "sustained.txt").read_text()
+
+
+def test_graph_table_shows_eager_and_replay():
+    cells = []
+    for mode, tbps in (("decode", 1.0), ("decode_graph", 2.0)):
+        for b in ("sdpa-flash", "triton"):
+            cells.append({"backend": b, "mode": mode, "seqlen_k": 1024, "status": "ok",
+                          "tbps": tbps, "ratio_vs_sdpa_flash": 1.0, "notes": []})
+    result = {"kind": "graphs", "cells": cells, "elapsed_s": 1.0, "left_out": {},
+              "environment": {"device": {"name": "GPU"}},
+              "config": {"decode": {"batch": 16, "heads_q": 32, "heads_kv": 8,
+                                    "head_dim": 128, "dtype": "bf16", "seqlen_q": 1}}}
+    text = table(result)
+    assert "eager calls" in text and "replays of a CUDA graph" in text
+    assert text.index("1.00") < text.index("replays") < text.index("2.00")
+
+
+# -- user errors -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{file}/sub"], "cannot write results to"),
+    (["--env", "NOEQUALS"], "--env takes NAME=VALUE"),
+    (["--env", "A=x,x"], "distinct, non-empty values"),
+    (["--graphs"], "needs a CUDA device"),
+    (["--compare", "no-such-label"], "no such label"),
+    (["--label", "bad label"], "label 'bad label'"),
+    (["--sustained", "0"], "positive number of seconds"),
+    (["--seqlens", "1x"], "expected integers"),
+    (["--report", "{file}"], "cannot read a result from"),
+])
+def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setenv(bench_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("not json")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    try:
+        rc = main(["bench", "--device", "cpu", "--quiet", *argv])
+    except SystemExit as e:  # argparse's errors exit
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+# -- the README's tables ---------------------------------------------------------------------
+
+def test_readme_tables_from_results(tmp_path):
+    h200 = read_json(RESULTS / "h200" / "bench.json")
+    grid = copy.deepcopy(h200)
+    grid["environment"]["source"] = {"commit": "0123456789" * 4, "dirty": False}
+    for c in grid["cells"]:  # every triton cell twice sdpa-flash's, one cupy cell missing
+        if c["backend"] == "triton" and c["ratio_vs_sdpa_flash"]:
+            c["ratio_vs_sdpa_flash"] = 2.0
+    cupy = [c for c in grid["cells"] if c["backend"] == "cupy" and c["mode"] == "bwd"]
+    cupy[0]["status"], cupy[0]["ratio_vs_sdpa_flash"] = "error", None
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "bench.json").write_text(json.dumps(grid))
+    text = readme_tables([tmp_path / "g"])
+    heading = text.splitlines()[0]
+    assert heading.startswith("### NVIDIA H200, 2026-12-04 (torch 2.11.0+cu130")
+    assert "Triton 3.6.0" in heading and "cuDNN 9.19.0" in heading
+    assert heading.endswith("; commit 0123456)")
+    assert "| attnkit `triton` | 2.00x | 2.00x | 2.00x |" in text
+    assert "(47 of 48 cells)" in text and "Decode" not in text
+    both = readme_tables([RESULTS / "h200", RESULTS / "h100"])
+    assert both.count("### ") == 2 and "H100 80GB HBM3, 2026-11-22" in both
+    assert "TB/s of K+V read at 1k / 4k / 16k / 64k keys" in both
+
+
+def test_readme_holds_what_the_report_generates():
+    # The README's block is `attnkit bench --report benchmarks/results/*`, pasted as printed.
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("<!-- bench-tables:start -->")
+    end = lines.index("<!-- bench-tables:end -->", start)
+    block = "\n".join(lines[start + 1:end]).strip()
+    dirs = sorted(p for p in RESULTS.iterdir() if p.is_dir())
+    assert block == readme_tables(dirs).strip(), (
+        "README out of date: paste the output of attnkit bench --report benchmarks/results/* "
+        "between its bench-tables markers")

@@ -1,13 +1,16 @@
 """``attnkit bench``: every installed backend beside PyTorch SDPA's kernels, on the same inputs.
 
     from attnkit.bench import run_benchmark
-    result = run_benchmark(seqlens=[1024, 4096], head_dims=[128], out="benchmarks/h100")
+    result = run_benchmark(seqlens=[1024, 4096], head_dims=[128], out="results/h100")
 
-`run_benchmark` returns a JSON-ready dict (every figure, plus the device, clocks, versions and
-date) and with ``out`` writes ``bench.json`` / ``bench.png`` (``decode.json`` / ``decode.png``
-with ``decode=True``) there. Modules: `grid` (cells, FLOP and byte formulas), `timing`
-(medians, peak memory), `peers` (SDPA kernels), `contenders`, `runner` (the loops),
-`report` (table, JSON, plot), `environment`, `progress`, `cli`.
+`run_benchmark` returns a JSON-ready dict (every figure, plus the device, clocks, versions,
+source commit and date) and with ``out`` writes ``bench.json`` / ``bench.txt`` / ``bench.png``
+there (``decode.*``, ``graphs.*``, ``host.*``, ``sustained.*`` for the other modes). Modules:
+`grid` (the standard grid, cells, FLOP and byte formulas), `timing` (medians, peak memory),
+`peers` (SDPA kernels), `contenders`, `runner` (the loops), `graphs` (CUDA-graph capture),
+`host` (host overhead), `sustained` (long runs with clocks and power), `tables`, `plot`,
+`report` (JSON, README tables), `compare` (ratios between runs), `cache` (labelled runs),
+`abtest` (environment A/B in subprocesses), `environment`, `progress`, `cli`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 
 from . import contenders as _contenders
-from . import report, runner
+from . import plot as _plot
+from . import report, runner, tables
 from .environment import device_info, environment
 from .grid import (
     DTYPES,
@@ -31,11 +35,12 @@ from .grid import (
     default_decode,
     default_grid,
     kv_bytes,
+    standard_shape,
 )
 from .progress import Progress
 
 __all__ = ["DecodeSpec", "GridSpec", "attention_flops", "kv_bytes", "resolve_device",
-           "run_benchmark", "save"]
+           "run_benchmark", "save", "standard_shape"]
 
 FORMULAS = {
     "flops": "4*B*H*Sq*Sk*D, halved for causal; bwd = 2.5x fwd, fwd_bwd = 3.5x fwd",
@@ -45,6 +50,7 @@ FORMULAS = {
     "mem_peak_bytes": "torch.cuda.max_memory_allocated during one fwd+bwd, minus what was "
                       "allocated before the inputs were made",
     "mem_extra_bytes": "the same peak minus what was allocated just before the call",
+    "host_us": "host time per call: calls queued back to back while the GPU is held busy",
 }
 
 
@@ -62,10 +68,19 @@ def _override(spec, **values):
                                         for k, v in values.items() if v is not None})
 
 
+#: Narrower defaults of the host-overhead and sustained modes (the rest as the grid's).
+HOST_DEFAULTS = {"modes": ("fwd", "fwd_bwd"), "causal": (True,)}
+SUSTAINED_DEFAULTS = {"seqlens": (4096,), "head_dims": (128,), "causal": (False,),
+                      "modes": ("fwd",)}
+
+
 def run_benchmark(
     *,
     device: str | torch.device = "auto",
     decode: bool = False,
+    graphs: bool = False,
+    host_overhead: bool = False,
+    sustained_s: float | None = None,
     seqlens: Sequence[int] | None = None,
     head_dims: Sequence[int] | None = None,
     causal: Sequence[bool] | None = None,
@@ -85,7 +100,14 @@ def run_benchmark(
     out: str | Path | None = None,
     plot: bool = True,
 ) -> dict:
-    """Time every chosen backend on the grid (or the decoding table with ``decode=True``).
+    """Time every chosen backend on the grid, or in one of the other modes:
+
+    - ``decode``: the decoding table (one query against KV caches, TB/s);
+    - ``graphs``: the same, each step also timed as the replay of a CUDA graph;
+    - ``host_overhead``: host time per call on the grid's shortest shape (its largest head
+      dim, causal, fwd and fwd_bwd unless narrowed) and the decoding table's shortest cache;
+    - ``sustained_s``: each contender back to back for that many seconds per shape (default
+      S=4096, D=128, non-causal, fwd), with clocks and power read meanwhile.
 
     Defaults come from the device (`default_grid` / `default_decode`): FlashAttention's grid
     on CUDA, a small fp32 grid on a CPU. ``backends`` names attnkit backends and SDPA peers
@@ -93,6 +115,10 @@ def run_benchmark(
     available one except ``reference``. A cell that fails is recorded (status "error", "oom",
     "unsupported" or "skipped", with the message) and the run goes on.
     """
+    if sum(map(bool, (decode or graphs, host_overhead, sustained_s is not None))) > 1:
+        raise ValueError("choose one of decode/graphs, host overhead and sustained")
+    if sustained_s is not None and not sustained_s > 0:
+        raise ValueError(f"the sustained time must be positive, got {sustained_s}")
     dev = resolve_device(device)
     if dtypes is not None:
         bad = [d for d in dtypes if d not in DTYPES]
@@ -104,37 +130,67 @@ def run_benchmark(
             raise ValueError(f"unknown mode(s) {bad}; choose from {list(MODES)}")
     if layout is not None and layout not in ("bshd", "bhsd"):
         raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    if graphs and dev.type != "cuda":
+        raise ValueError(f"--graphs captures CUDA graphs: it needs a CUDA device, not {dev}")
     if not isinstance(progress, Progress):
         progress = Progress(enabled=bool(progress))
     t0 = time.perf_counter()
     env = environment(dev)
-    if decode:
-        dspec = _override(default_decode(dev.type), cache_lens=cache_lens,
-                          warmup_ms=warmup_ms, rep_ms=rep_ms, time_limit_s=time_limit_s)
-        if dtypes is not None:
-            dspec = dataclasses.replace(dspec, dtype=dtypes[0])
-        chosen, left_out = _contenders.select(dev, DTYPES[dspec.dtype], dspec.head_dim,
-                                              list(backends) if backends else None)
-        cells = runner.run_decode(dspec, chosen, dev, progress, seed)
+    grid_values = dict(seqlens=seqlens, head_dims=head_dims, causal=causal, dtypes=dtypes,
+                       modes=modes, tokens=tokens, model_dim=model_dim, layout=layout,
+                       warmup_ms=warmup_ms, rep_ms=rep_ms, slow_call_s=slow_call_s,
+                       time_limit_s=time_limit_s)
+    gspec = default_grid(dev.type)
+    if host_overhead:
+        gspec = dataclasses.replace(gspec, seqlens=(min(gspec.seqlens),),
+                                    head_dims=(max(gspec.head_dims),),
+                                    dtypes=gspec.dtypes[-1:], **HOST_DEFAULTS)
+    elif sustained_s is not None:
+        gspec = dataclasses.replace(gspec, **SUSTAINED_DEFAULTS)
+        if dev.type != "cuda":
+            gspec = dataclasses.replace(gspec, seqlens=(min(gspec.seqlens),), head_dims=(64,))
+    gspec = _override(gspec, **grid_values)
+    dspec = _override(default_decode(dev.type), cache_lens=cache_lens, warmup_ms=warmup_ms,
+                      rep_ms=rep_ms, time_limit_s=time_limit_s, graphs=graphs or None)
+    if host_overhead and cache_lens is None:
+        dspec = dataclasses.replace(dspec, cache_lens=(min(dspec.cache_lens),))
+    if dtypes is not None:
+        dspec = dataclasses.replace(dspec, dtype=dtypes[0])
+    names = list(backends) if backends else None
+    if decode or graphs:
+        kind = "graphs" if graphs else "decode"
+        chosen, left_out = _contenders.select(dev, DTYPES[dspec.dtype], dspec.head_dim, names)
+        cells = [c.as_dict() for c in runner.run_decode(dspec, chosen, dev, progress, seed)]
         config = {"device": str(dev), "decode": dspec.as_dict(), "seed": seed}
     else:
-        gspec = _override(default_grid(dev.type), seqlens=seqlens, head_dims=head_dims,
-                          causal=causal, dtypes=dtypes, modes=modes, tokens=tokens,
-                          model_dim=model_dim, layout=layout, warmup_ms=warmup_ms,
-                          rep_ms=rep_ms, slow_call_s=slow_call_s, time_limit_s=time_limit_s)
         chosen, left_out = _contenders.select(dev, DTYPES[gspec.dtypes[0]], gspec.head_dims[0],
-                                              list(backends) if backends else None)
-        cells = runner.run_grid(gspec, chosen, dev, progress, seed)
+                                              names)
         config = {"device": str(dev), "grid": gspec.as_dict(), "seed": seed}
+        if host_overhead:
+            from .host import batch_sizes, run_host
+
+            kind = "host"
+            cells = [r.as_dict() for r in run_host(gspec, dspec, chosen, dev, progress, seed)]
+            calls, batches = batch_sizes(dev)
+            config.update(decode=dspec.as_dict(), host={"calls": calls, "batches": batches})
+        elif sustained_s is not None:
+            from .sustained import run_sustained
+
+            kind = "sustained"
+            cells = run_sustained(gspec, chosen, dev, sustained_s, progress, seed)
+            config["sustained_s"] = sustained_s
+        else:
+            kind = "grid"
+            cells = [c.as_dict() for c in runner.run_grid(gspec, chosen, dev, progress, seed)]
     result = {
         "schema": report.SCHEMA,
-        "kind": "decode" if decode else "grid",
+        "kind": kind,
         "environment": env,
         "config": config,
         "formulas": FORMULAS,
         "contenders": [{"name": c.name, "kind": c.kind} for c in chosen],
         "left_out": left_out,
-        "cells": [c.as_dict() for c in cells],
+        "cells": cells,
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     if dev.type == "cuda":
@@ -145,21 +201,23 @@ def run_benchmark(
 
 
 def save(result: dict, out: str | Path, plot: bool = True) -> dict:
-    """Write ``result`` as ``OUT/bench.json``, ``OUT/bench.png`` and the table as
-    ``OUT/bench.txt`` (``decode.*`` for decode).
+    """Write ``result`` as ``OUT/STEM.json``, its table as ``OUT/STEM.txt`` and, for the grid
+    and decode kinds, ``OUT/STEM.png`` (``STEM`` is ``bench`` for the grid, else the kind's
+    name: `report.STEMS`).
 
     Returns the paths written and, if the plot could not be drawn (e.g. no matplotlib), the
     reason under ``"plot_error"``: the JSON is written first and always.
     """
     out = Path(out)
-    stem = "decode" if result["kind"] == "decode" else "bench"
+    stem = report.STEMS[result["kind"]]
     files: dict = {"json": str(out / f"{stem}.json"), "table": str(out / f"{stem}.txt")}
     result["files"] = files
     report.write_json(result, out / f"{stem}.json")
-    (out / f"{stem}.txt").write_text(report.table(result) + "\n" + report.summary(result) + "\n")
-    if plot:
+    (out / f"{stem}.txt").write_text(tables.table(result) + "\n" + tables.summary(result)
+                                     + "\n")
+    if plot and result["kind"] in _plot.PLOTTED:
         try:
-            files["png"] = str(report.plot(result, out / f"{stem}.png"))
+            files["png"] = str(_plot.plot(result, out / f"{stem}.png"))
         except Exception as e:
             files["plot_error"] = f"{type(e).__name__}: {e}"
         report.write_json(result, out / f"{stem}.json")

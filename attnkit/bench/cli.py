@@ -1,12 +1,24 @@
-"""The ``attnkit bench`` subcommand: arguments, then `run_benchmark`, then table and files."""
+"""The ``attnkit bench`` subcommand: arguments, then one run (or one per ``--env`` value), its
+table and files, the comparison asked for.
+
+A mistake of the user's (a bad value, an unwritable ``--out``, a missing ``--compare``
+result) is one line on stderr and exit code 2, before anything is timed where it can be.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from .grid import DTYPES, MODES
+
+DEFAULT_OUT = "attnkit-bench"
+
+
+class UsageError(ValueError):
+    """A mistake in the command line: reported in one line, exit code 2."""
 
 
 def _ints(text: str) -> list[int]:
@@ -45,18 +57,74 @@ def _causal(text: str) -> list[bool]:
     return table[text.lower()]
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds: {text!r}")
+    return value
+
+
+def _env(text: str):
+    from .abtest import parse_env
+
+    try:
+        return parse_env(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _one_line_error(message: str):
+    print(f"attnkit bench: {message} (attnkit bench --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.error = _one_line_error  # argparse's usage block would bury the one line that matters
     p.description = (
         "Time every installed attnkit backend beside PyTorch SDPA's kernels on the same random "
         "inputs. Default grid (CUDA): FlashAttention's, batch*seqlen = 16k tokens, seqlen "
         "512..16k, model dim 2048 (H = 2048/D), D 64 and 128, causal and not, fwd/bwd/fwd_bwd, "
-        "fp16 and bf16; on a CPU a small fp32 grid. --decode times the KV-cache decoding table.")
+        "fp16 and bf16; on a CPU a small fp32 grid. Other modes: --decode, --graphs, "
+        "--host-overhead, --sustained. --label/--compare keep and compare runs; --env A/Bs "
+        "environment switches; --report prints the README's tables from committed results.")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
-    p.add_argument("--out", default="attnkit-bench", metavar="DIR",
-                   help="write DIR/bench.json, DIR/bench.png and the table as DIR/bench.txt "
-                        "(decode.* with --decode)")
-    p.add_argument("--decode", action="store_true",
-                   help="the decoding table: one query token against KV caches (TB/s)")
+    p.add_argument("--out", metavar="DIR",
+                   help=f"write DIR/bench.json, DIR/bench.png and the table as DIR/bench.txt "
+                        f"(decode.*, graphs.*, host.*, sustained.* in the other modes; one "
+                        f"DIR/NAME=VALUE/ per --env run); default {DEFAULT_OUT}, or none "
+                        "with --label")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--decode", action="store_true",
+                      help="the decoding table: one query token against KV caches (TB/s)")
+    mode.add_argument("--graphs", action="store_true",
+                      help="the decoding table timed as eager calls and as replays of a CUDA "
+                           "graph that captured each step (CUDA only)")
+    mode.add_argument("--host-overhead", action="store_true",
+                      help="host time per call (the GPU kept busy) and GPU time, on the "
+                           "grid's shortest shape and the decoding table's shortest cache")
+    mode.add_argument("--sustained", type=_positive, metavar="SECONDS",
+                      help="each contender back to back for SECONDS per shape (default "
+                           "S=4k D=128 non-causal fwd), SM clock, power and temperature read "
+                           "meanwhile, in order then reversed")
+    mode.add_argument("--report", nargs="+", metavar="DIR",
+                      help="run nothing: print the README's markdown tables of the results in "
+                           "each DIR (e.g. benchmarks/results/h200)")
+    mode.add_argument("--plot-from", metavar="FILE.json",
+                      help="run nothing: print the table of a saved result and draw its PNG "
+                           "beside it")
+    p.add_argument("--label", metavar="NAME",
+                   help="also keep the run in the cache ($ATTNKIT_BENCH_CACHE, default "
+                        "~/.cache/attnkit/bench) as NAME, for a later --compare NAME")
+    p.add_argument("--compare", metavar="NAME_OR_PATH",
+                   help="print each cell's ratio of this run over a result: a label, a result "
+                        "file or a results directory (e.g. benchmarks/results/h100)")
+    p.add_argument("--env", type=_env, action="append", metavar="NAME=A,B",
+                   help="run once per value of environment variable NAME, each in a fresh "
+                        "process, and compare the runs in one table (repeatable: every "
+                        "combination; the value 'unset' removes the variable)")
     p.add_argument("--backends", type=_names(None), metavar="A,B",
                    help="attnkit backends and SDPA peers (sdpa-flash, sdpa-cudnn, "
                         "sdpa-efficient, sdpa-math) to time; default: every available one "
@@ -84,40 +152,148 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--plot-from", metavar="FILE.json",
-                   help="run nothing: print the table of a saved result and draw its PNG "
-                        "beside it")
+
+
+def _run_kwargs(args: argparse.Namespace) -> dict:
+    """`run_benchmark`'s arguments (JSON-ready: an ``--env`` child gets them as a file)."""
+    return dict(device=args.device, decode=args.decode, graphs=args.graphs,
+                host_overhead=args.host_overhead, sustained_s=args.sustained,
+                seqlens=args.seqlens, head_dims=args.head_dims, causal=args.causal,
+                dtypes=args.dtypes, modes=args.modes, backends=args.backends,
+                tokens=args.tokens, model_dim=args.model_dim, layout=args.layout,
+                cache_lens=args.cache_lens, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                slow_call_s=args.slow_call_s, time_limit_s=args.time_limit_s,
+                seed=args.seed, progress=not args.quiet)
+
+
+def _kind(args: argparse.Namespace) -> str:
+    if args.graphs:
+        return "graphs"
+    if args.decode:
+        return "decode"
+    if args.host_overhead:
+        return "host"
+    return "sustained" if args.sustained is not None else "grid"
+
+
+def _writable(directory: Path) -> None:
+    """Fail now, not after the run, if ``directory`` cannot take the result files."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".attnkit-bench-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write results to {directory}: "
+                         f"{e.strerror or type(e).__name__}") from None
+
+
+def _check(args: argparse.Namespace):
+    """Everything that can be checked before timing: ``(out, label dir, (name, result) to
+    compare with or None)``."""
+    from . import cache, contenders, report
+
+    for flag, value in (("--tokens", args.tokens), ("--model-dim", args.model_dim),
+                        ("--warmup-ms", args.warmup_ms), ("--rep-ms", args.rep_ms),
+                        ("--slow-call-s", args.slow_call_s),
+                        ("--time-limit-s", args.time_limit_s)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{flag} must not be negative, got {value}")
+    if args.backends:
+        known = contenders.known_names()
+        unknown = [n for n in args.backends if n not in known]
+        if unknown:
+            raise UsageError(f"unknown backend(s) {unknown}; known: {known}")
+    label = None
+    if args.label is not None:
+        label = cache.label_dir(args.label)
+        _writable(label)
+    out = Path(args.out) if args.out else (None if label else Path(DEFAULT_OUT))
+    if out is not None:
+        _writable(out)
+    reference = None
+    if args.compare is not None:
+        path = cache.resolve(args.compare, report.STEMS[_kind(args)])
+        # Read now: a --label of the same name would overwrite it.
+        reference = report.read_json(path)
+        if reference["kind"] != _kind(args):
+            raise UsageError(f"--compare {args.compare}: {path} holds a {reference['kind']} "
+                             f"result, this run is {_kind(args)}")
+        name = str(path) if Path(args.compare).expanduser().exists() else f"label {args.compare}"
+        reference = (name, reference)
+    return out, label, reference
+
+
+def _report(result: dict) -> None:
+    from . import tables
+
+    print(tables.table(result))
+    print(tables.summary(result))
+
+
+def _save(result: dict, where: list[Path], plot: bool) -> None:
+    from . import save
+
+    for directory in where:
+        files = save(result, directory, plot=plot)
+        print(f"wrote {files['json']}, {files['table']}"
+              + (f", {files['png']}" if "png" in files else ""))
+        if "plot_error" in files:
+            print(f"no plot: {files['plot_error']}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import report, run_benchmark, save
-
-    if args.plot_from:
-        result = report.read_json(args.plot_from)
-        print(report.table(result))
-        print(report.summary(result))
-        src = Path(args.plot_from)
-        out = report.plot(result, src.with_suffix(".png"))
-        print(f"wrote {out}")
-        return 0
     try:
-        result = run_benchmark(
-            device=args.device, decode=args.decode, seqlens=args.seqlens,
-            head_dims=args.head_dims, causal=args.causal, dtypes=args.dtypes,
-            modes=args.modes, backends=args.backends, tokens=args.tokens,
-            model_dim=args.model_dim, layout=args.layout, cache_lens=args.cache_lens,
-            warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, slow_call_s=args.slow_call_s,
-            time_limit_s=args.time_limit_s, seed=args.seed,
-            progress=not args.quiet)
-    except ValueError as e:  # bad options: say so without a traceback
+        return _run(args)
+    except ValueError as e:  # UsageError and run_benchmark's checks: no traceback
         print(f"attnkit bench: {e}", file=sys.stderr)
         return 2
-    files = save(result, args.out, plot=not args.no_plot)
-    print(report.table(result))
-    print(report.summary(result))
-    print(f"wrote {files['json']}, {files['table']}"
-          + (f", {files['png']}" if "png" in files else ""))
-    if "plot_error" in files:
-        print(f"no plot: {files['plot_error']}", file=sys.stderr)
+    except OSError as e:  # a result file that cannot be written after all
+        print(f"attnkit bench: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import compare, plot, report, run_benchmark, tables
+
+    if args.report:
+        print(report.readme_tables(args.report), end="")
+        return 0
+    if args.plot_from:
+        result = report.read_json(args.plot_from)
+        _report(result)
+        print(f"wrote {plot.plot(result, Path(args.plot_from).with_suffix('.png'))}")
+        return 0
+    out, label, reference = _check(args)
+    if args.env:
+        from . import abtest
+
+        assigns = abtest.assignments(args.env)
+        results, failures = abtest.run_all(_run_kwargs(args), assigns)
+        for name, result in results.items():
+            print(f"\n== {name}")
+            print(tables.summary(result).lstrip("\n"))
+            _save(result, [d / name for d in (out, label) if d is not None],
+                  not args.no_plot)
+        runs = dict(results)
+        base = next(iter(runs), None)
+        if reference:
+            runs = {reference[0]: reference[1], **runs}
+            base = reference[0]
+        if len(runs) >= 2:
+            unit = compare.METRICS[_kind(args)][1]
+            print(f"\nAgainst {base}: {unit} of each run over it, per cell (above 1: faster)")
+            print(compare.compare_table(runs, base, title=""))
+        for line in failures:
+            print(f"attnkit bench: {line}", file=sys.stderr)
+        return 1 if failures or not results else 0
+    result = run_benchmark(**_run_kwargs(args))
+    _report(result)
+    _save(result, [d for d in (out, label) if d is not None], not args.no_plot)
+    if reference:
+        name, ref = reference
+        unit = compare.METRICS[result["kind"]][1]
+        print(f"\nAgainst {name}: {unit} of this run over it, per cell (above 1: faster)")
+        print(compare.compare_table({name: ref, "this run": result}, name, title=""))
     # Failed cells are results, not failures of the run; a run where nothing ran is one.
     return 0 if any(c["status"] == "ok" for c in result["cells"]) else 1
+

@@ -1,12 +1,15 @@
-"""Where a benchmark ran: device, clocks, library and plugin versions, date."""
+"""Where a benchmark ran: device, clocks, library and plugin versions, the source commit,
+the environment switches set, date."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import shutil
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -38,7 +41,7 @@ DEVICE_FIELDS = ("clocks.sm", "clocks.max.sm", "clocks.applications.graphics", "
 
 def nvidia_smi(index: int, fields=DEVICE_FIELDS) -> dict:
     """``fields`` of GPU ``index`` as nvidia-smi reports them (strings, no units), or
-    ``{"error": ...}``; also polled by benchmarks/power_probe.py while a kernel runs."""
+    ``{"error": ...}``; also polled while ``--sustained`` runs."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return {"error": "nvidia-smi not found"}
@@ -105,10 +108,58 @@ def versions() -> dict:
     return out
 
 
+#: Read when the attnkit source is not a git checkout (a copy on a GPU machine): the commit
+#: it was copied from.
+COMMIT_ENV = "ATTNKIT_BENCH_COMMIT"
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                             timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def source_revision() -> dict:
+    """The git commit of the attnkit source this process imported, and whether the checkout
+    has uncommitted changes to tracked files (``dirty``). Outside a checkout (an installed
+    wheel, a copied tree) ``commit`` is ``$ATTNKIT_BENCH_COMMIT`` if set, else None, and
+    ``dirty`` None: the installed version stands in."""
+    package = Path(__file__).resolve().parents[1]
+    top = _git(package, "rev-parse", "--show-toplevel")
+    # Only a checkout whose attnkit/ is this package counts (not a repository that merely
+    # contains site-packages).
+    if top and (Path(top) / "attnkit").resolve() == package:
+        commit = _git(package, "rev-parse", "HEAD")
+        status = _git(package, "status", "--porcelain", "--untracked-files=no")
+        if commit:
+            return {"commit": commit, "dirty": None if status is None else bool(status)}
+    out = {"commit": os.environ.get(COMMIT_ENV) or None, "dirty": None,
+           "installed": f"attnkit {__version__}"}
+    if out["commit"]:
+        out["note"] = f"not a git checkout; commit from ${COMMIT_ENV}"
+    return out
+
+
+#: Environment variables recorded with every run (kernel switches are read from these).
+SWITCH_PREFIXES = ("ATTNKIT_", "TRITON_", "CUDA_", "CUPY_", "TORCH_", "PYTORCH_")
+
+
+def switches() -> dict:
+    """The environment variables set that can change what a backend runs."""
+    own = (COMMIT_ENV, "ATTNKIT_BENCH_CACHE")  # the harness's settings, not the backends'
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(SWITCH_PREFIXES) and k not in own}
+
+
 def environment(device: torch.device) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.platform(),
         "device": device_info(device),
         "versions": versions(),
+        "source": source_revision(),
+        "switches": switches(),
     }

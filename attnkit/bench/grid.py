@@ -1,7 +1,8 @@
 """What a benchmark run measures: the grids (cells) and the FLOP / byte formulas.
 
-The standard grid is FlashAttention's: a fixed number of tokens (batch * seqlen = 16k), model
-dim 2048 split into ``H = 2048 / D`` heads, head dims 64 and 128, causal and not, fp16 and
+The standard grid is FlashAttention's, defined here once: a fixed number of tokens
+(``batch * seqlen = STANDARD_TOKENS``, 16k), model dim ``STANDARD_MODEL_DIM`` (2048) split
+into ``H = 2048 / D`` heads, seqlens 512..16k, head dims 64 and 128, causal and not, fp16 and
 bf16, forward / backward / forward+backward. Every grid shape has ``Sq == Sk``, so SDPA's
 top-left causal mask and attnkit's bottom-right one are the same mask there.
 """
@@ -23,6 +24,27 @@ DTYPES = {
     "fp32": torch.float32,
     "fp64": torch.float64,
 }
+
+
+#: FlashAttention's grid: batch * seqlen tokens per shape, heads * head dim model width.
+STANDARD_TOKENS = 16384
+STANDARD_MODEL_DIM = 2048
+STANDARD_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+STANDARD_HEAD_DIMS = (64, 128)
+#: Fields that name the problem a cell or row measured (what two runs are matched on).
+IDENTITY = ("backend", "mode", "dtype", "batch", "heads_q", "heads_kv", "seqlen_q", "seqlen_k",
+            "head_dim", "causal")
+
+
+def standard_shape(seqlen: int, head_dim: int, tokens: int = STANDARD_TOKENS,
+                   model_dim: int = STANDARD_MODEL_DIM) -> tuple[int, int]:
+    """``(batch, heads)`` of a grid shape: ``batch = tokens // seqlen`` (at least 1),
+    ``heads = model_dim // head_dim``; a head dim that does not divide the model dim raises."""
+    if seqlen <= 0 or head_dim <= 0:
+        raise ValueError(f"seqlen and head dim must be positive, got {seqlen} and {head_dim}")
+    if model_dim % head_dim:
+        raise ValueError(f"model dim {model_dim} is not a multiple of head dim {head_dim}")
+    return max(1, tokens // seqlen), model_dim // head_dim
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -93,14 +115,11 @@ class GridSpec:
         out = []
         for dtype in self.dtypes:
             for head_dim in self.head_dims:
-                if self.model_dim % head_dim:
-                    raise ValueError(
-                        f"model dim {self.model_dim} is not a multiple of head dim {head_dim}")
                 for causal in self.causal:
                     for seqlen in sorted(self.seqlens):
-                        out.append(Shape(max(1, self.tokens // seqlen),
-                                         self.model_dim // head_dim, seqlen, head_dim,
-                                         causal, dtype))
+                        batch, heads = standard_shape(seqlen, head_dim, self.tokens,
+                                                      self.model_dim)
+                        out.append(Shape(batch, heads, seqlen, head_dim, causal, dtype))
         return out
 
     def as_dict(self) -> dict:
@@ -123,6 +142,9 @@ class DecodeSpec:
     min_reps: int = 3
     max_reps: int = 200
     time_limit_s: float | None = None
+    #: Also time each step as the replay of a CUDA graph that captured it (mode
+    #: ``decode_graph``), beside the eager call (mode ``decode``).
+    graphs: bool = False
 
     def bytes(self, cache_len: int) -> int:
         return kv_bytes(self.batch, self.heads_kv, cache_len, self.head_dim,
@@ -174,9 +196,9 @@ class Cell:
 def default_grid(device: str) -> GridSpec:
     """FlashAttention's grid on CUDA; a small fp32 grid that runs in a few minutes on a CPU."""
     if device == "cuda":
-        return GridSpec(seqlens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128),
+        return GridSpec(seqlens=STANDARD_SEQLENS, head_dims=STANDARD_HEAD_DIMS,
                         causal=(False, True), dtypes=("fp16", "bf16"), modes=MODES,
-                        tokens=16384, model_dim=2048)
+                        tokens=STANDARD_TOKENS, model_dim=STANDARD_MODEL_DIM)
     return GridSpec(seqlens=(256, 512, 1024, 2048), head_dims=(64,), causal=(False, True),
                     dtypes=("fp32",), modes=MODES, tokens=2048, model_dim=512,
                     warmup_ms=20.0, rep_ms=300.0, min_reps=3, max_reps=20, slow_call_s=30.0)

@@ -5,9 +5,8 @@ every contender sees the same numbers) every contender runs its modes before the
 so peers are timed seconds apart, in the same state of the GPU. Run backend-major (each
 backend through the whole grid in turn), triton's fwd+bwd cells at causal S=16k read 3-17%
 slower than its fwd and bwd cells summed, on an H100 and an H200; shape-major, -7..+4%
-(benchmarks/NOTES.md, tenth session; the mechanism, e.g. clocks or temperature, was not
-measured). A backend that corrupts the CUDA context costs every cell after it, recorded as
-skipped with the reason.
+(docs/tuning.md; the mechanism, e.g. clocks or temperature, was not measured). A backend that
+corrupts the CUDA context costs every cell after it, recorded as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..spec import AttentionProblem
-from . import peers, timing
+from . import graphs, peers, timing
 from .contenders import Contender
 from .grid import DTYPES, Cell, DecodeSpec, GridSpec, Shape
 from .progress import Progress
@@ -246,12 +245,18 @@ def _decode_inputs(spec: DecodeSpec, cache_len: int, device: torch.device, seed:
     return q, k, v, seqlens
 
 
-def _decode_cell(session: _Session, spec: DecodeSpec, contender: Contender, cache_len: int,
-                 inputs, ref) -> Cell:
-    q, k, v, seqlens = inputs
-    cell = Cell(contender.name, contender.kind, "decode", spec.dtype, spec.batch, spec.heads_q,
+def _decode_blank(spec: DecodeSpec, contender: Contender, cache_len: int, mode: str) -> Cell:
+    return Cell(contender.name, contender.kind, mode, spec.dtype, spec.batch, spec.heads_q,
                 spec.heads_kv, spec.seqlen_q, cache_len, spec.head_dim, True,
                 bytes=spec.bytes(cache_len))
+
+
+def _decode_cell(session: _Session, spec: DecodeSpec, contender: Contender, cache_len: int,
+                 inputs, ref, mode: str = "decode") -> Cell:
+    """One decoding step timed as an eager call (``decode``) or as the replay of a CUDA graph
+    that captured it (``decode_graph``)."""
+    q, k, v, seqlens = inputs
+    cell = _decode_blank(spec, contender, cache_len, mode)
 
     def body(cell: Cell) -> None:
         problem = AttentionProblem.from_tensors(q, k, v, causal=True, seqlens_k=seqlens,
@@ -279,7 +284,14 @@ def _decode_cell(session: _Session, spec: DecodeSpec, contender: Contender, cach
             def fn():
                 return contender.decode(q, kk, vv, seqlens)
 
-            _check_output(cell, fn(), ref)
+            out = fn()
+            if mode == "decode_graph":
+                graph, graph_out = graphs.capture(fn, session.device)
+                graph.replay()
+                if not torch.equal(graph_out, out):
+                    cell.notes.append("the graph's replay differs from the eager call")
+                out, fn = graph_out, graph.replay
+            _check_output(cell, out, ref)
             t = timing.measure(fn, session.device, warmup_ms=spec.warmup_ms,
                                rep_ms=spec.rep_ms, min_reps=spec.min_reps,
                                max_reps=spec.max_reps, first_call_done=True)
@@ -291,39 +303,42 @@ def _decode_cell(session: _Session, spec: DecodeSpec, contender: Contender, cach
 
 def run_decode(spec: DecodeSpec, contenders: list[Contender], device: torch.device,
                progress: Progress, seed: int = 0) -> list[Cell]:
+    if spec.graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; this run is on {device}")
     session = _Session(device, progress)
     timing.prepare(device)
     t0 = time.perf_counter()
-    progress.start(len(contenders) * len(spec.cache_lens))
+    modes = ("decode", "decode_graph") if spec.graphs else ("decode",)
+    progress.start(len(contenders) * len(spec.cache_lens) * len(modes))
     cells: list[Cell] = []
     for contender in contenders:
         for cache_len in sorted(spec.cache_lens):
-            progress.step(f"{contender.name} decode cache={cache_len}")
-            cell = Cell(contender.name, contender.kind, "decode", spec.dtype, spec.batch,
-                        spec.heads_q, spec.heads_kv, spec.seqlen_q, cache_len, spec.head_dim,
-                        True, bytes=spec.bytes(cache_len))
+            why = session.poisoned
             if spec.time_limit_s is not None and time.perf_counter() - t0 > spec.time_limit_s:
-                cell.error = f"not run: the time limit of {spec.time_limit_s:g}s was reached"
-                cells.append(cell)
-                continue
-            if session.poisoned is not None:
-                cell.error = session.poisoned
-                cells.append(cell)
-                continue
-            try:
-                inputs = _decode_inputs(spec, cache_len, device, seed)
-            except Exception as e:
-                cell.status = "oom" if timing.is_oom(e) else "error"
-                cell.error = "making the inputs failed: " + _error_text(e)
-                cells.append(cell)
-                timing.release_memory(device, collect=True)
-                continue
-            q, k, v, _ = inputs
+                why = f"not run: the time limit of {spec.time_limit_s:g}s was reached"
+            inputs = None
+            if why is None:
+                try:
+                    inputs = _decode_inputs(spec, cache_len, device, seed)
+                except Exception as e:
+                    why = "making the inputs failed: " + _error_text(e)
+                    status = "oom" if timing.is_oom(e) else "error"
+                    timing.release_memory(device, collect=True)
             ref = None
-            if spec.seqlen_q == 1:
-                ref = _sdpa_reference((q, k, v), causal=False)
-            cells.append(_decode_cell(session, spec, contender, cache_len, inputs, ref))
-            del inputs, ref, q, k, v
+            if inputs is not None and spec.seqlen_q == 1:
+                ref = _sdpa_reference(inputs[:3], causal=False)
+            for mode in modes:
+                progress.step(f"{contender.name} {mode} cache={cache_len}")
+                if inputs is None:
+                    cell = _decode_blank(spec, contender, cache_len, mode)
+                    cell.error = why
+                    if why.startswith("making"):
+                        cell.status = status
+                    cells.append(cell)
+                else:
+                    cells.append(_decode_cell(session, spec, contender, cache_len, inputs,
+                                              ref, mode))
+            del inputs, ref
     progress.finish()
     add_ratios(cells)
     return cells
