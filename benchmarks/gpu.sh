@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repository root, in two commands of under 10 minutes each:
+#   bash benchmarks/gpu.sh check   # the conformance suite of every GPU backend on CUDA
+#   bash benchmarks/gpu.sh bench   # the standard grid and the decoding table, compared with
+#                                  # the committed results of this GPU
+# Logs and results go under $OUT (default /tmp/attnkit-out); bench writes $OUT/<gpu>/ in the
+# layout of benchmarks/results/<gpu>/. Where the tree is a copy without .git, set
+# ATTNKIT_BENCH_COMMIT=<commit> so the results name the commit they ran.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/attnkit-out}
+mkdir -p "$OUT"
+mode=${1:-}
+case "$mode" in
+check | bench) ;;
+*) echo "usage: bash benchmarks/gpu.sh check|bench" >&2; exit 2 ;;
+esac
+
+# Editable, no dependencies (torch, triton and cupy come with the machine; it may have no
+# network), no build isolation (setuptools is already there).
+python -m pip install -q --no-deps --no-build-isolation -e . -e plugins/torch_blocked \
+    -e plugins/triton -e plugins/cupy > "$OUT/install.log" 2>&1 \
+    || { tail -30 "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit \
+    --format=csv,noheader
+python - << 'EOF'
+import importlib.metadata as md
+import torch
+names = ("torch", "triton", "cupy-cuda12x", "cupy-cuda13x", "pytest", "pytest-xdist")
+found = []
+for name in names:
+    try:
+        found.append(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        pass
+print(", ".join(found), "| CUDA", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version())
+EOF
+python -m attnkit.cli backends 2>&1 | grep -E "^[a-z]|available|FAILED"
+
+if [ "$mode" = check ]; then
+    # pytest-xdist is not promised on the machine: without it the suite runs in one process.
+    if python -c "import xdist" 2> /dev/null; then workers=(-n 8); else workers=(); fi
+    for b in triton cupy torch-blocked; do
+        timeout "${CHECK_TIMEOUT:-170}" python -m attnkit.cli check "$b" --device cuda -- \
+            ${workers[@]+"${workers[@]}"} -p no:randomly > "$OUT/check-$b.log" 2>&1
+        rc=$?
+        counts=$(grep -E "[0-9]+ (passed|failed|error)" "$OUT/check-$b.log" | tail -1)
+        echo "== attnkit check $b --device cuda: rc=$rc ${counts:-no pytest summary (see $OUT/check-$b.log)}"
+    done
+    exit 0
+fi
+
+# bench: the GPU's short name (NVIDIA H100 80GB HBM3 -> h100) names the results directory.
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 \
+    | sed -E 's/^NVIDIA //; s/ .*//' | tr '[:upper:]' '[:lower:]')
+dir="$OUT/$gpu"
+committed="benchmarks/results/$gpu"
+compare=()
+[ -d "$committed" ] && compare=(--compare "$committed")
+python -m attnkit.cli bench --out "$dir" --quiet --backends triton,cupy,sdpa-flash,sdpa-cudnn \
+    --time-limit-s 300 ${compare[@]+"${compare[@]}"} > "$OUT/bench.log" 2>&1
+echo "== attnkit bench (grid): rc=$?, $dir/bench.{json,txt,png}"
+python -m attnkit.cli bench --decode --out "$dir" --quiet --time-limit-s 60 \
+    ${compare[@]+"${compare[@]}"} > "$OUT/decode.log" 2>&1
+echo "== attnkit bench --decode: rc=$?, $dir/decode.{json,txt,png}"
+for log in bench decode; do
+    grep -A 8 "^Summary" "$OUT/$log.log"
+done
+if [ ${#compare[@]} -eq 0 ]; then
+    echo "no committed results for $gpu ($committed): nothing to compare with"
+    exit 0
+fi
+for log in bench decode; do
+    echo
+    sed -n '/^Against /,$p' "$OUT/$log.log"
+done
