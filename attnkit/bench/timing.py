@@ -149,26 +149,3 @@ def release_memory(device: torch.device | str, collect: bool = False) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
 
-
-def wall_us(fn: Callable[[], object], n: int = 50) -> float:
-    """Wall time per call in microseconds, ``n`` calls back to back after one warm call and
-    a sync: host launch cost included, no L2 flush (what a loop of small calls sees)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
-
-
-def host_us(fn: Callable[[], object], n: int = 100) -> float:
-    """Host time per call in microseconds, ``n`` calls back to back after a sync: the clock
-    stops before the closing sync, so it counts what the CPU spends launching, not the GPU."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
