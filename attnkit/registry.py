@@ -1,14 +1,25 @@
 """Plugin loading and backend selection.
 
 Plugins are modules named by entry points in the ``attnkit`` group; each is loaded on its own
-so one broken plugin costs only itself. Selection picks, per problem, the highest-priority
-available backend with no reasons against it, and caches that choice.
+so one broken plugin costs only itself: any exception while importing it or in its hook
+(``SystemExit`` included, not ``KeyboardInterrupt``) is recorded as its failure, and the
+backends its hook registered before failing are withdrawn. Plugins load once per process;
+under ``ATTNKIT_STRICT_PLUGINS=1`` every later use raises the recorded failures again.
+
+A backend name claimed by two plugins (two distributions, or two entry points) is a conflict
+that the order of ``sys.path`` or of the entry points must not decide: neither claimant gets
+the name, and each plugin's failure names both. The built-in backends (``reference``) are the
+one exception: they are always registered, and a plugin claiming one of their names fails.
+
+Selection picks, per problem, the highest-priority available backend with no reasons against
+it, and caches that choice.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import numbers
 import os
 import threading
 import traceback
@@ -45,6 +56,8 @@ class PluginFailure:
     distribution: str
     error: str
     traceback: str = ""
+    #: Backend names this failure cost (a name two plugins claimed), for `Registry.get`.
+    backends: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"plugin {self.plugin!r} (distribution {self.distribution}): {self.error}"
@@ -116,6 +129,7 @@ class Registry:
         self._loaded = False
         self._regs: dict[str, Registration] = {}
         self.failures: list[PluginFailure] = []
+        self._strict_error: str | None = None
         self._cache: dict[tuple[AttentionProblem, str | None], Backend] = {}
 
     # -- loading -------------------------------------------------------------------------
@@ -123,16 +137,19 @@ class Registry:
         if not self._loaded:
             with self._lock:
                 if not self._loaded:
-                    self._load()
-                    self._loaded = True
+                    try:
+                        self._load()
+                    finally:  # once, even when it raises: a retry would register twice
+                        self._loaded = True
+        if self._strict_error is not None:  # a fresh exception each time, same message
+            raise PluginLoadError(self._strict_error)
 
-    def _load(self) -> None:
-        pm = pluggy.PluginManager("attnkit")
-        pm.add_hookspecs(hookspecs)
+    def _sources(self) -> list[tuple[str, str, str, str, bool]]:
+        """``(plugin, module target, distribution, version, built in)`` for every plugin."""
         from . import __version__
 
         builtin = f"attnkit {__version__} (built in)"
-        sources = [(name, name, builtin, __version__) for name in BUILTIN_PLUGINS]
+        sources = [(name, name, builtin, __version__, True) for name in BUILTIN_PLUGINS]
         allowed = os.environ.get("ATTNKIT_PLUGINS")
         allowed_names = None
         if allowed is not None:
@@ -141,8 +158,15 @@ class Registry:
             if allowed_names is not None and ep.name not in allowed_names:
                 continue
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown"
-            sources.append((ep.name, ep.value, dist, ep.dist.version if ep.dist else ""))
-        for plugin, target, dist, version in sources:
+            sources.append((ep.name, ep.value, dist, ep.dist.version if ep.dist else "", False))
+        return sources
+
+    def _load(self) -> None:
+        pm = pluggy.PluginManager("attnkit")
+        pm.add_hookspecs(hookspecs)
+        claims: dict[str, list[tuple[str, str, bool, Registration]]] = {}
+        for plugin, target, dist, version, builtin in self._sources():
+            offered: list[Registration] = []
             try:
                 module = importlib.import_module(target.split(":")[0])
                 pm.register(module, name=plugin)
@@ -151,15 +175,21 @@ class Registry:
                 if not impls:
                     raise RuntimeError(f"{target} defines no attnkit_register_backends hook")
                 for impl in impls:
-                    impl.function(register=self._registrar(plugin, dist, version))
-            except Exception as e:
-                self._record_failure(plugin, dist, e)
+                    impl.function(register=self._collector(plugin, dist, version, offered))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # SystemExit too: a plugin must not end the process
+                self._record_failure(plugin, dist, e)  # what it registered is withdrawn:
+                continue  # `offered` is dropped
+            for reg in offered:
+                claims.setdefault(reg.backend.name, []).append((plugin, dist, builtin, reg))
+        self._resolve(claims)
         if self.failures:
             if os.environ.get("ATTNKIT_STRICT_PLUGINS") == "1":
-                raise PluginLoadError(
+                self._strict_error = (
                     "attnkit plugins failed to load (ATTNKIT_STRICT_PLUGINS=1):\n"
-                    + "\n".join(f"  {f}" for f in self.failures)
-                )
+                    + "\n".join(f"  {f}" for f in self.failures))
+                return
             warnings.warn(
                 "attnkit: some plugins failed to load; the others work. "
                 + "; ".join(str(f) for f in self.failures)
@@ -168,35 +198,67 @@ class Registry:
                 stacklevel=4,
             )
 
+    def _resolve(self, claims) -> None:
+        """Register each claimed name, or record the conflict: a built-in keeps its name, two
+        or more plugins claiming one name all lose it (whatever order they loaded in)."""
+        for name in sorted(claims):
+            owners = claims[name]
+            builtins = [c for c in owners if c[2]]
+            if len(owners) == 1 or len(builtins) == 1:
+                winner = builtins[0] if builtins else owners[0]
+                self._regs[name] = winner[3]
+                losers = [c for c in owners if c is not winner]
+                outcome = f"the built-in {name!r} is kept"
+            else:
+                losers, outcome = owners, "neither is registered"
+            for plugin, dist, _builtin, _reg in losers:
+                others = ", ".join(f"plugin {p!r} ({d})" for p, d, _b, _r in owners
+                                   if p != plugin)
+                self.failures.append(PluginFailure(
+                    plugin, dist, f"ValueError: backend name {name!r} is claimed by plugin "
+                    f"{plugin!r} ({dist}) and by {others}; {outcome}", backends=(name,)))
+        self._cache.clear()
+
     def _record_failure(self, plugin: str, dist: str, e: BaseException) -> None:
         self.failures.append(
             PluginFailure(plugin, dist, f"{type(e).__name__}: {e}", traceback.format_exc())
         )
 
-    def _registrar(self, plugin: str, dist: str, version: str = ""):
+    def _collector(self, plugin: str, dist: str, version: str, offered: list):
+        """The ``register`` a plugin's hook calls while loading: it validates and collects;
+        `_resolve` registers what survives once every plugin has loaded."""
         def register(backend: Backend, priority: int | Mapping[str, int] | None = 0) -> None:
-            if not isinstance(backend, Backend):
-                raise TypeError(f"register() takes a Backend instance, got {backend!r}")
-            if not backend.name:
-                raise ValueError(f"{type(backend).__name__} has no name")
-            if backend.name in self._regs:
-                other = self._regs[backend.name]
-                raise ValueError(
-                    f"backend name {backend.name!r} is already registered by plugin "
-                    f"{other.plugin!r} ({other.distribution})"
-                )
-            self._regs[backend.name] = Registration(backend, priority, plugin, dist,
-                                                    backend.version or version)
-            self._cache.clear()
+            reg = self._registration(plugin, dist, version, backend, priority)
+            if any(r.backend.name == backend.name for r in offered):
+                raise ValueError(f"plugin {plugin!r} registers backend {backend.name!r} twice")
+            offered.append(reg)
 
         return register
 
+    @staticmethod
+    def _registration(plugin: str, dist: str, version: str, backend: Backend,
+                      priority) -> Registration:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"plugin {plugin!r}: register() takes a Backend instance, got "
+                            f"{backend!r}")
+        if not backend.name or not isinstance(backend.name, str):
+            raise ValueError(f"plugin {plugin!r}: {type(backend).__name__} has no name")
+        return Registration(backend, _checked_priority(plugin, backend.name, priority),
+                            plugin, dist, backend.version or version)
+
     def register(self, backend: Backend, priority: int | Mapping[str, int] | None = 0,
                  plugin: str = "runtime") -> None:
-        """Register a backend at run time (tests, notebooks) as if a plugin had."""
+        """Register a backend at run time (tests, notebooks) as if a plugin had; a name that is
+        taken raises ``ValueError``."""
         self._ensure_loaded()
         with self._lock:
-            self._registrar(plugin, "registered at run time")(backend, priority)
+            reg = self._registration(plugin, "registered at run time", "", backend, priority)
+            if backend.name in self._regs:
+                other = self._regs[backend.name]
+                raise ValueError(f"backend name {backend.name!r} is already registered by "
+                                 f"plugin {other.plugin!r} ({other.distribution})")
+            self._regs[backend.name] = reg
+            self._cache.clear()
 
     def unregister(self, name: str) -> None:
         self._ensure_loaded()
@@ -214,7 +276,8 @@ class Registry:
         self._ensure_loaded()
         reg = self._regs.get(name)
         if reg is None:
-            failed = [f for f in self.failures if f.plugin == name]
+            failed = [f for f in self.failures if name in f.backends] or [
+                f for f in self.failures if f.plugin == name]
             if failed:
                 raise NoBackendError(f"backend {name!r} failed to load: {failed[0]}")
             raise NoBackendError(
@@ -279,6 +342,31 @@ class Registry:
             raise NoBackendError(
                 "no attnkit backend can compute this problem.\n" + str(explanation))
         return self._regs[explanation.chosen].backend
+
+
+def _checked_priority(plugin: str, name: str, priority):
+    """``priority`` as None, an int, or a dict of device type to int; else ``TypeError``
+    naming the plugin and the backend (selection would fail on every call otherwise)."""
+    def bad(why: str):
+        return TypeError(f"plugin {plugin!r} registers backend {name!r} with priority="
+                         f"{priority!r}: {why}; give None (by name only), an int, or a dict "
+                         "from device type to int such as {'cuda': 80}")
+
+    def as_int(p):
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+            raise bad(f"{p!r} is not an int")
+        return int(p)
+
+    if priority is None:
+        return None
+    if isinstance(priority, Mapping):
+        checked = {}
+        for device, p in priority.items():
+            if not isinstance(device, str):
+                raise bad(f"device type {device!r} is not a string")
+            checked[device] = as_int(p)
+        return checked
+    return as_int(priority)
 
 
 #: The process-wide registry; plugins load on first use, not at ``import attnkit``.

@@ -1,7 +1,8 @@
 """Plugin loading, selection, caching and the errors around them."""
 
-import importlib.metadata
+import sys
 import time
+import types
 
 import pytest
 import torch
@@ -21,13 +22,25 @@ PLUGINS = {
     "raises_in_hook": "plugins_for_tests.raises_in_hook",
     "duplicate_name": "plugins_for_tests.duplicate_name",
     "no_hook": "plugins_for_tests.no_hook",
+    "bad_priority": "plugins_for_tests.bad_priority",
+    "exits_on_import": "plugins_for_tests.exits_on_import",
+    "exits_in_hook": "plugins_for_tests.exits_in_hook",
+    "fails_part_way": "plugins_for_tests.fails_part_way",
+    "claims_shared": "plugins_for_tests.claims_shared",
+    "claims_shared_too": "plugins_for_tests.claims_shared_too",
 }
+
+
+def _entry_point(name):
+    """An entry point of a distribution named after the plugin (``dist-<name> 1.0``)."""
+    dist = types.SimpleNamespace(name=f"dist-{name}", version="1.0")
+    return types.SimpleNamespace(name=name, value=PLUGINS[name], dist=dist)
 
 
 @pytest.fixture
 def make_registry(monkeypatch):
     def make(*names, env=None):
-        eps = [importlib.metadata.EntryPoint(n, PLUGINS[n], "attnkit") for n in names]
+        eps = [_entry_point(n) for n in names]
         monkeypatch.setattr(registry_mod.importlib.metadata, "entry_points",
                             lambda group: eps if group == "attnkit" else [])
         for key in ("ATTNKIT_PLUGINS", "ATTNKIT_STRICT_PLUGINS"):
@@ -133,7 +146,10 @@ def test_broken_plugins_are_recorded_and_others_work(make_registry):
     assert "ModuleNotFoundError" in failures["broken_import"]
     assert "a_module_that_does_not_exist" in failures["broken_import"]
     assert failures["raises_in_hook"] == "RuntimeError: hook exploded"
-    assert "backend name 'reference' is already registered by plugin" in failures["duplicate_name"]
+    assert failures["duplicate_name"] == (
+        "ValueError: backend name 'reference' is claimed by plugin 'duplicate_name' "
+        "(dist-duplicate_name 1.0) and by plugin 'attnkit.reference_backend' (attnkit 0.1.0 "
+        "(built in)); the built-in 'reference' is kept")
     assert "defines no attnkit_register_backends hook" in failures["no_hook"]
     assert reg.select(problem()).name == "better"
     with pytest.raises(NoBackendError, match=r"backend 'broken_import' failed to load: .*"
@@ -145,6 +161,101 @@ def test_strict_plugins(make_registry):
     reg = make_registry("good", "raises_in_hook", env={"ATTNKIT_STRICT_PLUGINS": "1"})
     with pytest.raises(PluginLoadError, match="hook exploded"):
         reg.registrations()
+
+
+def test_strict_plugins_load_once_and_raise_the_same_failure(make_registry, monkeypatch):
+    """Each use raises the recorded failure again; nothing is imported or registered twice
+    (a reload piled up "already registered" failures blamed on the built-ins)."""
+    reg = make_registry("good", "raises_in_hook", env={"ATTNKIT_STRICT_PLUGINS": "1"})
+    imports = []
+    real_import = registry_mod.importlib.import_module
+    monkeypatch.setattr(registry_mod.importlib, "import_module",
+                        lambda name: imports.append(name) or real_import(name))
+    messages = []
+    for call in (reg.registrations, lambda: reg.get("good"), reg.registrations):
+        with pytest.raises(PluginLoadError) as e:
+            call()
+        messages.append(str(e.value))
+    assert len(imports) == 3  # the built-in and the two plugins, once
+    assert messages[0] == messages[1] == messages[2]
+    assert "hook exploded" in messages[0] and "already registered" not in messages[0]
+    assert len(reg.failures) == 1
+
+
+def test_priority_is_validated_at_registration(make_registry):
+    """A priority selection cannot use fails its plugin at load, naming it, instead of
+    breaking every automatic selection afterwards."""
+    reg = make_registry("bad_priority", "good")
+    with pytest.warns(AttnkitPluginWarning):
+        assert reg.select(problem()).name == "better"
+    (failure,) = reg.failures
+    assert failure.plugin == "bad_priority"
+    assert failure.error.startswith("TypeError: plugin 'bad_priority' registers backend 'good' "
+                                    "with priority='high': 'high' is not an int")
+    from plugins_for_tests.good import Good
+
+    class Other(Good):
+        name = "other"
+
+    for bad, why in ((True, "True is not an int"), (2.5, "2.5 is not an int"),
+                     ({"cuda": "80"}, "'80' is not an int"), ({0: 1}, "device type 0 is not")):
+        with pytest.raises(TypeError, match=f"plugin 'runtime' registers backend 'other' "
+                                            f"with priority=.*: {why}"):
+            reg.register(Other(), priority=bad)
+    assert "other" not in reg.registrations()
+    reg.register(Other(), priority={"cpu": 60})
+    assert reg.select(problem()).name == "other"
+
+
+@pytest.mark.parametrize("plugin, error", [
+    ("exits_on_import", "SystemExit: 3"),
+    ("exits_in_hook", "SystemExit: plugin gave up"),
+])
+def test_system_exit_in_a_plugin_is_contained(make_registry, plugin, error):
+    reg = make_registry(plugin, "good")
+    with pytest.warns(AttnkitPluginWarning, match=error):
+        assert reg.select(problem()).name == "better"
+    assert [(f.plugin, f.error) for f in reg.failures] == [(plugin, error)]
+    sys.modules.pop(PLUGINS[plugin], None)
+
+
+def test_keyboard_interrupt_is_not_contained(make_registry, monkeypatch):
+    reg = make_registry("good")
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry_mod.importlib, "import_module", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reg.registrations()
+
+
+def test_hook_failing_part_way_withdraws_what_it_registered(make_registry):
+    reg = make_registry("fails_part_way", "good")
+    with pytest.warns(AttnkitPluginWarning, match="second backend's library missing"):
+        assert "half" not in reg.registrations()
+    assert reg.select(problem()).name == "better"  # half (priority 50) is gone
+
+
+@pytest.mark.parametrize("order", [("claims_shared", "claims_shared_too"),
+                                   ("claims_shared_too", "claims_shared")])
+def test_name_claimed_by_two_distributions(make_registry, order):
+    """Neither claimant gets the name, whatever the load order; both failures name both
+    distributions, and asking for the name says why it is missing."""
+    reg = make_registry(*order, "good")
+    with pytest.warns(AttnkitPluginWarning):
+        names = set(reg.registrations())
+    assert names == {"reference", "good", "better", "unavailable", "only-first", "only-second"}
+    errors = {f.plugin: f.error for f in reg.failures}
+    assert set(errors) == {"claims_shared", "claims_shared_too"}
+    for plugin, other in (order, order[::-1]):
+        assert errors[plugin] == (
+            f"ValueError: backend name 'shared' is claimed by plugin {plugin!r} "
+            f"(dist-{plugin} 1.0) and by plugin {other!r} (dist-{other} 1.0); neither is "
+            "registered")
+    with pytest.raises(NoBackendError, match=r"backend 'shared' failed to load: .* claimed by"):
+        reg.get("shared")
+    assert reg.select(problem()).name == "better"
 
 
 @pytest.mark.parametrize("env, expected", [
