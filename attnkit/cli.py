@@ -1,10 +1,26 @@
-"""``attnkit backends | check | bench``."""
+"""``attnkit backends | check | demo | bench``.
+
+A user's mistake (an unknown backend, a bad option value, a device this machine lacks, a
+plugin failing under ``ATTNKIT_STRICT_PLUGINS=1``) ends the command with one line on stderr
+and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+
+class UsageError(Exception):
+    """A command cannot run as asked; its message is the one line the user sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (it prints the usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _cmd_backends(args) -> int:
@@ -36,7 +52,7 @@ def _cmd_backends(args) -> int:
         prio = "by name only" if r["priority"] is None else f"priority {r['priority']}"
         caps = r["capabilities"]
         feats = [f for f in ("causal", "gqa", "window", "seqlens_k", "softcap", "lse",
-                             "backward", "deterministic") if caps[f]]
+                             "backward", "lse_grad", "deterministic") if caps[f]]
         print(f"{r['name']}  ({r['distribution']}, plugin {r['plugin']}, {prio})")
         print(f"    {status}")
         if r["description"]:
@@ -67,6 +83,9 @@ def _cmd_demo(args) -> int:
     from . import api, reference
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    if args.seqlen < 1:
+        raise UsageError(f"--seqlen must be at least 1, got {args.seqlen}")
     dtype = getattr(torch, args.dtype)
     B, H, S, D = 2, 8, args.seqlen, 64
     q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(3))
@@ -92,6 +111,27 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device string torch cannot parse, or a device this machine does not have."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {device!r} is not a device torch knows: {e}") from None
+    module = getattr(torch, dev.type, None)
+    if dev.type == "cpu" or module is None or not hasattr(module, "is_available"):
+        return
+    if not module.is_available():
+        build = (" (this torch build has no CUDA)" if dev.type == "cuda"
+                 and torch.version.cuda is None else "")
+        raise UsageError(f"--device {device}: torch sees no {dev.type} device{build}")
+    count = module.device_count() if hasattr(module, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise UsageError(f"--device {device}: this machine has {count} {dev.type} "
+                         f"device(s), numbered from 0")
+
+
 def _cmd_bench(args) -> int:
     from .bench.cli import run
 
@@ -99,7 +139,7 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnkit", description="Exact softmax attention through pluggable backends.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -141,7 +181,21 @@ def main(argv=None) -> int:
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.pytest_args = extra
-    return args.func(args)
+    from .registry import NoBackendError, PluginLoadError
+
+    try:
+        return args.func(args)
+    except (UsageError, NoBackendError, PluginLoadError) as e:
+        print(f"attnkit {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+
+
+def _one_line(message: str) -> str:
+    """A multi-line message (every backend's reasons, every failed plugin) joined, not cut."""
+    text = ""
+    for line in filter(None, (part.strip() for part in message.splitlines())):
+        text += line if not text else (" " if text.endswith(":") else "; ") + line
+    return text
 
 
 if __name__ == "__main__":

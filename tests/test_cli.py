@@ -40,7 +40,10 @@ def test_backends_text_shows_failed_plugin(tmp_path):
     assert "reference" in r.stdout
     assert "FAILED plugin broken (broken-plugin 1.0): ImportError: missing libcuda" in r.stdout
     r = _cli("backends", env={**env, "ATTNKIT_STRICT_PLUGINS": "1"})
-    assert r.returncode != 0 and "missing libcuda" in r.stderr
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        "attnkit backends: error: attnkit plugins failed to load (ATTNKIT_STRICT_PLUGINS=1): "
+        "plugin 'broken' (distribution broken-plugin 1.0): ImportError: missing libcuda"]
     r = _cli("backends", env={**env, "ATTNKIT_PLUGINS": ""})
     assert "FAILED" not in r.stdout and "reference" in r.stdout
 
@@ -72,3 +75,27 @@ def test_check_refuses_missing_device(device):
         pytest.skip("this machine has CUDA")
     r = _cli("check", "reference", "--device", device)
     assert r.returncode != 0 and "sees no CUDA device" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--backend", "no-such", "--seqlen", "8"], "unknown backend 'no-such'"),
+    (["demo", "--seqlen", "0"], "--seqlen must be at least 1, got 0"),
+    (["demo", "--device", "cuda:99"], "--device cuda:99: "),
+    (["demo", "--device", "nowhere"], "--device 'nowhere' is not a device torch knows"),
+])
+def test_demo_user_errors_are_one_line(args, message, capsys):
+    """No traceback: one line on stderr naming the problem, exit status 2."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("attnkit demo: error: ")
+    assert message in err
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--dtype", "float8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["attnkit demo: error: argument --dtype: invalid choice: "
+                                "'float8' (choose from 'float16', 'bfloat16', 'float32') "
+                                "(see attnkit demo --help)"]
