@@ -8,11 +8,13 @@ problem), and runs it under autograd. Under ``torch.compile`` the call goes thro
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
+from .backend import check_backward_result, check_forward_result
 from .registry import Explanation, Registration, registry
-from .spec import UNBOUNDED, AttentionProblem
+from .spec import AttentionProblem, check_scale, check_softcap, check_window
 
 
 def attention(
@@ -60,7 +62,12 @@ def attention(
         softcap: if given (> 0), scores become ``softcap * tanh(scores / softcap)`` before
             the softmax.
         return_lse: also return ``lse``, the natural-log log-sum-exp of the scaled (capped)
-            scores, float32 ``(B, Hq, Sq)`` (float64 for float64 inputs). Not differentiable.
+            scores, float32 ``(B, Hq, Sq)`` (float64 for float64 inputs). Differentiable on
+            backends whose capabilities declare ``lse_grad`` (the reference, and the others
+            that say so in ``attnkit backends``): a loss on lse, or `merge_attention` of
+            partial results, sends its gradient to q and k. On any other backend a nonzero
+            gradient reaching lse raises ``RuntimeError`` naming the backend at backward time
+            (detach lse, or pick a backend with ``lse_grad``).
         backend: ``None``/``"auto"`` picks the best backend that computes this problem to spec
             (see `explain`); a name forces that backend or raises ``ValueError`` saying why it
             cannot.
@@ -68,17 +75,28 @@ def attention(
     Returns:
         ``out`` ``(B, Hq, Sq, D)`` in q's dtype, or ``(out, lse)`` if ``return_lse``.
 
+    ``scale``, ``softcap`` and the window's sides may be Python or numpy numbers
+    (``np.float32(0.1)``, ``np.int64(8)``); inside ``torch.compile(fullgraph=True)`` only
+    Python numbers (it traces a numpy scalar as an array; without fullgraph it breaks the
+    graph there and the call runs eagerly).
+
     A query row that sees no key (fully masked) gives 0 in ``out``, ``-inf`` in ``lse`` and
-    zero gradients; never NaN. Softmax is max-subtracted with fp32 accumulation for fp16/bf16;
-    fp32 inputs are computed to fp32 accuracy. Gradients flow to q, k and v (kv gradients
-    summed over each GQA group) through the same backend that ran the forward, which saved
-    only ``out`` and ``lse``. Differentiable once: a second derivative (``create_graph=True``
-    then another backward through the gradients) raises ``RuntimeError``. The forward is
-    deterministic; a backend whose backward is not is never chosen under
-    ``torch.use_deterministic_algorithms(True)``.
+    zero gradients; never NaN. A query row holding NaN gives NaN in its ``out`` and ``lse``
+    (never ``-inf``); other rows are unaffected.
+
+    Softmax is max-subtracted with fp32 accumulation for fp16/bf16; fp32 inputs are computed
+    to fp32 accuracy. Gradients flow to q, k and v (kv gradients summed over each GQA group)
+    through the same backend that ran the forward, which saved only ``out`` and ``lse``.
+    Differentiable once: a second derivative (``create_graph=True`` then another backward
+    through the gradients) raises ``RuntimeError``. The forward is deterministic; a backend
+    whose backward is not is never chosen under ``torch.use_deterministic_algorithms(True)``.
 
     Under ``torch.autocast`` on q's device, float32/float16/bfloat16 inputs are first cast to
     the autocast dtype, as for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``torch.vmap`` (and the other ``torch.func`` transforms but forward-mode AD) works on
+    every backend: a mapped dimension is folded into the batch (an unmapped q, k, v or
+    seqlens_k is repeated along it) and the backend runs one call over ``N * B`` batches.
 
     Raises ``TypeError``/``ValueError`` naming the offending tensor, its shape, dtype and
     device for invalid input, and `attnkit.registry.NoBackendError` (a ``ValueError``)
@@ -91,8 +109,15 @@ def attention(
                              seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse,
                              backend=backend)
     if torch.compiler.is_compiling():
-        return _compiled_attention(q, k, v, causal, scale, window, seqlens_k, softcap,
-                                   return_lse, backend)
+        return _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse,
+                             backend)
+    if torch._C._are_functorch_transforms_active():  # vmap, torch.func.grad: the custom op
+        # validates per sample here, then folds vmap's dimension into the batch (its rule)
+        AttentionProblem.from_tensors(q, k, v, causal=causal, scale=scale, window=window,
+                                      seqlens_k=seqlens_k, softcap=softcap,
+                                      return_lse=return_lse, check_values=False)
+        return _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse,
+                             backend, transformed=True)
     problem = AttentionProblem.from_tensors(
         q, k, v, causal=causal, scale=scale, window=window, seqlens_k=seqlens_k,
         softcap=softcap, return_lse=return_lse,
@@ -140,7 +165,7 @@ def run_problem(problem: AttentionProblem, chosen, q, k, v, seqlens_k):
     elif problem.needs_grad:
         out, lse = _AttentionFunction.apply(q, k, v, seqlens_k, problem, chosen)
     else:
-        out, lse = chosen.forward(problem, q, k, v, seqlens_k)
+        out, lse = check_forward_result(chosen, q, chosen.forward(problem, q, k, v, seqlens_k))
     return (out, lse) if return_lse else out
 
 
@@ -173,34 +198,61 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seqlens_k, problem, backend):
-        out, lse = backend.forward(problem, q, k, v, seqlens_k)
+        out, lse = check_forward_result(backend, q, backend.forward(problem, q, k, v,
+                                                                    seqlens_k))
         ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
         ctx.problem, ctx.backend = problem, backend
-        ctx.mark_non_differentiable(lse)
-        # lse has no gradient: without this, autograd fills a zeros tensor for it on every
-        # backward (an allocation and a kernel launch on the engine's thread).
+        # A gradient that does not reach the loss stays None: without this, autograd fills a
+        # zeros tensor for lse on every backward (an allocation and a launch on its thread).
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
-        if dout is None:  # out did not reach the loss (only lse did): no gradient flows
-            return None, None, None, None, None, None
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse, seqlens_k = ctx.saved_tensors
-        # Backends get dout contiguous or in out's own layout: a (B, S, H, D) model's dout
-        # arrives in out's layout, and copying it cost a launch and a pass over dout.
-        if dout.stride() != out.stride():
-            dout = dout.contiguous()
+        dout, dlse = backward_gradients(ctx.backend, out, lse, dout, dlse)
+        if dout is None:  # neither out nor lse reached the loss: no gradient flows
+            return None, None, None, None, None, None
         args = (ctx.problem, q, k, v, out, lse, dout, seqlens_k)
+        kwargs = {} if dlse is None else {"dlse": dlse}
         autocast = autocast_device(q)  # loss.backward() called inside torch.autocast
         if not torch.is_grad_enabled() and autocast is None:  # the usual case
-            return *ctx.backend.backward(*args), None, None, None
+            grads = ctx.backend.backward(*args, **kwargs)
+            return *check_backward_result(ctx.backend, q, k, v, grads), None, None, None
         off = torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext()
         with torch.no_grad(), off:
-            grads = ctx.backend.backward(*args)
+            grads = check_backward_result(ctx.backend, q, k, v,
+                                          ctx.backend.backward(*args, **kwargs))
         if torch.is_grad_enabled():  # create_graph=True: the gradients get a node that
             grads = _OnceDifferentiable.apply(*grads, q, k, v, dout)  # refuses, saying why
         return *grads, None, None, None
+
+
+def backward_gradients(backend, out, lse, dout, dlse):
+    """``(dout, dlse)`` as the backend's backward takes them, or ``(None, None)`` when no
+    gradient flows. ``dlse`` stays None unless the backend declares ``lse_grad`` and the loss
+    reached lse; a nonzero lse gradient for a backend without ``lse_grad`` raises."""
+    if dlse is not None:
+        if backend.capabilities.lse_grad:
+            if dlse.dtype != lse.dtype or not dlse.is_contiguous():  # lse.sum() sends an
+                dlse = dlse.to(lse.dtype).contiguous()  # expanded (stride 0) gradient
+        elif bool((dlse != 0).any()):  # one sync, only when the loss used lse (NaN counts)
+            raise RuntimeError(
+                f"backend {backend.name!r} cannot differentiate through lse (its "
+                "Capabilities do not declare lse_grad), but the loss depends on the lse this "
+                "call returned (a loss on lse, or merge_attention of it); detach lse, or use a "
+                "backend that declares lse_grad (see `attnkit backends`)")
+        else:
+            dlse = None
+    if dout is None:
+        if dlse is None:
+            return None, None
+        dout = torch.zeros_like(out)  # only lse reached the loss
+    # Backends get dout contiguous or in out's own layout: a (B, S, H, D) model's dout
+    # arrives in out's layout, and copying it cost a launch and a pass over dout.
+    elif dout.stride() != out.stride():
+        dout = dout.contiguous()
+    return dout, dlse
 
 
 class _OnceDifferentiable(torch.autograd.Function):
@@ -208,9 +260,15 @@ class _OnceDifferentiable(torch.autograd.Function):
     kernels (or, for the reference, ops that treat ``lse`` as a constant), so a derivative
     taken through it would be missing terms: an error, not a wrong number."""
 
+    generate_vmap_rule = True  # usable under torch.func transforms, too
+
     @staticmethod
-    def forward(ctx, dq, dk, dv, *_inputs):
+    def forward(dq, dk, dv, *_inputs):
         return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *_grads):
@@ -242,7 +300,7 @@ def _attention_op(
     chosen = registry.select(problem, backend)
     if problem.is_empty:
         return _empty_result(problem, q)
-    out, lse = chosen.forward(problem, q, k, v, seqlens_k)
+    out, lse = check_forward_result(chosen, q, chosen.forward(problem, q, k, v, seqlens_k))
     return out, lse
 
 
@@ -257,8 +315,8 @@ def _(q, k, v, seqlens_k, causal, scale, window_left, window_right, softcap, nee
 @torch.library.custom_op("attnkit::attention_backward", mutates_args=())
 def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, seqlens_k: torch.Tensor | None, causal: bool, scale: float,
-    window_left: int, window_right: int, softcap: float, backend: str,
+    lse: torch.Tensor, seqlens_k: torch.Tensor | None, dlse: torch.Tensor | None, causal: bool,
+    scale: float, window_left: int, window_right: int, softcap: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
                                     window_right, softcap, True, False)
@@ -266,12 +324,15 @@ def _attention_backward_op(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # Same problem, same cache entry: the backend that ran the forward.
     chosen = registry.select(problem, backend)
-    return chosen.backward(problem, q, k, v, out, lse, dout.contiguous(), seqlens_k)
+    dout, dlse = backward_gradients(chosen, out, lse, dout.contiguous(), dlse)
+    kwargs = {} if dlse is None else {"dlse": dlse}
+    return check_backward_result(chosen, q, k, v, chosen.backward(
+        problem, q, k, v, out, lse, dout, seqlens_k, **kwargs))
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, seqlens_k, causal, scale, window_left, window_right, softcap,
-      backend):
+def _(dout, q, k, v, out, lse, seqlens_k, dlse, causal, scale, window_left, window_right,
+      softcap, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -280,27 +341,116 @@ def _op_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
     ctx.options = (causal, scale, wl, wr, softcap, backend)
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse's gradient stays None unless the loss used it
 
 
-def _op_backward(ctx, dout, _dlse):
+def _op_backward(ctx, dout, dlse):
+    if dout is None and dlse is None:
+        return (None,) * 11
     q, k, v, out, lse, seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, seqlens_k, *ctx.options)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, seqlens_k, dlse, *ctx.options)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def _compiled_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse,
-                        backend):
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    wl, wr = window if window is not None else (UNBOUNDED, UNBOUNDED)
+class _TransformedAttention(torch.autograd.Function):
+    """`attention` under torch.func transforms (vmap, grad, jacrev): the custom op's own
+    autograd cannot be transformed, this Function can; its vmap rule is generated from the
+    two custom ops' rules, which fold vmap's dimension into the batch."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, seqlens_k, options):
+        return _attention_op(q, k, v, seqlens_k, *options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, seqlens_k, (causal, scale, wl, wr, softcap, _, backend) = inputs
+        ctx.save_for_backward(q, k, v, *output, seqlens_k)
+        ctx.options = (causal, scale, wl, wr, softcap, backend)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        with torch.no_grad():  # the backward op has no derivative to record
+            grads = _op_backward(ctx, dout, dlse)[:3]
+        if torch.is_grad_enabled() and grads[0] is not None:  # torch.func.grad records the
+            q, k, v = ctx.saved_tensors[:3]  # backward: a second derivative must refuse
+            grads = _OnceDifferentiable.apply(*grads, q, k, v, *(t for t in (dout, dlse)
+                                                                  if t is not None))
+        return *grads, None, None
+
+    @staticmethod
+    def jvp(ctx, *_tangents):
+        raise NotImplementedError(
+            "attnkit.attention has no forward-mode derivative (torch.func.jvp, jacfwd); use "
+            "reverse mode (torch.func.grad, vjp, jacrev)")
+
+
+# -- torch.vmap: the mapped dimension folded into the batch --------------------------------
+
+def _fold(t, dim, n):
+    """``t`` with vmap's dimension ``dim`` (None: unmapped, repeated) merged into dim 0."""
+    if t is None:
+        return None
+    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+def _unfold(t, n):
+    return t.reshape(n, t.shape[0] // n, *t.shape[1:])
+
+
+@_attention_op.register_vmap
+def _(info, in_dims, q, k, v, seqlens_k, *options):
+    n = info.batch_size
+    folded = (_fold(t, d, n) for t, d in zip((q, k, v, seqlens_k), in_dims))
+    out, lse = _attention_op(*folded, *options)
+    return (_unfold(out, n), _unfold(lse, n)), (0, 0)
+
+
+@_attention_backward_op.register_vmap
+def _(info, in_dims, *args):
+    n = info.batch_size
+    folded = [_fold(t, d, n) if isinstance(t, torch.Tensor) else t
+              for t, d in zip(args[:8], in_dims)]
+    grads = _attention_backward_op(*folded, *args[8:])
+    return tuple(_unfold(g, n) for g in grads), (0, 0, 0)
+
+
+def _refuse_traced_numpy(name, x) -> None:
+    """torch.compile traces a numpy scalar as a 0-d array holding data, not as a constant:
+    say so, instead of failing on a guard deep inside the checks."""
+    np = sys.modules.get("numpy")  # not imported: no numpy scalar can be here
+    if np is not None and isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{name} is a numpy value inside torch.compile, which traces it as an array, not "
+            f"a number; pass a Python number there "
+            f"({name}={'int' if name == 'window' else 'float'}(x))")
+
+
+def _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse, backend,
+                  transformed=False):
+    """`attention` through the custom op: under torch.compile, and (``transformed``) under
+    torch.func transforms, through `_TransformedAttention`."""
+    if not transformed:
+        for name, x in (("scale", scale), ("softcap", softcap),
+                        *(("window", w) for w in (window or ()))):
+            _refuse_traced_numpy(name, x)
+    wl, wr = check_window(window)
     if seqlens_k is not None and seqlens_k.dtype != torch.int32:
         seqlens_k = seqlens_k.to(torch.int32)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
-    out, lse = _attention_op(q, k, v, seqlens_k, causal, float(scale), wl, wr,
-                             float(softcap or 0.0), needs_grad, backend or "auto")
+    options = (causal, check_scale(scale, q.shape[-1]), wl, wr, check_softcap(softcap) or 0.0,
+               needs_grad, backend or "auto")
+    if transformed:
+        out, lse = _TransformedAttention.apply(q, k, v, seqlens_k, options)
+    else:
+        out, lse = _attention_op(q, k, v, seqlens_k, *options)
     return (out, lse) if return_lse else out

@@ -190,12 +190,11 @@ def _lse_dtype_ok(lse: torch.Tensor, q: torch.Tensor) -> bool:
 def check_forward_result(backend: Backend, q: torch.Tensor, result) -> tuple:
     """``result`` as ``(out, lse)`` if it keeps the contract (shapes, dtypes, devices: a few
     attribute reads), else `BackendContractError` naming the backend."""
-    try:
-        out, lse = result
-    except (TypeError, ValueError):
+    if not isinstance(result, (tuple, list)) or len(result) != 2:  # a tensor unpacks, too
         raise BackendContractError(
             f"backend {backend.name!r} forward returned {type(result).__name__}; the "
-            "contract is a pair (out, lse)") from None
+            "contract is a pair (out, lse)")
+    out, lse = result
     if (isinstance(out, torch.Tensor) and isinstance(lse, torch.Tensor)
             and out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
             and lse.shape == q.shape[:3] and _lse_dtype_ok(lse, q) and lse.device == q.device):
@@ -210,12 +209,11 @@ def check_backward_result(backend: Backend, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, result) -> tuple:
     """``result`` as ``(dq, dk, dv)`` if each has its input's shape, dtype and device (autograd
     would cast a wrong dtype silently), else `BackendContractError` naming the backend."""
-    try:
-        dq, dk, dv = result
-    except (TypeError, ValueError):
+    if not isinstance(result, (tuple, list)) or len(result) != 3:
         raise BackendContractError(
             f"backend {backend.name!r} backward returned {type(result).__name__}; the "
-            "contract is a triple (dq, dk, dv)") from None
+            "contract is a triple (dq, dk, dv)")
+    dq, dk, dv = result
     ok = True
     for g, t in ((dq, q), (dk, k), (dv, v)):
         ok = (ok and isinstance(g, torch.Tensor) and g.shape == t.shape and g.dtype == t.dtype

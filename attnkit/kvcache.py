@@ -121,10 +121,12 @@ def _metadata_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, options):
                v_cache.requires_grad,
                type(cache_seqlens), cache_seqlens.shape, cache_seqlens.dtype,
                cache_seqlens.device, new, options, torch.is_grad_enabled(),
-               torch.are_deterministic_algorithms_enabled())
+               torch.are_deterministic_algorithms_enabled(),
+               # where the caches lie decides whether appending to them is safe
+               k_cache.stride(), v_cache.stride(), k_cache.data_ptr(), v_cache.data_ptr())
         hash(key)
-    except (AttributeError, TypeError):  # not tensors, or an unhashable option (a list)
-        return None
+    except (AttributeError, TypeError, RuntimeError):  # not tensors (or no storage), or an
+        return None  # unhashable option (a list)
     return key
 
 
@@ -196,9 +198,96 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> N
             raise ValueError(f"{describe_tensor('q', q)} has Sq={Sq} queries but "
                              f"{describe_tensor('k_new', k_new)} appends S_new={s_new} "
                              "positions; each new position needs its query (Sq == S_new)")
+        if s_new > 0:
+            _check_writable_caches(k_cache, v_cache)
     else:
         s_new = 0
     _check_cache_seqlens(cache_seqlens, q, B, S_max, s_new)
+
+
+def _check_writable_caches(k_cache, v_cache) -> None:
+    """Refuse caches an in-place append would corrupt: one tensor passed as both, a stride-0
+    (expanded) dimension that maps many positions to one element, or k and v sharing memory.
+    Interleaved layouts that share a buffer without sharing an element (``kv[:, :, 0]`` and
+    ``kv[:, :, 1]`` of a ``(B, S, 2, H, D)`` buffer) are fine."""
+    if k_cache is v_cache:
+        raise ValueError(f"k_cache and v_cache are the same tensor "
+                         f"({describe_tensor('k_cache', k_cache)}); appending would write the "
+                         "new values over the new keys; pass two buffers")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        for d, (n, st) in enumerate(zip(t.shape, t.stride())):
+            if st == 0 and n > 1:
+                raise ValueError(
+                    f"{describe_tensor(name, t)} has stride 0 in dimension {d} (an expanded "
+                    f"tensor): its {n} positions there are one element, so an append would "
+                    "write them all; pass a materialized cache (.contiguous())")
+    if _may_share_an_element(k_cache, v_cache):
+        raise ValueError(
+            f"{describe_tensor('k_cache', k_cache)} with strides {k_cache.stride()} and "
+            f"{describe_tensor('v_cache', v_cache)} with strides {v_cache.stride()} overlap in "
+            "memory: appending keys would overwrite values (or the reverse); pass caches that "
+            "share no element")
+
+
+def _may_share_an_element(a: torch.Tensor, b: torch.Tensor, budget: int = 100_000) -> bool:
+    """Whether two tensors of one dtype, without stride-0 dimensions, have an element in
+    common: exact (a bounded search for index vectors ``i``, ``j`` with
+    ``addr_a + sum(i * stride_a) == addr_b + sum(j * stride_b)``); True where the search
+    gives up, so a layout it cannot decide is refused, not trusted."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    size = a.element_size()
+    spans = []
+    for t in (a, b):
+        start = t.data_ptr()
+        spans.append((start, start + size * (1 + sum((n - 1) * st for n, st in
+                                                     zip(t.shape, t.stride())))))
+    if spans[0][1] <= spans[1][0] or spans[1][1] <= spans[0][0]:
+        return False  # disjoint address ranges (always so for separate allocations)
+    delta, misaligned = divmod(b.data_ptr() - a.data_ptr(), size)
+    if misaligned:
+        return True
+    dims_a = [(st, n) for n, st in zip(a.shape, a.stride()) if n > 1]
+    dims_b = [(st, n) for n, st in zip(b.shape, b.stride()) if n > 1]
+    if dims_a == dims_b:  # one layout at two offsets: search the index differences
+        digits = [(st, 1 - n, n - 1) for st, n in dims_a]
+    else:
+        digits = [(st, 0, n - 1) for st, n in dims_a] + [(st, 1 - n, 0) for st, n in dims_b]
+    digits.sort(reverse=True)
+    try:
+        return _has_solution(delta, digits, budget)
+    except _SearchTooLong:
+        return True
+
+
+class _SearchTooLong(Exception):
+    pass
+
+
+def _has_solution(target: int, digits: list[tuple[int, int, int]], budget: int) -> bool:
+    """Whether ``sum(x_t * s_t) == target`` for integers ``lo_t <= x_t <= hi_t``, digits
+    ``(s_t > 0, lo_t, hi_t)`` by decreasing stride; a depth-first search that only tries the
+    ``x_t`` leaving a remainder the later digits can reach."""
+    n = len(digits)
+    rest_lo, rest_hi = [0] * (n + 1), [0] * (n + 1)
+    for t in range(n - 1, -1, -1):
+        st, lo, hi = digits[t]
+        rest_lo[t], rest_hi[t] = rest_lo[t + 1] + lo * st, rest_hi[t + 1] + hi * st
+    visited = 0
+
+    def search(t: int, remainder: int) -> bool:
+        nonlocal visited
+        visited += 1
+        if visited > budget:
+            raise _SearchTooLong
+        if t == n:
+            return remainder == 0
+        st, lo, hi = digits[t]
+        first = max(lo, -((rest_hi[t + 1] - remainder) // st))  # ceil((r - rest_hi) / st)
+        last = min(hi, (remainder - rest_lo[t + 1]) // st)
+        return any(search(t + 1, remainder - x * st) for x in range(first, last + 1))
+
+    return search(0, target)
 
 
 def _check_cache_seqlens(s, q, B: int, S_max: int, s_new: int) -> None:
@@ -277,45 +366,79 @@ def merge_attention(
                                                         m = max_i lse_i, so nothing overflows)
         out = sum_i exp(lse_i - lse) * out_i
 
-    A partial whose row saw no key has ``lse_i = -inf`` and weight 0, whatever its ``out_i``;
-    a row no partial saw gets ``out = 0`` and ``lse = -inf``, never NaN.
+    A partial whose row saw no key has ``lse_i = -inf`` and weight 0, whatever its ``out_i``
+    (even NaN); a row no partial saw gets ``out = 0`` and ``lse = -inf``. NaN is never made
+    here, and never dropped: a NaN ``lse_i``, or a NaN in the ``out_i`` of a partial with
+    weight, makes that row's result NaN (a NaN query row stays NaN through a merge).
+
+    Differentiable with respect to every ``out_i`` and ``lse_i`` (torch ops throughout); the
+    gradients are finite where a partial's ``lse_i`` is ``-inf`` (zero for that partial). The
+    partials of ``attnkit.attention(..., return_lse=True)`` carry their lse gradient on to q
+    and k on backends declaring ``Capabilities.lse_grad``; on others the backward raises.
 
     Arguments:
-        outs: one or more tensors of one shape ``(..., D)`` (e.g. ``(B, Hq, Sq, D)``), one dtype.
-        lses: matching natural-log lse tensors of shape ``(...)``, e.g. ``(B, Hq, Sq)``.
+        outs: a list or tuple of one or more tensors of one shape ``(..., D)`` (e.g.
+            ``(B, Hq, Sq, D)``), one floating dtype, one device.
+        lses: a list or tuple of matching natural-log lse tensors of shape ``(...)``, e.g.
+            ``(B, Hq, Sq)``, floating, on the same device.
 
     Returns:
-        ``(out, lse)``: out in the partials' dtype, lse float32 (float64 for float64 partials).
-        The sums run in float32 (float64 for float64 inputs).
+        ``(out, lse)``: out in the partials' dtype, lse float32 (float64 for float64 partials
+        or lses). The sums run in float32 (float64 for float64 inputs).
+
+    Raises ``TypeError`` for an argument that is not a list/tuple of tensors or a tensor that is
+    not floating point, ``ValueError`` for mismatched counts, shapes, dtypes or devices; each
+    names the argument (``outs[2]``, ``lses[0]``) with its shape, dtype and device.
     """
-    outs, lses = list(outs), list(lses)
+    outs, lses = _merge_inputs(outs, lses)
+    dtype = outs[0].dtype
+    acc = torch.float64 if torch.float64 in (dtype, *(s.dtype for s in lses)) else torch.float32
+    lse_stack = torch.stack([s.to(acc) for s in lses])  # (P, ...)
+    # The max only keeps exp() in range; it cancels in the result, so it carries no gradient.
+    m = lse_stack.detach().amax(0)  # NaN if any part is NaN: propagates through w below
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row no part saw: w = exp(-inf) = 0
+    w = torch.exp(lse_stack - m)  # (P, ...); exp(-inf) = 0: empty partials weigh nothing
+    total = w.sum(0)
+    empty = total == 0  # NaN compares False: a NaN row is not empty, it stays NaN
+    safe_total = torch.where(empty, 1.0, total)
+    lse = torch.where(empty, float("-inf"), m + torch.log(safe_total))
+    w = (w / safe_total).unsqueeze(-1)
+    out = None
+    for wi, o in zip(w, outs):
+        # Select, not multiply, for weightless partials: their out may hold anything (0 * NaN
+        # is NaN), and the gradient through the selected-away branch must stay finite too.
+        weightless = wi == 0
+        term = wi * torch.where(weightless, 0.0, o.to(acc))
+        out = term if out is None else out + term
+    return out.to(dtype), lse
+
+
+def _merge_inputs(outs, lses) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Check `merge_attention`'s arguments; the messages name the offending one."""
+    for name, seq in (("outs", outs), ("lses", lses)):
+        if not isinstance(seq, (list, tuple)):
+            what = (f"a tensor of shape {tuple(seq.shape)}" if isinstance(seq, torch.Tensor)
+                    else type(seq).__name__)
+            raise TypeError(f"{name} must be a list or tuple of tensors (one per partial), got "
+                            f"{what}")
+        for i, t in enumerate(seq):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{describe_tensor(f'{name}[{i}]', t)} must be floating point")
     if not outs or len(outs) != len(lses):
         raise ValueError(f"merge_attention needs one lse per out and at least one pair; got "
                          f"{len(outs)} outs and {len(lses)} lses")
-    shape, dtype, device = outs[0].shape, outs[0].dtype, outs[0].device
+    first = outs[0]
+    if first.dim() == 0:
+        raise ValueError(f"{describe_tensor('outs[0]', first)} must have a last dimension "
+                         "(the head dim)")
     for i, (o, s) in enumerate(zip(outs, lses)):
-        if not isinstance(o, torch.Tensor) or not isinstance(s, torch.Tensor):
-            raise TypeError(f"outs[{i}] and lses[{i}] must be tensors")
-        if o.shape != shape or o.dtype != dtype or o.device != device:
-            raise ValueError(f"every out must match {describe_tensor('outs[0]', outs[0])}; "
+        if o.shape != first.shape or o.dtype != first.dtype or o.device != first.device:
+            raise ValueError(f"every out must match {describe_tensor('outs[0]', first)}; "
                              f"got {describe_tensor(f'outs[{i}]', o)}")
-        if o.dim() == 0 or tuple(s.shape) != tuple(shape[:-1]):
+        if s.shape != first.shape[:-1] or s.device != first.device:
             raise ValueError(f"{describe_tensor(f'lses[{i}]', s)} must have shape "
-                             f"{tuple(shape[:-1])} (its out's shape without the last dim)")
-        if not s.is_floating_point() or s.device != device:
-            raise ValueError(f"{describe_tensor(f'lses[{i}]', s)} must be a float tensor on "
-                             f"{device}")
-    acc_dtype = torch.float64 if torch.float64 in (dtype, *(s.dtype for s in lses)) \
-        else torch.float32
-    lse_stack = torch.stack([s.to(acc_dtype) for s in lses])  # (P, ...)
-    m = lse_stack.amax(0)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse_stack - m_safe)  # exp(-inf) = 0: empty partials weigh nothing
-    total = w.sum(0)
-    lse = m_safe + torch.log(total)  # log 0 = -inf for rows no partial saw
-    w = w / torch.where(total > 0, total, torch.ones_like(total))
-    out = torch.zeros(shape, dtype=acc_dtype, device=device)
-    for wi, o in zip(w, outs):
-        # where(), not multiply: an empty partial's out may hold anything, even NaN.
-        out += torch.where(wi.unsqueeze(-1) > 0, wi.unsqueeze(-1) * o.to(acc_dtype), 0)
-    return out.to(dtype), lse.to(torch.float64 if acc_dtype == torch.float64 else torch.float32)
+                             f"{tuple(first.shape[:-1])} (its out's shape without the last "
+                             f"dim) and be on {first.device}")
+    return list(outs), list(lses)

@@ -8,6 +8,7 @@ tensor, its shape, dtype and device.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -170,34 +171,9 @@ class AttentionProblem(NamedTuple):
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
 
-        if scale is None:
-            scale = 1.0 / math.sqrt(D)
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None, got {scale!r}")
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-
-        if window is None:
-            window = (UNBOUNDED, UNBOUNDED)
-        else:
-            if not isinstance(window, (tuple, list)) or len(window) != 2:
-                raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
-            for side, w in zip(("left", "right"), window):
-                if isinstance(w, bool) or not isinstance(w, int):
-                    raise TypeError(f"window {side} must be an int, got {w!r} in {window!r}")
-                if w < UNBOUNDED:
-                    raise ValueError(
-                        f"window {side} must be >= 0, or -1 for unbounded; got {w} in {window!r}"
-                    )
-            window = (int(window[0]), int(window[1]))
-
-        if softcap is not None:
-            if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-                raise TypeError(f"softcap must be a positive float or None, got {softcap!r}")
-            softcap = float(softcap)
-            if not (math.isfinite(softcap) and softcap > 0):
-                raise ValueError(f"softcap must be finite and > 0 (or None), got {softcap}")
+        scale = check_scale(scale, D)
+        window = check_window(window)
+        softcap = check_softcap(softcap)
 
         if seqlens_k is not None:
             _check_seqlens_k(seqlens_k, q, B, Sk, check_values)
@@ -209,6 +185,58 @@ class AttentionProblem(NamedTuple):
         return cls(B, Hq, Hkv, Sq, Sk, D, q.dtype, q.device, causal, scale, window,
                    seqlens_k is not None, softcap, return_lse, bool(needs_grad),
                    torch.are_deterministic_algorithms_enabled())
+
+
+def _is_real(x) -> bool:
+    """A Python or numpy real number (``np.float32(0.1)``, ``np.int64(8)``), not a bool."""
+    # The exact-type test first: the ABC check is several times slower, and this runs per call.
+    return type(x) in (float, int) or (isinstance(x, numbers.Real) and not isinstance(x, bool))
+
+
+def _is_int(x) -> bool:
+    """A Python or numpy integer (numpy registers its integers as `numbers.Integral`; its
+    ``bool_`` is not one), not a bool."""
+    return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """``scale`` as a finite float; ``None`` means ``1 / sqrt(head_dim)``."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not _is_real(scale):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def check_window(window) -> tuple[int, int]:
+    """``window`` as a pair of Python ints, each ``>= 0`` or ``UNBOUNDED``; ``None`` means
+    unbounded on both sides."""
+    if window is None:
+        return (UNBOUNDED, UNBOUNDED)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
+    for side, w in zip(("left", "right"), window):
+        if not _is_int(w):
+            raise TypeError(f"window {side} must be an int, got {w!r} in {window!r}")
+        if w < UNBOUNDED:
+            raise ValueError(
+                f"window {side} must be >= 0, or -1 for unbounded; got {w} in {window!r}")
+    return (int(window[0]), int(window[1]))
+
+
+def check_softcap(softcap) -> float | None:
+    """``softcap`` as a finite positive float, or None."""
+    if softcap is None:
+        return None
+    if not _is_real(softcap):
+        raise TypeError(f"softcap must be a positive float or None, got {softcap!r}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be finite and > 0 (or None), got {softcap}")
+    return softcap
 
 
 def check_lengths_tensor(name: str, s, q: torch.Tensor, B: int) -> None:
