@@ -10,7 +10,9 @@ have (float64 included), differentiable by autograd:
   holds the whole ``Sq x Sk`` score matrix.
 
 All follow `attnkit.spec` (bottom-right causal, window, seqlens_k, softcap, GQA); a query row
-that sees no key gives 0 in ``out`` and ``-inf`` in ``lse``. Each returns ``(out, lse)``.
+that sees no key gives 0 in ``out`` and ``-inf`` in ``lse``, a NaN query row that sees keys
+NaN in both. Keys no query row sees (beyond ``seqlens_k[b]``, or outside every row's band)
+are never read, whatever they hold. Each returns ``(out, lse)``.
 """
 
 from __future__ import annotations
@@ -63,14 +65,12 @@ def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
-def _drop_missing_keys(k, v, seqlens_k):
-    """Zero keys/values at positions >= seqlens_k[b]: they do not exist, and may hold NaN
-    (an uninitialized cache), which a masked score would still multiply in as 0 * NaN."""
-    if seqlens_k is None:
-        return k, v
-    pos = torch.arange(k.shape[2], device=k.device).view(1, 1, -1, 1)
-    missing = pos >= seqlens_k.to(k.device, torch.long).view(-1, 1, 1, 1)
-    return k.masked_fill(missing, 0), v.masked_fill(missing, 0)
+def _drop_unseen_keys(k, v, mask):
+    """Keys/values that no query row sees (``mask`` from `visible_mask`) replaced by 0: they
+    may hold NaN (an uninitialized cache), which a masked score would still multiply in as
+    0 * NaN. A selection, so autograd gives them exactly zero gradient."""
+    unseen = ~mask.any(-2).unsqueeze(-1)  # (B or 1, 1, Sk, 1)
+    return torch.where(unseen, 0, k), torch.where(unseen, 0, v)
 
 
 def _scores(q, k, scale, softcap):
@@ -87,25 +87,26 @@ def _defaults(q, scale):
 def naive(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
     """Textbook attention: ``P = exp(S) / sum(exp(S))``, ``O = P V``. Overflows in fp16."""
     scale = _defaults(q, scale)
-    k, v = _drop_missing_keys(k, v, seqlens_k)
-    k, v = _expand_kv(q, k), _expand_kv(q, v)
-    s = _scores(q, k, scale, softcap)
     mask = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window,
                         seqlens_k=seqlens_k, device=q.device)
+    k, v = _drop_unseen_keys(k, v, mask)
+    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    s = _scores(q, k, scale, softcap)
     e = torch.where(mask, torch.exp(s), torch.zeros((), dtype=s.dtype, device=s.device))
     denom = e.sum(-1, keepdim=True)
-    p = torch.where(denom > 0, e / torch.where(denom > 0, denom, 1), 0)
+    # Only a row that sees nothing has denom == 0 (a NaN row keeps its NaN).
+    p = torch.where(denom == 0, 0, e / torch.where(denom == 0, 1, denom))
     return torch.matmul(p, v), torch.log(denom.squeeze(-1))
 
 
 def safe(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
     """Max-subtracted softmax over the materialized score matrix."""
     scale = _defaults(q, scale)
-    k, v = _drop_missing_keys(k, v, seqlens_k)
-    k, v = _expand_kv(q, k), _expand_kv(q, v)
-    s = _scores(q, k, scale, softcap)
     mask = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window,
                         seqlens_k=seqlens_k, device=q.device)
+    k, v = _drop_unseen_keys(k, v, mask)
+    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    s = _scores(q, k, scale, softcap)
     s = s.masked_fill(~mask, float("-inf"))
     # Subtracting the row max changes nothing mathematically, so it carries no gradient.
     m = s.amax(-1, keepdim=True).detach()
@@ -121,12 +122,12 @@ def online(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, so
     """FlashAttention's online softmax: one pass over key blocks with a running max ``m``,
     running sum ``l`` and an output rescaled whenever the max grows."""
     scale = _defaults(q, scale)
-    k, v = _drop_missing_keys(k, v, seqlens_k)
-    k, v = _expand_kv(q, k), _expand_kv(q, v)
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     mask = visible_mask(Sq, Sk, causal=causal, window=window, seqlens_k=seqlens_k,
                         device=q.device)
+    k, v = _drop_unseen_keys(k, v, mask)
+    k, v = _expand_kv(q, k), _expand_kv(q, v)
     m = torch.full((B, H, Sq, 1), float("-inf"), dtype=q.dtype, device=q.device)
     denom = torch.zeros((B, H, Sq, 1), dtype=q.dtype, device=q.device)
     acc = torch.zeros((B, H, Sq, v.shape[-1]), dtype=q.dtype, device=q.device)
@@ -147,26 +148,30 @@ def online(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, so
 
 
 def backward(q, k, v, out, lse, dout, *, causal=False, scale=None, window=None, seqlens_k=None,
-             softcap=None):
+             softcap=None, dlse=None):
     """The attention backward from the saved ``out`` and ``lse``, without autograd.
 
-    ``P = exp(S - lse)``, ``dV = P^T dO``, ``dP = dO V^T``, ``D = rowsum(dO * O)``,
+    ``P = exp(S - lse)``, ``dV = P^T dO``, ``dP = dO V^T``, ``D = rowsum(dO * O) - dlse``,
     ``dS = P * (dP - D)`` (times ``1 - tanh^2`` under softcap), ``dQ = scale dS K``,
-    ``dK = scale dS^T Q``; kv gradients summed over each GQA group. Returns ``(dq, dk, dv)``.
+    ``dK = scale dS^T Q``; kv gradients summed over each GQA group. ``dlse`` (``(B, Hq, Sq)``
+    or None for zero) is the gradient reaching ``lse``: ``d lse / dS = P``. Returns
+    ``(dq, dk, dv)``.
     """
     scale = _defaults(q, scale)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    k, v = _drop_missing_keys(k, v, seqlens_k)
-    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
-    s = _scores(q, ke, scale, softcap)
     mask = visible_mask(Sq, Sk, causal=causal, window=window, seqlens_k=seqlens_k,
                         device=q.device)
+    k, v = _drop_unseen_keys(k, v, mask)
+    ke, ve = _expand_kv(q, k), _expand_kv(q, v)
+    s = _scores(q, ke, scale, softcap)
     lse = lse.to(s.dtype).unsqueeze(-1)
     p = torch.where(mask, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)), 0)
     dv = torch.matmul(p.transpose(-1, -2), dout)
     dp = torch.matmul(dout, ve.transpose(-1, -2))
     delta = (dout * out).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.to(delta.dtype).unsqueeze(-1)
     ds = p * (dp - delta)
     if softcap is not None:
         ds = ds * (1 - (s / softcap) ** 2)

@@ -27,6 +27,7 @@ class ReferenceBackend(Backend):
         devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         head_dim_max=1 << 16,
+        lse_grad=True,
     )
 
     def forward(self, problem, q, k, v, seqlens_k):
@@ -35,11 +36,12 @@ class ReferenceBackend(Backend):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.to(q.dtype), lse.to(lse_dtype)
 
-    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
         # Explicit formulas, not autograd: this also runs inside the torch.compile custom
         # op, where autograd is switched off.
         ct = _compute_dtype(q.dtype)
         dq, dk, dv = reference.backward(*(t.to(ct) for t in (q, k, v, out, lse, dout)),
+                                        dlse=None if dlse is None else dlse.to(ct),
                                         **_options(problem, seqlens_k))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
