@@ -2,7 +2,9 @@
 
 A call validates its inputs into an `AttentionProblem`, selects a backend (cached per
 problem), and runs it under autograd. Under ``torch.compile`` the call goes through the
-``attnkit::attention`` custom op instead, so a compiled graph holds it without a break.
+``attnkit::attention`` custom op instead, so a compiled graph holds it without a break; under
+``torch.vmap`` and ``torch.func`` transforms, through the same op inside a Function that
+those transforms accept (the op's vmap rule folds the mapped dimension into the batch).
 """
 
 from __future__ import annotations
