@@ -28,6 +28,7 @@ class TorchBlockedBackend(Backend):
         backward=True,
         # Tiles are visited in a fixed order and accumulated without atomics.
         deterministic=True,
+        lse_grad=True,
     )
 
     def __init__(self, block_q: int | None = None, block_k: int | None = None):
@@ -42,5 +43,6 @@ class TorchBlockedBackend(Backend):
     def forward(self, problem, q, k, v, seqlens_k):
         return blocked_forward(q, k, v, **self._options(problem, seqlens_k))
 
-    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
-        return blocked_backward(q, k, v, out, lse, dout, **self._options(problem, seqlens_k))
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
+        return blocked_backward(q, k, v, out, lse, dout, dlse=dlse,
+                                **self._options(problem, seqlens_k))

@@ -7,9 +7,22 @@ max, the accumulator and ``l`` are rescaled by ``exp(m_old - m_new)``, and at th
 temporaries are one ``(rows of a query block) x (keys of a key block)`` tile.
 
 Backward: the same walk, recomputing each tile's probabilities from ``q``, ``k`` and the
-saved ``lse`` (``P = exp(S - lse)``), with ``D = rowsum(dO * O)`` and
+saved ``lse`` (``P = exp(S - lse)``), with ``D = rowsum(dO * O) - dlse`` and
 ``dS = P * (dP - D)``; ``dq`` is accumulated per query block, ``dk`` and ``dv`` in fp32
 buffers the size of ``k`` and ``v``.
+
+Scores stay in natural-log units in both passes, so ``m`` is one of the very scores the
+backward recomputes and ``lse = m + log(l)`` is rounded once; only the differences
+``S - m`` and ``S - lse`` (small where P matters) are scaled by ``log2(e)`` for ``exp2``.
+A base-2 ``m`` converted to the natural ``lse`` and back would be off by an ulp of the score,
+which large scores (~1e8 in fp32) turn into a factor ``2**16`` on P.
+
+Masking is by selection, never by arithmetic (0 x NaN = NaN): hidden scores are replaced by
+``-inf``, and keys no row of a batch sees (beyond ``seqlens_k[b]`` or outside every row's
+band; "dead") are kept out of every product that sums over keys, so whatever they hold (NaN,
+inf) never reaches a result: on CPU each batch's ``P @ V`` and ``dS @ K`` sum over its own
+seen keys only (and dP's dead columns are overwritten with 0); elsewhere dead K/V rows are
+zeroed in the tile. Only boundary tiles can hold dead keys; the interior is never masked.
 
 Work follows the mask: for every query block, `_Band.key_blocks` returns only the key blocks
 some row of it can see, split into fully visible blocks (no mask built) and the few that
@@ -36,6 +49,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+
+from attnkit.backend_utils import LOG2E
 
 #: Env var overriding the block sizes for every call: "BQxBK", e.g. "128x512".
 BLOCKS_ENV = "ATTNKIT_TORCH_BLOCKED_BLOCKS"
@@ -182,6 +197,19 @@ class _Band:
         self.off_min, self.off_max = sk_min - seqlen_q, sk_max - seqlen_q
         self.arange = torch.arange(max(seqlen_q, seqlen_k), device=device)
         self._masks: dict = {}
+        # Keys some row of batch b sees: [first_b, Sk_b) (the last row's band reaches
+        # Sk_b - 1 + right, right >= 0); the others are dead. Tiles are shared by the
+        # batches, so a tile holds a dead key iff j0 < max_b first_b or j1 > min_b Sk_b.
+        lens = [seqlen_k] if seqlens_k is None else host
+        self._seen = [(0 if self.left is None else max(0, n - seqlen_q - self.left), n)
+                      for n in lens]
+        self._first_max = max(f for f, _ in self._seen)
+        self._end_min = min(e for _, e in self._seen)
+        self._dead: dict = {}
+        # On CPU a batched GEMM loops over the batches anyway, so contracting each batch
+        # over its own seen keys costs a few calls; elsewhere one selection pass over the
+        # tile's K/V (`drop_dead_keys`) costs less than B launches.
+        self.per_batch = torch.device(device).type == "cpu"
 
     def key_blocks(self, i0: int, i1: int, block_k: int) -> list[tuple[int, int, bool]]:
         """Key blocks ``(j0, j1, needs_mask)`` that rows ``[i0, i1)`` can see."""
@@ -228,6 +256,37 @@ class _Band:
         if len(self._masks) < 64:  # causal/window diagonals repeat: build each shape once
             self._masks[key] = hidden
         return hidden
+
+    def has_dead_keys(self, j0: int, j1: int) -> bool:
+        """Whether some key of ``[j0, j1)`` is seen by no row of some batch."""
+        return j0 < self._first_max or j1 > self._end_min
+
+    def seen_columns(self, j0: int, j1: int) -> list[tuple[int, int]]:
+        """Per batch, the columns ``[lo, hi)`` of the tile ``[j0, j1)`` (0-based) holding the
+        keys some row sees; ``hi <= lo`` when it holds none."""
+        m = j1 - j0
+        return [(min(max(f - j0, 0), m), min(max(e - j0, 0), m)) for f, e in self._seen]
+
+    def drop_dead_keys(self, t: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
+        """K or V rows ``[j0, j1)`` (``(B, Hkv, m, D)``) with the keys no row sees replaced
+        by 0: a selection, since 0 x NaN is still NaN in a product."""
+        dead = self._dead.get((j0, j1))
+        if dead is None:
+            pos = self.arange[j0:j1].view(1, 1, -1, 1)
+            first, end = (torch.tensor(c, device=pos.device).view(-1, 1, 1, 1)
+                          for c in zip(*self._seen))
+            dead = (pos < first) | (pos >= end)
+            if len(self._dead) < 64:
+                self._dead[(j0, j1)] = dead
+        return torch.where(dead, 0, t)
+
+
+def _add_mm_seen_(prec, acc, a, b, seen) -> None:
+    """``acc += a @ b`` contracted, batch by batch, over the key columns ``seen`` (from
+    `_Band.seen_columns`) only: ``a (B, Hkv, n, m)``, ``b (B, Hkv, m, D)``."""
+    for i, (lo, hi) in enumerate(seen):
+        if hi > lo:
+            prec.add_mm_(acc[i], a[i, :, :, lo:hi], b[i, :, lo:hi])
 
 
 def _bmm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -340,15 +399,16 @@ def _unfold(t: torch.Tensor, heads_q: int) -> torch.Tensor:
     return t.reshape(B, heads_q, n, *t.shape[3:])
 
 
-#: Scores are kept in base 2 (``s * log2(e)``) so the tile's exponential is ``exp2``, which
-#: PyTorch's CPU kernels compute about twice as fast as ``exp``; ``lse`` is converted back.
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+# exp(x) = exp2(x * LOG2E): PyTorch's CPU kernels compute exp2 about five times as fast as
+# exp, which pays for the extra multiply.
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` in place, through the faster ``exp2``."""
+    return x.mul_(LOG2E).exp2_()
 
 
 def _scores(prec, qf, kb, s_factor, softcap, keep_tanh=False, ws=None):
-    """One tile of (capped) scores times ``log2(e)``, in ``compute``; and ``tanh`` if the
-    softcap backward needs it."""
+    """One tile of (capped) scores in natural-log units, in ``compute``; and ``tanh`` if
+    the softcap backward needs it."""
     s = prec.mm(qf, kb.transpose(-1, -2), out=_buf(ws, "s", (*qf.shape[:-1], kb.shape[-2])))
     if s_factor != 1.0:
         s.mul_(s_factor)
@@ -356,16 +416,16 @@ def _scores(prec, qf, kb, s_factor, softcap, keep_tanh=False, ws=None):
         return s, None
     # The scale carries 1 / softcap, so tanh's argument is already scores / softcap.
     if not keep_tanh:
-        return s.tanh_().mul_(softcap * LOG2E), None
+        return s.tanh_().mul_(softcap), None
     t = torch.tanh(s)
-    return torch.mul(t, softcap * LOG2E, out=s), t
+    return torch.mul(t, softcap, out=s), t
 
 
 def _factors(prec, scale, softcap):
-    """How ``scale * log2(e)`` (or ``scale / softcap``) is applied: folded into the fp32
-    copy of the q block (``q_factor``), or, when q is a raw half operand, onto the fp32
-    scores (``s_factor``)."""
-    total = scale / softcap if softcap is not None else scale * LOG2E
+    """How ``scale`` (or ``scale / softcap``) is applied: folded into the fp32 copy of the
+    q block (``q_factor``), or, when q is a raw half operand, onto the fp32 scores
+    (``s_factor``)."""
+    total = scale / softcap if softcap is not None else scale
     return (1.0, total) if prec.mixed else (total, 1.0)
 
 
@@ -452,25 +512,40 @@ def blocked_forward(
         any_masked = False
         for j0, j1, masked in tiles:
             s, _ = _scores(prec, qf, kc[:, :, j0:j1], s_factor, softcap, ws=ws)
+            vb = vc[:, :, j0:j1]
+            seen = None  # per batch, the columns to contract P @ V over; None: all
             if masked:
                 any_masked = True
                 s.view(B, Hkv, Hq // Hkv, i1 - i0, j1 - j0).masked_fill_(
                     geo.hidden(i0, i1, j0, j1), float("-inf"))
+                if geo.has_dead_keys(j0, j1):
+                    if geo.per_batch:
+                        seen = geo.seen_columns(j0, j1)
+                    else:
+                        vb = geo.drop_dead_keys(vb, j0, j1)
             tile_max = s.amax(-1)
             m_new = tile_max if m is None else torch.maximum(m, tile_max)
             # A row that has seen only masked keys has m = -inf: subtract 0 instead, so
-            # exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+            # exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
             m_ref = m_new.masked_fill(m_new == float("-inf"), 0) if any_masked else m_new
-            p = s.sub_(m_ref.unsqueeze(-1)).exp2_()
-            vb = vc[:, :, j0:j1]
+            p = _exp_(s.sub_(m_ref.unsqueeze(-1)))
             if m is None:
                 l = p.sum(-1)
-                acc = prec.mm(p.to(prec.operand), vb, out=_buf(ws, "acc", (*p.shape[:-1], D)))
+                acc_shape = (*p.shape[:-1], D)
+                if seen is None:
+                    acc = prec.mm(p.to(prec.operand), vb, out=_buf(ws, "acc", acc_shape))
+                else:
+                    acc = _buf(ws, "acc", acc_shape)
+                    acc = (torch.zeros(acc_shape, dtype=ct, device=q.device) if acc is None
+                           else acc.zero_())
             else:
-                alpha = torch.exp2(m - m_ref)  # <= 1; 0 while the row had seen nothing
+                alpha = _exp_(m - m_ref)  # <= 1; 0 while the row had seen nothing
                 l = l.mul_(alpha).add_(p.sum(-1))
                 acc.mul_(alpha.unsqueeze(-1))
-                prec.add_mm_(acc, p, vb)
+                if seen is None:
+                    prec.add_mm_(acc, p, vb)
+            if seen is not None:
+                _add_mm_seen_(prec, acc, p, vb, seen)
             m = m_new
             if work is not None:
                 work.add_tile(B * Hq * (i1 - i0), j1 - j0, masked)
@@ -478,7 +553,7 @@ def blocked_forward(
         m_ref = m.masked_fill(m == float("-inf"), 0) if any_masked else m
         acc.div_(torch.where(l > 0, l, 1).unsqueeze(-1))
         out[:, :, i0:i1] = _unfold(acc.view(B, Hkv, rows, D), Hq)
-        lse[:, :, i0:i1] = _unfold(m_ref.add_(torch.log2(l)).mul_(LN2), Hq)
+        lse[:, :, i0:i1] = _unfold(m_ref.add_(torch.log(l)), Hq)
     return out, lse
 
 
@@ -498,8 +573,10 @@ def blocked_backward(
     blocks: BlockSizes | None = None,
     mixed: bool | None = None,
     work: WorkCount | None = None,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` from the saved ``out`` and ``lse``, recomputing P tile by tile."""
+    """``(dq, dk, dv)`` from the saved ``out`` and ``lse``, recomputing P tile by tile.
+    ``dlse`` (``(B, Hq, Sq)``, or None for zero) is the gradient reaching ``lse``."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     prec, bs, geo, q_factor, s_factor, kc, vc, ws = _prepare(
@@ -521,34 +598,52 @@ def blocked_backward(
         n = i1 - i0
         qf = _fold_rows(q, i0, i1, Hkv, prec.operand, q_factor)
         do = _fold_rows(dout, i0, i1, Hkv, prec.operand)
-        # D = rowsum(dO * O), in fp32 from the saved (input-dtype) out.
+        # D = rowsum(dO * O) - dlse, in fp32 from the saved (input-dtype) out: lse's own
+        # gradient is dlse * P, which folds into dS = P * (dP - D).
         delta = _fold_rows(dout, i0, i1, Hkv, ct).mul_(_fold_rows(out, i0, i1, Hkv, ct)).sum(-1)
-        lse_b = _fold_stat(lse, i0, i1, Hkv).to(ct) * LOG2E  # base 2, like the scores
-        # Rows that saw no key (lse = -inf) get P = exp2(s - inf) = 0: zero gradients, no NaN.
+        if dlse is not None:
+            delta.sub_(_fold_stat(dlse, i0, i1, Hkv).to(ct))
+        lse_b = _fold_stat(lse, i0, i1, Hkv).to(ct)
+        # Rows that saw no key (lse = -inf) get P = exp(s - inf) = 0: zero gradients, no NaN.
         lse_b = lse_b.masked_fill(lse_b == float("-inf"), float("inf")).unsqueeze(-1)
         dq_acc = torch.zeros((B, Hkv, qf.shape[2], D), dtype=ct, device=q.device)
         for j0, j1, masked in tiles:
             kb, vb = kc[:, :, j0:j1], vc[:, :, j0:j1]
             s, t = _scores(prec, qf, kb, s_factor, softcap, keep_tanh=True, ws=ws)
+            seen = None
             if masked:
-                s.view(B, Hkv, Hq // Hkv, n, j1 - j0).masked_fill_(
-                    geo.hidden(i0, i1, j0, j1), float("-inf"))
-            p = s.sub_(lse_b).exp2_()
+                hidden = geo.hidden(i0, i1, j0, j1)
+                s.view(B, Hkv, Hq // Hkv, n, j1 - j0).masked_fill_(hidden, float("-inf"))
+                if t is not None:  # tanh of a dead key's NaN score would reach dS
+                    t.view(B, Hkv, Hq // Hkv, n, j1 - j0).masked_fill_(hidden, 0)
+                # P is 0 on dead keys, but dP (from V) and dQ (from K) would still read them.
+                if geo.has_dead_keys(j0, j1):
+                    if geo.per_batch:
+                        seen = geo.seen_columns(j0, j1)
+                    else:
+                        kb, vb = geo.drop_dead_keys(kb, j0, j1), geo.drop_dead_keys(vb, j0, j1)
+            p = _exp_(s.sub_(lse_b))
             p_op = p.to(prec.operand)
             prec.add_mm_(dv[:, :, j0:j1], p_op.transpose(-1, -2), do)
             dp = prec.mm(do, vb.transpose(-1, -2), out=_buf(ws, "dp", s.shape))
+            if seen is not None:  # dead keys' columns of dP were read from their V rows
+                for i, (lo, hi) in enumerate(seen):
+                    dp[i, :, :, :lo].fill_(0)
+                    dp[i, :, :, max(hi, lo):].fill_(0)
             ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)  # dS = P * (dP - D)
             if t is not None:  # through the cap: d(c tanh(u/c))/du = 1 - tanh^2
                 ds.mul_(t.mul_(t).neg_().add_(1))
             ds_op = ds.to(prec.operand)
-            prec.add_mm_(dq_acc, ds_op, kb)
+            if seen is None:
+                prec.add_mm_(dq_acc, ds_op, kb)
+            else:
+                _add_mm_seen_(prec, dq_acc, ds_op, kb, seen)
             prec.add_mm_(dk[:, :, j0:j1], ds_op.transpose(-1, -2), qf)
             if work is not None:
                 work.add_tile(B * Hq * n, j1 - j0, masked)
         dq[:, :, i0:i1] = _unfold(dq_acc.mul_(scale), Hq)
-    # dk accumulated dS^T @ (q * q_factor); the chain rule wants scale * dS^T @ q. (dS is
-    # the gradient of the natural-log scores: P is the same in either base.) A zero scale
-    # made q_factor and dk zero already.
+    # dk accumulated dS^T @ (q * q_factor); the chain rule wants scale * dS^T @ q. A zero
+    # scale made q_factor and dk zero already.
     if q_factor != 0.0 and scale / q_factor != 1.0:
         dk.mul_(scale / q_factor)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
