@@ -1,6 +1,7 @@
 """The backward kernels, recomputing probabilities from the saved ``lse``:
 
-1. ``_prep_kernel``: ``delta = rowsum(dO * O)`` and ``lse`` in log2 units, into row buffers
+1. ``_prep_kernel``: ``delta = rowsum(dO * O)`` (less ``dlse``, the gradient reaching lse,
+   when the loss used it) and ``lse`` in log2 units, into row buffers
    padded to a whole number of query blocks (pad rows: delta 0, lse +inf, so p = 0 there and
    the kernels read them without masks). A fully masked row's lse is -inf; it becomes +inf
    too, so its probabilities are exactly 0 instead of exp2(-inf + inf) = NaN. For the Gluon
@@ -15,35 +16,32 @@ import torch
 import triton
 import triton.language as tl
 
+from attnkit.backend_utils import band_args, current_stream, score_args
+
 from ._band import (
     band_mask,
     key_range,
+    load_keys,
     load_tile,
     mma,
     query_range,
+    seen_keys,
     store_tile,
     tanh,
     valid_keys,
+    zero_keys,
 )
 from ._configs import KernelConfig, launch_options, padded_head_dim
-from ._forward import _band_args, _flags, _score_args
-from ._launcher import (
-    DirectLaunch,
-    FastKernel,
-    Sites,
-    cdiv,
-    current_stream,
-    fast_launches,
-    layout_key,
-)
+from ._forward import _flags
+from ._launcher import DirectLaunch, FastKernel, Sites, cdiv, fast_launches, layout_key
 
 
 @triton.jit
-def _prep_kernel(O, DO, LSE, STATS, DQ,
+def _prep_kernel(O, DO, LSE, STATS, DQ, DLSE,
                  sob, soh, som, sod, sdb, sdh, sdm, sdd, sqb, sqh, sqm, sqd,
                  H, Sq, Sq_pad, half,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 ZERO_DQ: tl.constexpr):
+                 ZERO_DQ: tl.constexpr, HAS_DLSE: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -57,6 +55,9 @@ def _prep_kernel(O, DO, LSE, STATS, DQ,
     do = load_tile(do_ptrs, rows, Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(LSE + bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=float("-inf"))
+    if HAS_DLSE:  # dS = P (dP - (delta - dlse)); rows that saw no key keep P = 0, whatever dlse
+        dlse = tl.load(DLSE + bh.to(tl.int64) * Sq + rows, mask=rows < Sq, other=0.0)
+        delta = tl.where(lse == float("-inf"), delta, delta - dlse)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(STATS + bh.to(tl.int64) * Sq_pad + rows, delta)  # delta, then lse2 ``half`` on
     tl.store(STATS + half + bh.to(tl.int64) * Sq_pad + rows, lse2)
@@ -120,6 +121,9 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, q_desc, d
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
+        if MASKED:
+            if USE_TMA:  # TMA loaded unseen keys' K/V rows as they are: 0 x NaN above
+                ds_t = tl.where(mask, ds_t, 0.0)
         dk = mma(ds_t.to(q.dtype), q, dk, PREC)
     return dk, dv
 
@@ -150,14 +154,17 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS,
                                            block_shape=[BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[svn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
+        # Unseen keys' rows as memory holds them: the boundary blocks select their dS to 0.
         k = k_desc.load([n0, 0])
         v = v_desc.load([n0, 0])
     else:
+        # Unseen keys' rows are not read: 0, so their dP, dS, dK and dV are 0 too.
+        kv_lo, kv_hi = seen_keys(Sq, Sk_b, left, right, HAS_LEFT, HAS_RIGHT)
         n0_64 = tl.cast(n0, tl.int64)
-        k = load_tile(k_base + n0_64 * skn + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                      cols, Sk, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-        v = load_tile(v_base + n0_64 * svn + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                      cols, Sk, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        k = load_keys(k_base + n0_64 * skn + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                      cols, kv_lo, kv_hi, offs_d, HEAD_DIM, True, HAS_LEFT, BLOCK_D != HEAD_DIM)
+        v = load_keys(v_base + n0_64 * svn + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                      cols, kv_lo, kv_hi, offs_d, HEAD_DIM, True, HAS_LEFT, BLOCK_D != HEAD_DIM)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -205,7 +212,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS,
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
-               start, end, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, cap_out,
+               start, end, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in,
+               cap_out,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
@@ -218,12 +226,15 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd,
         if USE_TMA:
             k = k_desc.load([n0, 0])
             v = v_desc.load([n0, 0])
+            if MASKED:  # dS K and dO V^T must not meet unseen keys' rows: 0 x NaN
+                k = zero_keys(k, cols, kv_lo, kv_hi, HAS_LEFT)
+                v = zero_keys(v, cols, kv_lo, kv_hi, HAS_LEFT)
         else:
             n0_64 = tl.cast(n0, tl.int64)
-            k = load_tile(k_base + n0_64 * skn + k_tile, cols, Sk, offs_d, HEAD_DIM,
-                          MASKED, BLOCK_D != HEAD_DIM)
-            v = load_tile(v_base + n0_64 * svn + v_tile, cols, Sk, offs_d, HEAD_DIM,
-                          MASKED, BLOCK_D != HEAD_DIM)
+            k = load_keys(k_base + n0_64 * skn + k_tile, cols, kv_lo, kv_hi, offs_d, HEAD_DIM,
+                          MASKED, HAS_LEFT, BLOCK_D != HEAD_DIM)
+            v = load_keys(v_base + n0_64 * svn + v_tile, cols, kv_lo, kv_hi, offs_d, HEAD_DIM,
+                          MASKED, HAS_LEFT, BLOCK_D != HEAD_DIM)
         qk = mma(q, tl.trans(k), None, PREC)
         s, t = _scores_t(qk, qk_scale, cap_in, cap_out, SOFTCAP)
         if MASKED:
@@ -292,18 +303,19 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_range(m0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
                                          HAS_LEFT, HAS_RIGHT)
+    kv_lo, kv_hi = seen_keys(Sq, Sk_b, left, right, HAS_LEFT, HAS_RIGHT)
     dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
-                    lo, full_lo, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, cap_out,
-                    HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA,
-                    PREC)
+                    lo, full_lo, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in,
+                    cap_out, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                    USE_TMA, PREC)
     dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
-                    full_lo, full_hi, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in,
+                    full_lo, full_hi, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in,
                     cap_out, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                     USE_TMA, PREC)
     dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
-                    full_hi, hi, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, cap_out,
-                    HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA,
-                    PREC)
+                    full_hi, hi, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in,
+                    cap_out, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                    USE_TMA, PREC)
     dq = dq * scale
     dq_ptrs = (DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
                + m0_64 * sdqm + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd)
@@ -324,27 +336,31 @@ def _stats(q, pad_to: int) -> torch.Tensor:
                        device=q.device)
 
 
-def prepare(q, out, lse, dout, pad_to: int) -> torch.Tensor:
-    """``stats`` (2, B * Hq, Sq_pad) float32: ``delta`` and log2 ``lse`` as row buffers
-    (``stats.unbind(0)``)."""
+def prepare(q, out, lse, dout, pad_to: int, dlse=None) -> torch.Tensor:
+    """``stats`` (2, B * Hq, Sq_pad) float32: ``delta`` (less ``dlse`` if given) and log2
+    ``lse`` as row buffers (``stats.unbind(0)``)."""
     stats = _stats(q, pad_to)
-    launch_prep(q, out, lse.contiguous(), dout, stats)
+    launch_prep(q, out, lse.contiguous(), dout, stats,
+                dlse=None if dlse is None else dlse.contiguous())
     return stats
 
 
-def launch_prep(q, out, lse, dout, stats, dq_acc=None) -> DirectLaunch:
+def launch_prep(q, out, lse, dout, stats, dq_acc=None, dlse=None) -> DirectLaunch:
     """`prepare`'s launch into ``stats`` (its rows a multiple of the prep block), returning
     its site: the Gluon backward's plan launches it again without the key. ``dq_acc``, if
-    given (q's shape, float32), is zeroed by the same launch."""
+    given (q's shape, float32), is zeroed by the same launch. ``dlse`` (float32, lse's shape,
+    contiguous), if given, is subtracted from delta; without it the site's last pointer is
+    lse again, unread."""
     B, Hq, Sq, D = q.shape
     Sq_pad = stats.shape[2]
     zero = dq_acc is not None
+    has_dlse = dlse is not None
     return _PREP.launch(
-        (q.dtype, q.shape, Sq_pad, layout_key(out, dout, lse, dq_acc)),
-        (out, dout, lse, stats, dq_acc if zero else stats),
+        (q.dtype, q.shape, Sq_pad, layout_key(out, dout, lse, dq_acc, dlse)),
+        (out, dout, lse, stats, dq_acc if zero else stats, dlse if has_dlse else lse),
         lambda: ((Sq_pad // _PREP_BLOCK_M, B * Hq),
                  dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=_PREP_BLOCK_M,
-                      ZERO_DQ=zero, num_warps=4),
+                      ZERO_DQ=zero, HAS_DLSE=has_dlse, num_warps=4),
                  (*out.stride(), *dout.stride(), *(dq_acc.stride() if zero else (0,) * 4),
                   Hq, Sq, Sq_pad, B * Hq * Sq_pad)))
 
@@ -362,8 +378,8 @@ _CAST_BLOCK = 4096
 def cast_dense(x: torch.Tensor, y: torch.Tensor) -> DirectLaunch:
     """``y.copy_(x)`` for two tensors of one layout, dense in memory (any dim order), in one
     direct launch: torch's copy costs a few times more host time, which the autograd
-    engine's thread pays twice over (benchmarks/NOTES.md, fourteenth session). Returns the
-    launch site (see `launch_prep`)."""
+    engine's thread pays twice over (docs/tuning.md). Returns the launch site (see
+    `launch_prep`)."""
     n = x.numel()
     return _CAST.launch(
         (x.dtype, y.dtype, n, (x.data_ptr() | y.data_ptr()) & 15), (x, y),
@@ -375,7 +391,7 @@ def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, 
     """One of the two gradient kernels, which share their argument list but for the
     gradient tensors written and the head count of the grid's second axis."""
     def setup():
-        left, right, _, _ = _band_args(problem)
+        left, right, _, _ = band_args(problem)
         return grid, dict(
             HEAD_DIM=q.shape[3], BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, **launch_options(cfg),
@@ -383,7 +399,7 @@ def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, 
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *(s for g in grads for s in g.stride()),
             heads, q.shape[2], delta.shape[1], k.shape[2], problem.group_size,
-            problem.scale, *_score_args(problem), left, right)
+            problem.scale, *score_args(problem), left, right)
 
     # delta, lse2 and the gradients are fresh allocations: their layout follows from the
     # rest, so the key fixes every stride and scalar after the pointers.
@@ -429,12 +445,14 @@ class BackwardSites:
 
 def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
                     dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool, layout=None,
-                    kept: BackwardSites | None = None):
+                    kept: BackwardSites | None = None, dlse=None):
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it. ``kept``:
     the caller's route's sites (one per problem and layout of q, k, v, dout, seqlens_k): after
     a first call, later ones make their four allocations and three direct launches with no
     key built, as the Gluon backward's plan does (this runs on the autograd engine's thread,
-    where Python costs about twice as much; benchmarks/NOTES.md, sixteenth session)."""
+    where Python costs about twice as much; docs/tuning.md). ``dlse``: the gradient reaching
+    lse (float32, lse's shape, contiguous) or None; the kept prep site is the one without
+    it, so a call with it launches its prep through the key."""
     same = fresh_layout(q, out, lse)
     stats = _stats(q, max(dkdv_cfg.block_m, dq_cfg.block_m))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -444,18 +462,25 @@ def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
         lse2 = delta + stats.stride(0) * 4
         last = seqlens_k if seqlens_k is not None else delta
         stream = current_stream(q.device.index)
-        prep.run(stream, out, dout, lse, stats, stats)
+        if dlse is None:
+            prep.run(stream, out, dout, lse, stats, stats, lse)
+        else:
+            launch_prep(q, out, lse, dout, stats, dlse=dlse)
         dkdv.run(stream, q, k, v, dout, lse2, delta, dk, dv, last)
         dq_site.run(stream, q, k, v, dout, lse2, delta, dq, last)
         return dq, dk, dv
     delta, lse2 = stats.unbind(0)
-    prep = launch_prep(q, out, lse.contiguous(), dout, stats)
+    if dlse is None:
+        prep = launch_prep(q, out, lse.contiguous(), dout, stats)
+    else:
+        prep = launch_prep(q, out, lse.contiguous(), dout, stats, dlse=dlse.contiguous())
     layout = layout or layout_key(q, k, v, dout, seqlens_k)
     dkdv = launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,
                        use_tma and dkdv_cfg.tma, layout)
     dq_site = launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, dq_cfg,
                         use_tma and dq_cfg.tma, layout)
     sites = (prep, dkdv, dq_site)
-    if kept is not None and same and all(site.compiled is not None for site in sites):
+    if (kept is not None and same and dlse is None
+            and all(site.compiled is not None for site in sites)):
         kept.sites = sites
     return dq, dk, dv

@@ -11,9 +11,6 @@ middle that pays for no mask and no bounds checks.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 
 @triton.jit
 def _cdiv_up(x, BLOCK: tl.constexpr):
@@ -87,6 +84,19 @@ def query_range(n0, Sq, Sk_b, left, right,
 
 
 @triton.jit
+def seen_keys(Sq, Sk_b, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """``[lo, hi)``: the keys of a batch that some query sees. K/V rows outside it may hold
+    anything (NaN, inf), so boundary blocks select them to 0 instead of multiplying by 0."""
+    lo = 0
+    hi = Sk_b
+    if HAS_LEFT:
+        lo = tl.maximum(Sk_b - Sq - left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(Sk_b, Sk_b + right)
+    return lo, hi
+
+
+@triton.jit
 def band_mask(rows, cols, off, Sk_b, left, right,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Visibility of keys ``cols`` to queries ``rows`` (broadcast shapes)."""
@@ -152,6 +162,38 @@ def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr,
         else:
             t = tl.load(ptrs)
     return t
+
+
+@triton.jit
+def load_keys(ptrs, cols, lo, hi, offs_d, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+              HAS_LO: tl.constexpr, CHECK_D: tl.constexpr):
+    """Load a [cols, BLOCK_D] K or V tile. MASKED (a boundary block): rows outside
+    ``[lo, hi)`` (`seen_keys`) are not read and hold 0; HAS_LO: ``lo`` may be above 0."""
+    if MASKED:
+        if HAS_LO:
+            keep = (cols >= lo) & (cols < hi)
+        else:
+            keep = cols < hi
+        if CHECK_D:
+            t = tl.load(ptrs, mask=keep[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        else:
+            t = tl.load(ptrs, mask=keep[:, None], other=0.0)
+    else:
+        if CHECK_D:
+            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def zero_keys(t, cols, lo, hi, HAS_LO: tl.constexpr):
+    """``t`` (a K or V tile as TMA loaded it) with rows outside ``[lo, hi)`` selected to 0."""
+    if HAS_LO:
+        keep = (cols >= lo) & (cols < hi)
+    else:
+        keep = cols < hi
+    return tl.where(keep[:, None], t, tl.zeros_like(t))
 
 
 @triton.jit

@@ -12,16 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
+from attnkit.backend_utils import band_args, score_args
+
 from ._band import (
-    LOG2E,
     band_mask,
     dot_precision,
     key_range,
+    load_keys,
     load_tile,
     mma,
+    seen_keys,
     store_tile,
     tanh,
     valid_keys,
+    zero_keys,
 )
 from ._configs import KernelConfig, interpreting, launch_options
 from ._launcher import FastKernel, Sites, cdiv, layout_key
@@ -66,26 +70,28 @@ def _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
 
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
-                start, end, rows, off, Sk, Sk_b, left, right, qk_scale, cap_in, unit,
+                start, end, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in, unit,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, FOLD: tl.constexpr, USE_TMA: tl.constexpr,
-                PREC: tl.constexpr, WARP_SPEC: tl.constexpr):
+                PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_tile = offs_n[:, None] * skn + offs_d[None, :] * skd
     v_tile = offs_n[:, None] * svn + offs_d[None, :] * svd
-    for n0 in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
+    for n0 in tl.range(start, end, BLOCK_N):
         cols = n0 + offs_n
         if USE_TMA:
             k = k_desc.load([n0, 0])
             v = v_desc.load([n0, 0])
+            if MASKED:  # unseen keys' scores are selected away; P V needs their V rows 0
+                v = zero_keys(v, cols, kv_lo, kv_hi, HAS_LEFT)
         else:
             n0_64 = tl.cast(n0, tl.int64)
-            k = load_tile(k_base + n0_64 * skn + k_tile, cols, Sk, offs_d, HEAD_DIM,
-                          MASKED, BLOCK_D != HEAD_DIM)
-            v = load_tile(v_base + n0_64 * svn + v_tile, cols, Sk, offs_d, HEAD_DIM,
-                          MASKED, BLOCK_D != HEAD_DIM)
+            k = load_keys(k_base + n0_64 * skn + k_tile, cols, kv_lo, kv_hi, offs_d, HEAD_DIM,
+                          MASKED, HAS_LEFT, BLOCK_D != HEAD_DIM)
+            v = load_keys(v_base + n0_64 * svn + v_tile, cols, kv_lo, kv_hi, offs_d, HEAD_DIM,
+                          MASKED, HAS_LEFT, BLOCK_D != HEAD_DIM)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
                                   qk_scale, cap_in, unit, MASKED, HAS_LEFT, HAS_RIGHT,
                                   SOFTCAP, FOLD, PREC)
@@ -101,7 +107,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, FOLD: tl.constexpr, REVERSE_M: tl.constexpr,
-                USE_TMA: tl.constexpr, PREC: tl.constexpr, WARP_SPEC: tl.constexpr):
+                USE_TMA: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:  # causal: the longest rows first, so the short ones fill the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -142,31 +148,33 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
 
     lo, full_lo, full_hi, hi = key_range(m0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
                                          HAS_LEFT, HAS_RIGHT)
+    kv_lo, kv_hi = seen_keys(Sq, Sk_b, left, right, HAS_LEFT, HAS_RIGHT)
     # Leading boundary blocks (window's left edge), the unmasked middle, then the trailing
     # boundary (diagonal, right edge, end of the valid keys).
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
-                                skn, skd, svn, svd, lo, full_lo, rows, off, Sk, Sk_b,
+                                skn, skd, svn, svd, lo, full_lo, rows, off, kv_lo, kv_hi, Sk_b,
                                 left, right, qk_scale, cap_in, unit,
                                 HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, FOLD, USE_TMA, PREC, False)
+                                SOFTCAP, FOLD, USE_TMA, PREC)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
-                                skn, skd, svn, svd, full_lo, full_hi, rows, off, Sk, Sk_b,
+                                skn, skd, svn, svd, full_lo, full_hi, rows, off, kv_lo, kv_hi, Sk_b,
                                 left, right, qk_scale, cap_in, unit,
                                 HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, FOLD, USE_TMA, PREC, WARP_SPEC)
+                                SOFTCAP, FOLD, USE_TMA, PREC)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
-                                skn, skd, svn, svd, full_hi, hi, rows, off, Sk, Sk_b,
+                                skn, skd, svn, svd, full_hi, hi, rows, off, kv_lo, kv_hi, Sk_b,
                                 left, right, qk_scale, cap_in, unit,
                                 HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, FOLD, USE_TMA, PREC, False)
+                                SOFTCAP, FOLD, USE_TMA, PREC)
 
-    # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf.
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf. A NaN row keeps l = NaN,
+    # so its out and lse stay NaN.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if SOFTCAP or FOLD:
         m_i = m_i * unit
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    lse = tl.where(empty, float("-inf"),
+                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(LSE + bh.to(tl.int64) * Sq + rows, lse, mask=rows < Sq)
     if USE_TMA:
         o_desc = tl.make_tensor_descriptor(o_base, shape=[Sq, HEAD_DIM], strides=[som, 1],
@@ -181,38 +189,24 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
 _FWD = Sites(FastKernel(_fwd_kernel))
 
 
-def _band_args(problem):
-    left, right = problem.band
-    return (0 if left is None else left), (0 if right is None else right), left is not None, \
-        right is not None
-
-
-def _score_args(problem):
-    """(qk_scale, cap_in, cap_out): scores in log2 units, with or without the softcap."""
-    qk_scale = problem.scale * LOG2E
-    if problem.softcap is None:
-        return qk_scale, 1.0, 1.0
-    return qk_scale, problem.scale / problem.softcap, problem.softcap * LOG2E
-
-
 def _flags(problem, has_seqlens: bool, dtype, use_tma: bool) -> dict:
     """The constexprs the forward and backward kernels share."""
-    _, _, has_left, has_right = _band_args(problem)
-    return dict(HAS_SEQLENS=has_seqlens, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+    band = band_args(problem)
+    return dict(HAS_SEQLENS=has_seqlens, HAS_LEFT=band.has_left, HAS_RIGHT=band.has_right,
                 SOFTCAP=problem.softcap is not None, USE_TMA=use_tma,
                 PREC=dot_precision(dtype, interpreting()))
 
 
-def _fold(problem, cfg: KernelConfig) -> bool:
+def _fold(problem) -> bool:
     """The FOLD constexpr: the scale goes into exp2's argument when its sign keeps the max."""
-    return cfg.fold and problem.softcap is None and problem.scale > 0
+    return problem.softcap is None and problem.scale > 0
 
 
 def _scalars(problem, fold: bool) -> tuple:
     """The forward kernel's arguments after the strides: ..., qk_scale, cap_in, unit (the
     log2 multiplier of the scores the kernel keeps: see `_fwd_step`), left, right."""
-    left, right, _, _ = _band_args(problem)
-    qk_scale, cap_in, cap_out = _score_args(problem)
+    left, right, _, _ = band_args(problem)
+    qk_scale, cap_in, cap_out = score_args(problem)
     unit = cap_out if problem.softcap is not None else (qk_scale if fold else 1.0)
     return (problem.heads_q, problem.seqlen_q, problem.seqlen_k, problem.group_size,
             qk_scale, cap_in, unit, left, right)
@@ -226,10 +220,10 @@ def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
 
     def setup():
-        fold = _fold(problem, cfg)
+        fold = _fold(problem)
         return (cdiv(Sq, cfg.block_m), B * Hq), dict(
             HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            REVERSE_M=problem.band[1] is not None, WARP_SPEC=cfg.warp_spec, FOLD=fold,
+            REVERSE_M=problem.band[1] is not None, FOLD=fold,
             **launch_options(cfg),
             **_flags(problem, seqlens_k is not None, q.dtype, use_tma)), (
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem, fold))

@@ -12,13 +12,16 @@ import contextlib
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 
 from attnkit.backend import Backend, Capabilities
+from attnkit.backend_utils import LaunchCache
 
 from ._backward import BackwardSites, launch_backward
 from ._configs import (
+    KernelConfig,
     _arch,
     backward_configs,
     forward_config,
@@ -34,6 +37,8 @@ from ._hopper import backward_plan, forward_plan, use_gluon, use_gluon_backward
 from ._hopper import launch_backward as launch_backward_hopper
 from ._hopper import launch_forward as launch_forward_hopper
 from ._launcher import layout_key
+from ._triton_internals import ensure_allocator as _ensure_allocator
+from ._triton_internals import launch_path
 from .decode import decode_forward, num_splits, use_split_kv
 
 _TMA_ENV = "ATTNKIT_TRITON_TMA"
@@ -44,32 +49,6 @@ def _triton_has_descriptors() -> bool:
 
     return hasattr(tl, "make_tensor_descriptor") and hasattr(__import__("triton"),
                                                              "set_allocator")
-
-
-def _alloc(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-_ALLOCATOR_VAR: tuple | None = None  # (Triton's "no allocator" value, its ContextVar)
-
-
-def _ensure_allocator() -> None:
-    """Device-side descriptors need global scratch memory from a host allocator. Triton keeps
-    it in a ContextVar, so it is per thread: the autograd engine runs the backward on its own
-    thread. Set ours wherever none is set (a caller's own allocator is left alone)."""
-    global _ALLOCATOR_VAR
-    import triton
-
-    if _ALLOCATOR_VAR is None:
-        try:
-            from triton.runtime._allocation import _NULL_ALLOCATOR, _allocator
-
-            _ALLOCATOR_VAR = (_NULL_ALLOCATOR, _allocator)
-        except ImportError:  # another Triton layout: setting it again is harmless
-            _ALLOCATOR_VAR = ()
-    if _ALLOCATOR_VAR and _ALLOCATOR_VAR[1].get() is not _ALLOCATOR_VAR[0]:
-        return
-    triton.set_allocator(_alloc)
 
 
 def _tma_layout_ok(t: torch.Tensor) -> bool:
@@ -110,6 +89,34 @@ def use_tma(problem, *tensors: torch.Tensor) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class GluonRoute:
+    """The sm_90 warp-specialized kernels (`_hopper`), with their launch plan (forward or
+    backward). Their descriptors are host-side: no device allocator is needed."""
+
+    plan: object
+    tma = False  # not a field: the `tl` routes' flag, False here
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRoute:
+    """The `tl` forward kernel with its config, through tensor descriptors or not."""
+
+    config: KernelConfig
+    tma: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BackwardRoute:
+    """The `tl` backward kernels (dK/dV and dQ configs), their launch sites kept after the
+    first call, through tensor descriptors or not."""
+
+    dkdv: KernelConfig
+    dq: KernelConfig
+    kept: BackwardSites
+    tma: bool
+
+
 @functools.lru_cache(maxsize=1024)
 def _decode_splits(problem, interpret: bool) -> int:
     """Key splits of the split-KV decode kernel for this problem, 0 where it does not apply
@@ -121,7 +128,7 @@ class TritonBackend(Backend):
     name = "triton"
     description = ("fused Triton kernels: online-softmax forward, recomputing backward "
                    "(dK/dV per key block, dQ per query block); TMA on Hopper, and a "
-                   "warp-specialized Gluon forward on sm_90")
+                   f"warp-specialized Gluon forward on sm_90; {launch_path()}")
     capabilities = Capabilities(
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
@@ -130,6 +137,7 @@ class TritonBackend(Backend):
         deterministic=True,  # no atomics: dK/dV are summed over GQA groups in registers
         # Triton's supported range; the tables assume cp.async and bf16 mma.
         cuda_capability_min=(8, 0),
+        lse_grad=True,  # dlse enters through delta in the backward's prep kernel
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -143,6 +151,9 @@ class TritonBackend(Backend):
         except Exception as e:  # never raise from availability
             return False, f"CUDA check failed: {e}"
         return True, ""
+
+    def conformance_modules(self) -> tuple[str, ...]:
+        return ("attnkit_triton.suite_launch_paths",)
 
     def not_supported_reasons(self, problem) -> list[str]:
         reasons = super().not_supported_reasons(problem)
@@ -164,52 +175,50 @@ class TritonBackend(Backend):
                os.environ.get(_TMA_ENV))
         route = _route(key, lambda: self._forward_route(problem, q, k, v))
         with _on_device(q):
-            if route[0] == "gluon":  # sm_90 dense training shapes: warp-specialized
-                return launch_forward_hopper(problem, q, k, v, route[1])
-            return launch_forward(problem, q, k, v, seqlens_k, *route[1:], layout)
+            if type(route) is GluonRoute:  # sm_90 dense training shapes: warp-specialized
+                return launch_forward_hopper(problem, q, k, v, route.plan)
+            return launch_forward(problem, q, k, v, seqlens_k, route.config, route.tma, layout)
 
-    def _forward_route(self, problem, q, k, v) -> tuple:
+    def _forward_route(self, problem, q, k, v) -> GluonRoute | ForwardRoute:
         if use_gluon(problem, q, k, v):  # the key fixes the layout, so the launch plan too
-            return "gluon", forward_plan(problem, q, k, v)
+            return GluonRoute(forward_plan(problem, q, k, v))
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
                              _short(problem))
-        return "tl", cfg, cfg.tma and use_tma(problem, q, k, v)
+        return ForwardRoute(cfg, cfg.tma and use_tma(problem, q, k, v))
 
-    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
         layout = layout_key(q, k, v, dout, seqlens_k)
         key = ("backward", problem, layout, os.environ.get(_GLUON_BWD_ENV),
                os.environ.get(_TMA_ENV))
         route = _route(key, lambda: self._backward_route(problem, q, k, v, dout))
         with _on_device(q):
-            if route[0] == "gluon":
-                return launch_backward_hopper(problem, q, k, v, out, lse, dout, route[1])
-            _, dkdv_cfg, dq_cfg, kept, tma = route
-            return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k, dkdv_cfg,
-                                   dq_cfg, tma, layout, kept)
+            if type(route) is GluonRoute:
+                return launch_backward_hopper(problem, q, k, v, out, lse, dout, route.plan,
+                                              dlse)
+            return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k, route.dkdv,
+                                   route.dq, route.tma, layout, route.kept, dlse)
 
-    def _backward_route(self, problem, q, k, v, dout) -> tuple:
+    def _backward_route(self, problem, q, k, v, dout) -> GluonRoute | BackwardRoute:
         if use_gluon_backward(problem, q, k, v, dout):
-            return "gluon", backward_plan(problem, q, k, v, dout)
+            return GluonRoute(backward_plan(problem, q, k, v, dout))
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
                                             q.device, _short(problem))
-        return "tl", dkdv_cfg, dq_cfg, BackwardSites(), use_tma(problem, q, k, v, dout)
+        return BackwardRoute(dkdv_cfg, dq_cfg, BackwardSites(),
+                             use_tma(problem, q, k, v, dout))
 
 
-#: Each call's path and configs by (pass, problem, `layout_key` of the tensors the checks
-#: read, the path switches' environment values): the checks are the same for every call of
-#: a signature, and redoing them cost ~10% of a short training step's host time.
-_routes: dict = {}
-_MAX_ROUTES = 1024
+#: Each call's route by (pass, problem, `layout_key` of the tensors the checks read, the path
+#: switches' environment values): the checks are the same for every call of a signature, and
+#: redoing them was a tenth of a short training step's host time.
+_routes = LaunchCache(1024)
 
 
-def _route(key, make) -> tuple:
+def _route(key, make):
     """The remembered route for ``key``, else ``make()``'s (which runs the checks)."""
     route = _routes.get(key)
     if route is None:
-        if len(_routes) >= _MAX_ROUTES:
-            _routes.clear()
-        route = _routes[key] = make()
-    elif route[-1] is True:  # tl with TMA: Triton's allocator is per thread
+        route = _routes.put(key, make())
+    elif route.tma:  # Triton's allocator for device-side descriptors is per thread
         _ensure_allocator()
     return route
 

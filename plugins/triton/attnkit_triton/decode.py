@@ -6,7 +6,7 @@ of every (batch, kv head) is cut into ``num_splits`` chunks read by separate pro
 writes a partial ``(out, lse)`` in fp32, and the last of them to finish merges the partials
 with the online-softmax rescaling (`attnkit.merge_attention` is the same math in PyTorch).
 One launch per step: a second merge kernel cost a launch of host time and a few microseconds
-of GPU time at 1k keys (benchmarks/NOTES.md).
+of GPU time at 1k keys (docs/tuning.md).
 
 GQA: one program handles all ``group * Sq`` query rows of its kv head, so each K/V tile is
 read from memory once per kv head, not once per query head.
@@ -21,22 +21,21 @@ import torch
 import triton
 import triton.language as tl
 
-from attnkit.kvcache import WAVE_EFFICIENCY, choose_splits, visible_span
+from attnkit.backend_utils import (
+    LaunchCache,
+    SplitWorkspace,
+    band_args,
+    choose_splits,
+    current_stream,
+    score_args,
+    visible_span,
+)
+from attnkit.backend_utils import sm_count as _cuda_sm_count
 from attnkit.spec import AttentionProblem
 
-from ._band import valid_keys
+from ._band import tanh, valid_keys
 from ._configs import _arch, interpreting
-from ._launcher import (
-    DirectLaunch,
-    FastKernel,
-    cdiv,
-    current_stream,
-    fast_launches,
-    layout_key,
-)
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ._launcher import DirectLaunch, FastKernel, cdiv, fast_launches, layout_key
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
               torch.float32: tl.float32}
@@ -49,14 +48,6 @@ _INTERPRETER_SMS = 4
 
 
 # -- kernels -------------------------------------------------------------------------------
-
-@triton.jit
-def _tanh(x):
-    # sign(x) * (1 - e) / (1 + e), e = exp(-2|x|) <= 1: never overflows.
-    e = tl.math.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
 
 @triton.jit
 def _split_kv_kernel(
@@ -138,7 +129,7 @@ def _split_kv_kernel(
         else:
             s = tl.dot(q, tl.trans(k))
         if HAS_SOFTCAP:
-            s = cap_log2 * _tanh(s * qk_scale)
+            s = cap_log2 * tanh(s * qk_scale)
         else:
             s = s * qk_scale
         visible = col_ok[None, :]
@@ -163,9 +154,10 @@ def _split_kv_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    # A split that saw no key: l = 0 -> out 0, lse -inf. A NaN row keeps l = NaN: NaN both.
+    empty = l_i == 0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     # Partials are (B, Hq, Sq, num_splits[, D]), so the merge reads one row's splits in a run.
     part = ((b64 * Hq + h.to(tl.int64)) * Sq + qi) * num_splits + split
     part_mask = row_ok[:, None] & d_ok[None, :]
@@ -202,10 +194,11 @@ def _merge_rows(PART_O, PART_L, O, LSE, part0, row_ok, part_mask, b64, h, qi, of
                       mask=part_mask, other=0.0, cache_modifier=".cg")
         acc += w[:, None] * o_s
         total += w
-    seen = total > 0
-    out = acc / tl.where(seen, total, 1.0)[:, None]
-    lse = tl.where(seen, (m_safe + tl.math.log2(tl.where(seen, total, 1.0)))
-                   * 0.6931471805599453, float("-inf"))
+    # No split saw a key: total = 0 -> out 0, lse -inf. A NaN partial makes total NaN.
+    empty = total == 0
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    lse = tl.where(empty, float("-inf"),
+                   (m_safe + tl.math.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
     o_ptrs = (O + b64 * stride_ob + h[:, None].to(tl.int64) * stride_oh
               + qi[:, None] * stride_os + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=part_mask)
@@ -217,22 +210,12 @@ _SPLIT = FastKernel(_split_kv_kernel)
 
 # -- launch configuration ------------------------------------------------------------------
 
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None
-                              else torch.cuda.current_device())
-    return _INTERPRETER_SMS
+    return _cuda_sm_count(device) if device.type == "cuda" else _INTERPRETER_SMS
 
 
 def _tiles(problem: AttentionProblem) -> tuple[int, int]:
@@ -246,13 +229,11 @@ def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int
     """(BLOCK_N, num_warps, num_stages): keys per step, warps, and the pipeline depth of the
     key loads, on a GPU of compute capability ``arch`` (None: the interpreter).
 
-    fp32 at head dims 128 and 256 is measured on Hopper only (H200, B=16 Hkv=8, 4k-16k keys,
-    TB/s; NOTES.md, twenty-first session): at 128 two stages (1.32 against 1.21 in three; 78
-    KB, two programs per SM); at 256 eight warps (0.77; four warps hold 178 registers and read
-    0.09). Off Hopper three fp32 stages would not fit (140-176 KB; sm_86/sm_89 allow 99 KB,
-    A100 163), so fp32 there reads half the keys per step in two stages with four warps, the
-    shape that read 0.75 at 256 on the H200 (scripts/compile_tables.py checks every choice
-    against each GPU's limit).
+    fp32 at head dims 128 and 256 on Hopper: two stages (two programs fit an SM), and eight
+    warps at 256 (four spill). Off Hopper three fp32 stages would not fit the shared memory
+    (99 KB on sm_86/sm_89), so fp32 reads half the keys per step in two stages with four warps
+    (tools/compile_tables.py checks every choice against each GPU's limit). Measurements:
+    docs/tuning.md.
     """
     block_d = _tiles(problem)[1]
     block_n = 64 if block_d <= 128 else 32
@@ -263,12 +244,9 @@ def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int
     return block_n, 4 if block_d == 128 else 8, 2
 
 
-#: From this many visible keys on, programs that keep WAVE_EFFICIENCY of the SMs busy read
-#: the cache unsplit. H100, B=16 Hkv=8 (128 programs, 132 SMs), one split against two, TB/s:
-#: 2.624 / 2.608 at 4k, 3.032 / 3.023 at 16k, 3.181 / 3.171 at 64k (benchmarks/NOTES.md,
-#: fifth session); at 1k two splits stay faster (1.10x SDPA-flash in the committed bench).
-#: Not fp32: there one program per SM reads at half the speed of two (H200, D=128, 16k keys:
-#: 0.69 TB/s unsplit, 1.21 in two splits; NOTES.md, twenty-first session).
+#: From this many visible keys on, programs that keep `WAVE_EFFICIENCY` of the SMs busy read
+#: the cache unsplit (as fast as two splits there; at 1k keys two stay faster). Not fp32,
+#: where one program per SM reads at half the speed of two (docs/tuning.md).
 LONG_CACHE_KEYS = 4096
 
 
@@ -280,14 +258,13 @@ def _programs(problem: AttentionProblem) -> int:
 
 
 def num_splits(problem: AttentionProblem, sm_count: int | None = None) -> int:
-    """How many key splits `decode_forward` uses: `attnkit.kvcache.choose_splits` over this
-    kernel's programs, with no split for a long cache whose programs nearly fill the SMs."""
+    """How many key splits `decode_forward` uses: `attnkit.backend_utils.choose_splits` over
+    this kernel's programs, with no split for a long cache whose programs nearly fill the SMs."""
     if sm_count is None:
         sm_count = _sm_count(problem.device)
-    keys = visible_span(problem)
-    long = keys >= LONG_CACHE_KEYS and problem.dtype != torch.float32
-    fill = WAVE_EFFICIENCY if long else 1.0
-    return choose_splits(_programs(problem), keys, sm_count, fill=fill)
+    long_keys = None if problem.dtype == torch.float32 else LONG_CACHE_KEYS
+    return choose_splits(_programs(problem), visible_span(problem), sm_count,
+                         long_keys=long_keys)
 
 
 def _kernel_supports(problem: AttentionProblem) -> list[str]:
@@ -318,10 +295,10 @@ class _Prepared(NamedTuple):
     out_strides: tuple  # q's layout, as torch.empty_like(q) gives
     n_groups: int  # split counters the launch uses
     tail: tuple  # every argument after the tensors: strides, sizes, scales
+    workspace: SplitWorkspace
 
 
-_prepared: dict = {}
-_MAX_PREPARED = 256
+_prepared = LaunchCache(256)
 
 #: Split counters of the fused merge per (device, stream). Between launches every counter is
 #: 0 (the last split of each group sets its own back), so one buffer serves all launches on a
@@ -348,24 +325,19 @@ def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, 
     (Triton's path if the kernel is new) and keeps the resolved launch site; later calls hand
     the compiled kernel its arguments directly: a decoding step repeats one signature, and
     this is most of its host time."""
-    B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
     dev = q.device
-    # One workspace: partial out (n_part, D), partial lse (n_part,), lse (B, Hq, Sq).
-    n_part = B * Hq * Sq * splits
-    work = torch.empty(n_part * (D + 1) + B * Hq * Sq, dtype=torch.float32, device=dev)
-    lse = work.as_strided((B, Hq, Sq), (Hq * Sq, Sq, 1), n_part * (D + 1))
+    workspace = SplitWorkspace.of(problem, splits) if prep is None else prep.workspace
+    work, lse = workspace.allocate(dev)
     fast = prep is not None and prep.split.compiled is not None and fast_launches()
-    if fast:  # workspace parts as addresses: no tensor views to build
-        part_o = work.data_ptr()
-        part_l = part_o + n_part * D * 4
-    else:
-        part_o, part_l = work[: n_part * D], work[n_part * D: n_part * (D + 1)]
+    # Workspace parts as addresses on the direct path: no tensor views to build.
+    part_o, part_l = workspace.part_pointers(work) if fast else workspace.part_views(work)
     # q's layout: a transposed (B, S, H, D) q gets the same out.
     out = (torch.empty_like(q) if prep is None else
            torch.empty_strided(q.shape, prep.out_strides, dtype=q.dtype, device=dev))
     stream = current_stream(dev.index) if dev.type == "cuda" else 0
     if prep is None:
-        n_groups = B * problem.heads_kv * cdiv(problem.group_size * Sq, _tiles(problem)[0])
+        n_groups = problem.batch * problem.heads_kv * cdiv(
+            problem.group_size * problem.seqlen_q, _tiles(problem)[0])
         tail = (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 *_split_scalars(problem, splits))
     else:
@@ -377,43 +349,40 @@ def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, 
     elif prep is not None:
         prep.split(*args)
     else:
-        _prepare(problem, key, args, n_groups, tail, seqlens_k is not None, splits, block_n,
-                 num_warps, num_stages)
+        _prepare(problem, key, args, n_groups, tail, workspace, seqlens_k is not None, splits,
+                 block_n, num_warps, num_stages)
     return out, lse
 
 
-def _prepare(problem, key, args, n_groups, tail, has_seqlens, splits, block_n, num_warps,
-             num_stages):
+def _prepare(problem, key, args, n_groups, tail, workspace, has_seqlens, splits, block_n,
+             num_warps, num_stages):
     """The first call of a signature: launch through `FastKernel` and keep the site."""
     B, Hkv, Sq, D = problem.batch, problem.heads_kv, problem.seqlen_q, problem.head_dim
     G = problem.group_size
     block_m, block_d = _tiles(problem)
     default_n, default_warps, default_stages = stream_config(
         problem, None if interpreting() else _arch(problem.device))
-    left, right = problem.band
+    band = band_args(problem)
     split = _SPLIT.direct(
         (splits * B * Hkv, cdiv(G * Sq, block_m)), args,
         dict(GROUP=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n or default_n,
-             BLOCK_D=block_d, HAS_SEQLENS=has_seqlens, HAS_LEFT=left is not None,
-             HAS_RIGHT=right is not None, HAS_SOFTCAP=problem.softcap is not None,
+             BLOCK_D=block_d, HAS_SEQLENS=has_seqlens, HAS_LEFT=band.has_left,
+             HAS_RIGHT=band.has_right, HAS_SOFTCAP=problem.softcap is not None,
              IEEE_DOT=args[0].dtype == torch.float32 or (
                  args[0].dtype == torch.bfloat16 and interpreting()),
              num_warps=num_warps or default_warps, num_stages=num_stages or default_stages))
-    if len(_prepared) >= _MAX_PREPARED:
-        _prepared.clear()
-    _prepared[key] = _Prepared(split, args[6].stride(), n_groups, tail)
+    _prepared.put(key, _Prepared(split, args[6].stride(), n_groups, tail, workspace))
 
 
 @functools.lru_cache(maxsize=1024)
 def _split_scalars(problem: AttentionProblem, splits: int) -> tuple:
-    """The split kernel's scalar arguments after the strides."""
-    left, right = problem.band
-    if problem.softcap is not None:
-        qk_scale, cap_log2 = problem.scale / problem.softcap, problem.softcap * LOG2E
-    else:
-        qk_scale, cap_log2 = problem.scale * LOG2E, 1.0
+    """The split kernel's scalar arguments after the strides: ..., qk_scale, cap_log2 (the
+    scores' multipliers before and after the softcap's tanh), left, right."""
+    band, score = band_args(problem), score_args(problem)
+    qk_scale, cap_log2 = ((score.cap_in, score.cap_out) if problem.softcap is not None
+                          else (score.qk_scale, score.cap_out))
     return (problem.heads_q, problem.heads_kv, problem.seqlen_q, problem.seqlen_k, splits,
-            qk_scale, cap_log2, left or 0, right or 0)
+            qk_scale, cap_log2, band.left, band.right)
 
 
 # -- public --------------------------------------------------------------------------------

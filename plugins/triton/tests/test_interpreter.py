@@ -116,7 +116,7 @@ def _check_against_reference(case):
 
 def test_fp32_tiles_for_small_shared_memory(monkeypatch):
     """fp32 at head dims 129..256 off Hopper takes its own tiles per kernel (16 and 32 rows,
-    sized for sm_86's 99 KB; scripts/compile_tables.py). The interpreter otherwise runs its
+    sized for sm_86's 99 KB; tools/compile_tables.py). The interpreter otherwise runs its
     one tile, so they are forced here."""
     from attnkit_triton import _configs, backend
 
@@ -235,7 +235,7 @@ def test_refuses_float64_and_large_head_dims():
 
 def test_takes_problems_over_2_31_elements_with_backward():
     """64-bit offsets everywhere: a 2^31-element problem is taken, backward included
-    (checked on the H100 by scripts/check_cuda.py's large case, both load paths)."""
+    (on a GPU the suite's `attnkit.testing.cuda_checks` run problems past 2^31 elements)."""
     from attnkit.spec import AttentionProblem
 
     backend = attnkit.backends()["triton"].backend
@@ -248,3 +248,296 @@ def test_takes_problems_over_2_31_elements_with_backward():
 def test_availability_under_interpreter():
     ok, why = attnkit.backends()["triton"].backend.availability()
     assert ok, why
+
+
+# -- keys no query sees, NaN query rows, the gradient reaching lse -------------------------
+
+POISONS = (float("nan"), float("inf"), float("-inf"))
+GRAD_NAMES = ("out", "lse", "dq", "dk", "dv")
+
+UNSEEN_CASES = [
+    # Past seqlens_k[b] (0, Sk, Sk / 2, 1): the last key block cut at every length.
+    Case(batch=4, heads_q=2, heads_kv=1, seqlen_q=20, seqlen_k=45, head_dim=16, dtype=F16,
+         seqlens_k="mixed", causal=True, expect_masked_rows=True),
+    # Left of the first query's window: keys below Sk - Sq - 2, the cut inside a key block.
+    Case(batch=1, heads_q=1, heads_kv=1, seqlen_q=9, seqlen_k=45, head_dim=16, dtype=F32,
+         window=(2, 0)),
+    # Both, with a right bound, random lengths and (B, S, H, D) tensors.
+    Case(batch=3, heads_q=2, heads_kv=2, seqlen_q=13, seqlen_k=50, head_dim=32, dtype=F16,
+         window=(5, 3), seqlens_k="random", layout="bshd"),
+    # One query per head and a head dim below the tile's.
+    Case(batch=2, heads_q=1, heads_kv=1, seqlen_q=1, seqlen_k=16, head_dim=8, dtype=F32,
+         seqlens_k="mixed", expect_masked_rows=True),
+]
+
+
+def _unseen_keys(case, seqlens_k) -> torch.Tensor:
+    """Boolean (B or 1, Sk): keys no query of the batch sees."""
+    from attnkit.reference import visible_mask
+
+    seen = visible_mask(case.seqlen_q, case.seqlen_k, causal=case.causal, window=case.window,
+                        seqlens_k=seqlens_k)
+    return ~seen.any(-2)[:, 0]
+
+
+def _everything(case, q, k, v, seqlens_k, dout) -> dict:
+    """out, lse, dq, dk, dv of one triton call, detached."""
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out, lse = attnkit.attention(q, k, v, **case.options(seqlens_k), return_lse=True,
+                                 backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    return dict(zip(GRAD_NAMES, (out.detach(), lse.detach(), *grads)))
+
+
+@pytest.mark.parametrize("case", UNSEEN_CASES, ids=[c.id for c in UNSEEN_CASES])
+def test_keys_no_query_sees_are_never_read(case):
+    """K/V rows at or past seqlens_k[b] or outside every query's band, holding NaN or
+    +-inf: out, lse and every gradient are the clean run's bit for bit, and dK/dV of those
+    keys are 0 (boundary blocks select the rows to 0; nothing multiplies them by 0)."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, seqlens_k = case.make_inputs("cpu", gen)
+    unseen = _unseen_keys(case, seqlens_k)
+    assert unseen.any()
+    where = unseen[:, None, :, None]  # (B or 1, 1, Sk, 1)
+    dout = torch.randn(q.shape, generator=gen).to(q.dtype)
+    clean = _everything(case, q, k, v, seqlens_k, dout)
+    for name in ("dk", "dv"):
+        g = clean[name]
+        assert (g.masked_select(where.expand_as(g)) == 0).all(), name
+    for value in POISONS:
+        kp, vp = (t.clone().masked_fill_(where, value) for t in (k, v))
+        got = _everything(case, q, kp, vp, seqlens_k, dout)
+        bad = [n for n in GRAD_NAMES if not torch.equal(got[n], clean[n])]
+        assert not bad, f"{case.id}: unseen keys set to {value} changed {bad}"
+
+
+def test_kvcache_positions_past_the_cache_are_never_read():
+    """A cache whose unused positions hold NaN: the appended step's out is the one over a
+    cache of zeros there (nothing NaN)."""
+    g = torch.Generator().manual_seed(3)
+    q, k_new, v_new = (torch.randn(2, 1, 1, 8, generator=g) for _ in range(3))
+    levels = torch.tensor([3, 7], dtype=torch.int32)
+    outs = []
+    for fill in (0.0, float("nan")):
+        kc, vc = (torch.full((2, 1, 16, 8), fill) for _ in range(2))
+        for b, n in enumerate(levels.tolist()):
+            kc[b, :, :n] = torch.randn(1, n, 8, generator=torch.Generator().manual_seed(b))
+            vc[b, :, :n] = torch.randn(1, n, 8, generator=torch.Generator().manual_seed(9 + b))
+        outs.append(attnkit.attention_with_kvcache(q, kc, vc, levels, k_new, v_new,
+                                                   backend="triton"))
+    assert not outs[1].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("window", [None, (3, 0)])
+def test_split_kv_decode_never_reads_unseen_keys(window):
+    """The split-KV kernel, three splits (so some see no key of a short batch, and the merge
+    weighs empty partials): NaN/inf past seqlens_k or left of every window change nothing."""
+    from attnkit_triton.decode import decode_forward
+
+    from attnkit.spec import AttentionProblem
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 4, 2, 16, generator=g)
+    k, v = (torch.randn(3, 2, 40, 16, generator=g) for _ in range(2))
+    seqlens_k = torch.tensor([0, 9, 40], dtype=torch.int32)
+    case = Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=2, seqlen_k=40, head_dim=16,
+                dtype=F32, window=window, causal=window is not None)
+    problem = AttentionProblem.from_tensors(q, k, v, causal=case.causal, window=window,
+                                            seqlens_k=seqlens_k)
+    where = _unseen_keys(case, seqlens_k)[:, None, :, None]
+    clean = decode_forward(problem, q, k, v, seqlens_k, splits=3)
+    for value in POISONS:
+        kp, vp = (t.clone().masked_fill_(where, value) for t in (k, v))
+        got = decode_forward(problem, q, kp, vp, seqlens_k, splits=3)
+        assert torch.equal(got[0], clean[0]) and torch.equal(got[1], clean[1]), value
+    assert (clean[0][0] == 0).all() and (clean[1][0] == float("-inf")).all()
+
+
+NAN_ROW_CASES = [
+    Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=37, seqlen_k=45, head_dim=16, dtype=F16),
+    Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=37, seqlen_k=45, head_dim=16, dtype=F32,
+         causal=True, window=(6, -1), seqlens_k="random"),
+    Case(batch=1, heads_q=2, heads_kv=1, seqlen_q=33, seqlen_k=40, head_dim=16, dtype=F32,
+         softcap=5.0),
+]
+
+
+def _nan_row_check(out, lse, clean_out, clean_lse, row):
+    assert out[row].isnan().all(), out[row]
+    assert lse[row].isnan(), lse[row]  # not -inf: the row saw keys, NaN ones
+    others = torch.ones(out.shape[:3], dtype=torch.bool)
+    others[row] = False
+    assert torch.equal(out[others], clean_out[others])
+    assert torch.equal(lse[others], clean_lse[others])
+
+
+@pytest.mark.parametrize("case", NAN_ROW_CASES, ids=[c.id for c in NAN_ROW_CASES])
+def test_nan_query_row_gives_nan_out_and_lse(case):
+    q, k, v, seqlens_k = case.make_inputs("cpu", torch.Generator().manual_seed(6))
+    if seqlens_k is not None:
+        seqlens_k[-1] = case.seqlen_k  # the poisoned row below sees keys
+    row = (case.batch - 1, case.heads_q - 1, case.seqlen_q // 2)
+    opts = dict(**case.options(seqlens_k), return_lse=True, backend="triton")
+    clean = attnkit.attention(q, k, v, **opts)
+    qn = q.clone()
+    qn[row + (0,)] = float("nan")
+    _nan_row_check(*attnkit.attention(qn, k, v, **opts), *clean, row)
+
+
+def test_split_kv_decode_nan_query_row():
+    """NaN in one query row through the split kernel and its merge (each split's partial
+    and the merged lse NaN, not -inf); rows sharing its program are untouched."""
+    from attnkit_triton.decode import decode_forward
+
+    from attnkit.spec import AttentionProblem
+
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 2, 16, generator=g)
+    k, v = (torch.randn(2, 2, 40, 16, generator=g) for _ in range(2))
+    problem = AttentionProblem.from_tensors(q, k, v)
+    clean = decode_forward(problem, q, k, v, None, splits=3)
+    qn = q.clone()
+    qn[1, 2, 1, 5] = float("nan")
+    _nan_row_check(*decode_forward(problem, qn, k, v, None, splits=3), *clean, (1, 2, 1))
+
+
+DLSE_CASES = [
+    Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=37, seqlen_k=45, head_dim=16, dtype=F32,
+         causal=True),
+    # Causal with lengths 0 and 1: rows that see no key share query blocks with rows that do.
+    Case(batch=4, heads_q=1, heads_kv=1, seqlen_q=33, seqlen_k=40, head_dim=16, dtype=F16,
+         seqlens_k="mixed", causal=True, expect_masked_rows=True),
+    Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=30, seqlen_k=37, head_dim=16, dtype=F32,
+         window=(8, 3), softcap=5.0, magnitude=2.0),
+]
+
+
+@pytest.mark.parametrize("case", DLSE_CASES, ids=[c.id for c in DLSE_CASES])
+def test_loss_on_lse_matches_reference(case):
+    """A loss on out and lse: dS = P (dP - (delta - dlse)); dlse holds NaN on rows that see
+    no key, whose gradients stay 0."""
+    from attnkit import reference
+
+    gen = torch.Generator().manual_seed(12)
+    q, k, v, seqlens_k = case.make_inputs("cpu", gen)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out, lse = attnkit.attention(q, k, v, **case.options(seqlens_k), return_lse=True,
+                                 backend="triton")
+    dout = torch.randn(out.shape, generator=gen).to(q.dtype)
+    dlse = torch.randn(lse.shape, generator=gen)
+    masked = case.masked_rows(seqlens_k).expand(lse.shape)
+    assert masked.any() == case.expect_masked_rows
+    poisoned = dlse.masked_fill(masked, float("nan"))
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, poisoned))
+
+    def ref(dtype):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        o, s = reference.safe(qq, kk, vv, **case.options(seqlens_k))
+        return torch.autograd.grad((o, s), (qq, kk, vv),
+                                   (dout.to(dtype), dlse.masked_fill(masked, 0).to(s.dtype)))
+
+    for name, g, g64, glp in zip("qkv", grads, ref(torch.float64), ref(case.dtype)):
+        assert_close(f"{case.id} d{name}", g, g64, glp, case.dtype, factor=GRAD_FACTOR)
+    if masked.any():
+        assert (grads[0][masked] == 0).all()
+
+
+def test_prep_subtracts_dlse_from_delta():
+    """delta - dlse on rows that saw keys; rows with lse -inf keep delta, whatever dlse
+    holds (P = 0 there); lse2 is unchanged."""
+    from attnkit_triton._backward import prepare
+
+    g = torch.Generator().manual_seed(5)
+    B, H, S, D = 2, 3, 70, 16
+    q, out, dout = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    lse = torch.randn(B, H, S, generator=g)
+    lse[0, 1, 3:9] = float("-inf")
+    dlse = torch.randn(B, H, S, generator=g)
+    dlse[0, 1, 3:9] = float("nan")
+    without = prepare(q, out, lse, dout, 64)
+    with_dlse = prepare(q, out, lse, dout, 64, dlse=dlse)
+    seen = (lse != float("-inf")).reshape(B * H, S)
+    delta, want = with_dlse[0, :, :S], without[0, :, :S] - dlse.reshape(B * H, S)
+    assert torch.equal(delta[seen], want[seen])
+    assert torch.equal(delta[~seen], without[0, :, :S][~seen])
+    assert torch.equal(with_dlse[1], without[1]) and (with_dlse[0, :, S:] == 0).all()
+
+
+def test_dlse_calls_take_the_keyed_prep(monkeypatch):
+    """The kept sites are the prep without dlse: a call with dlse launches its prep through
+    the key (the kept dK/dV and dQ sites still run directly) and never replaces the kept
+    sites. Bookkeeping only: fakes stand in for the launches."""
+    from types import SimpleNamespace
+
+    from attnkit_triton import _backward
+
+    log = []
+
+    def site(name):
+        return SimpleNamespace(compiled=True, run=lambda stream, *a: log.append((name, a)))
+
+    def keyed(name):
+        def launch(*args, **kwargs):
+            log.append((name, kwargs.get("dlse")))
+            return site(name)
+        return launch
+
+    for name in ("prep", "dkdv", "dq"):
+        monkeypatch.setattr(_backward, f"launch_{name}", keyed(name))
+    monkeypatch.setattr(_backward, "fast_launches", lambda: True)
+    monkeypatch.setattr(_backward, "current_stream", lambda index: 7)
+    cfg = SimpleNamespace(block_m=64, tma=False)
+    q, k, v, dout = (torch.randn(1, 2, 70, 16) for _ in range(4))
+    out, lse, dlse = torch.empty_like(q), torch.empty(1, 2, 70), torch.randn(1, 2, 70)
+    kept = _backward.BackwardSites()
+
+    def call(d):
+        log.clear()
+        _backward.launch_backward(None, q, k, v, out, lse, dout, None, cfg, cfg, False,
+                                  "layout", kept, d)
+        return log[0]
+
+    assert call(dlse) == ("prep", dlse) and kept.sites is None
+    assert call(None) == ("prep", None) and kept.sites is not None
+    first = kept.sites
+    prep = call(dlse)
+    assert prep == ("prep", dlse) and [n for n, _ in log[1:]] == ["dkdv", "dq"]
+    assert kept.sites is first
+    name, args = call(None)
+    assert name == "prep" and args[-1] is lse  # the direct prep: lse as the unread dlse
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+def test_unseen_keys_on_each_load_path(tma):
+    """The kernels called directly on each load path (the interpreter runs tensor
+    descriptors too, which load unseen rows as memory holds them): poisoned unseen keys
+    change nothing, with a softcap (whose tanh of a NaN score must not reach dS) and GQA."""
+    from attnkit_triton._backward import launch_backward
+    from attnkit_triton._configs import backward_configs, forward_config
+    from attnkit_triton._forward import launch_forward
+
+    from attnkit.spec import AttentionProblem
+
+    case = Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=9, seqlen_k=45, head_dim=16,
+                dtype=F32, window=(2, 0), softcap=5.0, magnitude=2.0)
+    gen = torch.Generator().manual_seed(13)
+    q, k, v, _ = case.make_inputs("cpu", gen)
+    seqlens_k = torch.tensor([30, 45], dtype=torch.int32)
+    problem = AttentionProblem.from_tensors(q, k, v, window=case.window, softcap=case.softcap,
+                                            seqlens_k=seqlens_k, needs_grad=True)
+    fwd = forward_config(16, False, F32, q.device, True)
+    dkdv, dq = backward_configs(16, False, F32, q.device, True)
+    dout = torch.randn(q.shape, generator=gen)
+
+    def run(k, v):
+        out, lse = launch_forward(problem, q, k, v, seqlens_k, fwd, tma)
+        return (out, lse, *launch_backward(problem, q, k, v, out, lse, dout, seqlens_k, dkdv,
+                                           dq, tma))
+
+    where = _unseen_keys(case, seqlens_k)[:, None, :, None]
+    clean = run(k, v)
+    for value in POISONS:
+        got = run(*(t.clone().masked_fill_(where, value) for t in (k, v)))
+        bad = [n for n, a, b in zip(GRAD_NAMES, got, clean) if not torch.equal(a, b)]
+        assert not bad, f"unseen keys set to {value} changed {bad}"
