@@ -5,7 +5,7 @@ decode), an element type, a padded head dim and the two masking flags. Each is c
 per device through ``cupy.RawModule(code=..., options=..., name_expressions=[...])``; CuPy
 adds ``-arch=sm_XY`` for the current device and caches the cubin on disk, so a configuration
 is built once per machine. `all_variants` lists every configuration the backend can ask for:
-CI compiles that list with nvcc (scripts/compile_all.py).
+CI compiles that list with nvcc (tools/compile_all.py).
 
 The fp16/bf16 tile sizes are chosen here (``*_TILES``) and passed as template arguments, so
 the launch geometry below and the kernels cannot disagree; the fp32 kernels' fixed tiles are
@@ -28,7 +28,7 @@ MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 DTYPES = ("fp16", "bf16", "fp32")
 _ELEM = {"fp16": "Half", "bf16": "BF16"}
 
-#: fp16/bf16 tiles per padded head dim (tuned on an H100, see benchmarks/NOTES.md (CuPy section)):
+#: fp16/bf16 tiles per padded head dim (tuned on an H100; docs/tuning.md):
 #: forward (warps, 16-row slabs per warp, keys per tile, option bits FWD_*), dq (keys per tile)
 #: and dkdv (warps, queries per tile). Register budget: accumulators must stay under 255 per
 #: thread.

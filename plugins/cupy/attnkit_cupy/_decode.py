@@ -4,7 +4,7 @@ With Sq <= 16 queries and a long cache, `forward`'s one block per (query tile, h
 leaves most SMs idle and reads K/V once per query head. Here every (batch, kv head, block of
 16 of its group's query rows) is cut into ``splits`` key chunks read by separate blocks, each
 writing a partial (out, lse) into one fp32 workspace; a merge kernel combines them exactly.
-The split count is `attnkit.kvcache.choose_splits`, shared with the triton backend.
+The split count is `attnkit.backend_utils.choose_splits`, shared with the triton backend.
 
 Host work per call is kept small: everything that depends only on the `AttentionProblem`
 (variant, grid, constant kernel arguments) is computed once and cached.
@@ -18,13 +18,17 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from attnkit.kvcache import (
+from attnkit.backend_utils import (
     MIN_KEYS_PER_SPLIT,
     WAVE_EFFICIENCY,
+    LaunchCache,
+    SplitWorkspace,
     choose_splits,
+    current_stream,
+    sm_count,
     visible_span,
 )
-from attnkit.spec import AttentionProblem
+from attnkit.spec import AttentionProblem, describe_tensor
 
 from . import _compile, _launch
 
@@ -41,27 +45,13 @@ def row_blocks(problem: AttentionProblem) -> int:
     return -(-(problem.group_size * problem.seqlen_q) // _compile.DECODE_ROWS)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device (cached per device index)."""
-    if device.type != "cuda":
-        raise ValueError(f"the split rule needs a CUDA device's SM count; got {device}")
-    return _sm_count_of(device.index if device.index is not None
-                        else torch.cuda.current_device())
-
-
 @functools.lru_cache(maxsize=4096)
 def num_splits(problem: AttentionProblem, sms: int) -> int:
     """`choose_splits` over this kernel's (batch x kv head x row block) programs on a device
     with ``sms`` SMs."""
     programs = problem.batch * problem.heads_kv * row_blocks(problem)
-    # No split once the programs keep 90% of the SMs busy: on the H100 (B=16, Hkv=8: 128
-    # programs, 132 SMs) one split read 1.51 / 2.33 / 2.76 / 2.92 TB/s at 1k / 4k / 16k / 64k
-    # keys against 1.41 / 2.26 / 2.70 / 2.90 with two (benchmarks/NOTES.md).
+    # No split once the programs keep 90% of the SMs busy: one split reads faster than two
+    # there, at every cache length (docs/tuning.md).
     return choose_splits(programs, visible_span(problem), sms, fill=WAVE_EFFICIENCY)
 
 
@@ -101,16 +91,30 @@ def check_tiles(dtype: str, head_dim: int, tiles) -> None:
 
 def check_args(problem: AttentionProblem, q, k, v, seqlens_k, splits=None, tiles=None, *,
                require_cuda: bool = True) -> None:
-    """`_launch.check_inputs`, plus: the tensors are the problem's, the grid fits, and the
-    optional ``splits`` / ``tiles`` overrides are valid."""
-    _launch.check_inputs(q, k, v, seqlens_k, require_cuda=require_cuda)
+    """What `decode_forward` takes beyond the backend contract (the core validated the
+    problem): tensors that are the problem's, on a CUDA device (unless not ``require_cuda``),
+    a problem the kernel and its grid take, and valid ``splits`` / ``tiles`` overrides."""
     p = problem
+    kv_shape = (p.batch, p.heads_kv, p.seqlen_k, p.head_dim)
     if (tuple(q.shape) != (p.batch, p.heads_q, p.seqlen_q, p.head_dim)
-            or tuple(k.shape) != (p.batch, p.heads_kv, p.seqlen_k, p.head_dim)
-            or q.dtype != p.dtype or (seqlens_k is not None) != p.has_seqlens_k):
-        raise ValueError(f"tensors do not match the problem {p.describe()}: q "
-                         f"{tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, seqlens_k "
-                         f"{'given' if seqlens_k is not None else 'None'}")
+            or tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape
+            or not q.dtype == k.dtype == v.dtype == p.dtype
+            or not q.device == k.device == v.device
+            or (seqlens_k is not None) != p.has_seqlens_k):
+        raise ValueError(
+            f"tensors do not match the problem {p.describe()}: "
+            + ", ".join(describe_tensor(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+            + f", seqlens_k {'given' if seqlens_k is not None else 'None'}")
+    if require_cuda and q.device.type != "cuda":
+        raise ValueError(f"{describe_tensor('q', q)}: the split-KV decode kernel takes CUDA "
+                         "tensors")
+    _launch.check_seqlens(seqlens_k)
+    limits = _launch.limit_reasons(p)
+    if limits:
+        raise ValueError(f"the cupy kernels cannot take {p.describe()}: " + "; ".join(limits))
+    if p.dtype not in _launch._DTYPE_NAMES:
+        raise ValueError(f"the split-KV decode kernel takes float16, bfloat16 or float32, "
+                         f"got {p.dtype}")
     if p.seqlen_q > MAX_DECODE_QUERIES:
         raise ValueError(f"the split-KV decode kernel takes at most {MAX_DECODE_QUERIES} "
                          f"queries, got Sq={p.seqlen_q}")
@@ -148,8 +152,9 @@ def _plan(problem: AttentionProblem, splits: int, tiles) -> _Plan:
                              problem.seqlen_q, problem.seqlen_k, problem.head_dim)
     dtype = _launch._DTYPE_NAMES[problem.dtype]
     fp32 = dtype == "fp32"
-    has_band, left, right = _launch._band_args(problem)
-    variant = _compile.variant_for("decode", dtype, D, has_band, problem.softcap is not None)
+    left, right, *_ = bounds = _launch.band(problem)
+    variant = _compile.variant_for("decode", dtype, D, bounds.bounded,
+                                   problem.softcap is not None)
     if tiles is not None:
         variant = _compile.Variant("decode", dtype, variant.dp, variant.band, variant.softcap,
                                    tiles)
@@ -163,7 +168,7 @@ def _plan(problem: AttentionProblem, splits: int, tiles) -> _Plan:
         merge_grid=(-(-nrows // merge_rows),), merge_block=(merge_threads,),
         n_part=nrows * splits,
         split_tail=(*_launch._i32(Hq, Hkv, problem.group_size, Sq, Sk, D, left, right, splits),
-                    *_launch._f32(*_launch._score_args(problem, fp32))),
+                    *_launch.scores(problem, fp32)),
         merge_tail=(*_launch._i32(Hq, Sq, D, splits), np.int64(nrows)),
         fp32=fp32,
     )
@@ -176,8 +181,7 @@ class _Prepared(NamedTuple):
     plan: _Plan
     device_index: int
     out_strides: tuple  # q's layout: (B, Sq, Hq, D) memory for a transposed q
-    work_elems: int
-    lse_offset: int
+    workspace: SplitWorkspace
     split_fn: object
     merge_fn: object
     split_params: _launch.ParamBlock
@@ -188,8 +192,7 @@ class _Prepared(NamedTuple):
 #: slots of partial out, partial lse, out, lse (the order of the kernels' parameters).
 _SPLIT_POINTERS = (0, 1, 2, 3, 4, 5)
 _MERGE_POINTERS = (0, 1, 2, 3)
-_prepared: dict = {}
-_MAX_PREPARED = 256
+_prepared = LaunchCache(256)
 
 
 def _signature(problem, q, k, v, seqlens_k, splits, tiles):
@@ -215,9 +218,8 @@ def _prepare(problem, q, k, v, seqlens_k, splits, tiles) -> _Prepared:
     if splits is None:
         splits = num_splits(problem, sm_count(q.device))
     plan = _plan(problem, splits, tiles)
-    B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
     out_strides = _launch._like_layout(q).stride()  # out in q's layout (once per signature)
-    vec = (not plan.fp32) and _launch._vec_ok(D, q, k, v)
+    vec = (not plan.fp32) and _launch._vec_ok(problem.head_dim, q, k, v)
     # Pointers (placeholders 0 here) and strides as Python ints: the kernels' pointer and i64
     # parameters are 64-bit.
     split_args = (0, 0, 0, 0, 0, 0, *q.stride(), *k.stride(), *v.stride(), *plan.split_tail,
@@ -227,9 +229,8 @@ def _prepare(problem, q, k, v, seqlens_k, splits, tiles) -> _Prepared:
     return _Prepared(
         plan=plan, device_index=device_index,
         out_strides=out_strides,
-        # One workspace (allocations cost microseconds per step): partial out (n_part, D),
-        # partial lse (n_part,), then the returned lse (a view: it keeps the workspace alive).
-        work_elems=plan.n_part * (D + 1) + B * Hq * Sq, lse_offset=plan.n_part * (D + 1),
+        # One allocation per step for the partials and the returned lse.
+        workspace=SplitWorkspace.of(problem, splits),
         split_fn=_launch.kernel_function(plan.variant, "split", device_index),
         merge_fn=_launch.kernel_function(plan.variant, "merge", device_index),
         split_params=_launch.ParamBlock(split_args),
@@ -257,20 +258,15 @@ def decode_forward(problem: AttentionProblem, q, k, v, seqlens_k, splits: int | 
     if prep is None:
         prep = _prepare(problem, q, k, v, seqlens_k, splits, tiles)
         if key is not None:
-            if len(_prepared) >= _MAX_PREPARED:
-                _prepared.clear()
-            _prepared[key] = prep
+            _prepared.put(key, prep)
     plan = prep.plan
     dev = q.device
-    work = torch.empty(prep.work_elems, dtype=torch.float32, device=dev)
-    B, Hq, Sq, D = problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim
-    out = torch.empty_strided((B, Hq, Sq, D), prep.out_strides, dtype=q.dtype, device=dev)
-    lse = work.as_strided((B, Hq, Sq), (Hq * Sq, Sq, 1), prep.lse_offset)
-    part_o = work.data_ptr()
-    part_l = part_o + plan.n_part * D * 4
+    work, lse = prep.workspace.allocate(dev)
+    out = torch.empty_strided(q.shape, prep.out_strides, dtype=q.dtype, device=dev)
+    part_o, part_l = prep.workspace.part_pointers(work)
     index = prep.device_index
     with _launch.on_device(index):
-        stream = _launch.current_stream(index)
+        stream = current_stream(index)
         prep.split_params.launch_slots(
             prep.split_fn, plan.split_grid, plan.split_block, _SPLIT_POINTERS,
             (q.data_ptr(), k.data_ptr(), v.data_ptr(), part_o, part_l,

@@ -12,6 +12,7 @@ import torch
 
 from attnkit import backend as _core
 from attnkit.backend import Backend, Capabilities
+from attnkit.backend_utils import band_args
 
 from . import _compile
 
@@ -39,10 +40,10 @@ def shared_memory_needed(problem) -> tuple[int, str]:
     """(bytes, which kernel): the most dynamic shared memory per block among the kernels a
     call of ``problem`` launches (forward or split-KV decode, and the backward's if it needs
     gradients)."""
-    from . import _decode, _launch
+    from . import _decode
 
     dtype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[problem.dtype]
-    band, softcap = _launch._band_args(problem)[0], problem.softcap is not None
+    band, softcap = band_args(problem).bounded, problem.softcap is not None
     fwd = "decode" if _decode.use_split_kv(problem) else "forward"
     roles = [(fwd, "split" if fwd == "decode" else "fwd")]
     if problem.needs_grad:
@@ -62,6 +63,7 @@ class CupyBackend(Backend):
         head_dim_max=_compile.MAX_HEAD_DIM,
         causal=True, gqa=True, window=True, seqlens_k=True, softcap=True, lse=True,
         backward=True, deterministic=True, cuda_capability_min=MIN_COMPUTE_CAPABILITY,
+        lse_grad=True,
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -88,8 +90,10 @@ class CupyBackend(Backend):
         return True, ""
 
     def not_supported_reasons(self, problem):
+        from . import _launch
+
         # The base class refuses GPUs below MIN_COMPUTE_CAPABILITY (Capabilities).
-        reasons = super().not_supported_reasons(problem)
+        reasons = super().not_supported_reasons(problem) + _launch.limit_reasons(problem)
         if problem.device.type == "cuda" and not reasons:
             idx = problem.device.index
             try:
@@ -115,7 +119,7 @@ class CupyBackend(Backend):
             return _decode.decode_forward(problem, q, k, v, seqlens_k)
         return _launch.forward(problem, q, k, v, seqlens_k)
 
-    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k):
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
         from . import _launch
 
-        return _launch.backward(problem, q, k, v, out, lse, dout, seqlens_k)
+        return _launch.backward(problem, q, k, v, out, lse, dout, seqlens_k, dlse)

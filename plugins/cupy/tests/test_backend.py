@@ -1,15 +1,19 @@
-"""CPU tests of the cupy backend: registration, availability, argument checks, variants."""
+"""CPU tests of the cupy backend: registration, availability, launch limits, kernel
+arguments, variants."""
 
 from __future__ import annotations
 
+import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from attnkit_cupy import _compile, _launch
 from attnkit_cupy.backend import CupyBackend
 
 import attnkit
+from attnkit.backend_utils import LOG2E
 from attnkit.registry import NoBackendError
 
 
@@ -46,60 +50,33 @@ def _qkv(B=2, Hq=4, Hkv=2, Sq=8, Sk=9, D=16, dtype=torch.float16):
             torch.randn(B, Hkv, Sk, D).to(dtype))
 
 
-def _check(q, k, v, seqlens=None):
-    _launch.check_inputs(q, k, v, seqlens, require_cuda=False)
+def _cuda_problem(monkeypatch, B=2, Hq=4, Sq=8, Sk=9):
+    monkeypatch.setattr(attnkit.backend, "cuda_capability", lambda device: (9, 0))
+    return attnkit.AttentionProblem(B, Hq, Hq, Sq, Sk, 64, torch.bfloat16,
+                                    torch.device("cuda", 0))
 
 
-def test_argument_checks_accept_valid_inputs():
-    q, k, v = _qkv()
-    _check(q, k, v)
-    _check(q, k, v, torch.tensor([3, 9], dtype=torch.int32))
-    _check(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)  # strided q
-
-
-@pytest.mark.parametrize("mutate, exc, match", [
-    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float16, bfloat16"),
-    (lambda q, k, v: (q, k.float(), v.float()), TypeError, "share one dtype"),
-    (lambda q, k, v: (q[0], k, v), ValueError, "4-D"),
-    (lambda q, k, v: (q, k[:, :, :5], v), ValueError, "k and v must be"),
-    (lambda q, k, v: (q[..., :8], k, v), ValueError, "k and v must be"),
-    (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of kv heads"),
-    (lambda q, k, v: (torch.randn(1, 1, 2, 300, dtype=torch.float16),) * 3, ValueError,
-     "head dim"),
-    (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "empty problem"),
+@pytest.mark.parametrize("sizes, match", [
+    (dict(B=70000), "batch 70000 and query heads 4 must each be <= 65535"),
+    (dict(Hq=65536), "query heads 65536 must each be <= 65535"),
+    (dict(Sq=1 << 28, Sk=1 << 28), "Sq \\+ Sk = 536870912 must be < 536870912"),
 ])
-def test_argument_checks_reject(mutate, exc, match):
-    q, k, v = mutate(*_qkv())
-    with pytest.raises(exc, match=match):
-        _check(q, k, v)
+def test_launch_limits_are_refused_with_reasons(monkeypatch, sizes, match):
+    """The CUDA grid's y/z limit and int32 band arithmetic are the kernels' own limits: the
+    backend refuses such problems at selection, saying which limit."""
+    reasons = CupyBackend().not_supported_reasons(_cuda_problem(monkeypatch, **sizes))
+    assert any(re.search(match, r) for r in reasons), reasons
+    assert _launch.limit_reasons(_cuda_problem(monkeypatch)) == []
 
 
-@pytest.mark.parametrize("seqlens, exc, match", [
-    (torch.tensor([3, 9]), TypeError, "int32"),
-    (torch.tensor([3, 9, 1], dtype=torch.int32), ValueError, r"shape \(2,\)"),
-    (torch.tensor([[3, 9], [1, 1]], dtype=torch.int32)[:, 0], TypeError, "contiguous"),
-])
-def test_seqlens_checks(seqlens, exc, match):
-    q, k, v = _qkv()
-    with pytest.raises(exc, match=match):
-        _check(q, k, v, seqlens)
-
-
-def test_cuda_is_required():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="must be a CUDA tensor"):
-        _launch.check_inputs(q, k, v, None)
-
-
-def test_backward_checks():
-    q, k, v = _qkv()
-    out, dout = torch.empty_like(q), torch.empty_like(q)
-    lse = torch.empty(2, 4, 8)
-    _launch.check_backward(q, out, lse, dout)
-    with pytest.raises(ValueError, match="lse"):
-        _launch.check_backward(q, out, lse.double(), dout)
-    with pytest.raises(ValueError, match="dout"):
-        _launch.check_backward(q, out, lse, dout[:, :, :4])
+def test_seqlens_must_be_contiguous_int32():
+    """What the kernels read; the core converts the dtype, a strided view reaches them."""
+    _launch.check_seqlens(None)
+    _launch.check_seqlens(torch.tensor([3, 9], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"seqlens_k \(shape \(2,\), dtype torch.int32"):
+        _launch.check_seqlens(torch.tensor([[3, 9], [1, 1]], dtype=torch.int32)[:, 0])
+    with pytest.raises(TypeError, match="contiguous int32"):
+        _launch.check_seqlens(torch.tensor([3, 9]))
 
 
 def test_head_dim_buckets():
@@ -132,13 +109,28 @@ def test_kernel_source_is_self_contained():
 
 
 def test_band_arguments():
+    """Both sides always apply: an unbounded one is Sq + Sk (never masks), and a bound past
+    it is clamped to it."""
     q, k, v = _qkv(Sq=8, Sk=9)
     prob = attnkit.AttentionProblem.from_tensors(q, k, v, causal=True, window=(3, -1))
-    assert _launch._band_args(prob) == (True, 3, 0)
+    assert _launch.band(prob) == (3, 0, True, True) and _launch.band(prob).bounded
     prob = attnkit.AttentionProblem.from_tensors(q, k, v)
-    assert _launch._band_args(prob) == (False, 17, 17)
+    assert _launch.band(prob) == (17, 17, False, False) and not _launch.band(prob).bounded
     prob = attnkit.AttentionProblem.from_tensors(q, k, v, window=(1000, 2))
-    assert _launch._band_args(prob) == (True, 17, 2)
+    assert _launch.band(prob) == (17, 2, True, True)
+
+
+def test_score_arguments():
+    """fp16/bf16 kernels take the scores in log2 units, fp32 in natural ones."""
+    q, k, v = _qkv()
+    prob = attnkit.AttentionProblem.from_tensors(q, k, v, scale=0.5, softcap=10.0)
+    assert _launch.scores(prob, fp32=True) == (np.float32(0.5), np.float32(0.05),
+                                               np.float32(10.0))
+    assert _launch.scores(prob, fp32=False) == (np.float32(0.5 * LOG2E), np.float32(0.05),
+                                                np.float32(10.0 * LOG2E))
+    assert all(type(x) is np.float32 for x in _launch.scores(prob, fp32=False))
+    prob = attnkit.AttentionProblem.from_tensors(q, k, v, scale=0.5)
+    assert _launch.scores(prob, fp32=False)[0] == np.float32(0.5 * LOG2E)
 
 
 def test_output_layout_follows_the_input():

@@ -10,7 +10,7 @@ from attnkit_cupy.backend import CupyBackend
 
 import attnkit
 from attnkit import reference
-from attnkit.kvcache import choose_splits
+from attnkit.backend_utils import choose_splits
 from attnkit.spec import AttentionProblem
 from attnkit.testing.accuracy import check
 
@@ -144,12 +144,25 @@ def test_checks_reject_too_many_queries_and_a_too_large_grid():
         _decode.check_args(big, q, k, k, None, require_cuda=False)
 
 
-def test_checks_reuse_the_launch_checks():
+def test_checks_name_what_the_kernel_cannot_take():
     p, q, k, v, s = _inputs()
-    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+    with pytest.raises(ValueError, match=r"q \(shape \(2, 4, 1, 64\), .* takes CUDA tensors"):
         _decode.decode_forward(p, q, k, v, s)
-    with pytest.raises(TypeError, match="share one dtype"):
+    with pytest.raises(ValueError, match="do not match the problem"):
         _decode.check_args(p, q, k.float(), v.float(), s, require_cuda=False)
+    with pytest.raises(ValueError, match="do not match the problem"):
+        _decode.check_args(p, q, k, v[:, :, :299], s, require_cuda=False)
+    p_s, q, k, v, s = _inputs(seqlens=True)
+    with pytest.raises(TypeError, match="contiguous int32"):
+        _decode.check_args(p_s, q, k, v, s.to(torch.int64), require_cuda=False)
+    p64, *tensors = _inputs(dtype=torch.float64)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        _decode.check_args(p64, *tensors, require_cuda=False)
+    long = AttentionProblem(1, 1, 1, 1, 1 << 29, 64, torch.float16, torch.device("cpu"))
+    q = torch.empty(1, 1, 1, 64, dtype=torch.float16, device="meta")
+    k = torch.empty(1, 1, 1 << 29, 64, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="int32 band arithmetic"):
+        _decode.check_args(long, q, k, k, None, require_cuda=False)
 
 
 # -- variants -------------------------------------------------------------------------------
@@ -176,11 +189,7 @@ def test_decode_source_is_self_contained():
 
 # -- GPU ------------------------------------------------------------------------------------
 
-def _cupy_usable() -> bool:
-    return torch.cuda.is_available() and attnkit.backends()["cupy"].availability[0]
-
-
-gpu = pytest.mark.skipif(not _cupy_usable(), reason="needs a CUDA GPU usable by the cupy backend")
+gpu = pytest.mark.cuda  # a CUDA device the cupy backend can use (conftest.py)
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
