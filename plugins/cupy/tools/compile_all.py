@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Compile every kernel source and every template instance the cupy backend can ask for with
+nvcc, for sm_80 and sm_90, so a syntax, template or ptxas error shows without a GPU.
+
+For each (source, dtype) a translation unit includes the .cu file and takes the address of
+each kernel instance (its name expression, exactly as the plugin hands it to NVRTC), which
+forces the instantiation; ptxas runs with -v and the compiled entry functions are counted
+against the instances. `compile_all` returns one `UnitResult` per unit and arch.
+
+    python plugins/cupy/tools/compile_all.py [--arch 80 --arch 90] [--jobs N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # attnkit_cupy, installed or not
+
+from attnkit_cupy import _compile  # noqa: E402
+
+ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)'")
+USAGE = re.compile(r"Used (\d+) registers")
+SPILL = re.compile(r"(\d+) bytes spill stores")
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """One translation unit (a source and dtype) compiled for sm_``arch``."""
+
+    unit: str  # "forward_bf16"
+    arch: str
+    returncode: int
+    kernels: int  # template instances asked for
+    entries: int  # entry functions ptxas compiled for the arch
+    max_registers: int
+    max_spill_bytes: int
+    seconds: float
+    command: str
+    log: str  # nvcc's output
+
+    @property
+    def ok(self) -> bool:
+        # Non-template kernels of the source are compiled too, so there may be more entries.
+        return self.returncode == 0 and self.entries >= self.kernels
+
+    def describe(self) -> str:
+        return (f"{'ok' if self.ok else 'FAILED':6s} {self.unit:16s} sm_{self.arch}: "
+                f"{self.entries}/{self.kernels} kernels, max {self.max_registers} registers, "
+                f"max spill {self.max_spill_bytes} B, {self.seconds:.1f} s")
+
+
+def units(quick: bool = False) -> list[tuple[str, str, list[str]]]:
+    """``(unit name, source, name expressions)`` per (source, dtype); ``quick``: head dims 64
+    and 256 with two of the four mask combinations."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for var in _compile.all_variants():
+        if quick and (var.dp not in (64, 256) or var.band != var.softcap):
+            continue
+        names = groups.setdefault((var.source, var.dtype), [])
+        for expr in var.kernels().values():
+            if expr not in names:
+                names.append(expr)
+    return [(f"{src}_{dt}", src, names) for (src, dt), names in groups.items()]
+
+
+def translation_unit(source: str, names: list[str]) -> str:
+    lines = [f'#include "{source}.cu"', "", "// Taking each kernel's address instantiates it.",
+             "extern void* const attnkit_instances[];",
+             "void* const attnkit_instances[] = {"]
+    lines += [f"    (void*)&{n}," for n in names]
+    lines += ["};", ""]
+    return "\n".join(lines)
+
+
+def compile_unit(nvcc: str, workdir: Path, name: str, source: str, names: list[str],
+                 arch: str) -> UnitResult:
+    cu = workdir / f"{name}_sm{arch}.cu"
+    cu.write_text(translation_unit(source, names))
+    cmd = [nvcc, "-std=c++17", f"-arch=sm_{arch}", "-c", "-o", str(cu.with_suffix(".o")),
+           f"-I{_compile.KERNEL_DIR}", "-Werror", "all-warnings", "-Xptxas", "-v", str(cu)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    return UnitResult(
+        unit=name, arch=arch, returncode=proc.returncode, kernels=len(names),
+        entries=sum(m.group(2) == arch for m in ENTRY.finditer(log)),
+        max_registers=max(map(int, USAGE.findall(log)), default=0),
+        max_spill_bytes=max(map(int, SPILL.findall(log)), default=0),
+        seconds=time.time() - t0, command=" ".join(cmd), log=log)
+
+
+def compile_all(archs=("80", "90"), jobs: int | None = None, quick: bool = False,
+                nvcc: str | None = None) -> list[UnitResult]:
+    """Every unit for every arch, ``jobs`` nvcc processes at a time (default: one per CPU).
+    Raises ``FileNotFoundError`` without nvcc (``nvcc`` or on PATH)."""
+    nvcc = nvcc or shutil.which("nvcc")
+    if not nvcc:
+        raise FileNotFoundError("nvcc not found on PATH")
+    todo = [(name, src, names, str(arch)) for name, src, names in units(quick)
+            for arch in archs]
+    with tempfile.TemporaryDirectory(prefix="attnkit_cupy_") as tmp, \
+            ThreadPoolExecutor(max_workers=max(1, jobs or os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda job: compile_unit(nvcc, Path(tmp), *job), todo))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", action="append", help="SM arch, e.g. 80 (default: 80 and 90)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--quick", action="store_true",
+                    help="a subset (head dims 64 and 256, two mask combinations)")
+    ap.add_argument("--nvcc", default=None, help="default: nvcc on PATH")
+    args = ap.parse_args(argv)
+    try:
+        results = compile_all(args.arch or ("80", "90"), args.jobs, args.quick, args.nvcc)
+    except FileNotFoundError as e:
+        print(f"compile_all: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        print("  " + r.describe())
+        if not r.ok:
+            print(f"    command: {r.command}\n" + "\n".join(
+                "    " + line for line in r.log.splitlines()[-60:]))
+    failed = sum(not r.ok for r in results)
+    print(f"compile_all: {len(results) - failed}/{len(results)} units compiled, "
+          f"{sum(r.kernels for r in results)} kernel instances"
+          + (f", {failed} FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
