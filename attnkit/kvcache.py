@@ -307,53 +307,6 @@ def _check_cache_seqlens(s, q, B: int, S_max: int, s_new: int) -> None:
             f"need {hi + s_new} > S_max={S_max}; nothing was written")
 
 
-#: Fewer keys than this per split costs more in partials and launches than it gains.
-MIN_KEYS_PER_SPLIT = 256
-MAX_SPLITS = 128
-#: A split count is good enough once its last wave of programs is this full.
-WAVE_EFFICIENCY = 0.9
-
-
-def visible_span(problem: AttentionProblem) -> int:
-    """An upper bound on the keys one query row block sees: Sk, or less under a left window."""
-    left, _ = problem.band
-    if left is None:
-        return problem.seqlen_k
-    return min(problem.seqlen_k, left + problem.seqlen_q)
-
-
-def choose_splits(programs: int, keys: int, sm_count: int, *, fill: float = 1.0) -> int:
-    """How many parts a split-KV ("flash-decoding") kernel cuts each key range into.
-
-    ``programs`` is how many thread blocks the kernel has without splitting (e.g. batch x kv
-    head), ``keys`` the longest key range one of them reads. No split when the programs
-    alone fill the SMs; otherwise the fewest splits ``s`` that give every SM a program
-    (``programs * s >= sm_count``) and whose waves are at least ``WAVE_EFFICIENCY`` full, so
-    the last wave does not leave SMs idle. No split gets fewer than ``MIN_KEYS_PER_SPLIT``
-    keys. ``fill`` < 1 also skips splitting when the programs alone keep that share of the
-    SMs busy (for kernels whose partial writes and merge cost more than the idle SMs).
-    Measured on the H100 (B=16, Hkv=8, one query, 1k-64k keys, 128 programs): triton's 1-3
-    splits are within noise of each other and 4-5 are 2-5% slower; cupy's kernel is 3-7%
-    faster with one split than with two (benchmarks/NOTES.md, decode sections).
-    """
-    programs = max(programs, 1)
-    most = min(-(-keys // MIN_KEYS_PER_SPLIT), MAX_SPLITS)
-    if programs >= fill * sm_count or most <= 1:
-        return 1
-    fewest = -(-sm_count // programs)
-    if fewest >= most:
-        return most
-    best, best_eff = fewest, 0.0
-    for s in range(fewest, most + 1):
-        waves = programs * s / sm_count
-        eff = waves / -(-waves // 1)
-        if eff >= WAVE_EFFICIENCY:
-            return s
-        if eff > best_eff:
-            best, best_eff = s, eff
-    return best
-
-
 def merge_attention(
     outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
