@@ -1,10 +1,11 @@
 """The conformance suite itself: it passes the reference and catches wrong backends."""
 
 import pytest
-from wrong_backends import WRONG
+from wrong_backends import _CAPS, WRONG
 
+from attnkit.reference_backend import ReferenceBackend
 from attnkit.registry import registry
-from attnkit.testing.runner import suite_files
+from attnkit.testing.runner import run_check, suite_files
 
 
 def _run_suite(pytester, name, *extra):
@@ -26,17 +27,25 @@ EXPECTED_FAILURE = {
     "wrong-nan-rows": "NaN value(s)",
     "wrong-top-left": "max|got - ref64|",
     "wrong-softcap": "cap5",
-    "wrong-nondeterministic": "differs between two identical runs",
+    "wrong-nondeterministic": "*forward out of call 2 differs from call 1*",
     "wrong-writes-dout": "backend backward wrote into its input dout*",
     "wrong-grad-dtype": "backend backward returned dq torch.float32*the contract is q's "
                         "torch.float16*",
     "wrong-gqa-grads": "*dk: max|got - ref64|*",
+    "wrong-later-calls-differ": "*dq of call 3 differs from call 1*",
+}
+
+#: The part of the suite a wrong backend is run against (all of it where not named): the
+#: checks each was written for, which keeps the core's tests quick.
+SELECT = {
+    "wrong-later-calls-differ": "repeatable",
 }
 
 
 @pytest.mark.parametrize("wrong_backend", WRONG, indirect=True, ids=[w.name for w in WRONG])
 def test_suite_catches_wrong_backend(pytester, wrong_backend):
-    result = _run_suite(pytester, wrong_backend)
+    select = ("-k", SELECT[wrong_backend]) if wrong_backend in SELECT else ()
+    result = _run_suite(pytester, wrong_backend, *select)
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) > 0, f"{wrong_backend} passed the suite: {outcomes}"
     # The failure says what is wrong, in numbers.
@@ -78,3 +87,42 @@ def test_case_judge_applies_the_suite_rule():
     verdicts = case.judge(q, k, v, seqlens_k, dout, grads=bad)
     assert [ok for ok, _ in verdicts] == [True, False, True], verdicts
     assert verdicts[1][1].startswith("dk: max|got - ref64| = 1.0"), verdicts[1][1]
+
+
+class WithOwnCases(ReferenceBackend):
+    name = "with-own-cases"
+    capabilities = _CAPS
+
+    def conformance_modules(self):
+        return ("backend_own_cases",)
+
+
+class NamesMissingModule(WithOwnCases):
+    name = "names-missing-module"
+
+    def conformance_modules(self):
+        return ("no_such_module_of_conformance_cases",)
+
+
+def test_backend_adds_its_own_conformance_modules(pytester):
+    """`Backend.conformance_modules`: the named module runs in the suite's session, after
+    the core's modules, with its fixtures and options."""
+    backend = WithOwnCases()
+    registry.register(backend, priority=None, plugin="tests")
+    try:
+        files = suite_files(backend)
+        assert files[:-1] == suite_files() and files[-1].endswith("backend_own_cases.py")
+        result = _run_suite(pytester, backend.name, files[-1], "-k", "own_case")
+    finally:
+        registry.unregister(backend.name)
+    assert result.parseoutcomes().get("passed") == 1, result.stdout.str()[-2000:]
+
+
+def test_a_missing_conformance_module_is_a_usage_error(capsys):
+    registry.register(NamesMissingModule(), priority=None, plugin="tests")
+    try:
+        code = run_check("names-missing-module", quick=True)
+    finally:
+        registry.unregister("names-missing-module")
+    assert code == pytest.ExitCode.USAGE_ERROR
+    assert "no_such_module_of_conformance_cases" in capsys.readouterr().err

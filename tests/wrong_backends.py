@@ -115,5 +115,22 @@ class GQAGradientsNotSummed(ReferenceBackend):
         return dq, dk / g, dv / g
 
 
+class LaterCallsDiffer(ReferenceBackend):
+    """Keeps per-signature state from the second backward on, and from then on its dQ is
+    off in the last bits (a launch path reused with a stale argument)."""
+
+    name = "wrong-later-calls-differ"
+    capabilities = _CAPS
+
+    def __init__(self):
+        self._seen = {}
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, **kw):
+        dq, dk, dv = super().backward(problem, q, k, v, out, lse, dout, seqlens_k, **kw)
+        n = self._seen[problem] = self._seen.get(problem, 0) + 1
+        return (dq * (1 + 2.0**-12) if n >= 3 else dq), dk, dv
+
+
 WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt,
-         NondeterministicForward, WritesIntoDout, Float32Gradients, GQAGradientsNotSummed]
+         NondeterministicForward, WritesIntoDout, Float32Gradients, GQAGradientsNotSummed,
+         LaterCallsDiffer]

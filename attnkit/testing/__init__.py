@@ -1,8 +1,34 @@
-"""The conformance suite: run it against any installed backend with ``attnkit check NAME``.
+"""The conformance suite: run it against any installed backend with ``attnkit check NAME
+[--device cuda] [--quick]``.
 
-- `accuracy`: DESIGN.md's accuracy rule (``ref64`` / ``ref_lp`` comparison).
-- `cases`: problem cases generated from a backend's declared capabilities.
+- `accuracy`: the accuracy rule (``ref64`` / ``ref_lp`` comparison).
+- `cases`: problem cases generated from a backend's declared capabilities;
+  `decode_cases`: the KV-cache and merge cases.
+- `checks`: the per-case checks as functions; `cuda_checks`: the checks only a CUDA device can
+  pose (side streams, offsets past 2^31 elements).
 - `plugin`: the pytest plugin (options ``--attnkit-backend``, ``--attnkit-device``,
-  ``--attnkit-quick`` and the fixtures ``backend_name``, ``backend``, ``device``, ``quick``).
-- ``suite_*.py``: the test modules ``attnkit check`` collects.
+  ``--attnkit-quick`` and the fixtures ``backend_name``, ``backend``, ``device``, ``quick``;
+  tests taking ``case`` or ``refused`` are parametrized from the capabilities).
+- `runner`: what ``attnkit check`` runs; `markers`: requirement markers (``cuda``, ``sm90``,
+  ``interpreter``, ``nvcc``) for a tests directory's ``conftest.py``.
+- ``suite_*.py``: the test modules ``attnkit check`` collects: ``attention`` (accuracy,
+  repeatability, refusals, out-of-range ``seqlens_k``), ``decode``, ``compile``
+  (``torch.compile(fullgraph=True)`` against eager) and ``cuda``.
+
+A backend's own cases: a backend adds paths only it has (a kernel route forced by a switch,
+state it keeps between calls) to its ``attnkit check`` by overriding
+``Backend.conformance_modules()`` to return importable module names::
+
+    class MyBackend(Backend):
+        def conformance_modules(self):
+            return ("my_backend.conformance",)
+
+``attnkit check`` collects those modules after the core's suite, in the same pytest session:
+they get the same options and fixtures (``backend``, ``backend_name``, ``device``, ``quick``,
+and ``case`` parametrized with the generated cases), every call of the backend is held to
+the same boundary checks, and they may call `checks` and `cuda_checks`. The triton plugin's
+``attnkit_triton.suite_launch_paths`` is one.
+
+Memory checking: the suite is the workload for ``compute-sanitizer``, e.g.
+``compute-sanitizer --tool memcheck attnkit check cupy --device cuda --quick -- -k decode``.
 """

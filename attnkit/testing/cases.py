@@ -135,9 +135,12 @@ class Case:
 
     def masked_rows(self, seqlens_k) -> torch.Tensor:
         """Boolean (B or 1, 1, Sq): rows that see no key."""
-        m = visible_mask(self.seqlen_q, self.seqlen_k, causal=self.causal, window=self.window,
-                         seqlens_k=seqlens_k.cpu() if seqlens_k is not None else None)
-        return ~m.any(-1)
+        return ~self._visible(seqlens_k).any(-1)
+
+    def _visible(self, seqlens_k) -> torch.Tensor:
+        return visible_mask(self.seqlen_q, self.seqlen_k, causal=self.causal,
+                            window=self.window,
+                            seqlens_k=seqlens_k.cpu() if seqlens_k is not None else None)
 
 
 def _dtypes(caps: Capabilities, quick: bool):
@@ -155,8 +158,25 @@ def _primary_dtype(caps: Capabilities):
     raise ValueError(f"capabilities declare no float dtype: {caps}")
 
 
-def generate(caps: Capabilities, quick: bool = False) -> list[Case]:
-    """All cases for a backend with these capabilities."""
+def claims(caps: Capabilities, case: Case) -> bool:
+    """Whether the capabilities cover this case (gradients aside: see `fit`)."""
+    return (case.dtype in caps.dtypes
+            and caps.head_dim_min <= case.head_dim <= caps.head_dim_max
+            and (caps.causal or not case.causal)
+            and (caps.window or case.window is None)
+            and (caps.seqlens_k or case.seqlens_k is None)
+            and (caps.softcap or case.softcap is None)
+            and (caps.gqa or case.heads_q == case.heads_kv))
+
+
+def fit(caps: Capabilities, cases) -> list[Case]:
+    """The cases these capabilities cover, forward-only where there is no backward."""
+    return [c if caps.backward else replace(c, grad=False) for c in cases if claims(caps, c)]
+
+
+def generate(caps: Capabilities, quick: bool = False, device: str = "cpu") -> list[Case]:
+    """All cases for a backend with these capabilities; on a GPU the full grid adds
+    `multi_block` sizes."""
     dt = _primary_dtype(caps)
     dtypes = _dtypes(caps, quick)
     lo, hi = caps.head_dim_min, min(caps.head_dim_max, MAX_TESTED_HEAD_DIM)
@@ -228,12 +248,67 @@ def generate(caps: Capabilities, quick: bool = False) -> list[Case]:
         cases.append(replace(base, batch=1, heads_q=1, heads_kv=1, seqlen_q=512,
                              seqlen_k=512, causal=True, tag="long"))
 
+    if not quick and not device.startswith("cpu"):
+        cases += fit(caps, multi_block())
+
     seen, unique = set(), []
     for c in cases:
         if c.id not in seen:
             seen.add(c.id)
             unique.append(c)
     return unique
+
+
+def multi_block() -> list[Case]:
+    """Sizes that span many GPU tiles, in every feature combination and every head-dim
+    padding class: hundreds to thousands of rows and keys, not multiples of any block."""
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    out = []
+    for dt in (f16, bf16):
+        for d in (64, 80, 128, 256):
+            for causal in (False, True):
+                out.append(Case(batch=2, heads_q=4, heads_kv=4, seqlen_q=700, seqlen_k=700,
+                                head_dim=d, dtype=dt, causal=causal))
+    for dt in (f16, bf16, f32):
+        out += [
+            Case(batch=2, heads_q=4, heads_kv=2, seqlen_q=700, seqlen_k=1031, head_dim=128,
+                 dtype=dt, causal=True),
+            Case(batch=1, heads_q=3, heads_kv=1, seqlen_q=333, seqlen_k=333, head_dim=72,
+                 dtype=dt, window=(50, 20), layout="bshd"),
+            Case(batch=3, heads_q=4, heads_kv=4, seqlen_q=260, seqlen_k=515, head_dim=64,
+                 dtype=dt, seqlens_k="random", causal=True, softcap=20.0),
+            Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=1, seqlen_k=2000, head_dim=128,
+                 dtype=dt, seqlens_k="mixed", expect_masked_rows=True, tag="decode"),
+        ]
+    for d in (8, 24, 40, 96, 111, 160, 200):
+        out.append(Case(batch=2, heads_q=4, heads_kv=1, seqlen_q=190, seqlen_k=211,
+                        head_dim=d, dtype=bf16, causal=True, window=(64, -1)))
+        out.append(Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=150, seqlen_k=129,
+                        head_dim=d, dtype=f16, softcap=10.0, magnitude=2.0, layout="bshd"))
+    out += [
+        Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=1000, seqlen_k=1300, head_dim=128,
+             dtype=bf16, causal=True, layout="bshd", seqlens_k="random"),
+        Case(batch=2, heads_q=8, heads_kv=2, seqlen_q=1300, seqlen_k=1000, head_dim=64,
+             dtype=f16, causal=True, layout="bshd", expect_masked_rows=True),
+        Case(batch=2, heads_q=4, heads_kv=1, seqlen_q=1024, seqlen_k=1024, head_dim=128,
+             dtype=f16, window=(200, 30), layout="bshd"),
+        Case(batch=3, heads_q=4, heads_kv=2, seqlen_q=513, seqlen_k=2049, head_dim=64,
+             dtype=bf16, window=(100, 0), causal=True, seqlens_k="mixed",
+             expect_masked_rows=True),
+        Case(batch=2, heads_q=4, heads_kv=4, seqlen_q=800, seqlen_k=800, head_dim=128,
+             dtype=bf16, softcap=20.0, magnitude=2.0, causal=True),
+        Case(batch=2, heads_q=4, heads_kv=4, seqlen_q=600, seqlen_k=900, head_dim=96,
+             dtype=f32, causal=True),
+        Case(batch=1, heads_q=8, heads_kv=2, seqlen_q=2048, seqlen_k=2048, head_dim=128,
+             dtype=bf16, causal=True, tag="long"),
+        Case(batch=1, heads_q=2, heads_kv=2, seqlen_q=4096, seqlen_k=4096, head_dim=128,
+             dtype=bf16, causal=True, tag="long"),
+        Case(batch=1, heads_q=16, heads_kv=16, seqlen_q=1, seqlen_k=3000, head_dim=128,
+             dtype=f16, causal=True, tag="decode"),
+        Case(batch=2, heads_q=2, heads_kv=2, seqlen_q=1024, seqlen_k=96, head_dim=64,
+             dtype=f16, window=(0, 0), tag="diag"),
+    ]
+    return out
 
 
 def refused_problems(caps: Capabilities) -> list[tuple[str, Case]]:
@@ -262,8 +337,9 @@ def refused_problems(caps: Capabilities) -> list[tuple[str, Case]]:
     return out
 
 
-def repeatable(caps: Capabilities, quick: bool = False) -> list[Case]:
-    """Three representative cases for the bitwise run-to-run check."""
+def repeatable(caps: Capabilities, quick: bool = False, device: str = "cpu") -> list[Case]:
+    """Three representative cases for the bitwise run-to-run check; on a GPU the full grid
+    adds `LAUNCH_STATE_CASES`."""
     base = Case(dtype=_primary_dtype(caps), seqlen_q=48 if quick else 130,
                 seqlen_k=48 if quick else 130, batch=2,
                 head_dim=max(caps.head_dim_min, min(64, caps.head_dim_max)), grad=caps.backward)
@@ -273,4 +349,19 @@ def repeatable(caps: Capabilities, quick: bool = False) -> list[Case]:
                            heads_kv=2, seqlen_q=base.seqlen_q // 2))
     if caps.seqlens_k:
         out.append(replace(base, batch=3, seqlens_k="random"))
+    if not quick and not device.startswith("cpu"):
+        out += fit(caps, LAUNCH_STATE_CASES)
     return out
+
+
+#: Problems of launch-path interest for repeated calls on a GPU: a training-sized grid,
+#: odd head dims, GQA with (B, S, H, D) tensors, a window, seqlens_k, softcap at head dim 256.
+LAUNCH_STATE_CASES = (
+    Case(32, 32, 32, 512, 512, 64, torch.bfloat16, causal=True, layout="bshd"),
+    Case(2, 4, 4, 97, 97, 40, torch.float16),
+    Case(2, 6, 2, 130, 257, 128, torch.float16, causal=True, layout="bshd"),
+    Case(3, 4, 1, 77, 200, 96, torch.bfloat16, window=(16, 8)),
+    Case(4, 2, 2, 64, 300, 64, torch.float16, causal=True, seqlens_k="random"),
+    Case(2, 2, 2, 97, 97, 256, torch.bfloat16, softcap=5.0),
+)
+

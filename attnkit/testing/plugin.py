@@ -85,6 +85,7 @@ def _checked(method, inner, args, kwargs):
     dtype and shape (autograd casts a wrong dtype silently; under torch.compile the fake
     kernel promises the right one). The suite's tensors are small, so copies are cheap."""
     named = dict(zip(_INPUTS[method], args[1:]))
+    named.update((n, t) for n, t in kwargs.items() if isinstance(t, torch.Tensor))  # dlse
     before = {n: t.clone() for n, t in named.items() if isinstance(t, torch.Tensor)}
     result = inner(*args, **kwargs)
     for n, t in before.items():
@@ -115,9 +116,10 @@ def pytest_generate_tests(metafunc):
     backend = _backend(config)
     caps = backend.capabilities
     quick = config.getoption("--attnkit-quick")
-    prefix = f"{backend.name}-{config.getoption('--attnkit-device')}"
+    device = config.getoption("--attnkit-device")
+    prefix = f"{backend.name}-{device}"
     if "case" in metafunc.fixturenames:
-        cs = _cases.generate(caps, quick=quick)
+        cs = _cases.generate(caps, quick=quick, device=device)
         metafunc.parametrize("case", cs, ids=[f"{prefix}-{c.id}" for c in cs])
     if "refused" in metafunc.fixturenames:
         rs = _cases.refused_problems(caps)

@@ -6,89 +6,31 @@ the backend's declared capabilities (`attnkit.testing.cases`).
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 import attnkit
-from attnkit import reference
 from attnkit.registry import NoBackendError, registry
 from attnkit.testing import cases as _cases
-from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, assert_close
-
-
-def _generator(case) -> tuple[torch.Generator, int]:
-    # Fresh inputs on every run; the seed is printed on failure to reproduce it.
-    seed = random.randrange(2**31)
-    return torch.Generator().manual_seed(seed), seed
-
-
-def _run(backend_name, case, q, k, v, seqlens_k, return_lse):
-    res = attnkit.attention(q, k, v, **case.options(seqlens_k), return_lse=return_lse,
-                            backend=backend_name)
-    return res if return_lse else (res, None)
+from attnkit.testing import checks
 
 
 def test_matches_reference(case, backend, backend_name, device):
-    caps = backend.capabilities
-    gen, seed = _generator(case)
-    q, k, v, seqlens_k = case.make_inputs(device, gen)
-    if case.grad:
-        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    where = f"[seed {seed}] {case.id}"
-
-    out, lse = _run(backend_name, case, q, k, v, seqlens_k, caps.lse)
-    assert out.dtype == q.dtype, f"{where}: out dtype {out.dtype}, expected {q.dtype}"
-    assert tuple(out.shape) == tuple(q.shape), f"{where}: out shape {tuple(out.shape)}"
-
-    dout = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(device, q.dtype)
-    ref64 = case.reference(q, k, v, seqlens_k, torch.float64, dout, case.grad)
-    ref_lp = case.reference(q, k, v, seqlens_k, q.dtype, dout, case.grad)
-
-    assert_close(f"{where} out", out, ref64[0], ref_lp[0], q.dtype, factor=OUT_FACTOR)
-    masked = case.masked_rows(seqlens_k).to(out.device).expand(out.shape[:3])
-    if case.expect_masked_rows:
-        assert masked.any(), f"{where}: the case was meant to contain fully-masked rows"
-    if masked.any():
-        assert (out[masked] == 0).all(), f"{where}: fully-masked rows must give out == 0"
-    if lse is not None:
-        want = torch.float64 if q.dtype == torch.float64 else torch.float32
-        assert lse.dtype == want, f"{where}: lse dtype {lse.dtype}, expected {want}"
-        assert tuple(lse.shape) == tuple(q.shape[:3]), f"{where}: lse shape {tuple(lse.shape)}"
-        assert_close(f"{where} lse", lse, ref64[1], ref_lp[1], q.dtype, factor=OUT_FACTOR)
-        if masked.any():
-            assert (lse[masked] == float("-inf")).all(), \
-                f"{where}: fully-masked rows must give lse == -inf"
-
-    if case.tag == "overflow" and q.dtype == torch.float16:
-        # The case is only meaningful if the textbook formula really overflows here.
-        naive_out, _ = reference.naive(q.detach(), k.detach(), v.detach(),
-                                       **case.options(seqlens_k))
-        assert not torch.isfinite(naive_out).all(), f"{where}: inputs too small to overflow"
-
-    if case.grad:
-        # dout in out's layout (as a (B, S, H, D) model passes it): it reaches the backend
-        # uncopied, so a backend that ignored dout's strides would fail here.
-        grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out).copy_(dout))
-        for name, g, t, g64, glp in zip("qkv", grads, (q, k, v), ref64[2], ref_lp[2]):
-            assert g.dtype == t.dtype and g.shape == t.shape, (
-                f"{where}: d{name} is {g.dtype} {tuple(g.shape)}, "
-                f"expected {t.dtype} {tuple(t.shape)}")
-            assert_close(f"{where} d{name}", g, g64, glp, q.dtype, factor=GRAD_FACTOR)
-        if masked.any():
-            assert (grads[0][masked] == 0).all(), f"{where}: fully-masked rows need dq == 0"
+    checks.matches_reference(case, backend, device)
 
 
 def test_repeatable(repeat_case, backend, backend_name, device):
-    """The forward is bitwise deterministic; so is the backward, under
-    ``torch.use_deterministic_algorithms(True)``, if the backend says so."""
+    """Three identical calls give the same forward, bit for bit; the same backward too,
+    under ``torch.use_deterministic_algorithms(True)``, if the backend says so. A backend
+    that sets launch state up on a signature's first call and reuses it later is held to
+    the first call's numbers, and the last call to the accuracy rule."""
     case = repeat_case
     caps = backend.capabilities
-    gen, seed = _generator(case)
+    gen, seed = checks.seeded(case)
     q, k, v, seqlens_k = case.make_inputs(device, gen)
     grad = caps.backward
     q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float32).to(device, q.dtype)
     runs = []
     # A declared deterministic backward is one under torch's deterministic mode (warn_only:
     # torch ops without a deterministic kernel warn instead of failing the backend).
@@ -96,22 +38,61 @@ def test_repeatable(repeat_case, backend, backend_name, device):
            torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(caps.deterministic, warn_only=True)
     try:
-        for _ in range(2):
-            out, lse = _run(backend_name, case, q, k, v, seqlens_k, caps.lse)
-            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out)) if grad else ()
+        for _ in range(3):
+            out, lse = checks.run(backend_name, case, q, k, v, seqlens_k, caps.lse)
+            grads = torch.autograd.grad(out, (q, k, v), dout) if grad else ()
             runs.append((out, lse, grads))
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-    (o1, l1, g1), (o2, l2, g2) = runs
     where = f"[seed {seed}] {case.id}"
-    assert torch.equal(o1, o2), f"{where}: forward out differs between two identical runs"
-    if l1 is not None:
-        assert torch.equal(l1, l2), f"{where}: lse differs between two identical runs"
-    if caps.deterministic:
-        for name, a, b in zip("qkv", g1, g2):
-            assert torch.equal(a, b), (
-                f"{where}: d{name} differs between runs, but the backend declares a "
-                "deterministic backward")
+    o1, l1, g1 = runs[0]
+    for call, (o, lse, g) in enumerate(runs[1:], 2):
+        assert torch.equal(o1, o), f"{where}: forward out of call {call} differs from call 1"
+        if l1 is not None:
+            assert torch.equal(l1, lse), f"{where}: lse of call {call} differs from call 1"
+        if caps.deterministic:
+            for name, a, b in zip("qkv", g1, g):
+                assert torch.equal(a, b), (
+                    f"{where}: d{name} of call {call} differs from call 1, but the backend "
+                    "declares a deterministic backward")
+    verdicts = case.judge(q, k, v, seqlens_k, dout, out=runs[-1][0], grads=runs[-1][2] or None)
+    bad = [msg for ok, msg in verdicts if not ok]
+    assert not bad, f"{where}: call 3: " + "; ".join(bad)
+
+
+def test_seqlens_k_out_of_range(backend, backend_name, device):
+    """``seqlens_k`` below 0 and above Sk. On CPU the spec rejects it before any backend
+    runs. On a GPU the host does not read it (that would sync every call), so the backend
+    must clamp it to [0, Sk]: no device error, and out, lse and gradients bit for bit
+    those of the call with the clamped lengths."""
+    caps = backend.capabilities
+    if not caps.seqlens_k:
+        pytest.skip("the backend does not declare seqlens_k")
+    case = _cases.Case(batch=3, heads_q=4 if caps.gqa else 2, heads_kv=2, seqlen_q=5,
+                       seqlen_k=40, dtype=_cases._primary_dtype(caps), causal=caps.causal,
+                       head_dim=max(caps.head_dim_min, min(64, caps.head_dim_max)))
+    gen, seed = checks.seeded(case)
+    q, k, v, _ = case.make_inputs(device, gen)
+    bad = torch.tensor([-7, 1000, 17], dtype=torch.int32, device=device)
+    if device.startswith("cpu"):
+        with pytest.raises(ValueError, match=r"seqlens_k .* values must lie in \[0, Sk=40\]"):
+            attnkit.attention(q, k, v, seqlens_k=bad, causal=case.causal, backend=backend_name)
+        return
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float32).to(device, q.dtype)
+
+    def call(seqlens_k):
+        qq, kk, vv = (t.detach().requires_grad_(caps.backward) for t in (q, k, v))
+        out, lse = checks.run(backend_name, case, qq, kk, vv, seqlens_k, caps.lse)
+        grads = torch.autograd.grad(out, (qq, kk, vv), dout) if caps.backward else ()
+        torch.cuda.synchronize()  # a device error surfaces here, inside this test
+        return (out, lse, *grads)
+
+    got, want = call(bad), call(bad.clamp(0, case.seqlen_k))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        if a is not None:
+            assert torch.equal(a, b), (f"[seed {seed}] seqlens_k {bad.tolist()} (Sk=40): {name} "
+                                       "differs from the call with the lengths clamped to "
+                                       "[0, Sk]")
 
 
 def test_refuses_what_it_does_not_claim(refused, backend_name, device):
@@ -129,5 +110,6 @@ def pytest_generate_tests(metafunc):
     if "repeat_case" in metafunc.fixturenames:
         name = metafunc.config.getoption("--attnkit-backend")
         caps = registry.get(name).capabilities
-        cs = _cases.repeatable(caps, quick=metafunc.config.getoption("--attnkit-quick"))
+        cs = _cases.repeatable(caps, quick=metafunc.config.getoption("--attnkit-quick"),
+                               device=metafunc.config.getoption("--attnkit-device"))
         metafunc.parametrize("repeat_case", cs, ids=[f"{name}-{c.id}" for c in cs])

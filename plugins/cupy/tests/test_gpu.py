@@ -1,24 +1,17 @@
-"""GPU tests (skipped without CUDA): accuracy on a few cases, strides, and a side stream.
-
-The full grid runs with ``attnkit check cupy --device cuda`` and scripts/check_cuda.py.
-"""
+"""GPU tests of the cupy backend (``cuda``: skipped without a GPU it can use): a few cases
+under the accuracy rule, and the side-stream check. The whole grid, and the checks only a
+GPU can pose, run with ``attnkit check cupy --device cuda``."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import attnkit
+from attnkit.testing import checks, cuda_checks
 from attnkit.testing.cases import Case
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not attnkit.backends()["cupy"].availability[0],
-    reason="needs a CUDA GPU usable by the cupy backend")
+pytestmark = pytest.mark.cuda
 
 
 @pytest.mark.parametrize("case", [
@@ -30,12 +23,8 @@ pytestmark = pytest.mark.skipif(
          head_dim=40, causal=True, seqlens_k="mixed"),
 ], ids=lambda c: c.id)
 def test_matches_reference(case):
-    import check_cuda
-
-    assert check_cuda.run_case(case) == []
+    checks.matches_reference(case, attnkit.backends()["cupy"].backend, "cuda")
 
 
 def test_side_stream():
-    import check_cuda
-
-    assert check_cuda.side_stream_test() == []
+    cuda_checks.side_stream("cupy", "cuda")
