@@ -15,7 +15,6 @@ import attnkit
 from . import accuracy
 from .cases import Case, _primary_dtype
 
-
 #: Element offset the large checks reach past: where 32-bit offset arithmetic wraps.
 PAST = 1 << 31
 
