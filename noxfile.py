@@ -6,6 +6,8 @@ conformance suite on CUDA and is not a default: it needs a GPU.
 
 Torch is installed first, pinned (``ATTNKIT_TORCH``, default ``torch==2.13.0``, the CPU build
 on the project's machines), so no dependency resolution can pull a multi-GB CUDA build.
+The triton backend's CPU conformance runs at both ends of the Triton range its pyproject
+declares (``triton-oldest``, ``triton-newest``): once each, on the interpreter's quick grid.
 Arguments after ``--`` go to pytest: ``nox -s tests -- -x -k registry``.
 """
 
@@ -24,15 +26,23 @@ PLUGINS = {
     "cupy": "plugins/cupy",
 }
 BACKEND_NAMES = {"torch_blocked": "torch-blocked", "triton": "triton", "cupy": "cupy"}
+#: The oldest and newest Triton of plugins/triton/pyproject.toml's range (keep the two in step),
+#: with what each one's interpreter needs: 3.6's turns 1-element arrays into ints, which numpy
+#: 2.4 refuses.
+TRITON_ENDS = {"triton-oldest": ("triton==3.6.0", "numpy<2.4"),
+               "triton-newest": ("triton==3.9.0",)}
+#: Conformance sessions: one per backend, the triton backend's at both ends of its range.
+CONFORMANCE = ["torch_blocked", *TRITON_ENDS, "cupy"]
 
 
-def _install(session, *paths, extra=()):
-    """Torch (pinned) first, then the core and the given plugins, editable."""
+def _install(session, *paths, extra=(), pins=()):
+    """Torch (pinned) first, then the core and the given plugins, editable, with ``pins``
+    resolved beside them (pip refuses a pin outside a plugin's declared range)."""
     session.install("setuptools>=64", TORCH, *extra)
     args = ["--no-build-isolation", "-e", "."]
     for p in paths:
         args += ["-e", p]
-    session.install(*args)
+    session.install(*args, *pins)
 
 
 @nox.session
@@ -52,23 +62,32 @@ def tests(session):
 
 
 @nox.session
-@nox.parametrize("backend", list(PLUGINS))
+@nox.parametrize("backend", CONFORMANCE)
 def conformance(session, backend):
     """The conformance suite (``attnkit check``) on CPU for one backend, plus its own tests.
 
-    triton runs under TRITON_INTERPRET=1 on a quick grid. cupy cannot launch without a GPU:
-    there every CUDA source and template instance is compiled for sm_80 and sm_90 instead,
-    and the suite runs in the ``gpu`` session.
+    triton runs under TRITON_INTERPRET=1 on a quick grid, once with the oldest Triton its
+    plugin declares and once with the newest. cupy cannot launch without a GPU: there every
+    CUDA source and template instance is compiled for sm_80 and sm_90 instead, and the suite
+    runs in the ``gpu`` session.
     """
-    # The Triton interpreter needs numpy; CuPy is imported (not launched) by the cupy tests.
-    extra = {"cupy": ("cupy-cuda13x",), "triton": ("numpy",)}.get(backend, ())
-    _install(session, PLUGINS[backend], extra=extra)
+    pins = TRITON_ENDS.get(backend, ())
+    if pins:
+        backend = "triton"
+    # CuPy is imported (not launched) by the cupy tests; the Triton interpreter's numpy comes
+    # with the plugin's ``interpreter`` extra.
+    extra = ("cupy-cuda13x",) if backend == "cupy" else ()
+    plugin = PLUGINS[backend] + ("[interpreter]" if pins else "")
+    _install(session, plugin, extra=extra, pins=pins)
     name = BACKEND_NAMES[backend]
     session.run("attnkit", "backends")
+    if pins:  # pip resolved the pins within the plugin's declared range
+        session.run("python", "-c", "import numpy, triton; print('triton', triton.__version__, "
+                    "'numpy', numpy.__version__)")
     if backend == "cupy":
         if not shutil.which("nvcc"):
             session.error("the cupy session compiles every kernel with nvcc; nvcc not found")
-        session.run("python", "plugins/cupy/scripts/compile_all.py", "--arch", "80",
+        session.run("python", "plugins/cupy/tools/compile_all.py", "--arch", "80",
                     "--arch", "90")
         session.run("pytest", "plugins/cupy/tests", *session.posargs)
         return

@@ -2,9 +2,9 @@
 
 A table keeps the first call fast and the choice reproducible (the forward must be bitwise
 deterministic run to run, which a timing-driven autotune would not guarantee across
-processes). Entries for Hopper were measured with scripts/perf.py --sweep on an H100
-(benchmarks/NOTES.md, Triton section); other GPUs get the conservative defaults, and the interpreter
-small tiles so CPU tests stay quick.
+processes). Entries for Hopper were measured by a tile sweep on an H100; other GPUs get the
+conservative defaults, and the interpreter small tiles so CPU tests stay quick. Each table's
+comment keeps the measurement that chose it in a line; docs/tuning.md has the sweeps.
 """
 
 from __future__ import annotations
@@ -23,22 +23,13 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     block_d: int = 0  # filled by `padded_head_dim`
-    warp_spec: bool = False
     #: May this kernel use tensor descriptors where the layout allows (False: pointers).
     tma: bool = True
-    #: Forward: take the row max over unscaled scores and scale inside exp2 (`_fwd_step`).
-    fold: bool = True
-    #: Triton's ``maxnreg`` (a register cap for ptxas); None leaves ptxas its own choice,
-    #: which under the block size can be far below 255 (NOTES.md, nineteenth session).
-    maxnreg: int | None = None
 
 
 def launch_options(cfg: KernelConfig) -> dict:
     """Triton's launch options of a `tl` kernel for ``cfg``."""
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.maxnreg is not None:
-        opts["maxnreg"] = cfg.maxnreg
-    return opts
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -71,9 +62,8 @@ def path_enabled(env: str, what: str, reasons, preferred: bool = True) -> bool:
     return True
 
 
-# (block_d, causal) -> config, for sm90 (Hopper). The bf16, S=4k sweep on an H100 (see
-# benchmarks/NOTES.md, Triton section) picked these; `tma=False` where the pointer path
-# measured faster.
+# (block_d, causal) -> config, for sm90 (Hopper): the bf16, S=4k sweep on an H100 picked
+# these; `tma=False` where the pointer path measured faster.
 _HOPPER_FWD = {
     (16, False): KernelConfig(128, 64, 8, 3), (16, True): KernelConfig(128, 64, 8, 3),
     (32, False): KernelConfig(128, 64, 8, 3), (32, True): KernelConfig(128, 64, 8, 3),
@@ -95,22 +85,11 @@ _HOPPER_BWD = {
     (256, False): (KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)),
     (256, True): (KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)),
 }
-# D=128 non-causal dK/dV: 3 stages, not the first sweep's 2 (fifth session A/B through the
-# whole backward, bf16 and fp16, S 2k-16k: +1-8%); causal keeps 32x64 (64x128 with 3 stages
-# was 4% slower at 2k-4k, 3-5% faster at 8k-16k).
-# Short sequences (max(Sq, Sk) <= SHORT_SEQLEN) at D=128: each program walks only a few key
-# blocks, so smaller tiles (more programs, shorter prologue) win. bf16 S=512 sweep on the H100
-# (benchmarks/NOTES.md, "Short sequences"): forward 64x64 w4 pointers 333 vs 262 TFLOP/s
-# non-causal, 215 vs 168 causal; dK/dV non-causal 32x64 w4 pointers 243 vs 191; dQ causal
-# 64x32 w4 pointers 226 vs 169.
-# D=64 (same sweep at D=64): forward non-causal 128x64 w8 on pointers 312 vs 258 through
-# TMA, causal 64x64 w4 195 vs 185; dK/dV 32x64 w4 pointers 236 vs 219 non-causal, 154 vs 127
-# causal; dQ causal 64x32 w4 256 vs 232.
-# D=128 at S=1k (sweep at S=1024, third session): the same configs win again (forward 64x64
-# w4 pointers 407 vs 366 TFLOP/s non-causal, 308 vs 261 causal; dK/dV non-causal 281 vs 236;
-# dQ causal 317 vs 264), so the short tables reach 1k there; D=64 was not swept at 1k. A
-# second S=512 sweep with more candidates: dK/dV causal 32x64 w4 2 stages on pointers 169 vs
-# 147 (3 stages through TMA).
+# D=128 non-causal dK/dV: 3 stages (whole backward, bf16/fp16, S 2k-16k, H100: +1-8% over 2).
+# Short sequences (max(Sq, Sk) <= SHORT_SEQLEN): a program walks few key blocks, so smaller
+# tiles win. S=512 sweep, H100, 2026-11: D=128 forward 64x64 w4 pointers 333 vs 262 TFLOP/s
+# (the same configs win at S=1024, so D=128's short tables reach 1k); D=64 forward 128x64 w8
+# pointers 312 vs 258 through TMA. Per-kernel numbers: docs/tuning.md.
 SHORT_SEQLEN = {64: 512, 128: 1024}
 
 
@@ -131,7 +110,7 @@ _HOPPER_BWD_SHORT = {
     (128, True): (KernelConfig(32, 64, 4, 2, tma=False), KernelConfig(64, 32, 4, 3, tma=False)),
 }
 # Everything else (Ampere and newer non-Hopper parts): sizes that fit the 99 KB of shared
-# memory per block of sm_86/sm_89/sm_120 (scripts/compile_tables.py checks them).
+# memory per block of sm_86/sm_89/sm_120 (tools/compile_tables.py checks them).
 _DEFAULT_FWD = {
     16: KernelConfig(128, 64, 4, 3), 32: KernelConfig(128, 64, 4, 3),
     64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 2),
@@ -152,16 +131,14 @@ _INTERPRET = KernelConfig(32, 16, 4, 1)
 # fp32: (forward, dK/dV, dQ) per block_d. The ieee dot is FMA code unrolled over the tile, so
 # the tile sets compile time and spills; each score is a sequential FMA sum over the head dim
 # whatever the tiling, so the backward's recomputed scores match the forward's with different
-# tiles in each kernel. Per-kernel times on an H200, B=4 H=8 S=2048 (benchmarks/fp32_tiles.py;
-# NOTES.md, eighteenth session): D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV
-# 32x32 w8 29 ms vs 101 at w4 (which spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward
-# 32x64 3.0 ms vs 3.4, dK/dV 32x32 w8 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Other head
-# dims take 32x32 (129..256: _FP32_HOPPER_256, _FP32_SMALL_256). All but the D=128
-# forward read through pointers: with tensor descriptors ptxas gives the fp32 backward far
-# fewer registers, and it spills (NOTES.md, twentieth session: on an H200 at D=128 dK/dV
-# 28.9 ms with TMA, 20.7 with pointers, dQ 21.7 / 19.0; D=64 within 15%, pointers ahead).
-# The D=128 forward keeps TMA: 6.1 ms against 13.8 through pointers. At D=16 and 32 pointers
-# tie or win too (twenty-first session: D=32 fwd+bwd 7.48 ms against 8.06 with TMA).
+# tiles in each kernel. Per-kernel times, H200, B=4 H=8 S=2048:
+# D=128 forward 64x32 w4 6.1 ms vs 9.4 at 32x32, dK/dV 32x32 w8 29 ms vs 101 at w4 (which
+# spilled 1.6 KB), dQ 16x32 22 ms vs 57; D=64 forward 32x64 3.0 ms vs 3.4, dK/dV 32x32 w8
+# 11 ms vs 20, dQ 64x64 w8 6.1 ms vs 15.7. Other head dims take 32x32 (129..256:
+# _FP32_HOPPER_256, _FP32_SMALL_256). All but the D=128 forward read through pointers: with
+# tensor descriptors ptxas gives the fp32 backward far fewer registers, and it spills (H200,
+# D=128 dK/dV 28.9 ms with TMA, 20.7 with pointers); the D=128 forward keeps TMA (6.1 ms
+# against 13.8). Details: docs/tuning.md.
 _FP32 = {
     64: (KernelConfig(32, 64, 4, 2, tma=False), KernelConfig(32, 32, 8, 2, tma=False),
          KernelConfig(64, 64, 8, 2, tma=False)),
@@ -172,7 +149,7 @@ _FP32 = {
 
 # fp32 at head dims 129..256 off Hopper: 32x32 tiles need 128-136 KB of shared memory in
 # the backward, over the 99 KB per block of sm_86/sm_89/sm_120, and spill on sm_86 in the
-# forward; these fit (64-96 KB, no spills; scripts/compile_tables.py checks every table
+# forward; these fit (64-96 KB, no spills; tools/compile_tables.py checks every table
 # entry against each arch's limit). Not timed: no such GPU has been lent.
 _FP32_SMALL_256 = (KernelConfig(32, 16, 8, 1), KernelConfig(16, 16, 4, 1),
                    KernelConfig(32, 16, 8, 1))
@@ -180,14 +157,14 @@ _FP32_SMALL_256 = (KernelConfig(32, 16, 8, 1), KernelConfig(16, 16, 4, 1),
 
 # fp32 at head dims 129..256 on Hopper: 32x32 tiles through pointers, dK/dV with 8 warps
 # (H200, B=4 H=8 S=2048, ms with TMA / pointers: forward 88 / 21, dQ 185 / 32, dK/dV w4 244 /
-# 333, w8 174 / 40; NOTES.md, twentieth session).
+# 333, w8 174 / 40).
 _FP32_HOPPER_256 = (KernelConfig(32, 32, 4, 1, tma=False), KernelConfig(32, 32, 8, 1, tma=False),
                     KernelConfig(32, 32, 4, 1, tma=False))
 
 
 def _fp32_configs(block_d: int, arch: int) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
     """(forward, dK/dV, dQ) tiles for fp32 (see _FP32); head dims 16 and 32 take one small
-    tile through pointers (on the H200 as fast as TMA or faster: twenty-first session)."""
+    tile through pointers (H200, D=32 forward and backward: 7.48 ms against 8.06 with TMA)."""
     if block_d in _FP32:
         return _FP32[block_d]
     if block_d > 128:

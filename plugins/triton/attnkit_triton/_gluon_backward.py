@@ -15,7 +15,7 @@ registers):
 lse2 and delta enter as the MMAs' initial accumulators, read from shared memory just before
 the MMAs are issued: the consumer waits on no global load and the rows hold no registers of
 their own (at head dim 128 the kernel no longer spills). Measured 7-17% faster than loading
-them from global memory beside the MMAs (NOTES.md, thirteenth session).
+them from global memory beside the MMAs (docs/tuning.md).
 
 dQ += dS K spans both warpgroups' keys: each writes its dS^T to shared memory, the two meet
 on an mbarrier, and each computes one half of the block's dQ columns (head dim 128; at head
@@ -30,7 +30,6 @@ run-to-run rounding differences in dQ: this kernel is never used under
 ``torch.use_deterministic_algorithms(True)``.
 """
 
-from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -40,18 +39,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.language.core import builtin
 
 from ._gluon_forward import _tma_load
+from ._triton_internals import gluon_tma_reduce_add
 
-if hasattr(tma, "async_atomic_add"):
-    _tma_add = tma.async_atomic_add
-else:  # Triton 3.6 builds the op (cp.reduce.async.bulk.tensor) but does not name it in Gluon
-    @builtin
-    def _tma_add(tensor_desc, coord, src, _semantic=None):
-        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-        _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD,
-                                                  tensor_desc.handle, coord, src.handle)
+# None where this Triton names no such op and the gate refuses the builder call that builds
+# it: `_hopper` then takes the tl backward.
+_tma_add = gluon_tma_reduce_add(tma)
 
 BLOCK_M = gl.constexpr(64)  # query rows per tile
 

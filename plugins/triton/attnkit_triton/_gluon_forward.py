@@ -166,7 +166,8 @@ def _consumer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, BLOCK_N: gl.constex
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     mbarrier.arrive(v_empty.index((n - 1) % NUM_BUF), count=1)
 
-    # Every row sees at least its diagonal key (Sq == Sk, no window): l > 0.
+    # Every row sees at least its diagonal key (Sq == Sk, no window): l > 0, or NaN for a
+    # NaN row, whose out and lse then stay NaN (no test on l that would turn it into -inf).
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
     # This warpgroup's Q slot is free once its last score product has completed.
     q.store(out.to(q.dtype))

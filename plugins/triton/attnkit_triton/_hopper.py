@@ -16,6 +16,11 @@ Left to themselves (``auto``) the paths run from the sequence lengths where they
 faster than ``tl`` (``_MIN_SEQLEN``). ``ATTNKIT_TRITON_GLUON`` / ``ATTNKIT_TRITON_GLUON_BWD``
 ``=0`` turn them off; ``=1`` takes them wherever they can apply and makes a call they cannot
 take an error instead.
+
+Both need Gluon's Hopper API (`kernels` says why where it is missing). The backward also needs
+Gluon's TMA reduce-add, which Triton 3.6 builds only through a private builder call: made
+only on the Triton releases it was tested with (`_triton_internals`).
+Measurements behind the thresholds and switches below: docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import types
 
 import torch
 
+from attnkit.backend_utils import LOG2E
+
 from ._backward import cast_dense, fresh_layout, launch_prep
-from ._band import LOG2E
 from ._configs import _arch, interpreting, path_enabled
 from ._launcher import FastKernel, TmaLaunch, current_stream, fast_launches
+from ._triton_internals import descriptor_fields, internals_reason
 
 _ENV = "ATTNKIT_TRITON_GLUON"
 _BWD_ENV = "ATTNKIT_TRITON_GLUON_BWD"
@@ -36,11 +43,8 @@ BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
 BLOCK_N = 128  # keys per tile (the causal mask assumes BLOCK_N == BLOCK_M)
 _MAXNREG = 168  # 12 warps x 32 threads x 168 <= 64K registers; setmaxnreg gives 240/240/24
 # Shortest Sq (= Sk) from which auto mode takes the Gluon kernel, per (pass, head dim, causal):
-# the bf16 grid on an H100, Gluon vs tl (benchmarks/NOTES.md, "Seventh and eighth sessions"),
-# the forwards at head dim 128 from the eleventh session's H200 comparison
-# (benchmarks/h200/gluon-vs-tl-short.json), the backwards from the thirteenth's, after the
-# backward's lse/delta change (h200/gluon-vs-tl-thirteenth.json: from 1k at head dim 64,
-# where 512 is a tie non-causal and 8% slower causal; from 512 at head dim 128).
+# where Gluon beat tl in the bf16 grid (H100; head dim 128 and the backwards re-timed on an
+# H200: at head dim 64 the backward ties at 512 non-causal and is 8% slower causal).
 _MIN_SEQLEN = {
     ("forward", 64, False): 1024, ("forward", 64, True): 4096,
     ("forward", 128, False): 512, ("forward", 128, True): 512,
@@ -48,21 +52,15 @@ _MIN_SEQLEN = {
     ("backward", 128, False): 512, ("backward", 128, True): 512,
 }
 # Per (head dim, causal): whether a warpgroup computes each query block's dQ share a block
-# late (``_bwd_consumer``). Measured on an H200: +0-4% at head dim 64 (S >= 4k), -2 to -9%
-# at 128 except causal 2k-4k, +1-2% (NOTES.md, twelfth session). Re-timed at 128 after the
-# thirteenth session's lse/delta change: within the timing's own spread, left off.
+# late (``_bwd_consumer``). H200: +0-4% at head dim 64 (S >= 4k); at 128 within the spread.
 _DQ_LAG = {(64, False): True, (64, True): True, (128, False): False, (128, True): False}
-# Per head dim: whether the forward's running row max is kept in raw score units when the
-# softmax scale is positive, so each score costs one FMA before exp2 (``_gluon_forward``,
-# ``FOLD``). Measured on an H200: +1-5% at head dim 128, +3-8% at 64, every cell
-# (benchmarks/h200/fwd-fold.json, NOTES.md fifteenth session).
-_FOLD = {64: True, 128: True}
 
 
 @functools.lru_cache(maxsize=1)
 def kernels():
     """The Gluon kernel modules (``.fwd``, ``.bwd``, ``.gl``, ``.TensorDescriptor``), or the
-    ImportError's text when this Triton lacks Gluon's Hopper API."""
+    ImportError's text when this Triton lacks Gluon's Hopper API. ``.bwd._tma_add`` is None
+    where the backward's TMA reduce-add is not available."""
     try:
         from triton.experimental.gluon import language as gl
 
@@ -79,7 +77,7 @@ def _preferred(kind: str, problem) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
+def _problem_reasons(problem, interpret: bool, backward: bool = False) -> tuple[str, ...]:
     reasons = []
     if interpret or problem.device.type != "cuda":
         reasons.append("not on a CUDA device")
@@ -87,6 +85,9 @@ def _problem_reasons(problem, interpret: bool) -> tuple[str, ...]:
         reasons.append("needs sm_90 (wgmma)")
     elif isinstance(kernels(), str):
         reasons.append(f"this Triton has no usable Gluon Hopper API ({kernels()})")
+    elif backward and kernels().bwd._tma_add is None:
+        reasons.append("this Triton's Gluon names no TMA reduce-add, and the private builder "
+                       f"call that stands in for it is not made: {internals_reason()}")
     if problem.dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"dtype {problem.dtype} (fp16/bf16 only)")
     if problem.head_dim not in (64, 128):
@@ -162,7 +163,7 @@ def use_gluon_backward(problem, q, k, v, dout) -> bool:
     """Whether this backward call takes the Gluon kernel (its dQ is summed with atomic adds:
     never when torch was asked for deterministic algorithms)."""
     def reasons():
-        found = [*_problem_reasons(problem, interpreting()),
+        found = [*_problem_reasons(problem, interpreting(), backward=True),
                  *_layout_reasons("q, k, v, dout", _layout(q, k, v, dout))]
         if not abs(problem.scale) >= 1e-30:  # the kernel divides by it (``_bwd_consumer``)
             found.append(f"softmax scale {problem.scale} (|scale| >= 1e-30 only)")
@@ -178,8 +179,8 @@ def use_gluon_backward(problem, q, k, v, dout) -> bool:
 class _Descriptors:
     """TMA descriptors of one geometry. The first is built by ``TensorDescriptor``, which
     checks it; its checks depend only on the geometry and the base's 16-byte alignment (which
-    `use_gluon` checks per call), so later ones copy its fields with a new base: ~3x cheaper,
-    and a launch builds four or five."""
+    `use_gluon` checks per call), so later ones copy its fields with a new base where
+    `descriptor_fields` reads them: ~3x cheaper, and a launch builds four or five."""
 
     def __init__(self, rows: int, cols: int, block: list, layout):
         self.cls = kernels().TensorDescriptor
@@ -190,8 +191,7 @@ class _Descriptors:
         cls = self.cls
         if self.fields is None:
             desc = cls(base, *self.geometry)
-            fields = getattr(desc, "__dict__", None)  # a Triton with slotted descriptors
-            self.fields = False if fields is None else {**fields, "base": None}
+            self.fields = descriptor_fields(desc) or False
             return desc
         if self.fields is False:
             return cls(base, *self.geometry)
@@ -244,7 +244,7 @@ def _forward_plan(problem, views):
         kv=_Descriptors(kr, kc, [BLOCK_N, D], kv_layout),
         setup=((S // BLOCK_M, problem.batch * problem.heads_q),
                dict(CAUSAL=problem.causal, BLOCK_N=BLOCK_N, NUM_BUF=2,
-                    FOLD=_FOLD[D] and problem.scale > 0, num_warps=4, maxnreg=_MAXNREG),
+                    FOLD=problem.scale > 0, num_warps=4, maxnreg=_MAXNREG),
                (S, problem.heads_q, problem.group_size, problem.scale * LOG2E, *q_rc,
                 *kv_rc)))
 
@@ -298,12 +298,14 @@ def backward_plan(problem, q, k, v, dout) -> _Plan:
     return _backward_plan(problem, _layout(q, k, v, dout)[0])
 
 
-def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None):
+def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None, dlse=None):
     """``(dq, dk, dv)`` as the ``tl`` backward computes them, dQ summed in float32: the prep
     kernel (delta, lse2, zeroing dQ), this kernel, dQ's cast. After a first call through
     the keyed launch sites, the plan keeps those two sites and launches all three directly
     with one stream lookup: this runs on the autograd engine's thread, where every
-    microsecond of Python counts twice (benchmarks/NOTES.md, fourteenth session)."""
+    microsecond of Python counts twice (docs/tuning.md). ``dlse`` (the gradient reaching
+    lse, or None) enters through delta in the prep kernel: a call with it launches the prep
+    through its key and keeps no sites."""
     plan = plan or backward_plan(problem, q, k, v, dout)
     dq_acc = torch.empty_like(q, dtype=torch.float32)  # keeps q's strides, so q's 2-D view
     stats = torch.empty((2, problem.batch * problem.heads_q, problem.seqlen_q),
@@ -312,16 +314,21 @@ def launch_backward(problem, q, k, v, out, lse, dout, plan: _Plan | None = None)
     tensors = (q, k, v, dout, dq_acc, stats, dk, dv)
     steps = plan.steps
     same = fresh_layout(q, out, lse)  # then the plan's key fixes the prep and cast sites' too
-    if steps and same and fast_launches():
+    if steps and same and dlse is None and fast_launches():
         stream = current_stream(q.device.index)
-        steps[0].run(stream, out, dout, lse, stats, dq_acc)
+        steps[0].run(stream, out, dout, lse, stats, dq_acc, lse)
         plan.direct(tensors, stream)
         steps[1].run(stream, dq_acc, dq)
         return dq, dk, dv
-    prep = launch_prep(q, out, lse.contiguous(), dout, stats, dq_acc)
+    if dlse is None:
+        prep = launch_prep(q, out, lse.contiguous(), dout, stats, dq_acc)
+    else:
+        prep = launch_prep(q, out, lse.contiguous(), dout, stats, dq_acc,
+                           dlse=dlse.contiguous())
     plan.launch(tensors)
     cast = cast_dense(dq_acc, dq)
-    if steps is None and same and plan.direct and prep.compiled and cast.compiled:
+    if (steps is None and same and dlse is None and plan.direct and prep.compiled
+            and cast.compiled):
         plan.steps = (prep, cast)  # plan.direct set: fast launches were on
     return dq, dk, dv
 

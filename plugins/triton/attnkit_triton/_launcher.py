@@ -2,9 +2,9 @@
 
 ``kernel[grid](*args, **constexprs)`` re-derives every argument's specialization, builds a
 cache key and options and looks the kernel up on each call: 31 us per launch on the H100
-host, against 8 us for the compiled kernel's own launcher (plugins/triton/scripts/
-launch_cost.py, benchmarks/NOTES.md). A decoding step launches one kernel and a backward
-three, each worth tens of microseconds of GPU time, so that cost is the GPU waiting.
+host, against 8 us for the compiled kernel's own launcher (docs/tuning.md). A decoding step
+launches one kernel and a backward three, each worth tens of microseconds of GPU time, so
+that cost is the GPU waiting.
 `Sites` goes one step further for call sites that repeat a signature (every training and
 decoding step): the key is built once per call from the caller's tensors, not per argument.
 
@@ -12,22 +12,32 @@ decoding step): the key is built once per call from the caller's tensors, not pe
 first call through Triton's own path (which compiles or finds the kernel and returns it) and
 keeps a `DirectLaunch`, which later calls the compiled kernel's launcher with the same
 arguments Triton would pass. Launch hooks (profilers) and the interpreter always take
-Triton's path. A probe kernel checks once per process that the direct call computes what
-Triton's path does; if not, everything takes Triton's path, with a warning.
+Triton's path, and so does every launch on a Triton release whose launcher layout was not
+tested (`_triton_internals`, which holds every read of Triton's private launcher). A probe
+kernel checks once per process that the direct call computes what Triton's path does; if
+not, everything takes Triton's path, with a warning.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-import sys
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from attnkit.backend_utils import current_stream
+
 from ._configs import interpreting
+from ._triton_internals import (
+    c_launcher,
+    hooks_set,
+    internals_allowed,
+    jit_constexpr_names,
+    run_prefix,
+    tensordesc_launcher,
+)
 
 #: ``ATTNKIT_TRITON_FAST_LAUNCH=0`` (read at import) sends every launch through Triton's path,
 #: for comparisons; tests flip ``ENABLED``.
@@ -35,7 +45,7 @@ ENABLED = os.environ.get("ATTNKIT_TRITON_FAST_LAUNCH") != "0"
 #: Sites per kernel before the cache is emptied (distinct shapes, layouts, scales).
 _MAX_ENTRIES = 512
 _probe_state: bool | None = None  # None: not yet probed
-_raw_state = False  # whether the probe found Triton 3.6's C launcher callable as `_middle` has it
+_raw_state = False  # whether the probe found the C launcher callable as `c_launcher` lays it out
 
 
 def cdiv(a: int, b: int) -> int:
@@ -44,32 +54,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _hook_active(hook) -> bool:
-    # Newer Triton keeps the hooks as (usually empty) HookChain objects, older ones as None.
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
-def _hooks_set() -> bool:
-    rt = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if rt is None:
-        return True  # a Triton without knobs: do not guess its launcher's convention
-    return _hook_active(rt.launch_enter_hook) or _hook_active(rt.launch_exit_hook)
-
-
 class FastKernel:
     """A jit function whose launch sites go direct (`direct`): every runtime argument is
     passed positionally, every constexpr by name."""
 
     def __init__(self, fn):
         self.fn = fn
-        params = getattr(fn, "params", None)
-        if params is None:  # the interpreter's function: always launched through Triton
-            self.constexpr_names = ()
-            return
-        first = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
-        if not all(p.is_constexpr for p in params[first:]):
-            raise TypeError(f"{fn.__name__}: constexpr parameters must come last")
-        self.constexpr_names = tuple(p.name for p in params[first:])
+        # None: the interpreter's function or an untested Triton, always launched through
+        # Triton's path
+        self.constexpr_names = jit_constexpr_names(fn) or ()
 
     def direct(self, grid, args, constexprs, fixed=()) -> DirectLaunch:
         """Launch once through Triton's path, as ``self.fn[grid](*args, *fixed,
@@ -95,6 +88,7 @@ class DirectLaunch:
         self.tail = (*self.fixed, *(constexprs[n] for n in kernel.constexpr_names))
         self.gx, self.gy, self.gz = (tuple(grid) + (1, 1))[:3]
         self.raw = _raw_launcher(compiled)
+        self.prefix = run_prefix(compiled)
 
     def __call__(self, *args):
         if self.compiled is None or not _fast_enabled():
@@ -109,9 +103,7 @@ class DirectLaunch:
         if raw is not None:
             raw[0](self.gx, self.gy, self.gz, stream, *raw[1], *args, *self.tail)
             return
-        c = self.compiled
-        c.run(self.gx, self.gy, self.gz, stream, c.function, c.packed_metadata, None, None,
-              None, *args, *self.tail)
+        self.compiled.run(self.gx, self.gy, self.gz, stream, *self.prefix, *args, *self.tail)
 
 
 class TmaLaunch:
@@ -129,26 +121,14 @@ class TmaLaunch:
     def wrap(cls, site: DirectLaunch, makers) -> TmaLaunch | None:
         """``makers[i]`` builds position ``i``'s descriptor from a tensor (None: a plain
         argument passed as given)."""
-        run = getattr(site.compiled, "run", None)
-        inner = getattr(run, "launch", None)
-        try:
-            closure = inspect.getclosurevars(inner)
-        except TypeError:  # not a Python function: a launcher without the wrapper
-            return None
-        launcher = closure.nonlocals.get("launcher")
-        indices = closure.nonlocals.get("tensordesc_indices")
-        metas = closure.nonlocals.get("tensordesc_meta")
-        expand = inner.__globals__.get("make_tensordesc_arg")
-        positions = {i for i, m in enumerate(makers) if m is not None}
-        if (launcher is None or expand is None or indices != positions or not _plain_36(run)
-                or not metas or not all(isinstance(m, dict) for m in metas)):
-            return None
-        return cls(site, makers, launcher, expand, metas, run)
+        found = tensordesc_launcher(site.compiled,
+                                    {i for i, m in enumerate(makers) if m is not None})
+        return None if found is None else cls(site, makers, *found)
 
-    def __init__(self, site: DirectLaunch, makers, launcher, expand, metas, run):
+    def __init__(self, site: DirectLaunch, makers, launcher, expand, metas, middle):
         self.site, self.launcher, self.expand = site, launcher, expand
         self.grid = (site.gx, site.gy, site.gz)
-        self.middle = _middle(site.compiled)
+        self.middle = middle
         metas = iter(metas)
         # per position: None (plain), or (maker, its descriptor's metadata, encodings by address)
         self.slots = [None if m is None else (m, next(metas), {}) for m in makers]
@@ -174,44 +154,11 @@ class TmaLaunch:
         self.launcher(*args, *self.site.tail)
 
 
-#: The C launcher's leading arguments in Triton 3.6 (grid, stream, function, cooperative, PDL,
-#: two scratch buffers, packed and launch metadata, two hooks): what `_middle` fills in.
-_BASE_ARGS_FORMAT = "iiiKKppOOOOOO"
-
-
-def _middle(compiled) -> tuple:
-    """What Triton 3.6's launcher wrapper passes its C launcher between the stream and the
-    kernel's arguments: the function, cooperative and PDL flags, two scratch buffers (none
-    here), the packed metadata, launch metadata and the two hooks (none here)."""
-    run = compiled.run
-    return (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
-            compiled.packed_metadata, None, None, None)
-
-
-def _plain_36(run) -> bool:
-    """Whether ``run`` (a compiled kernel's launcher) is laid out as Triton 3.6's, with no
-    scratch memory to allocate per launch: what both direct paths assume of its C launcher."""
-    module = sys.modules.get(type(run).__module__)
-    return (getattr(module, "_BASE_ARGS_FORMAT", None) == _BASE_ARGS_FORMAT
-            and not getattr(run, "global_scratch_size", 1)
-            and not getattr(run, "profile_scratch_size", 1))
-
-
-def _c_launcher(compiled):
-    """``(C launcher, middle arguments)`` of a kernel without tensor descriptors (its
-    launcher not wrapped in Python) on a `_plain_36` launcher, else None."""
-    run = getattr(compiled, "run", None)
-    launch = getattr(run, "launch", None)
-    if launch is None or inspect.isfunction(launch) or not _plain_36(run):
-        return None
-    return launch, _middle(compiled)
-
-
 def _raw_launcher(compiled):
-    """`_c_launcher`, called without Triton's Python wrapper (a few us per launch, twice that
+    """`c_launcher`, called without Triton's Python wrapper (a few us per launch, twice that
     on the autograd engine's thread), where the probe found that this computes what
     Triton's path does; else None."""
-    return _c_launcher(compiled) if _raw_state else None
+    return c_launcher(compiled) if _raw_state else None
 
 
 def layout_key(*tensors) -> tuple:
@@ -225,7 +172,7 @@ class Sites:
     """One kernel's launch sites by call signature. The first call of a signature goes
     through `FastKernel` and keeps a `DirectLaunch`; later calls launch it with no per-argument
     key: a training step repeats a few signatures, and keying ~30 arguments per launch was
-    most of a short problem's host time (benchmarks/NOTES.md)."""
+    most of a short problem's host time (docs/tuning.md)."""
 
     def __init__(self, kernel: FastKernel):
         self.kernel = kernel
@@ -248,17 +195,6 @@ class Sites:
         return site
 
 
-def _raw_stream_getter():
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:  # the handle as an int, without Triton's driver wrappers
-        return raw
-    return lambda index: torch.cuda.current_stream(index).cuda_stream
-
-
-#: ``current_stream(device_index)``: the handle of PyTorch's current stream on that device.
-current_stream = _raw_stream_getter()
-
-
 def fast_launches() -> bool:
     """Whether launches go directly to compiled kernels (else through Triton's path, where
     every pointer must be a tensor)."""
@@ -266,7 +202,7 @@ def fast_launches() -> bool:
 
 
 def _fast_enabled() -> bool:
-    if not ENABLED or interpreting() or _hooks_set():
+    if not ENABLED or interpreting() or hooks_set():
         return False
     if _probe_state is None:
         _probe()
@@ -282,19 +218,21 @@ def _probe_kernel(X, Y, n, a, C: tl.constexpr, BLOCK: tl.constexpr):
 
 def _probe() -> None:
     """Launch a small kernel through Triton's path, its compiled launcher and (`_raw_state`)
-    the C launcher under it, and compare (once per process)."""
+    the C launcher under it, and compare (once per process). An untested Triton is not
+    probed: its launches take Triton's path, as `_triton_internals.launch_path` says."""
     global _probe_state, _raw_state
     _probe_state = False  # while probing, and for good if it fails
+    if not internals_allowed():
+        return
     try:
         x = torch.arange(8, dtype=torch.float32, device="cuda")
         y_ref, y_fast, y_raw = (torch.full_like(x, -1.0) for _ in range(3))
         compiled = _probe_kernel[(1,)](x, y_ref, 5, 0.5, C=3.0, BLOCK=8)
         device = triton.runtime.driver.active.get_current_device()
         stream = triton.runtime.driver.active.get_current_stream(device)
-        compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None,
-                     None, x, y_fast, 5, 0.5, 3.0, 8)
+        compiled.run(1, 1, 1, stream, *run_prefix(compiled), x, y_fast, 5, 0.5, 3.0, 8)
         same = torch.equal(y_ref, y_fast)
-        raw = _c_launcher(compiled)
+        raw = c_launcher(compiled)
         if raw is not None:
             try:  # a launcher that refuses these arguments is simply not used
                 raw[0](1, 1, 1, stream, *raw[1], x, y_raw, 5, 0.5, 3.0, 8)

@@ -1,9 +1,6 @@
 """The Gluon Hopper kernels: they compile for sm_90 with this Triton (no GPU needed), the
 dispatch says why they do not apply, and on an sm_90 GPU they match the tl kernels."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +11,16 @@ import attnkit
 from attnkit import reference
 from attnkit.spec import AttentionProblem
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "compile_gluon.py"
+TOOLS = Path(__file__).parents[1] / "tools"
 
 
-def test_gluon_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert "24/24 variants compiled for sm_90" in r.stdout
+def test_gluon_kernels_compile_for_sm90(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import compile_gluon
+
+    results = compile_gluon.compile_variants()
+    assert len(results) == 24
+    assert all(r.ok for r in results), [r for r in results if not r.ok]
 
 
 def _problem(**kw):
@@ -60,6 +58,56 @@ def test_gluon_backward_dispatch_explains_refusals(monkeypatch):
         _hopper.use_gluon_backward(_problem(), q, kv, kv, q.transpose(2, 3))
 
 
+def test_gluon_backward_refused_without_a_reduce_add(monkeypatch):
+    """Where Gluon names no TMA reduce-add and the gate refuses the builder call that stands in
+    for it (`_gluon_backward._tma_add` None), the backward says so; the forward still runs."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(_hopper, "_arch", lambda device: 90)
+    monkeypatch.setattr(_hopper, "internals_reason", lambda: "Triton 9.9.0 is not tested")
+    problem = _problem(device=torch.device("cuda"))
+    reasons = _hopper._problem_reasons.__wrapped__
+    for add, refused in ((None, True), (object(), False)):
+        monkeypatch.setattr(_hopper, "kernels", lambda add=add: SimpleNamespace(
+            bwd=SimpleNamespace(_tma_add=add)))
+        assert reasons(problem, False) == ()
+        found = reasons(problem, False, backward=True)
+        assert bool(found) == refused
+        if refused:
+            assert "no TMA reduce-add" in found[0] and "9.9.0 is not tested" in found[0]
+
+
+@pytest.mark.parametrize("gate", ["", "not tested"])
+def test_descriptors_copied_only_where_the_gate_allows(monkeypatch, gate):
+    """`_Descriptors` builds its first descriptor through the constructor (which checks it) and
+    copies the later ones' fields with a new base, unless the gate refuses that read."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from attnkit_triton import _triton_internals
+
+    built = []
+
+    @dataclass
+    class Descriptor:
+        base: object
+        shape: list
+        strides: list
+        block_shape: list
+        layout: object
+
+        def __post_init__(self):
+            built.append(self.base)
+
+    monkeypatch.setattr(_triton_internals, "_REASON", gate)
+    monkeypatch.setattr(_hopper, "kernels", lambda: SimpleNamespace(TensorDescriptor=Descriptor))
+    make = _hopper._Descriptors(256, 64, [64, 64], "layout")
+    descs = [make(base) for base in ("a", "b", "c")]
+    assert [d.base for d in descs] == ["a", "b", "c"]
+    assert all(d.shape == [256, 64] and d.strides == [64, 1] for d in descs)
+    assert built == (["a"] if not gate else ["a", "b", "c"])
+
+
 @pytest.mark.parametrize("dims,perm", [
     ((2, 3, 8, 4), (0, 1, 2, 3)), ((2, 8, 3, 4), (0, 2, 1, 3)),  # BHSD, BSHD
     ((1, 8, 1, 4), (0, 2, 1, 3)), ((1, 1, 8, 4), (0, 1, 2, 3)),  # size-1 dims
@@ -94,9 +142,7 @@ def test_auto_mode_takes_a_path_only_where_preferred(monkeypatch):
                                                          seqlen_q=16384, seqlen_k=16384))
 
 
-sm90 = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)
-    or os.environ.get("TRITON_INTERPRET") == "1", reason="needs an sm_90 GPU")
+sm90 = pytest.mark.sm90  # an sm_90 GPU, the interpreter off (conftest.py)
 
 
 def gpu_cases(test):
@@ -205,7 +251,7 @@ def test_gluon_backward_matches_reference_on_cuda(monkeypatch, dtype, D, causal,
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cast_dense_rounds_as_torch_on_cuda(dtype):
     """The Gluon backward's dQ cast (`cast_dense`, a direct launch in place of ``.to``)
@@ -249,7 +295,9 @@ def test_gluon_backward_keeps_its_launch_sites(monkeypatch):
         assert [(n, s) for n, s, _ in log] == (
             [("prep", None), ("main", None), ("cast", None)] if call == 0
             else [("prep", 7), ("main", 7), ("cast", 7)])
-        (_, _, (o, d, l_, stats, dq_acc)), (_, _, main), (_, _, (x, y)) = log
+        # The direct prep launch also passes lse as the unread dlse pointer.
+        (_, _, (o, d, l_, stats, dq_acc, *unread)), (_, _, main), (_, _, (x, y)) = log
+        assert unread == ([] if call == 0 else [lse])
         assert o is out and d is dout and l_ is lse and x is dq_acc and y is dq
         assert main[:4] == (q, k, v, dout) and main[4:] == (dq_acc, stats, dk, dv)
         assert stats.shape == (2, 2, 128) and dq_acc.dtype == torch.float32

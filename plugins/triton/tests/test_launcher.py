@@ -1,9 +1,26 @@
-"""The direct launcher's bookkeeping, without a GPU: a fake kernel stands in for Triton's."""
+"""The direct launcher's bookkeeping and the gate on Triton's internals, without a GPU: a
+fake kernel stands in for Triton's."""
 
 import functools
+import os
+import threading
 from types import SimpleNamespace
 
-from attnkit_triton import _launcher
+import pytest
+import triton
+from attnkit_triton import _launcher, _triton_internals
+
+
+@pytest.fixture
+def tested(monkeypatch):
+    """Triton's internals read as on a tested release, whatever Triton runs the tests."""
+    monkeypatch.setattr(_triton_internals, "_REASON", "")
+
+
+@pytest.fixture
+def untested(monkeypatch):
+    """Triton's internals left alone, as on an untested release."""
+    monkeypatch.setattr(_triton_internals, "_REASON", "Triton 9.9.0 is not a tested release")
 
 
 class _FakeKernel:
@@ -21,7 +38,7 @@ class _FakeKernel:
         return lambda *args, **constexprs: self.log.append(("launch", grid, args, constexprs))
 
 
-def test_direct_launch_probes_before_its_first_launch(monkeypatch):
+def test_direct_launch_probes_before_its_first_launch(monkeypatch, tested):
     """The one-time probe (a kernel compile on a fresh machine) belongs to a site's first
     call, which compiles anyway, not to the second: a benchmark's first timed call read
     250 ms when it ran there."""
@@ -32,7 +49,7 @@ def test_direct_launch_probes_before_its_first_launch(monkeypatch):
         monkeypatch.setattr(_launcher, "_probe_state", False)  # direct launches refused
 
     monkeypatch.setattr(_launcher, "interpreting", lambda: False)
-    monkeypatch.setattr(_launcher, "_hooks_set", lambda: False)
+    monkeypatch.setattr(_launcher, "hooks_set", lambda: False)
     monkeypatch.setattr(_launcher, "_probe_state", None)
     monkeypatch.setattr(_launcher, "_probe", probe)
     site = _launcher.FastKernel(_FakeKernel(log)).direct((2,), (7,), {"C": 3}, fixed=(5,))
@@ -42,7 +59,7 @@ def test_direct_launch_probes_before_its_first_launch(monkeypatch):
     assert site.tail == (5, 3)
 
 
-def test_tma_launch_passes_what_tritons_launcher_passes(monkeypatch):
+def test_tma_launch_passes_what_tritons_launcher_passes(monkeypatch, tested):
     """`TmaLaunch` hands Triton's C launcher the arguments Triton's own launcher would (the
     installed Triton's ``CudaLauncher`` and descriptor wrapper, a recording function in place
     of the C launcher and of the CUtensorMap encoding), and encodes each address once. A
@@ -97,7 +114,7 @@ def test_tma_launch_passes_what_tritons_launcher_passes(monkeypatch):
     assert encoded[-1] == c.data_ptr() and launched[3][13][1] == c.data_ptr()
 
 
-def test_raw_launch_only_where_probed_and_laid_out_as_triton_36(monkeypatch):
+def test_raw_launch_only_where_probed_and_laid_out_as_triton_36(monkeypatch, tested):
     """`DirectLaunch.run` calls the C launcher itself only after the probe found that
     equivalent (`_raw_state`) and only for Triton 3.6's launcher layout, without descriptors
     or scratch memory; it passes what Triton 3.6's ``CudaLauncher.__call__`` would."""
@@ -115,7 +132,7 @@ def test_raw_launch_only_where_probed_and_laid_out_as_triton_36(monkeypatch):
     assert _launcher._raw_launcher(compiled) is None  # not probed (or the probe failed)
     monkeypatch.setattr(_launcher, "_raw_state", True)
     raw = _launcher._raw_launcher(compiled)
-    if getattr(driver, "_BASE_ARGS_FORMAT", None) != _launcher._BASE_ARGS_FORMAT:
+    if getattr(driver, "_BASE_ARGS_FORMAT", None) != _triton_internals._BASE_ARGS_FORMAT:
         assert raw is None  # another Triton: its wrapper stays
         return
     site = _launcher.DirectLaunch(_launcher.FastKernel(_FakeKernel([])), (4,), {"C": 3}, compiled,
@@ -183,3 +200,99 @@ def test_tl_backward_keeps_its_launch_sites(monkeypatch):
     _backward.launch_backward(None, q, k, v, out.contiguous(), lse, dout, None, cfg, cfg,
                               False, "layout", kept)
     assert [s for _, s, _ in log] == [None, None, None]  # out not laid out as q: keyed path
+
+
+def test_gate_reads_internals_only_on_tested_releases():
+    assert _triton_internals.TESTED_TRITON == ("3.6",)
+    assert _triton_internals.release("3.6.0+git4a2c") == "3.6"
+    assert _triton_internals.release("3.10.1") == "3.10"
+    for version in ("3.6.0", "3.6.2", "3.6.0+gitabc"):
+        assert _triton_internals.gate_reason(version) == ""
+    for version in ("3.5.1", "3.9.0", "3.60.0", "4.6.0"):
+        reason = _triton_internals.gate_reason(version)
+        assert f"Triton {version} is not a tested release (3.6;" in reason
+        assert _triton_internals.gate_reason(version, "1") == ""  # asked to try it
+    assert _triton_internals.gate_reason("3.6.0", "0") == "ATTNKIT_TRITON_INTERNALS=0"
+    # this process's answer is the installed Triton's, and `attnkit backends` shows it
+    expected = _triton_internals.gate_reason(triton.__version__)
+    if _triton_internals._ENV not in os.environ:
+        assert _triton_internals.internals_reason() == expected
+    from attnkit_triton.backend import TritonBackend
+
+    assert _triton_internals.launch_path() in TritonBackend.description
+
+
+def test_untested_triton_launches_through_tritons_path(monkeypatch, untested, recwarn):
+    """Off the tested releases nothing private is read: no probe (so no warning), no
+    constexpr tail, no launcher layout; every call of a site goes through ``fn[grid]``."""
+    monkeypatch.setattr(_launcher, "interpreting", lambda: False)
+    monkeypatch.setattr(_launcher, "hooks_set", lambda: False)
+    monkeypatch.setattr(_launcher, "_probe_state", None)
+    assert not _launcher.fast_launches()  # the real `_probe`: returns before touching CUDA
+    assert _launcher._probe_state is False and not recwarn.list
+    assert "public path: Triton 9.9.0 is not a tested release" in (
+        _triton_internals.launch_path())
+    log = []
+    compiled = SimpleNamespace(run=SimpleNamespace(launch=functools.partial(print)),
+                               function=77, packed_metadata="packed")
+    monkeypatch.setattr(_launcher, "_raw_state", True)
+    site = _launcher.DirectLaunch(_launcher.FastKernel(_FakeKernel(log)), (2,), {"C": 3},
+                                  compiled, fixed=(5,))
+    assert site.tail == (5,) and site.raw is None and site.prefix is None
+    site(8)
+    assert log == [("launch", (2,), (8, 5), {"C": 3})]
+    assert _triton_internals.tensordesc_launcher(compiled, {0}) is None
+    assert _triton_internals.descriptor_fields(SimpleNamespace(base=1, shape=[2])) is None
+
+
+def _on_a_fresh_thread(fn):
+    """Run ``fn`` where Triton's allocator ContextVar holds its default, as on a thread the
+    autograd engine starts."""
+    t = threading.Thread(target=fn)
+    t.start()
+    t.join()
+
+
+def test_allocator_set_only_where_none_is(monkeypatch, tested):
+    """On a tested Triton ours is set where the context holds Triton's null allocator, and a
+    caller's own is left alone."""
+    from triton.runtime import _allocation
+
+    calls = []
+    monkeypatch.setattr(triton, "set_allocator", calls.append)
+
+    def fresh():
+        _triton_internals.ensure_allocator()
+        _triton_internals.ensure_allocator()  # still Triton's null allocator: set again
+        own = object()
+        _allocation.set_allocator(own)  # the caller's, through Triton's own setter
+        _triton_internals.ensure_allocator()
+
+    _on_a_fresh_thread(fresh)
+    assert calls == [_triton_internals._alloc] * 2
+
+
+def test_allocator_set_once_per_context_through_the_public_api(monkeypatch, untested):
+    calls = []
+    monkeypatch.setattr(triton, "set_allocator", calls.append)
+
+    def fresh():
+        for _ in range(3):
+            _triton_internals.ensure_allocator()
+
+    _on_a_fresh_thread(fresh)
+    _on_a_fresh_thread(fresh)  # a new thread has a new context: set there too
+    assert calls == [_triton_internals._alloc] * 2
+
+
+@pytest.mark.parametrize("gate", ["tested", "untested"])
+def test_gluon_reduce_add_is_the_public_op_or_the_gated_builder_call(request, gate):
+    request.getfixturevalue(gate)
+    public = object()
+    assert _triton_internals.gluon_tma_reduce_add(SimpleNamespace(async_atomic_add=public)) \
+        is public
+    made = _triton_internals.gluon_tma_reduce_add(SimpleNamespace())  # Triton 3.6's Gluon
+    if gate == "untested":
+        assert made is None
+    else:
+        assert getattr(made, "__triton_builtin__", False)
