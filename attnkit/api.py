@@ -154,12 +154,19 @@ def _autocast_inputs(q, k, v):
                  else t for t in (q, k, v))
 
 
+def _lengths_for_backends(seqlens_k):
+    """``seqlens_k`` as the backend contract promises it: int32 and contiguous."""
+    if seqlens_k is not None and (seqlens_k.dtype != torch.int32
+                                  or not seqlens_k.is_contiguous()):
+        seqlens_k = seqlens_k.to(torch.int32).contiguous()
+    return seqlens_k
+
+
 def run_problem(problem: AttentionProblem, chosen, q, k, v, seqlens_k):
     """Run a validated problem on the backend selected for it (eager path of `attention`,
     shared with `attention_with_kvcache`, which validates and selects before writing)."""
     return_lse = problem.return_lse
-    if seqlens_k is not None and seqlens_k.dtype != torch.int32:
-        seqlens_k = seqlens_k.to(torch.int32)
+    seqlens_k = _lengths_for_backends(seqlens_k)
     if problem.is_empty:
         out, lse = _empty_result(problem, q)
         if problem.needs_grad:  # keep the graph: zero gradients, same as a backend would give
@@ -445,8 +452,7 @@ def _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse
                         *(("window", w) for w in (window or ()))):
             _refuse_traced_numpy(name, x)
     wl, wr = check_window(window)
-    if seqlens_k is not None and seqlens_k.dtype != torch.int32:
-        seqlens_k = seqlens_k.to(torch.int32)
+    seqlens_k = _lengths_for_backends(seqlens_k)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
     options = (causal, check_scale(scale, q.shape[-1]), wl, wr, check_softcap(softcap) or 0.0,

@@ -506,3 +506,24 @@ def test_kvcache_takes_numpy_scalars():
         want = attnkit.attention_with_kvcache(q, k_cache, v_cache, lens, scale=0.25,
                                               window=(3, 0), backend="reference")
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_backends_receive_seqlens_k_int32_and_contiguous(monkeypatch, requires_grad):
+    q, k, v = (t.detach().requires_grad_(requires_grad) for t in _qkv(dtype=torch.float32))
+    strided = torch.tensor([[13, 0], [4, 0]])[:, 0]  # int64, stride 2
+    backend = registry.get("reference")
+    seen = []
+    for name in ("forward", "backward"):
+        real = getattr(backend, name)
+
+        def spy(*args, _real=real, **kwargs):
+            lengths = args[4] if len(args) == 5 else args[7]
+            seen.append((lengths.dtype, lengths.is_contiguous(), lengths.tolist()))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(backend, name, spy)
+    out = attnkit.attention(q, k, v, seqlens_k=strided, backend="reference")
+    if requires_grad:
+        out.sum().backward()
+    assert seen and all(s == (torch.int32, True, [13, 4]) for s in seen), seen
