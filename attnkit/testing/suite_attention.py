@@ -63,8 +63,9 @@ def test_repeatable(repeat_case, backend, backend_name, device):
 def test_seqlens_k_out_of_range(backend, backend_name, device):
     """``seqlens_k`` below 0 and above Sk. On CPU the spec rejects it before any backend
     runs. On a GPU the host does not read it (that would sync every call), so the backend
-    must clamp it to [0, Sk]: no device error, and out, lse and gradients bit for bit
-    those of the call with the clamped lengths."""
+    must clamp it to [0, Sk] (no device error; out, lse and gradients bit for bit those of
+    the call with the clamped lengths) or, if it reads the lengths on the host anyway, refuse
+    them with a ValueError naming seqlens_k."""
     caps = backend.capabilities
     if not caps.seqlens_k:
         pytest.skip("the backend does not declare seqlens_k")
@@ -87,7 +88,12 @@ def test_seqlens_k_out_of_range(backend, backend_name, device):
         torch.cuda.synchronize()  # a device error surfaces here, inside this test
         return (out, lse, *grads)
 
-    got, want = call(bad), call(bad.clamp(0, case.seqlen_k))
+    try:
+        got = call(bad)
+    except ValueError as e:  # a backend that reads the lengths on the host may refuse them
+        assert "seqlens_k" in str(e), f"the refusal must name seqlens_k: {e}"
+        return
+    want = call(bad.clamp(0, case.seqlen_k))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         if a is not None:
             assert torch.equal(a, b), (f"[seed {seed}] seqlens_k {bad.tolist()} (Sk=40): {name} "
