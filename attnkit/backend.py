@@ -174,6 +174,11 @@ class Backend:
         """
         raise NotImplementedError
 
+    def conformance_modules(self) -> tuple[str, ...]:
+        """Importable names of pytest modules ``attnkit check`` runs for this backend after
+        the core's suite, with the same fixtures (see `attnkit.testing`)."""
+        return ()
+
     @property
     def version(self) -> str:
         """The version of the distribution that ships this backend."""
