@@ -155,13 +155,8 @@ class DecodeSpec:
 
 
 @dataclass
-class Cell:
-    """One measurement: a backend on a shape in a mode, and what came of it.
-
-    ``status`` is "ok", "unsupported" (the backend declares it cannot compute this problem;
-    ``error`` holds its reasons), "oom", "error" (it raised; ``error`` holds the message) or
-    "skipped" (not attempted; ``error`` says why).
-    """
+class Row:
+    """Who ran what, and what came of it: the fields every result row starts with."""
 
     backend: str
     kind: str  # "attnkit" or "sdpa"
@@ -176,6 +171,20 @@ class Cell:
     causal: bool
     status: str = "skipped"
     error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Cell(Row):
+    """One measurement: a backend on a shape in a mode, and what came of it.
+
+    ``status`` is "ok", "unsupported" (the backend declares it cannot compute this problem;
+    ``error`` holds its reasons), "oom", "error" (it raised; ``error`` holds the message) or
+    "skipped" (not attempted; ``error`` says why).
+    """
+
     ms: float | None = None
     ms_min: float | None = None
     reps: int | None = None
@@ -188,9 +197,6 @@ class Cell:
     mem_extra_bytes: int | None = None
     max_abs_diff_vs_sdpa: float | None = None
     notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def default_grid(device: str) -> GridSpec:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from . import peers, timing
 from .contenders import Contender
-from .grid import IDENTITY, DecodeSpec, GridSpec
+from .grid import IDENTITY, DecodeSpec, GridSpec, Row
 from .progress import Progress
 from .runner import _decode_inputs, _error_text, _Unsupported, grid_inputs, mode_call
 
@@ -35,28 +35,12 @@ def batch_sizes(device: torch.device) -> tuple[int, int]:
 
 
 @dataclass
-class HostRow:
-    backend: str
-    kind: str
-    mode: str
-    dtype: str
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    causal: bool
-    status: str = "skipped"
-    error: str | None = None
+class HostRow(Row):
     host_us: float | None = None
     host_us_min: float | None = None
     gpu_us: float | None = None
     host_vs_sdpa_flash: float | None = None
     notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def host_us(fn, device: torch.device, calls: int, batches: int) -> tuple[float, float]:
