@@ -84,13 +84,18 @@ def _defaults(q, scale):
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
 
-def naive(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
-    """Textbook attention: ``P = exp(S) / sum(exp(S))``, ``O = P V``. Overflows in fp16."""
-    scale = _defaults(q, scale)
+def _visible_inputs(q, k, v, causal, window, seqlens_k):
+    """The visibility mask and k, v with unseen keys selected to 0 and kv heads expanded."""
     mask = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window,
                         seqlens_k=seqlens_k, device=q.device)
     k, v = _drop_unseen_keys(k, v, mask)
-    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    return mask, _expand_kv(q, k), _expand_kv(q, v)
+
+
+def naive(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
+    """Textbook attention: ``P = exp(S) / sum(exp(S))``, ``O = P V``. Overflows in fp16."""
+    scale = _defaults(q, scale)
+    mask, k, v = _visible_inputs(q, k, v, causal, window, seqlens_k)
     s = _scores(q, k, scale, softcap)
     e = torch.where(mask, torch.exp(s), torch.zeros((), dtype=s.dtype, device=s.device))
     denom = e.sum(-1, keepdim=True)
@@ -102,10 +107,7 @@ def naive(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, sof
 def safe(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
     """Max-subtracted softmax over the materialized score matrix."""
     scale = _defaults(q, scale)
-    mask = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window,
-                        seqlens_k=seqlens_k, device=q.device)
-    k, v = _drop_unseen_keys(k, v, mask)
-    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    mask, k, v = _visible_inputs(q, k, v, causal, window, seqlens_k)
     s = _scores(q, k, scale, softcap)
     s = s.masked_fill(~mask, float("-inf"))
     # Subtracting the row max changes nothing mathematically, so it carries no gradient.
@@ -124,10 +126,7 @@ def online(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, so
     scale = _defaults(q, scale)
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
-    mask = visible_mask(Sq, Sk, causal=causal, window=window, seqlens_k=seqlens_k,
-                        device=q.device)
-    k, v = _drop_unseen_keys(k, v, mask)
-    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    mask, k, v = _visible_inputs(q, k, v, causal, window, seqlens_k)
     m = torch.full((B, H, Sq, 1), float("-inf"), dtype=q.dtype, device=q.device)
     denom = torch.zeros((B, H, Sq, 1), dtype=q.dtype, device=q.device)
     acc = torch.zeros((B, H, Sq, v.shape[-1]), dtype=q.dtype, device=q.device)
