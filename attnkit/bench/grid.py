@@ -87,8 +87,23 @@ class Shape:
                                self.head_dim, self.causal, mode)
 
 
+@dataclass(kw_only=True)
+class Timing:
+    """How each cell is timed (`attnkit.bench.timing`), shared by the grid and decode specs."""
+
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    min_reps: int = 3
+    max_reps: int = 200
+    #: Cells not started after this many seconds are recorded as skipped (None: no limit).
+    time_limit_s: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class GridSpec:
+class GridSpec(Timing):
     """The training-shape grid: ``batch = tokens // seqlen``, ``heads = model_dim // D``."""
 
     seqlens: tuple[int, ...]
@@ -101,15 +116,9 @@ class GridSpec:
     #: "bshd": q/k/v are (B, S, H, D) tensors passed as ``.transpose(1, 2)`` (how models hold
     #: them); "bhsd": contiguous (B, H, S, D).
     layout: str = "bshd"
-    warmup_ms: float = 25.0
-    rep_ms: float = 100.0
-    min_reps: int = 3
-    max_reps: int = 200
     #: A contender whose call took longer than this at one seqlen is not run at larger ones
     #: of the same dtype / head dim / causal / mode (recorded as skipped, with the time).
     slow_call_s: float = 1.0
-    #: Cells not started after this many seconds are recorded as skipped (None: no limit).
-    time_limit_s: float | None = None
 
     def shapes(self) -> list[Shape]:
         out = []
@@ -122,12 +131,9 @@ class GridSpec:
                         out.append(Shape(batch, heads, seqlen, head_dim, causal, dtype))
         return out
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class DecodeSpec:
+class DecodeSpec(Timing):
     """The decoding grid: one (or a few) query tokens against a full KV cache per length."""
 
     cache_lens: tuple[int, ...]
@@ -137,11 +143,6 @@ class DecodeSpec:
     head_dim: int = 128
     dtype: str = "bf16"
     seqlen_q: int = 1
-    warmup_ms: float = 25.0
-    rep_ms: float = 100.0
-    min_reps: int = 3
-    max_reps: int = 200
-    time_limit_s: float | None = None
     #: Also time each step as the replay of a CUDA graph that captured it (mode
     #: ``decode_graph``), beside the eager call (mode ``decode``).
     graphs: bool = False
@@ -149,9 +150,6 @@ class DecodeSpec:
     def bytes(self, cache_len: int) -> int:
         return kv_bytes(self.batch, self.heads_kv, cache_len, self.head_dim,
                         DTYPES[self.dtype])
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
