@@ -1,6 +1,6 @@
 // Attention backward, deterministic (no atomics), from the saved out and lse:
 //
-//   delta = rowsum(dO * O)                                    bwd_delta_kernel
+//   delta = rowsum(dO * O) - dlse                             bwd_delta_kernel
 //   P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta)      recomputed per tile
 //   dQ = scale * dS K                                         bwd_dq_kernel: one block per
 //                                                              (query tile, head, batch)
@@ -10,7 +10,14 @@
 // dQ and dK/dV are owned by separate kernels, so every output element is summed by one thread
 // in a fixed order. The dK/dV block of a kv head walks the query tiles of every query head
 // of its GQA group, so the group sum needs no second pass. With softcap, S is the capped
-// score c*tanh(x/c) and dS is multiplied by the tanh derivative 1 - tanh^2.
+// score c*tanh(x/c) and dS is multiplied by the tanh derivative 1 - tanh^2. dlse, the
+// gradient reaching lse (null when there is none), enters through delta only.
+//
+// Masked pairs get P = dS = 0 by selection, never by a product, so an inf/NaN score, lse or
+// delta there cannot leak in. Keys outside [Band::key_first, skb) exist for no query: the dQ
+// kernels zero their K rows (unread, or right after the load) before dS K; in the dK/dV
+// kernels every pair of such a key is masked, so its dK/dV sums only selected zeros (a key
+// row's sums read no other key's K/V: theirs need no zeroing).
 //
 // fp16/bf16 kernels use tensor cores (mma.sync m16n8k16 + ldmatrix, cp.async double
 // buffering); the *_f32 kernels are the exact fp32 path on CUDA cores.
@@ -20,7 +27,8 @@
 
 template <typename T>
 __global__ void __launch_bounds__(128) bwd_delta_kernel(
-    const u16* __restrict__ o, const u16* __restrict__ dout, float* __restrict__ delta,
+    const u16* __restrict__ o, const u16* __restrict__ dout, const float* __restrict__ dlse,
+    float* __restrict__ delta,
     i64 o_sb, i64 o_sh, i64 o_ss, i64 o_sd, i64 g_sb, i64 g_sh, i64 g_ss, i64 g_sd,
     int Hq, int Sq, int D) {
     const int lane = threadIdx.x & 31;
@@ -32,11 +40,15 @@ __global__ void __launch_bounds__(128) bwd_delta_kernel(
     for (int d = lane; d < D; d += 32)
         sum += Elem<T>::to_float(orow[d * o_sd]) * Elem<T>::to_float(grow[d * g_sd]);
     sum = warp_sum(sum);
-    if (lane == 0) delta[((i64)b * Hq + h) * Sq + i] = sum;
+    if (lane == 0) {
+        const i64 idx = ((i64)b * Hq + h) * Sq + i;
+        delta[idx] = dlse ? sum - dlse[idx] : sum;  // dlse: contiguous (B, Hq, Sq) or null
+    }
 }
 
 __global__ void __launch_bounds__(128) bwd_delta_f32_kernel(
-    const float* __restrict__ o, const float* __restrict__ dout, float* __restrict__ delta,
+    const float* __restrict__ o, const float* __restrict__ dout, const float* __restrict__ dlse,
+    float* __restrict__ delta,
     i64 o_sb, i64 o_sh, i64 o_ss, i64 o_sd, i64 g_sb, i64 g_sh, i64 g_ss, i64 g_sd,
     int Hq, int Sq, int D) {
     const int lane = threadIdx.x & 31;
@@ -47,7 +59,10 @@ __global__ void __launch_bounds__(128) bwd_delta_f32_kernel(
     float sum = 0.f;
     for (int d = lane; d < D; d += 32) sum = fmaf(orow[d * o_sd], grow[d * g_sd], sum);
     sum = warp_sum(sum);
-    if (lane == 0) delta[((i64)b * Hq + h) * Sq + i] = sum;
+    if (lane == 0) {
+        const i64 idx = ((i64)b * Hq + h) * Sq + i;
+        delta[idx] = dlse ? sum - dlse[idx] : sum;  // dlse: contiguous (B, Hq, Sq) or null
+    }
 }
 
 // ---- dQ (fp16/bf16) ---------------------------------------------------------------------
@@ -86,6 +101,7 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
     const int t0 = lo / BN;
     const int ntiles = hi > lo ? (hi + BN - 1) / BN - t0 : 0;
+    const int kfirst = band.key_first(BAND);
 
     if (ntiles > 0) {
         load_tile_16<BM, DP, LDS, NT>(sQ, q + b * q_sb + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
@@ -93,10 +109,11 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
         load_tile_16<BM, DP, LDS, NT>(sG, dout + b * g_sb + h * g_sh + (i64)m0 * g_ss, g_ss,
                                       g_sd, Sq - m0, D, vec, dout);
         const int n0 = t0 * BN;
-        load_tile_16<BN, DP, LDS, NT>(sK, kg + (i64)n0 * k_ss, k_ss, k_sd, band.skb - n0,
-                                      D, vec, k);
-        load_tile_16<BN, DP, LDS, NT>(sV, vg + (i64)n0 * v_ss, v_ss, v_sd, band.skb - n0,
-                                      D, vec, v);
+        // Only this first tile can reach below kfirst (the next start past key_lo(m0)).
+        load_tile_16<BN, DP, LDS, NT, true>(sK, kg + (i64)n0 * k_ss, k_ss, k_sd, band.skb - n0,
+                                            D, vec, k, kfirst - n0);
+        load_tile_16<BN, DP, LDS, NT, true>(sV, vg + (i64)n0 * v_ss, v_ss, v_sd, band.skb - n0,
+                                            D, vec, v, kfirst - n0);
         cp_async_commit();
     }
 
@@ -162,14 +179,16 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
             }
         }
 
-        // dS = P * (dP - delta) [* (1 - tanh^2)], in place of s.
+        // dS = P * (dP - delta) [* (1 - tanh^2)], in place of s. Where masked, the score, lse,
+        // dP - delta and tanh are selected as -inf, 0, 0, 0: P = dS = 0 exactly, whatever lse
+        // or delta hold there (NaN, inf).
         const bool full = band.tile_full(m0, m1, n0, n0 + BN - 1, BAND);
 #pragma unroll
         for (int n = 0; n < NTN; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int hf = e >> 1;
-                float x = s[n][e], t = 0.f;
+                float x = s[n][e], t = 0.f, l2 = lse2[hf], dd = dp[n][e] - dlt[hf];
                 if (SOFTCAP) {
                     t = tanhf(x * cap_in);
                     x = t * cap_out;
@@ -179,10 +198,10 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
                 if (!full) {
                     const int i = m0 + wrow + (lane >> 2) + hf * 8;
                     const int j = n0 + n * 8 + (lane & 3) * 2 + (e & 1);
-                    if (!band.visible(i, j, BAND)) x = neg_inf();
+                    if (!band.visible(i, j, BAND)) x = neg_inf(), l2 = dd = t = 0.f;
                 }
-                const float p = fast_exp2(x - lse2[hf]);
-                float ds = p * (dp[n][e] - dlt[hf]);
+                const float p = fast_exp2(x - l2);
+                float ds = p * dd;
                 if (SOFTCAP) ds *= 1.f - t * t;
                 s[n][e] = ds;
             }
@@ -332,7 +351,7 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
             }
         }
 
-        // P^T in s, dS^T in dp.
+        // P^T in s, dS^T in dp; masked pairs select -inf, 0, 0 as in the dQ kernel.
         const bool full = band.tile_full(mq0, mq0 + BQ - 1, n0, n0 + BK - 1, BAND) &&
                           mq0 + BQ <= Sq;
 #pragma unroll
@@ -340,7 +359,7 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int col = n * 8 + (lane & 3) * 2 + (e & 1);
-                float x = s[n][e], t = 0.f;
+                float x = s[n][e], t = 0.f, l2 = lse_to_log2(cL[col]), dd = dp[n][e] - cD[col];
                 if (SOFTCAP) {
                     t = tanhf(x * cap_in);
                     x = t * cap_out;
@@ -349,10 +368,10 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
                 }
                 if (!full) {
                     const int i = mq0 + col, j = j_row + (e >> 1) * 8;
-                    if (i >= Sq || !band.visible(i, j, BAND)) x = neg_inf();
+                    if (i >= Sq || !band.visible(i, j, BAND)) x = neg_inf(), l2 = dd = t = 0.f;
                 }
-                const float p = fast_exp2(x - lse_to_log2(cL[col]));
-                float ds = p * (dp[n][e] - cD[col]);
+                const float p = fast_exp2(x - l2);
+                float ds = p * dd;
                 if (SOFTCAP) ds *= 1.f - t * t;
                 s[n][e] = p;
                 dp[n][e] = ds;
@@ -386,7 +405,9 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
         __syncthreads();
     }
 
-    // Keys past seqlens_k (and blocks no query sees) get exact zeros: their P was 0.
+    // Keys that exist for no query (past seqlens_k, before key_first) get exact zeros: every
+    // pair of theirs is masked, so only selected zeros entered their sums; so do blocks no query
+    // sees.
     const bool pairs = (D & 1) == 0;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -467,6 +488,7 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
                                   Sq - m0, D);
     const int m1 = min(m0 + BM, Sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
+    const int kfirst = band.key_first(BAND);
 
     float acc[R][DPL], lse_r[R], dlt[R];
 #pragma unroll
@@ -484,6 +506,13 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
         __syncthreads();
         load_rows_f32<BN, DP, LDC, NT>(sK, kg + (i64)n0 * k_ss, k_ss, k_sd, band.skb - n0, D);
         load_rows_f32<BN, DP, LDC, NT>(sV, vg + (i64)n0 * v_ss, v_ss, v_sd, band.skb - n0, D);
+        // Keys before kfirst exist for no query (the first tile only): P and dS are selected
+        // there, but their K rows must not meet dS = 0 as NaN or inf. The padded rows are
+        // zeroed whole, by other threads than loaded them: a barrier first.
+        if (BAND && n0 < kfirst) {
+            __syncthreads();
+            zero_f32<NT>(sK, (kfirst - n0) * LDC);
+        }
         __syncthreads();
         float s[R], dp[R];
 #pragma unroll
@@ -510,7 +539,7 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
             }
             const bool vis = band.visible(i, j, BAND);
             const float p = vis ? expf(x - lse_r[r]) : 0.f;
-            float ds = p * (dp[r] - dlt[r]);
+            float ds = p * (vis ? dp[r] - dlt[r] : 0.f);  // masked: 0 * 0, whatever delta holds
             if (SOFTCAP) ds *= 1.f - t * t;
 #pragma unroll 8
             for (int jj = 0; jj < BN; ++jj) {
@@ -611,9 +640,11 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
                     x = s[r] * scale;
                 }
                 const bool vis = i < Sq && band.visible(i, j, BAND);
+                // Masked: 0 * 0, whatever delta or (for a key that exists for no query) its
+                // K/V rows hold; its tanh too may be NaN.
                 const float p = vis ? expf(x - sL[lane]) : 0.f;
-                float ds = p * (dp[r] - sD[lane]);
-                if (SOFTCAP) ds *= 1.f - t * t;
+                float ds = p * (vis ? dp[r] - sD[lane] : 0.f);
+                if (SOFTCAP) ds = vis ? ds * (1.f - t * t) : 0.f;
 #pragma unroll 8
                 for (int ii = 0; ii < BQ; ++ii) {
                     const float pi = __shfl_sync(0xffffffffu, p, ii);

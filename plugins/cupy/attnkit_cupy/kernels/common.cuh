@@ -158,6 +158,10 @@ struct Band {
     }
     // Keys [lo, hi) that any query of [m0, m1] may see.
     ATTN_DEVICE int key_lo(int m0, bool band) const { return band ? max(0, m0 + off - left) : 0; }
+    // First key some query of the batch sees: keys outside [key_first, skb) exist for no query
+    // and may hold anything (NaN, inf), so the kernels zero their rows (unread, or right after
+    // the load) wherever a product would meet them.
+    ATTN_DEVICE int key_first(bool band) const { return key_lo(0, band); }
     ATTN_DEVICE int key_hi(int m1, bool band) const {
         return band ? min(skb, m1 + off + right + 1) : skb;
     }
@@ -216,13 +220,15 @@ ATTN_DEVICE void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
 }
 
 // Copy rows [0, ROWS) x cols [0, DP) of a 16-bit (rows, D) matrix into shared memory with row
-// stride LDS elements. Rows >= nvalid and columns >= D become 0, so padded rows never carry
-// garbage (or NaN) into an mma. `vec` (decided on the host: unit column stride, 16-byte
-// aligned rows, D % 8 == 0) selects cp.async; otherwise plain strided loads are used.
-// `safe` is any readable address, handed to zero-byte copies.
-template <int ROWS, int DP, int LDS, int NT>
+// stride LDS elements. Rows >= nvalid (with LO, also rows < rlo) and columns >= D become 0
+// without being read, so padded rows and keys that exist for no query never carry garbage
+// (or NaN) into an mma; LO is for the one tile that can cross Band::key_first, so the others
+// pay no extra check. `vec` (decided on the host: unit column stride, 16-byte aligned rows,
+// D % 8 == 0) selects cp.async; otherwise plain strided loads are used. `safe` is any
+// readable address, handed to zero-byte copies.
+template <int ROWS, int DP, int LDS, int NT, bool LO = false>
 ATTN_DEVICE void load_tile_16(u16* sm, const u16* g, i64 s_row, i64 s_col, int nvalid, int D,
-                              bool vec, const u16* safe) {
+                              bool vec, const u16* safe, int rlo = 0) {
     if (vec) {
         constexpr int CH = DP / 8;
         constexpr int ITERS = (ROWS * CH + NT - 1) / NT;
@@ -232,6 +238,7 @@ ATTN_DEVICE void load_tile_16(u16* sm, const u16* g, i64 s_row, i64 s_col, int n
             if ((ROWS * CH) % NT != 0 && idx >= ROWS * CH) break;
             int r = idx / CH, c = idx % CH;
             bool ok = r < nvalid && c * 8 < D;
+            if (LO) ok = ok && r >= rlo;
             const u16* src = ok ? g + (i64)r * s_row + c * 8 : safe;
             cp_async16(smem_u32(sm + r * LDS + c * 8), src, ok ? 16 : 0);
         }
@@ -239,7 +246,8 @@ ATTN_DEVICE void load_tile_16(u16* sm, const u16* g, i64 s_row, i64 s_col, int n
         for (int idx = threadIdx.x; idx < ROWS * DP; idx += NT) {
             int r = idx / DP, c = idx % DP;
             u16 x = 0;
-            if (r < nvalid && c < D) x = g[(i64)r * s_row + (i64)c * s_col];
+            if (r < nvalid && c < D && (!LO || r >= rlo))
+                x = g[(i64)r * s_row + (i64)c * s_col];
             sm[r * LDS + c] = x;
         }
     }
@@ -252,6 +260,14 @@ ATTN_DEVICE void load_row_f32(float* sm, const float* g, int nvalid, const float
         bool ok = i < nvalid;
         cp_async4(smem_u32(sm + i), ok ? g + i : safe, ok ? 4 : 0);
     }
+}
+
+// Zero the first n floats of an fp32 tile in shared memory, float idx by thread idx % NT: the
+// rows of keys that exist for no query, in the fp32 kernels' one tile that crosses
+// Band::key_first, after its load (the other tiles skip this).
+template <int NT>
+ATTN_DEVICE void zero_f32(float* sm, int n) {
+    for (int idx = threadIdx.x; idx < n; idx += NT) sm[idx] = 0.f;
 }
 
 // acc += P B for one warp's 16 rows: P is KT * 16 columns of mma accumulator fragments
@@ -329,8 +345,7 @@ template <bool B> struct BoolTag {
 // those past DP / 8 idle) and thread t copies chunk t % CHV of rows t / CHV + p * RS. Its
 // global address is then one pointer advanced by a fixed step and its shared address a
 // constant offset, instead of a row/column split and a 64-bit multiply per chunk. `fits` says
-// whether the scheme applies to these sizes; callers use load_tile_16 otherwise, and for tiles
-// with rows past the valid ones (load_rows takes whole tiles only).
+// whether the scheme applies to these sizes; callers use load_tile_16 otherwise.
 template <int ROWS, int DP, int LDS, int NT> struct RowStream {
     static constexpr int CH = DP / 8;
     static constexpr int CHV = CH <= 4 ? 4 : CH <= 8 ? 8 : CH <= 16 ? 16 : 32;
@@ -351,11 +366,11 @@ template <int ROWS, int DP, int LDS, int NT> struct RowStream {
     // This thread's first row (its rows are first_row() + p * RS).
     static ATTN_DEVICE int first_row() { return (int)(threadIdx.x / CHV); }
     // Copy a tile starting at g (already offset by global_offset). A thread whose chunk is past
-    // D (col_ok false) zero-fills it from `safe`; with PRED so does a row p * RS >= rows (rows
-    // counted from first_row()), else every row is copied.
-    template <bool PRED>
+    // D (col_ok false) zero-fills it from `safe`; with PRED so does a row p * RS >= rows, and
+    // with LO too one < rows_lo (both counted from first_row()); else every row is copied.
+    template <bool PRED, bool LO = false>
     static ATTN_DEVICE void load_rows(u32 sm, const u16* g, i64 s_row, bool col_ok,
-                                      const u16* safe, int rows) {
+                                      const u16* safe, int rows, int rows_lo = 0) {
         if (CHV != CH && threadIdx.x % CHV >= CH) return;  // a chunk past the padded row
         const u16* src = col_ok ? g : safe;
         const i64 step = col_ok ? RS * s_row : 0;
@@ -363,7 +378,7 @@ template <int ROWS, int DP, int LDS, int NT> struct RowStream {
 #pragma unroll
         for (int p = 0; p < PASSES; ++p) {
             if (PRED) {
-                const bool ok = col_ok && p * RS < rows;
+                const bool ok = col_ok && p * RS < rows && (!LO || p * RS >= rows_lo);
                 cp_async16(sm + p * RS * LDS * 2, ok ? src : safe, ok ? 16 : 0);
             } else {
                 cp_async16(sm + p * RS * LDS * 2, src, bytes);  // src is `safe` if !col_ok

@@ -15,7 +15,11 @@
 //   own 4 rows each, lanes one key of a 32-key tile; partial lse in natural-log units.
 // decode_merge_kernel<T>: one warp per query row combines its splits exactly (weights
 //   exp(lse_s - max)) and writes out in q's dtype and lse (natural log). A split that saw no
-//   key has lse -inf and weight 0; a row no split saw gets out 0 and lse -inf, never NaN.
+//   key has lse -inf and weight 0; a row no split saw gets out 0 and lse -inf, never NaN. A
+//   split whose lse is NaN (a NaN query row) makes the row's out and lse NaN.
+//
+// Splits cover keys [key_lo(first query), key_hi(last query)) of their rows only, inside
+// [Band::key_first, skb): keys that exist for no query are never read.
 //
 // Partials are laid out (B, Hq, Sq, splits[, D]) so a merge warp reads one row's splits in a
 // run. Template parameters as in forward.cu: DP is the head dim rounded up to a bucket
@@ -281,12 +285,12 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
         float l = 0.f;
 #pragma unroll
         for (int w = 0; w < NW; ++w) l += exp2f(sM[w * DEC_ROWS + r] - mu) * sL[w * DEC_ROWS + r];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l == 0.f ? 0.f : 1.f / l;  // l NaN (a NaN row): NaN out and lse
 #pragma unroll
         for (int w = 0; w < NW; ++w) sF[w * DEC_ROWS + r] = exp2f(sM[w * DEC_ROWS + r] - mu) * inv;
         if (r0 + r < nrows)
             part_l[partial_index(b, hk, r0 + r, group, Hq, Sq, split, splits)] =
-                l > 0.f ? mx + log2f(l) : neg_inf();
+                l == 0.f ? neg_inf() : mx + log2f(l);
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < DEC_ROWS * DP; idx += NT) {
@@ -403,11 +407,11 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
         const float l = warp_sum(row_l[r]);
         if (row >= nrows) continue;
         const i64 p = partial_index(b, hk, row, group, Hq, Sq, split, splits);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l == 0.f ? 0.f : 1.f / l;  // l NaN (a NaN row): NaN out and lse
 #pragma unroll
         for (int c = 0; c < DPL; ++c)
             if (lane + 32 * c < D) part_o[p * D + lane + 32 * c] = acc[r][c] * inv;
-        if (lane == 0) part_l[p] = l > 0.f ? row_m[r] + logf(l) : neg_inf();
+        if (lane == 0) part_l[p] = l == 0.f ? neg_inf() : row_m[r] + logf(l);
     }
 }
 
@@ -445,7 +449,7 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(
     float total = 0.f;
     for (int s = lane; s < splits; s += 32) total += M::LOG2 ? exp2f(pl[s] - mu) : expf(pl[s] - mu);
     total = warp_sum(total);
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float inv = total == 0.f ? 0.f : 1.f / total;  // a NaN part: total NaN, NaN out
 
     const int i = (int)(row % Sq), h = (int)((row / Sq) % Hq);
     const i64 b = row / ((i64)Sq * Hq);
@@ -454,11 +458,11 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(
         float x = 0.f;
         for (int s = 0; s < splits; ++s) {
             const float w = M::LOG2 ? exp2f(pl[s] - mu) : expf(pl[s] - mu);
-            if (w > 0.f) x = fmaf(w, po[(i64)s * D + c], x);  // empty splits weigh nothing
+            if (w != 0.f) x = fmaf(w, po[(i64)s * D + c], x);  // empty splits weigh nothing
         }
         orow[c] = M::cvt(x * inv);
     }
     if (lane == 0)
-        lse[row] = total > 0.f ? (M::LOG2 ? (mx + log2f(total)) * ATTN_LN2 : mx + logf(total))
-                               : neg_inf();
+        lse[row] = total == 0.f ? neg_inf()
+                                : (M::LOG2 ? (mx + log2f(total)) * ATTN_LN2 : mx + logf(total));
 }

@@ -74,25 +74,32 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
 
     // K/V tile at key n0 into stage st. FAST (vector loads, RowStream sizes): fixed-stride
     // copies, row-checked only for the last, partial tile; otherwise the general loader.
+    // Keys before kfirst exist for no query and are zero-filled unread; only the first tile
+    // (FIRST: t0's, which holds key_lo(m0) >= kfirst) can reach below kfirst.
+    const int kfirst = band.key_first(BAND);
     const bool col_ok = Rows::col_ok(D);
-    auto load_kv = [&](int n0, int st, auto fast) {
+    auto load_kv = [&](int n0, int st, auto fast, auto first) {
+        constexpr bool FIRST = decltype(first)::value;
         if constexpr (decltype(fast)::value) {
             const u32 so = Rows::smem_offset() + st * STAGE;
             const u16* kr = kg + (i64)n0 * k_ss + Rows::global_offset(k_ss);
             const u16* vr = vg + (i64)n0 * v_ss + Rows::global_offset(v_ss);
-            if (n0 + BN <= band.skb) {
+            if (n0 + BN <= band.skb && (!FIRST || n0 >= kfirst)) {
                 Rows::template load_rows<false>(sKa + so, kr, k_ss, col_ok, k, 0);
                 Rows::template load_rows<false>(sVa + so, vr, v_ss, col_ok, v, 0);
             } else {
                 const int rows = band.skb - n0 - Rows::first_row();
-                Rows::template load_rows<true>(sKa + so, kr, k_ss, col_ok, k, rows);
-                Rows::template load_rows<true>(sVa + so, vr, v_ss, col_ok, v, rows);
+                const int rows_lo = kfirst - n0 - Rows::first_row();
+                Rows::template load_rows<true, FIRST>(sKa + so, kr, k_ss, col_ok, k, rows,
+                                                      rows_lo);
+                Rows::template load_rows<true, FIRST>(sVa + so, vr, v_ss, col_ok, v, rows,
+                                                      rows_lo);
             }
         } else {
-            load_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, kg + (i64)n0 * k_ss, k_ss, k_sd,
-                                          band.skb - n0, D, vec, k);
-            load_tile_16<BN, DP, LDS, NT>(sV + st * BN * LDS, vg + (i64)n0 * v_ss, v_ss, v_sd,
-                                          band.skb - n0, D, vec, v);
+            load_tile_16<BN, DP, LDS, NT, FIRST>(sK + st * BN * LDS, kg + (i64)n0 * k_ss, k_ss,
+                                                 k_sd, band.skb - n0, D, vec, k, kfirst - n0);
+            load_tile_16<BN, DP, LDS, NT, FIRST>(sV + st * BN * LDS, vg + (i64)n0 * v_ss, v_ss,
+                                                 v_sd, band.skb - n0, D, vec, v, kfirst - n0);
         }
     };
 
@@ -126,7 +133,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
         u32 qf[QREG ? MT : 1][QREG ? KD : 1][4];  // Q fragments (FWD_QREG)
         if (ntiles > 0) {
             load_tile_16<BM, DP, LDS, NT>(sQ, qg + (i64)m0 * q_ss, q_ss, q_sd, Sq - m0, D, vec, q);
-            load_kv(t0 * BN, 0, fast);
+            load_kv(t0 * BN, 0, fast, BoolTag<true>{});
             cp_async_commit();
             if (QREG) {
                 cp_async_wait<0>();
@@ -145,7 +152,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
             const int n0 = (t0 + it) * BN;
             if (TWO_BARRIERS) {
                 if (it + 1 < ntiles) {
-                    load_kv(n0 + BN, st ^ 1, fast);
+                    load_kv(n0 + BN, st ^ 1, fast, BoolTag<false>{});
                     cp_async_commit();
                     cp_async_wait<1>();
                 } else {
@@ -156,7 +163,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
                 cp_async_wait<0>();
                 __syncthreads();
                 if (it + 1 < ntiles) {
-                    load_kv(n0 + BN, st ^ 1, fast);
+                    load_kv(n0 + BN, st ^ 1, fast, BoolTag<false>{});
                     cp_async_commit();
                 }
             }
@@ -299,7 +306,8 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
         key_loop(BoolTag<false>{});
     }
 
-    // Epilogue: normalize, write out and lse once. A row that saw no key gives 0 and -inf.
+    // Epilogue: normalize, write out and lse once. A row that saw no key (l = 0) gives 0 and
+    // -inf; a NaN score (a NaN query row) made l NaN, and gives NaN in both.
     const bool pairs = (D & 1) == 0;  // out is allocated by the host: even D = aligned pairs
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -308,7 +316,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
             const float l = quad_sum(row_l[mt][hf]);
             const int i = m0 + wrow + mt * 16 + (lane >> 2) + hf * 8;
             if (i >= Sq) continue;
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const float inv = l == 0.f ? 0.f : 1.f / l;
             u16* orow = o + b * o_sb + h * o_sh + (i64)i * o_ss;
 #pragma unroll
             for (int d = 0; d < NTD; ++d) {
@@ -323,7 +331,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
             }
             if ((lane & 3) == 0)
                 lse[((i64)b * Hq + h) * Sq + i] =
-                    l > 0.f ? (row_m[mt][hf] + log2f(l)) * ATTN_LN2 : neg_inf();
+                    l == 0.f ? neg_inf() : (row_m[mt][hf] + log2f(l)) * ATTN_LN2;
         }
 }
 
@@ -374,6 +382,7 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
                                   Sq - m0, D);
     const int m1 = min(m0 + BM, Sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
+    const int kfirst = band.key_first(BAND);
 
     float acc[R][DPL], row_m[R], row_l[R];
 #pragma unroll
@@ -388,6 +397,10 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
         __syncthreads();
         load_tile_f32<BN, DP, LDK, NT>(sK, kg + (i64)n0 * k_ss, k_ss, k_sd, band.skb - n0, D);
         load_tile_f32<BN, DP, DP, NT>(sV, vg + (i64)n0 * v_ss, v_ss, v_sd, band.skb - n0, D);
+        // Keys before kfirst exist for no query (the first tile only): their scores are masked
+        // by selection, their V rows must not meet P = 0 as NaN or inf. sV's rows are dense and
+        // each float is zeroed by the thread that loaded it: no barrier in between.
+        if (BAND && n0 < kfirst) zero_f32<NT>(sV, (kfirst - n0) * DP);
         __syncthreads();
         float s[R];
         f32_row_scores<R, DP, LDK>(s, sQ, sK, warp, lane);
@@ -406,11 +419,11 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
         const int i = m0 + warp * R + r;
         const float l = warp_sum(row_l[r]);
         if (i >= Sq) continue;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l == 0.f ? 0.f : 1.f / l;  // l NaN (a NaN row): NaN out and lse
         float* orow = o + b * o_sb + h * o_sh + (i64)i * o_ss;
 #pragma unroll
         for (int c = 0; c < DPL; ++c)
             if (lane + 32 * c < D) orow[lane + 32 * c] = acc[r][c] * inv;
-        if (lane == 0) lse[((i64)b * Hq + h) * Sq + i] = l > 0.f ? row_m[r] + logf(l) : neg_inf();
+        if (lane == 0) lse[((i64)b * Hq + h) * Sq + i] = l == 0.f ? neg_inf() : row_m[r] + logf(l);
     }
 }
