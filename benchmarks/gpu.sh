@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root, in two commands of under 10 minutes each:
-#   bash benchmarks/gpu.sh check   # the conformance suite of every GPU backend on CUDA
+#   bash benchmarks/gpu.sh check [BACKEND...]   # the conformance suite on CUDA
 #   bash benchmarks/gpu.sh bench   # the standard grid and the decoding table, compared with
 #                                  # the committed results of this GPU
 # Logs and results go under $OUT (default /tmp/attnkit-out); bench writes $OUT/<gpu>/ in the
@@ -41,8 +41,12 @@ python -m attnkit.cli backends 2>&1 | grep -E "^[a-z]|available|FAILED"
 if [ "$mode" = check ]; then
     # pytest-xdist is not promised on the machine: without it the suite runs in one process.
     if python -c "import xdist" 2> /dev/null; then workers=(-n 8); else workers=(); fi
-    for b in triton cupy torch-blocked; do
-        timeout "${CHECK_TIMEOUT:-170}" python -m attnkit.cli check "$b" --device cuda -- \
+    # Backends after the mode (default: all three); a cold triton suite compiles for minutes,
+    # so give it a call of its own: `gpu.sh check triton`, then `gpu.sh check cupy torch-blocked`.
+    backends=("${@:2}")
+    [ ${#backends[@]} -gt 0 ] || backends=(triton cupy torch-blocked)
+    for b in "${backends[@]}"; do
+        timeout "${CHECK_TIMEOUT:-540}" python -m attnkit.cli check "$b" --device cuda -- \
             ${workers[@]+"${workers[@]}"} -p no:randomly > "$OUT/check-$b.log" 2>&1
         rc=$?
         counts=$(grep -E "[0-9]+ (passed|failed|error)" "$OUT/check-$b.log" | tail -1)
