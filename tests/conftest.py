@@ -1,22 +1,22 @@
-import _pytest.pytester
+import torch
+import torch._inductor  # noqa: F401
 
-# The suite's tests run pytest in-process (pytester), which puts sys.modules back as it was
-# after each run. Torch's modules cannot be imported twice (operator libraries, compiler
-# backends and cache artifacts register once per process; triton's extension leaks), and a
-# run that compiles or asks for deterministic algorithms imports more of them: keep torch's,
-# functorch's and triton's modules across runs, as pytester itself keeps zope's.
-_Snapshot = _pytest.pytester.SysModulesSnapshot
+import attnkit
 
-
-class _KeepTorch(_Snapshot):
-    def __init__(self, preserve=None):
-        def keep(name):
-            return (name.partition(".")[0] in ("torch", "functorch", "triton")
-                    or (preserve is not None and preserve(name)))
-
-        super().__init__(preserve=keep)
+# The suite's tests run pytest in-process (pytester), which restores sys.modules after each
+# run, and some of torch's modules fail when imported a second time (operator libraries and
+# cache artifacts register twice). Import them once, up front: torch._inductor directly
+# (torch.use_deterministic_algorithms imports it lazily), and what torch.compile loads by
+# compiling a call like the suite's compile case (the custom op, its backward, a cast).
 
 
-_pytest.pytester.SysModulesSnapshot = _KeepTorch
+def _compile_once():
+    q = torch.randn(1, 1, 4, 8, requires_grad=True)
+    step = torch.compile(lambda q: (attnkit.attention(q, q, q, backend="reference").float()
+                                    * 2).sum(), backend="aot_eager", fullgraph=True)
+    step(q).backward()
+
+
+_compile_once()
 
 pytest_plugins = ["pytester"]
