@@ -115,6 +115,83 @@ class GQAGradientsNotSummed(ReferenceBackend):
         return dq, dk / g, dv / g
 
 
+def _masked_softmax_times_v(problem, q, k, v, seqlens_k):
+    """out = P V over the whole key range, P zero where masked: a masked key's V enters as
+    0 * V, which is NaN where V is NaN or inf."""
+    mask = reference.visible_mask(q.shape[2], k.shape[2], causal=problem.causal,
+                                  window=problem.window, seqlens_k=seqlens_k)
+    g = problem.group_size
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ kk.transpose(-1, -2)) * problem.scale
+    if problem.softcap is not None:
+        s = torch.tanh(s / problem.softcap) * problem.softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(mask, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None]), 0)
+    return p @ vv, lse.float()
+
+
+class MaskedKeysTimesZero(ReferenceBackend):
+    """Multiplies the V rows of keys no query sees by zero instead of never reading them."""
+
+    name = "wrong-masked-times-zero"
+    capabilities = _CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        return _masked_softmax_times_v(problem, q, k, v, seqlens_k)
+
+
+class OutOfBandTimesZero(ReferenceBackend):
+    """Skips keys past seqlens_k, but multiplies keys outside every query's band by zero."""
+
+    name = "wrong-band-times-zero"
+    capabilities = _CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        if seqlens_k is not None:
+            gone = torch.arange(k.shape[2]).view(1, 1, -1, 1) >= seqlens_k.view(-1, 1, 1, 1)
+            k, v = k.masked_fill(gone, 0), v.masked_fill(gone, 0)
+        return _masked_softmax_times_v(problem, q, k, v, seqlens_k)
+
+
+class ScratchNotZeroed(ReferenceBackend):
+    """Accumulates out into torch.empty memory it "clears" by multiplying with zero."""
+
+    name = "wrong-scratch"
+    capabilities = _CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        out, lse = super().forward(problem, q, k, v, seqlens_k)
+        acc = torch.empty_like(out)
+        acc.mul_(0)
+        return acc.add_(out), lse
+
+
+class NaNRowAsMasked(ReferenceBackend):
+    """Treats NaN scores as masked: a NaN query row comes out as a row that sees no key."""
+
+    name = "wrong-nan-row-masked"
+    capabilities = _CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        out, lse = super().forward(problem, q, k, v, seqlens_k)
+        rows = lse.isnan()
+        return out.masked_fill(rows[..., None], 0), lse.masked_fill(rows, float("-inf"))
+
+
+class NoMaxSubtraction(ReferenceBackend):
+    """The textbook exp(S) / sum(exp(S)) in fp32: fine up to scores of ~88."""
+
+    name = "wrong-no-max-subtraction"
+    capabilities = _CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k):
+        out, lse = reference.naive(q, k, v, causal=problem.causal, scale=problem.scale,
+                                   window=problem.window, seqlens_k=seqlens_k,
+                                   softcap=problem.softcap)
+        return out, lse.float()
+
+
 class LaterCallsDiffer(ReferenceBackend):
     """Keeps per-signature state from the second backward on, and from then on its dQ is
     off in the last bits (a launch path reused with a stale argument)."""
@@ -131,6 +208,18 @@ class LaterCallsDiffer(ReferenceBackend):
         return (dq * (1 + 2.0**-12) if n >= 3 else dq), dk, dv
 
 
+class IgnoresDlse(ReferenceBackend):
+    """Declares lse_grad, and drops the gradient reaching lse."""
+
+    name = "wrong-ignores-dlse"
+    capabilities = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                                head_dim_max=256, lse_grad=True)
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
+        return super().backward(problem, q, k, v, out, lse, dout, seqlens_k)
+
+
 WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt,
          NondeterministicForward, WritesIntoDout, Float32Gradients, GQAGradientsNotSummed,
-         LaterCallsDiffer]
+         MaskedKeysTimesZero, OutOfBandTimesZero, ScratchNotZeroed, NaNRowAsMasked,
+         NoMaxSubtraction, LaterCallsDiffer, IgnoresDlse]

@@ -1,11 +1,12 @@
 """The conformance suite: run it against any installed backend with ``attnkit check NAME
 [--device cuda] [--quick]``.
 
-- `accuracy`: the accuracy rule (``ref64`` / ``ref_lp`` comparison).
+- `accuracy`: the accuracy rule (``ref64`` / ``ref_lp`` comparison) and bitwise comparison.
 - `cases`: problem cases generated from a backend's declared capabilities;
   `decode_cases`: the KV-cache and merge cases.
 - `checks`: the per-case checks as functions; `cuda_checks`: the checks only a CUDA device can
   pose (side streams, offsets past 2^31 elements).
+- `scratch`: `uninitialised_scratch`, torch's uninitialised allocations filled with NaN.
 - `plugin`: the pytest plugin (options ``--attnkit-backend``, ``--attnkit-device``,
   ``--attnkit-quick`` and the fixtures ``backend_name``, ``backend``, ``device``, ``quick``;
   tests taking ``case`` or ``refused`` are parametrized from the capabilities).
@@ -13,7 +14,8 @@
   ``interpreter``, ``nvcc``) for a tests directory's ``conftest.py``.
 - ``suite_*.py``: the test modules ``attnkit check`` collects: ``attention`` (accuracy,
   repeatability, refusals, out-of-range ``seqlens_k``), ``decode``, ``compile``
-  (``torch.compile(fullgraph=True)`` against eager) and ``cuda``.
+  (``torch.compile(fullgraph=True)`` against eager), ``cuda``, ``isolation`` (keys no query
+  sees and uninitialised scratch never read, a NaN row kept in its row) and ``lse_grad``.
 
 A backend's own cases: a backend adds paths only it has (a kernel route forced by a switch,
 state it keeps between calls) to its ``attnkit check`` by overriding

@@ -117,6 +117,24 @@ class Case:
             grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype)) if grad else None
         return out.detach(), lse.detach(), grads
 
+    def saved_state_grads(self, q, k, v, seqlens_k, dout, dlse=None, out=None, lse=None):
+        """(dq, dk, dv) as the contract computes them, in float32 from the state a backend
+        saves: its ``out`` (in the input dtype) and ``lse`` (float32) where given, else the
+        float32 forward's rounded so; then ``P = exp(S - lse)`` and
+        ``delta = rowsum(dout * out) - dlse`` (`reference.backward`). The accuracy rule's
+        second low-precision reference for gradients; None for float64 inputs."""
+        if q.dtype == torch.float64:
+            return None
+        qc, kc, vc = (t.detach().float() for t in (q, k, v))
+        opts = self.options(seqlens_k)
+        if out is None or lse is None:
+            out32, lse32 = reference.safe(qc, kc, vc, **opts)
+            out = out32.to(q.dtype) if out is None else out
+            lse = lse32 if lse is None else lse
+        return reference.backward(qc, kc, vc, out.detach().float(), lse.detach().float(),
+                                  dout.float(), dlse=None if dlse is None else dlse.float(),
+                                  **opts)
+
     def judge(self, q, k, v, seqlens_k, dout, out=None, grads=None) -> list[tuple[bool, str]]:
         """The accuracy rule on ``out`` and/or ``grads`` (dq, dk, dv) of these inputs, with
         the suite's factors: one ``(ok, message)`` per tensor. For scripts that report rather
@@ -129,13 +147,20 @@ class Case:
             verdicts.append(accuracy.check("out", out, ref64[0], ref_lp[0], self.dtype,
                                            accuracy.OUT_FACTOR))
         if grad:
-            verdicts += [accuracy.check(f"d{n}", g, g64, glp, self.dtype, accuracy.GRAD_FACTOR)
-                         for n, g, g64, glp in zip("qkv", grads, ref64[2], ref_lp[2])]
+            saved = self.saved_state_grads(q, k, v, seqlens_k, dout, out=out) or (None,) * 3
+            verdicts += [accuracy.check(f"d{n}", g, g64, (glp, gs), self.dtype,
+                                        accuracy.GRAD_FACTOR)
+                         for n, g, g64, glp, gs in zip("qkv", grads, ref64[2], ref_lp[2], saved)]
         return verdicts
 
     def masked_rows(self, seqlens_k) -> torch.Tensor:
         """Boolean (B or 1, 1, Sq): rows that see no key."""
         return ~self._visible(seqlens_k).any(-1)
+
+    def unreached_keys(self, seqlens_k) -> torch.Tensor:
+        """Boolean (B or 1, Sk): key positions no query of the batch sees, whether they do
+        not exist (``>= seqlens_k[b]``) or lie outside every query's band."""
+        return ~self._visible(seqlens_k).any(-2)[:, 0]
 
     def _visible(self, seqlens_k) -> torch.Tensor:
         return visible_mask(self.seqlen_q, self.seqlen_k, causal=self.causal,
@@ -242,6 +267,14 @@ def generate(caps: Capabilities, quick: bool = False, device: str = "cpu") -> li
     # Scores up to ~50: exp overflows fp16 unless the max is subtracted.
     for d in dtypes:
         cases.append(replace(base, dtype=d, magnitude=8.0, tag="overflow"))
+    # Scores up to ~1e4 (scale 1; q and k ~16 at D=64, which fp16 holds): exp overflows
+    # in every dtype unless the max is subtracted, and a max kept in low precision is off
+    # by whole units.
+    mag = (1e8 / (21.0 * base.head_dim)) ** 0.25
+    for d in dtypes:
+        if d != torch.float64:
+            cases.append(replace(base, dtype=d, scale=1.0, magnitude=round(mag, 1),
+                                 causal=caps.causal and not quick, tag="scores1e4"))
     # Forward-only (no autograd graph) path.
     cases.append(replace(base, grad=False))
     if caps.lse and caps.causal and not quick:
@@ -365,3 +398,76 @@ LAUNCH_STATE_CASES = (
     Case(2, 2, 2, 97, 97, 256, torch.bfloat16, softcap=5.0),
 )
 
+
+def small_base(caps: Capabilities, quick: bool) -> Case:
+    """The isolation and lse-gradient cases' base: one head in quick mode (an interpreter
+    steps every program)."""
+    lo, hi = caps.head_dim_min, min(caps.head_dim_max, MAX_TESTED_HEAD_DIM)
+    S = 48 if quick else 97
+    return Case(dtype=_primary_dtype(caps), seqlen_q=S, seqlen_k=S, batch=1 if quick else 2,
+                heads_q=1 if quick else 2, heads_kv=1 if quick else 2,
+                head_dim=64 if lo <= 64 <= hi else lo, grad=caps.backward)
+
+
+def gqa_heads(caps: Capabilities, quick: bool) -> dict:
+    """Query and kv heads of a GQA variant of `small_base` (none without GQA)."""
+    if not caps.gqa:
+        return {}
+    return dict(heads_q=2, heads_kv=1) if quick else dict(heads_q=4, heads_kv=2)
+
+
+def unique(cases) -> list[Case]:
+    seen, out = set(), []
+    for c in cases:
+        if c.id not in seen:
+            seen.add(c.id)
+            out.append(c)
+    return out
+
+
+def unreached_cases(caps: Capabilities, quick: bool = False) -> list[Case]:
+    """Cases with keys no query sees: past ``seqlens_k[b]`` (0, Sk and lengths between),
+    left of the first query's window, and causal with a window and Sq < Sk."""
+    base = small_base(caps, quick)
+    S = base.seqlen_q
+    out = []
+    if caps.seqlens_k:
+        out.append(replace(base, batch=4, seqlens_k="mixed", causal=caps.causal,
+                           expect_masked_rows=True))
+    if caps.window and caps.causal:
+        out.append(replace(base, seqlen_q=S // 2, seqlen_k=S + 20, window=(6, -1),
+                           causal=True))
+    if caps.window and (not quick or not caps.causal):
+        out.append(replace(base, seqlen_q=17, seqlen_k=S, window=(8, 3)))
+    if not quick and caps.window and caps.seqlens_k:
+        out.append(replace(base, batch=3, seqlen_q=30, seqlens_k="random", window=(16, 4),
+                           layout="bshd", **gqa_heads(caps, quick)))
+    return unique(out)
+
+
+def scratch_cases(caps: Capabilities, quick: bool = False) -> list[Case]:
+    """Cases for the uninitialised-scratch check: the paths a backend may allocate
+    differently for (masks, lengths, windows, softcap, strides, a decoding shape)."""
+    base = small_base(caps, quick)
+    gqa = gqa_heads(caps, quick)
+    out = [replace(base, causal=caps.causal, **gqa)]
+    if caps.seqlens_k:
+        out.append(replace(base, batch=4, seqlens_k="mixed", expect_masked_rows=True))
+    if not quick:
+        if caps.window:
+            out.append(replace(base, window=(16, 4), seqlen_q=40))
+        if caps.softcap:
+            out.append(replace(base, softcap=10.0, magnitude=2.0))
+        out.append(replace(base, layout="bshd", **gqa))
+        out.append(replace(base, batch=1, seqlen_q=1, seqlen_k=600, heads_q=8 if caps.gqa
+                           else 2, heads_kv=2, causal=caps.causal, tag="decode"))
+    return unique(out)
+
+
+def nan_row_cases(caps: Capabilities, quick: bool = False) -> list[Case]:
+    """Forward cases in which one query row (one that sees keys) gets a NaN."""
+    base = replace(small_base(caps, quick), grad=False)
+    out = [base]
+    if caps.causal:
+        out.append(replace(base, causal=True, **gqa_heads(caps, quick)))
+    return unique(out)

@@ -72,10 +72,11 @@ def matches_reference(case: Case, backend, device: str) -> None:
         # dout in out's layout (as a (B, S, H, D) model passes it): it reaches the backend
         # uncopied, so a backend that ignored dout's strides would fail here.
         grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out).copy_(dout))
-        for name, g, t, g64, glp in zip("qkv", grads, (q, k, v), ref64[2], ref_lp[2]):
+        saved = case.saved_state_grads(q, k, v, seqlens_k, dout, out=out, lse=lse) or (None,) * 3
+        for name, g, t, g64, glp, gs in zip("qkv", grads, (q, k, v), ref64[2], ref_lp[2], saved):
             assert g.dtype == t.dtype and g.shape == t.shape, (
                 f"{where}: d{name} is {g.dtype} {tuple(g.shape)}, "
                 f"expected {t.dtype} {tuple(t.shape)}")
-            assert_close(f"{where} d{name}", g, g64, glp, q.dtype, factor=GRAD_FACTOR)
+            assert_close(f"{where} d{name}", g, g64, (glp, gs), q.dtype, factor=GRAD_FACTOR)
         if masked.any():
             assert (grads[0][masked] == 0).all(), f"{where}: fully-masked rows need dq == 0"

@@ -59,6 +59,14 @@ class DecodeCase:
             v_new = rand((B, Hkv, self.s_new, D), self.dtype, device, gen)
         return q, k_cache, v_cache, k_new, v_new, self.fill_levels(gen)
 
+    def unreached(self, levels: list[int]) -> torch.Tensor:
+        """Boolean (B, S_max): cache positions no query sees once ``S_new`` keys are
+        appended to each batch's ``levels``."""
+        lengths = torch.tensor([L + self.s_new for L in levels])
+        seen = reference.visible_mask(self.seqlen_q, self.s_max, causal=self.causal,
+                                      window=self.window, seqlens_k=lengths)
+        return ~seen.any(-2)[:, 0]
+
     def fill_levels(self, gen: torch.Generator) -> list[int]:
         """Per batch: empty, full after the append, then random levels."""
         top = self.s_max - self.s_new
@@ -136,6 +144,23 @@ def decode_cases(caps, quick: bool = False) -> list[DecodeCase]:
             seen.add(c.id)
             unique.append(c)
     return unique
+
+
+def isolation_cases(caps, quick: bool = False) -> list[DecodeCase]:
+    """Cases for the checks that the cache beyond each batch's keys (and out of every
+    query's band) is never read, and that scratch is never read unwritten: a short cache, a
+    split-KV one, and (full grid) a windowed one and several queries."""
+    dts = decode_dtypes(caps, quick)
+    hd = 64 if caps.head_dim_min <= 64 <= caps.head_dim_max else caps.head_dim_min
+    base = DecodeCase(dtype=dts[0], head_dim=hd, s_max=40 if quick else 80)
+    long = 300 if quick else 700
+    cases = [replace(base, s_new=2, seqlen_q=2),
+             replace(base, batch=2, heads_q=4, heads_kv=1, s_max=long, tag="long")]
+    if not quick:
+        cases += [replace(base, batch=3, heads_q=8, heads_kv=2, s_max=long, s_new=3,
+                          seqlen_q=3, window=(100, 0), tag="long"),
+                  replace(base, s_new=0, seqlen_q=3, causal=False)]
+    return cases
 
 
 def merge_cases(caps, quick: bool = False) -> list[MergeCase]:
