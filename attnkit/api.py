@@ -289,11 +289,14 @@ class _OnceDifferentiable(torch.autograd.Function):
 
 # -- torch.compile: a custom op with a fake implementation ---------------------------------
 
-def _problem_from_op_args(q, k, v, seqlens_k, causal, scale, wl, wr, softcap, needs_grad,
-                          check_values):
+def _problem_from_op_args(q, k, v, seqlens_k, causal, scale, wl, wr, softcap, return_lse,
+                          needs_grad, check_values):
+    # The op always returns lse (autograd saves it for the backward); ``return_lse`` says
+    # whether the caller asked for it, so selection is eager's (a backend without the lse
+    # feature runs calls that do not ask).
     return AttentionProblem.from_tensors(
         q, k, v, causal=causal, scale=scale, window=(wl, wr), seqlens_k=seqlens_k,
-        softcap=softcap if softcap > 0 else None, return_lse=True, needs_grad=needs_grad,
+        softcap=softcap if softcap > 0 else None, return_lse=return_lse, needs_grad=needs_grad,
         check_values=check_values,
     )
 
@@ -302,10 +305,10 @@ def _problem_from_op_args(q, k, v, seqlens_k, causal, scale, wl, wr, softcap, ne
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_k: torch.Tensor | None,
     causal: bool, scale: float, window_left: int, window_right: int, softcap: float,
-    needs_grad: bool, backend: str,
+    return_lse: bool, needs_grad: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
-                                    window_right, softcap, needs_grad, True)
+                                    window_right, softcap, return_lse, needs_grad, True)
     chosen = registry.select(problem, backend)
     if problem.is_empty:
         return _empty_result(problem, q)
@@ -314,10 +317,10 @@ def _attention_op(
 
 
 @_attention_op.register_fake
-def _(q, k, v, seqlens_k, causal, scale, window_left, window_right, softcap, needs_grad,
-      backend):
+def _(q, k, v, seqlens_k, causal, scale, window_left, window_right, softcap, return_lse,
+      needs_grad, backend):
     problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
-                                    window_right, softcap, needs_grad, False)
+                                    window_right, softcap, return_lse, needs_grad, False)
     return _empty_result(problem, q)
 
 
@@ -325,42 +328,53 @@ def _(q, k, v, seqlens_k, causal, scale, window_left, window_right, softcap, nee
 def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, seqlens_k: torch.Tensor | None, dlse: torch.Tensor | None, causal: bool,
-    scale: float, window_left: int, window_right: int, softcap: float, backend: str,
+    scale: float, window_left: int, window_right: int, softcap: float, return_lse: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
-                                    window_right, softcap, True, False)
+                                    window_right, softcap, return_lse, True, False)
     if problem.is_empty:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # Same problem, same cache entry: the backend that ran the forward.
     chosen = registry.select(problem, backend)
     dout, dlse = backward_gradients(chosen, out, lse, dout.contiguous(), dlse)
     kwargs = {} if dlse is None else {"dlse": dlse}
-    return check_backward_result(chosen, q, k, v, chosen.backward(
-        problem, q, k, v, out, lse, dout, seqlens_k, **kwargs))
+    with _autograd_dispatch():
+        grads = chosen.backward(problem, q, k, v, out, lse, dout, seqlens_k, **kwargs)
+    return check_backward_result(chosen, q, k, v, grads)
+
+
+def _autograd_dispatch():
+    """Autograd on again inside a custom op's body (the dispatcher runs it below autograd):
+    a backend may compute its backward with torch's autograd, as it may in eager calls."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    return torch._C._ForceDispatchKeyGuard(
+        torch._C._dispatch_tls_local_include_set(),
+        exclude.remove(torch._C.DispatchKey.AutogradFunctionality))
 
 
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, seqlens_k, dlse, causal, scale, window_left, window_right,
-      softcap, backend):
+      softcap, return_lse, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _op_setup_context(ctx, inputs, output):
-    q, k, v, seqlens_k, causal, scale, wl, wr, softcap, _needs_grad, backend = inputs
+    q, k, v, seqlens_k, causal, scale, wl, wr, softcap, return_lse, _needs_grad, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
-    ctx.options = (causal, scale, wl, wr, softcap, backend)
+    ctx.options = (causal, scale, wl, wr, softcap, return_lse, backend)
     ctx.set_materialize_grads(False)  # lse's gradient stays None unless the loss used it
 
 
 def _op_backward(ctx, dout, dlse):
     if dout is None and dlse is None:
-        return (None,) * 11
+        return (None,) * 12
     q, k, v, out, lse, seqlens_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, seqlens_k, dlse, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, *(None,) * 9
 
 
 _attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -379,9 +393,9 @@ class _TransformedAttention(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, seqlens_k, (causal, scale, wl, wr, softcap, _, backend) = inputs
+        q, k, v, seqlens_k, (causal, scale, wl, wr, softcap, return_lse, _, backend) = inputs
         ctx.save_for_backward(q, k, v, *output, seqlens_k)
-        ctx.options = (causal, scale, wl, wr, softcap, backend)
+        ctx.options = (causal, scale, wl, wr, softcap, return_lse, backend)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -432,11 +446,15 @@ def _(info, in_dims, *args):
     return tuple(_unfold(g, n) for g in grads), (0, 0, 0)
 
 
+# Looked up once: torch imports numpy where it is installed, and reading sys.modules while
+# tracing makes dynamo wrap a dict that imports change under it.
+_NDARRAY = getattr(sys.modules.get("numpy"), "ndarray", ())
+
+
 def _refuse_traced_numpy(name, x) -> None:
     """torch.compile traces a numpy scalar as a 0-d array holding data, not as a constant:
     say so, instead of failing on a guard deep inside the checks."""
-    np = sys.modules.get("numpy")  # not imported: no numpy scalar can be here
-    if np is not None and isinstance(x, np.ndarray):
+    if isinstance(x, _NDARRAY):
         raise TypeError(
             f"{name} is a numpy value inside torch.compile, which traces it as an array, not "
             f"a number; pass a Python number there "
@@ -456,7 +474,7 @@ def _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
     options = (causal, check_scale(scale, q.shape[-1]), wl, wr, check_softcap(softcap) or 0.0,
-               needs_grad, backend or "auto")
+               bool(return_lse), needs_grad, backend or "auto")
     if transformed:
         out, lse = _TransformedAttention.apply(q, k, v, seqlens_k, options)
     else:

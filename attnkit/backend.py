@@ -24,6 +24,7 @@ FEATURES = {
     "softcap": "softcap",
     "lse": "return_lse=True",
     "backward": "gradients",
+    "varlen": "packed variable-length batches (attention_varlen)",
 }
 
 
@@ -61,6 +62,8 @@ class Capabilities:
     #: ``backward`` takes ``dlse``, the gradient flowing into ``lse`` (a loss on lse, or
     #: `attnkit.merge_attention` of partial results). Without it a nonzero lse gradient raises.
     lse_grad: bool = False
+    #: ``forward_varlen`` and ``backward_varlen`` run packed variable-length batches.
+    varlen: bool = False
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -116,6 +119,7 @@ class Backend:
             ("softcap", problem.softcap is not None),
             ("lse", problem.return_lse),
             ("backward", problem.needs_grad),
+            ("varlen", problem.varlen),
         ):
             if used and not getattr(caps, flag):
                 reasons.append(f"{FEATURES[flag]} not supported")
@@ -172,6 +176,45 @@ class Backend:
         offset of delta. Rows that saw no key (``lse = -inf``) have ``P = 0`` and zero
         gradients whatever ``dlse`` holds there.
         """
+        raise NotImplementedError
+
+    def forward_varlen(
+        self,
+        problem: AttentionProblem,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed variable-length batch (only for backends declaring ``varlen``).
+
+        ``q (total_q, Hq, D)``, ``k``/``v (total_k, Hkv, D)`` with any strides;
+        ``cu_seqlens_q``/``cu_seqlens_k`` validated int32 contiguous ``(B + 1,)`` offsets on
+        q's device (0 first, non-decreasing, the tensor's length last). Sequence ``b`` is rows
+        ``cu[b]:cu[b + 1]`` and is computed exactly as `forward` computes one dense batch of
+        those lengths (bottom-right causal per sequence). ``problem.batch`` is B,
+        ``problem.seqlen_q``/``seqlen_k`` are upper bounds of the sequence lengths
+        (max_seqlen), ``problem.varlen`` is True. Returns ``out (total_q, Hq, D)`` in q's
+        dtype and ``lse (Hq, total_q)`` float32.
+        """
+        raise NotImplementedError
+
+    def backward_varlen(
+        self,
+        problem: AttentionProblem,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        dlse: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dq, dk, dv)`` of `forward_varlen`, in the inputs' shapes and dtypes; ``dlse``
+        ``(Hq, total_q)`` as in `backward`."""
         raise NotImplementedError
 
     def conformance_modules(self) -> tuple[str, ...]:

@@ -50,6 +50,9 @@ class AttentionProblem(NamedTuple):
     needs_grad: bool = False
     #: ``torch.are_deterministic_algorithms_enabled()`` when the problem was built.
     deterministic: bool = False
+    #: A packed variable-length batch (`attnkit.attention_varlen`): ``batch`` sequences,
+    #: ``seqlen_q``/``seqlen_k`` are upper bounds of their lengths.
+    varlen: bool = False
 
     @property
     def group_size(self) -> int:
