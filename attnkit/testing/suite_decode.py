@@ -31,21 +31,11 @@ from attnkit.testing.decode_cases import (
     rand,
     reference_over_prefix,
 )
+from attnkit.testing.generate import parametrize_cases
 
 
 def pytest_generate_tests(metafunc):
-    name = metafunc.config.getoption("--attnkit-backend", default=None)
-    if not name:
-        return
-    caps = registry.get(name).capabilities
-    quick = metafunc.config.getoption("--attnkit-quick", default=False)
-    prefix = f"{name}-{metafunc.config.getoption('--attnkit-device', default='cpu')}"
-    if "decode_case" in metafunc.fixturenames:
-        cs = decode_cases(caps, quick)
-        metafunc.parametrize("decode_case", cs, ids=[f"{prefix}-{c.id}" for c in cs])
-    if "merge_case" in metafunc.fixturenames:
-        ms = merge_cases(caps, quick)
-        metafunc.parametrize("merge_case", ms, ids=[f"{prefix}-{c.id}" for c in ms])
+    parametrize_cases(metafunc, {"decode_case": decode_cases, "merge_case": merge_cases})
 
 
 def test_decode_step(decode_case, backend, backend_name, device):

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.registry import registry
 from attnkit.spec import AttentionProblem
 from attnkit.testing import cases as _cases
 from attnkit.testing.accuracy import bit_difference
 from attnkit.testing.decode_cases import isolation_cases
+from attnkit.testing.generate import parametrize_cases
 from attnkit.testing.scratch import uninitialised_scratch
 
 POISONS = (float("nan"), float("inf"), float("-inf"))
@@ -31,25 +31,10 @@ NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
 def pytest_generate_tests(metafunc):
-    config = metafunc.config
-    name = config.getoption("--attnkit-backend", default=None)
-    if not name:
-        return
-    caps = registry.get(name).capabilities
-    quick = config.getoption("--attnkit-quick", default=False)
-    prefix = f"{name}-{config.getoption('--attnkit-device', default='cpu')}"
-    for fixture, generate in (("unreached_case", _cases.unreached_cases),
-                              ("scratch_case", _cases.scratch_cases),
-                              ("nan_row_case", _cases.nan_row_cases),
-                              ("decode_isolation_case", isolation_cases)):
-        if fixture in metafunc.fixturenames:
-            cs = generate(caps, quick)
-            if not cs:
-                reason = f"the backend declares none of the features {fixture} needs"
-                metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(
-                    reason=reason))], ids=[f"{prefix}-none"])
-            else:
-                metafunc.parametrize(fixture, cs, ids=[f"{prefix}-{c.id}" for c in cs])
+    parametrize_cases(metafunc, {"unreached_case": _cases.unreached_cases,
+                                 "scratch_case": _cases.scratch_cases,
+                                 "nan_row_case": _cases.nan_row_cases,
+                                 "decode_isolation_case": isolation_cases})
 
 
 def _seeded(case):

@@ -18,27 +18,17 @@ import torch
 
 import attnkit
 from attnkit import reference
-from attnkit.registry import registry
 from attnkit.testing import cases as _cases
 from attnkit.testing.accuracy import GRAD_FACTOR, assert_close
+from attnkit.testing.generate import parametrize_cases
 
 #: Key splits of the merge check (quick: the fewest and the most).
 PARTS = (2, 3, 5, 8)
 PARTS_QUICK = (2, 8)
 
 
-def lse_grad_cases(caps, quick: bool = False) -> list[_cases.Case]:
-    base = _cases.small_base(caps, quick)
-    out = [replace(base, causal=caps.causal, **_cases.gqa_heads(caps, quick))]
-    if caps.seqlens_k:
-        out.append(replace(base, batch=4, seqlens_k="mixed", expect_masked_rows=True))
-    if not quick:
-        if caps.window:
-            out.append(replace(base, window=(16, 4), seqlen_q=40))
-        if caps.softcap:
-            out.append(replace(base, softcap=10.0, magnitude=2.0))
-        out.append(replace(base, layout="bshd"))
-    return _cases.unique(out)
+#: The cases: one per declared feature a kernel takes a different path for.
+lse_grad_cases = _cases.feature_variants
 
 
 def merge_parts_cases(caps, quick: bool = False) -> list[tuple[_cases.Case, int]]:
@@ -50,19 +40,8 @@ def merge_parts_cases(caps, quick: bool = False) -> list[tuple[_cases.Case, int]
 
 
 def pytest_generate_tests(metafunc):
-    config = metafunc.config
-    name = config.getoption("--attnkit-backend", default=None)
-    if not name:
-        return
-    caps = registry.get(name).capabilities
-    quick = config.getoption("--attnkit-quick", default=False)
-    prefix = f"{name}-{config.getoption('--attnkit-device', default='cpu')}"
-    if "lse_grad_case" in metafunc.fixturenames:
-        cs = lse_grad_cases(caps, quick)
-        metafunc.parametrize("lse_grad_case", cs, ids=[f"{prefix}-{c.id}" for c in cs])
-    if "merge_parts" in metafunc.fixturenames:
-        ms = merge_parts_cases(caps, quick)
-        metafunc.parametrize("merge_parts", ms, ids=[f"{prefix}-{c.id}" for c, _ in ms])
+    parametrize_cases(metafunc, {"lse_grad_case": lse_grad_cases,
+                                 "merge_parts": merge_parts_cases})
 
 
 def _require_lse_grad(backend):
