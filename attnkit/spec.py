@@ -100,21 +100,12 @@ class AttentionProblem(NamedTuple):
         )
 
     @classmethod
-    def from_tensors(
-        cls,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = False,
-        scale: float | None = None,
-        window: tuple[int, int] | None = None,
-        seqlens_k: torch.Tensor | None = None,
-        softcap: float | None = None,
-        return_lse: bool = False,
-        needs_grad: bool | None = None,
-        check_values: bool = True,
-    ) -> AttentionProblem:
+    def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     causal: bool = False, scale: float | None = None,
+                     window: tuple[int, int] | None = None,
+                     seqlens_k: torch.Tensor | None = None, softcap: float | None = None,
+                     return_lse: bool = False, needs_grad: bool | None = None,
+                     check_values: bool = True) -> AttentionProblem:
         """Validate the inputs of one call and describe it.
 
         ``needs_grad`` defaults to whether autograd will want gradients of q, k or v.
