@@ -15,8 +15,9 @@ import sys
 import torch
 
 from .backend import check_backward_result, check_forward_result
+from .dropout import Dropout, draw_state
 from .registry import Explanation, Registration, registry
-from .spec import AttentionProblem, check_scale, check_softcap, check_window
+from .spec import AttentionProblem, check_scale, check_softcap, check_window, describe_tensor
 
 
 def attention(
@@ -30,6 +31,8 @@ def attention(
     seqlens_k: torch.Tensor | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
     backend: str | None = None,
 ):
     """Exact softmax attention, ``softmax(scale * q @ k^T + mask) @ v``.
@@ -70,6 +73,14 @@ def attention(
             partial results, sends its gradient to q and k. On any other backend a nonzero
             gradient reaching lse raises ``RuntimeError`` naming the backend at backward time
             (detach lse, or pick a backend with ``lse_grad``).
+        dropout_p: probability of dropping each attention probability after the softmax
+            (the kept ones are scaled by ``1 / (1 - p)``, as SDPA does); ``lse`` is not
+            affected. The keep mask is `attnkit.dropout`'s counter-based function of one
+            draw from ``generator`` (default: the device's default generator), identical on
+            every backend that declares ``dropout``; the backward regenerates it. The draw
+            is a device tensor: no host sync, fresh values on each CUDA-graph replay, the
+            same mask after ``torch.manual_seed`` or a checkpoint recomputation.
+        generator: the ``torch.Generator`` (on q's device) dropout draws from.
         backend: ``None``/``"auto"`` picks the best backend that computes this problem to spec
             (see `explain`); a name forces that backend or raises ``ValueError`` saying why it
             cannot.
@@ -109,10 +120,13 @@ def attention(
         with torch.autocast(q.device.type, enabled=False):
             return attention(q, k, v, causal=causal, scale=scale, window=window,
                              seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse,
-                             backend=backend)
+                             dropout_p=dropout_p, generator=generator, backend=backend)
     if torch.compiler.is_compiling():
         return _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse,
-                             backend)
+                             backend, dropout_p=dropout_p, generator=generator)
+    if torch._C._are_functorch_transforms_active() and dropout_p:
+        raise ValueError("dropout_p > 0 under torch.func transforms (vmap, grad) is not "
+                         "supported: each mapped sample would need its own draw")
     if torch._C._are_functorch_transforms_active():  # vmap, torch.func.grad: the custom op
         # validates per sample here, then folds vmap's dimension into the batch (its rule)
         AttentionProblem.from_tensors(q, k, v, causal=causal, scale=scale, window=window,
@@ -122,9 +136,11 @@ def attention(
                              backend, transformed=True)
     problem = AttentionProblem.from_tensors(
         q, k, v, causal=causal, scale=scale, window=window, seqlens_k=seqlens_k,
-        softcap=softcap, return_lse=return_lse,
+        softcap=softcap, return_lse=return_lse, dropout_p=dropout_p,
     )
-    return run_problem(problem, registry.select(problem, backend), q, k, v, seqlens_k)
+    chosen = registry.select(problem, backend)
+    dropout = _draw_dropout(problem, q, generator)
+    return run_problem(problem, chosen, q, k, v, seqlens_k, dropout)
 
 
 #: Device types whose autocast state can be asked (others raise when asked).
@@ -162,7 +178,19 @@ def _lengths_for_backends(seqlens_k):
     return seqlens_k
 
 
-def run_problem(problem: AttentionProblem, chosen, q, k, v, seqlens_k):
+def _draw_dropout(problem, q, generator) -> Dropout | None:
+    """The call's `attnkit.dropout.Dropout` (one draw from the generator), or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not problem.dropout_p or problem.is_empty:
+        return None
+    if generator is not None and generator.device.type != q.device.type:
+        raise ValueError(f"generator is on {generator.device}; dropout draws on q's device "
+                         f"({describe_tensor('q', q)})")
+    return Dropout(problem.dropout_p, draw_state(q.device, generator))
+
+
+def run_problem(problem: AttentionProblem, chosen, q, k, v, seqlens_k, dropout=None):
     """Run a validated problem on the backend selected for it (eager path of `attention`,
     shared with `attention_with_kvcache`, which validates and selects before writing)."""
     return_lse = problem.return_lse
@@ -172,9 +200,11 @@ def run_problem(problem: AttentionProblem, chosen, q, k, v, seqlens_k):
         if problem.needs_grad:  # keep the graph: zero gradients, same as a backend would give
             out = out + 0 * (q.sum() + k.sum() + v.sum())
     elif problem.needs_grad:
-        out, lse = _AttentionFunction.apply(q, k, v, seqlens_k, problem, chosen)
+        out, lse = _AttentionFunction.apply(q, k, v, seqlens_k, problem, chosen, dropout)
     else:
-        out, lse = check_forward_result(chosen, q, chosen.forward(problem, q, k, v, seqlens_k))
+        kw = {} if dropout is None else {"dropout": dropout}
+        out, lse = check_forward_result(chosen, q, chosen.forward(problem, q, k, v, seqlens_k,
+                                                                  **kw))
     return (out, lse) if return_lse else out
 
 
@@ -206,9 +236,10 @@ class _AttentionFunction(torch.autograd.Function):
     """Forward and backward on one backend; saves q, k, v, out and lse (nothing S x S)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seqlens_k, problem, backend):
+    def forward(ctx, q, k, v, seqlens_k, problem, backend, dropout):
+        ctx.kw = {} if dropout is None else {"dropout": dropout}
         out, lse = check_forward_result(backend, q, backend.forward(problem, q, k, v,
-                                                                    seqlens_k))
+                                                                    seqlens_k, **ctx.kw))
         ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
         ctx.problem, ctx.backend = problem, backend
         # A gradient that does not reach the loss stays None: without this, autograd fills a
@@ -221,20 +252,20 @@ class _AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, seqlens_k = ctx.saved_tensors
         dout, dlse = backward_gradients(ctx.backend, out, lse, dout, dlse)
         if dout is None:  # neither out nor lse reached the loss: no gradient flows
-            return None, None, None, None, None, None
+            return (None,) * 7
         args = (ctx.problem, q, k, v, out, lse, dout, seqlens_k)
-        kwargs = {} if dlse is None else {"dlse": dlse}
+        kwargs = dict(ctx.kw) if dlse is None else {"dlse": dlse, **ctx.kw}
         autocast = autocast_device(q)  # loss.backward() called inside torch.autocast
         if not torch.is_grad_enabled() and autocast is None:  # the usual case
             grads = ctx.backend.backward(*args, **kwargs)
-            return *check_backward_result(ctx.backend, q, k, v, grads), None, None, None
+            return *check_backward_result(ctx.backend, q, k, v, grads), None, None, None, None
         off = torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext()
         with torch.no_grad(), off:
             grads = check_backward_result(ctx.backend, q, k, v,
                                           ctx.backend.backward(*args, **kwargs))
         if torch.is_grad_enabled():  # create_graph=True: the gradients get a node that
             grads = _OnceDifferentiable.apply(*grads, q, k, v, dout)  # refuses, saying why
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
 def backward_gradients(backend, out, lse, dout, dlse):
@@ -290,14 +321,14 @@ class _OnceDifferentiable(torch.autograd.Function):
 # -- torch.compile: a custom op with a fake implementation ---------------------------------
 
 def _problem_from_op_args(q, k, v, seqlens_k, causal, scale, wl, wr, softcap, return_lse,
-                          needs_grad, check_values):
+                          needs_grad, check_values, dropout_p=0.0):
     # The op always returns lse (autograd saves it for the backward); ``return_lse`` says
     # whether the caller asked for it, so selection is eager's (a backend without the lse
     # feature runs calls that do not ask).
     return AttentionProblem.from_tensors(
         q, k, v, causal=causal, scale=scale, window=(wl, wr), seqlens_k=seqlens_k,
         softcap=softcap if softcap > 0 else None, return_lse=return_lse, needs_grad=needs_grad,
-        check_values=check_values,
+        check_values=check_values, dropout_p=dropout_p,
     )
 
 
@@ -305,22 +336,29 @@ def _problem_from_op_args(q, k, v, seqlens_k, causal, scale, wl, wr, softcap, re
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_k: torch.Tensor | None,
     causal: bool, scale: float, window_left: int, window_right: int, softcap: float,
-    return_lse: bool, needs_grad: bool, backend: str,
+    return_lse: bool, needs_grad: bool, backend: str, dropout_p: float = 0.0,
+    dropout_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
-                                    window_right, softcap, return_lse, needs_grad, True)
+                                    window_right, softcap, return_lse, needs_grad, True,
+                                    dropout_p)
     chosen = registry.select(problem, backend)
     if problem.is_empty:
         return _empty_result(problem, q)
-    out, lse = check_forward_result(chosen, q, chosen.forward(problem, q, k, v, seqlens_k))
-    return out, lse
+    kw = _dropout_kwargs(dropout_p, dropout_state)
+    return check_forward_result(chosen, q, chosen.forward(problem, q, k, v, seqlens_k, **kw))
+
+
+def _dropout_kwargs(dropout_p, dropout_state) -> dict:
+    return {"dropout": Dropout(dropout_p, dropout_state)} if dropout_p else {}
 
 
 @_attention_op.register_fake
 def _(q, k, v, seqlens_k, causal, scale, window_left, window_right, softcap, return_lse,
-      needs_grad, backend):
+      needs_grad, backend, dropout_p=0.0, dropout_state=None):
     problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
-                                    window_right, softcap, return_lse, needs_grad, False)
+                                    window_right, softcap, return_lse, needs_grad, False,
+                                    dropout_p)
     return _empty_result(problem, q)
 
 
@@ -329,16 +367,18 @@ def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, seqlens_k: torch.Tensor | None, dlse: torch.Tensor | None, causal: bool,
     scale: float, window_left: int, window_right: int, softcap: float, return_lse: bool,
-    backend: str,
+    backend: str, dropout_p: float = 0.0, dropout_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     problem = _problem_from_op_args(q, k, v, seqlens_k, causal, scale, window_left,
-                                    window_right, softcap, return_lse, True, False)
+                                    window_right, softcap, return_lse, True, False, dropout_p)
     if problem.is_empty:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # Same problem, same cache entry: the backend that ran the forward.
     chosen = registry.select(problem, backend)
     dout, dlse = backward_gradients(chosen, out, lse, dout.contiguous(), dlse)
-    kwargs = {} if dlse is None else {"dlse": dlse}
+    kwargs = _dropout_kwargs(dropout_p, dropout_state)
+    if dlse is not None:
+        kwargs["dlse"] = dlse
     with _autograd_dispatch():
         grads = chosen.backward(problem, q, k, v, out, lse, dout, seqlens_k, **kwargs)
     return check_backward_result(chosen, q, k, v, grads)
@@ -355,26 +395,28 @@ def _autograd_dispatch():
 
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, seqlens_k, dlse, causal, scale, window_left, window_right,
-      softcap, return_lse, backend):
+      softcap, return_lse, backend, dropout_p=0.0, dropout_state=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _op_setup_context(ctx, inputs, output):
-    q, k, v, seqlens_k, causal, scale, wl, wr, softcap, return_lse, _needs_grad, backend = inputs
+    (q, k, v, seqlens_k, causal, scale, wl, wr, softcap, return_lse, _needs_grad, backend,
+     dropout_p, dropout_state) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
-    ctx.options = (causal, scale, wl, wr, softcap, return_lse, backend)
+    ctx.save_for_backward(q, k, v, out, lse, seqlens_k, dropout_state)
+    ctx.options = (causal, scale, wl, wr, softcap, return_lse, backend, dropout_p)
     ctx.set_materialize_grads(False)  # lse's gradient stays None unless the loss used it
 
 
 def _op_backward(ctx, dout, dlse):
     if dout is None and dlse is None:
-        return (None,) * 12
-    q, k, v, out, lse, seqlens_k = ctx.saved_tensors
+        return (None,) * 14
+    q, k, v, out, lse, seqlens_k, dropout_state = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, seqlens_k, dlse, *ctx.options)
-    return dq, dk, dv, *(None,) * 9
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, seqlens_k, dlse, *ctx.options,
+                                        dropout_state)
+    return dq, dk, dv, *(None,) * 11
 
 
 _attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -389,13 +431,13 @@ class _TransformedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, seqlens_k, options):
-        return _attention_op(q, k, v, seqlens_k, *options)
+        return _attention_op(q, k, v, seqlens_k, *options, 0.0, None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, seqlens_k, (causal, scale, wl, wr, softcap, return_lse, _, backend) = inputs
-        ctx.save_for_backward(q, k, v, *output, seqlens_k)
-        ctx.options = (causal, scale, wl, wr, softcap, return_lse, backend)
+        ctx.save_for_backward(q, k, v, *output, seqlens_k, None)
+        ctx.options = (causal, scale, wl, wr, softcap, return_lse, backend, 0.0)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -462,7 +504,7 @@ def _refuse_traced_numpy(name, x) -> None:
 
 
 def _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse, backend,
-                  transformed=False):
+                  transformed=False, dropout_p=0.0, generator=None):
     """`attention` through the custom op: under torch.compile, and (``transformed``) under
     torch.func transforms, through `_TransformedAttention`."""
     if not transformed:
@@ -478,5 +520,11 @@ def _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse
     if transformed:
         out, lse = _TransformedAttention.apply(q, k, v, seqlens_k, options)
     else:
-        out, lse = _attention_op(q, k, v, seqlens_k, *options)
+        state = None
+        if dropout_p:
+            if generator is not None:
+                raise ValueError("generator under torch.compile is not supported: dropout "
+                                 "draws from the device's default generator there")
+            state = draw_state(q.device)
+        out, lse = _attention_op(q, k, v, seqlens_k, *options, float(dropout_p), state)
     return (out, lse) if return_lse else out

@@ -25,6 +25,7 @@ FEATURES = {
     "lse": "return_lse=True",
     "backward": "gradients",
     "varlen": "packed variable-length batches (attention_varlen)",
+    "dropout": "dropout_p > 0",
 }
 
 
@@ -64,6 +65,9 @@ class Capabilities:
     lse_grad: bool = False
     #: ``forward_varlen`` and ``backward_varlen`` run packed variable-length batches.
     varlen: bool = False
+    #: ``forward`` and ``backward`` take ``dropout`` (an `attnkit.dropout.Dropout`) and apply
+    #: the keep mask `attnkit.dropout` defines, bit for bit.
+    dropout: bool = False
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -120,6 +124,7 @@ class Backend:
             ("lse", problem.return_lse),
             ("backward", problem.needs_grad),
             ("varlen", problem.varlen),
+            ("dropout", problem.dropout_p > 0),
         ):
             if used and not getattr(caps, flag):
                 reasons.append(f"{FEATURES[flag]} not supported")

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .dropout import keep_mask
 from .spec import UNBOUNDED
 
 
@@ -104,8 +105,19 @@ def naive(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, sof
     return torch.matmul(p, v), torch.log(denom.squeeze(-1))
 
 
-def safe(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None):
-    """Max-subtracted softmax over the materialized score matrix."""
+def _dropped(p, dropout):
+    """``p`` with `attnkit.dropout`'s keep mask applied and the kept entries scaled."""
+    if dropout is None:
+        return p
+    B, H, Sq, Sk = p.shape
+    keep = keep_mask(dropout.state, dropout.p, B, H, Sq, Sk).to(p.device)
+    return torch.where(keep, p * dropout.scale, 0)
+
+
+def safe(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, softcap=None,
+         dropout=None):
+    """Max-subtracted softmax over the materialized score matrix; ``dropout`` (an
+    `attnkit.dropout.Dropout`) drops probabilities after the softmax (lse unaffected)."""
     scale = _defaults(q, scale)
     mask, k, v = _visible_inputs(q, k, v, causal, window, seqlens_k)
     s = _scores(q, k, scale, softcap)
@@ -115,7 +127,7 @@ def safe(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, soft
     m = torch.where(torch.isfinite(m), m, 0)
     e = torch.exp(s - m)
     denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, 1)
+    p = _dropped(e / torch.where(denom > 0, denom, 1), dropout)
     return torch.matmul(p, v), (m + torch.log(denom)).squeeze(-1)
 
 
@@ -147,14 +159,15 @@ def online(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None, so
 
 
 def backward(q, k, v, out, lse, dout, *, causal=False, scale=None, window=None, seqlens_k=None,
-             softcap=None, dlse=None):
+             softcap=None, dlse=None, dropout=None):
     """The attention backward from the saved ``out`` and ``lse``, without autograd.
 
     ``P = exp(S - lse)``, ``dV = P^T dO``, ``dP = dO V^T``, ``D = rowsum(dO * O) - dlse``,
     ``dS = P * (dP - D)`` (times ``1 - tanh^2`` under softcap), ``dQ = scale dS K``,
     ``dK = scale dS^T Q``; kv gradients summed over each GQA group. ``dlse`` (``(B, Hq, Sq)``
-    or None for zero) is the gradient reaching ``lse``: ``d lse / dS = P``. Returns
-    ``(dq, dk, dv)``.
+    or None for zero) is the gradient reaching ``lse``: ``d lse / dS = P``. With ``dropout``
+    (keep mask ``Z``, scale ``c``): ``dV = (c Z P)^T dO`` and ``dP = c Z (dO V^T)``; delta is
+    unchanged (``rowsum(P * dP) = rowsum(dO * O)`` still). Returns ``(dq, dk, dv)``.
     """
     scale = _defaults(q, scale)
     B, Hq, Sq, D = q.shape
@@ -166,8 +179,8 @@ def backward(q, k, v, out, lse, dout, *, causal=False, scale=None, window=None, 
     s = _scores(q, ke, scale, softcap)
     lse = lse.to(s.dtype).unsqueeze(-1)
     p = torch.where(mask, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)), 0)
-    dv = torch.matmul(p.transpose(-1, -2), dout)
-    dp = torch.matmul(dout, ve.transpose(-1, -2))
+    dv = torch.matmul(_dropped(p, dropout).transpose(-1, -2), dout)
+    dp = _dropped(torch.matmul(dout, ve.transpose(-1, -2)), dropout)
     delta = (dout * out).sum(-1, keepdim=True)
     if dlse is not None:
         delta = delta - dlse.to(delta.dtype).unsqueeze(-1)

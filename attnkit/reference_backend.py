@@ -28,21 +28,23 @@ class ReferenceBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         head_dim_max=1 << 16,
         lse_grad=True,
+        dropout=True,
     )
 
-    def forward(self, problem, q, k, v, seqlens_k):
+    def forward(self, problem, q, k, v, seqlens_k, dropout=None):
         ct = _compute_dtype(q.dtype)
-        out, lse = reference.safe(q.to(ct), k.to(ct), v.to(ct), **_options(problem, seqlens_k))
+        out, lse = reference.safe(q.to(ct), k.to(ct), v.to(ct), dropout=dropout,
+                                  **_options(problem, seqlens_k))
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.to(q.dtype), lse.to(lse_dtype)
 
-    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
         # Explicit formulas, not autograd: this also runs inside the torch.compile custom
         # op, where autograd is switched off.
         ct = _compute_dtype(q.dtype)
         dq, dk, dv = reference.backward(*(t.to(ct) for t in (q, k, v, out, lse, dout)),
                                         dlse=None if dlse is None else dlse.to(ct),
-                                        **_options(problem, seqlens_k))
+                                        dropout=dropout, **_options(problem, seqlens_k))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

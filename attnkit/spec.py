@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from .dropout import check_dropout_p
+
 #: Sentinel for an unbounded side of a sliding window.
 UNBOUNDED = -1
 
@@ -53,6 +55,8 @@ class AttentionProblem(NamedTuple):
     #: A packed variable-length batch (`attnkit.attention_varlen`): ``batch`` sequences,
     #: ``seqlen_q``/``seqlen_k`` are upper bounds of their lengths.
     varlen: bool = False
+    #: Attention dropout probability (0: none); see `attnkit.dropout` for the mask.
+    dropout_p: float = 0.0
 
     @property
     def group_size(self) -> int:
@@ -89,6 +93,8 @@ class AttentionProblem(NamedTuple):
             opts.append("seqlens_k")
         if self.softcap is not None:
             opts.append(f"softcap={self.softcap:g}")
+        if self.dropout_p:
+            opts.append(f"dropout_p={self.dropout_p:g}")
         if self.needs_grad:
             opts.append("backward")
         if self.deterministic:
@@ -105,7 +111,7 @@ class AttentionProblem(NamedTuple):
                      window: tuple[int, int] | None = None,
                      seqlens_k: torch.Tensor | None = None, softcap: float | None = None,
                      return_lse: bool = False, needs_grad: bool | None = None,
-                     check_values: bool = True) -> AttentionProblem:
+                     check_values: bool = True, dropout_p: float = 0.0) -> AttentionProblem:
         """Validate the inputs of one call and describe it.
 
         ``needs_grad`` defaults to whether autograd will want gradients of q, k or v.
@@ -168,6 +174,7 @@ class AttentionProblem(NamedTuple):
         scale = check_scale(scale, D)
         window = check_window(window)
         softcap = check_softcap(softcap)
+        dropout_p = check_dropout_p(dropout_p)
 
         if seqlens_k is not None:
             _check_seqlens_k(seqlens_k, q, B, Sk, check_values)
@@ -178,7 +185,7 @@ class AttentionProblem(NamedTuple):
             )
         return cls(B, Hq, Hkv, Sq, Sk, D, q.dtype, q.device, causal, scale, window,
                    seqlens_k is not None, softcap, return_lse, bool(needs_grad),
-                   torch.are_deterministic_algorithms_enabled())
+                   torch.are_deterministic_algorithms_enabled(), dropout_p=dropout_p)
 
 
 def _is_real(x) -> bool:

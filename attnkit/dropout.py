@@ -1,0 +1,107 @@
+"""The attention-dropout keep mask: one counter-based function every backend evaluates.
+
+Element ``(b, h, i, j)`` (batch, query head, query row, key column) of one call is kept iff
+
+    philox4x32_10(counter=(j, i, b * Hq + h, offset), key=(seed_lo, seed_hi))[0] >= threshold
+
+where ``threshold = min(floor(p * 2**32), 2**32 - 1)`` and kept probabilities are scaled by
+``1 / (1 - p)``. Each counter word is 32 bits, so one call covers 2**96 elements. The call's
+``(seed, offset)`` come from one draw of the device's torch generator (`draw_state`): a
+device tensor, so there is no host sync, a CUDA graph replays with fresh values, and
+``torch.manual_seed`` or checkpoint recomputation (which restores the generator) regenerate
+the same mask. Philox4x32-10 is Salmon et al.'s generator (SC'11), the one cuRAND and
+Triton's ``tl.randint4x`` implement.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+
+def threshold(p: float) -> int:
+    """The integer a draw must reach to keep an element: ``floor(p * 2**32)``, at most
+    ``2**32 - 1``."""
+    return min(math.floor(p * 4294967296.0), _MASK32)
+
+
+def check_dropout_p(p) -> float:
+    """``p`` as a float in ``[0, 1)``, else ``ValueError``/``TypeError``."""
+    if type(p) is float and 0.0 <= p < 1.0:  # the common case, first: this runs per call
+        return p
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:  # also refuses NaN
+        raise ValueError(f"dropout_p must be in [0, 1), got {p!r}")
+    return p
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """What a backend receives for a call with dropout: ``p``, the integer `threshold`,
+    the fp32 ``scale = 1 / (1 - p)``, and ``state``, int64 ``(2,)`` on the device holding
+    the philox key (word 0) and the offset counter word (low 32 bits of word 1)."""
+
+    p: float
+    state: torch.Tensor
+
+    @property
+    def threshold(self) -> int:
+        return threshold(self.p)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
+
+
+def draw_state(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One call's philox key and offset: int64 ``(2,)`` drawn on ``device`` from
+    ``generator`` (default: the device's default generator)."""
+    info = torch.iinfo(torch.int64)
+    return torch.randint(info.min, info.max, (2,), dtype=torch.int64, device=device,
+                         generator=generator)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` 32-bit words of ``a * b`` for a 32-bit constant and 32-bit words held in
+    int64, in 16-bit halves so no product leaves int64."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    low = a * b_lo + ((a * b_hi) & 0xFFFF) * 65536  # < 2**49: exact
+    return ((a * b_hi) >> 16) + (low >> 32), low & _MASK32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on int64 tensors (or ints) holding 32-bit words; broadcasts."""
+    c = [torch.as_tensor(x, dtype=torch.int64) & _MASK32 for x in (c0, c1, c2, c3)]
+    k0 = torch.as_tensor(k0, dtype=torch.int64) & _MASK32
+    k1 = torch.as_tensor(k1, dtype=torch.int64) & _MASK32
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & _MASK32, (k1 + PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M[0], c[0])
+        hi1, lo1 = _mulhilo(PHILOX_M[1], c[2])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+    return tuple(c)
+
+
+def keep_mask(state: torch.Tensor, p: float, batch: int, heads: int, seqlen_q: int,
+              seqlen_k: int) -> torch.Tensor:
+    """Boolean ``(batch, heads, seqlen_q, seqlen_k)``: the elements one call keeps (on
+    ``state``'s device). Materialises the whole mask: for tests and the reference."""
+    state = state.to(torch.int64)
+    seed, offset = state[0], state[1] & _MASK32
+    dev = state.device
+    j = torch.arange(seqlen_k, device=dev, dtype=torch.int64)
+    i = torch.arange(seqlen_q, device=dev, dtype=torch.int64)[:, None]
+    bh = torch.arange(batch * heads, device=dev, dtype=torch.int64)[:, None, None]
+    x0 = philox4x32_10(j, i, bh, offset, seed & _MASK32, (seed >> 32) & _MASK32)[0]
+    return (x0 >= threshold(p)).view(batch, heads, seqlen_q, seqlen_k)
