@@ -426,3 +426,51 @@ def as_dense(t: torch.Tensor, r0: int, r1: int, n: int = 1) -> torch.Tensor:
     """Rows ``[r0, r1)`` of a packed ``(total, H, D)`` tensor, ``n`` sequences of equal
     length, as a dense ``(n, H, L, D)`` view (no copy)."""
     return t[r0:r1].unflatten(0, (n, (r1 - r0) // n)).transpose(1, 2)
+
+
+# -- nested jagged tensors -----------------------------------------------------------------
+
+def _jagged_parts(name: str, t) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """``(values (total, H, D), offsets int64 (B + 1,), cached max length or None)`` of a
+    ``(B, H, j, D)`` nested jagged tensor."""
+    if not (isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged):
+        kind = (f"a nested tensor of layout {t.layout}" if isinstance(t, torch.Tensor)
+                and t.is_nested else type(t).__name__ if not isinstance(t, torch.Tensor)
+                else f"a dense tensor of shape {tuple(t.shape)}")
+        raise TypeError(f"{name} is {kind}; with nested inputs, q, k and v must all be nested "
+                        "tensors of layout torch.jagged, shape (B, H, j, D)")
+    if t.dim() != 4 or getattr(t, "_ragged_idx", None) != 2:
+        raise ValueError(f"{name}: nested jagged tensor of shape {tuple(t.shape)} must have "
+                         "shape (B, H, j, D), ragged in dim 2 (a (B, j, H, D) nested tensor "
+                         "passed as .transpose(1, 2))")
+    packed = t.transpose(1, 2)
+    if packed.lengths() is not None:
+        raise ValueError(f"{name}: a nested jagged tensor with lengths (holes between its "
+                         "sequences) is not supported; make it contiguous first")
+    return packed.values(), packed.offsets(), getattr(packed, "_maybe_max_seqlen", None)
+
+
+def attention_jagged(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None,
+                     softcap=None, return_lse=False, backend=None):
+    """`attnkit.attention` on nested jagged tensors ``(B, H, j, D)``: the packed values and
+    offsets through `attention_varlen`; ``out`` (and ``lse``, ``(B, Hq, j)``) nested with
+    q's offsets."""
+    if seqlens_k is not None:
+        raise ValueError("seqlens_k does not apply to nested jagged inputs: the key lengths "
+                         "are k's own")
+    qv, q_off, max_q = _jagged_parts("q", q)
+    kv, k_off, max_k = _jagged_parts("k", k)
+    vv, v_off, _ = _jagged_parts("v", v)
+    if v_off is not k_off and (v_off.shape != k_off.shape or not torch.equal(v_off, k_off)):
+        raise ValueError(f"k and v must have the same sequence lengths: k's offsets "
+                         f"{k_off.tolist()}, v's {v_off.tolist()}")
+    res = attention_varlen(qv, kv, vv, q_off.to(torch.int32), k_off.to(torch.int32), max_q,
+                           max_k, causal=causal, scale=scale, window=window, softcap=softcap,
+                           return_lse=return_lse, backend=backend)
+    out, lse = res if return_lse else (res, None)
+    out = torch.nested.nested_tensor_from_jagged(out, offsets=q_off).transpose(1, 2)
+    if not return_lse:
+        return out
+    lse = torch.nested.nested_tensor_from_jagged(lse.transpose(0, 1).contiguous(),
+                                                 offsets=q_off).transpose(1, 2)
+    return out, lse

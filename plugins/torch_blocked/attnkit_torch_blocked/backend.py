@@ -28,6 +28,11 @@ def _runs(sequences):
     return runs
 
 
+def _stat(t, q0, q1, n):
+    """Columns ``[q0, q1)`` of a per-row ``(Hq, total_q)`` statistic as ``(n, Hq, L)``."""
+    return t[:, q0:q1].unflatten(1, (n, -1)).transpose(0, 1)
+
+
 class TorchBlockedBackend(Backend):
     """FlashAttention-2 in PyTorch ops; runs wherever torch does.
 
@@ -89,11 +94,10 @@ class TorchBlockedBackend(Backend):
         dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         for q0, q1, k0, k1, n in _runs(host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
                                                       q.shape[0], k.shape[0])):
-            stat = (lambda t: t[:, q0:q1].unflatten(1, (n, -1)).transpose(0, 1))
             grads = blocked_backward(
                 as_dense(q, q0, q1, n), as_dense(k, k0, k1, n), as_dense(v, k0, k1, n),
-                as_dense(out, q0, q1, n), stat(lse), as_dense(dout, q0, q1, n),
-                dlse=None if dlse is None else stat(dlse), **opts)
+                as_dense(out, q0, q1, n), _stat(lse, q0, q1, n), as_dense(dout, q0, q1, n),
+                dlse=None if dlse is None else _stat(dlse, q0, q1, n), **opts)
             for g, t, r0, r1 in zip(grads, (dq, dk, dv), (q0, k0, k0), (q1, k1, k1)):
                 as_dense(t, r0, r1, n).copy_(g)
         return dq, dk, dv
