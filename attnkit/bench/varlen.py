@@ -20,6 +20,7 @@ the same useful work whatever it computes. Contenders, on the same packed inputs
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -210,12 +211,15 @@ def _context(call: str, device: torch.device):
 
 
 def _cell(session, spec, contender, call, mode, lens, heads, head_dim, causal, mix, tokens,
-          leaves, dout, cu, ref) -> VarlenCell:
+          leaves, dout, cu, ref, skip: str | None = None) -> VarlenCell:
     longest = max(lens)
     cell = VarlenCell(contender.name, contender.kind, mode, spec.dtype, len(lens), heads,
                       heads, longest, longest, head_dim, causal, tokens=tokens, mix=mix,
                       call=call, documents=len(lens),
                       flops=varlen_flops(lens, heads, head_dim, causal, mode))
+    if skip is not None:
+        cell.error = skip
+        return cell
     q, k, v = leaves
 
     def body(cell):
@@ -274,6 +278,7 @@ def run_varlen(spec: VarlenSpec, contenders: list[Contender], device: torch.devi
     calls = [(c, call) for c in contenders
              for call in (("varlen", "dense") if c.kind == "attnkit" else (c.name,))]
     progress.start(len(shapes) * len(calls) * len(spec.modes))
+    t0 = time.perf_counter()
     cells = []
     for tokens, d, causal, mix in shapes:
         if spec.model_dim % d:
@@ -289,8 +294,16 @@ def run_varlen(spec: VarlenSpec, contenders: list[Contender], device: torch.devi
                 progress.step(label)
                 if call == "dense" and mix != "equal":
                     continue  # the dense call exists only where every document is as long
-                cells.append(_cell(session, spec, contender, call, mode, lens, heads, d,
-                                   causal, mix, tokens, leaves, dout, cu, ref))
+                if (spec.time_limit_s is not None
+                        and time.perf_counter() - t0 > spec.time_limit_s):
+                    cell = _cell(session, spec, contender, call, mode, lens, heads, d,
+                                 causal, mix, tokens, leaves, dout, cu, ref, skip=(
+                                     f"not run: the time limit of {spec.time_limit_s:g}s "
+                                     "was reached"))
+                else:
+                    cell = _cell(session, spec, contender, call, mode, lens, heads, d,
+                                 causal, mix, tokens, leaves, dout, cu, ref)
+                cells.append(cell)
         del leaves, dout, ref
         timing.release_memory(device)
     progress.finish()
