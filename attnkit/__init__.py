@@ -5,6 +5,7 @@ from .backend import Backend, Capabilities
 from .hookspecs import hookimpl
 from .kvcache import attention_with_kvcache, merge_attention
 from .spec import AttentionProblem
+from .varlen import attention_varlen, explain_varlen
 
 __version__ = "0.1.0"
 
@@ -13,9 +14,11 @@ __all__ = [
     "Backend",
     "Capabilities",
     "attention",
+    "attention_varlen",
     "attention_with_kvcache",
     "backends",
     "explain",
+    "explain_varlen",
     "hookimpl",
     "merge_attention",
 ]

@@ -111,10 +111,22 @@ def attention(
     every backend: a mapped dimension is folded into the batch (an unmapped q, k, v or
     seqlens_k is repeated along it) and the backend runs one call over ``N * B`` batches.
 
+    Nested jagged tensors (``layout=torch.jagged``, ``(B, H, j, D)``: a ``(B, j, H, D)``
+    nested tensor passed as ``.transpose(1, 2)``, as for SDPA) run as a packed
+    variable-length batch (`attnkit.attention_varlen`) on a backend that declares
+    ``varlen``; ``out`` is nested with q's offsets, ``lse`` ``(B, Hq, j)`` nested too, and
+    ``seqlens_k`` does not apply (each sequence's keys are k's own).
+
     Raises ``TypeError``/``ValueError`` naming the offending tensor, its shape, dtype and
     device for invalid input, and `attnkit.registry.NoBackendError` (a ``ValueError``)
     listing every backend's reasons when none can run the problem.
     """
+    if any(getattr(t, "is_nested", False) for t in (q, k, v)):
+        from .varlen import attention_jagged  # packed values and offsets: attention_varlen
+
+        return attention_jagged(q, k, v, causal=causal, scale=scale, window=window,
+                                seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse,
+                                backend=backend)
     if autocast_device(q) is not None:  # cast as autocast does for SDPA, then run without it
         q, k, v = _autocast_inputs(q, k, v)
         with torch.autocast(q.device.type, enabled=False):

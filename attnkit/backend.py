@@ -240,31 +240,35 @@ def _lse_dtype_ok(lse: torch.Tensor, q: torch.Tensor) -> bool:
     return lse.dtype == torch.float32 or (lse.dtype == q.dtype == torch.float64)
 
 
-def check_forward_result(backend: Backend, q: torch.Tensor, result) -> tuple:
+def check_forward_result(backend: Backend, q: torch.Tensor, result, lse_shape=None,
+                         method: str = "forward") -> tuple:
     """``result`` as ``(out, lse)`` if it keeps the contract (shapes, dtypes, devices: a few
-    attribute reads), else `BackendContractError` naming the backend."""
+    attribute reads), else `BackendContractError` naming the backend. ``lse_shape`` is
+    ``q.shape[:3]`` unless given (``(Hq, total_q)`` for `Backend.forward_varlen`)."""
     if not isinstance(result, (tuple, list)) or len(result) != 2:  # a tensor unpacks, too
         raise BackendContractError(
-            f"backend {backend.name!r} forward returned {type(result).__name__}; the "
+            f"backend {backend.name!r} {method} returned {type(result).__name__}; the "
             "contract is a pair (out, lse)")
     out, lse = result
+    if lse_shape is None:
+        lse_shape = q.shape[:3]
     if (isinstance(out, torch.Tensor) and isinstance(lse, torch.Tensor)
             and out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
-            and lse.shape == q.shape[:3] and _lse_dtype_ok(lse, q) and lse.device == q.device):
+            and lse.shape == lse_shape and _lse_dtype_ok(lse, q) and lse.device == q.device):
         return out, lse
     raise BackendContractError(
-        f"backend {backend.name!r} forward broke the contract: "
+        f"backend {backend.name!r} {method} broke the contract: "
         + "; ".join(_mismatches(q, ((out, "out", q.shape, "q's dtype", q.dtype),
-                                    (lse, "lse", q.shape[:3], "float32", torch.float32)))))
+                                    (lse, "lse", lse_shape, "float32", torch.float32)))))
 
 
 def check_backward_result(backend: Backend, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, result) -> tuple:
+                          v: torch.Tensor, result, method: str = "backward") -> tuple:
     """``result`` as ``(dq, dk, dv)`` if each has its input's shape, dtype and device (autograd
     would cast a wrong dtype silently), else `BackendContractError` naming the backend."""
     if not isinstance(result, (tuple, list)) or len(result) != 3:
         raise BackendContractError(
-            f"backend {backend.name!r} backward returned {type(result).__name__}; the "
+            f"backend {backend.name!r} {method} returned {type(result).__name__}; the "
             "contract is a triple (dq, dk, dv)")
     dq, dk, dv = result
     ok = True
@@ -274,7 +278,7 @@ def check_backward_result(backend: Backend, q: torch.Tensor, k: torch.Tensor,
     if ok:
         return dq, dk, dv
     raise BackendContractError(
-        f"backend {backend.name!r} backward broke the contract: "
+        f"backend {backend.name!r} {method} broke the contract: "
         + "; ".join(_mismatches(q, ((g, n, t.shape, f"{n[1:]}'s dtype", t.dtype)
                                     for g, n, t in ((dq, "dq", q), (dk, "dk", k),
                                                     (dv, "dv", v))))))

@@ -8,6 +8,7 @@ import torch
 from . import reference
 from .backend import Backend, Capabilities
 from .hookspecs import hookimpl
+from .varlen import as_dense, host_sequences
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,6 +30,7 @@ class ReferenceBackend(Backend):
         head_dim_max=1 << 16,
         lse_grad=True,
         dropout=True,
+        varlen=True,
     )
 
     def forward(self, problem, q, k, v, seqlens_k, dropout=None):
@@ -46,6 +48,35 @@ class ReferenceBackend(Backend):
                                         dlse=None if dlse is None else dlse.to(ct),
                                         dropout=dropout, **_options(problem, seqlens_k))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    # Packed batches: one dense call per sequence (the definition of varlen attention).
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype,
+                         device=q.device)
+        for q0, q1, k0, k1 in host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
+                                             q.shape[0], k.shape[0]):
+            if q1 > q0 and k1 > k0:  # else every row sees no key: 0 / -inf as set
+                o, m = self.forward(problem, as_dense(q, q0, q1), as_dense(k, k0, k1),
+                                    as_dense(v, k0, k1), None)
+                out[q0:q1] = o[0].transpose(0, 1)
+                lse[:, q0:q1] = m[0]
+        return out, lse
+
+    def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
+                        dlse=None):
+        dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        for q0, q1, k0, k1 in host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
+                                             q.shape[0], k.shape[0]):
+            if q1 > q0 and k1 > k0:
+                g = self.backward(problem, as_dense(q, q0, q1), as_dense(k, k0, k1),
+                                  as_dense(v, k0, k1), as_dense(out, q0, q1),
+                                  lse[None, :, q0:q1], as_dense(dout, q0, q1), None,
+                                  dlse=None if dlse is None else dlse[None, :, q0:q1])
+                for grad, t, r0, r1 in zip((dq, dk, dv), g, (q0, k0, k0), (q1, k1, k1)):
+                    grad[r0:r1] = t[0].transpose(0, 1)
+        return dq, dk, dv
 
 
 @hookimpl

@@ -99,6 +99,12 @@ class AttentionProblem(NamedTuple):
             opts.append("backward")
         if self.deterministic:
             opts.append("deterministic")
+        if self.varlen:
+            return (
+                f"packed varlen q (B={self.batch} sequences, Hq={self.heads_q}, "
+                f"max Sq={self.seqlen_q}, D={self.head_dim}), k/v (Hkv={self.heads_kv}, "
+                f"max Sk={self.seqlen_k}), {self.dtype} on {self.device}, " + ", ".join(opts)
+            )
         return (
             f"q (B={self.batch}, Hq={self.heads_q}, Sq={self.seqlen_q}, D={self.head_dim}), "
             f"k/v (Hkv={self.heads_kv}, Sk={self.seqlen_k}), {self.dtype} on {self.device}, "

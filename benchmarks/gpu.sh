@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu.sh check [BACKEND...]   # the conformance suite on CUDA
 #   bash benchmarks/gpu.sh bench   # the standard grid and the decoding table, compared with
 #                                  # the committed results of this GPU
+#   bash benchmarks/gpu.sh varlen  # the packed variable-length table (attnkit bench --varlen)
 # Logs and results go under $OUT (default /tmp/attnkit-out); bench writes $OUT/<gpu>/ in the
 # layout of benchmarks/results/<gpu>/. Where the tree is a copy without .git, set
 # ATTNKIT_BENCH_COMMIT=<commit> so the results name the commit they ran.
@@ -13,8 +14,8 @@ OUT=${OUT:-/tmp/attnkit-out}
 mkdir -p "$OUT"
 mode=${1:-}
 case "$mode" in
-check | bench) ;;
-*) echo "usage: bash benchmarks/gpu.sh check|bench" >&2; exit 2 ;;
+check | bench | varlen) ;;
+*) echo "usage: bash benchmarks/gpu.sh check|bench|varlen" >&2; exit 2 ;;
 esac
 
 # Editable, no dependencies (torch, triton and cupy come with the machine; it may have no
@@ -60,6 +61,14 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 \
     | sed -E 's/^NVIDIA //; s/ .*//' | tr '[:upper:]' '[:lower:]')
 dir="$OUT/$gpu"
 committed="benchmarks/results/$gpu"
+if [ "$mode" = varlen ]; then
+    python -m attnkit.cli bench --varlen --out "$dir" --quiet --no-plot \
+        --backends triton,sdpa-nested,sdpa-flash-padded --time-limit-s 480 \
+        > "$OUT/varlen.log" 2>&1
+    echo "== attnkit bench --varlen: rc=$?, $dir/varlen.{json,txt}"
+    cat "$OUT/varlen.log"
+    exit 0
+fi
 compare=()
 [ -d "$committed" ] && compare=(--compare "$committed")
 python -m attnkit.cli bench --out "$dir" --quiet --backends triton,cupy,sdpa-flash,sdpa-cudnn \

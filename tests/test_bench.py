@@ -598,3 +598,50 @@ def test_readme_holds_what_the_report_generates():
     assert block == readme_tables(dirs).strip(), (
         "README out of date: paste the output of attnkit bench --report benchmarks/results/* "
         "between its bench-tables markers")
+
+
+# -- varlen ----------------------------------------------------------------------------------
+
+def test_varlen_mixes_and_flops():
+    from attnkit.bench.varlen import mix_lengths, varlen_flops
+
+    assert mix_lengths("equal", 16384, 2048) == [2048] * 8
+    tail = mix_lengths("long-tailed", 65536, 2048)
+    assert sum(tail) == 65536 and tail[:2] == [16384, 16384] and len(tail) > 20
+    assert max(tail[2:]) < 16384 and min(tail) >= 1
+    small = mix_lengths("long-tailed", 512, 128)
+    assert sum(small) == 512 and len(small) > 10
+    # Summed per document: two documents of 100 are half the work of one of 200, squared.
+    one = attention_flops(1, 4, 100, 100, 16, True)
+    assert varlen_flops([100, 0, 100], 4, 16, True, "fwd") == 2 * one
+    assert varlen_flops([100], 4, 16, False, "fwd_bwd") == 3.5 * 2 * one
+    with pytest.raises(ValueError, match="unknown length mix 'zipf'"):
+        mix_lengths("zipf", 100, 10)
+
+
+def test_varlen_end_to_end_on_a_cpu(tmp_path, capsys):
+    rc = main(["bench", "--varlen", "--device", "cpu", "--quiet", "--tokens", "256",
+               "--head-dims", "16", "--model-dim", "32", "--warmup-ms", "0", "--rep-ms", "1",
+               "--backends", "torch-blocked,reference,sdpa-nested,sdpa-flash-padded",
+               "--out", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "attnkit bench --varlen" in printed and "Summary: geometric mean of varlen" in printed
+    result = json.loads((tmp_path / "varlen.json").read_text())
+    assert result["kind"] == "varlen" and (tmp_path / "varlen.txt").exists()
+    cells = result["cells"]
+    calls = {(c["backend"], c["call"]) for c in cells}
+    assert {("torch-blocked", "varlen"), ("torch-blocked", "dense"), ("reference", "varlen"),
+            ("sdpa-nested", "sdpa-nested"), ("sdpa-flash-padded", "sdpa-flash-padded")} <= calls
+    assert not any(c["call"] == "dense" and c["mix"] != "equal" for c in cells)
+    for c in cells:
+        if c["backend"] in ("torch-blocked", "reference"):
+            assert c["status"] == "ok", c
+            assert c["flops"] > 0 and c["tflops"] > 0
+        if c["call"] != "sdpa-flash-padded" and c["mode"] == "fwd" and c["status"] == "ok":
+            assert c["max_abs_diff_vs_sdpa"] is None or c["max_abs_diff_vs_sdpa"] < 1e-4, c
+    tb = [c for c in cells if c["backend"] == "torch-blocked" and c["call"] == "varlen"]
+    assert all(c["ratio_vs_dense"] for c in tb if c["mix"] == "equal")
+    assert all(c["ratio_vs_sdpa_flash_padded"] for c in tb)
+    # The same run compares with itself cell for cell.
+    assert set(ratios(result, result).values()) == {1.0}

@@ -39,6 +39,10 @@ EXPECTED_FAILURE = {
     "wrong-no-max-subtraction": "*scores1e4 out: * NaN value(s)*",
     "wrong-later-calls-differ": "*dq of call 3 differs from call 1*",
     "wrong-ignores-dlse": "*dq: max|got - ref64|*",
+    "wrong-varlen-one-sequence": "*out: max|got - ref64|*",
+    "wrong-varlen-times-zero": "*(one sequence) and its dout set to nan: out of the other "
+                               "sequences: * differ bit for bit*",
+    "wrong-varlen-lse-layout": "*forward_varlen broke the contract: lse has shape*",
 }
 
 #: The part of the suite a wrong backend is run against (all of it where not named): the
@@ -51,6 +55,9 @@ SELECT = {
     "wrong-no-max-subtraction": "matches_reference",
     "wrong-later-calls-differ": "repeatable",
     "wrong-ignores-dlse": "lse or merge_of",
+    "wrong-varlen-one-sequence": "varlen",
+    "wrong-varlen-times-zero": "varlen",
+    "wrong-varlen-lse-layout": "varlen",
 }
 
 

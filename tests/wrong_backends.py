@@ -219,7 +219,65 @@ class IgnoresDlse(ReferenceBackend):
         return super().backward(problem, q, k, v, out, lse, dout, seqlens_k)
 
 
+_VARLEN_CAPS = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                            head_dim_max=256, varlen=True, backward=False)
+
+
+def _packed_dense(problem, q, k, v, cu_q, cu_k, per_sequence: bool):
+    """One dense call over the whole packing (keys of every sequence), the scores of other
+    sequences hidden after the softmax by multiplying by 0 (``per_sequence``), or not at
+    all."""
+    from attnkit.reference import visible_mask
+
+    seen = torch.zeros(q.shape[0], k.shape[0], dtype=torch.bool)
+    for b in range(cu_q.shape[0] - 1):
+        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        seen[q0:q1, k0:k1] = visible_mask(q1 - q0, k1 - k0, causal=problem.causal,
+                                          window=problem.window)[0, 0]
+    if not per_sequence:
+        seen[:] = True
+    g = problem.group_size
+    kk, vv = (t.transpose(0, 1).repeat_interleave(g, 0) for t in (k, v))
+    s = (q.transpose(0, 1) @ kk.transpose(-1, -2)) * problem.scale
+    p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0) * seen
+    lse = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
+    return (p @ vv).transpose(0, 1).contiguous(), lse.float()
+
+
+class VarlenOneSequence(ReferenceBackend):
+    """Declares varlen and attends over the whole packing as one sequence."""
+
+    name = "wrong-varlen-one-sequence"
+    capabilities = _VARLEN_CAPS
+
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        return _packed_dense(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, False)
+
+
+class VarlenOthersTimesZero(ReferenceBackend):
+    """Hides the other sequences' keys by multiplying their probabilities by 0: right on
+    clean inputs, but a NaN in one sequence's values reaches every other sequence."""
+
+    name = "wrong-varlen-times-zero"
+    capabilities = _VARLEN_CAPS
+
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        return _packed_dense(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, True)
+
+
+class VarlenLseTransposed(ReferenceBackend):
+    """Returns lse as (total_q, Hq) instead of the contract's (Hq, total_q)."""
+
+    name = "wrong-varlen-lse-layout"
+    capabilities = _VARLEN_CAPS
+
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        out, lse = super().forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k)
+        return out, lse.t().contiguous()
+
+
 WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt,
          NondeterministicForward, WritesIntoDout, Float32Gradients, GQAGradientsNotSummed,
          MaskedKeysTimesZero, OutOfBandTimesZero, ScratchNotZeroed, NaNRowAsMasked,
-         NoMaxSubtraction, LaterCallsDiffer, IgnoresDlse]
+         NoMaxSubtraction, LaterCallsDiffer, IgnoresDlse, VarlenOneSequence,
+         VarlenOthersTimesZero, VarlenLseTransposed]

@@ -81,6 +81,8 @@ def run_benchmark(
     graphs: bool = False,
     host_overhead: bool = False,
     sustained_s: float | None = None,
+    varlen: bool = False,
+    mixes: Sequence[str] | None = None,
     seqlens: Sequence[int] | None = None,
     head_dims: Sequence[int] | None = None,
     causal: Sequence[bool] | None = None,
@@ -107,7 +109,12 @@ def run_benchmark(
     - ``host_overhead``: host time per call on the grid's shortest shape (its largest head
       dim, causal, fwd and fwd_bwd unless narrowed) and the decoding table's shortest cache;
     - ``sustained_s``: each contender back to back for that many seconds per shape (default
-      S=4096, D=128, non-causal, fwd), with clocks and power read meanwhile.
+      S=4096, D=128, non-causal, fwd), with clocks and power read meanwhile;
+    - ``varlen``: packed variable-length batches (`attnkit.bench.varlen`): total tokens 16k
+      and 64k (``tokens`` picks one), D 64 and 128, bf16 (the first of ``dtypes``), causal
+      and not, length ``mixes`` "equal" and "long-tailed", fwd and fwd_bwd; each backend
+      that declares varlen beside its own dense call, SDPA on nested tensors and SDPA-flash
+      on the padded batch.
 
     Defaults come from the device (`default_grid` / `default_decode`): FlashAttention's grid
     on CUDA, a small fp32 grid on a CPU. ``backends`` names attnkit backends and SDPA peers
@@ -115,8 +122,9 @@ def run_benchmark(
     available one except ``reference``. A cell that fails is recorded (status "error", "oom",
     "unsupported" or "skipped", with the message) and the run goes on.
     """
-    if sum(map(bool, (decode or graphs, host_overhead, sustained_s is not None))) > 1:
-        raise ValueError("choose one of decode/graphs, host overhead and sustained")
+    if sum(map(bool, (decode or graphs, host_overhead, sustained_s is not None,
+                      varlen))) > 1:
+        raise ValueError("choose one of decode/graphs, host overhead, sustained and varlen")
     if sustained_s is not None and not sustained_s > 0:
         raise ValueError(f"the sustained time must be positive, got {sustained_s}")
     dev = resolve_device(device)
@@ -157,7 +165,22 @@ def run_benchmark(
     if dtypes is not None:
         dspec = dataclasses.replace(dspec, dtype=dtypes[0])
     names = list(backends) if backends else None
-    if decode or graphs:
+    if varlen:
+        from . import varlen as _varlen
+
+        kind = "varlen"
+        vspec = _override(_varlen.default_varlen(dev.type), head_dims=head_dims, causal=causal,
+                          modes=modes, model_dim=model_dim, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                          time_limit_s=time_limit_s, mixes=mixes,
+                          tokens=None if tokens is None else [tokens],
+                          dtype=None if dtypes is None else dtypes[0])
+        bad = [m for m in vspec.mixes if m not in _varlen.MIXES]
+        if bad:
+            raise ValueError(f"unknown length mix(es) {bad}; choose from {list(_varlen.MIXES)}")
+        chosen, left_out = _varlen.select(dev, DTYPES[vspec.dtype], vspec.head_dims[0], names)
+        cells = [c.as_dict() for c in _varlen.run_varlen(vspec, chosen, dev, progress, seed)]
+        config = {"device": str(dev), "varlen": vspec.as_dict(), "seed": seed}
+    elif decode or graphs:
         kind = "graphs" if graphs else "decode"
         chosen, left_out = _contenders.select(dev, DTYPES[dspec.dtype], dspec.head_dim, names)
         cells = [c.as_dict() for c in runner.run_decode(dspec, chosen, dev, progress, seed)]

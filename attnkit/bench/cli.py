@@ -109,6 +109,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                       help="each contender back to back for SECONDS per shape (default "
                            "S=4k D=128 non-causal fwd), SM clock, power and temperature read "
                            "meanwhile, in order then reversed")
+    mode.add_argument("--varlen", action="store_true",
+                      help="packed variable-length batches: attention_varlen on 16k and 64k "
+                           "tokens in equal and long-tailed document mixes, beside the same "
+                           "backend's dense call, SDPA on nested tensors and SDPA-flash on "
+                           "the padded batch (FLOPs summed per document)")
     mode.add_argument("--report", nargs="+", metavar="DIR",
                       help="run nothing: print the README's markdown tables of the results in "
                            "each DIR (e.g. benchmarks/results/h200)")
@@ -136,7 +141,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help=f"from {', '.join(DTYPES)} (decode uses the first)")
     p.add_argument("--modes", type=_names(MODES), metavar="M,..",
                    help=f"from {', '.join(MODES)}")
-    p.add_argument("--tokens", type=int, help="batch * seqlen of each grid shape")
+    p.add_argument("--tokens", type=int,
+                   help="batch * seqlen of each grid shape (--varlen: the total tokens)")
+    p.add_argument("--mixes", type=_names(("equal", "long-tailed")), metavar="M,..",
+                   help="--varlen length mixes: equal, long-tailed")
     p.add_argument("--model-dim", type=int, help="heads * head dim of each grid shape")
     p.add_argument("--layout", choices=("bshd", "bhsd"),
                    help="bshd (default): q/k/v are (B, S, H, D) passed as .transpose(1, 2)")
@@ -158,6 +166,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
     """`run_benchmark`'s arguments (JSON-ready: an ``--env`` child gets them as a file)."""
     return dict(device=args.device, decode=args.decode, graphs=args.graphs,
                 host_overhead=args.host_overhead, sustained_s=args.sustained,
+                varlen=args.varlen, mixes=args.mixes,
                 seqlens=args.seqlens, head_dims=args.head_dims, causal=args.causal,
                 dtypes=args.dtypes, modes=args.modes, backends=args.backends,
                 tokens=args.tokens, model_dim=args.model_dim, layout=args.layout,
@@ -173,6 +182,8 @@ def _kind(args: argparse.Namespace) -> str:
         return "decode"
     if args.host_overhead:
         return "host"
+    if args.varlen:
+        return "varlen"
     return "sustained" if args.sustained is not None else "grid"
 
 
@@ -200,6 +211,10 @@ def _check(args: argparse.Namespace):
             raise UsageError(f"{flag} must not be negative, got {value}")
     if args.backends:
         known = contenders.known_names()
+        if args.varlen:
+            from .varlen import VARLEN_PEERS
+
+            known += list(VARLEN_PEERS)
         unknown = [n for n in args.backends if n not in known]
         if unknown:
             raise UsageError(f"unknown backend(s) {unknown}; known: {known}")

@@ -16,11 +16,17 @@ from .tables import backends_in_order, fmt_table, geomean, seq_label
 #: Kind -> (field compared, its name, whether larger is faster).
 METRICS = {"grid": ("tflops", "TFLOP/s", True), "sustained": ("tflops", "TFLOP/s", True),
            "decode": ("tbps", "TB/s", True), "graphs": ("tbps", "TB/s", True),
-           "host": ("host_us", "host us per call", False)}
+           "host": ("host_us", "host us per call", False),
+           "varlen": ("tflops", "TFLOP/s", True)}
+
+
+#: What else names a varlen cell: its packing and what was called.
+VARLEN_IDENTITY = ("tokens", "mix", "call")
 
 
 def _key(c: dict) -> tuple:
-    return tuple(c[f] for f in IDENTITY)
+    key = tuple(c[f] for f in IDENTITY)
+    return key + tuple(c[f] for f in VARLEN_IDENTITY) if "call" in c else key
 
 
 def _speedup(c: dict, base: dict, field: str, larger_is_faster: bool) -> float | None:
@@ -54,6 +60,8 @@ def compare_table(results: dict[str, dict], base: str, title: str | None = None)
     field, unit, _ = METRICS[kind]
     others = [name for name in results if name != base]
     per = {name: ratios(results[name], results[base]) for name in others}
+    if kind == "varlen":
+        return _varlen_compare(per, base, others, unit, title)
     cells = [c for name in [base, *others] for c in results[name]["cells"]]
     backends = backends_in_order(cells)
 
@@ -105,3 +113,21 @@ def compare_table(results: dict[str, dict], base: str, title: str | None = None)
                        [c for c in columns if any((c, m) in summary for m in modes)], modes,
                        summary)
     return "\n".join(lines)
+
+
+def _varlen_compare(per: dict, base: str, others: list[str], unit: str, title) -> str:
+    """One row per varlen cell (contender, call, mix, tokens, D, causal, mode), one column
+    per run compared with ``base``."""
+    if title is None:
+        title = f"{unit}: each run over {base} per cell (above 1: faster than {base})"
+    values, rows = {}, []
+    for name in others:
+        for key, r in per[name].items():
+            c = dict(zip(IDENTITY + VARLEN_IDENTITY, key))
+            row = (f"{c['backend']} {c['call']} {c['mix']} {seq_label(c['tokens'])} "
+                   f"D={c['head_dim']}{' causal' if c['causal'] else ''} {c['mode']}")
+            rows.append(row)
+            values[(row, name)] = f"{r:.2f}"
+    if not values:
+        return f"{title}\n(no cell ran in both {base} and {', '.join(others)})"
+    return "\n".join(fmt_table(title, "cell", list(dict.fromkeys(rows)), others, values))

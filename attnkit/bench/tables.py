@@ -212,15 +212,81 @@ def _footer(result: dict, notes: _Notes) -> list[str]:
     return out
 
 
+def varlen_table(result: dict) -> str:
+    """Per mode and length mix: TFLOP/s (FLOPs summed per document) of every contender by
+    total tokens, head dim and causal; then each varlen call's throughput over its targets:
+    the same backend's dense call (equal mix), SDPA on nested tensors and SDPA-flash on the
+    padded batch (long-tailed)."""
+    cells = result["cells"]
+    notes = _Notes()
+    out = [f"attnkit bench --varlen on {_device(result)} (TFLOP/s, median; FLOPs summed per "
+           "document)"]
+
+    def column(c):
+        return f"{seq_label(c['tokens'])} D={c['head_dim']}{' causal' if c['causal'] else ''}"
+
+    def row(c):
+        return f"{c['backend']} {c['call']}" if c["kind"] == "attnkit" else c["backend"]
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        groups[(c["dtype"], c["mode"], c["mix"])].append(c)
+    for (dtype, mode, mix), group in groups.items():
+        columns = list(dict.fromkeys(column(c) for c in group))
+        rows = list(dict.fromkeys(row(c) for c in group))
+        values = {(row(c), column(c)): num(c["tflops"]) if c["status"] == "ok"
+                  else notes.mark(c) for c in group}
+        docs = sorted({(c["tokens"], c["documents"], c["seqlen_q"]) for c in group})
+        shape = ", ".join(f"{seq_label(t)}: {n} docs, longest {m}" for t, n, m in docs)
+        out += fmt_table(f"\n{dtype} {mode}, {mix} ({shape})", "contender", rows, columns,
+                         values)
+        ratios, rrows = {}, []
+        for c in group:
+            if c["call"] != "varlen" or c["status"] != "ok":
+                continue
+            parts = [f"{c[f]:.2f}x {name}" for f, name in (
+                ("ratio_vs_dense", "dense"), ("ratio_vs_sdpa_nested", "nested"),
+                ("ratio_vs_sdpa_flash_padded", "padded")) if c.get(f)]
+            if parts:
+                ratios[(row(c), column(c))] = ", ".join(parts)
+                rrows.append(row(c))
+        if ratios:
+            out += fmt_table(f"  varlen throughput over: ({mode}, {mix})", "contender",
+                             list(dict.fromkeys(rrows)), columns, ratios)
+    out += _footer(result, notes)
+    return "\n".join(out)
+
+
+def varlen_summary(result: dict) -> str:
+    """Geometric means of each varlen call's throughput over each of its targets."""
+    cells = [c for c in result["cells"] if c["call"] == "varlen"]
+    columns = ["vs dense (equal)", "vs sdpa-nested", "vs sdpa-flash-padded"]
+    fields = ["ratio_vs_dense", "ratio_vs_sdpa_nested", "ratio_vs_sdpa_flash_padded"]
+    values, rows = {}, []
+    for c in cells:
+        rows.append(f"{c['backend']} {c['mode']}")
+    rows = list(dict.fromkeys(rows))
+    for r in rows:
+        mine = [c for c in cells if f"{c['backend']} {c['mode']}" == r]
+        for col, f in zip(columns, fields):
+            xs = [c[f] for c in mine if c.get(f)]
+            values[(r, col)] = f"{geomean(xs):.2f}x ({len(xs)})" if xs else "-"
+    return "\n".join(fmt_table("\nSummary: geometric mean of varlen throughput over each "
+                               "target (cells)", "backend mode", rows, columns, values))
+
+
 def table(result: dict) -> str:
     return {"grid": grid_table, "decode": decode_table, "graphs": decode_table,
-            "host": host_table, "sustained": sustained_table}[result["kind"]](result)
+            "host": host_table, "sustained": sustained_table,
+            "varlen": varlen_table}[result["kind"]](result)
 
 
 def summary(result: dict) -> str:
     """A few lines: per contender and mode, the geometric mean of its throughput over
     sdpa-flash's (host time over sdpa-flash's for a host-overhead result) across the cells
     where both ran, and how many of its cells ran."""
+    if result["kind"] == "varlen":
+        return varlen_summary(result)
     cells = result["cells"]
     field = "host_vs_sdpa_flash" if result["kind"] == "host" else "ratio_vs_sdpa_flash"
     modes = list(dict.fromkeys(c["mode"] for c in cells))

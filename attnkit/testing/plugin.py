@@ -16,7 +16,7 @@ import torch
 from ..registry import NoBackendError, registry
 from . import cases as _cases
 
-_calls = {"forward": 0, "backward": 0}
+_calls = {"forward": 0, "backward": 0, "forward_varlen": 0, "backward_varlen": 0}
 
 
 def pytest_addoption(parser):
@@ -64,7 +64,7 @@ def _watch_calls(backend):
     hold every call to the contract at the boundary (`_checked`)."""
     if getattr(backend, "_attnkit_watched", False):
         return
-    for method in ("forward", "backward"):
+    for method in _INPUTS:
         inner = getattr(backend, method)
 
         def watched(*args, _inner=inner, _method=method, **kwargs):
@@ -76,7 +76,10 @@ def _watch_calls(backend):
 
 
 _INPUTS = {"forward": ("q", "k", "v", "seqlens_k"),
-           "backward": ("q", "k", "v", "out", "lse", "dout", "seqlens_k")}
+           "backward": ("q", "k", "v", "out", "lse", "dout", "seqlens_k"),
+           "forward_varlen": ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"),
+           "backward_varlen": ("q", "k", "v", "out", "lse", "dout", "cu_seqlens_q",
+                               "cu_seqlens_k")}
 
 
 def _checked(method, inner, args, kwargs):
@@ -92,7 +95,7 @@ def _checked(method, inner, args, kwargs):
         if not _same(named[n], t):
             raise AssertionError(f"backend {method} wrote into its input {n} "
                                  f"(shape {tuple(t.shape)}, dtype {t.dtype})")
-    if method == "backward":
+    if method.startswith("backward"):
         for n, g in zip(("dq", "dk", "dv"), result):
             t = named[n[1]]
             if g.dtype != t.dtype or g.shape != t.shape:
@@ -164,7 +167,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(
         f"attnkit conformance: backend {_backend_name(config)!r} on "
         f"{config.getoption('--attnkit-device')}: forward ran {_calls['forward']} times, "
-        f"backward {_calls['backward']} times")
+        f"backward {_calls['backward']} times"
+        + (f", forward_varlen {_calls['forward_varlen']}, backward_varlen "
+           f"{_calls['backward_varlen']}" if _calls["forward_varlen"] else ""))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -172,6 +177,6 @@ def pytest_sessionfinish(session, exitstatus):
     if (not config.getoption("--attnkit-backend") or exitstatus != 0
             or config.option.collectonly or _xdist_controller(config)):
         return
-    if _calls["forward"] == 0:
+    if _calls["forward"] == 0 and _calls["forward_varlen"] == 0:
         # Green without the backend ever running would be a lie.
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -5,8 +5,32 @@ from __future__ import annotations
 import torch
 
 from attnkit.backend import Backend, Capabilities
+from attnkit.varlen import as_dense, host_sequences
 
 from .blocked import BlockSizes, blocked_backward, blocked_forward
+
+
+def _runs(sequences):
+    """Consecutive sequences of equal ``(Lq, Lk)`` merged into ``(q0, q1, k0, k1, n)``: their
+    rows are ``n`` equal blocks, one dense batch of ``n`` (an equal-length packing is one
+    call). Sequences without queries or without keys are left out (0 / -inf, as set)."""
+    runs = []
+    for q0, q1, k0, k1 in sequences:
+        if q1 == q0 or k1 == k0:
+            continue
+        if runs:
+            a0, a1, b0, b1, n = runs[-1]
+            if a1 == q0 and b1 == k0 and (a1 - a0) == n * (q1 - q0) and (b1 - b0) == n * (
+                    k1 - k0):
+                runs[-1] = (a0, q1, b0, k1, n + 1)
+                continue
+        runs.append((q0, q1, k0, k1, 1))
+    return runs
+
+
+def _stat(t, q0, q1, n):
+    """Columns ``[q0, q1)`` of a per-row ``(Hq, total_q)`` statistic as ``(n, Hq, L)``."""
+    return t[:, q0:q1].unflatten(1, (n, -1)).transpose(0, 1)
 
 
 class TorchBlockedBackend(Backend):
@@ -29,6 +53,7 @@ class TorchBlockedBackend(Backend):
         # Tiles are visited in a fixed order and accumulated without atomics.
         deterministic=True,
         lse_grad=True,
+        varlen=True,
     )
 
     def __init__(self, block_q: int | None = None, block_k: int | None = None):
@@ -46,3 +71,33 @@ class TorchBlockedBackend(Backend):
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
         return blocked_backward(q, k, v, out, lse, dout, dlse=dlse,
                                 **self._options(problem, seqlens_k))
+
+    # Packed batches: the offsets are read on the host once, and each run of consecutive
+    # equal-length sequences is one dense blocked call on views of the packed tensors.
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        opts = self._options(problem, None)
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"),
+                         dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                         device=q.device)
+        for q0, q1, k0, k1, n in _runs(host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
+                                                      q.shape[0], k.shape[0])):
+            o, m = blocked_forward(as_dense(q, q0, q1, n), as_dense(k, k0, k1, n),
+                                   as_dense(v, k0, k1, n), **opts)
+            as_dense(out, q0, q1, n).copy_(o)
+            lse[:, q0:q1].unflatten(1, (n, -1)).copy_(m.transpose(0, 1))
+        return out, lse
+
+    def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
+                        dlse=None):
+        opts = self._options(problem, None)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        for q0, q1, k0, k1, n in _runs(host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
+                                                      q.shape[0], k.shape[0])):
+            grads = blocked_backward(
+                as_dense(q, q0, q1, n), as_dense(k, k0, k1, n), as_dense(v, k0, k1, n),
+                as_dense(out, q0, q1, n), _stat(lse, q0, q1, n), as_dense(dout, q0, q1, n),
+                dlse=None if dlse is None else _stat(dlse, q0, q1, n), **opts)
+            for g, t, r0, r1 in zip(grads, (dq, dk, dv), (q0, k0, k0), (q1, k1, k1)):
+                as_dense(t, r0, r1, n).copy_(g)
+        return dq, dk, dv
