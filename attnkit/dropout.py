@@ -93,15 +93,21 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
     return tuple(c)
 
 
+def keep_where(state: torch.Tensor, p: float, bh, i, j) -> torch.Tensor:
+    """Boolean keep decisions at ``(b * Hq + h, query row i, key column j)``, broadcast over
+    the three int64 index tensors (a tile of the mask; on ``state``'s device)."""
+    state = state.to(torch.int64)
+    seed, offset = state[0], state[1] & _MASK32
+    x0 = philox4x32_10(j, i, bh, offset, seed & _MASK32, (seed >> 32) & _MASK32)[0]
+    return x0 >= threshold(p)
+
+
 def keep_mask(state: torch.Tensor, p: float, batch: int, heads: int, seqlen_q: int,
               seqlen_k: int) -> torch.Tensor:
     """Boolean ``(batch, heads, seqlen_q, seqlen_k)``: the elements one call keeps (on
     ``state``'s device). Materialises the whole mask: for tests and the reference."""
-    state = state.to(torch.int64)
-    seed, offset = state[0], state[1] & _MASK32
     dev = state.device
     j = torch.arange(seqlen_k, device=dev, dtype=torch.int64)
     i = torch.arange(seqlen_q, device=dev, dtype=torch.int64)[:, None]
     bh = torch.arange(batch * heads, device=dev, dtype=torch.int64)[:, None, None]
-    x0 = philox4x32_10(j, i, bh, offset, seed & _MASK32, (seed >> 32) & _MASK32)[0]
-    return (x0 >= threshold(p)).view(batch, heads, seqlen_q, seqlen_k)
+    return keep_where(state, p, bh, i, j).view(batch, heads, seqlen_q, seqlen_k)

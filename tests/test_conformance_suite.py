@@ -43,6 +43,9 @@ EXPECTED_FAILURE = {
     "wrong-varlen-times-zero": "*(one sequence) and its dout set to nan: out of the other "
                                "sequences: * differ bit for bit*",
     "wrong-varlen-lse-layout": "*forward_varlen broke the contract: lse has shape*",
+    "wrong-dropout-counter": "*keep decisions differ from attnkit.dropout's mask*",
+    "wrong-dropout-constant-seed": "*masks across calls agree on 1.000 of elements*",
+    "wrong-dropout-backward": "*dq: max|got - ref64|*",
 }
 
 #: The part of the suite a wrong backend is run against (all of it where not named): the
@@ -58,6 +61,9 @@ SELECT = {
     "wrong-varlen-one-sequence": "varlen",
     "wrong-varlen-times-zero": "varlen",
     "wrong-varlen-lse-layout": "varlen",
+    "wrong-dropout-counter": "dropout",
+    "wrong-dropout-constant-seed": "dropout",
+    "wrong-dropout-backward": "dropout",
 }
 
 

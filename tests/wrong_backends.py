@@ -4,6 +4,7 @@ import torch
 
 from attnkit import reference
 from attnkit.backend import Backend, Capabilities
+from attnkit.dropout import Dropout
 from attnkit.reference_backend import ReferenceBackend
 
 _CAPS = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
@@ -276,8 +277,55 @@ class VarlenLseTransposed(ReferenceBackend):
         return out, lse.t().contiguous()
 
 
+_DROPOUT_CAPS = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                             head_dim_max=256, dropout=True)
+
+
+class DropoutOtherCounter(ReferenceBackend):
+    """Draws its masks one counter word off (offset + 1), forward and backward alike: fine
+    masks, but not the ones every other backend draws."""
+
+    name = "wrong-dropout-counter"
+    capabilities = _DROPOUT_CAPS
+
+    @staticmethod
+    def _shifted(dropout):
+        return None if dropout is None else Dropout(dropout.p, dropout.state + torch.tensor(
+            [0, 1], device=dropout.state.device))
+
+    def forward(self, problem, q, k, v, seqlens_k, dropout=None):
+        return super().forward(problem, q, k, v, seqlens_k, dropout=self._shifted(dropout))
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
+        return super().backward(problem, q, k, v, out, lse, dout, seqlens_k, dlse=dlse,
+                                dropout=self._shifted(dropout))
+
+
+class DropoutSameSeedEveryCall(ReferenceBackend):
+    """Ignores the call's draw and uses a constant state: every call drops the same."""
+
+    name = "wrong-dropout-constant-seed"
+    capabilities = _DROPOUT_CAPS
+
+    def forward(self, problem, q, k, v, seqlens_k, dropout=None):
+        if dropout is not None:
+            dropout = Dropout(dropout.p, torch.zeros_like(dropout.state))
+        return super().forward(problem, q, k, v, seqlens_k, dropout=dropout)
+
+
+class DropoutNotInBackward(ReferenceBackend):
+    """Applies the mask in the forward and forgets it in the backward."""
+
+    name = "wrong-dropout-backward"
+    capabilities = _DROPOUT_CAPS
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
+        return super().backward(problem, q, k, v, out, lse, dout, seqlens_k, dlse=dlse)
+
+
 WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt,
          NondeterministicForward, WritesIntoDout, Float32Gradients, GQAGradientsNotSummed,
          MaskedKeysTimesZero, OutOfBandTimesZero, ScratchNotZeroed, NaNRowAsMasked,
          NoMaxSubtraction, LaterCallsDiffer, IgnoresDlse, VarlenOneSequence,
-         VarlenOthersTimesZero, VarlenLseTransposed]
+         VarlenOthersTimesZero, VarlenLseTransposed, DropoutOtherCounter,
+         DropoutSameSeedEveryCall, DropoutNotInBackward]

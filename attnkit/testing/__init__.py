@@ -15,8 +15,10 @@
 - ``suite_*.py``: the test modules ``attnkit check`` collects: ``attention`` (accuracy,
   repeatability, refusals, out-of-range ``seqlens_k``), ``decode``, ``compile``
   (``torch.compile(fullgraph=True)`` against eager), ``cuda``, ``isolation`` (keys no query
-  sees and uninitialised scratch never read, a NaN row kept in its row), ``lse_grad`` and
-  ``varlen`` (packed variable-length batches, cases from `varlen_cases`).
+  sees and uninitialised scratch never read, a NaN row kept in its row), ``lse_grad``,
+  ``varlen`` (packed variable-length batches, cases from `varlen_cases`) and ``dropout``
+  (the keep mask of `attnkit.dropout`, read back from the backend's output).
+- `dropout_keep_mask`: a call's whole keep mask, materialised (for tests).
 
 A backend's own cases: a backend adds paths only it has (a kernel route forced by a switch,
 state it keeps between calls) to its ``attnkit check`` by overriding
@@ -35,3 +37,7 @@ the same boundary checks, and they may call `checks` and `cuda_checks`. The trit
 Memory checking: the suite is the workload for ``compute-sanitizer``, e.g.
 ``compute-sanitizer --tool memcheck attnkit check cupy --device cuda --quick -- -k decode``.
 """
+
+from attnkit.dropout import keep_mask as dropout_keep_mask  # noqa: E402
+
+__all__ = ["dropout_keep_mask"]

@@ -54,6 +54,7 @@ class TorchBlockedBackend(Backend):
         deterministic=True,
         lse_grad=True,
         varlen=True,
+        dropout=True,
     )
 
     def __init__(self, block_q: int | None = None, block_k: int | None = None):
@@ -65,11 +66,11 @@ class TorchBlockedBackend(Backend):
         return dict(scale=problem.scale, band=problem.band, seqlens_k=seqlens_k,
                     softcap=problem.softcap, blocks=self.blocks)
 
-    def forward(self, problem, q, k, v, seqlens_k):
-        return blocked_forward(q, k, v, **self._options(problem, seqlens_k))
+    def forward(self, problem, q, k, v, seqlens_k, dropout=None):
+        return blocked_forward(q, k, v, dropout=dropout, **self._options(problem, seqlens_k))
 
-    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
-        return blocked_backward(q, k, v, out, lse, dout, dlse=dlse,
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
+        return blocked_backward(q, k, v, out, lse, dout, dlse=dlse, dropout=dropout,
                                 **self._options(problem, seqlens_k))
 
     # Packed batches: the offsets are read on the host once, and each run of consecutive

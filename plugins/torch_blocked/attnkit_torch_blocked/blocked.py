@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnkit.backend_utils import LOG2E
+from attnkit.dropout import Dropout, keep_where
 
 #: Env var overriding the block sizes for every call: "BQxBK", e.g. "128x512".
 BLOCKS_ENV = "ATTNKIT_TORCH_BLOCKED_BLOCKS"
@@ -483,11 +484,13 @@ def blocked_forward(
     blocks: BlockSizes | None = None,
     mixed: bool | None = None,
     work: WorkCount | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` for ``q (B, Hq, Sq, D)``, ``k``/``v (B, Hkv, Sk, D)`` (any strides).
 
     ``band`` is `AttentionProblem.band` (causal folded into the window; None = unbounded).
     ``out`` is contiguous in q's dtype; ``lse`` fp32 (fp64 for fp64 inputs) ``(B, Hq, Sq)``.
+    ``dropout`` drops P tile by tile with `attnkit.dropout`'s mask after ``l`` has summed it.
     """
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
@@ -531,6 +534,7 @@ def blocked_forward(
             p = _exp_(s.sub_(m_ref.unsqueeze(-1)))
             if m is None:
                 l = p.sum(-1)
+                p = _drop(p, dropout, Hq, i0, i1, j0, j1)
                 acc_shape = (*p.shape[:-1], D)
                 if seen is None:
                     acc = prec.mm(p.to(prec.operand), vb, out=_buf(ws, "acc", acc_shape))
@@ -541,6 +545,7 @@ def blocked_forward(
             else:
                 alpha = _exp_(m - m_ref)  # <= 1; 0 while the row had seen nothing
                 l = l.mul_(alpha).add_(p.sum(-1))
+                p = _drop(p, dropout, Hq, i0, i1, j0, j1)
                 acc.mul_(alpha.unsqueeze(-1))
                 if seen is None:
                     prec.add_mm_(acc, p, vb)
@@ -555,6 +560,26 @@ def blocked_forward(
         out[:, :, i0:i1] = _unfold(acc.view(B, Hkv, rows, D), Hq)
         lse[:, :, i0:i1] = _unfold(m_ref.add_(torch.log(l)), Hq)
     return out, lse
+
+
+def _keep(dropout, heads_q, i0, i1, j0, j1, like) -> torch.Tensor:
+    """The keep mask of one folded tile: ``like`` is ``(B, Hkv, group * n, j1 - j0)``, its
+    row ``g * n + r`` is query head ``hkv * group + g``, query row ``i0 + r``."""
+    B, Hkv, rows, cols = like.shape
+    group, dev = heads_q // Hkv, like.device
+    bh = torch.arange(B * heads_q, device=dev).view(B, Hkv, group, 1, 1)
+    i = torch.arange(i0, i1, device=dev).view(-1, 1)
+    j = torch.arange(j0, j1, device=dev)
+    return keep_where(dropout.state, dropout.p, bh, i, j).view(B, Hkv, rows, cols)
+
+
+def _apply(t, keep, dropout):
+    return torch.where(keep, t * dropout.scale, 0)
+
+
+def _drop(p, dropout, heads_q, i0, i1, j0, j1):
+    return p if dropout is None else _apply(p, _keep(dropout, heads_q, i0, i1, j0, j1, p),
+                                            dropout)
 
 
 @_exact_fp32_gemms
@@ -574,9 +599,12 @@ def blocked_backward(
     mixed: bool | None = None,
     work: WorkCount | None = None,
     dlse: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` from the saved ``out`` and ``lse``, recomputing P tile by tile.
-    ``dlse`` (``(B, Hq, Sq)``, or None for zero) is the gradient reaching ``lse``."""
+    ``dlse`` (``(B, Hq, Sq)``, or None for zero) is the gradient reaching ``lse``;
+    ``dropout`` regenerates the forward's keep mask per tile (``dV = (cZP)^T dO``,
+    ``dP = cZ (dO V^T)``)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     prec, bs, geo, q_factor, s_factor, kc, vc, ws = _prepare(
@@ -623,13 +651,16 @@ def blocked_backward(
                     else:
                         kb, vb = geo.drop_dead_keys(kb, j0, j1), geo.drop_dead_keys(vb, j0, j1)
             p = _exp_(s.sub_(lse_b))
-            p_op = p.to(prec.operand)
+            keep = None if dropout is None else _keep(dropout, Hq, i0, i1, j0, j1, p)
+            p_op = (p if keep is None else _apply(p, keep, dropout)).to(prec.operand)
             prec.add_mm_(dv[:, :, j0:j1], p_op.transpose(-1, -2), do)
             dp = prec.mm(do, vb.transpose(-1, -2), out=_buf(ws, "dp", s.shape))
             if seen is not None:  # dead keys' columns of dP were read from their V rows
                 for i, (lo, hi) in enumerate(seen):
                     dp[i, :, :, :lo].fill_(0)
                     dp[i, :, :, max(hi, lo):].fill_(0)
+            if keep is not None:
+                dp = _apply(dp, keep, dropout)
             ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)  # dS = P * (dP - D)
             if t is not None:  # through the cap: d(c tanh(u/c))/du = 1 - tanh^2
                 ds.mul_(t.mul_(t).neg_().add_(1))
