@@ -645,3 +645,19 @@ def test_varlen_end_to_end_on_a_cpu(tmp_path, capsys):
     assert all(c["ratio_vs_sdpa_flash_padded"] for c in tb)
     # The same run compares with itself cell for cell.
     assert set(ratios(result, result).values()) == {1.0}
+
+
+def test_grid_with_dropout(tmp_path, test_backends, capsys):
+    """--dropout P: attnkit backends that declare dropout and SDPA run every call with it;
+    a backend without dropout is recorded as unsupported, saying why."""
+    out = tmp_path / "drop"
+    rc = main(["bench", *TINY, "--out", str(out), "--dropout", "0.1",
+               "--backends", "reference,sdpa-math,bench-nocausal"])
+    assert rc == 0
+    assert "every call with dropout_p=0.1" in capsys.readouterr().out
+    result = read_json(out / "bench.json")
+    assert result["config"]["grid"]["dropout_p"] == 0.1
+    by_backend = {c["backend"]: c for c in result["cells"]}
+    assert by_backend["reference"]["status"] == "ok"
+    assert by_backend["sdpa-math"]["status"] == "ok"
+    assert all(c["max_abs_diff_vs_sdpa"] is None for c in result["cells"])

@@ -97,6 +97,7 @@ def run_benchmark(
     rep_ms: float | None = None,
     slow_call_s: float | None = None,
     time_limit_s: float | None = None,
+    dropout_p: float | None = None,
     seed: int = 0,
     progress: bool | Progress = True,
     out: str | Path | None = None,
@@ -115,6 +116,9 @@ def run_benchmark(
       and not, length ``mixes`` "equal" and "long-tailed", fwd and fwd_bwd; each backend
       that declares varlen beside its own dense call, SDPA on nested tensors and SDPA-flash
       on the padded batch.
+
+    ``dropout_p`` runs the grid with attention dropout (attnkit backends that declare it and
+    the SDPA peers; the output check against SDPA is left out, the masks differ).
 
     Defaults come from the device (`default_grid` / `default_decode`): FlashAttention's grid
     on CUDA, a small fp32 grid on a CPU. ``backends`` names attnkit backends and SDPA peers
@@ -147,7 +151,7 @@ def run_benchmark(
     grid_values = dict(seqlens=seqlens, head_dims=head_dims, causal=causal, dtypes=dtypes,
                        modes=modes, tokens=tokens, model_dim=model_dim, layout=layout,
                        warmup_ms=warmup_ms, rep_ms=rep_ms, slow_call_s=slow_call_s,
-                       time_limit_s=time_limit_s)
+                       time_limit_s=time_limit_s, dropout_p=dropout_p)
     gspec = default_grid(dev.type)
     if host_overhead:
         gspec = dataclasses.replace(gspec, seqlens=(min(gspec.seqlens),),

@@ -157,6 +157,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "seqlens of that panel (recorded as skipped; default 1 on CUDA)")
     p.add_argument("--time-limit-s", type=float,
                    help="cells not started after this many seconds are recorded as skipped")
+    p.add_argument("--dropout", type=float, metavar="P", dest="dropout_p",
+                   help="the grid with attention dropout P (compare with a run without it "
+                        "through --label/--compare)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -172,7 +175,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
                 tokens=args.tokens, model_dim=args.model_dim, layout=args.layout,
                 cache_lens=args.cache_lens, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
                 slow_call_s=args.slow_call_s, time_limit_s=args.time_limit_s,
-                seed=args.seed, progress=not args.quiet)
+                dropout_p=args.dropout_p, seed=args.seed, progress=not args.quiet)
 
 
 def _kind(args: argparse.Namespace) -> str:

@@ -32,10 +32,11 @@ class Contender:
     def context(self):
         return peers.pinned(self.name) if self.kind == "sdpa" else nullcontext()
 
-    def attention(self, q, k, v, *, causal: bool):
+    def attention(self, q, k, v, *, causal: bool, dropout_p: float = 0.0):
         if self.kind == "sdpa":
-            return peers.sdpa(q, k, v, causal=causal, gqa=q.shape[1] != k.shape[1])
-        return api.attention(q, k, v, causal=causal, backend=self.name)
+            return peers.sdpa(q, k, v, causal=causal, gqa=q.shape[1] != k.shape[1],
+                              dropout_p=dropout_p)
+        return api.attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=self.name)
 
     def decode(self, q, k_cache, v_cache, cache_seqlens):
         """Attend ``q`` (the newest ``Sq`` tokens) to the filled part of the cache."""

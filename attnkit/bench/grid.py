@@ -119,6 +119,8 @@ class GridSpec(Timing):
     #: A contender whose call took longer than this at one seqlen is not run at larger ones
     #: of the same dtype / head dim / causal / mode (recorded as skipped, with the time).
     slow_call_s: float = 1.0
+    #: Attention dropout probability of every call (0: none); SDPA peers drop too.
+    dropout_p: float = 0.0
 
     def shapes(self) -> list[Shape]:
         out = []

@@ -57,12 +57,11 @@ def pinned(name: str):
             raise
 
 
-def sdpa(q, k, v, *, causal: bool, gqa: bool = False):
+def sdpa(q, k, v, *, causal: bool, gqa: bool = False, dropout_p: float = 0.0):
     """One SDPA call; ``enable_gqa`` is passed only when the heads differ (older torch lacks
     the argument)."""
-    if gqa:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    kw = {"enable_gqa": True} if gqa else {}
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, **kw)
 
 
 def probe(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:

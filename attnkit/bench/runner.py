@@ -11,6 +11,7 @@ corrupts the CUDA context costs every cell after it, recorded as skipped with th
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -141,12 +142,14 @@ def _grid_cell(session: _Session, spec: GridSpec, contender: Contender, shape: S
 
     def body(cell: Cell) -> None:
         problem = AttentionProblem.from_tensors(q, k, v, causal=shape.causal,
-                                                needs_grad=mode != "fwd")
+                                                needs_grad=mode != "fwd",
+                                                dropout_p=spec.dropout_p)
         reasons = contender.reasons(problem)
         if reasons:
             raise _Unsupported("; ".join(reasons))
         with contender.context():
-            fn = mode_call(contender.attention, mode, leaves, views, dout, shape.causal)
+            attention = functools.partial(contender.attention, dropout_p=spec.dropout_p)
+            fn = mode_call(attention, mode, leaves, views, dout, shape.causal)
             if mode == "fwd":
                 _check_output(cell, fn(), ref)
             elif mode == "fwd_bwd":
@@ -213,8 +216,8 @@ def run_grid(spec: GridSpec, contenders: list[Contender], device: torch.device,
             timing.release_memory(device, collect=True)
             continue
         held = session.allocated()
-        ref = (_sdpa_reference(views, shape.causal)
-               if any(mode == "fwd" for _, mode, _ in todo) else None)
+        ref = (_sdpa_reference(views, shape.causal)  # under dropout the masks differ
+               if not spec.dropout_p and any(mode == "fwd" for _, mode, _ in todo) else None)
         baseline += session.allocated() - held  # a cell's peak counts inputs, not ref
         for contender, mode, label in todo:
             progress.step(f"{label} {mode}")

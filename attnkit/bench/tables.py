@@ -77,6 +77,9 @@ def grid_table(result: dict) -> str:
     notes = _Notes()
     out = [f"attnkit bench on {_device(result)} (TFLOP/s, median; Nx = throughput over "
            "sdpa-flash)"]
+    dropout = result.get("config", {}).get("grid", {}).get("dropout_p")
+    if dropout:
+        out[0] += f", every call with dropout_p={dropout:g}"
     for (dtype, d, causal, mode), group in groups.items():
         values = {}
         for c in group:
