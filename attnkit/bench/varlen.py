@@ -30,6 +30,7 @@ from .. import api
 from ..varlen import attention_varlen, varlen_problem
 from . import peers, timing
 from .contenders import Contender
+from .grid import STANDARD_TOKENS
 from .grid import DTYPES, Row, Timing, attention_flops
 from .progress import Progress
 from .runner import _Session, _Unsupported
@@ -54,7 +55,7 @@ def mix_lengths(mix: str, tokens: int, doc_len: int) -> list[int]:
         raise ValueError(f"unknown length mix {mix!r}; choose from {list(MIXES)}")
     lens = [tokens // 4, tokens // 4]
     left = tokens - sum(lens)
-    shrink = max(1, 16384 // tokens)  # a tiny configuration keeps many short documents
+    shrink = max(1, STANDARD_TOKENS // tokens)  # a tiny configuration keeps many short docs
     for n in itertools.cycle(SHORT_DOCS):
         if left == 0:
             break
