@@ -30,8 +30,7 @@ from .. import api
 from ..varlen import attention_varlen, varlen_problem
 from . import peers, timing
 from .contenders import Contender
-from .grid import STANDARD_TOKENS
-from .grid import DTYPES, Row, Timing, attention_flops
+from .grid import DTYPES, STANDARD_TOKENS, Row, Timing, attention_flops
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
