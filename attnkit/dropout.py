@@ -1,11 +1,16 @@
 """The attention-dropout keep mask: one counter-based function every backend evaluates.
 
 Element ``(b, h, i, j)`` (batch, query head, query row, key column) of one call is kept iff
+its 16-bit draw reaches the threshold:
 
-    philox4x32_10(counter=(j, i, b * Hq + h, offset), key=(seed_lo, seed_hi))[0] >= threshold
+    x = philox4x32_10(counter=(j // 8, i, b * Hq + h, offset), key=(seed_lo, seed_hi))
+    draw = (x[(j % 8) // 2] >> (16 * (j % 2))) & 0xFFFF
+    keep = draw >= threshold,   threshold = min(floor(p * 2**16), 2**16 - 1)
 
-where ``threshold = min(floor(p * 2**32), 2**32 - 1)`` and kept probabilities are scaled by
-``1 / (1 - p)``. Each counter word is 32 bits, so one call covers 2**96 elements. The call's
+and kept probabilities are scaled by ``1 / (1 - p)``. One Philox call serves 8 consecutive
+key columns (its 128 bits as eight 16-bit draws): a Philox call costs about as much as the
+tile's matmuls for 8 elements, not for one. ``p`` is quantised to ``1/65536``. Each counter
+word is 32 bits, so one call covers 2**99 elements. The call's
 ``(seed, offset)`` come from one draw of the device's torch generator (`draw_state`): a
 device tensor, so there is no host sync, a CUDA graph replays with fresh values, and
 ``torch.manual_seed`` or checkpoint recomputation (which restores the generator) regenerate
@@ -28,9 +33,9 @@ _MASK32 = 0xFFFFFFFF
 
 
 def threshold(p: float) -> int:
-    """The integer a draw must reach to keep an element: ``floor(p * 2**32)``, at most
-    ``2**32 - 1``."""
-    return min(math.floor(p * 4294967296.0), _MASK32)
+    """The 16-bit integer a draw must reach to keep an element: ``floor(p * 2**16)``, at
+    most ``2**16 - 1``."""
+    return min(math.floor(p * 65536.0), 0xFFFF)
 
 
 def check_dropout_p(p) -> float:
@@ -98,8 +103,13 @@ def keep_where(state: torch.Tensor, p: float, bh, i, j) -> torch.Tensor:
     the three int64 index tensors (a tile of the mask; on ``state``'s device)."""
     state = state.to(torch.int64)
     seed, offset = state[0], state[1] & _MASK32
-    x0 = philox4x32_10(j, i, bh, offset, seed & _MASK32, (seed >> 32) & _MASK32)[0]
-    return x0 >= threshold(p)
+    j = torch.as_tensor(j, dtype=torch.int64)
+    words = philox4x32_10(j >> 3, i, bh, offset, seed & _MASK32, (seed >> 32) & _MASK32)
+    e = j & 7
+    word = torch.where(e < 4, torch.where(e < 2, words[0], words[1]),
+                       torch.where(e < 6, words[2], words[3]))
+    draw = (word >> ((e & 1) * 16)) & 0xFFFF
+    return draw >= threshold(p)
 
 
 def keep_mask(state: torch.Tensor, p: float, batch: int, heads: int, seqlen_q: int,

@@ -1,5 +1,7 @@
 """The dropout keep mask (attnkit.dropout) and dropout through attention on the reference."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -7,6 +9,8 @@ import torch.utils.checkpoint
 import attnkit
 from attnkit import reference
 from attnkit.dropout import Dropout, draw_state, keep_mask, philox4x32_10, threshold
+from attnkit.reference_backend import ReferenceBackend
+from attnkit.registry import NoBackendError, registry
 
 
 @pytest.mark.parametrize("counter,key,want", [
@@ -22,8 +26,8 @@ def test_philox_known_answers(counter, key, want):
 
 def test_threshold_edges():
     assert threshold(0.0) == 0
-    assert threshold(0.5) == 2**31
-    assert threshold(1 - 2**-40) == 2**32 - 1
+    assert threshold(0.5) == 2**15
+    assert threshold(1 - 2**-40) == 2**16 - 1
 
 
 def test_keep_rate_and_independence():
@@ -107,9 +111,17 @@ def test_bad_dropout_p(p, err):
 
 
 def test_backend_without_dropout_refuses_saying_why():
-    q, k, v = _qkv(torch.float32)
-    with pytest.raises(attnkit.registry.NoBackendError, match="dropout_p > 0 not supported"):
-        attnkit.attention(q, k, v, dropout_p=0.1, backend="torch-blocked")
+    class NoDropout(ReferenceBackend):
+        name = "no-dropout"
+        capabilities = dataclasses.replace(ReferenceBackend.capabilities, dropout=False)
+
+    registry.register(NoDropout(), priority=None)
+    try:
+        q, k, v = _qkv(torch.float32)
+        with pytest.raises(NoBackendError, match="no-dropout.*dropout_p > 0 not supported"):
+            attnkit.attention(q, k, v, dropout_p=0.1, backend="no-dropout")
+    finally:
+        registry.unregister("no-dropout")
 
 
 def test_p_zero_draws_nothing():
