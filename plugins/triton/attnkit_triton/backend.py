@@ -19,7 +19,7 @@ import torch
 from attnkit.backend import Backend, Capabilities
 from attnkit.backend_utils import LaunchCache
 
-from ._backward import BackwardSites, launch_backward
+from ._backward import BackwardSites, launch_backward, launch_backward_varlen
 from ._configs import (
     KernelConfig,
     _arch,
@@ -30,7 +30,7 @@ from ._configs import (
     path_enabled,
     short_seqlen,
 )
-from ._forward import launch_forward
+from ._forward import launch_forward, launch_forward_varlen
 from ._hopper import _BWD_ENV as _GLUON_BWD_ENV
 from ._hopper import _ENV as _GLUON_ENV
 from ._hopper import backward_plan, forward_plan, use_gluon, use_gluon_backward
@@ -138,6 +138,7 @@ class TritonBackend(Backend):
         # Triton's supported range; the tables assume cp.async and bf16 mma.
         cuda_capability_min=(8, 0),
         lse_grad=True,  # dlse enters through delta in the backward's prep kernel
+        varlen=True,  # the pointer path's kernels; see `forward_varlen`
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -185,6 +186,24 @@ class TritonBackend(Backend):
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
                              _short(problem))
         return ForwardRoute(cfg, cfg.tma and use_tma(problem, q, k, v))
+
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        # The `tl` kernels through pointers: each program reads its sequence's offsets and
+        # bounds every row by them. Tensor descriptors (TMA) and the Gluon kernels stay dense:
+        # their boxes span whole (batch, head) planes, so a sequence's boundary tiles would
+        # load the next sequence's rows; per-sequence device descriptors are the way there.
+        cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
+                             _short(problem))
+        with _on_device(q):
+            return launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, cfg)
+
+    def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
+                        dlse=None):
+        dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
+                                            q.device, _short(problem))
+        with _on_device(q):
+            return launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q,
+                                          cu_seqlens_k, dkdv_cfg, dq_cfg, dlse)
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
         layout = layout_key(q, k, v, dout, seqlens_k)

@@ -94,8 +94,10 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None):
-    """Compile one `tl` kernel (no mask flags: they add no shared memory)."""
+def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None,
+               varlen: bool = False):
+    """Compile one `tl` kernel (no mask flags: they add no shared memory); ``varlen``: its
+    packed variable-length variant (pointers only)."""
     import torch
     import triton
     from attnkit_triton import _backward, _forward
@@ -105,22 +107,23 @@ def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None)
     bm, bn, warps, stages = tile
     t = torch.empty(1, 2, 256, head_dim, dtype=dtype)
     stats = torch.empty(2 * 256, dtype=torch.float32)
+    i32 = torch.empty(4, dtype=torch.int32)  # seqlens_k / cu_seqlens, unread by the dense kernels
     strides = list(t.stride())
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=bm,
                   BLOCK_N=bn, grid=(1, 1), HAS_SEQLENS=False, HAS_LEFT=False, HAS_RIGHT=False,
-                  SOFTCAP=False, USE_TMA=tma, PREC=dot_precision(dtype, False),
+                  SOFTCAP=False, USE_TMA=tma, PREC=dot_precision(dtype, False), VARLEN=varlen,
                   **launch_options(KernelConfig(bm, bn, warps, stages)),
                   **({} if maxnreg is None else {"maxnreg": maxnreg}))
     # (H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right)
     bwd_scalars = (2, 256, 256, 256, 1, 0.1, 0.1, 1.0, 1.0, 0, 0)
     if kernel == "dkdv":
-        return _backward._dkdv_kernel.warmup(t, t, t, t, stats, stats, t, t, stats,
+        return _backward._dkdv_kernel.warmup(t, t, t, t, stats, stats, t, t, i32, i32,
                                              *strides * 6, *bwd_scalars, **shared)
     if kernel == "dq":
-        return _backward._dq_kernel.warmup(t, t, t, t, stats, stats, t, stats, *strides * 5,
+        return _backward._dq_kernel.warmup(t, t, t, t, stats, stats, t, i32, i32, *strides * 5,
                                            *bwd_scalars, REVERSE_M=False, **shared)
     # (H, Sq, Sk, GROUP, qk_scale, cap_in, unit, left, right)
-    return _forward._fwd_kernel.warmup(t, t, t, t, stats, stats, *strides * 4,
+    return _forward._fwd_kernel.warmup(t, t, t, t, stats, i32, i32, *strides * 4,
                                        2, 256, 256, 1, 0.1, 1.0, 0.1, 0, 0,
                                        REVERSE_M=False, FOLD=True, **shared)
 
