@@ -151,7 +151,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS, CU_Q,
     if VARLEN:
         # Grid (key blocks of the longest sequence, HKV, B); SEQLENS and CU_Q are
         # cu_seqlens_k and cu_seqlens_q. From here on Sq, Sk_b and Sk (the bound of the
-        # stores) are sequence b's lengths, and the bases point at its first rows.
+        # stores and descriptors) are sequence b's lengths, and the bases point at its first
+        # rows.
         hk = tl.program_id(1)
         b = tl.program_id(2)
         q0 = tl.load(CU_Q + b)
@@ -308,7 +309,8 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS, CU_Q,
     if REVERSE_M:
         pid_m = tl.num_programs(0) - 1 - pid_m
     if VARLEN:
-        # Grid (query blocks of the longest sequence, H, B), as the forward's.
+        # Grid (query blocks of the longest sequence, H, B), and lengths and bases as the
+        # forward's.
         h = tl.program_id(1)
         b = tl.program_id(2)
         hk = h // GROUP
@@ -317,6 +319,7 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS, CU_Q,
         k0 = tl.load(SEQLENS + b)
         Sq = tl.load(CU_Q + b + 1) - q0
         Sk_b = tl.load(SEQLENS + b + 1) - k0
+        Sk = Sk_b
         if m0 >= Sq:
             return
         off = Sk_b - Sq
@@ -568,11 +571,13 @@ def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
 
 
 def launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
-                           dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, dlse=None):
+                           dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool = False,
+                           dlse=None):
     """`launch_backward` for packed tensors: ``q (total_q, Hq, D)``, ``k``/``v (total_k,
     Hkv, D)``, ``lse (Hq, total_q)``; returns contiguous gradients of the inputs' shapes.
     The prep runs on the packed rows as one dense batch (`packed_view`); the dK/dV and dQ
-    kernels then read each sequence's rows of delta and lse2."""
+    kernels then read each sequence's rows of delta and lse2. ``use_tma``: tensor
+    descriptors per sequence where each kernel's config allows them (as `launch_backward`)."""
     total_q, Hq, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     dq = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
@@ -591,9 +596,10 @@ def launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_se
     _launch_grads(_DKDV, problem, qv, kv_, vv, dov, delta, lse2, cu_seqlens_k,
                   (packed_view(dk), packed_view(dv)), Hkv,
                   varlen_grid(cdiv(problem.seqlen_k, dkdv_cfg.block_n), Hkv, B), dkdv_cfg,
-                  False, layout, cu_seqlens_q)
+                  use_tma and dkdv_cfg.tma, layout, cu_seqlens_q)
     _launch_grads(_DQ, problem, qv, kv_, vv, dov, delta, lse2, cu_seqlens_k,
                   (packed_view(dq),), Hq,
-                  varlen_grid(cdiv(problem.seqlen_q, dq_cfg.block_m), Hq, B), dq_cfg, False,
-                  layout, cu_seqlens_q, REVERSE_M=problem.band[1] is not None)
+                  varlen_grid(cdiv(problem.seqlen_q, dq_cfg.block_m), Hq, B), dq_cfg,
+                  use_tma and dq_cfg.tma, layout, cu_seqlens_q,
+                  REVERSE_M=problem.band[1] is not None)
     return dq, dk, dv

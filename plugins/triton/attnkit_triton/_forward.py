@@ -113,8 +113,9 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS, CU_Q,
         pid_m = tl.num_programs(0) - 1 - pid_m
     if VARLEN:
         # Grid (query blocks of the longest sequence, H, B). SEQLENS and CU_Q are cu_seqlens_k
-        # and cu_seqlens_q; the Sq argument is total_q (lse's row stride). From here on Sq and
-        # Sk_b are sequence b's lengths, and the bases point at its first rows.
+        # and cu_seqlens_q; the Sq argument is total_q (lse's row stride). From here on Sq, Sk
+        # and Sk_b are sequence b's lengths and the bases point at its first rows, so tensor
+        # descriptors end at the sequence's end too (rows past it load as 0, stores stop).
         h = tl.program_id(1)
         b = tl.program_id(2)
         hk = h // GROUP
@@ -124,6 +125,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS, CU_Q,
         lse_base = LSE + h.to(tl.int64) * Sq + q0
         Sq = tl.load(CU_Q + b + 1) - q0
         Sk_b = tl.load(SEQLENS + b + 1) - k0
+        Sk = Sk_b
         if m0 >= Sq:  # past this sequence's end: the next sequence's rows are not ours
             return
         off = Sk_b - Sq
@@ -279,15 +281,18 @@ def varlen_grid(blocks: int, heads: int, batch: int) -> tuple[int, int, int]:
     return (blocks, heads, batch)
 
 
-def launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, cfg: KernelConfig):
+def launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, cfg: KernelConfig,
+                          use_tma: bool = False):
     """Packed ``q (total_q, Hq, D)``, ``k``/``v (total_k, Hkv, D)``: ``out`` (contiguous,
     q's shape) and ``lse (Hq, total_q)``. One launch over (query blocks of the longest
-    sequence, Hq, B); programs past their sequence's end return at once."""
+    sequence, Hq, B); programs past their sequence's end return at once. ``use_tma``: tensor
+    descriptors per sequence (the caller checked that they apply)."""
     total_q, Hq, D = q.shape
     total_k = k.shape[0]
     out = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
     if total_k == 0:  # no keys at all (zero-length key sequences): every row sees none
-        return out.zero_(), torch.full((Hq, total_q), float("-inf"), device=q.device)
+        return out.zero_(), torch.full((Hq, total_q), float("-inf"), dtype=torch.float32,
+                                        device=q.device)
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out, lse
@@ -297,13 +302,13 @@ def launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, cfg: Ker
         return varlen_grid(cdiv(problem.seqlen_q, cfg.block_m), Hq, problem.batch), dict(
             HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             REVERSE_M=problem.band[1] is not None, FOLD=fold,
-            **launch_options(cfg), **_flags(problem, False, q.dtype, False)), (
+            **launch_options(cfg), **_flags(problem, False, q.dtype, use_tma)), (
             *(s for t in (q, k, v, out) for s in packed_view(t).stride()),
             *_scalars(problem, fold, total_q, total_k))
 
     # The totals fix lse's row stride and out's strides, which the problem (holding only
     # the longest lengths) does not.
-    _FWD.launch(("varlen", problem, cfg, total_q, total_k,
+    _FWD.launch(("varlen", problem, cfg, use_tma, total_q, total_k,
                  layout_key(q, k, v, cu_seqlens_q, cu_seqlens_k)),
                 (q, k, v, out, lse, cu_seqlens_k, cu_seqlens_q), setup)
     return out, lse

@@ -158,11 +158,43 @@ def _reference(case: VarlenCase, q, k, v, dout, dlse, dtype):
     return out, lse, *grads
 
 
+def _through_backend(problem, q, k, v, cq, ck, dout, dlse):
+    backend = attnkit.backends()["triton"].backend
+    assert not backend.not_supported_reasons(problem)
+    out, lse = backend.forward_varlen(problem, q, k, v, cq, ck)
+    return out, lse, *backend.backward_varlen(problem, q, k, v, out, lse, dout, cq, ck, dlse)
+
+
+def _through_descriptors(problem, q, k, v, cq, ck, dout, dlse):
+    """The launches with tensor descriptors forced (the backend takes them on sm_90+ only;
+    the interpreter runs them too)."""
+    from attnkit_triton._backward import launch_backward_varlen
+    from attnkit_triton._configs import backward_configs, forward_config
+    from attnkit_triton._forward import launch_forward_varlen
+
+    args = (problem.head_dim, problem.causal, problem.dtype, q.device)
+    fwd, (dkdv, dq) = forward_config(*args), backward_configs(*args)
+    assert fwd.tma and dkdv.tma and dq.tma
+    out, lse = launch_forward_varlen(problem, q, k, v, cq, ck, fwd, True)
+    return out, lse, *launch_backward_varlen(problem, q, k, v, out, lse, dout, cq, ck, dkdv,
+                                             dq, True, dlse)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_varlen_matches_dense_reference_per_sequence(case):
-    backend = attnkit.backends()["triton"].backend
+    _check(case, _through_backend)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[CASES[1].id, CASES[3].id])
+def test_varlen_through_tensor_descriptors(case):
+    """Descriptors built per sequence end at its last row: the next sequence's rows load as
+    0 (out of bounds), stores stop there, and unseen keys inside a sequence (loaded as memory
+    holds them) are selected away as in the dense kernels."""
+    _check(case, _through_descriptors)
+
+
+def _check(case, run):
     problem = case.problem()
-    assert not backend.not_supported_reasons(problem)
     gen = torch.Generator().manual_seed(sum(map(ord, case.id)))
     q, k, v, unseen_k, masked_q = _inputs(case, gen)
     assert unseen_k.any() == case.expect_poison
@@ -177,10 +209,9 @@ def test_varlen_matches_dense_reference_per_sequence(case):
     k[unseen_k] = float("nan")
     v[unseen_k] = float("inf")
     cq, ck = _offsets(case.lens_q), _offsets(case.lens_k)
-    out, lse = backend.forward_varlen(problem, q, k, v, cq, ck)
+    out, lse, dq, dk, dv = run(problem, q, k, v, cq, ck, dout, dlse)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == (case.heads_q, q.shape[0])
-    dq, dk, dv = backend.backward_varlen(problem, q, k, v, out, lse, dout, cq, ck, dlse)
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), (q, k, v)):
         assert got.dtype == want.dtype and got.shape == want.shape, name
 
@@ -232,3 +263,39 @@ def test_dense_launches_keep_varlen_off():
     assert _flags(dense, False, F32, False)["VARLEN"] is False
     assert _flags(dense._replace(varlen=True), False, F32, False)["VARLEN"] is True
     assert attnkit.backends()["triton"].backend.capabilities.varlen
+
+
+def test_equal_lengths_match_the_dense_kernels_bit_for_bit():
+    """Equal lengths are a dense batch laid out (B, S, H, D): the dense call on that view
+    runs the same tiles through the same kernels (the varlen branch only moves the bases), so
+    out, lse and every gradient (with an lse gradient) agree bit for bit."""
+    from attnkit.testing.accuracy import bit_difference
+
+    B, S, Hq, Hkv, D = 2, 37, 2, 1, 16
+    case = VarlenCase((S,) * B, (S,) * B, Hq, Hkv, D, F16, causal=True)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _inputs(case, gen)[:3]
+    dout = torch.randn(q.shape, generator=gen).to(F16)
+    dlse = torch.randn(Hq, B * S, generator=gen)
+    backend = attnkit.backends()["triton"].backend
+    cq = ck = _offsets(case.lens_q)
+    out, lse = backend.forward_varlen(case.problem(), q, k, v, cq, ck)
+    grads = backend.backward_varlen(case.problem(), q, k, v, out, lse, dout, cq, ck, dlse)
+
+    def dense(t):  # (B * S, H, D) -> (B, H, S, D), in place
+        return t.detach().view(B, S, t.shape[1], D).transpose(1, 2).requires_grad_()
+
+    qd, kd, vd = dense(q), dense(k), dense(v)
+    out_d, lse_d = attnkit.attention(qd, kd, vd, causal=True, return_lse=True,
+                                     backend="triton")
+    grads_d = torch.autograd.grad((out_d, lse_d), (qd, kd, vd),
+                                  (dense(dout), dlse.view(Hq, B, S).transpose(0, 1)))
+
+    def packed(t):  # (B, H, S, D) -> (B * S, H, D)
+        return t.detach().transpose(1, 2).reshape(B * S, t.shape[1], D)
+
+    pairs = [("out", out, packed(out_d)),
+             ("lse", lse, lse_d.detach().transpose(0, 1).reshape(Hq, B * S))]
+    pairs += [(f"d{n}", g, packed(gd)) for n, g, gd in zip("qkv", grads, grads_d)]
+    diffs = [bit_difference(name, got, want) for name, got, want in pairs]
+    assert not any(diffs), "\n".join(d for d in diffs if d)
