@@ -32,7 +32,7 @@ from ._band import (
     zero_keys,
 )
 from ._configs import KernelConfig, launch_options, padded_head_dim
-from ._forward import _flags
+from ._forward import _flags, packed_view, varlen_grid
 from ._launcher import DirectLaunch, FastKernel, Sites, cdiv, fast_launches, layout_key
 
 
@@ -86,7 +86,8 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, q_desc, d
                  qk_scale, cap_in, cap_out,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+                 SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
+                 VARLEN: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_tile = offs_m[:, None] * sqm + offs_d[None, :] * sqd
@@ -102,8 +103,16 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, q_desc, d
                           MASKED, BLOCK_D != HEAD_DIM)
             do = load_tile(do_base + m0_64 * sdm + do_tile, rows, Sq, offs_d, HEAD_DIM,
                            MASKED, BLOCK_D != HEAD_DIM)
-        lse2 = tl.load(lse2_base + rows)
-        delta = tl.load(delta_base + rows)
+        if VARLEN:
+            if MASKED:  # rows past the sequence are the next one's (or past the buffer)
+                lse2 = tl.load(lse2_base + rows, mask=rows < Sq, other=float("inf"))
+                delta = tl.load(delta_base + rows, mask=rows < Sq, other=0.0)
+            else:
+                lse2 = tl.load(lse2_base + rows)
+                delta = tl.load(delta_base + rows)
+        else:
+            lse2 = tl.load(lse2_base + rows)
+            delta = tl.load(delta_base + rows)
         if PREC == 0:
             qk_t = mma(k, tl.trans(q), None, PREC)
         else:
@@ -129,26 +138,49 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, q_desc, d
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS,
+def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS, CU_Q,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdb, sdh, sdm, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                  HKV, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+                 SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
+                 VARLEN: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
-    Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
-    off = Sk_b - Sq
-    cols = n0 + tl.arange(0, BLOCK_N)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    if VARLEN:
+        # Grid (key blocks of the longest sequence, HKV, B); SEQLENS and CU_Q are
+        # cu_seqlens_k and cu_seqlens_q. From here on Sq, Sk_b and Sk (the bound of the
+        # stores and descriptors) are sequence b's lengths, and the bases point at its first
+        # rows.
+        hk = tl.program_id(1)
+        b = tl.program_id(2)
+        q0 = tl.load(CU_Q + b)
+        k0 = tl.load(SEQLENS + b)
+        Sq = tl.load(CU_Q + b + 1) - q0
+        Sk_b = tl.load(SEQLENS + b + 1) - k0
+        Sk = Sk_b
+        if n0 >= Sk:  # past this sequence's end: the next sequence's keys are not ours
+            return
+        off = Sk_b - Sq
+        cols = n0 + tl.arange(0, BLOCK_N)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        k_base = K + k0.to(tl.int64) * skn + hk.to(tl.int64) * skh
+        v_base = V + k0.to(tl.int64) * svn + hk.to(tl.int64) * svh
+    else:
+        bh = tl.program_id(1)
+        b = bh // HKV
+        hk = bh % HKV
+        Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
+        off = Sk_b - Sq
+        cols = n0 + tl.arange(0, BLOCK_N)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
 
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+
     if USE_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[skn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
@@ -172,9 +204,14 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS,
                                            HAS_LEFT, HAS_RIGHT)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-        row_base = (b * (HKV * GROUP) + h).to(tl.int64) * Sq_pad
+        if VARLEN:  # lse2 and delta are (Hq, Sq_pad) rows of the packed queries
+            q_base = Q + q0.to(tl.int64) * sqm + h.to(tl.int64) * sqh
+            do_base = DO + q0.to(tl.int64) * sdm + h.to(tl.int64) * sdh
+            row_base = h.to(tl.int64) * Sq_pad + q0
+        else:
+            q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+            do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+            row_base = (b * (HKV * GROUP) + h).to(tl.int64) * Sq_pad
         if USE_TMA:
             q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM],
                                                strides=[sqm, 1], block_shape=[BLOCK_M, BLOCK_D])
@@ -188,21 +225,29 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS,
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
                               q_desc, do_desc, sqm, sqd, sdm, sdd, lo, full_lo, cols, off, Sq,
                               Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M,
-                              BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC)
+                              BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC,
+                              VARLEN)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
                               q_desc, do_desc, sqm, sqd, sdm, sdd, full_lo, full_hi, cols, off,
                               Sq, Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM,
                               BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA,
-                              PREC)
+                              PREC, VARLEN)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
                               q_desc, do_desc, sqm, sqd, sdm, sdd, full_hi, hi, cols, off, Sq,
                               Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M,
-                              BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC)
+                              BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC,
+                              VARLEN)
 
     dk = dk * scale  # d(scores)/d(qk) = scale (softcap's tanh' is applied per element)
-    dk_ptrs = (DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh
+    if VARLEN:
+        dk_base = DK + k0.to(tl.int64) * sdkn + hk.to(tl.int64) * sdkh
+        dv_base = DV + k0.to(tl.int64) * sdvn + hk.to(tl.int64) * sdvh
+    else:
+        dk_base = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh
+        dv_base = DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh
+    dk_ptrs = (dk_base
                + n0.to(tl.int64) * sdkn + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd)
-    dv_ptrs = (DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh
+    dv_ptrs = (dv_base
                + n0.to(tl.int64) * sdvn + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd)
     store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), cols, Sk, offs_d, HEAD_DIM,
                BLOCK_D != HEAD_DIM)
@@ -251,7 +296,7 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
+def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS, CU_Q,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd,
                H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right,
@@ -259,25 +304,48 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, REVERSE_M: tl.constexpr, USE_TMA: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:
         pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    m0 = pid_m * BLOCK_M
-    Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
-    off = Sk_b - Sq
-    rows = m0 + tl.arange(0, BLOCK_M)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    if VARLEN:
+        # Grid (query blocks of the longest sequence, H, B), and lengths and bases as the
+        # forward's.
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        hk = h // GROUP
+        m0 = pid_m * BLOCK_M
+        q0 = tl.load(CU_Q + b)
+        k0 = tl.load(SEQLENS + b)
+        Sq = tl.load(CU_Q + b + 1) - q0
+        Sk_b = tl.load(SEQLENS + b + 1) - k0
+        Sk = Sk_b
+        if m0 >= Sq:
+            return
+        off = Sk_b - Sq
+        rows = m0 + tl.arange(0, BLOCK_M)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_base = Q + q0.to(tl.int64) * sqm + h.to(tl.int64) * sqh
+        do_base = DO + q0.to(tl.int64) * sdm + h.to(tl.int64) * sdh
+        k_base = K + k0.to(tl.int64) * skn + hk.to(tl.int64) * skh
+        v_base = V + k0.to(tl.int64) * svn + hk.to(tl.int64) * svh
+    else:
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        m0 = pid_m * BLOCK_M
+        Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
+        off = Sk_b - Sq
+        rows = m0 + tl.arange(0, BLOCK_M)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
 
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     m0_64 = tl.cast(m0, tl.int64)
     if USE_TMA:
         q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[sqm, 1],
@@ -297,8 +365,13 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
                       rows, Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
         do = load_tile(do_base + m0_64 * sdm + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
                        rows, Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    lse2 = tl.load(LSE2 + bh.to(tl.int64) * Sq_pad + rows)
-    delta = tl.load(DELTA + bh.to(tl.int64) * Sq_pad + rows)
+    if VARLEN:  # lse2 and delta are (Hq, Sq_pad) rows of the packed queries
+        row_base = h.to(tl.int64) * Sq_pad + q0
+        lse2 = tl.load(LSE2 + row_base + rows, mask=rows < Sq, other=float("inf"))
+        delta = tl.load(DELTA + row_base + rows, mask=rows < Sq, other=0.0)
+    else:
+        lse2 = tl.load(LSE2 + bh.to(tl.int64) * Sq_pad + rows)
+        delta = tl.load(DELTA + bh.to(tl.int64) * Sq_pad + rows)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_range(m0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
@@ -317,7 +390,11 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS,
                     cap_out, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                     USE_TMA, PREC)
     dq = dq * scale
-    dq_ptrs = (DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
+    if VARLEN:
+        dq_base = DQ + q0.to(tl.int64) * sdqm + h.to(tl.int64) * sdqh
+    else:
+        dq_base = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
+    dq_ptrs = (dq_base
                + m0_64 * sdqm + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd)
     store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows, Sq, offs_d, HEAD_DIM,
                BLOCK_D != HEAD_DIM)
@@ -387,15 +464,20 @@ def cast_dense(x: torch.Tensor, y: torch.Tensor) -> DirectLaunch:
 
 
 def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, heads, grid,
-                  cfg: KernelConfig, use_tma: bool, layout, **constexprs):
+                  cfg: KernelConfig, use_tma: bool, layout, cu_seqlens_q=None, **constexprs):
     """One of the two gradient kernels, which share their argument list but for the
-    gradient tensors written and the head count of the grid's second axis."""
+    gradient tensors written and the head count of the grid's second axis. Varlen
+    (``cu_seqlens_q`` given): q, k, v, dout and the gradients are 4-D views of the packed
+    tensors (`packed_view`), ``seqlens_k`` is cu_seqlens_k and ``layout`` fixes the
+    totals."""
     def setup():
         left, right, _, _ = band_args(problem)
         return grid, dict(
             HEAD_DIM=q.shape[3], BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, **launch_options(cfg),
-            **constexprs, **_flags(problem, seqlens_k is not None, q.dtype, use_tma)), (
+            **constexprs,
+            **_flags(problem, seqlens_k is not None and cu_seqlens_q is None, q.dtype,
+                     use_tma)), (
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *(s for g in grads for s in g.stride()),
             heads, q.shape[2], delta.shape[1], k.shape[2], problem.group_size,
@@ -403,9 +485,11 @@ def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, 
 
     # delta, lse2 and the gradients are fresh allocations: their layout follows from the
     # rest, so the key fixes every stride and scalar after the pointers.
+    last = seqlens_k if seqlens_k is not None else delta
     return sites.launch(
         (problem, cfg, use_tma, layout or layout_key(q, k, v, dout, seqlens_k)),
-        (q, k, v, dout, lse2, delta, *grads, seqlens_k if seqlens_k is not None else delta),
+        (q, k, v, dout, lse2, delta, *grads, last,
+         cu_seqlens_q if cu_seqlens_q is not None else last),
         setup)
 
 
@@ -466,8 +550,8 @@ def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
             prep.run(stream, out, dout, lse, stats, stats, lse)
         else:
             launch_prep(q, out, lse, dout, stats, dlse=dlse)
-        dkdv.run(stream, q, k, v, dout, lse2, delta, dk, dv, last)
-        dq_site.run(stream, q, k, v, dout, lse2, delta, dq, last)
+        dkdv.run(stream, q, k, v, dout, lse2, delta, dk, dv, last, last)
+        dq_site.run(stream, q, k, v, dout, lse2, delta, dq, last, last)
         return dq, dk, dv
     delta, lse2 = stats.unbind(0)
     if dlse is None:
@@ -483,4 +567,39 @@ def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
     if (kept is not None and same and dlse is None
             and all(site.compiled is not None for site in sites)):
         kept.sites = sites
+    return dq, dk, dv
+
+
+def launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
+                           dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool = False,
+                           dlse=None):
+    """`launch_backward` for packed tensors: ``q (total_q, Hq, D)``, ``k``/``v (total_k,
+    Hkv, D)``, ``lse (Hq, total_q)``; returns contiguous gradients of the inputs' shapes.
+    The prep runs on the packed rows as one dense batch (`packed_view`); the dK/dV and dQ
+    kernels then read each sequence's rows of delta and lse2. ``use_tma``: tensor
+    descriptors per sequence where each kernel's config allows them (as `launch_backward`)."""
+    total_q, Hq, D = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    dq = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((total_k, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((total_k, Hkv, D), dtype=v.dtype, device=v.device)
+    if total_q == 0 or total_k == 0:  # no query sees a key: every gradient is 0
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    qv, kv_, vv, dov = (packed_view(t) for t in (q, k, v, dout))
+    stats = _stats(qv, max(dkdv_cfg.block_m, dq_cfg.block_m))
+    delta, lse2 = stats.unbind(0)
+    launch_prep(qv, packed_view(out), lse.contiguous().unsqueeze(0), dov, stats,
+                dlse=None if dlse is None else dlse.contiguous().unsqueeze(0))
+    # The totals fix the strides of the fresh gradients and stats, which the problem does not.
+    layout = ("varlen", total_q, total_k, layout_key(q, k, v, dout, cu_seqlens_q, cu_seqlens_k))
+    B = problem.batch
+    _launch_grads(_DKDV, problem, qv, kv_, vv, dov, delta, lse2, cu_seqlens_k,
+                  (packed_view(dk), packed_view(dv)), Hkv,
+                  varlen_grid(cdiv(problem.seqlen_k, dkdv_cfg.block_n), Hkv, B), dkdv_cfg,
+                  use_tma and dkdv_cfg.tma, layout, cu_seqlens_q)
+    _launch_grads(_DQ, problem, qv, kv_, vv, dov, delta, lse2, cu_seqlens_k,
+                  (packed_view(dq),), Hq,
+                  varlen_grid(cdiv(problem.seqlen_q, dq_cfg.block_m), Hq, B), dq_cfg,
+                  use_tma and dq_cfg.tma, layout, cu_seqlens_q,
+                  REVERSE_M=problem.band[1] is not None)
     return dq, dk, dv

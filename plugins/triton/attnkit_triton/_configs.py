@@ -5,6 +5,7 @@ deterministic run to run, which a timing-driven autotune would not guarantee acr
 processes). Entries for Hopper were measured by a tile sweep on an H100; other GPUs get the
 conservative defaults, and the interpreter small tiles so CPU tests stay quick. Each table's
 comment keeps the measurement that chose it in a line; docs/tuning.md has the sweeps.
+Varlen calls take the dense entries of their longest lengths (not yet swept on their own).
 """
 
 from __future__ import annotations

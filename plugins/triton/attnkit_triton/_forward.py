@@ -99,7 +99,7 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, skd, svn,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
+def _fwd_kernel(Q, K, V, O, LSE, SEQLENS, CU_Q,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, som, sod,
                 H, Sq, Sk, GROUP, qk_scale, cap_in, unit, left, right,
@@ -107,23 +107,46 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, FOLD: tl.constexpr, REVERSE_M: tl.constexpr,
-                USE_TMA: tl.constexpr, PREC: tl.constexpr):
+                USE_TMA: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:  # causal: the longest rows first, so the short ones fill the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    m0 = pid_m * BLOCK_M
-    Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
-    off = Sk_b - Sq
+    if VARLEN:
+        # Grid (query blocks of the longest sequence, H, B). SEQLENS and CU_Q are cu_seqlens_k
+        # and cu_seqlens_q; the Sq argument is total_q (lse's row stride). From here on Sq, Sk
+        # and Sk_b are sequence b's lengths and the bases point at its first rows, so tensor
+        # descriptors end at the sequence's end too (rows past it load as 0, stores stop).
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        hk = h // GROUP
+        m0 = pid_m * BLOCK_M
+        q0 = tl.load(CU_Q + b)
+        k0 = tl.load(SEQLENS + b)
+        lse_base = LSE + h.to(tl.int64) * Sq + q0
+        Sq = tl.load(CU_Q + b + 1) - q0
+        Sk_b = tl.load(SEQLENS + b + 1) - k0
+        Sk = Sk_b
+        if m0 >= Sq:  # past this sequence's end: the next sequence's rows are not ours
+            return
+        off = Sk_b - Sq
+        q_base = Q + q0.to(tl.int64) * sqm + h.to(tl.int64) * sqh
+        k_base = K + k0.to(tl.int64) * skn + hk.to(tl.int64) * skh
+        v_base = V + k0.to(tl.int64) * svn + hk.to(tl.int64) * svh
+        o_base = O + q0.to(tl.int64) * som + h.to(tl.int64) * soh
+    else:
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        m0 = pid_m * BLOCK_M
+        Sk_b = valid_keys(SEQLENS, b, Sk, HAS_SEQLENS)
+        off = Sk_b - Sq
 
-    # 64-bit base offsets: tensors may exceed 2^31 elements.
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+        # 64-bit base offsets: tensors may exceed 2^31 elements.
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
 
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
@@ -175,7 +198,10 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS,
         m_i = m_i * unit
     lse = tl.where(empty, float("-inf"),
                    (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(LSE + bh.to(tl.int64) * Sq + rows, lse, mask=rows < Sq)
+    if VARLEN:
+        tl.store(lse_base + rows, lse, mask=rows < Sq)
+    else:
+        tl.store(LSE + bh.to(tl.int64) * Sq + rows, lse, mask=rows < Sq)
     if USE_TMA:
         o_desc = tl.make_tensor_descriptor(o_base, shape=[Sq, HEAD_DIM], strides=[som, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
@@ -194,7 +220,7 @@ def _flags(problem, has_seqlens: bool, dtype, use_tma: bool) -> dict:
     band = band_args(problem)
     return dict(HAS_SEQLENS=has_seqlens, HAS_LEFT=band.has_left, HAS_RIGHT=band.has_right,
                 SOFTCAP=problem.softcap is not None, USE_TMA=use_tma,
-                PREC=dot_precision(dtype, interpreting()))
+                PREC=dot_precision(dtype, interpreting()), VARLEN=problem.varlen)
 
 
 def _fold(problem) -> bool:
@@ -202,14 +228,14 @@ def _fold(problem) -> bool:
     return problem.softcap is None and problem.scale > 0
 
 
-def _scalars(problem, fold: bool) -> tuple:
-    """The forward kernel's arguments after the strides: ..., qk_scale, cap_in, unit (the
-    log2 multiplier of the scores the kernel keeps: see `_fwd_step`), left, right."""
+def _scalars(problem, fold: bool, Sq: int, Sk: int) -> tuple:
+    """The forward kernel's arguments after the strides: H, Sq, Sk, GROUP, qk_scale, cap_in,
+    unit (the log2 multiplier of the scores the kernel keeps: see `_fwd_step`), left,
+    right."""
     left, right, _, _ = band_args(problem)
     qk_scale, cap_in, cap_out = score_args(problem)
     unit = cap_out if problem.softcap is not None else (qk_scale if fold else 1.0)
-    return (problem.heads_q, problem.seqlen_q, problem.seqlen_k, problem.group_size,
-            qk_scale, cap_in, unit, left, right)
+    return (problem.heads_q, Sq, Sk, problem.group_size, qk_scale, cap_in, unit, left, right)
 
 
 def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool,
@@ -226,13 +252,66 @@ def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool
             REVERSE_M=problem.band[1] is not None, FOLD=fold,
             **launch_options(cfg),
             **_flags(problem, seqlens_k is not None, q.dtype, use_tma)), (
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_scalars(problem, fold))
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *_scalars(problem, fold, problem.seqlen_q, problem.seqlen_k))
 
     # out and lse are fresh allocations: their layout follows from q's and the problem, so
-    # the key fixes every stride and scalar after the pointers.
+    # the key fixes every stride and scalar after the pointers. The last pointer stands in
+    # for cu_seqlens_q, unread.
+    last = seqlens_k if seqlens_k is not None else lse
     _FWD.launch((problem, cfg, use_tma, layout or layout_key(q, k, v, seqlens_k)),
-                (q, k, v, out, lse, seqlens_k if seqlens_k is not None else lse), setup)
+                (q, k, v, out, lse, last, last), setup)
     return out, lse
 
 
-__all__ = ["launch_forward"]
+def packed_view(t: torch.Tensor) -> torch.Tensor:
+    """A packed ``(total, H, D)`` tensor as ``(1, H, total, D)``, in place: the varlen
+    kernels take its strides in the dense kernels' (batch, head, row, dim) order, the batch
+    stride unread (a sequence starts at its offset), and the backward's prep reads it as one
+    dense batch (delta and lse2 are row-wise)."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def varlen_grid(blocks: int, heads: int, batch: int) -> tuple[int, int, int]:
+    """The varlen kernels' grid (blocks of the longest sequence, heads, sequences): heads
+    and sequences on axes of their own, each of which CUDA caps at 65535 programs."""
+    if batch > 65535:
+        raise ValueError(f"attnkit-triton: a varlen call takes at most 65535 sequences "
+                         f"(cu_seqlens has B + 1 = {batch + 1} offsets)")
+    return (blocks, heads, batch)
+
+
+def launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, cfg: KernelConfig,
+                          use_tma: bool = False):
+    """Packed ``q (total_q, Hq, D)``, ``k``/``v (total_k, Hkv, D)``: ``out`` (contiguous,
+    q's shape) and ``lse (Hq, total_q)``. One launch over (query blocks of the longest
+    sequence, Hq, B); programs past their sequence's end return at once. ``use_tma``: tensor
+    descriptors per sequence (the caller checked that they apply)."""
+    total_q, Hq, D = q.shape
+    total_k = k.shape[0]
+    out = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
+    if total_k == 0:  # no keys at all (zero-length key sequences): every row sees none
+        return out.zero_(), torch.full((Hq, total_q), float("-inf"), dtype=torch.float32,
+                                        device=q.device)
+    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse
+
+    def setup():
+        fold = _fold(problem)
+        return varlen_grid(cdiv(problem.seqlen_q, cfg.block_m), Hq, problem.batch), dict(
+            HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            REVERSE_M=problem.band[1] is not None, FOLD=fold,
+            **launch_options(cfg), **_flags(problem, False, q.dtype, use_tma)), (
+            *(s for t in (q, k, v, out) for s in packed_view(t).stride()),
+            *_scalars(problem, fold, total_q, total_k))
+
+    # The totals fix lse's row stride and out's strides, which the problem (holding only
+    # the longest lengths) does not.
+    _FWD.launch(("varlen", problem, cfg, use_tma, total_q, total_k,
+                 layout_key(q, k, v, cu_seqlens_q, cu_seqlens_k)),
+                (q, k, v, out, lse, cu_seqlens_k, cu_seqlens_q), setup)
+    return out, lse
+
+
+__all__ = ["launch_forward", "launch_forward_varlen", "packed_view", "varlen_grid"]

@@ -19,7 +19,7 @@ import torch
 from attnkit.backend import Backend, Capabilities
 from attnkit.backend_utils import LaunchCache
 
-from ._backward import BackwardSites, launch_backward
+from ._backward import BackwardSites, launch_backward, launch_backward_varlen
 from ._configs import (
     KernelConfig,
     _arch,
@@ -30,7 +30,7 @@ from ._configs import (
     path_enabled,
     short_seqlen,
 )
-from ._forward import launch_forward
+from ._forward import launch_forward, launch_forward_varlen
 from ._hopper import _BWD_ENV as _GLUON_BWD_ENV
 from ._hopper import _ENV as _GLUON_ENV
 from ._hopper import backward_plan, forward_plan, use_gluon, use_gluon_backward
@@ -138,6 +138,7 @@ class TritonBackend(Backend):
         # Triton's supported range; the tables assume cp.async and bf16 mma.
         cuda_capability_min=(8, 0),
         lse_grad=True,  # dlse enters through delta in the backward's prep kernel
+        varlen=True,  # the pointer path's kernels; see `forward_varlen`
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -182,9 +183,31 @@ class TritonBackend(Backend):
     def _forward_route(self, problem, q, k, v) -> GluonRoute | ForwardRoute:
         if use_gluon(problem, q, k, v):  # the key fixes the layout, so the launch plan too
             return GluonRoute(forward_plan(problem, q, k, v))
+        return self._tl_forward_route(problem, q, k, v)
+
+    def _tl_forward_route(self, problem, q, k, v) -> ForwardRoute:
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
                              _short(problem))
         return ForwardRoute(cfg, cfg.tma and use_tma(problem, q, k, v))
+
+    # Varlen takes the `tl` kernels, through pointers or through tensor descriptors built
+    # per sequence in the kernel (bounded by its length, so rows past it load as 0), with
+    # the dense tables' tiles. Not the Gluon kernels: their host-side descriptors span whole
+    # (batch, head) planes, so a sequence's boundary tiles would load its neighbour's rows.
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        key = ("forward_varlen", problem, layout_key(q, k, v), os.environ.get(_TMA_ENV))
+        route = _route(key, lambda: self._tl_forward_route(problem, q, k, v))
+        with _on_device(q):
+            return launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                         route.config, route.tma)
+
+    def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
+                        dlse=None):
+        key = ("backward_varlen", problem, layout_key(q, k, v, dout), os.environ.get(_TMA_ENV))
+        route = _route(key, lambda: self._tl_backward_route(problem, q, k, v, dout))
+        with _on_device(q):
+            return launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q,
+                                          cu_seqlens_k, route.dkdv, route.dq, route.tma, dlse)
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
         layout = layout_key(q, k, v, dout, seqlens_k)
@@ -201,6 +224,9 @@ class TritonBackend(Backend):
     def _backward_route(self, problem, q, k, v, dout) -> GluonRoute | BackwardRoute:
         if use_gluon_backward(problem, q, k, v, dout):
             return GluonRoute(backward_plan(problem, q, k, v, dout))
+        return self._tl_backward_route(problem, q, k, v, dout)
+
+    def _tl_backward_route(self, problem, q, k, v, dout) -> BackwardRoute:
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
                                             q.device, _short(problem))
         return BackwardRoute(dkdv_cfg, dq_cfg, BackwardSites(),

@@ -22,6 +22,17 @@ def test_every_table_configuration_fits_its_gpu():
     assert all(r.registers > 0 for r in results)
 
 
+def test_every_varlen_variant_fits_its_gpu():
+    """The varlen kernels take the same tiles and load paths (one more pointer and a few
+    scalars live): they must compile and fit too."""
+    results = compile_tables.check_tables((86, 90, 120), varlen=True)
+    assert all(r.fits for r in results), "\n".join(r.describe() for r in results
+                                                     if not r.fits)
+    assert len(results) >= 3 * 5 * 3 * 2
+    assert all(r.entry.varlen and r.entry.kernel != "decode" for r in results)
+    assert any(r.entry.tma for r in results) and not all(r.entry.tma for r in results)
+
+
 def test_a_configuration_over_the_limit_fails():
     """fp32's former dQ tile at head dim 256 (32x32, 4 warps) needs 128 KB: over sm_86's 99 KB."""
     r = compile_tables.compile_tile("dq", "fp32", 256, (32, 32, 4, 1), arch=86)

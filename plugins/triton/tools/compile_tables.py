@@ -51,10 +51,12 @@ class Entry:
     tile: tuple[int, int, int, int]
     tma: bool = False
     maxnreg: int | None = None
+    varlen: bool = False  # the packed variable-length variant
 
     def describe(self) -> str:
         return (f"{self.kernel:6} {self.dtype} D={self.head_dim:<3} "
                 "{}x{} w{} s{}".format(*self.tile) + f" {'tma' if self.tma else 'ptr'}"
+                + (" varlen" if self.varlen else "")
                 + (f" maxnreg {self.maxnreg}" if self.maxnreg else ""))
 
 
@@ -94,8 +96,10 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None):
-    """Compile one `tl` kernel (no mask flags: they add no shared memory)."""
+def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None,
+               varlen: bool = False):
+    """Compile one `tl` kernel (no mask flags: they add no shared memory); ``varlen``: its
+    packed variable-length variant."""
     import torch
     import triton
     from attnkit_triton import _backward, _forward
@@ -105,22 +109,23 @@ def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None)
     bm, bn, warps, stages = tile
     t = torch.empty(1, 2, 256, head_dim, dtype=dtype)
     stats = torch.empty(2 * 256, dtype=torch.float32)
+    i32 = torch.empty(4, dtype=torch.int32)  # seqlens_k / cu_seqlens, unread by the dense kernels
     strides = list(t.stride())
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=bm,
                   BLOCK_N=bn, grid=(1, 1), HAS_SEQLENS=False, HAS_LEFT=False, HAS_RIGHT=False,
-                  SOFTCAP=False, USE_TMA=tma, PREC=dot_precision(dtype, False),
+                  SOFTCAP=False, USE_TMA=tma, PREC=dot_precision(dtype, False), VARLEN=varlen,
                   **launch_options(KernelConfig(bm, bn, warps, stages)),
                   **({} if maxnreg is None else {"maxnreg": maxnreg}))
     # (H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right)
     bwd_scalars = (2, 256, 256, 256, 1, 0.1, 0.1, 1.0, 1.0, 0, 0)
     if kernel == "dkdv":
-        return _backward._dkdv_kernel.warmup(t, t, t, t, stats, stats, t, t, stats,
+        return _backward._dkdv_kernel.warmup(t, t, t, t, stats, stats, t, t, i32, i32,
                                              *strides * 6, *bwd_scalars, **shared)
     if kernel == "dq":
-        return _backward._dq_kernel.warmup(t, t, t, t, stats, stats, t, stats, *strides * 5,
+        return _backward._dq_kernel.warmup(t, t, t, t, stats, stats, t, i32, i32, *strides * 5,
                                            *bwd_scalars, REVERSE_M=False, **shared)
     # (H, Sq, Sk, GROUP, qk_scale, cap_in, unit, left, right)
-    return _forward._fwd_kernel.warmup(t, t, t, t, stats, stats, *strides * 4,
+    return _forward._fwd_kernel.warmup(t, t, t, t, stats, i32, i32, *strides * 4,
                                        2, 256, 256, 1, 0.1, 1.0, 0.1, 0, 0,
                                        REVERSE_M=False, FOLD=True, **shared)
 
@@ -144,8 +149,10 @@ def _decode_warmup(dtype, head_dim: int, tile):
         num_warps=warps, num_stages=stages, grid=(1,))
 
 
-def table_entries(arch: int) -> list[Entry]:
-    """Every distinct configuration the tables give a GPU of compute capability ``arch``."""
+def table_entries(arch: int, varlen: bool = False) -> list[Entry]:
+    """Every distinct configuration the tables give a GPU of compute capability ``arch``;
+    ``varlen``: instead, the varlen variants of its `tl` kernels (the same tiles and load
+    paths), which a varlen call launches where the dense call would take these tiles."""
     import torch
     from attnkit_triton import decode
     from attnkit_triton._configs import table_configs
@@ -162,7 +169,10 @@ def table_entries(arch: int) -> list[Entry]:
                     for kernel, cfg in zip(("fwd", "dkdv", "dq"), cfgs):
                         tile = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
                         # The backend takes TMA on sm90+ where the config allows it.
-                        entries.append(Entry(kernel, name, bd, tile, arch >= 90 and cfg.tma))
+                        entries.append(Entry(kernel, name, bd, tile, arch >= 90 and cfg.tma,
+                                             varlen=varlen))
+            if varlen:
+                continue
             # Decode: the most query rows a program takes (its largest BLOCK_M).
             p = AttentionProblem(1, 64, 1, 1, 4096, bd, dtype, torch.device("cuda"))
             block_m, _ = decode._tiles(p)
@@ -192,7 +202,7 @@ def _compile_in_worker(entry: Entry, arch: int) -> dict:
             compiled = _decode_warmup(_torch_dtype(entry.dtype), entry.head_dim, entry.tile)
         else:
             compiled = _tl_warmup(entry.kernel, _torch_dtype(entry.dtype), entry.head_dim,
-                                  entry.tile, entry.tma, entry.maxnreg)
+                                  entry.tile, entry.tma, entry.maxnreg, entry.varlen)
     except Exception as e:  # reported with the entry, not as a traceback from the pool
         root = e
         while root.__cause__ is not None:
@@ -228,18 +238,24 @@ def compile_entries(entries: list[Entry], arch: int, jobs: int | None = None,
     return [TileResult(arch, e, **f) for e, f in zip(entries, fields)]
 
 
-def check_tables(archs=(80, 86, 90, 100, 120), jobs: int | None = None) -> list[TileResult]:
-    """Every table configuration compiled for each of ``archs``; see `TileResult.fits`."""
-    return [r for arch in archs for r in compile_entries(table_entries(arch), arch, jobs)]
+def check_tables(archs=(80, 86, 90, 100, 120), jobs: int | None = None,
+                 varlen: bool = False) -> list[TileResult]:
+    """Every table configuration compiled for each of ``archs`` (``varlen``: the varlen
+    variants instead); see `TileResult.fits`."""
+    return [r for arch in archs
+            for r in compile_entries(table_entries(arch, varlen), arch, jobs)]
 
 
 def compile_tile(kernel: str, dtype: str, head_dim: int, tile, arch: int = 90,
-                 tma: bool = False, maxnreg: int | None = None) -> TileResult:
+                 tma: bool = False, maxnreg: int | None = None,
+                 varlen: bool = False) -> TileResult:
     """One kernel with ``tile = (block_m, block_n, num_warps, num_stages)`` for sm_``arch``."""
     if kernel not in KERNELS or dtype not in DTYPES:
         raise ValueError(f"kernel must be one of {KERNELS} and dtype one of {DTYPES}; got "
                          f"{kernel!r}, {dtype!r}")
-    entry = Entry(kernel, dtype, head_dim, tuple(tile), tma, maxnreg)
+    if varlen and kernel == "decode":
+        raise ValueError("varlen kernels are the tl forward, dkdv and dq")
+    entry = Entry(kernel, dtype, head_dim, tuple(tile), tma, maxnreg, varlen)
     return compile_entries([entry], arch, 1)[0]
 
 
@@ -256,6 +272,8 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--tile", help="block_m,block_n,num_warps,num_stages (one kernel)")
     ap.add_argument("--tma", action="store_true", help="with --tile: the descriptor path")
+    ap.add_argument("--varlen", action="store_true",
+                    help="the varlen variants of the tl kernels (tables or one --tile)")
     ap.add_argument("--maxnreg", type=int, help="with --tile: Triton's register cap (ptxas "
                     "otherwise picks its own under the kernel's 32*num_warps threads)")
     a = ap.parse_args()
@@ -263,12 +281,13 @@ def main() -> int:
         if a.kernel:
             ap.error("--kernel needs --tile (without both: the tables)")
         archs = a.arch or [80, 86, 90, 100, 120]
-        results = check_tables(archs, a.jobs)
+        results = check_tables(archs, a.jobs, a.varlen)
         for r in results:
             print(r.describe())
         good = sum(r.fits for r in results)
         print(f"triton {triton.__version__}: {good}/{len(results)} table configurations "
-              f"compile and fit for sm_{', sm_'.join(map(str, archs))}")
+              f"{'(varlen) ' if a.varlen else ''}compile and fit for "
+              f"sm_{', sm_'.join(map(str, archs))}")
         return 0 if good == len(results) else 1
     if a.kernel is None:
         ap.error("--tile needs --kernel")
@@ -280,7 +299,7 @@ def main() -> int:
         ap.error(f"--tile {a.tile!r}: give block_m,block_n,num_warps,num_stages")
     failed = 0
     for arch in a.arch or [90]:
-        r = compile_tile(a.kernel, a.dtype, a.head_dim, tile, arch, a.tma, a.maxnreg)
+        r = compile_tile(a.kernel, a.dtype, a.head_dim, tile, arch, a.tma, a.maxnreg, a.varlen)
         print(r.describe())
         failed += not r.fits
     return 1 if failed else 0
