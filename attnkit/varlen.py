@@ -183,6 +183,8 @@ def check_offset_values(name: str, host: torch.Tensor, length: int, of: str) -> 
 def _check_max(name: str, given, longest: int | None, cu_name: str, lengths=None) -> int:
     if given is None:
         return longest
+    if isinstance(given, torch.SymInt):  # traced by torch.compile: checked in the op's body
+        return given
     if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 0:
         raise TypeError(f"{name} must be a non-negative int or None, got {given!r}")
     given = int(given)
@@ -304,6 +306,9 @@ class _VarlenFunction(torch.autograd.Function):
 
 def _op_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, wl, wr, softcap, return_lse,
                 needs_grad, check_values):
+    # Fake tensors: shapes only (a traced max_seqlen may be symbolic; the body checks it).
+    if not check_values:
+        max_q = max_k = -1
     return varlen_problem(q, k, v, cu_q, cu_k, None if max_q < 0 else max_q,
                           None if max_k < 0 else max_k, causal=causal, scale=scale,
                           window=(wl, wr), softcap=softcap if softcap > 0 else None,
@@ -395,8 +400,8 @@ def _op_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap
                                               or v.requires_grad)
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         _check_max(name, m, None, "")
-    out, lse = _varlen_op(q, k, v, cu_q, cu_k, -1 if max_q is None else int(max_q),
-                          -1 if max_k is None else int(max_k), causal,
+    out, lse = _varlen_op(q, k, v, cu_q, cu_k, -1 if max_q is None else max_q,
+                          -1 if max_k is None else max_k, causal,
                           check_scale(scale, q.shape[-1]), wl, wr,
                           check_softcap(softcap) or 0.0, bool(return_lse), needs_grad,
                           backend or "auto")

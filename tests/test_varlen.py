@@ -198,3 +198,24 @@ def test_nested_jagged_mistakes():
     with pytest.raises(ValueError, match="k and v must have the same sequence lengths"):
         other = _offsets((1, 6, 1))
         attnkit.attention(qn, kn, _nested(v, other), backend="reference")
+
+
+def test_compiled_call_takes_new_packings_and_bounds():
+    # The second packing makes torch.compile trace the total and max_seqlen symbolically.
+    def step(q, k, v, cu_q, cu_k, max_q, max_k):
+        out = attnkit.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,
+                                       backend="reference")
+        return out.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for lens_q, lens_k in (((3, 0, 4), (2, 5, 1)), ((6, 1), (6, 9)), ((2, 2, 2, 5), (1,) * 4)):
+        q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k)
+        q.requires_grad_()
+        bounds = (max(lens_q) + 1, max(lens_k))
+        got = compiled(q, k, v, cu_q, cu_k, *bounds)
+        (dq,) = torch.autograd.grad(got, q)
+        want = step(q, k, v, cu_q, cu_k, *bounds)
+        assert torch.equal(got, want)
+        assert torch.allclose(dq, torch.autograd.grad(want, q)[0])
+    with pytest.raises(ValueError, match="max_seqlen_q=1 is smaller than sequence 3's length 5"):
+        compiled(q, k, v, cu_q, cu_k, 1, 1)

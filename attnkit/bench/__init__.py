@@ -8,7 +8,8 @@ source commit and date) and with ``out`` writes ``bench.json`` / ``bench.txt`` /
 there (``decode.*``, ``graphs.*``, ``host.*``, ``sustained.*`` for the other modes). Modules:
 `grid` (the standard grid, cells, FLOP and byte formulas), `timing` (medians, peak memory),
 `peers` (SDPA kernels), `contenders`, `runner` (the loops), `graphs` (CUDA-graph capture),
-`host` (host overhead), `sustained` (long runs with clocks and power), `tables`, `plot`,
+`host` (host overhead), `sustained` (long runs with clocks and power), `varlen` (packed
+variable-length batches), `tables`, `plot`,
 `report` (JSON, README tables), `compare` (ratios between runs), `cache` (labelled runs),
 `abtest` (environment A/B in subprocesses), `environment`, `progress`, `cli`.
 """
