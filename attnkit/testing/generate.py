@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import pytest
@@ -10,24 +11,28 @@ import pytest
 from attnkit.registry import registry
 
 
-def parametrize_cases(metafunc, generators: dict[str, Callable]) -> None:
+def parametrize_cases(metafunc, generators: dict[str, Callable],
+                      skip_reason: str | None = None) -> None:
     """For each ``fixture: generate`` the module's tests use, parametrize ``fixture`` with
-    ``generate(capabilities, quick)``; ids are ``<backend>-<device>-<case id>`` (the first
-    element's id where a generator yields tuples). A fixture with no cases for this backend
-    gets one skipped case saying so."""
+    ``generate(capabilities, quick)`` (and ``device=`` where the generator takes it); ids are
+    ``<backend>-<device>-<case id>`` (the first element's id where a generator yields
+    tuples). A fixture with no cases for this backend gets one skipped case saying so
+    (``skip_reason``, or that the backend declares none of the features it needs)."""
     config = metafunc.config
     name = config.getoption("--attnkit-backend", default=None)
     if not name:
         return
     caps = registry.get(name).capabilities
     quick = config.getoption("--attnkit-quick", default=False)
-    prefix = f"{name}-{config.getoption('--attnkit-device', default='cpu')}"
+    device = config.getoption("--attnkit-device", default="cpu")
+    prefix = f"{name}-{device}"
     for fixture, generate in generators.items():
         if fixture not in metafunc.fixturenames:
             continue
-        cs = generate(caps, quick)
+        takes_device = "device" in inspect.signature(generate).parameters
+        cs = generate(caps, quick, device=device) if takes_device else generate(caps, quick)
         if not cs:
-            reason = f"the backend declares none of the features {fixture} needs"
+            reason = skip_reason or f"the backend declares none of the features {fixture} needs"
             metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(
                 reason=reason))], ids=[f"{prefix}-none"])
             continue

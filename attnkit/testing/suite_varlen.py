@@ -23,9 +23,10 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.registry import NoBackendError, registry
+from attnkit.registry import NoBackendError
 from attnkit.testing import varlen_cases
 from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, assert_close, bit_difference
+from attnkit.testing.generate import parametrize_cases
 from attnkit.testing.scratch import uninitialised_scratch
 
 POISONS = (float("nan"), float("inf"), float("-inf"))
@@ -33,24 +34,10 @@ NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
 def pytest_generate_tests(metafunc):
-    config = metafunc.config
-    name = config.getoption("--attnkit-backend", default=None)
-    if not name:
-        return
-    caps = registry.get(name).capabilities
-    quick = config.getoption("--attnkit-quick", default=False)
-    device = config.getoption("--attnkit-device", default="cpu")
-    prefix = f"{name}-{device}"
-    for fixture, cs in (("varlen_case", varlen_cases.generate(caps, quick, device)),
-                        ("varlen_isolation_case", varlen_cases.isolation_cases(caps, quick))):
-        if fixture not in metafunc.fixturenames:
-            continue
-        if not cs:
-            why = "the backend does not declare varlen (test_varlen_refused checks it refuses)"
-            metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(
-                reason=why))], ids=[f"{prefix}-none"])
-        else:
-            metafunc.parametrize(fixture, cs, ids=[f"{prefix}-{c.id}" for c in cs])
+    parametrize_cases(
+        metafunc, {"varlen_case": varlen_cases.generate,
+                   "varlen_isolation_case": varlen_cases.isolation_cases},
+        skip_reason="the backend does not declare varlen (test_varlen_refused checks it refuses)")
 
 
 def _seeded(case):
