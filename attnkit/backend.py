@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from .spec import AttentionProblem
 
@@ -146,29 +147,14 @@ class Backend:
                         " or newer")
         return reasons
 
-    def forward(
-        self,
-        problem: AttentionProblem,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        seqlens_k: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, problem: AttentionProblem, q: Tensor, k: Tensor, v: Tensor,
+                seqlens_k: Tensor | None) -> tuple[Tensor, Tensor]:
         """Return ``(out, lse)``."""
         raise NotImplementedError
 
-    def backward(
-        self,
-        problem: AttentionProblem,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        dout: torch.Tensor,
-        seqlens_k: torch.Tensor | None,
-        dlse: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, problem: AttentionProblem, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                 lse: Tensor, dout: Tensor, seqlens_k: Tensor | None,
+                 dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(dq, dk, dv)`` from the saved ``out`` and ``lse``.
 
         ``dout`` is contiguous or has exactly ``out``'s strides (the core copies it otherwise).
@@ -183,15 +169,8 @@ class Backend:
         """
         raise NotImplementedError
 
-    def forward_varlen(
-        self,
-        problem: AttentionProblem,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_k: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_varlen(self, problem: AttentionProblem, q: Tensor, k: Tensor, v: Tensor,
+                       cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:
         """Packed variable-length batch (only for backends declaring ``varlen``).
 
         ``q (total_q, Hq, D)``, ``k``/``v (total_k, Hkv, D)`` with any strides;
@@ -205,19 +184,10 @@ class Backend:
         """
         raise NotImplementedError
 
-    def backward_varlen(
-        self,
-        problem: AttentionProblem,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        dout: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_k: torch.Tensor,
-        dlse: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward_varlen(self, problem: AttentionProblem, q: Tensor, k: Tensor, v: Tensor,
+                        out: Tensor, lse: Tensor, dout: Tensor, cu_seqlens_q: Tensor,
+                        cu_seqlens_k: Tensor,
+                        dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(dq, dk, dv)`` of `forward_varlen`, in the inputs' shapes and dtypes; ``dlse``
         ``(Hq, total_q)`` as in `backward`."""
         raise NotImplementedError
