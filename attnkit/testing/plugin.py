@@ -59,6 +59,18 @@ def pytest_configure(config):
     _watch_calls(backend)
 
 
+def pytest_unconfigure(config):
+    """Unwrap what `_watch_calls` wrapped: a session run in-process (pytester) leaves the
+    registered instance as it found it."""
+    if not config.getoption("--attnkit-backend", default=None):
+        return
+    backend = registry.get(config.getoption("--attnkit-backend"))
+    if getattr(backend, "_attnkit_watched", False):
+        for method in _INPUTS:
+            vars(backend).pop(method, None)
+        del backend._attnkit_watched
+
+
 def _watch_calls(backend):
     """Wrap the instance's forward/backward so the session can prove the backend ran, and
     hold every call to the contract at the boundary (`_checked`)."""
