@@ -70,11 +70,11 @@ def mask_structure(mask: torch.Tensor, batch: int, seqlen_q: int) -> MaskStructu
     lo = torch.where(left_open, 0, diag - left).clamp(min=0)
     expect = (hi - lo + 1).clamp(min=0)
     same = (counts == expect) & (~seen | ((first == lo) & (last == hi)))
-    ok = same.all() & (right >= 0) & (left >= 0)
+    no_rows = ~seen.any()
+    ok = (same.all() & (right >= 0) & (left >= 0)) | no_rows
     if mask.dtype != torch.bool:
         ok = ok & ((mask == 0) | (mask == float("-inf"))).all()
-    no_rows = ~seen.any()
-    summary = torch.stack([ok | no_rows, no_rows, left, right, left_open, right_open,
+    summary = torch.stack([ok, no_rows, left, right, left_open, right_open,
                            keys_b.amin(), keys_b.amax()]).tolist()  # the one sync
     ok, no_rows, left, right, left_open, right_open, kmin, kmax = summary
     if not ok:
