@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .api import attention
-from .masks import broadcast_mask, mask_structure
+from .masks import MaskStructure, broadcast_mask, mask_structure
 from .spec import describe_tensor
 
 _DENSE = (
@@ -109,7 +109,20 @@ def sdpa(
                "differ; pass enable_gqa=True for grouped-query attention")
             + f": {describe_tensor('query', query)}, {describe_tensor('key', key)}")
 
-    causal, window, seqlens_k, key_limit = False, None, None, Sk
+    causal, window, key_limit, seqlens_k = sdpa_band(query, key, attn_mask, is_causal)
+    if key_limit < Sk:
+        key, value = key[:, :, :key_limit], value[:, :, :key_limit]
+    return attention(query, key, value, causal=causal, scale=scale, window=window,
+                     seqlens_k=seqlens_k, backend=backend)
+
+
+def sdpa_band(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None,
+              is_causal: bool) -> MaskStructure:
+    """SDPA's ``attn_mask``/``is_causal`` for 4-D ``query`` and ``key`` as `attention`'s
+    options (``window`` None when unbounded), or a ``ValueError`` when no options express
+    them. Keys at or past ``key_limit`` are seen by no query: the caller slices them off."""
+    B, Hq, Sq, _ = query.shape
+    Sk = key.shape[2]
     if attn_mask is not None:
         if is_causal:
             raise ValueError("attnkit.sdpa: pass attn_mask or is_causal=True, not both (as "
@@ -118,20 +131,17 @@ def sdpa(
             raise ValueError(f"{describe_tensor('attn_mask', attn_mask)} requires grad; "
                              "attnkit reads a mask as structure and gives it no gradient")
         mask = broadcast_mask(attn_mask, B, Hq, Sq, Sk, query.dtype)
-        if B and Sq and Sk:  # an empty problem reads no mask
-            found = mask_structure(mask, B, Sq)
-            if found is None:
-                raise ValueError(f"{describe_tensor('attn_mask', attn_mask)} {_DENSE}")
-            causal, window, key_limit, seqlens_k = found
-    elif is_causal:
-        if Sq <= Sk:  # keys past Sq are seen by no query; then the two alignments agree
-            causal, key_limit = True, Sq
-        else:  # query i sees j <= i = (bottom-right diagonal) + (Sq - Sk)
-            window = (-1, Sq - Sk)
-    if key_limit < Sk:
-        key, value = key[:, :, :key_limit], value[:, :, :key_limit]
-    return attention(query, key, value, causal=causal, scale=scale, window=window,
-                     seqlens_k=seqlens_k, backend=backend)
+        if not (B and Sq and Sk):  # an empty problem reads no mask
+            return MaskStructure(False, None, Sk, None)
+        found = mask_structure(mask, B, Sq)
+        if found is None:
+            raise ValueError(f"{describe_tensor('attn_mask', attn_mask)} {_DENSE}")
+        return found
+    if not is_causal:
+        return MaskStructure(False, None, Sk, None)
+    if Sq <= Sk:  # keys past Sq are seen by no query; then the two alignments agree
+        return MaskStructure(True, None, Sq, None)
+    return MaskStructure(False, (-1, Sq - Sk), Sk, None)  # j <= i: the diagonal + (Sq - Sk)
 
 
 def _flattened(query, key, value, attn_mask, is_causal, scale, enable_gqa, backend):

@@ -25,7 +25,7 @@ class MaskStructure(NamedTuple):
     """
 
     causal: bool
-    window: tuple[int, int]
+    window: tuple[int, int] | None  # None: unbounded on both sides
     key_limit: int
     seqlens_k: torch.Tensor | None
 
