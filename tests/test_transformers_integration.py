@@ -1,0 +1,233 @@
+"""attn_implementation="attnkit" in Hugging Face transformers, on tiny randomly initialised
+models of three families, against transformers' own implementations in float32: Llama (full
+causal, GQA) and Mistral (sliding window) against "sdpa", Gemma 2 (sliding and full layers,
+attention softcap, which transformers' sdpa refuses) against "eager". Forward logits, gradients
+of every parameter, right and left padding, greedy generation with the model's KV cache
+(dynamic and static), loading by name; and what is refused."""
+
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attnkit.integrations.transformers as akt  # noqa: E402
+
+VOCAB, PROMPT = 128, 12
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              initializer_range=0.2)  # large enough that attention moves the logits a lot
+
+FAMILIES = {
+    "llama": (lambda: transformers.LlamaConfig(**COMMON), "sdpa"),
+    "mistral": (lambda: transformers.MistralConfig(**COMMON, sliding_window=5), "sdpa"),
+    "gemma2": (lambda: transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=5,
+                                                 attn_logit_softcapping=4.0,
+                                                 final_logit_softcapping=None), "eager"),
+}
+PADDING = {
+    "none": None,
+    "right": [[1] * 12, [1] * 8 + [0] * 4, [1] * 3 + [0] * 9],
+    "left": [[1] * 12, [0] * 4 + [1] * 8, [0] * 9 + [1] * 3],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    return akt.register()
+
+
+def _pair(family, seed=0):
+    """The same random weights under attnkit and under the reference implementation."""
+    make, ref_impl = FAMILIES[family]
+    torch.manual_seed(seed)
+    ref = transformers.AutoModelForCausalLM.from_config(make(), attn_implementation=ref_impl,
+                                                        dtype=torch.float32)
+    ours = transformers.AutoModelForCausalLM.from_config(make(), attn_implementation="attnkit",
+                                                         dtype=torch.float32)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.config._attn_implementation == "attnkit"
+    return ours.eval(), ref.eval()
+
+
+def _batch(padding, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, PROMPT), generator=g)
+    mask = None if PADDING[padding] is None else torch.tensor(PADDING[padding])
+    return ids, mask
+
+
+def _close(got, ref, what):
+    # float32 on both sides: the accuracy rule's fp32 floor, relative to the values' size
+    tol = 2e-5 * max(1.0, float(ref.abs().max()))
+    err = float((got - ref).abs().max()) if got.numel() else 0.0
+    assert err <= tol, f"{what}: max|attnkit - reference| = {err:.3e} > {tol:.3e}"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every attnkit.attention call the integration makes, with its options."""
+    seen = []
+    real = akt.attention
+
+    def spy(q, k, v, **options):
+        seen.append(dict(options, k_shape=tuple(k.shape)))
+        return real(q, k, v, **options)
+
+    monkeypatch.setattr(akt, "attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("padding", list(PADDING))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_forward_logits_match(family, padding, calls):
+    ours, ref = _pair(family)
+    ids, mask = _batch(padding)
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, use_cache=False).logits
+        want = ref(ids, attention_mask=mask, use_cache=False).logits
+    real = slice(None) if mask is None else mask.bool()  # padded positions carry no token
+    _close(got[real], want[real], f"{family} logits, {padding} padding")
+    assert len(calls) == ours.config.num_hidden_layers  # every layer ran through attnkit
+    if family == "gemma2":
+        assert {c["softcap"] for c in calls} == {4.0}
+        assert {c["window"] for c in calls} == {(4, -1), None}  # one sliding, one full layer
+    if family == "mistral":
+        assert {c["window"] for c in calls} == {(4, -1)}
+    assert all(c["causal"] for c in calls)
+    if padding == "left":  # shifted rows, each ending where its keys end
+        assert calls[0]["seqlens_k"].tolist() == [12, 8, 3]
+    else:
+        assert calls[0]["seqlens_k"] is None
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_backward_matches(family, padding):
+    ours, ref = _pair(family)
+    ids, mask = _batch(padding)
+    labels = ids.clone()
+    if mask is not None:  # no loss on padding, nor on a token predicted from padding (what a
+        labels[mask == 0] = -100  # padded query gets is each implementation's own)
+        labels[:, 1:][mask[:, :-1] == 0] = -100
+    grads = []
+    for model in (ours, ref):
+        model.train()  # attention_dropout is 0 in these configs
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[1]:
+        _close(grads[0][name], grads[1][name], f"{family} {padding} d{name}")
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_greedy_tokens_match(family, padding, cache):
+    ours, ref = _pair(family)
+    ids, mask = _batch(padding)
+    out = [m.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                      cache_implementation=cache, pad_token_id=0) for m in (ours, ref)]
+    assert out[0].shape == (3, PROMPT + 10)
+    assert torch.equal(out[0], out[1]), (out[0][:, PROMPT:], out[1][:, PROMPT:])
+
+
+def test_decode_logits_match_with_cache():
+    # The last step's logits, not only its argmax: one prompt, then single-token steps.
+    ours, ref = _pair("mistral")
+    ids, mask = _batch("left")
+    logits = []
+    for model in (ours, ref):
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            step = out.logits[:, -1:].argmax(-1)
+            for _ in range(8):  # past the sliding window of 5
+                mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+                out = model(step, attention_mask=mask, use_cache=True,
+                            **{_CACHE_ARG: out.past_key_values})
+                step = out.logits[:, -1:].argmax(-1)
+        logits.append(out.logits)
+        mask = _batch("left")[1]
+    _close(logits[0], logits[1], "decode-step logits")
+
+
+#: The forward's name for the cache it continues from (``past_key_values`` before 5.25).
+_CACHE_ARG = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward)
+              .parameters else "past_key_values")
+
+
+def test_from_pretrained_by_name(tmp_path):
+    _, ref = _pair("llama")
+    ref.save_pretrained(tmp_path)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
+                                                             attn_implementation="attnkit")
+    assert ours.config._attn_implementation == "attnkit"
+    ids, mask = _batch("right")
+    with torch.no_grad():
+        _close(ours(ids, attention_mask=mask).logits[mask.bool()],
+               ref(ids, attention_mask=mask).logits[mask.bool()], "from_pretrained logits")
+
+
+def test_register_under_another_name_with_a_backend(calls):
+    name = akt.register("attnkit-reference", backend="reference")
+    make, _ = FAMILIES["llama"]
+    model = transformers.AutoModelForCausalLM.from_config(make(), attn_implementation=name)
+    model(_batch("none")[0], use_cache=False)
+    assert calls and {c["backend"] for c in calls} == {"reference"}
+
+
+def test_a_four_d_mask_passed_by_the_caller_runs_as_sdpa_would():
+    ours, ref = _pair("llama")
+    ids, _ = _batch("none")
+    causal = torch.ones(PROMPT, PROMPT, dtype=torch.bool).tril()[None, None].expand(3, 1, -1,
+                                                                                     -1)
+    with torch.no_grad():
+        _close(ours(ids, attention_mask=causal, use_cache=False).logits,
+               ref(ids, attention_mask=causal, use_cache=False).logits, "4-D mask logits")
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+def test_packed_batches_are_refused_until_varlen():
+    ours, _ = _pair("llama")
+    ids, _ = _batch("none")
+    restarts = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]] * 3)
+    with pytest.raises(ValueError, match="packed .*variable-length attention"):
+        ours(ids, position_ids=restarts, use_cache=False)
+
+
+def test_padding_inside_a_sequence_is_refused():
+    ours, _ = _pair("llama")
+    ids, _ = _batch("none")
+    holes = torch.ones(3, PROMPT, dtype=torch.long)
+    holes[1, 4] = 0
+    with pytest.raises(ValueError, match=r"attention_mask \(shape \(3, 12\).*one run"):
+        ours(ids, attention_mask=holes)
+
+
+def test_attention_dropout_in_training_is_refused():
+    make, _ = FAMILIES["llama"]
+    config = make()
+    config.attention_dropout = 0.1
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="attnkit")
+    model.train()
+    with pytest.raises(NotImplementedError, match="dropout"):
+        model(_batch("none")[0], use_cache=False)
+    model.eval()  # no dropout in evaluation: runs
+    model(_batch("none")[0], use_cache=False)
+
+
+def test_other_mask_functions_are_refused():
+    mu = transformers.masking_utils
+    assert akt.band_of(mu.causal_mask_function) == (True, None)
+    assert akt.band_of(mu.sliding_window_causal_mask_function(8)) == (True, 7)
+    assert akt.band_of(mu.bidirectional_mask_function) == (False, None)
+    chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    custom = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv == 0)
+    for fn in (chunked, custom):
+        with pytest.raises(ValueError, match="does not\\s+compute"):
+            akt.band_of(fn)
