@@ -14,6 +14,21 @@ from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, check
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+def _auto_backend_on_cpu() -> bool:
+    x = torch.zeros(1, 1, 1, 8, requires_grad=True)
+    return attnkit.explain(x, x, x).chosen is not None
+
+
+#: The reference always (the core's tests install no plugin); the backend attnkit picks on
+#: this CPU as well where one is installed (the transformers session installs torch-blocked).
+BACKENDS = ["reference"] + (["auto"] if _auto_backend_on_cpu() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 def _band(B, Sq, Sk, *, lengths=None, causal=None, left=None, right=None):
     """A (B, 1, Sq, Sk) boolean mask built the slow way: query i of batch b sees key j iff
     j < L_b and the band around the diagonal d = i + L_b - Sq (``causal``: "tl" puts it at
@@ -65,7 +80,7 @@ def _inputs(B, Hq, Hk, Sq, Sk, D, dtype, seed):
             for h, s in ((Hq, Sq), (Hk, Sk), (Hk, Sk))]
 
 
-def _compare(q, k, v, mask, is_causal, gqa, backend=None, scale=None):
+def _compare(q, k, v, mask, is_causal, gqa, backend, scale=None):
     """attnkit.sdpa against SDPA in q's dtype and in float64, forward and backward."""
     dtype = q.dtype
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator()
@@ -90,49 +105,49 @@ def _compare(q, k, v, mask, is_causal, gqa, backend=None, scale=None):
 
 @pytest.mark.parametrize("Sq,Sk", SHAPES)
 @pytest.mark.parametrize("mask_name", list(MASKS))
-def test_matches_sdpa_fp32(mask_name, Sq, Sk):
+def test_matches_sdpa_fp32(mask_name, Sq, Sk, backend):
     make, is_causal = MASKS[mask_name]
     q, k, v = _inputs(3, 4, 4, Sq, Sk, 16, torch.float32, seed=Sq * 100 + Sk)
-    _compare(q, k, v, make(3, Sq, Sk), is_causal, gqa=False)
+    _compare(q, k, v, make(3, Sq, Sk), is_causal, gqa=False, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask_name,additive", [
     ("is_causal", False), ("bottom_right", False), ("bottom_right", True),
     ("padded_window", False), ("padded_window", True), ("key_padding", True)])
-def test_matches_sdpa_dtypes_and_additive(dtype, mask_name, additive):
+def test_matches_sdpa_dtypes_and_additive(dtype, mask_name, additive, backend):
     make, is_causal = MASKS[mask_name]
     mask = make(3, 11, 19)
     if additive:
         mask = _additive(mask, dtype)
     q, k, v = _inputs(3, 2, 2, 11, 19, 32, dtype, seed=3)
-    _compare(q, k, v, mask, is_causal, gqa=False)
+    _compare(q, k, v, mask, is_causal, gqa=False, backend=backend)
 
 
 @pytest.mark.parametrize("Hq,Hk", [(8, 2), (6, 1), (4, 4)])
 @pytest.mark.parametrize("mask_name", ["none", "is_causal", "padded_causal", "window"])
-def test_matches_sdpa_gqa(Hq, Hk, mask_name):
+def test_matches_sdpa_gqa(Hq, Hk, mask_name, backend):
     make, is_causal = MASKS[mask_name]
     q, k, v = _inputs(3, Hq, Hk, 9, 12, 8, torch.float32, seed=Hq)
-    _compare(q, k, v, make(3, 9, 12), is_causal, gqa=True)
+    _compare(q, k, v, make(3, 9, 12), is_causal, gqa=True, backend=backend)
 
 
-def test_mqa_broadcasts_without_enable_gqa():
+def test_mqa_broadcasts_without_enable_gqa(backend):
     q, k, v = _inputs(2, 4, 1, 5, 6, 8, torch.float32, seed=1)
-    _compare(q, k, v, None, True, gqa=False)
+    _compare(q, k, v, None, True, gqa=False, backend=backend)
 
 
-def test_reference_backend_and_scale():
+def test_scale(backend):
     q, k, v = _inputs(2, 2, 2, 7, 13, 8, torch.float64, seed=2)
     _compare(q, k, v, MASKS["padded_window"][0](2, 7, 13), False, gqa=False,
-             backend="reference", scale=0.3)
+             backend=backend, scale=0.3)
 
 
-def test_fully_masked_rows_give_zero_and_zero_gradients_like_sdpa():
+def test_fully_masked_rows_give_zero_and_zero_gradients_like_sdpa(backend):
     # Bottom-right causal with Sq > Sk: the first Sq - Sk queries see no key.
     q, k, v = _inputs(1, 2, 2, 6, 3, 8, torch.float32, seed=4)
     mask = _band(1, 6, 3, causal="br")
-    out = attnkit.sdpa(q, k, v, attn_mask=mask)
+    out = attnkit.sdpa(q, k, v, attn_mask=mask, backend=backend)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
     assert torch.equal(ref[:, :, :3], torch.zeros_like(ref[:, :, :3]))  # this torch's SDPA
@@ -142,7 +157,7 @@ def test_fully_masked_rows_give_zero_and_zero_gradients_like_sdpa():
 
 
 @pytest.mark.parametrize("shape", ["3d", "5d", "key_batch_1"])
-def test_other_layouts(shape):
+def test_other_layouts(shape, backend):
     g = torch.Generator().manual_seed(5)
     if shape == "3d":
         q, k, v = (torch.randn(3, n, 8, generator=g) for n in (5, 7, 7))
@@ -154,25 +169,26 @@ def test_other_layouts(shape):
         q = torch.randn(3, 2, 5, 8, generator=g)
         k, v = (torch.randn(1, 2, 7, 8, generator=g) for _ in range(2))
         mask = None
-    got = attnkit.sdpa(q, k, v, attn_mask=mask)
+    got = attnkit.sdpa(q, k, v, attn_mask=mask, backend=backend)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
 
 
-def test_transposed_bshd_inputs_are_read_in_place():
+def test_transposed_bshd_inputs(backend):
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, n, 4, 16, generator=g).transpose(1, 2) for n in (9, 9, 9))
-    torch.testing.assert_close(attnkit.sdpa(q, k, v, is_causal=True),
+    torch.testing.assert_close(attnkit.sdpa(q, k, v, is_causal=True, backend=backend),
                                F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                atol=2e-5, rtol=1e-5)
 
 
-def test_empty_problems():
+def test_empty_problems(backend):
     q, k, v = _inputs(2, 2, 2, 0, 5, 8, torch.float32, seed=0)
-    assert attnkit.sdpa(q, k, v, attn_mask=torch.ones(0, 5, dtype=torch.bool)).shape == q.shape
+    assert attnkit.sdpa(q, k, v, attn_mask=torch.ones(0, 5, dtype=torch.bool),
+                        backend=backend).shape == q.shape
     q, k, v = _inputs(2, 2, 2, 4, 0, 8, torch.float32, seed=0)
-    out = attnkit.sdpa(q, k, v, is_causal=True)
+    out = attnkit.sdpa(q, k, v, is_causal=True, backend=backend)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
 
 

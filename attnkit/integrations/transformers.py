@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 try:
+    import transformers as _transformers
     from transformers import AttentionInterface
     from transformers import masking_utils as _mu
     from transformers.masking_utils import AttentionMaskInterface
@@ -49,6 +50,8 @@ from ..dropin import sdpa_band
 from ..spec import describe_tensor
 
 NAME = "attnkit"
+#: The transformers releases whose mask functions take (q_offset, kv_offset), as this one does.
+SUPPORTED = ((5, 4), (6, 0))
 
 _PACKED = (
     "packed (padding-free) batches, whose position_ids restart inside a row, need "
@@ -91,6 +94,11 @@ def register(name: str = NAME, backend: str | None = None) -> str:
     """Register attnkit with transformers under ``name`` (``attn_implementation=name``);
     ``backend`` forces one attnkit backend (None: the best available). Returns ``name``.
     Registering again replaces the earlier registration."""
+    version = tuple(int(x) for x in _transformers.__version__.split(".")[:2] if x.isdigit())
+    if not SUPPORTED[0] <= version < SUPPORTED[1]:
+        raise RuntimeError(
+            f"attnkit.integrations.transformers supports transformers >= 5.4, < 6; this is "
+            f"{_transformers.__version__} (pip install 'attnkit[transformers]')")
     forward = functools.partial(attention_forward, backend=backend)
     functools.update_wrapper(forward, attention_forward)
     AttentionInterface.register(name, forward)
@@ -106,10 +114,11 @@ def _closure(fn, var: str):
 
 _AND_CODE = _mu.and_masks(_mu.causal_mask_function).__code__
 _SLIDING_CODE = _mu.sliding_window_overlay(1).__code__
-_PACKED_CODES = frozenset(
-    c.__code__ for c in (_mu.packed_sequence_mask_function(None),
-                         _mu.remap_positions_for_packed_sequence(_mu.causal_mask_function,
-                                                                 None)))
+_PACKED_CODES = frozenset(  # the second exists from transformers 5.x on, not in all 5.x
+    f(*args).__code__ for f, args in (
+        (getattr(_mu, "packed_sequence_mask_function", None), (None,)),
+        (getattr(_mu, "remap_positions_for_packed_sequence", None),
+         (_mu.causal_mask_function, None))) if f is not None)
 
 
 def _parts(fn) -> list:
