@@ -279,3 +279,17 @@ def test_refusals_name_what_is_wrong():
     with pytest.raises(ValueError, match="requires grad"):
         attnkit.sdpa(q, k, v, attn_mask=torch.zeros(4, 6, requires_grad=True),
                      enable_gqa=True)
+
+
+# -- the host-overhead measurement -------------------------------------------------------------
+
+def test_overhead_rows_for_every_contender_and_case():
+    from attnkit.bench.dropin import CASES, format_rows, sdpa_overhead
+
+    rows = sdpa_overhead("cpu", calls=1, batches=1, backend="reference")
+    assert [(r.case, r.contender) for r in rows] == [
+        (c.name, n) for c in CASES for n in ("torch sdpa", "attnkit.attention", "attnkit.sdpa")]
+    assert all(r.error == "" and r.host_us > 0 for r in rows), [r for r in rows if r.error]
+    assert "attnkit.sdpa" in format_rows(rows)
+    failing = sdpa_overhead("cpu", cases=CASES[:1], calls=1, batches=1, backend="no-such")
+    assert [bool(r.error) for r in failing] == [False, True, True]
