@@ -66,13 +66,63 @@ def sdpa(
     ``scaled_dot_product_attention`` does on this torch (its CPU and fused kernels; it
     returns 0 there rather than NaN). ``backend`` is `attention`'s (None = best available).
     """
-    if dropout_p != 0.0:
+    if dropout_p:
         raise NotImplementedError(
             f"attnkit.sdpa: dropout_p={dropout_p!r}; attnkit has no dropout (pass 0.0, or use "
             "torch.nn.functional.scaled_dot_product_attention for attention dropout)")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)
+            and isinstance(value, torch.Tensor)):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return _other_ranks(query, key, value, attn_mask, is_causal, scale, enable_gqa, backend)
+    B, Hq, Sq, E = query.shape
+    Bk, Hk, Sk, Ek = key.shape
+    # One comparison on the common path; the checks that name the problem run only when
+    # something differs (this runs on every call of a model's attention).
+    if (value.shape != key.shape or Bk != B or Ek != E
+            or (Hk != Hq and Hk != 1 and not (enable_gqa and Hq % Hk == 0))):
+        key, value = _check_kv(query, key, value, enable_gqa)
+    if attn_mask is None and (not is_causal or Sq == Sk):  # the two alignments agree
+        return attention(query, key, value, causal=bool(is_causal), scale=scale,
+                         backend=backend)
+    causal, window, key_limit, seqlens_k = sdpa_band(query, key, attn_mask, is_causal)
+    if key_limit < Sk:
+        key, value = key.narrow(2, 0, key_limit), value.narrow(2, 0, key_limit)
+    return attention(query, key, value, causal=causal, scale=scale, window=window,
+                     seqlens_k=seqlens_k, backend=backend)
+
+
+def _check_kv(query, key, value, enable_gqa):
+    """key and value against query, raising with what is wrong; a key/value batch of 1 is
+    expanded (a view) to the query's, as SDPA broadcasts it."""
+    B, Hq, _, E = query.shape
+    Bk, Hk, _, _ = key.shape
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"{describe_tensor('value', value)} must match "
+                         f"{describe_tensor('key', key)} in all but the last dimension")
+    if value.shape[-1] != E or key.shape[-1] != E:
+        raise ValueError(
+            f"attnkit.sdpa needs one head dim for query, key and value: "
+            f"{describe_tensor('query', query)}, {describe_tensor('key', key)}, "
+            f"{describe_tensor('value', value)}")
+    if Hk != Hq and Hk != 1 and not (enable_gqa and Hq % Hk == 0):
+        raise ValueError(
+            f"query heads {Hq} and key/value heads {Hk} "
+            + ("are not a multiple of each other" if enable_gqa else
+               "differ; pass enable_gqa=True for grouped-query attention")
+            + f": {describe_tensor('query', query)}, {describe_tensor('key', key)}")
+    if Bk != B:
+        if Bk != 1:
+            raise ValueError(f"batch sizes do not broadcast: {describe_tensor('query', query)}, "
+                             f"{describe_tensor('key', key)}")
+        key, value = key.expand(B, -1, -1, -1), value.expand(B, -1, -1, -1)
+    return key, value
+
+
+def _other_ranks(query, key, value, attn_mask, is_causal, scale, enable_gqa, backend):
+    """3-D inputs (no head dimension) and inputs with several batch dimensions."""
     if not (query.dim() == key.dim() == value.dim()) or query.dim() < 3:
         raise ValueError(
             "query, key and value must have the same number of dimensions, at least 3: "
@@ -84,36 +134,7 @@ def sdpa(
         return sdpa(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), attn_mask,
                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
                     backend=backend).squeeze(1)
-    if query.dim() > 4:
-        return _flattened(query, key, value, attn_mask, is_causal, scale, enable_gqa, backend)
-
-    B, Hq, Sq, E = query.shape
-    Bk, Hk, Sk, _ = key.shape
-    if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"{describe_tensor('value', value)} must match "
-                         f"{describe_tensor('key', key)} in all but the last dimension")
-    if value.shape[-1] != E or key.shape[-1] != E:
-        raise ValueError(
-            f"attnkit.sdpa needs one head dim for query, key and value: "
-            f"{describe_tensor('query', query)}, {describe_tensor('key', key)}, "
-            f"{describe_tensor('value', value)}")
-    if Bk != B:
-        if Bk != 1:
-            raise ValueError(f"batch sizes do not broadcast: {describe_tensor('query', query)}, "
-                             f"{describe_tensor('key', key)}")
-        key, value = key.expand(B, -1, -1, -1), value.expand(B, -1, -1, -1)
-    if Hk != Hq and Hk != 1 and not (enable_gqa and Hq % Hk == 0):
-        raise ValueError(
-            f"query heads {Hq} and key/value heads {Hk} "
-            + ("are not a multiple of each other" if enable_gqa else
-               "differ; pass enable_gqa=True for grouped-query attention")
-            + f": {describe_tensor('query', query)}, {describe_tensor('key', key)}")
-
-    causal, window, key_limit, seqlens_k = sdpa_band(query, key, attn_mask, is_causal)
-    if key_limit < Sk:
-        key, value = key[:, :, :key_limit], value[:, :, :key_limit]
-    return attention(query, key, value, causal=causal, scale=scale, window=window,
-                     seqlens_k=seqlens_k, backend=backend)
+    return _flattened(query, key, value, attn_mask, is_causal, scale, enable_gqa, backend)
 
 
 def sdpa_band(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None,
