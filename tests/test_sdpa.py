@@ -2,6 +2,9 @@
 backward over masks (boolean and additive), GQA, dtypes and shapes, Sq != Sk, fully masked
 rows; what it refuses and how it says so; the structure it reads from masks."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,3 +296,18 @@ def test_overhead_rows_for_every_contender_and_case():
     assert "attnkit.sdpa" in format_rows(rows)
     failing = sdpa_overhead("cpu", cases=CASES[:1], calls=1, batches=1, backend="no-such")
     assert [bool(r.error) for r in failing] == [False, True, True]
+
+
+def readme_snippet(section: str) -> str:
+    """The first python block of a README section, as a reader would copy it."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text[text.index(f"## {section}"):]
+    body = body[:body.index("\n## ", 1)]
+    return re.search(r"```python\n(.*?)```", body, re.S).group(1)
+
+
+def test_readme_snippet_runs():
+    if not _auto_backend_on_cpu():  # the snippet calls attnkit.sdpa as a user would
+        pytest.skip("no backend attnkit picks on this CPU (the core's tests install none)")
+    exec(compile(readme_snippet("Drop-in for `scaled_dot_product_attention`"), "README", "exec"),
+         {})

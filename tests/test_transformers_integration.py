@@ -231,3 +231,12 @@ def test_other_mask_functions_are_refused():
     for fn in (chunked, custom):
         with pytest.raises(ValueError, match="does not\\s+compute"):
             akt.band_of(fn)
+
+
+def test_readme_snippet_runs():
+    from test_sdpa import readme_snippet
+
+    scope = {}
+    exec(compile(readme_snippet("Hugging Face transformers"), "README", "exec"), scope)
+    assert scope["tokens"].shape == (2, 20)
+    assert scope["model"].config._attn_implementation == "attnkit"
