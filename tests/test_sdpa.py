@@ -32,6 +32,15 @@ def backend(request):
     return request.param
 
 
+#: CUDA where there is one: masks are read on the tensors' device, kernels are attnkit's own.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
 def _band(B, Sq, Sk, *, lengths=None, causal=None, left=None, right=None):
     """A (B, 1, Sq, Sk) boolean mask built the slow way: query i of batch b sees key j iff
     j < L_b and the band around the diagonal d = i + L_b - Sq (``causal``: "tl" puts it at
@@ -77,9 +86,9 @@ MASKS = {
 SHAPES = [(1, 1), (5, 5), (7, 13), (13, 7), (1, 9), (33, 40)]
 
 
-def _inputs(B, Hq, Hk, Sq, Sk, D, dtype, seed):
+def _inputs(B, Hq, Hk, Sq, Sk, D, dtype, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, s, D, generator=g).to(dtype).requires_grad_()
+    return [torch.randn(B, h, s, D, generator=g).to(device, dtype).requires_grad_()
             for h, s in ((Hq, Sq), (Hk, Sk), (Hk, Sk))]
 
 
@@ -87,7 +96,8 @@ def _compare(q, k, v, mask, is_causal, gqa, backend, scale=None):
     """attnkit.sdpa against SDPA in q's dtype and in float64, forward and backward."""
     dtype = q.dtype
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator()
-                       .manual_seed(7)).to(dtype)
+                       .manual_seed(7)).to(q.device, dtype)
+    mask = None if mask is None else mask.to(q.device)
     args = dict(is_causal=is_causal, enable_gqa=gqa, scale=scale)
 
     def run(fn, tensors, m):
@@ -108,9 +118,9 @@ def _compare(q, k, v, mask, is_causal, gqa, backend, scale=None):
 
 @pytest.mark.parametrize("Sq,Sk", SHAPES)
 @pytest.mark.parametrize("mask_name", list(MASKS))
-def test_matches_sdpa_fp32(mask_name, Sq, Sk, backend):
+def test_matches_sdpa_fp32(mask_name, Sq, Sk, backend, device):
     make, is_causal = MASKS[mask_name]
-    q, k, v = _inputs(3, 4, 4, Sq, Sk, 16, torch.float32, seed=Sq * 100 + Sk)
+    q, k, v = _inputs(3, 4, 4, Sq, Sk, 16, torch.float32, seed=Sq * 100 + Sk, device=device)
     _compare(q, k, v, make(3, Sq, Sk), is_causal, gqa=False, backend=backend)
 
 
@@ -118,38 +128,38 @@ def test_matches_sdpa_fp32(mask_name, Sq, Sk, backend):
 @pytest.mark.parametrize("mask_name,additive", [
     ("is_causal", False), ("bottom_right", False), ("bottom_right", True),
     ("padded_window", False), ("padded_window", True), ("key_padding", True)])
-def test_matches_sdpa_dtypes_and_additive(dtype, mask_name, additive, backend):
+def test_matches_sdpa_dtypes_and_additive(dtype, mask_name, additive, backend, device):
     make, is_causal = MASKS[mask_name]
     mask = make(3, 11, 19)
     if additive:
         mask = _additive(mask, dtype)
-    q, k, v = _inputs(3, 2, 2, 11, 19, 32, dtype, seed=3)
+    q, k, v = _inputs(3, 2, 2, 11, 19, 32, dtype, seed=3, device=device)
     _compare(q, k, v, mask, is_causal, gqa=False, backend=backend)
 
 
 @pytest.mark.parametrize("Hq,Hk", [(8, 2), (6, 1), (4, 4)])
 @pytest.mark.parametrize("mask_name", ["none", "is_causal", "padded_causal", "window"])
-def test_matches_sdpa_gqa(Hq, Hk, mask_name, backend):
+def test_matches_sdpa_gqa(Hq, Hk, mask_name, backend, device):
     make, is_causal = MASKS[mask_name]
-    q, k, v = _inputs(3, Hq, Hk, 9, 12, 8, torch.float32, seed=Hq)
+    q, k, v = _inputs(3, Hq, Hk, 9, 12, 8, torch.float32, seed=Hq, device=device)
     _compare(q, k, v, make(3, 9, 12), is_causal, gqa=True, backend=backend)
 
 
-def test_mqa_broadcasts_without_enable_gqa(backend):
-    q, k, v = _inputs(2, 4, 1, 5, 6, 8, torch.float32, seed=1)
+def test_mqa_broadcasts_without_enable_gqa(backend, device):
+    q, k, v = _inputs(2, 4, 1, 5, 6, 8, torch.float32, seed=1, device=device)
     _compare(q, k, v, None, True, gqa=False, backend=backend)
 
 
-def test_scale(backend):
-    q, k, v = _inputs(2, 2, 2, 7, 13, 8, torch.float64, seed=2)
+def test_scale(backend, device):
+    q, k, v = _inputs(2, 2, 2, 7, 13, 8, torch.float64, seed=2, device=device)
     _compare(q, k, v, MASKS["padded_window"][0](2, 7, 13), False, gqa=False,
              backend=backend, scale=0.3)
 
 
-def test_fully_masked_rows_give_zero_and_zero_gradients_like_sdpa(backend):
+def test_fully_masked_rows_give_zero_and_zero_gradients_like_sdpa(backend, device):
     # Bottom-right causal with Sq > Sk: the first Sq - Sk queries see no key.
-    q, k, v = _inputs(1, 2, 2, 6, 3, 8, torch.float32, seed=4)
-    mask = _band(1, 6, 3, causal="br")
+    q, k, v = _inputs(1, 2, 2, 6, 3, 8, torch.float32, seed=4, device=device)
+    mask = _band(1, 6, 3, causal="br").to(device)
     out = attnkit.sdpa(q, k, v, attn_mask=mask, backend=backend)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))

@@ -5,6 +5,7 @@ attention softcap, which transformers' sdpa refuses) against "eager". Forward lo
 of every parameter, right and left padding, greedy generation with the model's KV cache
 (dynamic and static), loading by name; and what is refused."""
 
+import copy
 import inspect
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import attnkit.integrations.transformers as akt  # noqa: E402
+from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, check  # noqa: E402
 
 VOCAB, PROMPT = 128, 12
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -33,12 +35,44 @@ PADDING = {
 }
 
 
+def _math_attention(module, query, key, value, attention_mask, scaling=None, softcap=None,
+                    **_kwargs):
+    """Attention as written in the textbook, for the float64 reference: masked scores are
+    -inf and a row with none left gives 0 (transformers' eager adds the dtype's minimum and
+    takes the softmax in float32, which turns float64 rows with no key into NaN)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, 1) for t in (key, value))
+    scores = query @ key.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:  # boolean, True = visible
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (weights @ value).transpose(1, 2).contiguous(), None
+
+
+def _math_mask(*args, **kwargs):
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return transformers.masking_utils.sdpa_mask(*args, **kwargs)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def registered():
+    transformers.AttentionInterface.register("test-math", _math_attention)
+    transformers.masking_utils.AttentionMaskInterface.register("test-math", _math_mask)
     return akt.register()
 
 
-def _pair(family, seed=0):
+#: CUDA too where there is one (attnkit's own kernels against torch's sdpa there).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _pair(family, device="cpu", seed=0):
     """The same random weights under attnkit and under the reference implementation."""
     make, ref_impl = FAMILIES[family]
     torch.manual_seed(seed)
@@ -48,21 +82,35 @@ def _pair(family, seed=0):
                                                          dtype=torch.float32)
     ours.load_state_dict(ref.state_dict())
     assert ours.config._attn_implementation == "attnkit"
-    return ours.eval(), ref.eval()
+    return ours.to(device).eval(), ref.to(device).eval()
 
 
-def _batch(padding, seed=1):
+def _batch(padding, device="cpu", seed=1):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (3, PROMPT), generator=g)
-    mask = None if PADDING[padding] is None else torch.tensor(PADDING[padding])
+    ids = torch.randint(0, VOCAB, (3, PROMPT), generator=g).to(device)
+    mask = None if PADDING[padding] is None else torch.tensor(PADDING[padding]).to(device)
     return ids, mask
 
 
 def _close(got, ref, what):
-    # float32 on both sides: the accuracy rule's fp32 floor, relative to the values' size
+    """For float32 runs that should agree closely (same device, same inputs)."""
     tol = 2e-5 * max(1.0, float(ref.abs().max()))
     err = float((got - ref).abs().max()) if got.numel() else 0.0
     assert err <= tol, f"{what}: max|attnkit - reference| = {err:.3e} > {tol:.3e}"
+
+
+def _rule(what, got, ref32, ref64, factor=OUT_FACTOR):
+    """The accuracy rule: attnkit's float32 model against the reference implementation's
+    float64 copy, with the reference's own float32 error as the yardstick."""
+    ok, msg = check(what, got, ref64, ref32, torch.float32, factor)
+    assert ok, msg
+
+
+def _f64(model):
+    """A float64 copy of ``model`` computing attention as `_math_attention` does."""
+    model = copy.deepcopy(model).double()
+    model.set_attn_implementation("test-math")
+    return model
 
 
 @pytest.fixture
@@ -81,14 +129,14 @@ def calls(monkeypatch):
 
 @pytest.mark.parametrize("padding", list(PADDING))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_forward_logits_match(family, padding, calls):
-    ours, ref = _pair(family)
-    ids, mask = _batch(padding)
+def test_forward_logits_match(family, padding, calls, device):
+    ours, ref = _pair(family, device)
+    ids, mask = _batch(padding, device)
     with torch.no_grad():
-        got = ours(ids, attention_mask=mask, use_cache=False).logits
-        want = ref(ids, attention_mask=mask, use_cache=False).logits
+        got, want, want64 = (m(ids, attention_mask=mask, use_cache=False).logits
+                             for m in (ours, ref, _f64(ref)))
     real = slice(None) if mask is None else mask.bool()  # padded positions carry no token
-    _close(got[real], want[real], f"{family} logits, {padding} padding")
+    _rule(f"{family} logits, {padding} padding", got[real], want[real], want64[real])
     assert len(calls) == ours.config.num_hidden_layers  # every layer ran through attnkit
     if family == "gemma2":
         assert {c["softcap"] for c in calls} == {4.0}
@@ -104,55 +152,58 @@ def test_forward_logits_match(family, padding, calls):
 
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_backward_matches(family, padding):
-    ours, ref = _pair(family)
-    ids, mask = _batch(padding)
+def test_backward_matches(family, padding, device):
+    ours, ref = _pair(family, device)
+    ids, mask = _batch(padding, device)
     labels = ids.clone()
     if mask is not None:  # no loss on padding, nor on a token predicted from padding (what a
         labels[mask == 0] = -100  # padded query gets is each implementation's own)
         labels[:, 1:][mask[:, :-1] == 0] = -100
     grads = []
-    for model in (ours, ref):
+    for model in (ours, ref, _f64(ref)):
         model.train()  # attention_dropout is 0 in these configs
         model.zero_grad()
         loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()
                       if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and grads[0]
     for name in grads[1]:
-        _close(grads[0][name], grads[1][name], f"{family} {padding} d{name}")
+        _rule(f"{family} {padding} d{name}", grads[0][name], grads[1][name], grads[2][name],
+              GRAD_FACTOR)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("padding", ["none", "left"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_generate_greedy_tokens_match(family, padding, cache):
-    ours, ref = _pair(family)
-    ids, mask = _batch(padding)
+def test_generate_greedy_tokens_match(family, padding, cache, device):
+    ours, ref = _pair(family, device)
+    ids, mask = _batch(padding, device)
     out = [m.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                       cache_implementation=cache, pad_token_id=0) for m in (ours, ref)]
     assert out[0].shape == (3, PROMPT + 10)
     assert torch.equal(out[0], out[1]), (out[0][:, PROMPT:], out[1][:, PROMPT:])
 
 
-def test_decode_logits_match_with_cache():
-    # The last step's logits, not only its argmax: one prompt, then single-token steps.
-    ours, ref = _pair("mistral")
-    ids, mask = _batch("left")
+def test_decode_logits_match_with_cache(device):
+    # Every decode step's logits, not only their argmax: one left-padded prompt, then
+    # single-token steps past the sliding window, all models fed the reference's tokens.
+    ours, ref = _pair("mistral", device)
+    ids, mask = _batch("left", device)
+    steps = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)[:, PROMPT:]
     logits = []
-    for model in (ours, ref):
+    for model in (ours, ref, _f64(ref)):
+        m, seen = mask, []
         with torch.no_grad():
-            out = model(ids, attention_mask=mask, use_cache=True)
-            step = out.logits[:, -1:].argmax(-1)
-            for _ in range(8):  # past the sliding window of 5
-                mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
-                out = model(step, attention_mask=mask, use_cache=True,
+            out = model(ids, attention_mask=m, use_cache=True)
+            for t in range(steps.shape[1]):
+                m = torch.cat([m, m.new_ones(3, 1)], 1)
+                out = model(steps[:, t:t + 1], attention_mask=m, use_cache=True,
                             **{_CACHE_ARG: out.past_key_values})
-                step = out.logits[:, -1:].argmax(-1)
-        logits.append(out.logits)
-        mask = _batch("left")[1]
-    _close(logits[0], logits[1], "decode-step logits")
+                seen.append(out.logits)
+        logits.append(torch.cat(seen, 1))
+    _rule("decode-step logits", *logits)
 
 
 #: The forward's name for the cache it continues from (``past_key_values`` before 5.25).
