@@ -157,7 +157,7 @@ def key_layout(
     kv_offset: int = 0,
     mask_function=_mu.causal_mask_function,
     attention_mask: torch.Tensor | None = None,
-    **_kwargs,
+    **kwargs,
 ) -> KeyLayout:
     """transformers' mask-function signature; returns the `KeyLayout` its attention reads."""
     if isinstance(attention_mask, KeyLayout):  # made ahead of this forward (static cache)
@@ -165,12 +165,28 @@ def key_layout(
     causal, window_left = band_of(mask_function)
     diagonal = int(q_offset) - kv_offset  # a static cache's offset is a tensor: one read
     key_end = max(0, min(diagonal + q_length, kv_length)) if causal else kv_length
-    layout = KeyLayout(batch_size, q_length, kv_length, causal, window_left, key_end)
-    if attention_mask is None or key_end == 0:
-        return layout
+    starts = counts = None
+    if attention_mask is not None and key_end > 0:
+        starts, counts = _padding(attention_mask, causal, kv_offset, key_end)
+    if key_end < kv_length:
+        # Keys past the last query (a static cache's unwritten end) go by counts, not by a
+        # narrower key tensor: the layout's sizes then stay the same from one decoding step
+        # to the next, as a compiled decoding step needs.
+        if counts is None:
+            device = attention_mask.device if attention_mask is not None else kwargs.get(
+                "device")
+            counts = torch.full((batch_size,), key_end, dtype=torch.int32, device=device)
+        key_end = kv_length
+    return KeyLayout(batch_size, q_length, kv_length, causal, window_left, key_end, starts,
+                     counts)
+
+
+def _padding(attention_mask: torch.Tensor, causal: bool, kv_offset: int, key_end: int):
+    """``(starts, counts)`` of `KeyLayout` from the 2-D mask (True/1 = a real token), both
+    None when nothing needs shifting or counting; one device-to-host read."""
     real = attention_mask.to(torch.bool)
-    if real.shape[-1] < kv_offset + kv_length:  # as transformers pads it: unseen = padding
-        real = torch.nn.functional.pad(real, (0, kv_offset + kv_length - real.shape[-1]))
+    if real.shape[-1] < kv_offset + key_end:  # as transformers pads it: unseen = padding
+        real = torch.nn.functional.pad(real, (0, kv_offset + key_end - real.shape[-1]))
     real = real[:, kv_offset:kv_offset + key_end]
     count = real.sum(-1)
     as_bytes = real.view(torch.uint8)
@@ -189,14 +205,11 @@ def key_layout(
             f"several sequences packed in one row: {_PACKED}")
     if causal:  # padding after a sequence is seen only by padding queries
         if start_max == 0:
-            return layout
-        counts = (key_end - start).to(torch.int32)
-    else:
-        if start_max == 0 and end_min == key_end:
-            return layout
-        counts = (end - start).to(torch.int32)
-    return KeyLayout(batch_size, q_length, kv_length, causal, window_left, key_end,
-                     start if start_max > 0 else None, counts)
+            return None, None
+        return start, (key_end - start).to(torch.int32)
+    if start_max == 0 and end_min == key_end:
+        return None, None
+    return (start if start_max > 0 else None), (end - start).to(torch.int32)
 
 
 # -- the attention function -------------------------------------------------------------------
