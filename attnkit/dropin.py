@@ -62,6 +62,9 @@ def sdpa(
       (some of torch's kernels combine the two, others raise).
     - a value head dim other than the query's, and a mask that requires grad: refused.
 
+    Under ``torch.compile`` a call without a mask compiles whole (``fullgraph=True``); a
+    mask is read on the host, so the graph breaks there.
+
     A query row that sees no key gives 0 and zero gradients, as
     ``scaled_dot_product_attention`` does on this torch (its CPU and fused kernels; it
     returns 0 there rather than NaN). ``backend`` is `attention`'s (None = best available).

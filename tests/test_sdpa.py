@@ -205,6 +205,19 @@ def test_empty_problems(backend):
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
 
 
+def test_compiles_whole_without_a_mask_and_with_a_break_with_one():
+    q, k, v = _inputs(1, 2, 2, 3, 5, 8, torch.float32, seed=8)
+    mask = _band(1, 3, 5, causal="br")
+
+    def call(q, k, v, **kw):
+        return attnkit.sdpa(q, k, v, backend="reference", **kw)
+
+    whole = torch.compile(call, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(whole(q, k, v, is_causal=True), call(q, k, v, is_causal=True))
+    broken = torch.compile(call, backend="aot_eager")  # the mask is read on the host
+    torch.testing.assert_close(broken(q, k, v, attn_mask=mask), call(q, k, v, attn_mask=mask))
+
+
 # -- what reaches attention: structure, nothing dense ----------------------------------------
 
 def _options_seen(monkeypatch, *args, **kwargs):
