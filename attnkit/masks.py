@@ -52,8 +52,12 @@ def mask_structure(mask: torch.Tensor, batch: int, seqlen_q: int) -> MaskStructu
     vis = visible_keys(mask)
     counts = vis.sum(-1)                                                    # (Bm, Sqm)
     as_bytes = vis.view(torch.uint8)
-    first = as_bytes.argmax(-1)                                            # first max = first
     last = (Sk - 1) - as_bytes.flip(-1).argmax(-1)                         # True key of a row
+    if Sqm == 1:
+        found = _key_prefix(mask, counts, last, batch)
+        if found is not None:
+            return found
+    first = as_bytes.argmax(-1)                                            # first max = first
     if Sqm != seqlen_q:  # a key-padding mask: every query row the same
         counts, first, last = (t.expand(Bm, seqlen_q) for t in (counts, first, last))
     seen = counts > 0
@@ -88,6 +92,23 @@ def mask_structure(mask: torch.Tensor, batch: int, seqlen_q: int) -> MaskStructu
     if kmin != kmax:
         seqlens = (keys_b if Bm == batch else keys_b.expand(batch)).to(torch.int32)
     return MaskStructure(causal, window, int(kmax), seqlens)
+
+
+def _key_prefix(mask, counts, last, batch: int) -> MaskStructure | None:
+    """The common key-padding mask, one row per batch that is a prefix of the keys: its
+    structure from a handful of operations (one sync), or None to try the general band."""
+    prefix = (counts == 0) | (last + 1 == counts)
+    ok = prefix.all()
+    if mask.dtype != torch.bool:
+        ok = ok & ((mask == 0) | (mask == float("-inf"))).all()
+    ok, kmin, kmax = torch.stack([ok, counts.amin(), counts.amax()]).tolist()
+    if not ok:
+        return None
+    seqlens = None
+    if kmin != kmax:
+        keys_b = counts[:, 0]
+        seqlens = (keys_b if keys_b.shape[0] == batch else keys_b.expand(batch)).to(torch.int32)
+    return MaskStructure(False, None, int(kmax), seqlens)
 
 
 def broadcast_mask(mask, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
