@@ -54,7 +54,7 @@ def sdpa(
     - ``attn_mask`` that is exactly a band of `attention` (causal either alignment, a sliding
       window, a per-batch key prefix such as right padding, or a band within one), the same
       for all heads: read back as those options. Telling costs a few passes over the mask on
-      its device and one device-to-host read of five numbers (one sync per call).
+      its device and one device-to-host read of a few numbers (one sync per call).
     - any other mask (left padding, per-head masks, finite additive biases, holes): refused
       with a ``ValueError`` saying which masks run; no backend declares dense masks.
     - ``dropout_p != 0``: refused (``NotImplementedError``); attnkit has no dropout yet.

@@ -3,7 +3,9 @@
 `mask_structure` answers whether a boolean (or 0/-inf additive) mask is exactly a band that
 `attention` computes from its options, and with which options. It reads the mask a few times
 on its own device (a pass that counts the visible keys of each row, two that find each row's
-first and last visible key) and then reads five numbers on the host: one device sync per call.
+first and last visible key) and then reads a few numbers on the host: one device sync per
+call (two for a mask that is one row per batch but not a key prefix: the prefix test, then the
+band's). A key-padding prefix, the common case, takes about a dozen small operations.
 """
 
 from __future__ import annotations
