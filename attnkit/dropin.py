@@ -65,9 +65,9 @@ def sdpa(
     Under ``torch.compile`` a call without a mask compiles whole (``fullgraph=True``); a
     mask is read on the host, so the graph breaks there.
 
-    A query row that sees no key gives 0 and zero gradients, as
-    ``scaled_dot_product_attention`` does on this torch (its CPU and fused kernels; it
-    returns 0 there rather than NaN). ``backend`` is `attention`'s (None = best available).
+    A query row that sees no key gives 0 and zero gradients on every device, as
+    ``scaled_dot_product_attention`` does on the CPU (torch 2.13; never NaN here).
+    ``backend`` is `attention`'s (None = best available).
     """
     if dropout_p:
         raise NotImplementedError(
