@@ -1,8 +1,9 @@
 """attnkit's checks, one session per concern.
 
-``nox`` runs the default sessions (what CI runs): lint, the core's tests, and the conformance
-suite for each first-party backend on this machine's CPU. The ``gpu`` session runs the
-conformance suite on CUDA and is not a default: it needs a GPU.
+``nox`` runs the default sessions (what CI runs): lint, the core's tests, the conformance
+suite for each first-party backend on this machine's CPU, and ``attnkit.sdpa`` with the
+transformers integration. The ``gpu`` session runs the conformance suite on CUDA and is not a
+default: it needs a GPU.
 
 Torch is installed first, pinned (``ATTNKIT_TORCH``, default ``torch==2.13.0``, the CPU build
 on the project's machines), so no dependency resolution can pull a multi-GB CUDA build.
@@ -16,7 +17,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "conformance"]
+nox.options.sessions = ["lint", "tests", "conformance", "transformers"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = os.environ.get("ATTNKIT_TORCH", "torch==2.13.0")
@@ -59,6 +60,20 @@ def tests(session):
     benchmark harness (with matplotlib, so its plots are drawn)."""
     _install(session, extra=("matplotlib",))
     session.run("pytest", "tests", *session.posargs)
+
+
+@nox.session
+def transformers(session):
+    """``attnkit.sdpa`` and the Hugging Face transformers integration on CPU, with the
+    ``transformers`` extra and the torch-blocked backend (what ``auto`` picks on a CPU): tiny
+    random models against transformers' own attention implementations."""
+    session.install("setuptools>=64", TORCH)
+    session.install("--no-build-isolation", "-e", ".[transformers]", "-e",
+                    PLUGINS["torch_blocked"])
+    session.run("python", "-c", "import transformers; print('transformers', "
+                "transformers.__version__)")
+    session.run("pytest", "tests/test_transformers_integration.py", "tests/test_sdpa.py",
+                *session.posargs)
 
 
 @nox.session

@@ -2,6 +2,7 @@
 
 from .api import attention, backends, explain
 from .backend import Backend, Capabilities
+from .dropin import sdpa
 from .hookspecs import hookimpl
 from .kvcache import attention_with_kvcache, merge_attention
 from .spec import AttentionProblem
@@ -21,4 +22,5 @@ __all__ = [
     "explain_varlen",
     "hookimpl",
     "merge_attention",
+    "sdpa",
 ]

@@ -1,0 +1,315 @@
+"""attn_implementation="attnkit" in Hugging Face transformers, on tiny randomly initialised
+models of three families, against transformers' own implementations in float32: Llama (full
+causal, GQA) and Mistral (sliding window) against "sdpa", Gemma 2 (sliding and full layers,
+attention softcap, which transformers' sdpa refuses) against "eager". Forward logits, gradients
+of every parameter, right and left padding, greedy generation with the model's KV cache
+(dynamic and static), loading by name; and what is refused."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attnkit.integrations.transformers as akt  # noqa: E402
+from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, check  # noqa: E402
+
+VOCAB, PROMPT = 128, 12
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              initializer_range=0.2)  # large enough that attention moves the logits a lot
+
+FAMILIES = {
+    "llama": (lambda: transformers.LlamaConfig(**COMMON), "sdpa"),
+    "mistral": (lambda: transformers.MistralConfig(**COMMON, sliding_window=5), "sdpa"),
+    "gemma2": (lambda: transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=5,
+                                                 attn_logit_softcapping=4.0,
+                                                 final_logit_softcapping=None), "eager"),
+}
+PADDING = {
+    "none": None,
+    "right": [[1] * 12, [1] * 8 + [0] * 4, [1] * 3 + [0] * 9],
+    "left": [[1] * 12, [0] * 4 + [1] * 8, [0] * 9 + [1] * 3],
+}
+
+
+def _math_attention(module, query, key, value, attention_mask, scaling=None, softcap=None,
+                    **_kwargs):
+    """Attention as written in the textbook, for the float64 reference: masked scores are
+    -inf and a row with none left gives 0 (transformers' eager adds the dtype's minimum and
+    takes the softmax in float32, which turns float64 rows with no key into NaN)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, 1) for t in (key, value))
+    scores = query @ key.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:  # boolean, True = visible
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (weights @ value).transpose(1, 2).contiguous(), None
+
+
+def _math_mask(*args, **kwargs):
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return transformers.masking_utils.sdpa_mask(*args, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    transformers.AttentionInterface.register("test-math", _math_attention)
+    transformers.masking_utils.AttentionMaskInterface.register("test-math", _math_mask)
+    return akt.register()
+
+
+#: CUDA too where there is one (attnkit's own kernels against torch's sdpa there).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _pair(family, device="cpu", seed=0):
+    """The same random weights under attnkit and under the reference implementation."""
+    make, ref_impl = FAMILIES[family]
+    torch.manual_seed(seed)
+    ref = transformers.AutoModelForCausalLM.from_config(make(), attn_implementation=ref_impl,
+                                                        dtype=torch.float32)
+    ours = transformers.AutoModelForCausalLM.from_config(make(), attn_implementation="attnkit",
+                                                         dtype=torch.float32)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.config._attn_implementation == "attnkit"
+    return ours.to(device).eval(), ref.to(device).eval()
+
+
+def _batch(padding, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, PROMPT), generator=g).to(device)
+    mask = None if PADDING[padding] is None else torch.tensor(PADDING[padding]).to(device)
+    return ids, mask
+
+
+def _close(got, ref, what):
+    """For float32 runs that should agree closely (same device, same inputs)."""
+    tol = 2e-5 * max(1.0, float(ref.abs().max()))
+    err = float((got - ref).abs().max()) if got.numel() else 0.0
+    assert err <= tol, f"{what}: max|attnkit - reference| = {err:.3e} > {tol:.3e}"
+
+
+def _rule(what, got, ref32, ref64, factor=OUT_FACTOR):
+    """The accuracy rule: attnkit's float32 model against the reference implementation's
+    float64 copy, with the reference's own float32 error as the yardstick."""
+    ok, msg = check(what, got, ref64, ref32, torch.float32, factor)
+    assert ok, msg
+
+
+def _f64(model):
+    """A float64 copy of ``model`` computing attention as `_math_attention` does."""
+    model = copy.deepcopy(model).double()
+    model.set_attn_implementation("test-math")
+    return model
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every attnkit.attention call the integration makes, with its options."""
+    seen = []
+    real = akt.attention
+
+    def spy(q, k, v, **options):
+        seen.append(dict(options, k_shape=tuple(k.shape)))
+        return real(q, k, v, **options)
+
+    monkeypatch.setattr(akt, "attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("padding", list(PADDING))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_forward_logits_match(family, padding, calls, device):
+    ours, ref = _pair(family, device)
+    ids, mask = _batch(padding, device)
+    with torch.no_grad():
+        got, want, want64 = (m(ids, attention_mask=mask, use_cache=False).logits
+                             for m in (ours, ref, _f64(ref)))
+    real = slice(None) if mask is None else mask.bool()  # padded positions carry no token
+    _rule(f"{family} logits, {padding} padding", got[real], want[real], want64[real])
+    assert len(calls) == ours.config.num_hidden_layers  # every layer ran through attnkit
+    if family == "gemma2":
+        assert {c["softcap"] for c in calls} == {4.0}
+        assert {c["window"] for c in calls} == {(4, -1), None}  # one sliding, one full layer
+    if family == "mistral":
+        assert {c["window"] for c in calls} == {(4, -1)}
+    assert all(c["causal"] for c in calls)
+    if padding == "left":  # shifted rows, each ending where its keys end
+        assert calls[0]["seqlens_k"].tolist() == [12, 8, 3]
+    else:
+        assert calls[0]["seqlens_k"] is None
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_backward_matches(family, padding, device):
+    ours, ref = _pair(family, device)
+    ids, mask = _batch(padding, device)
+    labels = ids.clone()
+    if mask is not None:  # no loss on padding, nor on a token predicted from padding (what a
+        labels[mask == 0] = -100  # padded query gets is each implementation's own)
+        labels[:, 1:][mask[:, :-1] == 0] = -100
+    grads = []
+    for model in (ours, ref, _f64(ref)):
+        model.train()  # attention_dropout is 0 in these configs
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and grads[0]
+    for name in grads[1]:
+        _rule(f"{family} {padding} d{name}", grads[0][name], grads[1][name], grads[2][name],
+              GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_greedy_tokens_match(family, padding, cache, device):
+    ours, ref = _pair(family, device)
+    ids, mask = _batch(padding, device)
+    out = [m.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                      cache_implementation=cache, pad_token_id=0) for m in (ours, ref)]
+    assert out[0].shape == (3, PROMPT + 10)
+    assert torch.equal(out[0], out[1]), (out[0][:, PROMPT:], out[1][:, PROMPT:])
+
+
+def test_compiled_static_cache_decoding(device):
+    # generate() compiles the decoding step for a static cache (on a GPU by itself; asked for
+    # here on any device): the layout made ahead of each step goes through the compiled
+    # graph, attnkit through its custom op, one graph for all steps (fullgraph).
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ours, ref = _pair("mistral", device)
+    ids, mask = _batch("left", device)
+    config = transformers.CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                        cache_implementation="static", compile_config=config, pad_token_id=0)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                        cache_implementation="static", pad_token_id=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert torch.equal(out, want), (out[:, PROMPT:], want[:, PROMPT:])
+
+
+def test_decode_logits_match_with_cache(device):
+    # Every decode step's logits, not only their argmax: one left-padded prompt, then
+    # single-token steps past the sliding window, all models fed the reference's tokens.
+    ours, ref = _pair("mistral", device)
+    ids, mask = _batch("left", device)
+    steps = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)[:, PROMPT:]
+    logits = []
+    for model in (ours, ref, _f64(ref)):
+        m, seen = mask, []
+        with torch.no_grad():
+            out = model(ids, attention_mask=m, use_cache=True)
+            for t in range(steps.shape[1]):
+                m = torch.cat([m, m.new_ones(3, 1)], 1)
+                out = model(steps[:, t:t + 1], attention_mask=m, use_cache=True,
+                            **{_CACHE_ARG: out.past_key_values})
+                seen.append(out.logits)
+        logits.append(torch.cat(seen, 1))
+    _rule("decode-step logits", *logits)
+
+
+#: The forward's name for the cache it continues from (``past_key_values`` before 5.25).
+_CACHE_ARG = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward)
+              .parameters else "past_key_values")
+
+
+def test_from_pretrained_by_name(tmp_path):
+    _, ref = _pair("llama")
+    ref.save_pretrained(tmp_path)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
+                                                             attn_implementation="attnkit")
+    assert ours.config._attn_implementation == "attnkit"
+    ids, mask = _batch("right")
+    with torch.no_grad():
+        _close(ours(ids, attention_mask=mask).logits[mask.bool()],
+               ref(ids, attention_mask=mask).logits[mask.bool()], "from_pretrained logits")
+
+
+def test_register_under_another_name_with_a_backend(calls):
+    name = akt.register("attnkit-reference", backend="reference")
+    make, _ = FAMILIES["llama"]
+    model = transformers.AutoModelForCausalLM.from_config(make(), attn_implementation=name)
+    model(_batch("none")[0], use_cache=False)
+    assert calls and {c["backend"] for c in calls} == {"reference"}
+
+
+def test_a_four_d_mask_passed_by_the_caller_runs_as_sdpa_would():
+    ours, ref = _pair("llama")
+    ids, _ = _batch("none")
+    causal = torch.ones(PROMPT, PROMPT, dtype=torch.bool).tril()[None, None].expand(3, 1, -1,
+                                                                                     -1)
+    with torch.no_grad():
+        _close(ours(ids, attention_mask=causal, use_cache=False).logits,
+               ref(ids, attention_mask=causal, use_cache=False).logits, "4-D mask logits")
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+def test_packed_batches_are_refused_until_varlen():
+    ours, _ = _pair("llama")
+    ids, _ = _batch("none")
+    restarts = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]] * 3)
+    with pytest.raises(ValueError, match="packed .*variable-length attention"):
+        ours(ids, position_ids=restarts, use_cache=False)
+
+
+def test_padding_inside_a_sequence_is_refused():
+    ours, _ = _pair("llama")
+    ids, _ = _batch("none")
+    holes = torch.ones(3, PROMPT, dtype=torch.long)
+    holes[1, 4] = 0
+    with pytest.raises(ValueError, match=r"attention_mask \(shape \(3, 12\).*one run"):
+        ours(ids, attention_mask=holes)
+
+
+def test_attention_dropout_in_training_runs_attnkit_dropout():
+    make, _ = FAMILIES["llama"]
+    config = make()
+    config.attention_dropout = 0.1
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="attnkit")
+    ids = _batch("none")[0]
+    model.train()
+    torch.manual_seed(0)
+    a = model(ids, use_cache=False).logits
+    torch.manual_seed(0)
+    assert torch.equal(a, model(ids, use_cache=False).logits)  # the seed fixes the masks
+    model.eval()  # no dropout in evaluation
+    b = model(ids, use_cache=False).logits
+    assert not torch.equal(a, b) and torch.equal(b, model(ids, use_cache=False).logits)
+
+
+def test_other_mask_functions_are_refused():
+    mu = transformers.masking_utils
+    assert akt.band_of(mu.causal_mask_function) == (True, None)
+    assert akt.band_of(mu.sliding_window_causal_mask_function(8)) == (True, 7)
+    assert akt.band_of(mu.bidirectional_mask_function) == (False, None)
+    chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    custom = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv == 0)
+    for fn in (chunked, custom):
+        with pytest.raises(ValueError, match="does not\\s+compute"):
+            akt.band_of(fn)
+
+
+def test_readme_snippet_runs():
+    from test_sdpa import readme_snippet
+
+    scope = {}
+    exec(compile(readme_snippet("Hugging Face transformers"), "README", "exec"), scope)
+    assert scope["tokens"].shape == (2, 20)
+    assert scope["model"].config._attn_implementation == "attnkit"
