@@ -3,7 +3,7 @@
 from .api import attention, backends, explain
 from .backend import Backend, Capabilities
 from .hookspecs import hookimpl
-from .kvcache import attention_with_kvcache, merge_attention
+from .kvcache import append_paged, attention_with_kvcache, merge_attention
 from .spec import AttentionProblem
 from .varlen import attention_varlen, explain_varlen
 
@@ -13,6 +13,7 @@ __all__ = [
     "AttentionProblem",
     "Backend",
     "Capabilities",
+    "append_paged",
     "attention",
     "attention_varlen",
     "attention_with_kvcache",
