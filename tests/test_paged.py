@@ -249,3 +249,14 @@ def test_suite_passes_reference_paged(pytester):
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) > 20 and outcomes.get("failed", 0) == 0, outcomes
     result.stdout.fnmatch_lines(["*forward_paged *"])
+
+
+def test_paged_serving_example_matches_recompute():
+    import pathlib
+    import runpy
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    mod = runpy.run_path(str(root / "examples" / "paged_serving.py"))
+    for page_size in (1, 4, 5):
+        assert mod["main"](backend="reference", page_size=page_size, steps=3,
+                           verbose=False) < 1e-4
