@@ -17,6 +17,7 @@ call's throughput over the same backend's contiguous call of the same kind.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -128,8 +129,18 @@ def run_paged(spec: PagedSpec, contenders: list[Contender], device: torch.device
     timing.prepare(device)
     progress.start(len(contenders) * len(spec.cache_lens) * (2 + 2 * len(spec.page_sizes)))
     cells: list[PagedCell] = []
+    t0 = time.perf_counter()
     for contender in contenders:
         for L in sorted(spec.cache_lens):
+            if spec.time_limit_s is not None and time.perf_counter() - t0 > spec.time_limit_s:
+                session.poisoned = (f"not run: the time limit of {spec.time_limit_s:g}s was "
+                                    "reached")
+            if session.poisoned is not None:  # skipped without allocating the caches
+                for call, P in [("contiguous", 0), ("contiguous-api", 0)] + [
+                        (c, P) for P in spec.page_sizes if L % P == 0
+                        for c in ("paged", "paged-api")]:
+                    cells.append(session.run(_blank(spec, contender, L, call, P), None))
+                continue
             cells += _cache_len(session, spec, contender, L, device, seed, progress)
             timing.release_memory(device, collect=True)
     progress.finish()
