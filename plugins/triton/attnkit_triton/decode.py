@@ -68,6 +68,7 @@ def _split_kv_kernel(
     HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
     PAGED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 1,
+    TILE_IN_PAGE: tl.constexpr = False,
 ):
     """One (key split, batch x kv head, row block): partial out and lse (log2 units) of the
     rows ``r = i * GROUP + g`` (query ``i`` of query head ``kv_head * GROUP + g``). The last
@@ -78,7 +79,9 @@ def _split_kv_kernel(
     under TRITON_INTERPRET=1, whose bf16 tl.dot returns garbage (triton 3.9).
 
     PAGED: K and V are page pools, ``stride_kb``/``stride_vb`` their page strides, and
-    BLOCK_TABLE the contiguous int32 ``(B, Sk // PAGE_SIZE)`` table (Sk: a row's capacity)."""
+    BLOCK_TABLE the contiguous int32 ``(B, Sk // PAGE_SIZE)`` table (Sk: a row's capacity).
+    TILE_IN_PAGE: every key tile lies in one page (tiles start at multiples of BLOCK_N, which
+    divides PAGE_SIZE: no left window), so one table entry is read per tile."""
     pid = tl.program_id(0)
     split = pid % num_splits
     bh = pid // num_splits
@@ -136,7 +139,12 @@ def _split_kv_kernel(
             kv_mask = col_ok[:, None]
         else:
             kv_mask = col_ok[:, None] & d_ok[None, :]
-        if PAGED:
+        if TILE_IN_PAGE:
+            page = tl.load(table_row + j0 // PAGE_SIZE).to(tl.int64)
+            slot = cols % PAGE_SIZE
+            k_rows = page * stride_kb + slot * stride_ks
+            v_rows = page * stride_vb + slot * stride_vs
+        elif PAGED:
             # Columns past `end` read entry 0 of the row (always needed when any key is).
             page = tl.load(table_row + tl.where(col_ok, cols, 0) // PAGE_SIZE).to(tl.int64)
             slot = cols % PAGE_SIZE
@@ -396,6 +404,8 @@ def _prepare(problem, key, args, n_groups, tail, workspace, has_seqlens, splits,
              IEEE_DOT=args[0].dtype == torch.float32 or (
                  args[0].dtype == torch.bfloat16 and interpreting()),
              PAGED=problem.page_size > 0, PAGE_SIZE=max(problem.page_size, 1),
+             TILE_IN_PAGE=(problem.page_size > 0 and not band.has_left
+                           and problem.page_size % (block_n or default_n) == 0),
              num_warps=num_warps or default_warps, num_stages=num_stages or default_stages))
     _prepared.put(key, _Prepared(split, args[6].stride(), n_groups, tail, workspace))
 
