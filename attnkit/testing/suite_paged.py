@@ -49,8 +49,7 @@ def test_paged_step(paged_case, backend, backend_name, device):
         with torch.no_grad(), pytest.raises(NoBackendError, match="paged"):
             attnkit.attention_with_kvcache(x.q, x.k_pages, x.v_pages, lens, x.k_new, x.v_new,
                                            **opts)
-        x.k_pages, x.v_pages = kp_before, vp_before
-        _unchanged(x, *(t for t in (kp_before, vp_before)), "a refused call wrote a pool")
+        _unchanged(x, kp_before, vp_before, "a refused call wrote a pool")
         pytest.skip("refused as declared: the backend does not declare paged")
     expect_kp, expect_vp, kc, vc = x.expected_after_append()
     with torch.no_grad():
@@ -174,3 +173,41 @@ def test_paged_decoding_loop(backend, backend_name, device, quick):
         levels = [L + 1 for L in levels]
         (o64, _), (olp, _) = reference_over_prefix(q, kc, vc, levels, case, case.dtype)
         assert_close(f"step {step} out", out, o64, olp, case.dtype, 2.0)
+
+
+def test_paged_pool_past_2_31(backend, backend_name, device):
+    """On CUDA: K and V pools interleaved in one buffer of more than 2^31 elements, a
+    sequence whose pages lie at both ends of it (offsets computed in 32 bits wrap)."""
+    from attnkit.testing import cuda_checks
+
+    if not device.startswith("cuda"):
+        pytest.skip(f"CUDA only (device {device!r}): run with --device cuda")
+    caps = backend.capabilities
+    if not caps.paged:
+        pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
+    dt = next(d for d in (torch.float16, torch.bfloat16, torch.float32) if d in caps.dtypes)
+    P, Hkv, D = 16, 1, max(caps.head_dim_min, min(64, caps.head_dim_max))
+    page = 2 * Hkv * P * D  # a K page and its V page, side by side
+    n_pages = cuda_checks.PAST // page + 4
+    cuda_checks._need(device, n_pages * page * torch.empty((), dtype=dt).element_size(),
+                      "page pools past 2^31 elements")
+    kv = torch.empty((n_pages, 2, Hkv, P, D), dtype=dt, device=device)
+    k_pages, v_pages = kv[:, 0], kv[:, 1]
+    table = torch.tensor([[n_pages - 1, 0, n_pages - 3]], dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(0)
+    L = 2 * P + 3
+    kc, vc = (rand((1, Hkv, L, D), dt, "cpu", gen) for _ in range(2))
+    for p in range(L):
+        k_pages[int(table[0, p // P]), :, p % P] = kc[0, :, p].to(device)
+        v_pages[int(table[0, p // P]), :, p % P] = vc[0, :, p].to(device)
+    q = rand((1, 2 * Hkv if caps.gqa else Hkv, 1, D), dt, device, gen)
+    with torch.no_grad():
+        out = attnkit.attention_with_kvcache(
+            q, k_pages, v_pages, torch.tensor([L], dtype=torch.int32, device=device),
+            block_table=table, backend=backend_name)
+    torch.cuda.synchronize(device)
+    out = out.cpu()
+    del kv, k_pages, v_pages
+    torch.cuda.empty_cache()
+    (o64, _), (olp, _) = reference_over_prefix(q, kc, vc, [L], PagedCase(), dt)
+    assert_close("out (pages past 2^31 elements)", out, o64, olp, dt, 2.0)
