@@ -12,12 +12,13 @@ between sequences (a common prompt prefix). This module holds what the core does
 - `gather_pages`: a sequence-major copy of the keys a table addresses, for backends that
   compute paged attention through their dense path (the reference, torch-blocked).
 
-Validation (``validate``): "host" reads the fill levels and the table's needed entries on
-the host (on CUDA one synchronisation, a 5-value read) and raises ``ValueError`` naming the
-sequence before anything is written; "device" never synchronises: the same conditions become
-one ``torch._assert_async`` queued on the stream before the write, so a violation stops the
-stream with a device-side assertion (the CUDA context is unusable afterwards) and neither
-the write nor the attention kernel runs. On CPU both raise before writing.
+Validation (``validate``): "host" reduces the fill levels and the table's needed entries on
+the device to four numbers, reads them (on CUDA one synchronisation) and raises
+``ValueError`` naming the sequence before anything is written; "device" never
+synchronises: the same conditions become one ``torch._assert_async`` queued on the stream
+before the write, so a violation stops the stream with a device-side assertion (the CUDA
+context is unusable afterwards) and neither the write nor the attention kernel runs. On CPU
+both raise before writing.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def _needed_pages(cache_seqlens, s_new, P, M):
 def check_table(k_pages, block_table, cache_seqlens, s_new, validate) -> None:
     """The values of a paged call: fill levels >= 0, ``cache_seqlens[b] + S_new`` positions
     within the row's pages, every entry they need in ``[0, num_pages)``, and no slot written
-    by two sequences. "host" raises ``ValueError`` (one read of five values); "device" queues
+    by two sequences. "host" raises ``ValueError`` (one read of four numbers); "device" queues
     one ``torch._assert_async`` (no host synchronisation)."""
     B, M = block_table.shape
     if B == 0:
