@@ -51,15 +51,27 @@ def attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_tabl
                                    block_table, causal=causal, scale=scale, window=window,
                                    softcap=softcap, return_lse=return_lse, backend=backend,
                                    validate=validate)
-    s_new = check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_table,
-                               validate)
-    problem = paged_problem(q, k_pages, block_table, causal=causal, scale=scale,
-                            window=window, softcap=softcap, return_lse=return_lse)
+    from .kvcache import _metadata_key
+
+    options = (causal, scale, window, softcap, return_lse, validate, _table_key(block_table))
+    key = _metadata_key(q, k_pages, v_pages, cache_seqlens, k_new, v_new, options)
+    known = _validated.get(key) if key is not None else None
+    if known is None:
+        s_new = check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new,
+                                   block_table, validate)
+        problem = paged_problem(q, k_pages, block_table, causal=causal, scale=scale,
+                                window=window, softcap=softcap, return_lse=return_lse)
+        if key is not None:
+            if len(_validated) >= _MAX_VALIDATED:
+                _validated.clear()
+            _validated[key] = (s_new, problem)
+    else:
+        s_new, problem = known
     # Refuse (bad options, no backend for this problem) before the pools are written.
     chosen = registry.select(problem, backend)
-    check_table(k_pages, block_table, cache_seqlens, s_new, validate)
-    if s_new > 0 and q.shape[0] > 0:
-        _write(k_pages, v_pages, block_table, cache_seqlens, k_new, v_new)
+    targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate)
+    if targets is not None:
+        _write(k_pages, v_pages, targets, k_new, v_new)
     seqlens_k = cache_seqlens.to(torch.int32) + s_new
     if problem.is_empty:
         out, lse = _empty_result(problem, q)
@@ -69,6 +81,20 @@ def attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_tabl
             chosen, q, chosen.forward_paged(problem, q, k_pages, v_pages, table, seqlens_k),
             method="forward_paged")
     return (out, lse) if return_lse else out
+
+
+#: (S_new, problem) of recent calls by their metadata (`attnkit.kvcache._metadata_key` with
+#: the table's): a serving loop repeats a few call signatures, and their checks are host
+#: time every step. The values (fill levels, table entries) are checked on every call.
+_validated: dict = {}
+_MAX_VALIDATED = 256
+
+
+def _table_key(block_table):
+    if not isinstance(block_table, torch.Tensor):
+        return object()  # never equal: such a call takes the checks, which raise
+    return (type(block_table), block_table.shape, block_table.dtype, block_table.device,
+            block_table.is_contiguous())
 
 
 def append_paged(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
@@ -89,13 +115,13 @@ def append_paged(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torc
     if k_new.dim() != 4:
         raise ValueError(f"{describe_tensor('k_new', k_new)} must have 4 dimensions "
                          "(B, Hkv, S_new, D)")
-    B, _, s_new, _ = k_new.shape
+    s_new = k_new.shape[2]
     with torch.no_grad():  # k_new stands in for the queries (one per new position)
         check_paged_inputs(k_new, k_pages, v_pages, cache_seqlens, k_new, v_new, block_table,
                            validate)
-        check_table(k_pages, block_table, cache_seqlens, s_new, validate)
-        if s_new > 0 and B > 0:
-            _write(k_pages, v_pages, block_table, cache_seqlens, k_new, v_new)
+        targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate)
+        if targets is not None:
+            _write(k_pages, v_pages, targets, k_new, v_new)
 
 
 def paged_problem(q, k_pages, block_table, *, causal=True, scale=None, window=None,
@@ -199,43 +225,55 @@ def check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_t
     return s_new
 
 
-def _needed_pages(cache_seqlens, s_new, P, M):
-    """(B, M) bool: the table entries some key (existing or appended) lives in."""
-    need = torch.div(cache_seqlens.to(torch.int64) + s_new + P - 1, P, rounding_mode="floor")
-    return torch.arange(M, device=cache_seqlens.device)[None, :] < need[:, None]
+_ARANGES = {}  # (n, step, device) -> arange(0, n * step, step): a few per serving loop
 
 
-def check_table(k_pages, block_table, cache_seqlens, s_new, validate) -> None:
+def _arange(n: int, step: int, device) -> torch.Tensor:
+    key = (n, step, device)
+    t = _ARANGES.get(key)
+    if t is None:
+        if len(_ARANGES) >= 64:
+            _ARANGES.clear()
+        t = _ARANGES[key] = torch.arange(0, n * step, step, device=device)
+    return t
+
+
+def check_table(k_pages, block_table, cache_seqlens, s_new, validate) -> tuple | None:
     """The values of a paged call: fill levels >= 0, ``cache_seqlens[b] + S_new`` positions
     within the row's pages, every entry they need in ``[0, num_pages)``, and no slot written
-    by two sequences. "host" raises ``ValueError`` (one read of four numbers); "device" queues
-    one ``torch._assert_async`` (no host synchronisation)."""
+    by two sequences. "host" raises ``ValueError`` (one read of four numbers); "device"
+    queues one ``torch._assert_async`` (no host synchronisation). Returns the append's
+    targets (`_targets`), or None without an append."""
     B, M = block_table.shape
     if B == 0:
-        return
+        return None
     N, _, P, _ = k_pages.shape
     lens = cache_seqlens.to(torch.int64)
-    need = _needed_pages(lens, s_new, P, M)
-    bad_page = need & ((block_table < 0) | (block_table >= N))
-    stats = [lens.min(), (lens + s_new - M * P).max(), bad_page.sum()]
-    slots = None
-    if s_new > 0 and B > 1:
-        slots = _slots(block_table, lens, s_new, P).flatten().sort().values
-        stats.append((slots[1:] == slots[:-1]).sum())
-    stats = torch.stack([s.to(torch.int64) for s in stats])
+    end = lens + s_new if s_new else lens
+    need = _arange(M, P, lens.device) < end[:, None]  # entries holding a position < end
+    outside = (block_table.clamp(0, N - 1) != block_table) if N else torch.ones_like(need)
+    bad_page = need & outside
+    parts = [lens.min(), end.max(), bad_page.sum()]
+    targets = None
+    if s_new:
+        targets = _targets(block_table, lens, s_new, P, N)
+        if B > 1:
+            slots = (targets[0] * P + targets[1]).flatten().sort().values
+            parts.append((slots[1:] == slots[:-1]).sum())
+    stats = torch.stack(parts)
     if validate == "device":
         torch._assert_async(
-            (stats[0] >= 0) & (stats[1] <= 0) & (stats[2:] == 0).all(),
+            (stats[0] >= 0) & (stats[1] <= M * P) & (stats[2:].sum() == 0),
             "paged KV cache: a negative fill level, too few pages for a sequence's positions, "
             "a needed block_table entry outside [0, num_pages), or two sequences appending "
             "into one slot (validate='host' says which)")
-        return
-    lo, over, n_bad, *dup = stats.tolist()  # the one synchronisation of a host check
+        return targets
+    lo, hi, n_bad, *dup = stats.tolist()  # the one synchronisation of a host check
     if lo < 0:
         b = int(torch.argmin(lens))
         raise ValueError(f"{describe_tensor('cache_seqlens', cache_seqlens)} values must be "
                          f">= 0; sequence {b} has {lo}; nothing was written")
-    if over > 0:
+    if hi > M * P:
         b = int(torch.argmax(lens))
         L = int(lens[b])
         raise ValueError(
@@ -256,27 +294,24 @@ def check_table(k_pages, block_table, cache_seqlens, s_new, validate) -> None:
             f"{describe_tensor('block_table', block_table)} rows share the page their new "
             "positions fall in); copy a shared page before appending into it; nothing was "
             "written")
+    return targets
 
 
-def _slots(block_table, lens, s_new, P):
-    """(B, S_new) int64: the pool slot ``page * P + offset`` of every appended position."""
+def _targets(block_table, lens, s_new, P, N):
+    """``(page, offset)``, int64 ``(B, S_new)`` each: where every appended position goes.
+    Indices are clamped into the table and the pool: in range after a host check; with
+    "device" they keep the write in bounds while its assertion is in flight."""
     M = block_table.shape[1]
-    pos = lens[:, None] + torch.arange(s_new, device=lens.device)[None, :]
+    pos = lens[:, None] + _arange(s_new, 1, lens.device)
     col = torch.div(pos, P, rounding_mode="floor").clamp_(0, max(M - 1, 0))
-    page = block_table.gather(1, col).to(torch.int64)
-    return page * P + pos % P
+    page = block_table.gather(1, col).to(torch.int64).clamp_(0, max(N - 1, 0))
+    return page, pos - col * P
 
 
-def _write(k_pages, v_pages, block_table, cache_seqlens, k_new, v_new) -> None:
+def _write(k_pages, v_pages, targets, k_new, v_new) -> None:
     """One indexed store per pool: the indexed view ``pool[page, :, offset]`` is
-    ``(B, S_new, Hkv, D)`` (advanced indices around a slice), in int64 indices."""
-    N, _, P, _ = k_pages.shape
-    lens = cache_seqlens.to(torch.int64)
-    slots = _slots(block_table, lens, k_new.shape[2], P)
-    # In range after validation; the clamp keeps a device-validated call in bounds while
-    # its assertion is still in flight.
-    page = torch.div(slots, P, rounding_mode="floor").clamp_(0, N - 1)
-    off = slots % P
+    ``(B, S_new, Hkv, D)`` (advanced indices around a slice)."""
+    page, off = targets
     k_pages[page, :, off] = k_new.permute(0, 2, 1, 3)
     v_pages[page, :, off] = v_new.permute(0, 2, 1, 3)
 

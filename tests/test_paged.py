@@ -260,3 +260,17 @@ def test_paged_serving_example_matches_recompute():
     for page_size in (1, 4, 5):
         assert mod["main"](backend="reference", page_size=page_size, steps=3,
                            verbose=False) < 1e-4
+
+
+def test_a_repeated_signature_still_checks_the_values():
+    """The per-signature cache keeps shape checks, never the fill levels or the entries."""
+    q, kp, vp, table, lens, new = _inputs()
+    _call(q, kp, vp, table, lens, new)
+    bad = table.clone()
+    bad[0, 1] = 99
+    before = kp.clone()
+    with pytest.raises(ValueError, match="entry \\[0, 1\\] = 99"):
+        _call(q, kp, vp, bad, lens, new)
+    with pytest.raises(ValueError, match="overflow"):
+        _call(q, kp, vp, table, lens + 4, new)
+    assert torch.equal(kp, before)
