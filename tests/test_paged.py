@@ -272,5 +272,5 @@ def test_a_repeated_signature_still_checks_the_values():
     with pytest.raises(ValueError, match="entry \\[0, 1\\] = 99"):
         _call(q, kp, vp, bad, lens, new)
     with pytest.raises(ValueError, match="overflow"):
-        _call(q, kp, vp, table, lens + 4, new)
+        _call(q, kp, vp, table, lens + 6, new)
     assert torch.equal(kp, before)
