@@ -264,15 +264,22 @@ def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int
     warps at 256 (four spill). Off Hopper three fp32 stages would not fit the shared memory
     (99 KB on sm_86/sm_89), so fp32 reads half the keys per step in two stages with four warps
     (tools/compile_tables.py checks every choice against each GPU's limit). Measurements:
-    docs/tuning.md.
+    docs/tuning.md. Paged caches get more stages for the same K/V prefetch depth (below).
     """
     block_d = _tiles(problem)[1]
     block_n = 64 if block_d <= 128 else 32
     if problem.dtype != torch.float32 or arch is None or block_d < 128:
-        return block_n, 4, 3
-    if arch != 90:
-        return block_n // 2, 4, 2
-    return block_n, 4 if block_d == 128 else 8, 2
+        block_n, warps, stages = block_n, 4, 3
+    elif arch != 90:
+        block_n, warps, stages = block_n // 2, 4, 2
+    else:
+        block_n, warps, stages = block_n, 4 if block_d == 128 else 8, 2
+    if problem.page_size:
+        # The table load feeds the K/V loads' addresses: Triton's pipeliner splits the
+        # stages between the two levels of loads (ceil((stages - 2) / 2) each), so 2s - 1
+        # stages keep as many K/V tiles in flight as s stages do for a contiguous cache.
+        stages = 2 * stages - 1
+    return block_n, warps, stages
 
 
 #: From this many visible keys on, programs that keep `WAVE_EFFICIENCY` of the SMs busy read
