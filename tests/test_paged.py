@@ -274,3 +274,28 @@ def test_a_repeated_signature_still_checks_the_values():
     with pytest.raises(ValueError, match="overflow"):
         _call(q, kp, vp, table, lens + 6, new)
     assert torch.equal(kp, before)
+
+
+class PagedWithoutWindowOrSoftcap(ReferenceBackend):
+    name = "paged-no-window-softcap"
+    capabilities = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                                head_dim_max=256, paged=True, window=False, softcap=False)
+
+
+def test_suite_checks_refusals_of_a_partial_paged_backend(pytester):
+    """A paged backend that does not declare windows or softcap passes: those cases are
+    checked to be refused (nothing written), the others computed."""
+    backend = PagedWithoutWindowOrSoftcap()
+    registry.register(backend, priority=None, plugin="tests")
+    try:
+        result = pytester.runpytest_inprocess(
+            *suite_files(), "-p", "attnkit.testing.plugin",
+            f"--attnkit-backend={backend.name}", "--attnkit-quick", "-p", "no:cacheprovider",
+            "-k", "paged_step", "-rs")
+    finally:
+        registry.unregister(backend.name)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("passed", 0) > 10, outcomes
+    result.stdout.fnmatch_lines(["*refused as declared: a sliding window not supported*",
+                                 "*refused as declared: softcap not supported*"],
+                                consecutive=False)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.paged import paged_problem
 from attnkit.registry import NoBackendError
 from attnkit.testing.accuracy import assert_close
 from attnkit.testing.decode_cases import rand, reference_over_prefix
@@ -45,12 +46,15 @@ def test_paged_step(paged_case, backend, backend_name, device):
     lse_wanted = backend.capabilities.lse
     opts = dict(block_table=x.block_table, causal=c.causal, window=c.window, softcap=c.softcap,
                 return_lse=lse_wanted, backend=backend_name)
-    if not backend.capabilities.paged:
-        with torch.no_grad(), pytest.raises(NoBackendError, match="paged"):
+    problem = paged_problem(x.q, x.k_pages, x.block_table, causal=c.causal, window=c.window,
+                            softcap=c.softcap, return_lse=lse_wanted)
+    reasons = backend.not_supported_reasons(problem)
+    if reasons:
+        with torch.no_grad(), pytest.raises(NoBackendError):
             attnkit.attention_with_kvcache(x.q, x.k_pages, x.v_pages, lens, x.k_new, x.v_new,
                                            **opts)
         _unchanged(x, kp_before, vp_before, "a refused call wrote a pool")
-        pytest.skip("refused as declared: the backend does not declare paged")
+        pytest.skip(f"refused as declared: {'; '.join(reasons)}")
     expect_kp, expect_vp, kc, vc = x.expected_after_append()
     with torch.no_grad():
         res = attnkit.attention_with_kvcache(x.q, x.k_pages, x.v_pages, lens, x.k_new,
@@ -106,6 +110,7 @@ def test_paged_bad_table_refused(defect, backend, backend_name, device):
     before = kp.clone(), vp.clone()
     with torch.no_grad(), pytest.raises(ValueError, match="nothing was written"):
         attnkit.attention_with_kvcache(q, kp, vp, lens, kn, vn, block_table=table,
+                                       causal=backend.capabilities.causal,
                                        backend=backend_name)
     assert torch.equal(bits(kp), bits(before[0])) and torch.equal(bits(vp), bits(before[1]))
     with torch.no_grad(), pytest.raises(ValueError, match="nothing was written"):
@@ -121,12 +126,13 @@ def test_append_paged_then_attend(backend, backend_name, device):
     q, (kp, vp), table, lens, (kn, vn) = _small_paged(backend, device)
     kp2, vp2 = kp.clone(), vp.clone()
     with torch.no_grad():
+        causal = backend.capabilities.causal
         both = attnkit.attention_with_kvcache(q, kp, vp, lens, kn, vn, block_table=table,
-                                              backend=backend_name)
+                                              causal=causal, backend=backend_name)
         attnkit.append_paged(kp2, vp2, table, lens, kn, vn)
         assert torch.equal(bits(kp), bits(kp2)) and torch.equal(bits(vp), bits(vp2))
         after = attnkit.attention_with_kvcache(q, kp2, vp2, lens + 1, block_table=table,
-                                               backend=backend_name)
+                                               causal=causal, backend=backend_name)
     assert torch.equal(both, after)
 
 
@@ -204,10 +210,11 @@ def test_paged_pool_past_2_31(backend, backend_name, device):
     with torch.no_grad():
         out = attnkit.attention_with_kvcache(
             q, k_pages, v_pages, torch.tensor([L], dtype=torch.int32, device=device),
-            block_table=table, backend=backend_name)
+            block_table=table, causal=caps.causal, backend=backend_name)
     torch.cuda.synchronize(device)
     out = out.cpu()
     del kv, k_pages, v_pages
     torch.cuda.empty_cache()
-    (o64, _), (olp, _) = reference_over_prefix(q, kc, vc, [L], PagedCase(), dt)
+    (o64, _), (olp, _) = reference_over_prefix(q, kc, vc, [L], PagedCase(causal=caps.causal),
+                                               dt)
     assert_close("out (pages past 2^31 elements)", out, o64, olp, dt, 2.0)
