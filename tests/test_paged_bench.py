@@ -40,3 +40,11 @@ def test_paged_decode_table(tmp_path):
 def test_paged_needs_decode():
     with pytest.raises(ValueError, match="--decode --paged"):
         run_benchmark(device="cpu", paged=True, progress=False)
+
+
+def test_paged_refuses_compare_and_env(capsys):
+    from attnkit.cli import main
+
+    for extra in (["--compare", "x"], ["--env", "A=1,2"]):
+        assert main(["bench", "--decode", "--paged", "--device", "cpu", *extra]) == 2
+        assert "--paged results have their own table" in capsys.readouterr().err

@@ -215,6 +215,9 @@ def _check(args: argparse.Namespace):
                         ("--time-limit-s", args.time_limit_s)):
         if value is not None and not value >= 0:
             raise UsageError(f"{flag} must not be negative, got {value}")
+    if args.paged and (args.compare or args.env):
+        raise UsageError("--paged results have their own table: --compare and --env do not "
+                         "take them")
     if args.backends:
         known = contenders.known_names()
         if args.varlen:
