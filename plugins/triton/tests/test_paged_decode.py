@@ -110,3 +110,50 @@ def test_paged_pool_past_2_to_31_elements():
     rlp = reference.safe(q.cpu(), k, v)
     assert_close("out", out, r64[0], rlp[0], torch.float16, 2.0)
     assert_close("lse", lse, r64[1], rlp[1], torch.float16, 2.0)
+
+
+@pytest.mark.cuda
+def test_paged_steps_replayed_from_a_cuda_graph():
+    """A decoding step (append into pages, attend) captured with validate="device" (no host
+    synchronisation) and replayed with new tokens and fill levels: each replay's output and
+    pools equal the eager call's on copies of the pools, bit for bit."""
+    import attnkit
+
+    dev, P, D = torch.device("cuda"), 16, 64
+    g = torch.Generator().manual_seed(1)
+    kp, vp, table = _paged(P, 3, 2, D, torch.bfloat16, [5, 40, 17], g)
+    table = torch.cat([table, torch.full((3, 2), -1, dtype=torch.int32)], 1)  # room to grow
+    spare = kp.shape[0]
+    kp, vp = (torch.cat([p, torch.zeros((6,) + p.shape[1:], dtype=p.dtype)]) for p in (kp, vp))
+    for b in range(3):  # a fresh page each, for positions the steps reach
+        table[b, int((table[b] >= 0).sum())] = spare + b
+    kp, vp, table = kp.to(dev), vp.to(dev), table.to(dev)
+    lens = torch.tensor([5, 40, 17], dtype=torch.int32, device=dev)
+    q = torch.randn((3, 8, 1, D), device=dev, dtype=torch.bfloat16)
+    kn, vn = (torch.randn((3, 2, 1, D), device=dev, dtype=torch.bfloat16) for _ in range(2))
+
+    def step(k_pages, v_pages, validate):
+        return attnkit.attention_with_kvcache(q, k_pages, v_pages, lens, kn, vn,
+                                              block_table=table, backend="triton",
+                                              validate=validate)
+
+    kr, vr = kp.clone(), vp.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and cache outside the capture, on copies
+        step(kp.clone(), vp.clone(), "device")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = step(kp, vp, "device")
+    for _ in range(3):
+        for t in (q, kn, vn):
+            t.copy_(torch.randn(t.shape, device=dev, dtype=t.dtype))
+        graph.replay()
+        with torch.no_grad():
+            expected = step(kr, vr, "host")
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+        assert torch.equal(kp.view(torch.int16), kr.view(torch.int16))
+        assert torch.equal(vp.view(torch.int16), vr.view(torch.int16))
+        lens += 1
