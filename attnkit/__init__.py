@@ -4,7 +4,7 @@ from .api import attention, backends, explain
 from .backend import Backend, Capabilities
 from .dropin import sdpa
 from .hookspecs import hookimpl
-from .kvcache import attention_with_kvcache, merge_attention
+from .kvcache import append_paged, attention_with_kvcache, merge_attention
 from .spec import AttentionProblem
 from .varlen import attention_varlen, explain_varlen
 
@@ -14,6 +14,7 @@ __all__ = [
     "AttentionProblem",
     "Backend",
     "Capabilities",
+    "append_paged",
     "attention",
     "attention_varlen",
     "attention_with_kvcache",

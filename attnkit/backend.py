@@ -27,6 +27,7 @@ FEATURES = {
     "backward": "gradients",
     "varlen": "packed variable-length batches (attention_varlen)",
     "dropout": "dropout_p > 0",
+    "paged": "paged KV caches (block_table)",
 }
 
 
@@ -69,6 +70,8 @@ class Capabilities:
     #: ``forward`` and ``backward`` take ``dropout`` (an `attnkit.dropout.Dropout`) and apply
     #: the keep mask `attnkit.dropout` defines, bit for bit.
     dropout: bool = False
+    #: ``forward_paged`` attends over page pools through a block table (paged KV caches).
+    paged: bool = False
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -126,6 +129,7 @@ class Backend:
             ("backward", problem.needs_grad),
             ("varlen", problem.varlen),
             ("dropout", problem.dropout_p > 0),
+            ("paged", problem.page_size > 0),
         ):
             if used and not getattr(caps, flag):
                 reasons.append(f"{FEATURES[flag]} not supported")
@@ -190,6 +194,32 @@ class Backend:
                         dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(dq, dk, dv)`` of `forward_varlen`, in the inputs' shapes and dtypes; ``dlse``
         ``(Hq, total_q)`` as in `backward`."""
+        raise NotImplementedError
+
+    def forward_paged(
+        self,
+        problem: AttentionProblem,
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        seqlens_k: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over paged KV caches (only for backends declaring ``paged``).
+
+        ``q (B, Hq, Sq, D)`` with any strides; ``k_pages``/``v_pages`` page pools
+        ``(num_pages, Hkv, page_size, D)`` with any strides; ``block_table`` int32 contiguous
+        ``(B, max_pages)``; ``seqlens_k`` int32 contiguous ``(B,)``, always given: sequence
+        ``b`` has ``seqlens_k[b]`` keys, key ``p`` at offset ``p % page_size`` of page
+        ``block_table[b, p // page_size]``. The core has checked every entry a key needs
+        (``p < seqlens_k[b]``) to lie in ``[0, num_pages)``; the entries past them may hold
+        anything (-1, stale indices) and must not be read. Pages may repeat within and
+        across rows (shared prefixes). ``problem.page_size`` is the page size and
+        ``problem.seqlen_k`` the capacity of a row (``max_pages * page_size``); masks are
+        bottom-right per sequence over ``seqlens_k[b]`` keys, exactly as `forward` computes
+        the same keys laid out contiguously. Returns ``(out, lse)`` as `forward` does.
+        Address arithmetic must be 64-bit: pools may exceed 2^31 elements.
+        """
         raise NotImplementedError
 
     def conformance_modules(self) -> tuple[str, ...]:

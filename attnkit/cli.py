@@ -52,7 +52,8 @@ def _cmd_backends(args) -> int:
         prio = "by name only" if r["priority"] is None else f"priority {r['priority']}"
         caps = r["capabilities"]
         feats = [f for f in ("causal", "gqa", "window", "seqlens_k", "softcap", "lse",
-                             "backward", "lse_grad", "varlen", "deterministic")
+                             "backward", "lse_grad", "varlen", "dropout", "paged",
+                             "deterministic")
                  if caps.get(f)]
         print(f"{r['name']}  ({r['distribution']}, plugin {r['plugin']}, {prio})")
         print(f"    {status}")

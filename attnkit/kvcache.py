@@ -8,6 +8,8 @@
 - `merge_attention`: the online-softmax rescaling as a public function, to combine partial
   results (out, lse) over disjoint key sets, e.g. a cached prefix and a fresh suffix, or
   key splits computed on different devices.
+- `append_paged` (from `attnkit.paged`): new keys/values written into a paged cache's pages
+  without attending.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .api import autocast_device, run_problem
+from .paged import append_paged
 from .registry import registry
 from .spec import FLOAT_DTYPES, AttentionProblem, check_lengths_tensor, describe_tensor
 
@@ -29,12 +32,14 @@ def attention_with_kvcache(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     *,
+    block_table: torch.Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    validate: str = "host",
 ):
     """Attention of new queries over a KV cache, appending new keys/values first.
 
@@ -52,10 +57,27 @@ def attention_with_kvcache(
             - 1`` of every batch, then attended; ``Sq`` must equal ``S_new`` (query ``i`` is the
             token at position ``cache_seqlens[b] + i``). Without them (``S_new = 0``) the ``Sq``
             queries attend over the filled prefix as it is, bottom-right aligned.
+        block_table: int32 ``(B, max_pages)``, or None for contiguous caches. Given, the
+            caches are page pools ``(num_pages, Hkv, page_size, D)`` (any page size from 1,
+            any strides: a ``(num_pages, page_size, Hkv, D)`` pool is passed as
+            ``.transpose(1, 2)``), and sequence ``b``'s position ``p`` is at offset
+            ``p % page_size`` of page ``block_table[b, p // page_size]``. Pages may be in
+            any order and shared between sequences (a common prefix); entries past the
+            pages a sequence needs are never read and may hold anything (-1). Appends span
+            page boundaries; appending into a slot another sequence reads as a key changes
+            its keys too (copy a shared page before appending into it). Backends declare
+            this with ``Capabilities.paged`` (`attnkit.backend.Backend.forward_paged`).
         causal, scale, window, softcap, return_lse, backend: as in `attnkit.attention`; the
             masks apply over each batch's ``cache_seqlens[b] + S_new`` valid keys. ``causal``
             defaults to True (a decoder's self-attention); use False for cross-attention over an
             encoder's outputs.
+        validate: paged caches only. "host" (default): the fill levels and the table entries
+            they need are checked on the host before anything is written (on CUDA one
+            synchronisation), raising ``ValueError`` naming the sequence and entry. "device":
+            no synchronisation (CUDA graphs, engines that build their own tables): the same
+            conditions are one ``torch._assert_async`` queued before the write, so a bad
+            table stops the stream with a device-side assertion before anything is written
+            or read (see `attnkit.paged`).
 
     Returns:
         ``out`` ``(B, Hq, Sq, D)``, or ``(out, lse)`` if ``return_lse``.
@@ -64,8 +86,16 @@ def attention_with_kvcache(
     dtype, so q, k_new and v_new must already have it.
 
     Forward only: raises if gradients are requested. Raises ``ValueError`` before writing
-    anything if ``cache_seqlens[b] + S_new > S_max`` for any batch.
+    anything if ``cache_seqlens[b] + S_new > S_max`` for any batch, or, paged, if a sequence's
+    positions need more pages than its table row holds, a page they need is negative or
+    outside the pool, or two sequences would append into one slot.
     """
+    if block_table is not None:
+        from .paged import attention_paged
+
+        return attention_paged(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
+                               causal=causal, scale=scale, window=window, softcap=softcap,
+                               return_lse=return_lse, backend=backend, validate=validate)
     if autocast_device(q) is not None:  # no cast (the caches keep their dtype); the backend
         with torch.autocast(q.device.type, enabled=False):  # runs without autocast
             return attention_with_kvcache(
@@ -305,6 +335,9 @@ def _check_cache_seqlens(s, q, B: int, S_max: int, s_new: int) -> None:
         raise ValueError(
             f"KV cache overflow: batch {b} holds {hi} positions and {s_new} new ones would "
             f"need {hi + s_new} > S_max={S_max}; nothing was written")
+
+
+__all__ = ["append_paged", "attention_with_kvcache", "merge_attention"]
 
 
 def merge_attention(

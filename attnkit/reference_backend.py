@@ -8,6 +8,7 @@ import torch
 from . import reference
 from .backend import Backend, Capabilities
 from .hookspecs import hookimpl
+from .paged import forward_paged_via_dense
 from .varlen import as_dense, host_sequences
 
 
@@ -31,6 +32,7 @@ class ReferenceBackend(Backend):
         lse_grad=True,
         dropout=True,
         varlen=True,
+        paged=True,
     )
 
     def forward(self, problem, q, k, v, seqlens_k, dropout=None):
@@ -48,6 +50,11 @@ class ReferenceBackend(Backend):
                                         dlse=None if dlse is None else dlse.to(ct),
                                         dropout=dropout, **_options(problem, seqlens_k))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    # Paged caches: the definition, the keys each table row addresses laid out in order.
+    def forward_paged(self, problem, q, k_pages, v_pages, block_table, seqlens_k):
+        return forward_paged_via_dense(self.forward, problem, q, k_pages, v_pages,
+                                       block_table, seqlens_k)
 
     # Packed batches: one dense call per sequence (the definition of varlen attention).
     def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):

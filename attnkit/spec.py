@@ -57,6 +57,10 @@ class AttentionProblem(NamedTuple):
     varlen: bool = False
     #: Attention dropout probability (0: none); see `attnkit.dropout` for the mask.
     dropout_p: float = 0.0
+    #: Keys and values live in page pools of this many positions per page, addressed through
+    #: a block table (`Backend.forward_paged`); 0: dense tensors. ``seqlen_k`` is then the
+    #: capacity a table row addresses (pages per sequence x page size).
+    page_size: int = 0
 
     @property
     def group_size(self) -> int:
@@ -99,6 +103,8 @@ class AttentionProblem(NamedTuple):
             opts.append("backward")
         if self.deterministic:
             opts.append("deterministic")
+        if self.page_size:
+            opts.append(f"paged (page size {self.page_size})")
         if self.varlen:
             return (
                 f"packed varlen q (B={self.batch} sequences, Hq={self.heads_q}, "

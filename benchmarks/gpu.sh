@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh bench   # the standard grid and the decoding table, compared with
 #                                  # the committed results of this GPU
 #   bash benchmarks/gpu.sh varlen  # the packed variable-length table (attnkit bench --varlen)
+#   bash benchmarks/gpu.sh paged   # paged against contiguous decoding (--decode --paged)
 # Logs and results go under $OUT (default /tmp/attnkit-out); bench writes $OUT/<gpu>/ in the
 # layout of benchmarks/results/<gpu>/. Where the tree is a copy without .git, set
 # ATTNKIT_BENCH_COMMIT=<commit> so the results name the commit they ran.
@@ -14,8 +15,8 @@ OUT=${OUT:-/tmp/attnkit-out}
 mkdir -p "$OUT"
 mode=${1:-}
 case "$mode" in
-check | bench | varlen) ;;
-*) echo "usage: bash benchmarks/gpu.sh check|bench|varlen" >&2; exit 2 ;;
+check | bench | varlen | paged) ;;
+*) echo "usage: bash benchmarks/gpu.sh check|bench|varlen|paged" >&2; exit 2 ;;
 esac
 
 # Editable, no dependencies (torch, triton and cupy come with the machine; it may have no
@@ -67,6 +68,13 @@ if [ "$mode" = varlen ]; then
         > "$OUT/varlen.log" 2>&1
     echo "== attnkit bench --varlen: rc=$?, $dir/varlen.{json,txt}"
     cat "$OUT/varlen.log"
+    exit 0
+fi
+if [ "$mode" = paged ]; then
+    python -m attnkit.cli bench --decode --paged --out "$dir" --quiet --no-plot \
+        --backends triton,torch-blocked --time-limit-s 480 > "$OUT/paged.log" 2>&1
+    echo "== attnkit bench --decode --paged: rc=$?, $dir/paged.{json,txt}"
+    cat "$OUT/paged.log"
     exit 0
 fi
 compare=()

@@ -83,6 +83,8 @@ def run_benchmark(
     host_overhead: bool = False,
     sustained_s: float | None = None,
     varlen: bool = False,
+    paged: bool = False,
+    page_sizes: Sequence[int] | None = None,
     mixes: Sequence[str] | None = None,
     seqlens: Sequence[int] | None = None,
     head_dims: Sequence[int] | None = None,
@@ -117,6 +119,9 @@ def run_benchmark(
       and not, length ``mixes`` "equal" and "long-tailed", fwd and fwd_bwd; each backend
       that declares varlen beside its own dense call, SDPA on nested tensors and SDPA-flash
       on the padded batch.
+    - ``decode`` with ``paged``: decoding over paged KV caches (`attnkit.bench.paged`): each
+      backend that declares paged on the decoding table's shapes, contiguous caches beside
+      page pools of ``page_sizes`` (default 16 and 64) with shuffled pages.
 
     ``dropout_p`` runs the grid with attention dropout (attnkit backends that declare it and
     the SDPA peers; the output check against SDPA is left out, the masks differ).
@@ -170,7 +175,20 @@ def run_benchmark(
     if dtypes is not None:
         dspec = dataclasses.replace(dspec, dtype=dtypes[0])
     names = list(backends) if backends else None
-    if varlen:
+    if paged and not decode:
+        raise ValueError("--paged is a variant of the decoding table: use --decode --paged")
+    if paged:
+        from . import paged as _paged
+
+        kind = "paged"
+        pspec = _override(_paged.default_paged(dev.type), cache_lens=cache_lens,
+                          page_sizes=page_sizes, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                          time_limit_s=time_limit_s,
+                          dtype=None if dtypes is None else dtypes[0])
+        chosen, left_out = _paged.select(dev, names)
+        cells = [c.as_dict() for c in _paged.run_paged(pspec, chosen, dev, progress, seed)]
+        config = {"device": str(dev), "paged": dataclasses.asdict(pspec), "seed": seed}
+    elif varlen:
         from . import varlen as _varlen
 
         kind = "varlen"

@@ -114,6 +114,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                            "tokens in equal and long-tailed document mixes, beside the same "
                            "backend's dense call, SDPA on nested tensors and SDPA-flash on "
                            "the padded batch (FLOPs summed per document)")
+    p.add_argument("--paged", action="store_true",
+                   help="with --decode: paged KV caches (block_table) beside contiguous ones, "
+                        "pages shuffled through the pool, each backend that declares paged")
+    p.add_argument("--page-sizes", type=_ints, metavar="N,..",
+                   help="--paged page sizes (default 16,64)")
     mode.add_argument("--report", nargs="+", metavar="DIR",
                       help="run nothing: print the README's markdown tables of the results in "
                            "each DIR (e.g. benchmarks/results/h200)")
@@ -169,7 +174,8 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
     """`run_benchmark`'s arguments (JSON-ready: an ``--env`` child gets them as a file)."""
     return dict(device=args.device, decode=args.decode, graphs=args.graphs,
                 host_overhead=args.host_overhead, sustained_s=args.sustained,
-                varlen=args.varlen, mixes=args.mixes,
+                varlen=args.varlen, mixes=args.mixes, paged=args.paged,
+                page_sizes=args.page_sizes,
                 seqlens=args.seqlens, head_dims=args.head_dims, causal=args.causal,
                 dtypes=args.dtypes, modes=args.modes, backends=args.backends,
                 tokens=args.tokens, model_dim=args.model_dim, layout=args.layout,
@@ -182,7 +188,7 @@ def _kind(args: argparse.Namespace) -> str:
     if args.graphs:
         return "graphs"
     if args.decode:
-        return "decode"
+        return "paged" if args.paged else "decode"
     if args.host_overhead:
         return "host"
     if args.varlen:
@@ -212,6 +218,9 @@ def _check(args: argparse.Namespace):
                         ("--time-limit-s", args.time_limit_s)):
         if value is not None and not value >= 0:
             raise UsageError(f"{flag} must not be negative, got {value}")
+    if args.paged and (args.compare or args.env):
+        raise UsageError("--paged results have their own table: --compare and --env do not "
+                         "take them")
     if args.backends:
         known = contenders.known_names()
         if args.varlen:

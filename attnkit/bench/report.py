@@ -12,7 +12,7 @@ from .tables import backends_in_order, geomean, num, seq_label, summary, table  
 SCHEMA = "attnkit-bench/1"
 #: File stem of each kind of result: ``DIR/bench.json``, ``DIR/decode.json`` ...
 STEMS = {"grid": "bench", "decode": "decode", "graphs": "graphs", "host": "host",
-         "sustained": "sustained", "varlen": "varlen"}
+         "sustained": "sustained", "varlen": "varlen", "paged": "paged"}
 
 
 # -- JSON ------------------------------------------------------------------------------------

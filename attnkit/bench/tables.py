@@ -279,6 +279,10 @@ def varlen_summary(result: dict) -> str:
 
 
 def table(result: dict) -> str:
+    if result["kind"] == "paged":
+        from .paged import paged_table
+
+        return paged_table(result)
     return {"grid": grid_table, "decode": decode_table, "graphs": decode_table,
             "host": host_table, "sustained": sustained_table,
             "varlen": varlen_table}[result["kind"]](result)
@@ -290,6 +294,10 @@ def summary(result: dict) -> str:
     where both ran, and how many of its cells ran."""
     if result["kind"] == "varlen":
         return varlen_summary(result)
+    if result["kind"] == "paged":
+        from .paged import paged_summary
+
+        return paged_summary(result)
     cells = result["cells"]
     field = "host_vs_sdpa_flash" if result["kind"] == "host" else "ratio_vs_sdpa_flash"
     modes = list(dict.fromkeys(c["mode"] for c in cells))

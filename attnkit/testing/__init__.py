@@ -3,7 +3,8 @@
 
 - `accuracy`: the accuracy rule (``ref64`` / ``ref_lp`` comparison) and bitwise comparison.
 - `cases`: problem cases generated from a backend's declared capabilities;
-  `decode_cases`: the KV-cache and merge cases.
+  `decode_cases`: the KV-cache and merge cases; `paged_cases`: page pools and block tables
+  built from contiguous caches.
 - `checks`: the per-case checks as functions; `cuda_checks`: the checks only a CUDA device can
   pose (side streams, offsets past 2^31 elements).
 - `scratch`: `uninitialised_scratch`, torch's uninitialised allocations filled with NaN.
@@ -17,7 +18,8 @@
   (``torch.compile(fullgraph=True)`` against eager), ``cuda``, ``isolation`` (keys no query
   sees and uninitialised scratch never read, a NaN row kept in its row), ``lse_grad``,
   ``varlen`` (packed variable-length batches, cases from `varlen_cases`) and ``dropout``
-  (the keep mask of `attnkit.dropout`, read back from the backend's output).
+  (the keep mask of `attnkit.dropout`, read back from the backend's output) and ``paged``
+  (paged KV caches against the same keys laid out contiguously).
 - `dropout_keep_mask`: a call's whole keep mask, materialised (for tests).
 
 A backend's own cases: a backend adds paths only it has (a kernel route forced by a switch,

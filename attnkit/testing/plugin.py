@@ -16,7 +16,8 @@ import torch
 from ..registry import NoBackendError, registry
 from . import cases as _cases
 
-_calls = {"forward": 0, "backward": 0, "forward_varlen": 0, "backward_varlen": 0}
+_calls = {"forward": 0, "backward": 0, "forward_varlen": 0, "backward_varlen": 0,
+          "forward_paged": 0}
 
 
 def pytest_addoption(parser):
@@ -91,7 +92,8 @@ _INPUTS = {"forward": ("q", "k", "v", "seqlens_k"),
            "backward": ("q", "k", "v", "out", "lse", "dout", "seqlens_k"),
            "forward_varlen": ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"),
            "backward_varlen": ("q", "k", "v", "out", "lse", "dout", "cu_seqlens_q",
-                               "cu_seqlens_k")}
+                               "cu_seqlens_k"),
+           "forward_paged": ("q", "k_pages", "v_pages", "block_table", "seqlens_k")}
 
 
 def _checked(method, inner, args, kwargs):
@@ -181,7 +183,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         f"{config.getoption('--attnkit-device')}: forward ran {_calls['forward']} times, "
         f"backward {_calls['backward']} times"
         + (f", forward_varlen {_calls['forward_varlen']}, backward_varlen "
-           f"{_calls['backward_varlen']}" if _calls["forward_varlen"] else ""))
+           f"{_calls['backward_varlen']}" if _calls["forward_varlen"] else "")
+        + (f", forward_paged {_calls['forward_paged']}" if _calls["forward_paged"] else ""))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -189,6 +192,6 @@ def pytest_sessionfinish(session, exitstatus):
     if (not config.getoption("--attnkit-backend") or exitstatus != 0
             or config.option.collectonly or _xdist_controller(config)):
         return
-    if _calls["forward"] == 0 and _calls["forward_varlen"] == 0:
+    if not (_calls["forward"] or _calls["forward_varlen"] or _calls["forward_paged"]):
         # Green without the backend ever running would be a lie.
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

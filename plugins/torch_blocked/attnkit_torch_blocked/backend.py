@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from attnkit.backend import Backend, Capabilities
+from attnkit.paged import forward_paged_via_dense
 from attnkit.varlen import as_dense, host_sequences
 
 from .blocked import BlockSizes, blocked_backward, blocked_forward
@@ -55,6 +56,7 @@ class TorchBlockedBackend(Backend):
         lse_grad=True,
         varlen=True,
         dropout=True,
+        paged=True,
     )
 
     def __init__(self, block_q: int | None = None, block_k: int | None = None):
@@ -72,6 +74,12 @@ class TorchBlockedBackend(Backend):
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
         return blocked_backward(q, k, v, out, lse, dout, dlse=dlse, dropout=dropout,
                                 **self._options(problem, seqlens_k))
+
+    # Paged caches: each row's pages gathered into a sequence-major copy (one host read of
+    # the longest fill level), then the dense blocked forward with seqlens_k.
+    def forward_paged(self, problem, q, k_pages, v_pages, block_table, seqlens_k):
+        return forward_paged_via_dense(self.forward, problem, q, k_pages, v_pages,
+                                       block_table, seqlens_k)
 
     # Packed batches: the offsets are read on the host once, and each run of consecutive
     # equal-length sequences is one dense blocked call on views of the packed tensors.

@@ -124,6 +124,11 @@ def _decode_splits(problem, interpret: bool) -> int:
     return num_splits(problem) if use_split_kv(problem) else 0
 
 
+@functools.lru_cache(maxsize=1024)
+def _paged_splits(problem, interpret: bool) -> int:
+    return num_splits(problem)
+
+
 class TritonBackend(Backend):
     name = "triton"
     description = ("fused Triton kernels: online-softmax forward, recomputing backward "
@@ -139,6 +144,7 @@ class TritonBackend(Backend):
         cuda_capability_min=(8, 0),
         lse_grad=True,  # dlse enters through delta in the backward's prep kernel
         varlen=True,  # the pointer path's kernels; see `forward_varlen`
+        paged=True,  # the split-KV kernel looks pages up in the block table (decode.py)
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -179,6 +185,14 @@ class TritonBackend(Backend):
             if type(route) is GluonRoute:  # sm_90 dense training shapes: warp-specialized
                 return launch_forward_hopper(problem, q, k, v, route.plan)
             return launch_forward(problem, q, k, v, seqlens_k, route.config, route.tma, layout)
+
+    def forward_paged(self, problem, q, k_pages, v_pages, block_table, seqlens_k):
+        # Every paged call, decoding or several queries, takes the split-KV kernel (row
+        # blocks cover any query count); splits from the table's capacity, as for S_max.
+        with _on_device(q):
+            return decode_forward(problem, q, k_pages, v_pages, seqlens_k,
+                                  splits=_paged_splits(problem, interpreting()),
+                                  block_table=block_table)
 
     def _forward_route(self, problem, q, k, v) -> GluonRoute | ForwardRoute:
         if use_gluon(problem, q, k, v):  # the key fixes the layout, so the launch plan too

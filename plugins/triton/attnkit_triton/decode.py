@@ -10,6 +10,11 @@ of GPU time at 1k keys (docs/tuning.md).
 
 GQA: one program handles all ``group * Sq`` query rows of its kv head, so each K/V tile is
 read from memory once per kv head, not once per query head.
+
+Paged caches (``PAGED``): K and V are page pools ``(num_pages, Hkv, page_size, D)`` and the
+kernel looks every key's page up in the block table as it loads the tile (no gather copy):
+key ``j`` of batch ``b`` is row ``j % page_size`` of page ``block_table[b, j // page_size]``,
+addressed in 64-bit. The rest (splits, merge, masks) is the contiguous kernel's.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ _INTERPRETER_SMS = 4
 
 @triton.jit
 def _split_kv_kernel(
-    Q, K, V, SEQLENS, PART_O, PART_L, O, LSE, COUNTERS,
+    Q, K, V, SEQLENS, PART_O, PART_L, O, LSE, COUNTERS, BLOCK_TABLE,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -62,6 +67,8 @@ def _split_kv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
+    PAGED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 1,
+    TILE_IN_PAGE: tl.constexpr = False,
 ):
     """One (key split, batch x kv head, row block): partial out and lse (log2 units) of the
     rows ``r = i * GROUP + g`` (query ``i`` of query head ``kv_head * GROUP + g``). The last
@@ -69,7 +76,12 @@ def _split_kv_kernel(
     knows it is last from a counter in COUNTERS, which it sets back to 0 for the next launch.
 
     IEEE_DOT: fp32 products without tf32 (fp32 inputs need fp32 accuracy); also used for bf16
-    under TRITON_INTERPRET=1, whose bf16 tl.dot returns garbage (triton 3.9)."""
+    under TRITON_INTERPRET=1, whose bf16 tl.dot returns garbage (triton 3.9).
+
+    PAGED: K and V are page pools, ``stride_kb``/``stride_vb`` their page strides, and
+    BLOCK_TABLE the contiguous int32 ``(B, Sk // PAGE_SIZE)`` table (Sk: a row's capacity).
+    TILE_IN_PAGE: every key tile lies in one page (tiles start at multiples of BLOCK_N, which
+    divides PAGE_SIZE: no left window), so one table entry is read per tile."""
     pid = tl.program_id(0)
     split = pid % num_splits
     bh = pid // num_splits
@@ -109,8 +121,13 @@ def _split_kv_kernel(
     q_ptrs = (Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh
               + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    if PAGED:
+        k_base = K + kvh.to(tl.int64) * stride_kh
+        v_base = V + kvh.to(tl.int64) * stride_vh
+        table_row = BLOCK_TABLE + b64 * (Sk // PAGE_SIZE)
+    else:
+        k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+        v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -122,7 +139,21 @@ def _split_kv_kernel(
             kv_mask = col_ok[:, None]
         else:
             kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+        if TILE_IN_PAGE:
+            page = tl.load(table_row + j0 // PAGE_SIZE).to(tl.int64)
+            slot = cols % PAGE_SIZE
+            k_rows = page * stride_kb + slot * stride_ks
+            v_rows = page * stride_vb + slot * stride_vs
+        elif PAGED:
+            # Columns past `end` read entry 0 of the row (always needed when any key is).
+            page = tl.load(table_row + tl.where(col_ok, cols, 0) // PAGE_SIZE).to(tl.int64)
+            slot = cols % PAGE_SIZE
+            k_rows = page * stride_kb + slot * stride_ks
+            v_rows = page * stride_vb + slot * stride_vs
+        else:
+            k_rows = cols * stride_ks
+            v_rows = cols * stride_vs
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kd,
                     mask=kv_mask, other=0.0)
         if IEEE_DOT:
             s = tl.dot(q.to(tl.float32), tl.trans(k).to(tl.float32), input_precision="ieee")
@@ -145,7 +176,7 @@ def _split_kv_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :] * stride_vd,
                     mask=kv_mask, other=0.0)
         if IEEE_DOT:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -233,15 +264,22 @@ def stream_config(problem: AttentionProblem, arch: int | None) -> tuple[int, int
     warps at 256 (four spill). Off Hopper three fp32 stages would not fit the shared memory
     (99 KB on sm_86/sm_89), so fp32 reads half the keys per step in two stages with four warps
     (tools/compile_tables.py checks every choice against each GPU's limit). Measurements:
-    docs/tuning.md.
+    docs/tuning.md. Paged caches get more stages for the same K/V prefetch depth (below).
     """
     block_d = _tiles(problem)[1]
     block_n = 64 if block_d <= 128 else 32
     if problem.dtype != torch.float32 or arch is None or block_d < 128:
-        return block_n, 4, 3
-    if arch != 90:
-        return block_n // 2, 4, 2
-    return block_n, 4 if block_d == 128 else 8, 2
+        block_n, warps, stages = block_n, 4, 3
+    elif arch != 90:
+        block_n, warps, stages = block_n // 2, 4, 2
+    else:
+        block_n, warps, stages = block_n, 4 if block_d == 128 else 8, 2
+    if problem.page_size:
+        # The table load feeds the K/V loads' addresses: Triton's pipeliner splits the
+        # stages between the two levels of loads (ceil((stages - 2) / 2) each), so 2s - 1
+        # stages keep as many K/V tiles in flight as s stages do for a contiguous cache.
+        stages = 2 * stages - 1
+    return block_n, warps, stages
 
 
 #: From this many visible keys on, programs that keep `WAVE_EFFICIENCY` of the SMs busy read
@@ -314,13 +352,14 @@ def _counters_for(dev: torch.device, stream: int, n: int) -> torch.Tensor:
     return buf
 
 
-def _signature(problem, q, k, v, seqlens_k, config):
+def _signature(problem, q, k, v, seqlens_k, config, block_table=None):
     """What fixes the kernel's specialization besides the problem: strides, dtypes and
     16-byte alignment of every tensor argument (workspace parts are aligned by construction)."""
-    return problem, config, layout_key(q, k, v, seqlens_k)
+    return problem, config, layout_key(q, k, v, seqlens_k, block_table)
 
 
-def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages):
+def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages,
+            block_table=None):
     """One launch. The first call of a signature (``prep`` None) goes through `FastKernel`
     (Triton's path if the kernel is new) and keeps the resolved launch site; later calls hand
     the compiled kernel its arguments directly: a decoding step repeats one signature, and
@@ -343,7 +382,8 @@ def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, 
     else:
         n_groups, tail = prep.n_groups, prep.tail
     args = (q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l, out, lse,
-            _counters_for(dev, stream, n_groups), *tail)
+            _counters_for(dev, stream, n_groups), block_table if block_table is not None else q,
+            *tail)
     if fast:
         prep.split.run(stream, *args)
     elif prep is not None:
@@ -370,6 +410,9 @@ def _prepare(problem, key, args, n_groups, tail, workspace, has_seqlens, splits,
              HAS_RIGHT=band.has_right, HAS_SOFTCAP=problem.softcap is not None,
              IEEE_DOT=args[0].dtype == torch.float32 or (
                  args[0].dtype == torch.bfloat16 and interpreting()),
+             PAGED=problem.page_size > 0, PAGE_SIZE=max(problem.page_size, 1),
+             TILE_IN_PAGE=(problem.page_size > 0 and not band.has_left
+                           and problem.page_size % (block_n or default_n) == 0),
              num_warps=num_warps or default_warps, num_stages=num_stages or default_stages))
     _prepared.put(key, _Prepared(split, args[6].stride(), n_groups, tail, workspace))
 
@@ -398,8 +441,10 @@ def decode_forward(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`Backend.forward`'s contract with the key range split across programs.
+    """`Backend.forward`'s contract with the key range split across programs; with
+    ``block_table``, `Backend.forward_paged`'s (``problem.page_size`` > 0, k and v page pools).
 
     Any strides, GQA, the band of ``problem.band`` (causal, window), ``seqlens_k`` (None or
     int32 contiguous ``(B,)`` on q's device), softcap; rows that see no key get out 0 and lse
@@ -415,12 +460,14 @@ def decode_forward(
         raise ValueError(refused)
     if splits is None:
         splits = num_splits(problem)
-    key = _signature(problem, q, k, v, seqlens_k, (splits, block_n, num_warps, num_stages))
+    key = _signature(problem, q, k, v, seqlens_k, (splits, block_n, num_warps, num_stages),
+                     block_table)
     prep = _prepared.get(key)
     if prep is None:  # a signature seen before passed these checks
         _check(seqlens_k, splits, block_n, num_warps, num_stages)
+        _check_paged(problem, k, seqlens_k, block_table)
     return _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps,
-                   num_stages)
+                   num_stages, block_table)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -436,6 +483,25 @@ def _refused(problem: AttentionProblem) -> str:
         return (f"split-KV decode kernel runs on CUDA tensors (or with TRITON_INTERPRET=1); "
                 f"got tensors on {problem.device}")
     return ""
+
+
+def _check_paged(problem, k, seqlens_k, block_table) -> None:
+    """A paged call's table and pools as the kernel indexes them."""
+    if (block_table is None) != (problem.page_size == 0):
+        raise ValueError("block_table is given exactly when problem.page_size > 0")
+    if block_table is None:
+        return
+    if seqlens_k is None:
+        raise ValueError("a paged call needs seqlens_k (each sequence's keys)")
+    if (block_table.dtype != torch.int32 or not block_table.is_contiguous()
+            or block_table.dim() != 2
+            or block_table.shape[1] * problem.page_size != problem.seqlen_k):
+        raise ValueError(f"block_table must be int32, contiguous, (B, seqlen_k / page_size); "
+                         f"got {block_table.dtype} {tuple(block_table.shape)} for "
+                         f"{problem.describe()}")
+    if k.shape[2] != problem.page_size:
+        raise ValueError(f"page pool of shape {tuple(k.shape)} does not have page size "
+                         f"{problem.page_size}")
 
 
 def _check(seqlens_k, splits, block_n, num_warps, num_stages) -> None:

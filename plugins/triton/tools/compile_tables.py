@@ -38,7 +38,10 @@ DTYPES = ("fp32", "fp16", "bf16")
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
                 120: 101376}
 BLOCK_DS = (16, 32, 64, 128, 256)
-KERNELS = ("fwd", "dkdv", "dq", "decode")
+KERNELS = ("fwd", "dkdv", "dq", "decode", "paged16", "paged64")
+#: The paged decode kernel (`decode` with a block table) at these page sizes: 16 looks a
+#: page up per key, 64 (a multiple of the key tile) per tile.
+PAGED_KERNELS = {"paged16": 16, "paged64": 64}
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,9 @@ def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None,
                                        REVERSE_M=False, FOLD=True, **shared)
 
 
-def _decode_warmup(dtype, head_dim: int, tile):
-    """Compile the split-KV decode kernel with tile = (block_m, block_n, warps, stages)."""
+def _decode_warmup(dtype, head_dim: int, tile, page_size: int = 0):
+    """Compile the split-KV decode kernel with tile = (block_m, block_n, warps, stages); with
+    ``page_size``, its paged form."""
     import torch
     import triton
     from attnkit_triton import decode
@@ -142,10 +146,12 @@ def _decode_warmup(dtype, head_dim: int, tile):
     i32 = torch.empty(4, dtype=torch.int32)
     # (Hq, Hkv, Sq, Sk, num_splits, qk_scale, cap_log2, left, right)
     return decode._split_kv_kernel.warmup(
-        t, t, t, i32, f32, f32, t, f32, i32, *list(t.stride()) * 4, 2, 2, 1, 256, 2, 0.1,
+        t, t, t, i32, f32, f32, t, f32, i32, i32, *list(t.stride()) * 4, 2, 2, 1, 256, 2, 0.1,
         1.0, 0, 0, GROUP=1, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=triton.next_power_of_2(head_dim), HAS_SEQLENS=False, HAS_LEFT=False,
         HAS_RIGHT=False, HAS_SOFTCAP=False, IEEE_DOT=dtype == torch.float32,
+        PAGED=page_size > 0, PAGE_SIZE=max(page_size, 1),
+        TILE_IN_PAGE=page_size > 0 and page_size % bn == 0,
         num_warps=warps, num_stages=stages, grid=(1,))
 
 
@@ -178,6 +184,11 @@ def table_entries(arch: int, varlen: bool = False) -> list[Entry]:
             block_m, _ = decode._tiles(p)
             block_n, warps, stages = decode.stream_config(p, arch)
             entries.append(Entry("decode", name, bd, (block_m, block_n, warps, stages)))
+            if name == "bf16" and bd in (64, 128):  # the paged form at the serving shapes
+                for k, page_size in PAGED_KERNELS.items():
+                    block_n, warps, stages = decode.stream_config(
+                        p._replace(page_size=page_size), arch)
+                    entries.append(Entry(k, name, bd, (block_m, block_n, warps, stages)))
     return list(dict.fromkeys(entries))
 
 
@@ -198,8 +209,9 @@ def _compile_in_worker(entry: Entry, arch: int) -> dict:
     """`TileResult`'s fields for one entry, in a `worker_pool` process for ``arch``."""
     t0 = time.perf_counter()
     try:
-        if entry.kernel == "decode":
-            compiled = _decode_warmup(_torch_dtype(entry.dtype), entry.head_dim, entry.tile)
+        if entry.kernel == "decode" or entry.kernel in PAGED_KERNELS:
+            compiled = _decode_warmup(_torch_dtype(entry.dtype), entry.head_dim, entry.tile,
+                                      PAGED_KERNELS.get(entry.kernel, 0))
         else:
             compiled = _tl_warmup(entry.kernel, _torch_dtype(entry.dtype), entry.head_dim,
                                   entry.tile, entry.tma, entry.maxnreg, entry.varlen)

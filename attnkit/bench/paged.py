@@ -1,0 +1,266 @@
+"""``attnkit bench --decode --paged``: decoding over paged KV caches beside contiguous ones.
+
+Per cache length, every attnkit backend that declares ``paged`` reads the same keys and values
+laid out two ways: contiguous ``(B, Hkv, L, D)`` caches, and page pools of each page size
+whose pages are shuffled through the pool (a random permutation, as an engine's allocator
+leaves them after a while). Calls, each on full caches with one query token:
+
+- ``contiguous``: the backend's ``forward`` on the caches (kernel time: the problem built once);
+- ``paged``: the backend's ``forward_paged`` on the pools (the same);
+- ``contiguous-api`` / ``paged-api``: `attnkit.attention_with_kvcache` without and with
+  ``block_table`` (``validate="device"``: no host synchronisation), what a caller pays.
+
+TB/s is K+V bytes of the valid keys over the median time; ``ratio_vs_contiguous`` is a paged
+call's throughput over the same backend's contiguous call of the same kind.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .. import api
+from ..kvcache import attention_with_kvcache
+from ..paged import paged_problem
+from ..spec import AttentionProblem
+from . import timing
+from .contenders import Contender
+from .grid import DTYPES, Row, Timing, kv_bytes
+from .progress import Progress
+from .runner import _Session, _Unsupported
+
+CALLS = ("contiguous", "paged", "contiguous-api", "paged-api")
+
+
+@dataclass
+class PagedSpec(Timing):
+    cache_lens: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    page_sizes: tuple[int, ...] = (16, 64)
+    batch: int = 16
+    heads_q: int = 32
+    heads_kv: int = 8
+    head_dim: int = 128
+    dtype: str = "bf16"
+    seqlen_q: int = 1
+
+
+def default_paged(device: str) -> PagedSpec:
+    """The issue's table on CUDA (B=16, Hq=32, Hkv=8, D=128, bf16, 1k..64k, pages of 16 and
+    64); a tiny fp32 version on a CPU."""
+    if device == "cuda":
+        return PagedSpec()
+    return PagedSpec(cache_lens=(256, 1024), batch=2, heads_q=4, heads_kv=2, head_dim=32,
+                     dtype="fp32", warmup_ms=0.0, rep_ms=20.0, max_reps=10)
+
+
+@dataclass
+class PagedCell(Row):
+    call: str = ""
+    page_size: int = 0
+    ms: float | None = None
+    ms_min: float | None = None
+    reps: int | None = None
+    bytes: int | None = None
+    tbps: float | None = None
+    ratio_vs_contiguous: float | None = None
+    max_abs_diff_vs_contiguous: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def select(device: torch.device, names: list[str] | None):
+    """attnkit backends that declare paged (reference only when named)."""
+    regs = api.backends()
+    if names is not None:
+        unknown = [n for n in names if n not in regs]
+        if unknown:
+            raise ValueError(f"unknown backend(s) {unknown}; known: {sorted(regs)}")
+    chosen, left_out = [], {}
+    for name, reg in regs.items():
+        if (names is None and name == "reference") or (names is not None
+                                                       and name not in names):
+            if names is None:
+                left_out[name] = "the oracle, timed only when named (--backends reference)"
+            continue
+        ok, why = reg.availability
+        caps = reg.backend.capabilities
+        if not ok:
+            left_out[name] = f"unavailable: {why}"
+        elif device.type not in caps.devices:
+            left_out[name] = f"does not run on {device.type}"
+        elif not caps.paged:
+            left_out[name] = "does not declare paged"
+        else:
+            chosen.append(Contender(name, "attnkit", reg.backend))
+    return chosen, left_out
+
+
+def shuffled_pools(k: torch.Tensor, v: torch.Tensor, page_size: int, gen: torch.Generator):
+    """``(k_pages, v_pages, block_table)``: the caches' pages placed at a random permutation
+    of a pool of exactly ``B * L / page_size`` pages."""
+    B, H, L, D = k.shape
+    n = L // page_size
+    perm = torch.randperm(B * n, generator=gen).to(k.device)
+    pools = []
+    for t in (k, v):
+        logical = t.view(B, H, n, page_size, D).transpose(1, 2).reshape(B * n, H, page_size, D)
+        pool = torch.empty_like(logical)
+        pool[perm] = logical
+        pools.append(pool)
+    return pools[0], pools[1], perm.to(torch.int32).view(B, n).contiguous()
+
+
+def _blank(spec, contender, cache_len, call, page_size):
+    return PagedCell(contender.name, contender.kind, "decode", spec.dtype, spec.batch,
+                     spec.heads_q, spec.heads_kv, spec.seqlen_q, cache_len, spec.head_dim, True,
+                     call=call, page_size=page_size,
+                     bytes=kv_bytes(spec.batch, spec.heads_kv, cache_len, spec.head_dim,
+                                    DTYPES[spec.dtype]))
+
+
+def run_paged(spec: PagedSpec, contenders: list[Contender], device: torch.device,
+              progress: Progress, seed: int = 0) -> list[PagedCell]:
+    session = _Session(device, progress)
+    timing.prepare(device)
+    progress.start(len(contenders) * len(spec.cache_lens) * (2 + 2 * len(spec.page_sizes)))
+    cells: list[PagedCell] = []
+    t0 = time.perf_counter()
+    for contender in contenders:
+        for L in sorted(spec.cache_lens):
+            if spec.time_limit_s is not None and time.perf_counter() - t0 > spec.time_limit_s:
+                session.poisoned = (f"not run: the time limit of {spec.time_limit_s:g}s was "
+                                    "reached")
+            if session.poisoned is not None:  # skipped without allocating the caches
+                for call, P in [("contiguous", 0), ("contiguous-api", 0)] + [
+                        (c, P) for P in spec.page_sizes if L % P == 0
+                        for c in ("paged", "paged-api")]:
+                    cells.append(session.run(_blank(spec, contender, L, call, P), None))
+                continue
+            cells += _cache_len(session, spec, contender, L, device, seed, progress)
+            timing.release_memory(device, collect=True)
+    progress.finish()
+    add_paged_ratios(cells)
+    return cells
+
+
+def _cache_len(session, spec, contender, L, device, seed, progress) -> list[PagedCell]:
+    """Every call of one backend on caches of ``L`` keys."""
+    backend, dtype = contender.backend, DTYPES[spec.dtype]
+    g = torch.Generator(device=device).manual_seed(seed + L)
+    q = torch.randn(spec.batch, spec.heads_q, spec.seqlen_q, spec.head_dim, generator=g,
+                    device=device, dtype=dtype)
+    k, v = (torch.randn(spec.batch, spec.heads_kv, L, spec.head_dim, generator=g,
+                        device=device, dtype=dtype) for _ in range(2))
+    lens = torch.full((spec.batch,), L, dtype=torch.int32, device=device)
+    dense = AttentionProblem.from_tensors(q, k, v, causal=True, seqlens_k=lens,
+                                          needs_grad=False, check_values=False)
+    calls = {
+        ("contiguous", 0): lambda: backend.forward(dense, q, k, v, lens),
+        ("contiguous-api", 0): lambda: attention_with_kvcache(q, k, v, lens, causal=True,
+                                                              backend=contender.name),
+    }
+    host = torch.Generator().manual_seed(seed + L)
+    for P in spec.page_sizes:
+        if L % P:
+            continue
+        kp, vp, table = shuffled_pools(k, v, P, host)
+        problem = paged_problem(q, kp, table, causal=True)
+        calls[("paged", P)] = functools.partial(backend.forward_paged, problem, q, kp, vp,
+                                                table, lens)
+        calls[("paged-api", P)] = functools.partial(
+            attention_with_kvcache, q, kp, vp, lens, block_table=table, causal=True,
+            backend=contender.name, validate="device")
+    first: list = []  # the contiguous call's out, which every other call is compared with
+    cells = []
+    for (call, P), fn in calls.items():
+        progress.step(f"{contender.name} {call} page={P} cache={L}")
+        want = dense if P == 0 else dense._replace(page_size=P)
+        cells.append(session.run(_blank(spec, contender, L, call, P), functools.partial(
+            _time, spec, backend, want, fn, first=first, device=device)))
+    return cells
+
+
+def _time(spec, backend, problem, fn, cell, *, first, device) -> None:
+    reasons = backend.not_supported_reasons(problem)
+    if reasons:
+        raise _Unsupported("; ".join(reasons))
+    with torch.no_grad():
+        out = fn()
+        out = (out[0] if isinstance(out, tuple) else out).float()
+        if not first:
+            first.append(out)
+        cell.max_abs_diff_vs_contiguous = float((out - first[0]).abs().max())
+        t = timing.measure(fn, device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
+                           min_reps=spec.min_reps, max_reps=spec.max_reps,
+                           first_call_done=True)
+    cell.ms, cell.ms_min, cell.reps = t.median_ms, t.min_ms, t.reps
+    cell.tbps = cell.bytes / (t.median_ms * 1e-3) / 1e12
+
+
+def add_paged_ratios(cells: list[PagedCell]) -> None:
+    base = {(c.backend, c.seqlen_k, c.call.replace("paged", "contiguous")): c for c in cells
+            if c.call.startswith("contiguous") and c.status == "ok"}
+    for c in cells:
+        b = base.get((c.backend, c.seqlen_k, c.call.replace("paged", "contiguous")))
+        if c.call.startswith("paged") and c.status == "ok" and b is not None and b.tbps:
+            c.ratio_vs_contiguous = c.tbps / b.tbps
+
+
+def paged_table(result: dict) -> str:
+    """Per backend and kind of call (kernel, api): TB/s by cache length, contiguous and each
+    page size, with each paged cell's throughput over the contiguous one."""
+    from .tables import _Notes, backends_in_order, fmt_table, num, seq_label
+
+    cells, spec = result["cells"], result["config"]["paged"]
+    notes = _Notes()
+    out = [f"attnkit bench --decode --paged on {result['config']['device']}: "
+           f"B={spec['batch']} Hq={spec['heads_q']} Hkv={spec['heads_kv']} "
+           f"D={spec['head_dim']} {spec['dtype']} Sq={spec['seqlen_q']}, pages shuffled",
+           "TB/s of K+V read (median; Nx = over the same backend's contiguous call)"]
+    for backend in backends_in_order(cells):
+        for kind, suffix in (("kernel", ""), ("api", "-api")):
+            mine = [c for c in cells if c["backend"] == backend
+                    and c["call"] in (f"contiguous{suffix}", f"paged{suffix}")]
+            if not mine:
+                continue
+
+            def column(c):
+                return "contiguous" if c["call"].startswith("contiguous") else \
+                    f"page {c['page_size']}"
+
+            values = {}
+            for c in mine:
+                text = num(c["tbps"]) if c["status"] == "ok" else notes.mark(c)
+                if c.get("ratio_vs_contiguous"):
+                    text += f" {c['ratio_vs_contiguous']:.2f}x"
+                values[(seq_label(c["seqlen_k"]), column(c))] = text
+            rows = list(dict.fromkeys(seq_label(c["seqlen_k"]) for c in mine))
+            columns = list(dict.fromkeys(column(c) for c in mine))
+            title = (f"\n{backend}, {kind} " + ("(backend.forward / forward_paged)"
+                     if kind == "kernel" else "(attention_with_kvcache, validate='device')"))
+            out += fmt_table(title, "cache", rows, columns, values)
+    out += [f"  {line}" for line in notes.lines()]
+    out.append(f"({len(cells)} cells in {result['elapsed_s']}s)")
+    return "\n".join(out)
+
+
+def paged_summary(result: dict) -> str:
+    """The smallest paged-over-contiguous ratio per backend, call and page size."""
+    from .tables import fmt_table
+
+    worst: dict = {}
+    for c in result["cells"]:
+        r = c.get("ratio_vs_contiguous")
+        if r:
+            key = (f"{c['backend']} {c['call']}", f"page {c['page_size']}")
+            worst[key] = min(worst.get(key, r), r)
+    rows = list(dict.fromkeys(k[0] for k in worst))
+    columns = list(dict.fromkeys(k[1] for k in worst))
+    values = {k: f"{r:.2f}x" for k, r in worst.items()}
+    return "\n".join(fmt_table("\nSummary: lowest paged / contiguous throughput over the cache "
+                               "lengths", "call", rows, columns, values))

@@ -1,0 +1,347 @@
+"""Paged KV caches: page pools addressed through a per-sequence block table.
+
+A serving engine keeps one pool of fixed-size pages per layer instead of one contiguous cache
+per sequence: sequence ``b``'s position ``p`` lives at offset ``p % page_size`` of page
+``block_table[b, p // page_size]``. Pages are any size from 1, in any order, and may be shared
+between sequences (a common prompt prefix). This module holds what the core does for them:
+
+- `attention_paged` (reached through ``attnkit.attention_with_kvcache(..., block_table=)``):
+  validate, append the new keys/values into their pages in place, attend on a backend that
+  declares ``Capabilities.paged`` (`attnkit.backend.Backend.forward_paged`);
+- `append_paged`: the append alone, for an engine that writes tokens without attending;
+- `gather_pages`: a sequence-major copy of the keys a table addresses, for backends that
+  compute paged attention through their dense path (the reference, torch-blocked).
+
+Validation (``validate``): "host" reduces the fill levels and the table's needed entries on
+the device to four numbers, reads them (on CUDA one synchronisation) and raises
+``ValueError`` naming the sequence before anything is written; "device" never
+synchronises: the same conditions become one ``torch._assert_async`` queued on the stream
+before the write, so a violation stops the stream with a device-side assertion (the CUDA
+context is unusable afterwards) and neither the write nor the attention kernel runs. On CPU
+both raise before writing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .api import _empty_result, autocast_device
+from .backend import check_forward_result
+from .registry import registry
+from .spec import (
+    FLOAT_DTYPES,
+    AttentionProblem,
+    check_lengths_tensor,
+    check_scale,
+    check_softcap,
+    check_window,
+    describe_tensor,
+)
+
+VALIDATE_MODES = ("host", "device")
+
+
+def attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_table, *,
+                    causal=True, scale=None, window=None, softcap=None, return_lse=False,
+                    backend=None, validate="host"):
+    """`attnkit.attention_with_kvcache` with ``block_table`` given (see its docstring)."""
+    if autocast_device(q) is not None:  # the pools keep their dtype: nothing is cast
+        with torch.autocast(q.device.type, enabled=False):
+            return attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new,
+                                   block_table, causal=causal, scale=scale, window=window,
+                                   softcap=softcap, return_lse=return_lse, backend=backend,
+                                   validate=validate)
+    from .kvcache import _metadata_key
+
+    options = (causal, scale, window, softcap, return_lse, validate, _table_key(block_table))
+    key = _metadata_key(q, k_pages, v_pages, cache_seqlens, k_new, v_new, options)
+    known = _validated.get(key) if key is not None else None
+    if known is None:
+        s_new = check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new,
+                                   block_table, validate)
+        problem = paged_problem(q, k_pages, block_table, causal=causal, scale=scale,
+                                window=window, softcap=softcap, return_lse=return_lse)
+        if key is not None:
+            if len(_validated) >= _MAX_VALIDATED:
+                _validated.clear()
+            _validated[key] = (s_new, problem)
+    else:
+        s_new, problem = known
+    # Refuse (bad options, no backend for this problem) before the pools are written.
+    chosen = registry.select(problem, backend)
+    targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate)
+    if targets is not None:
+        _write(k_pages, v_pages, targets, k_new, v_new)
+    seqlens_k = cache_seqlens.to(torch.int32) + s_new
+    if problem.is_empty:
+        out, lse = _empty_result(problem, q)
+    else:
+        table = block_table if block_table.is_contiguous() else block_table.contiguous()
+        out, lse = check_forward_result(
+            chosen, q, chosen.forward_paged(problem, q, k_pages, v_pages, table, seqlens_k),
+            method="forward_paged")
+    return (out, lse) if return_lse else out
+
+
+#: (S_new, problem) of recent calls by their metadata (`attnkit.kvcache._metadata_key` with
+#: the table's): a serving loop repeats a few call signatures, and their checks are host
+#: time every step. The values (fill levels, table entries) are checked on every call.
+_validated: dict = {}
+_MAX_VALIDATED = 256
+
+
+def _table_key(block_table):
+    if not isinstance(block_table, torch.Tensor):
+        return object()  # never equal: such a call takes the checks, which raise
+    return (type(block_table), block_table.shape, block_table.dtype, block_table.device,
+            block_table.is_contiguous())
+
+
+def append_paged(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                 cache_seqlens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
+                 validate: str = "host") -> None:
+    """Write ``k_new``/``v_new`` ``(B, Hkv, S_new, D)`` into page pools in place, at positions
+    ``cache_seqlens[b] ... cache_seqlens[b] + S_new - 1`` of sequence ``b``, across page
+    boundaries, without attending. Pools ``(num_pages, Hkv, page_size, D)`` with any strides,
+    ``block_table`` int32 ``(B, max_pages)``, ``cache_seqlens`` int32/int64 ``(B,)`` (read,
+    never modified). Nothing but those slots is written. Raises before writing anything if a
+    page an appended (or existing) position needs is negative or outside the pool, if a row
+    has too few pages for ``cache_seqlens[b] + S_new`` positions, or if two sequences would
+    write one slot (a shared page appended to: copy it first); ``validate`` as in
+    `attnkit.paged`."""
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if k_new.dim() != 4:
+        raise ValueError(f"{describe_tensor('k_new', k_new)} must have 4 dimensions "
+                         "(B, Hkv, S_new, D)")
+    s_new = k_new.shape[2]
+    with torch.no_grad():  # k_new stands in for the queries (one per new position)
+        check_paged_inputs(k_new, k_pages, v_pages, cache_seqlens, k_new, v_new, block_table,
+                           validate)
+        targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate)
+        if targets is not None:
+            _write(k_pages, v_pages, targets, k_new, v_new)
+
+
+def paged_problem(q, k_pages, block_table, *, causal=True, scale=None, window=None,
+                  softcap=None, return_lse=False) -> AttentionProblem:
+    """The `AttentionProblem` of a paged call: ``seqlen_k`` is a table row's capacity,
+    ``page_size`` the pools' page size, ``has_seqlens_k`` always (the fill levels)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    B, Hq, Sq, D = q.shape
+    _, Hkv, P, _ = k_pages.shape
+    return AttentionProblem(
+        B, Hq, Hkv, Sq, block_table.shape[1] * P, D, q.dtype, q.device, causal,
+        check_scale(scale, D), check_window(window), True, check_softcap(softcap),
+        return_lse, False, torch.are_deterministic_algorithms_enabled(), page_size=P)
+
+
+def check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_table,
+                       validate) -> int:
+    """Types, shapes, dtypes and devices of a paged call (no values read); returns S_new."""
+    from .kvcache import _check_writable_caches
+
+    if validate not in VALIDATE_MODES:
+        raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
+    named = [("q", q), ("k_cache", k_pages), ("v_cache", v_pages)]
+    if (k_new is None) != (v_new is None):
+        given = "k_new" if k_new is not None else "v_new"
+        raise ValueError(f"k_new and v_new must be given together; only {given} was given")
+    if k_new is not None:
+        named += [("k_new", k_new), ("v_new", v_new)]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = {"q": "(B, Hq, Sq, D)", "k_new": "(B, Hkv, S_new, D)",
+                      "v_new": "(B, Hkv, S_new, D)"}.get(name, "(num_pages, Hkv, page_size, D)")
+            raise ValueError(f"{describe_tensor(name, t)} must have 4 dimensions {layout}, "
+                             f"got {t.dim()}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{describe_tensor(name, t)}: dtype {t.dtype} is not supported; "
+                            "attention takes float16, bfloat16, float32 or float64 inputs")
+    if any(t.dtype != q.dtype for _, t in named):
+        raise TypeError("q, the page pools and the new keys/values must share one dtype: "
+                        + ", ".join(describe_tensor(n, t) for n, t in named))
+    if any(t.device != q.device for _, t in named):
+        raise ValueError("q, the page pools and the new keys/values must be on one device: "
+                         + ", ".join(describe_tensor(n, t) for n, t in named))
+    if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
+        wanting = [n for n, t in named if t.requires_grad]
+        raise RuntimeError(
+            f"attention_with_kvcache is forward only, but {', '.join(wanting)} require(s) "
+            "grad; call it under torch.no_grad() / torch.inference_mode()")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError("k_cache and v_cache page pools must have the same shape (num_pages, "
+                         f"Hkv, page_size, D): {describe_tensor('k_cache', k_pages)}, "
+                         f"{describe_tensor('v_cache', v_pages)}")
+    B, Hq, Sq, D = q.shape
+    _, Hkv, P, Dc = k_pages.shape
+    if Dc != D:
+        raise ValueError(f"{describe_tensor('k_cache', k_pages)} must be (num_pages, Hkv, "
+                         f"page_size, D={D}) to match {describe_tensor('q', q)}")
+    if P == 0:
+        raise ValueError(f"{describe_tensor('k_cache', k_pages)}: the page size (dimension 2) "
+                         "must be at least 1")
+    if D == 0:
+        raise ValueError(f"{describe_tensor('q', q)}: head dim D must be at least 1")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads must be a multiple of kv heads (GQA): "
+                         f"{describe_tensor('q', q)} has Hq={Hq}, "
+                         f"{describe_tensor('k_cache', k_pages)} has Hkv={Hkv}")
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be an int32 tensor (B, max_pages), got "
+                        f"{type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"{describe_tensor('block_table', block_table)} must have dtype "
+                        "torch.int32")
+    if block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"{describe_tensor('block_table', block_table)} must have shape "
+                         f"(B={B}, max_pages), one row of page indices per sequence")
+    if block_table.device != q.device:
+        raise ValueError(f"{describe_tensor('block_table', block_table)} must be on q's "
+                         f"device {q.device}")
+    s_new = 0
+    if k_new is not None:
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k_new and v_new must have the same shape (B, Hkv, S_new, D): "
+                             f"{describe_tensor('k_new', k_new)}, "
+                             f"{describe_tensor('v_new', v_new)}")
+        Bn, Hn, s_new, Dn = k_new.shape
+        if (Bn, Hn, Dn) != (B, Hkv, D):
+            raise ValueError(f"{describe_tensor('k_new', k_new)} must be (B={B}, Hkv={Hkv}, "
+                             f"S_new, D={D}) to match {describe_tensor('k_cache', k_pages)}")
+        if Sq != s_new:
+            raise ValueError(f"{describe_tensor('q', q)} has Sq={Sq} queries but "
+                             f"{describe_tensor('k_new', k_new)} appends S_new={s_new} "
+                             "positions; each new position needs its query (Sq == S_new)")
+        if s_new > 0:
+            _check_writable_caches(k_pages, v_pages)
+    check_lengths_tensor("cache_seqlens", cache_seqlens, q, B)
+    return s_new
+
+
+_ARANGES = {}  # (n, step, device) -> arange(0, n * step, step): a few per serving loop
+
+
+def _arange(n: int, step: int, device) -> torch.Tensor:
+    key = (n, step, device)
+    t = _ARANGES.get(key)
+    if t is None:
+        if len(_ARANGES) >= 64:
+            _ARANGES.clear()
+        t = _ARANGES[key] = torch.arange(0, n * step, step, device=device)
+    return t
+
+
+def check_table(k_pages, block_table, cache_seqlens, s_new, validate) -> tuple | None:
+    """The values of a paged call: fill levels >= 0, ``cache_seqlens[b] + S_new`` positions
+    within the row's pages, every entry they need in ``[0, num_pages)``, and no slot written
+    by two sequences. "host" raises ``ValueError`` (one read of four numbers); "device"
+    queues one ``torch._assert_async`` (no host synchronisation). Returns the append's
+    targets (`_targets`), or None without an append."""
+    B, M = block_table.shape
+    if B == 0:
+        return None
+    N, _, P, _ = k_pages.shape
+    lens = cache_seqlens.to(torch.int64)
+    end = lens + s_new if s_new else lens
+    need = _arange(M, P, lens.device) < end[:, None]  # entries holding a position < end
+    outside = (block_table.clamp(0, N - 1) != block_table) if N else torch.ones_like(need)
+    bad_page = need & outside
+    parts = [lens.min(), end.max(), bad_page.sum()]
+    targets = None
+    if s_new:
+        targets = _targets(block_table, lens, s_new, P, N)
+        if B > 1:
+            slots = (targets[0] * P + targets[1]).flatten().sort().values
+            parts.append((slots[1:] == slots[:-1]).sum())
+    stats = torch.stack(parts)
+    if validate == "device":
+        torch._assert_async(
+            (stats[0] >= 0) & (stats[1] <= M * P) & (stats[2:].sum() == 0),
+            "paged KV cache: a negative fill level, too few pages for a sequence's positions, "
+            "a needed block_table entry outside [0, num_pages), or two sequences appending "
+            "into one slot (validate='host' says which)")
+        return targets
+    lo, hi, n_bad, *dup = stats.tolist()  # the one synchronisation of a host check
+    if lo < 0:
+        b = int(torch.argmin(lens))
+        raise ValueError(f"{describe_tensor('cache_seqlens', cache_seqlens)} values must be "
+                         f">= 0; sequence {b} has {lo}; nothing was written")
+    if hi > M * P:
+        b = int(torch.argmax(lens))
+        L = int(lens[b])
+        raise ValueError(
+            f"paged KV cache overflow: sequence {b} holds {L} positions and {s_new} new ones "
+            f"need {L + s_new} > {M} pages x page size {P} = {M * P} in its "
+            f"{describe_tensor('block_table', block_table)} row; nothing was written")
+    if n_bad:
+        b, j = (int(x) for x in bad_page.nonzero()[0])
+        raise ValueError(
+            f"{describe_tensor('block_table', block_table)}: entry [{b}, {j}] = "
+            f"{int(block_table[b, j])} is needed (sequence {b} has {int(lens[b])} + {s_new} "
+            f"positions, page size {P}) but is not a page of the pool "
+            f"{describe_tensor('k_cache', k_pages)} (valid: 0 .. {N - 1}); {n_bad} such "
+            "entries; nothing was written")
+    if dup and dup[0]:
+        raise ValueError(
+            f"{dup[0]} slot(s) of the page pool would be appended to by two sequences (their "
+            f"{describe_tensor('block_table', block_table)} rows share the page their new "
+            "positions fall in); copy a shared page before appending into it; nothing was "
+            "written")
+    return targets
+
+
+def _targets(block_table, lens, s_new, P, N):
+    """``(page, offset)``, int64 ``(B, S_new)`` each: where every appended position goes.
+    Indices are clamped into the table and the pool: in range after a host check; with
+    "device" they keep the write in bounds while its assertion is in flight."""
+    M = block_table.shape[1]
+    pos = lens[:, None] + _arange(s_new, 1, lens.device)
+    col = torch.div(pos, P, rounding_mode="floor").clamp_(0, max(M - 1, 0))
+    page = block_table.gather(1, col).to(torch.int64).clamp_(0, max(N - 1, 0))
+    return page, pos - col * P
+
+
+def _write(k_pages, v_pages, targets, k_new, v_new) -> None:
+    """One indexed store per pool: the indexed view ``pool[page, :, offset]`` is
+    ``(B, S_new, Hkv, D)`` (advanced indices around a slice)."""
+    page, off = targets
+    k_pages[page, :, off] = k_new.permute(0, 2, 1, 3)
+    v_pages[page, :, off] = v_new.permute(0, 2, 1, 3)
+
+
+def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, seqlens_k: torch.Tensor,
+                 n_keys: int) -> torch.Tensor:
+    """The keys (or values) of every sequence as a ``(B, Hkv, n_keys, D)`` tensor (a
+    ``(B, n_keys, Hkv, D)`` buffer, transposed): position ``p`` of row ``b`` from its page, 0
+    at ``p >= seqlens_k[b]`` (those slots are never read: their table entries may be
+    anything). ``n_keys`` at most the table's capacity."""
+    B = block_table.shape[0]
+    N, H, P, D = pages.shape
+    pos = torch.arange(n_keys, device=pages.device)
+    live = pos[None, :] < seqlens_k.to(torch.int64)[:, None]  # (B, n)
+    if N == 0 or B == 0 or n_keys == 0:
+        return pages.new_zeros((B, n_keys, H, D)).transpose(1, 2)
+    col = torch.div(pos, P, rounding_mode="floor").expand(B, n_keys)
+    page = torch.where(live, block_table.gather(1, col).to(torch.int64), 0)
+    got = pages[page, :, (pos % P).expand(B, n_keys)]  # (B, n, H, D)
+    return torch.where(live[:, :, None, None], got, 0).transpose(1, 2)
+
+
+def forward_paged_via_dense(forward, problem, q, k_pages, v_pages, block_table, seqlens_k):
+    """`Backend.forward_paged` through a backend's dense ``forward``: the pages each sequence
+    needs gathered into sequence-major copies (one host read of the longest length), then
+    attention with ``seqlens_k``."""
+    n_keys = int(seqlens_k.max()) if seqlens_k.numel() else 0
+    if n_keys == 0:
+        return _empty_result(problem, q)
+    k = gather_pages(k_pages, block_table, seqlens_k, n_keys)
+    v = gather_pages(v_pages, block_table, seqlens_k, n_keys)
+    dense = problem._replace(seqlen_k=n_keys, page_size=0)
+    return forward(dense, q, k, v, seqlens_k)
