@@ -172,7 +172,10 @@ def _append(k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
     v_cache[rows, :, pos] = v_new.permute(0, 2, 1, 3)
 
 
-def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
+def check_call_tensors(q, k_cache, v_cache, k_new, v_new, cache_layout: str,
+                       caches: str) -> None:
+    """q, the caches (``cache_layout``, called ``caches`` in errors) and the optional new
+    keys/values: tensors of 4 dims, one float dtype, one device, none requiring grad."""
     named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
     if (k_new is None) != (v_new is None):
         given = "k_new" if k_new is not None else "v_new"
@@ -184,17 +187,17 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> N
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             layout = "(B, Hq, Sq, D)" if name == "q" else (
-                "(B, Hkv, S_max, D)" if "cache" in name else "(B, Hkv, S_new, D)")
+                cache_layout if "cache" in name else "(B, Hkv, S_new, D)")
             raise ValueError(f"{describe_tensor(name, t)} must have 4 dimensions {layout}, "
                              f"got {t.dim()}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{describe_tensor(name, t)}: dtype {t.dtype} is not supported; "
                             "attention takes float16, bfloat16, float32 or float64 inputs")
     if any(t.dtype != q.dtype for _, t in named):
-        raise TypeError("q, the caches and the new keys/values must share one dtype: "
+        raise TypeError(f"q, {caches} and the new keys/values must share one dtype: "
                         + ", ".join(describe_tensor(n, t) for n, t in named))
     if any(t.device != q.device for _, t in named):
-        raise ValueError("q, the caches and the new keys/values must be on one device: "
+        raise ValueError(f"q, {caches} and the new keys/values must be on one device: "
                          + ", ".join(describe_tensor(n, t) for n, t in named))
     if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
         wanting = [n for n, t in named if t.requires_grad]
@@ -202,6 +205,10 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> N
             f"attention_with_kvcache is forward only, but {', '.join(wanting)} require(s) "
             "grad; call it under torch.no_grad() / torch.inference_mode(), or use "
             "attnkit.attention for training")
+
+
+def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
+    check_call_tensors(q, k_cache, v_cache, k_new, v_new, "(B, Hkv, S_max, D)", "the caches")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape (B, Hkv, S_max, D): "
                          f"{describe_tensor('k_cache', k_cache)}, "

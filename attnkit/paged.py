@@ -29,7 +29,6 @@ from .api import _empty_result, autocast_device
 from .backend import check_forward_result
 from .registry import registry
 from .spec import (
-    FLOAT_DTYPES,
     AttentionProblem,
     check_lengths_tensor,
     check_scale,
@@ -143,38 +142,12 @@ def paged_problem(q, k_pages, block_table, *, causal=True, scale=None, window=No
 def check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_table,
                        validate) -> int:
     """Types, shapes, dtypes and devices of a paged call (no values read); returns S_new."""
-    from .kvcache import _check_writable_caches
+    from .kvcache import _check_writable_caches, check_call_tensors
 
     if validate not in VALIDATE_MODES:
         raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
-    named = [("q", q), ("k_cache", k_pages), ("v_cache", v_pages)]
-    if (k_new is None) != (v_new is None):
-        given = "k_new" if k_new is not None else "v_new"
-        raise ValueError(f"k_new and v_new must be given together; only {given} was given")
-    if k_new is not None:
-        named += [("k_new", k_new), ("v_new", v_new)]
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            layout = {"q": "(B, Hq, Sq, D)", "k_new": "(B, Hkv, S_new, D)",
-                      "v_new": "(B, Hkv, S_new, D)"}.get(name, "(num_pages, Hkv, page_size, D)")
-            raise ValueError(f"{describe_tensor(name, t)} must have 4 dimensions {layout}, "
-                             f"got {t.dim()}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{describe_tensor(name, t)}: dtype {t.dtype} is not supported; "
-                            "attention takes float16, bfloat16, float32 or float64 inputs")
-    if any(t.dtype != q.dtype for _, t in named):
-        raise TypeError("q, the page pools and the new keys/values must share one dtype: "
-                        + ", ".join(describe_tensor(n, t) for n, t in named))
-    if any(t.device != q.device for _, t in named):
-        raise ValueError("q, the page pools and the new keys/values must be on one device: "
-                         + ", ".join(describe_tensor(n, t) for n, t in named))
-    if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
-        wanting = [n for n, t in named if t.requires_grad]
-        raise RuntimeError(
-            f"attention_with_kvcache is forward only, but {', '.join(wanting)} require(s) "
-            "grad; call it under torch.no_grad() / torch.inference_mode()")
+    check_call_tensors(q, k_pages, v_pages, k_new, v_new, "(num_pages, Hkv, page_size, D)",
+                       "the page pools")
     if k_pages.shape != v_pages.shape:
         raise ValueError("k_cache and v_cache page pools must have the same shape (num_pages, "
                          f"Hkv, page_size, D): {describe_tensor('k_cache', k_pages)}, "
