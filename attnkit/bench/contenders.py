@@ -100,3 +100,34 @@ def select(device: torch.device, dtype: torch.dtype, head_dim: int,
     order = {peers.BASELINE: 0, "sdpa-math": 2}
     chosen.sort(key=lambda c: order.get(c.name, 1))
     return chosen, left_out
+
+
+def select_declaring(device: torch.device, names: list[str] | None, feature: str,
+                     peers: tuple[str, ...] = ()) -> tuple[list[Contender], dict[str, str]]:
+    """attnkit backends that declare ``feature`` (reference only when named), then the SDPA
+    ``peers`` (all, or those named); the others with why they are left out."""
+    regs = api.backends()
+    if names is not None:
+        unknown = [n for n in names if n not in regs and n not in peers]
+        if unknown:
+            raise ValueError(f"unknown backend(s) {unknown}; known: "
+                             f"{sorted(regs) + list(peers)}")
+    chosen, left_out = [], {}
+    for name, reg in regs.items():
+        if (names is None and name == "reference") or (names is not None
+                                                       and name not in names):
+            if names is None:
+                left_out[name] = "the oracle, timed only when named (--backends reference)"
+            continue
+        ok, why = reg.availability
+        caps = reg.backend.capabilities
+        if not ok:
+            left_out[name] = f"unavailable: {why}"
+        elif device.type not in caps.devices:
+            left_out[name] = f"does not run on {device.type}"
+        elif not getattr(caps, feature):
+            left_out[name] = f"does not declare {feature}"
+        else:
+            chosen.append(Contender(name, "attnkit", reg.backend))
+    chosen += [Contender(name, "sdpa") for name in peers if names is None or name in names]
+    return chosen, left_out

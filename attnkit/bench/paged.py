@@ -22,12 +22,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import api
 from ..kvcache import attention_with_kvcache
 from ..paged import paged_problem
 from ..spec import AttentionProblem
 from . import timing
-from .contenders import Contender
+from .contenders import Contender, select_declaring
 from .grid import DTYPES, Row, Timing, kv_bytes
 from .progress import Progress
 from .runner import _Session, _Unsupported
@@ -75,29 +74,7 @@ class PagedCell(Row):
 
 def select(device: torch.device, names: list[str] | None):
     """attnkit backends that declare paged (reference only when named)."""
-    regs = api.backends()
-    if names is not None:
-        unknown = [n for n in names if n not in regs]
-        if unknown:
-            raise ValueError(f"unknown backend(s) {unknown}; known: {sorted(regs)}")
-    chosen, left_out = [], {}
-    for name, reg in regs.items():
-        if (names is None and name == "reference") or (names is not None
-                                                       and name not in names):
-            if names is None:
-                left_out[name] = "the oracle, timed only when named (--backends reference)"
-            continue
-        ok, why = reg.availability
-        caps = reg.backend.capabilities
-        if not ok:
-            left_out[name] = f"unavailable: {why}"
-        elif device.type not in caps.devices:
-            left_out[name] = f"does not run on {device.type}"
-        elif not caps.paged:
-            left_out[name] = "does not declare paged"
-        else:
-            chosen.append(Contender(name, "attnkit", reg.backend))
-    return chosen, left_out
+    return select_declaring(device, names, "paged")
 
 
 def shuffled_pools(k: torch.Tensor, v: torch.Tensor, page_size: int, gen: torch.Generator):

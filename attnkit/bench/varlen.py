@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .. import api
 from ..varlen import attention_varlen, varlen_problem
 from . import peers, timing
-from .contenders import Contender
+from .contenders import Contender, select_declaring
 from .grid import DTYPES, STANDARD_TOKENS, Row, Timing, attention_flops
 from .progress import Progress
 from .runner import _Session, _Unsupported
@@ -120,33 +120,7 @@ def select(device: torch.device, dtype: torch.dtype, head_dim: int,
            names: list[str] | None) -> tuple[list[Contender], dict[str, str]]:
     """attnkit backends that declare varlen (reference only when named) and the two SDPA
     peers; the others with why they are left out."""
-    regs = api.backends()
-    if names is not None:
-        unknown = [n for n in names if n not in regs and n not in VARLEN_PEERS]
-        if unknown:
-            raise ValueError(f"unknown backend(s) {unknown}; known: "
-                             f"{sorted(regs) + list(VARLEN_PEERS)}")
-    chosen, left_out = [], {}
-    for name, reg in regs.items():
-        if (names is None and name == "reference") or (names is not None
-                                                       and name not in names):
-            if names is None:
-                left_out[name] = "the oracle, timed only when named (--backends reference)"
-            continue
-        ok, why = reg.availability
-        caps = reg.backend.capabilities
-        if not ok:
-            left_out[name] = f"unavailable: {why}"
-        elif device.type not in caps.devices:
-            left_out[name] = f"does not run on {device.type}"
-        elif not caps.varlen:
-            left_out[name] = "does not declare varlen"
-        else:
-            chosen.append(Contender(name, "attnkit", reg.backend))
-    for name in VARLEN_PEERS:
-        if names is None or name in names:
-            chosen.append(Contender(name, "sdpa"))
-    return chosen, left_out
+    return select_declaring(device, names, "varlen", VARLEN_PEERS)
 
 
 def _inputs(lens, heads, head_dim, dtype, device, seed):
