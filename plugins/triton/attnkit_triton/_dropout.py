@@ -33,5 +33,7 @@ def keep_tile(seed, offset, bh, rows, n0, threshold,
                                bh.to(tl.uint32), offset)
     # Column 8g + e takes word e // 2, half e % 2: join so that flatten order is (word, half).
     words = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [..., a, b] is word 2a + b
-    draws = tl.join(words & 0xFFFF, words >> 16)
-    return tl.reshape(draws, (BLOCK_M, BLOCK_N)) >= threshold
+    # Compared before the last join: the reshape to the tile's layout then moves booleans,
+    # not 32-bit draws.
+    keep = tl.join((words & 0xFFFF) >= threshold, (words >> 16) >= threshold)
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
