@@ -192,7 +192,7 @@ class TritonBackend(Backend):
 
     def _tl_forward_route(self, problem, q, k, v) -> ForwardRoute:
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
-                             _short(problem))
+                             _short(problem), problem.dropout_p > 0)
         return ForwardRoute(cfg, cfg.tma and use_tma(problem, q, k, v))
 
     # Varlen takes the `tl` kernels, through pointers or through tensor descriptors built
@@ -233,7 +233,7 @@ class TritonBackend(Backend):
 
     def _tl_backward_route(self, problem, q, k, v, dout) -> BackwardRoute:
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
-                                            q.device, _short(problem))
+                                            q.device, _short(problem), problem.dropout_p > 0)
         return BackwardRoute(dkdv_cfg, dq_cfg, BackwardSites(),
                              use_tma(problem, q, k, v, dout))
 

@@ -223,3 +223,25 @@ def test_kept_backward_sites_take_the_state(monkeypatch):
         else:
             assert [n for n, _ in log] == ["launch_prep", "launch_dkdv", "launch_dq"]
             assert all(a[-1] is drop.state for _, a in log[1:])
+
+
+def test_dropout_tiles_stay_within_the_mask_budget():
+    """Kernels with dropout take the table's tile with key blocks halved until BLOCK_M x
+    BLOCK_N <= DROPOUT_TILE (sm_90's D=128 forward: 128x128 would need 241 KB of shared
+    memory); tiles already within it are the table's own."""
+    from attnkit_triton import _configs
+
+    for arch in (86, 90, 120):
+        for bd in (16, 32, 64, 128, 256):
+            for dtype in (BF16, F32):
+                for causal in (False, True):
+                    plain = _configs.table_configs(arch, bd, causal, dtype)
+                    drop = _configs.table_configs(arch, bd, causal, dtype, dropout=True)
+                    for a, b in zip(plain, drop):
+                        assert b.block_m * b.block_n <= _configs.DROPOUT_TILE
+                        assert (b.block_m, b.num_warps, b.num_stages, b.tma) == (
+                            a.block_m, a.num_warps, a.num_stages, a.tma)
+                        assert b == a or (b.block_n < a.block_n
+                                          and a.block_m * a.block_n > _configs.DROPOUT_TILE)
+    fwd = _configs.table_configs(90, 128, False, BF16, dropout=True)[0]
+    assert (fwd.block_m, fwd.block_n) == (128, 64)

@@ -171,7 +171,7 @@ def table_entries(arch: int, varlen: bool = False, dropout: bool = False) -> lis
         for bd in BLOCK_DS:
             for causal in (False, True):
                 for short in (False, True):
-                    cfgs = table_configs(arch, bd, causal, dtype, short)
+                    cfgs = table_configs(arch, bd, causal, dtype, short, dropout)
                     for kernel, cfg in zip(("fwd", "dkdv", "dq"), cfgs):
                         tile = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
                         # The backend takes TMA on sm90+ where the config allows it.
