@@ -32,7 +32,8 @@ from ._band import (
     zero_keys,
 )
 from ._configs import KernelConfig, launch_options, padded_head_dim
-from ._forward import _flags, packed_view, varlen_grid
+from ._dropout import dropout_state, keep_tile
+from ._forward import _flags, dropout_key, dropout_scalars, packed_view, varlen_grid
 from ._launcher import DirectLaunch, FastKernel, Sites, cdiv, fast_launches, layout_key
 
 
@@ -83,11 +84,11 @@ def _scores_t(qk, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, q_desc, do_desc,
                  sqm, sqd, sdm, sdd, start, end, cols, off, Sq, Sk_b, left, right,
-                 qk_scale, cap_in, cap_out,
+                 qk_scale, cap_in, cap_out, n0, seed, offset, bh, threshold, drop_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
-                 VARLEN: tl.constexpr):
+                 VARLEN: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_tile = offs_m[:, None] * sqm + offs_d[None, :] * sqd
@@ -125,8 +126,15 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, q_desc, d
                              HAS_LEFT, HAS_RIGHT)
             s_t = tl.where(mask, s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        dv = mma(p_t.to(do.dtype), do, dv, PREC)
-        dp_t = mma(v, tl.trans(do), None, PREC)
+        if DROPOUT:  # dV = (c Z P)^T dO (c once, at the end); dP = c Z (dO V^T)
+            keep_t = tl.trans(keep_tile(seed, offset, bh, rows, n0, threshold, BLOCK_M,
+                                        BLOCK_N))
+            dv = mma(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, dv, PREC)
+            dp_t = mma(v, tl.trans(do), None, PREC)
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        else:
+            dv = mma(p_t.to(do.dtype), do, dv, PREC)
+            dp_t = mma(v, tl.trans(do), None, PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
@@ -138,15 +146,16 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, q_desc, d
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS, CU_Q,
+def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS, CU_Q, STATE,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdb, sdh, sdm, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                  HKV, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right,
+                 threshold, drop_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
-                 VARLEN: tl.constexpr):
+                 VARLEN: tl.constexpr, DROPOUT: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     if VARLEN:
         # Grid (key blocks of the longest sequence, HKV, B); SEQLENS and CU_Q are
@@ -200,6 +209,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS, CU_Q,
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed, offset = dropout_state(STATE)
+    else:
+        seed = 0
+        offset = 0
     lo, full_lo, full_hi, hi = query_range(n0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
     for g in range(0, GROUP):
@@ -221,24 +235,30 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS, CU_Q,
         else:
             q_desc = q_base
             do_desc = do_base
+        drop_bh = b * (HKV * GROUP) + h  # the mask's head: the query head's
         # Boundary blocks below the band, the fully visible middle, boundary blocks above.
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
                               q_desc, do_desc, sqm, sqd, sdm, sdd, lo, full_lo, cols, off, Sq,
-                              Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M,
-                              BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC,
-                              VARLEN)
+                              Sk_b, left, right, qk_scale, cap_in, cap_out, n0, seed, offset,
+                              drop_bh, threshold, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                              HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC, VARLEN, DROPOUT,
+                              BLOCK_N)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
                               q_desc, do_desc, sqm, sqd, sdm, sdd, full_lo, full_hi, cols, off,
-                              Sq, Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM,
-                              BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA,
-                              PREC, VARLEN)
+                              Sq, Sk_b, left, right, qk_scale, cap_in, cap_out, n0, seed,
+                              offset, drop_bh, threshold, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_D,
+                              False, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC, VARLEN,
+                              DROPOUT, BLOCK_N)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE2 + row_base, DELTA + row_base,
                               q_desc, do_desc, sqm, sqd, sdm, sdd, full_hi, hi, cols, off, Sq,
-                              Sk_b, left, right, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M,
-                              BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC,
-                              VARLEN)
+                              Sk_b, left, right, qk_scale, cap_in, cap_out, n0, seed, offset,
+                              drop_bh, threshold, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                              HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC, VARLEN, DROPOUT,
+                              BLOCK_N)
 
     dk = dk * scale  # d(scores)/d(qk) = scale (softcap's tanh' is applied per element)
+    if DROPOUT:
+        dv = dv * drop_scale
     if VARLEN:
         dk_base = DK + k0.to(tl.int64) * sdkn + hk.to(tl.int64) * sdkh
         dv_base = DV + k0.to(tl.int64) * sdvn + hk.to(tl.int64) * sdvh
@@ -258,10 +278,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQLENS, CU_Q,
 @triton.jit
 def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
                start, end, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in,
-               cap_out,
+               cap_out, seed, offset, bh, threshold, drop_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+               SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
+               DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_tile = offs_n[:, None] * skn + offs_d[None, :] * skd
@@ -288,6 +309,9 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd,
             s = tl.where(mask, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = mma(do, tl.trans(v), None, PREC)
+        if DROPOUT:  # dP = c Z (dO V^T); delta = rowsum(dO * O) is unchanged
+            keep = keep_tile(seed, offset, bh, rows, n0, threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -296,15 +320,16 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS, CU_Q,
+def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS, CU_Q, STATE,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd,
                H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right,
+               threshold, drop_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, REVERSE_M: tl.constexpr, USE_TMA: tl.constexpr,
-               PREC: tl.constexpr, VARLEN: tl.constexpr):
+               PREC: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -374,21 +399,31 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQLENS, CU_Q,
         delta = tl.load(DELTA + bh.to(tl.int64) * Sq_pad + rows)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:  # the mask's counter: (key column // 8, query row, b * Hq + h, offset)
+        seed, offset = dropout_state(STATE)
+        drop_bh = b * H + h
+    else:
+        seed = 0
+        offset = 0
+        drop_bh = 0
     lo, full_lo, full_hi, hi = key_range(m0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
                                          HAS_LEFT, HAS_RIGHT)
     kv_lo, kv_hi = seen_keys(Sq, Sk_b, left, right, HAS_LEFT, HAS_RIGHT)
     dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
                     lo, full_lo, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in,
-                    cap_out, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                    USE_TMA, PREC)
+                    cap_out, seed, offset, drop_bh, threshold, drop_scale, HEAD_DIM, BLOCK_N,
+                    BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC, DROPOUT,
+                    BLOCK_M)
     dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
                     full_lo, full_hi, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in,
-                    cap_out, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                    USE_TMA, PREC)
+                    cap_out, seed, offset, drop_bh, threshold, drop_scale, HEAD_DIM, BLOCK_N,
+                    BLOCK_D, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC, DROPOUT,
+                    BLOCK_M)
     dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
                     full_hi, hi, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in,
-                    cap_out, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                    USE_TMA, PREC)
+                    cap_out, seed, offset, drop_bh, threshold, drop_scale, HEAD_DIM, BLOCK_N,
+                    BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, USE_TMA, PREC, DROPOUT,
+                    BLOCK_M)
     dq = dq * scale
     if VARLEN:
         dq_base = DQ + q0.to(tl.int64) * sdqm + h.to(tl.int64) * sdqh
@@ -464,12 +499,14 @@ def cast_dense(x: torch.Tensor, y: torch.Tensor) -> DirectLaunch:
 
 
 def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, heads, grid,
-                  cfg: KernelConfig, use_tma: bool, layout, cu_seqlens_q=None, **constexprs):
+                  cfg: KernelConfig, use_tma: bool, layout, cu_seqlens_q=None, dropout=None,
+                  **constexprs):
     """One of the two gradient kernels, which share their argument list but for the
     gradient tensors written and the head count of the grid's second axis. Varlen
     (``cu_seqlens_q`` given): q, k, v, dout and the gradients are 4-D views of the packed
     tensors (`packed_view`), ``seqlens_k`` is cu_seqlens_k and ``layout`` fixes the
-    totals."""
+    totals. ``dropout``: the call's `attnkit.dropout.Dropout`, exactly when
+    ``problem.dropout_p > 0``."""
     def setup():
         left, right, _, _ = band_args(problem)
         return grid, dict(
@@ -481,33 +518,37 @@ def _launch_grads(sites, problem, q, k, v, dout, delta, lse2, seqlens_k, grads, 
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *(s for g in grads for s in g.stride()),
             heads, q.shape[2], delta.shape[1], k.shape[2], problem.group_size,
-            problem.scale, *score_args(problem), left, right)
+            problem.scale, *score_args(problem), left, right, *dropout_scalars(problem))
 
     # delta, lse2 and the gradients are fresh allocations: their layout follows from the
-    # rest, so the key fixes every stride and scalar after the pointers.
+    # rest, so the key fixes every stride and scalar after the pointers. Without dropout
+    # the state's place holds another pointer, unread.
     last = seqlens_k if seqlens_k is not None else delta
     return sites.launch(
-        (problem, cfg, use_tma, layout or layout_key(q, k, v, dout, seqlens_k)),
+        (problem, cfg, use_tma, layout or layout_key(q, k, v, dout, seqlens_k),
+         dropout_key(dropout)),
         (q, k, v, dout, lse2, delta, *grads, last,
-         cu_seqlens_q if cu_seqlens_q is not None else last),
+         cu_seqlens_q if cu_seqlens_q is not None else last,
+         last if dropout is None else dropout.state),
         setup)
 
 
 def launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, cfg: KernelConfig,
-                use_tma: bool, layout=None) -> DirectLaunch:
+                use_tma: bool, layout=None, dropout=None) -> DirectLaunch:
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
     B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
     return _launch_grads(_DKDV, problem, q, k, v, dout, delta, lse2, seqlens_k, (dk, dv), Hkv,
-                         (cdiv(Sk, cfg.block_n), B * Hkv), cfg, use_tma, layout)
+                         (cdiv(Sk, cfg.block_n), B * Hkv), cfg, use_tma, layout,
+                         dropout=dropout)
 
 
 def launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, cfg: KernelConfig,
-              use_tma: bool, layout=None) -> DirectLaunch:
+              use_tma: bool, layout=None, dropout=None) -> DirectLaunch:
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it."""
     B, Hq, Sq = q.shape[0], q.shape[1], q.shape[2]
     return _launch_grads(_DQ, problem, q, k, v, dout, delta, lse2, seqlens_k, (dq,), Hq,
                          (cdiv(Sq, cfg.block_m), B * Hq), cfg, use_tma, layout,
-                         REVERSE_M=problem.band[1] is not None)
+                         dropout=dropout, REVERSE_M=problem.band[1] is not None)
 
 
 def fresh_layout(q, out, lse) -> bool:
@@ -529,15 +570,17 @@ class BackwardSites:
 
 def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
                     dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool, layout=None,
-                    kept: BackwardSites | None = None, dlse=None):
+                    kept: BackwardSites | None = None, dlse=None, dropout=None):
     """``layout``: `layout_key` of (q, k, v, dout, seqlens_k) if the caller has it. ``kept``:
     the caller's route's sites (one per problem and layout of q, k, v, dout, seqlens_k): after
     a first call, later ones make their four allocations and three direct launches with no
     key built, as the Gluon backward's plan does (this runs on the autograd engine's thread,
     where Python costs about twice as much; docs/tuning.md). ``dlse``: the gradient reaching
     lse (float32, lse's shape, contiguous) or None; the kept prep site is the one without
-    it, so a call with it launches its prep through the key."""
-    same = fresh_layout(q, out, lse)
+    it, so a call with it launches its prep through the key. ``dropout``: the call's
+    `attnkit.dropout.Dropout`, exactly when ``problem.dropout_p > 0``; the kept sites hold
+    a 16-byte aligned state's specialization, so another state goes through the keys."""
+    same = fresh_layout(q, out, lse) and not dropout_key(dropout)
     stats = _stats(q, max(dkdv_cfg.block_m, dq_cfg.block_m))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if kept is not None and kept.sites is not None and same and fast_launches():
@@ -545,13 +588,14 @@ def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
         delta = stats.data_ptr()  # stats[0]; lse2 is stats[1]
         lse2 = delta + stats.stride(0) * 4
         last = seqlens_k if seqlens_k is not None else delta
+        state = last if dropout is None else dropout.state
         stream = current_stream(q.device.index)
         if dlse is None:
             prep.run(stream, out, dout, lse, stats, stats, lse)
         else:
             launch_prep(q, out, lse, dout, stats, dlse=dlse)
-        dkdv.run(stream, q, k, v, dout, lse2, delta, dk, dv, last, last)
-        dq_site.run(stream, q, k, v, dout, lse2, delta, dq, last, last)
+        dkdv.run(stream, q, k, v, dout, lse2, delta, dk, dv, last, last, state)
+        dq_site.run(stream, q, k, v, dout, lse2, delta, dq, last, last, state)
         return dq, dk, dv
     delta, lse2 = stats.unbind(0)
     if dlse is None:
@@ -560,9 +604,9 @@ def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
         prep = launch_prep(q, out, lse.contiguous(), dout, stats, dlse=dlse.contiguous())
     layout = layout or layout_key(q, k, v, dout, seqlens_k)
     dkdv = launch_dkdv(problem, q, k, v, dout, delta, lse2, seqlens_k, dk, dv, dkdv_cfg,
-                       use_tma and dkdv_cfg.tma, layout)
+                       use_tma and dkdv_cfg.tma, layout, dropout)
     dq_site = launch_dq(problem, q, k, v, dout, delta, lse2, seqlens_k, dq, dq_cfg,
-                        use_tma and dq_cfg.tma, layout)
+                        use_tma and dq_cfg.tma, layout, dropout)
     sites = (prep, dkdv, dq_site)
     if (kept is not None and same and dlse is None
             and all(site.compiled is not None for site in sites)):

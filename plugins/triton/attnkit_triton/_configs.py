@@ -174,11 +174,33 @@ def _fp32_configs(block_d: int, arch: int) -> tuple[KernelConfig, KernelConfig, 
     return cfg, cfg, cfg
 
 
+#: Largest BLOCK_M x BLOCK_N of a kernel with dropout. The mask's reshape to the tile's
+#: layout goes through BLOCK_M x BLOCK_N bytes of shared memory and its Philox words hold
+#: registers: sm_90's 128x128 bf16 forward at D=128 then needs 241 KB (over 227) and the
+#: 64x128 dK/dV spills (tools/compile_tables.py --dropout). Not yet timed on a GPU.
+DROPOUT_TILE = 8192
+
+
+def _dropout_tile(cfg: KernelConfig) -> KernelConfig:
+    """``cfg`` for a kernel with dropout: key blocks halved until the tile is at most
+    `DROPOUT_TILE` elements."""
+    while cfg.block_m * cfg.block_n > DROPOUT_TILE and cfg.block_n > 16:
+        cfg = replace(cfg, block_n=cfg.block_n // 2)
+    return cfg
+
+
 def table_configs(arch: int | None, block_d: int, causal: bool, dtype,
-                  short: bool = False) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
+                  short: bool = False, dropout: bool = False,
+                  ) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
     """(forward, dK/dV, dQ) configs from the tables for a GPU of compute capability ``arch``
-    (major*10+minor; None: the interpreter), ``block_d`` = `padded_head_dim`. block_d is not
-    filled in. A pure function of its arguments, so scripts can ask for any GPU's choice."""
+    (major*10+minor; None: the interpreter), ``block_d`` = `padded_head_dim`; ``dropout``:
+    those of the kernels with dropout (`DROPOUT_TILE`). block_d is not filled in. A pure
+    function of its arguments, so scripts can ask for any GPU's choice."""
+    cfgs = _table_configs(arch, block_d, causal, dtype, short)
+    return tuple(_dropout_tile(c) for c in cfgs) if dropout else cfgs
+
+
+def _table_configs(arch, block_d, causal, dtype, short):
     import torch
 
     if arch is None:
@@ -202,25 +224,29 @@ def _arch(device) -> int:
 
 
 def forward_config(head_dim: int, causal: bool, dtype, device,
-                   short: bool = False) -> KernelConfig:
-    """``short``: max(Sq, Sk) <= short_seqlen(head_dim) (see _HOPPER_FWD_SHORT)."""
-    return _forward_config(head_dim, causal, dtype, device, interpreting(), short)
+                   short: bool = False, dropout: bool = False) -> KernelConfig:
+    """``short``: max(Sq, Sk) <= short_seqlen(head_dim) (see _HOPPER_FWD_SHORT);
+    ``dropout``: the kernel with dropout's tile."""
+    return _forward_config(head_dim, causal, dtype, device, interpreting(), short, dropout)
 
 
 @functools.lru_cache(maxsize=256)  # a table lookup, but on every call: keep it off the clock
-def _forward_config(head_dim, causal, dtype, device, interpret, short) -> KernelConfig:
+def _forward_config(head_dim, causal, dtype, device, interpret, short, dropout) -> KernelConfig:
     bd = padded_head_dim(head_dim)
-    cfg = table_configs(None if interpret else _arch(device), bd, causal, dtype, short)[0]
+    cfg = table_configs(None if interpret else _arch(device), bd, causal, dtype, short,
+                        dropout)[0]
     return replace(cfg, block_d=bd)
 
 
 def backward_configs(head_dim: int, causal: bool, dtype, device,
-                     short: bool = False) -> tuple[KernelConfig, KernelConfig]:
-    return _backward_configs(head_dim, causal, dtype, device, interpreting(), short)
+                     short: bool = False, dropout: bool = False,
+                     ) -> tuple[KernelConfig, KernelConfig]:
+    return _backward_configs(head_dim, causal, dtype, device, interpreting(), short, dropout)
 
 
 @functools.lru_cache(maxsize=256)
-def _backward_configs(head_dim, causal, dtype, device, interpret, short):
+def _backward_configs(head_dim, causal, dtype, device, interpret, short, dropout):
     bd = padded_head_dim(head_dim)
-    _, dkdv, dq = table_configs(None if interpret else _arch(device), bd, causal, dtype, short)
+    _, dkdv, dq = table_configs(None if interpret else _arch(device), bd, causal, dtype, short,
+                                dropout)
     return replace(dkdv, block_d=bd), replace(dq, block_d=bd)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from attnkit.backend_utils import band_args, score_args
+from attnkit.dropout import threshold as keep_threshold
 
 from ._band import (
     band_mask,
@@ -28,14 +29,16 @@ from ._band import (
     zero_keys,
 )
 from ._configs import KernelConfig, interpreting, launch_options
+from ._dropout import dropout_state, keep_tile
 from ._launcher import FastKernel, Sites, cdiv, layout_key
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
-              qk_scale, cap_in, unit,
+def _fwd_step(acc, l_i, m_i, q, k, v, n0, cols, rows, off, Sk_b, left, right,
+              qk_scale, cap_in, unit, seed, offset, bh, threshold,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, FOLD: tl.constexpr, PREC: tl.constexpr):
+              SOFTCAP: tl.constexpr, FOLD: tl.constexpr, PREC: tl.constexpr,
+              DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Scores s with exp2's argument s * unit - m * unit: m is the running max of s. FOLD
     # keeps s unscaled (the max of raw scores is the max of scaled ones when unit > 0), so
     # each score costs one FMA instead of a multiply and then an FMA.
@@ -63,6 +66,8 @@ def _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:  # l sums every probability; P V takes the kept ones (scaled by c at the end)
+        p = tl.where(keep_tile(seed, offset, bh, rows, n0, threshold, BLOCK_M, BLOCK_N), p, 0.0)
     acc = acc * alpha[:, None]
     acc = mma(p.to(v.dtype), v, acc, PREC)
     return acc, l_i, m_new
@@ -71,10 +76,11 @@ def _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, skd, svn, svd,
                 start, end, rows, off, kv_lo, kv_hi, Sk_b, left, right, qk_scale, cap_in, unit,
+                seed, offset, bh, threshold,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, FOLD: tl.constexpr, USE_TMA: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_tile = offs_n[:, None] * skn + offs_d[None, :] * skd
@@ -92,22 +98,24 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, skd, svn,
                           MASKED, HAS_LEFT, BLOCK_D != HEAD_DIM)
             v = load_keys(v_base + n0_64 * svn + v_tile, cols, kv_lo, kv_hi, offs_d, HEAD_DIM,
                           MASKED, HAS_LEFT, BLOCK_D != HEAD_DIM)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, cols, rows, off, Sk_b, left, right,
-                                  qk_scale, cap_in, unit, MASKED, HAS_LEFT, HAS_RIGHT,
-                                  SOFTCAP, FOLD, PREC)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, n0, cols, rows, off, Sk_b, left,
+                                  right, qk_scale, cap_in, unit, seed, offset, bh, threshold,
+                                  MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, FOLD, PREC, DROPOUT,
+                                  BLOCK_M, BLOCK_N)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, SEQLENS, CU_Q,
+def _fwd_kernel(Q, K, V, O, LSE, SEQLENS, CU_Q, STATE,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, som, sod,
-                H, Sq, Sk, GROUP, qk_scale, cap_in, unit, left, right,
+                H, Sq, Sk, GROUP, qk_scale, cap_in, unit, left, right, threshold, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, FOLD: tl.constexpr, REVERSE_M: tl.constexpr,
-                USE_TMA: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                USE_TMA: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+                DROPOUT: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:  # causal: the longest rows first, so the short ones fill the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -168,6 +176,13 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS, CU_Q,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:  # the mask's counter: (key column // 8, query row, b * Hq + h, offset)
+        seed, offset = dropout_state(STATE)
+        drop_bh = b * H + h
+    else:
+        seed = 0
+        offset = 0
+        drop_bh = 0
 
     lo, full_lo, full_hi, hi = key_range(m0, Sq, Sk_b, left, right, BLOCK_M, BLOCK_N,
                                          HAS_LEFT, HAS_RIGHT)
@@ -176,24 +191,27 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQLENS, CU_Q,
     # boundary (diagonal, right edge, end of the valid keys).
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
                                 skn, skd, svn, svd, lo, full_lo, rows, off, kv_lo, kv_hi, Sk_b,
-                                left, right, qk_scale, cap_in, unit,
-                                HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, FOLD, USE_TMA, PREC)
+                                left, right, qk_scale, cap_in, unit, seed, offset, drop_bh,
+                                threshold, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                                SOFTCAP, FOLD, USE_TMA, PREC, DROPOUT, BLOCK_M)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
                                 skn, skd, svn, svd, full_lo, full_hi, rows, off, kv_lo, kv_hi, Sk_b,
-                                left, right, qk_scale, cap_in, unit,
-                                HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, FOLD, USE_TMA, PREC)
+                                left, right, qk_scale, cap_in, unit, seed, offset, drop_bh,
+                                threshold, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
+                                SOFTCAP, FOLD, USE_TMA, PREC, DROPOUT, BLOCK_M)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
                                 skn, skd, svn, svd, full_hi, hi, rows, off, kv_lo, kv_hi, Sk_b,
-                                left, right, qk_scale, cap_in, unit,
-                                HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, FOLD, USE_TMA, PREC)
+                                left, right, qk_scale, cap_in, unit, seed, offset, drop_bh,
+                                threshold, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                                SOFTCAP, FOLD, USE_TMA, PREC, DROPOUT, BLOCK_M)
 
     # Rows that saw no key: l = 0, acc = 0 -> out 0 and lse -inf. A NaN row keeps l = NaN,
     # so its out and lse stay NaN.
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:  # kept probabilities scaled by c = 1 / (1 - p), once
+        out = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]
+    else:
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if SOFTCAP or FOLD:
         m_i = m_i * unit
     lse = tl.where(empty, float("-inf"),
@@ -220,7 +238,21 @@ def _flags(problem, has_seqlens: bool, dtype, use_tma: bool) -> dict:
     band = band_args(problem)
     return dict(HAS_SEQLENS=has_seqlens, HAS_LEFT=band.has_left, HAS_RIGHT=band.has_right,
                 SOFTCAP=problem.softcap is not None, USE_TMA=use_tma,
-                PREC=dot_precision(dtype, interpreting()), VARLEN=problem.varlen)
+                PREC=dot_precision(dtype, interpreting()), VARLEN=problem.varlen,
+                DROPOUT=problem.dropout_p > 0)
+
+
+def dropout_scalars(problem) -> tuple[int, float]:
+    """The kernels' ``threshold`` and ``drop_scale`` arguments (unread without dropout)."""
+    if not problem.dropout_p:
+        return 0, 1.0
+    return keep_threshold(problem.dropout_p), 1.0 / (1.0 - problem.dropout_p)
+
+
+def dropout_key(dropout) -> int | None:
+    """What a launch key needs of the call's dropout state: its address modulo 16, which
+    Triton specializes pointers on (None without dropout)."""
+    return None if dropout is None else dropout.state.data_ptr() & 15
 
 
 def _fold(problem) -> bool:
@@ -231,16 +263,18 @@ def _fold(problem) -> bool:
 def _scalars(problem, fold: bool, Sq: int, Sk: int) -> tuple:
     """The forward kernel's arguments after the strides: H, Sq, Sk, GROUP, qk_scale, cap_in,
     unit (the log2 multiplier of the scores the kernel keeps: see `_fwd_step`), left,
-    right."""
+    right, threshold, drop_scale."""
     left, right, _, _ = band_args(problem)
     qk_scale, cap_in, cap_out = score_args(problem)
     unit = cap_out if problem.softcap is not None else (qk_scale if fold else 1.0)
-    return (problem.heads_q, Sq, Sk, problem.group_size, qk_scale, cap_in, unit, left, right)
+    return (problem.heads_q, Sq, Sk, problem.group_size, qk_scale, cap_in, unit, left, right,
+            *dropout_scalars(problem))
 
 
 def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool,
-                   layout=None):
-    """``layout``: `layout_key` of (q, k, v, seqlens_k) if the caller has it."""
+                   layout=None, dropout=None):
+    """``layout``: `layout_key` of (q, k, v, seqlens_k) if the caller has it. ``dropout``
+    (an `attnkit.dropout.Dropout`) is given exactly when ``problem.dropout_p > 0``."""
     B, Hq, Sq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
@@ -257,10 +291,12 @@ def launch_forward(problem, q, k, v, seqlens_k, cfg: KernelConfig, use_tma: bool
 
     # out and lse are fresh allocations: their layout follows from q's and the problem, so
     # the key fixes every stride and scalar after the pointers. The last pointer stands in
-    # for cu_seqlens_q, unread.
+    # for cu_seqlens_q, unread, and for the dropout state without dropout.
     last = seqlens_k if seqlens_k is not None else lse
-    _FWD.launch((problem, cfg, use_tma, layout or layout_key(q, k, v, seqlens_k)),
-                (q, k, v, out, lse, last, last), setup)
+    _FWD.launch((problem, cfg, use_tma, layout or layout_key(q, k, v, seqlens_k),
+                 dropout_key(dropout)),
+                (q, k, v, out, lse, last, last, last if dropout is None else dropout.state),
+                setup)
     return out, lse
 
 
@@ -310,7 +346,7 @@ def launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, cfg: Ker
     # the longest lengths) does not.
     _FWD.launch(("varlen", problem, cfg, use_tma, total_q, total_k,
                  layout_key(q, k, v, cu_seqlens_q, cu_seqlens_k)),
-                (q, k, v, out, lse, cu_seqlens_k, cu_seqlens_q), setup)
+                (q, k, v, out, lse, cu_seqlens_k, cu_seqlens_q, cu_seqlens_q), setup)
     return out, lse
 
 

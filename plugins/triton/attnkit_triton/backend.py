@@ -120,8 +120,9 @@ class BackwardRoute:
 @functools.lru_cache(maxsize=1024)
 def _decode_splits(problem, interpret: bool) -> int:
     """Key splits of the split-KV decode kernel for this problem, 0 where it does not apply
-    (cached per problem: the rule walks candidate split counts)."""
-    return num_splits(problem) if use_split_kv(problem) else 0
+    (cached per problem: the rule walks candidate split counts). Dropout takes the `tl`
+    forward, which has the mask."""
+    return num_splits(problem) if use_split_kv(problem) and not problem.dropout_p else 0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -145,6 +146,7 @@ class TritonBackend(Backend):
         lse_grad=True,  # dlse enters through delta in the backward's prep kernel
         varlen=True,  # the pointer path's kernels; see `forward_varlen`
         paged=True,  # the split-KV kernel looks pages up in the block table (decode.py)
+        dropout=True,  # in the `tl` kernels (`_dropout`); see `_forward_route`
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -172,7 +174,7 @@ class TritonBackend(Backend):
                            "need the interpreter off")
         return reasons
 
-    def forward(self, problem, q, k, v, seqlens_k):
+    def forward(self, problem, q, k, v, seqlens_k, dropout=None):
         splits = _decode_splits(problem, interpreting())
         if splits:  # decoding: split the keys so every SM reads the cache
             with _on_device(q):
@@ -184,7 +186,8 @@ class TritonBackend(Backend):
         with _on_device(q):
             if type(route) is GluonRoute:  # sm_90 dense training shapes: warp-specialized
                 return launch_forward_hopper(problem, q, k, v, route.plan)
-            return launch_forward(problem, q, k, v, seqlens_k, route.config, route.tma, layout)
+            return launch_forward(problem, q, k, v, seqlens_k, route.config, route.tma, layout,
+                                  dropout)
 
     def forward_paged(self, problem, q, k_pages, v_pages, block_table, seqlens_k):
         # Every paged call, decoding or several queries, takes the split-KV kernel (row
@@ -195,13 +198,15 @@ class TritonBackend(Backend):
                                   block_table=block_table)
 
     def _forward_route(self, problem, q, k, v) -> GluonRoute | ForwardRoute:
-        if use_gluon(problem, q, k, v):  # the key fixes the layout, so the launch plan too
+        # The warp-specialized Gluon kernels have no dropout mask: dropout takes `tl`'s. The
+        # key fixes the layout, so the launch plan too.
+        if not problem.dropout_p and use_gluon(problem, q, k, v):
             return GluonRoute(forward_plan(problem, q, k, v))
         return self._tl_forward_route(problem, q, k, v)
 
     def _tl_forward_route(self, problem, q, k, v) -> ForwardRoute:
         cfg = forward_config(problem.head_dim, problem.causal, q.dtype, q.device,
-                             _short(problem))
+                             _short(problem), problem.dropout_p > 0)
         return ForwardRoute(cfg, cfg.tma and use_tma(problem, q, k, v))
 
     # Varlen takes the `tl` kernels, through pointers or through tensor descriptors built
@@ -223,7 +228,7 @@ class TritonBackend(Backend):
             return launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q,
                                           cu_seqlens_k, route.dkdv, route.dq, route.tma, dlse)
 
-    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
         layout = layout_key(q, k, v, dout, seqlens_k)
         key = ("backward", problem, layout, os.environ.get(_GLUON_BWD_ENV),
                os.environ.get(_TMA_ENV))
@@ -233,16 +238,16 @@ class TritonBackend(Backend):
                 return launch_backward_hopper(problem, q, k, v, out, lse, dout, route.plan,
                                               dlse)
             return launch_backward(problem, q, k, v, out, lse, dout, seqlens_k, route.dkdv,
-                                   route.dq, route.tma, layout, route.kept, dlse)
+                                   route.dq, route.tma, layout, route.kept, dlse, dropout)
 
     def _backward_route(self, problem, q, k, v, dout) -> GluonRoute | BackwardRoute:
-        if use_gluon_backward(problem, q, k, v, dout):
+        if not problem.dropout_p and use_gluon_backward(problem, q, k, v, dout):
             return GluonRoute(backward_plan(problem, q, k, v, dout))
         return self._tl_backward_route(problem, q, k, v, dout)
 
     def _tl_backward_route(self, problem, q, k, v, dout) -> BackwardRoute:
         dkdv_cfg, dq_cfg = backward_configs(problem.head_dim, problem.causal, q.dtype,
-                                            q.device, _short(problem))
+                                            q.device, _short(problem), problem.dropout_p > 0)
         return BackwardRoute(dkdv_cfg, dq_cfg, BackwardSites(),
                              use_tma(problem, q, k, v, dout))
 

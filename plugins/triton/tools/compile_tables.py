@@ -55,11 +55,12 @@ class Entry:
     tma: bool = False
     maxnreg: int | None = None
     varlen: bool = False  # the packed variable-length variant
+    dropout: bool = False  # the attention-dropout variant (DROPOUT)
 
     def describe(self) -> str:
         return (f"{self.kernel:6} {self.dtype} D={self.head_dim:<3} "
                 "{}x{} w{} s{}".format(*self.tile) + f" {'tma' if self.tma else 'ptr'}"
-                + (" varlen" if self.varlen else "")
+                + (" varlen" if self.varlen else "") + (" dropout" if self.dropout else "")
                 + (f" maxnreg {self.maxnreg}" if self.maxnreg else ""))
 
 
@@ -100,9 +101,9 @@ def _torch_dtype(name: str):
 
 
 def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None,
-               varlen: bool = False):
+               varlen: bool = False, dropout: bool = False):
     """Compile one `tl` kernel (no mask flags: they add no shared memory); ``varlen``: its
-    packed variable-length variant."""
+    packed variable-length variant; ``dropout``: its attention-dropout variant."""
     import torch
     import triton
     from attnkit_triton import _backward, _forward
@@ -113,23 +114,27 @@ def _tl_warmup(kernel: str, dtype, head_dim: int, tile, tma: bool, maxnreg=None,
     t = torch.empty(1, 2, 256, head_dim, dtype=dtype)
     stats = torch.empty(2 * 256, dtype=torch.float32)
     i32 = torch.empty(4, dtype=torch.int32)  # seqlens_k / cu_seqlens, unread by the dense kernels
+    state = torch.empty(2, dtype=torch.int64)  # the dropout state
     strides = list(t.stride())
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=bm,
                   BLOCK_N=bn, grid=(1, 1), HAS_SEQLENS=False, HAS_LEFT=False, HAS_RIGHT=False,
                   SOFTCAP=False, USE_TMA=tma, PREC=dot_precision(dtype, False), VARLEN=varlen,
+                  DROPOUT=dropout,
                   **launch_options(KernelConfig(bm, bn, warps, stages)),
                   **({} if maxnreg is None else {"maxnreg": maxnreg}))
-    # (H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right)
-    bwd_scalars = (2, 256, 256, 256, 1, 0.1, 0.1, 1.0, 1.0, 0, 0)
+    # (H, Sq, Sq_pad, Sk, GROUP, scale, qk_scale, cap_in, cap_out, left, right, threshold,
+    # drop_scale)
+    bwd_scalars = (2, 256, 256, 256, 1, 0.1, 0.1, 1.0, 1.0, 0, 0, 6553, 1.0 / 0.9)
     if kernel == "dkdv":
-        return _backward._dkdv_kernel.warmup(t, t, t, t, stats, stats, t, t, i32, i32,
+        return _backward._dkdv_kernel.warmup(t, t, t, t, stats, stats, t, t, i32, i32, state,
                                              *strides * 6, *bwd_scalars, **shared)
     if kernel == "dq":
-        return _backward._dq_kernel.warmup(t, t, t, t, stats, stats, t, i32, i32, *strides * 5,
-                                           *bwd_scalars, REVERSE_M=False, **shared)
-    # (H, Sq, Sk, GROUP, qk_scale, cap_in, unit, left, right)
-    return _forward._fwd_kernel.warmup(t, t, t, t, stats, i32, i32, *strides * 4,
-                                       2, 256, 256, 1, 0.1, 1.0, 0.1, 0, 0,
+        return _backward._dq_kernel.warmup(t, t, t, t, stats, stats, t, i32, i32, state,
+                                           *strides * 5, *bwd_scalars, REVERSE_M=False,
+                                           **shared)
+    # (H, Sq, Sk, GROUP, qk_scale, cap_in, unit, left, right, threshold, drop_scale)
+    return _forward._fwd_kernel.warmup(t, t, t, t, stats, i32, i32, state, *strides * 4,
+                                       2, 256, 256, 1, 0.1, 1.0, 0.1, 0, 0, 6553, 1.0 / 0.9,
                                        REVERSE_M=False, FOLD=True, **shared)
 
 
@@ -155,10 +160,11 @@ def _decode_warmup(dtype, head_dim: int, tile, page_size: int = 0):
         num_warps=warps, num_stages=stages, grid=(1,))
 
 
-def table_entries(arch: int, varlen: bool = False) -> list[Entry]:
+def table_entries(arch: int, varlen: bool = False, dropout: bool = False) -> list[Entry]:
     """Every distinct configuration the tables give a GPU of compute capability ``arch``;
     ``varlen``: instead, the varlen variants of its `tl` kernels (the same tiles and load
-    paths), which a varlen call launches where the dense call would take these tiles."""
+    paths), which a varlen call launches where the dense call would take these tiles;
+    ``dropout``: instead, the dropout variants of its `tl` kernels (dense)."""
     import torch
     from attnkit_triton import decode
     from attnkit_triton._configs import table_configs
@@ -171,13 +177,13 @@ def table_entries(arch: int, varlen: bool = False) -> list[Entry]:
         for bd in BLOCK_DS:
             for causal in (False, True):
                 for short in (False, True):
-                    cfgs = table_configs(arch, bd, causal, dtype, short)
+                    cfgs = table_configs(arch, bd, causal, dtype, short, dropout)
                     for kernel, cfg in zip(("fwd", "dkdv", "dq"), cfgs):
                         tile = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
                         # The backend takes TMA on sm90+ where the config allows it.
                         entries.append(Entry(kernel, name, bd, tile, arch >= 90 and cfg.tma,
-                                             varlen=varlen))
-            if varlen:
+                                             varlen=varlen, dropout=dropout))
+            if varlen or dropout:
                 continue
             # Decode: the most query rows a program takes (its largest BLOCK_M).
             p = AttentionProblem(1, 64, 1, 1, 4096, bd, dtype, torch.device("cuda"))
@@ -214,7 +220,8 @@ def _compile_in_worker(entry: Entry, arch: int) -> dict:
                                       PAGED_KERNELS.get(entry.kernel, 0))
         else:
             compiled = _tl_warmup(entry.kernel, _torch_dtype(entry.dtype), entry.head_dim,
-                                  entry.tile, entry.tma, entry.maxnreg, entry.varlen)
+                                  entry.tile, entry.tma, entry.maxnreg, entry.varlen,
+                                  entry.dropout)
     except Exception as e:  # reported with the entry, not as a traceback from the pool
         root = e
         while root.__cause__ is not None:
@@ -251,23 +258,23 @@ def compile_entries(entries: list[Entry], arch: int, jobs: int | None = None,
 
 
 def check_tables(archs=(80, 86, 90, 100, 120), jobs: int | None = None,
-                 varlen: bool = False) -> list[TileResult]:
-    """Every table configuration compiled for each of ``archs`` (``varlen``: the varlen
-    variants instead); see `TileResult.fits`."""
+                 varlen: bool = False, dropout: bool = False) -> list[TileResult]:
+    """Every table configuration compiled for each of ``archs`` (``varlen``, ``dropout``:
+    those variants instead); see `TileResult.fits`."""
     return [r for arch in archs
-            for r in compile_entries(table_entries(arch, varlen), arch, jobs)]
+            for r in compile_entries(table_entries(arch, varlen, dropout), arch, jobs)]
 
 
 def compile_tile(kernel: str, dtype: str, head_dim: int, tile, arch: int = 90,
                  tma: bool = False, maxnreg: int | None = None,
-                 varlen: bool = False) -> TileResult:
+                 varlen: bool = False, dropout: bool = False) -> TileResult:
     """One kernel with ``tile = (block_m, block_n, num_warps, num_stages)`` for sm_``arch``."""
     if kernel not in KERNELS or dtype not in DTYPES:
         raise ValueError(f"kernel must be one of {KERNELS} and dtype one of {DTYPES}; got "
                          f"{kernel!r}, {dtype!r}")
-    if varlen and kernel == "decode":
-        raise ValueError("varlen kernels are the tl forward, dkdv and dq")
-    entry = Entry(kernel, dtype, head_dim, tuple(tile), tma, maxnreg, varlen)
+    if (varlen or dropout) and kernel == "decode":
+        raise ValueError("varlen and dropout kernels are the tl forward, dkdv and dq")
+    entry = Entry(kernel, dtype, head_dim, tuple(tile), tma, maxnreg, varlen, dropout)
     return compile_entries([entry], arch, 1)[0]
 
 
@@ -286,6 +293,9 @@ def main() -> int:
     ap.add_argument("--tma", action="store_true", help="with --tile: the descriptor path")
     ap.add_argument("--varlen", action="store_true",
                     help="the varlen variants of the tl kernels (tables or one --tile)")
+    ap.add_argument("--dropout", action="store_true",
+                    help="the attention-dropout variants of the tl kernels (tables or one "
+                         "--tile)")
     ap.add_argument("--maxnreg", type=int, help="with --tile: Triton's register cap (ptxas "
                     "otherwise picks its own under the kernel's 32*num_warps threads)")
     a = ap.parse_args()
@@ -293,12 +303,13 @@ def main() -> int:
         if a.kernel:
             ap.error("--kernel needs --tile (without both: the tables)")
         archs = a.arch or [80, 86, 90, 100, 120]
-        results = check_tables(archs, a.jobs, a.varlen)
+        results = check_tables(archs, a.jobs, a.varlen, a.dropout)
         for r in results:
             print(r.describe())
         good = sum(r.fits for r in results)
         print(f"triton {triton.__version__}: {good}/{len(results)} table configurations "
-              f"{'(varlen) ' if a.varlen else ''}compile and fit for "
+              f"{'(varlen) ' if a.varlen else ''}{'(dropout) ' if a.dropout else ''}"
+              f"compile and fit for "
               f"sm_{', sm_'.join(map(str, archs))}")
         return 0 if good == len(results) else 1
     if a.kernel is None:
@@ -311,7 +322,8 @@ def main() -> int:
         ap.error(f"--tile {a.tile!r}: give block_m,block_n,num_warps,num_stages")
     failed = 0
     for arch in a.arch or [90]:
-        r = compile_tile(a.kernel, a.dtype, a.head_dim, tile, arch, a.tma, a.maxnreg, a.varlen)
+        r = compile_tile(a.kernel, a.dtype, a.head_dim, tile, arch, a.tma, a.maxnreg, a.varlen,
+                         a.dropout)
         print(r.describe())
         failed += not r.fits
     return 1 if failed else 0
