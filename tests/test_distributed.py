@@ -295,8 +295,8 @@ def run_refusals(rank, world):
         return "ran"
 
     x = torch.randn(1, 4, 8, 8)
-    odd = torch.randn(1, 4, 7 if rank == 1 else 8, 8)
-    seen["shape-mismatch"] = outcome(lambda: ring_attention(odd, odd, odd))
+    other = torch.randn(1, 4, 6 if rank == 1 else 8, 8)
+    seen["shape-mismatch"] = outcome(lambda: ring_attention(other, other, other))
     seen["odd-local-headtail"] = outcome(
         lambda: ring_attention(*(torch.randn(1, 4, 5, 8),) * 3))
     seen["odd-local-contiguous"] = outcome(
@@ -318,7 +318,7 @@ def test_refusals_raise_on_every_rank(tmp_path):
     for key in ("shape-mismatch", "option-mismatch"):
         for rank in range(world):
             assert seen[rank][key].startswith("CallMismatchError"), (key, seen[rank][key])
-    assert "q.shape[2]: rank 0=8, rank 1=7" in seen[0]["shape-mismatch"]
+    assert "q.shape[2]: rank 0=8, rank 1=6" in seen[0]["shape-mismatch"]
     assert "causal: rank 0=1, rank 1=0" in seen[1]["option-mismatch"]
     for key, phrase in (("odd-local-headtail", "must be divisible by 2 under layout='headtail'"),
                         ("heads-ulysses", "Hq must be divisible by 2"),
@@ -332,7 +332,7 @@ def test_refusals_raise_on_every_rank(tmp_path):
         assert seen[rank]["after"] == "ran"
 
 
-def run_failure_mid_call(rank, world, method):
+def run_failure_mid_call(rank, world, method, flag):
     """Rank 1 fails after the agreement, before sending anything; rank 0 must raise when the
     process group's timeout expires, not wait forever."""
     from attnkit.distributed import ring, ring_attention, ulysses, ulysses_attention
@@ -355,14 +355,19 @@ def run_failure_mid_call(rank, world, method):
     else:
         outcome = "returned"
     elapsed = time.monotonic() - start
-    if rank == 1:
-        time.sleep(8)  # stay alive (a hung rank, not a closed connection) past rank 0's timeout
+    if rank == 0:
+        open(flag, "w").close()
+    else:  # stay alive (a hung rank, not a closed connection) until rank 0 has given up
+        end = time.monotonic() + 60
+        while not os.path.exists(flag) and time.monotonic() < end:
+            time.sleep(0.1)
     return {"outcome": outcome, "elapsed": elapsed}
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_rank_failing_mid_call_does_not_hang_the_others(method, tmp_path):
-    seen = _spawn("run_failure_mid_call", 2, tmp_path, method, pg_timeout_s=3, deadline_s=120)
+    seen = _spawn("run_failure_mid_call", 2, tmp_path, method, str(tmp_path / "rank0-done"),
+                  pg_timeout_s=2, deadline_s=120)
     assert seen[1]["outcome"].startswith("RuntimeError: rank 1 fails mid-call")
     assert seen[0]["outcome"] != "returned", seen[0]
     assert "imed out" in seen[0]["outcome"] or "timeout" in seen[0]["outcome"].lower(), seen[0]
@@ -380,11 +385,12 @@ def run_helpers(rank, world):
         checks[f"roundtrip-{layout}"] = bool(torch.equal(unshard(mine, layout=layout), x))
         seq_last = shard(x.transpose(2, 3), seq_dim=-1, layout=layout)
         checks[f"seq-dim-{layout}"] = bool(torch.equal(seq_last, mine.transpose(2, 3)))
-    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
-    want = attnkit.attention(q, q, q, causal=True, backend="torch-blocked")
-    for name, fn in (("ring", ring_attention), ("ulysses", ulysses_attention)):
-        got = fn(q, q, q, causal=True, backend="torch-blocked")
-        checks[f"world1-{name}"] = accuracy.max_abs(got, want) <= 1e-13
+    if world == 1:  # no communication but the agreement: one call's numbers
+        q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+        want = attnkit.attention(q, q, q, causal=True, backend="torch-blocked")
+        for name, fn in (("ring", ring_attention), ("ulysses", ulysses_attention)):
+            got = fn(q, q, q, causal=True, backend="torch-blocked")
+            checks[f"world1-{name}"] = accuracy.max_abs(got, want) <= 1e-13
     empty = torch.randn(0, 2, 4, 8)
     checks["empty"] = tuple(ring_attention(empty, empty, empty).shape) == (0, 2, 4, 8)
     return checks
