@@ -355,8 +355,8 @@ def run_failure_mid_call(rank, world, method, flag):
     if rank == 1:
         def broken(*a, **kw):
             raise RuntimeError("rank 1 fails mid-call")
-        ring._Setup._rotate = broken
-        ring._Setup._gather_kv = broken
+        ring.RingCall._rotate = broken
+        ring.RingCall._gather_kv = broken
         ulysses._seq_to_heads = broken
     start = time.monotonic()
     try:

@@ -96,7 +96,7 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, window=None
                             "layout", "comm", "needs_grad", "return_lse"), 0)
     error, setup = None, None
     try:
-        setup = _Setup(q, k, v, group, rank, world, causal, scale, window, softcap, layout,
+        setup = RingCall(q, k, v, group, rank, world, causal, scale, window, softcap, layout,
                        comm, needs_grad, backend)
         p = setup.problem
         fields.update(causal=p.causal, scale=p.scale, window_left=p.window[0],
@@ -117,7 +117,7 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, window=None
     return (out, lse) if return_lse else out
 
 
-class _Setup:
+class RingCall:
     """One call's validated problem and its plan: for each step, the blocks this rank
     computes and the backend each block runs on (selected before any data moves, so that a
     block no backend can run is refused on every rank alike)."""
@@ -194,31 +194,45 @@ class _Setup:
     def forward(self, q, k, v):
         """``(out, lse)`` of this rank's queries over the whole sequence."""
         if self.comm == "allgather":
-            kv = self._gather_kv(k, v)
-            out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-            lse = torch.full(q.shape[:3], float("-inf"), dtype=_wide(q.dtype), device=q.device)
-            for block in self.steps[0]:  # one block per query row: no merging
-                out[:, :, block.q0:block.q1], lse[:, :, block.q0:block.q1] = \
-                    self._block_forward(block, q, kv)
-            return out, lse
-        wide = _wide(q.dtype)
-        acc = torch.zeros(q.shape, dtype=wide, device=q.device)
-        acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=wide, device=q.device)
+            return self.gathered_forward(q, self._gather_kv(k, v))
+        acc, acc_lse = self.accumulators(q)
         kv, spare = torch.stack([k, v]), None
         for t, blocks in enumerate(self.steps):
             works = None
             if t < self.world - 1:
                 spare = torch.empty_like(kv) if spare is None else spare
                 works = self._rotate(kv, spare)
-            for block in blocks:
-                out_b, lse_b = self._block_forward(block, q, kv)
-                rows = slice(block.q0, block.q1)
-                acc[:, :, rows], acc_lse[:, :, rows] = merge_attention(
-                    [acc[:, :, rows], out_b.to(wide)], [acc_lse[:, :, rows], lse_b.to(wide)])
+            self.forward_step(blocks, q, kv, acc, acc_lse)
             if works is not None:
                 _wait(works)
                 kv, spare = spare, kv
         return acc.to(q.dtype), acc_lse
+
+    @staticmethod
+    def accumulators(q):
+        """Zero out and ``-inf`` lse in the wide dtype: no key seen yet."""
+        wide = _wide(q.dtype)
+        return (torch.zeros(q.shape, dtype=wide, device=q.device),
+                torch.full(q.shape[:3], float("-inf"), dtype=wide, device=q.device))
+
+    def forward_step(self, blocks, q, kv, acc, acc_lse) -> None:
+        """Merge the blocks of one ring step, against the keys and values ``kv``
+        ``(2, B, Hkv, S_local, D)``, into the accumulators."""
+        for block in blocks:
+            out_b, lse_b = self._block_forward(block, q, kv)
+            rows = slice(block.q0, block.q1)
+            acc[:, :, rows], acc_lse[:, :, rows] = merge_attention(
+                [acc[:, :, rows], out_b.to(acc.dtype)], [acc_lse[:, :, rows], lse_b.to(acc.dtype)])
+
+    def gathered_forward(self, q, kv):
+        """``(out, lse)`` against the gathered keys and values in global order: one block
+        per query row, so no merging."""
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=_wide(q.dtype), device=q.device)
+        for block in self.steps[0]:
+            out[:, :, block.q0:block.q1], lse[:, :, block.q0:block.q1] = \
+                self._block_forward(block, q, kv)
+        return out, lse
 
     # -- backward --------------------------------------------------------------------------
 
@@ -237,17 +251,11 @@ class _Setup:
 
     def backward(self, q, k, v, out, lse, dout, dlse):
         """``(dq, dk, dv)`` of this rank's shards."""
-        wide = _wide(q.dtype)
         dlse = self._lse_gradient(lse, dlse)
-        dq = torch.zeros(q.shape, dtype=wide, device=q.device)
+        dq = torch.zeros(q.shape, dtype=_wide(q.dtype), device=q.device)
         if self.comm == "allgather":
-            kv = self._gather_kv(k, v)
-            dkv = torch.zeros(kv.shape, dtype=wide, device=q.device)
-            for block in self.steps[0]:
-                dq_b, dk_b, dv_b = self._block_backward(block, q, kv, out, lse, dout, dlse)
-                dq[:, :, block.q0:block.q1] += dq_b
-                dkv[0, :, :, block.k0:block.k1] += dk_b
-                dkv[1, :, :, block.k0:block.k1] += dv_b
+            dkv = self.backward_step(self.steps[0], q, self._gather_kv(k, v), out, lse, dout,
+                                     dlse, dq)
             mine = self._reduce_scatter_kv(dkv)
             return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
         kv, spare = torch.stack([k, v]), None
@@ -257,12 +265,7 @@ class _Setup:
             if t < self.world - 1:
                 spare = torch.empty_like(kv) if spare is None else spare
                 kv_works = self._rotate(kv, spare)
-            local = torch.zeros(kv.shape, dtype=wide, device=q.device)
-            for block in blocks:
-                dq_b, dk_b, dv_b = self._block_backward(block, q, kv, out, lse, dout, dlse)
-                dq[:, :, block.q0:block.q1] += dq_b
-                local[0, :, :, block.k0:block.k1] += dk_b
-                local[1, :, :, block.k0:block.k1] += dv_b
+            local = self.backward_step(blocks, q, kv, out, lse, dout, dlse, dq)
             if dkv_works is not None:  # the dK/dV of these keys summed by the ranks before
                 _wait(dkv_works)
                 local += incoming
@@ -277,6 +280,17 @@ class _Setup:
         if dkv_works is not None:
             _wait(dkv_works)
         return dq.to(q.dtype), incoming[0].to(k.dtype), incoming[1].to(v.dtype)
+
+    def backward_step(self, blocks, q, kv, out, lse, dout, dlse, dq) -> torch.Tensor:
+        """The blocks' gradients: dq added into ``dq``; dK/dV of the keys ``kv`` returned,
+        ``(2, B, Hkv, S_kv, D)`` in the wide dtype."""
+        dkv = torch.zeros(kv.shape, dtype=dq.dtype, device=dq.device)
+        for block in blocks:
+            dq_b, dk_b, dv_b = self._block_backward(block, q, kv, out, lse, dout, dlse)
+            dq[:, :, block.q0:block.q1] += dq_b
+            dkv[0, :, :, block.k0:block.k1] += dk_b
+            dkv[1, :, :, block.k0:block.k1] += dv_b
+        return dkv
 
     def _lse_gradient(self, lse, dlse):
         if dlse is None:
