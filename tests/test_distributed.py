@@ -38,6 +38,7 @@ OPTION_SETS = {
     "lse-loss": {"causal": True, "lse_loss": True},
     "small-causal": {"causal": True, "batch": 1, "heads": 2},  # for interpreted kernels
     "small-mqa": {"causal": True, "batch": 1, "heads": 2, "hkv": 1},
+    "long-causal": {"causal": True, "batch": 1, "chunk": 96, "hkv": 4},  # many kernel tiles
 }
 METHODS = ("p2p", "allgather", "ulysses")
 LAYOUTS = ("headtail", "contiguous")
@@ -51,12 +52,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn_name, rank, world, port, outdir, timeout_s, args):
+def _entry(fn_name, rank, world, port, outdir, timeout_s, pg_backend, args):
     torch.set_num_threads(1)
     result = {"rank": rank}
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world,
+        device_id = None
+        if pg_backend == "nccl":
+            device_id = torch.device("cuda", rank)
+            torch.cuda.set_device(device_id)
+        dist.init_process_group(pg_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, device_id=device_id,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         result["value"] = globals()[fn_name](rank, world, *args)
     except BaseException:  # reported to the test, which fails with it
@@ -67,12 +72,14 @@ def _entry(fn_name, rank, world, port, outdir, timeout_s, args):
         dist.destroy_process_group()
 
 
-def _spawn(fn_name, world, tmp_path, *args, pg_timeout_s=60, deadline_s=300):
-    """Run ``fn_name(rank, world, *args)`` on ``world`` gloo processes; per-rank values."""
+def _spawn(fn_name, world, tmp_path, *args, pg_timeout_s=60, deadline_s=300,
+           pg_backend="gloo"):
+    """Run ``fn_name(rank, world, *args)`` on ``world`` processes (gloo, or NCCL with one GPU
+    per rank); per-rank values."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_entry, args=(fn_name, r, world, port, str(tmp_path),
-                                              pg_timeout_s, args))
+                                              pg_timeout_s, pg_backend, args))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -136,9 +143,9 @@ class _CommCounter:
         return counts
 
 
-def _inputs(world, options, dtype, seed):
+def _inputs(world, options, dtype, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    S = 2 * world * CHUNK
+    S = 2 * world * options.get("chunk", CHUNK)
     B, hq = options.get("batch", 2), options.get("heads", HQ)
     hkv = options.get("hkv", hq)
     q = torch.randn(B, hq, S, D, generator=g, dtype=torch.float64)
@@ -146,7 +153,7 @@ def _inputs(world, options, dtype, seed):
     v = torch.randn(B, hkv, S, D, generator=g, dtype=torch.float64)
     dout = torch.randn(B, hq, S, D, generator=g, dtype=torch.float64)
     dlse = torch.randn(B, hq, S, generator=g, dtype=torch.float64)
-    return [t.to(dtype) for t in (q, k, v)], dout, dlse
+    return ([t.to(device, dtype) for t in (q, k, v)], dout.to(device), dlse.to(device))
 
 
 def _attention_options(options):
@@ -203,7 +210,7 @@ def _expected_counts(method, world, lse_loss):
 NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
-def run_cases(rank, world, cases):
+def run_cases(rank, world, cases, device="cpu"):
     """Every case in ``cases``: compare this rank's shards with the whole-sequence run.
     Returns one failure message per failing case (empty when all pass)."""
     from attnkit.distributed import shard
@@ -217,7 +224,9 @@ def run_cases(rank, world, cases):
                 dtype = getattr(torch, dtype_name)
                 lse_loss = bool(options.get("lse_loss"))
                 seed = zlib.crc32(label.encode())
-                (q, k, v), dout, dlse = _inputs(world, options, dtype, seed)
+                if device == "cuda":
+                    device = f"cuda:{rank}"
+                (q, k, v), dout, dlse = _inputs(world, options, dtype, seed, device)
                 att = _attention_options(options)
                 got, fwd, bwd = _sharded(method, layout, backend, options, q, k, v, dout, dlse,
                                          counter)
@@ -264,7 +273,8 @@ def run_cases(rank, world, cases):
 
 def _all_cases():
     cases = [(m, lay, o, "float64", "torch-blocked")
-             for m in METHODS for lay in LAYOUTS for o in OPTION_SETS if "small" not in o]
+             for m in METHODS for lay in LAYOUTS for o in OPTION_SETS
+             if "small" not in o and "long" not in o]
     cases += [(m, "headtail", o, "float64", "reference")
               for m in METHODS for o in ("causal", "mqa-window")]
     cases += [(m, lay, o, "float32", "torch-blocked")
