@@ -29,5 +29,5 @@ WORLDS = sorted({1, torch.cuda.device_count()} - {0}) if torch.cuda.is_available
 def test_every_method_on_nccl(world, tmp_path):
     per_rank = _spawn("run_cases", world, tmp_path, _cases(), "cuda", pg_backend="nccl",
                       deadline_s=540)
-    failures = [f for rank_failures in per_rank for f in rank_failures]
+    failures = [f for r in per_rank for f in r["failures"]]
     assert not failures, "\n".join(failures)
