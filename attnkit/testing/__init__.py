@@ -15,7 +15,9 @@
 - ``suite_*.py``: the test modules ``attnkit check`` collects: ``attention`` (accuracy,
   repeatability, refusals, out-of-range ``seqlens_k``), ``decode``, ``compile``
   (``torch.compile(fullgraph=True)`` against eager), ``cuda``, ``isolation`` (keys no query
-  sees and uninitialised scratch never read, a NaN row kept in its row) and ``lse_grad``.
+  sees and uninitialised scratch never read, a NaN row kept in its row), ``lse_grad`` and
+  ``context_parallel`` (the blocks of `attnkit.distributed`'s ring, simulated in one
+  process, merged and differentiated with the global out and lse).
 
 A backend's own cases: a backend adds paths only it has (a kernel route forced by a switch,
 state it keeps between calls) to its ``attnkit check`` by overriding
