@@ -219,7 +219,20 @@ class IgnoresDlse(ReferenceBackend):
         return super().backward(problem, q, k, v, out, lse, dout, seqlens_k)
 
 
+class RecomputesSavedState(ReferenceBackend):
+    """Its backward recomputes out and lse from the q, k, v it is given instead of taking
+    the ones passed: right for a whole call, wrong for a block of a longer key sequence
+    (context parallelism passes the global out and lse)."""
+
+    name = "wrong-recomputes-lse"
+    capabilities = _CAPS
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, **kw):
+        out, lse = self.forward(problem, q, k, v, seqlens_k)
+        return super().backward(problem, q, k, v, out, lse, dout, seqlens_k, **kw)
+
+
 WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt,
          NondeterministicForward, WritesIntoDout, Float32Gradients, GQAGradientsNotSummed,
          MaskedKeysTimesZero, OutOfBandTimesZero, ScratchNotZeroed, NaNRowAsMasked,
-         NoMaxSubtraction, LaterCallsDiffer, IgnoresDlse]
+         NoMaxSubtraction, LaterCallsDiffer, IgnoresDlse, RecomputesSavedState]
