@@ -176,6 +176,7 @@ def _sharded(method, layout, backend, options, q, k, v, dout, dlse, counter):
     from attnkit.distributed import ring_attention, shard, ulysses_attention
 
     qs, ks, vs = (shard(t, layout=layout).requires_grad_() for t in (q, k, v))
+    counter.take()  # what the checks of the case before communicated
     kwargs = dict(_attention_options(options), layout=layout, return_lse=True,
                   backend=backend)
     if method == "ulysses":
@@ -214,7 +215,7 @@ def run_cases(rank, world, cases, device="cpu"):
     """Every case in ``cases``: compare this rank's shards with the whole-sequence run.
     Returns one failure message per failing case (empty when all pass) and the largest
     relative float64 difference seen."""
-    from attnkit.distributed import shard
+    from attnkit.distributed import shard, unshard
 
     failures, worst = [], 0.0
     with _CommCounter() as counter:
@@ -262,10 +263,16 @@ def run_cases(rank, world, cases, device="cpu"):
                         return reference.safe(q, k, v, **att)
                     ref_lp = [shard(t, layout=layout)
                               for t in _whole(plain, q, k, v, dout, dlse, lse_loss)]
+                    # gradients: the suite's second low-precision reference, the contract's
+                    # backward in float32 from the state saved (the sharded run's out and lse)
+                    state = (unshard(got[0], layout=layout), unshard(got[1], layout=layout))
+                    saved = [shard(g, layout=layout) for g in reference.backward(
+                        *(t.float() for t in (q, k, v, *state, dout)),
+                        dlse=dlse.float() if lse_loss else None, **att)]
                     for i, name in enumerate(NAMES):
                         factor = accuracy.OUT_FACTOR if i < 2 else accuracy.GRAD_FACTOR
-                        ok, msg = accuracy.check(name, got[i], ref64[i], [ref_lp[i], mine[i]],
-                                                 dtype, factor)
+                        lps = [ref_lp[i]] if i < 2 else [ref_lp[i], saved[i - 2]]
+                        ok, msg = accuracy.check(name, got[i], ref64[i], lps, dtype, factor)
                         if not ok:
                             failures.append(f"{label} rank {rank}: {msg}")
             except Exception:
