@@ -341,6 +341,11 @@ def run_refusals(rank, world):
     seen["bad-window"] = outcome(lambda: ring_attention(x, x, x, window=(-3, 0)))
     seen["no-backend"] = outcome(lambda: ring_attention(x.double(), x.double(), x.double(),
                                                         backend="triton"))
+    seen["no-backend-ulysses"] = outcome(
+        lambda: ulysses_attention(x.double(), x.double(), x.double(), backend="triton"))
+    seen["one-rank-refuses"] = outcome(
+        lambda: ring_attention(x, x, x, softcap=-1.0 if rank == 1 else None))
+    seen["return-lse-type"] = outcome(lambda: ring_attention(x, x, x, return_lse="yes"))
     # after every refusal the group still works
     seen["after"] = outcome(lambda: ring_attention(x, x, x, causal=True))
     return seen
@@ -358,9 +363,13 @@ def test_refusals_raise_on_every_rank(tmp_path):
                         ("heads-ulysses", "Hq must be divisible by 2"),
                         ("bad-comm", "comm must be one of"),
                         ("bad-window", "window left must be >= 0"),
-                        ("no-backend", "triton")):
+                        ("no-backend", "triton"), ("no-backend-ulysses", "triton"),
+                        ("return-lse-type", "return_lse must be a bool")):
         for rank in range(world):
             assert phrase in seen[rank][key], (key, rank, seen[rank][key])
+    assert seen[0]["one-rank-refuses"].startswith("CallMismatchError: rank(s) [1] of the group "
+                                                  "refused this call")
+    assert seen[1]["one-rank-refuses"].startswith("ValueError: softcap must be finite and > 0")
     for rank in range(world):
         assert seen[rank]["odd-local-contiguous"] == "ran"
         assert seen[rank]["after"] == "ran"

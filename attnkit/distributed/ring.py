@@ -96,13 +96,15 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, window=None
                             "layout", "comm", "needs_grad", "return_lse"), 0)
     error, setup = None, None
     try:
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
         setup = RingCall(q, k, v, group, rank, world, causal, scale, window, softcap, layout,
-                       comm, needs_grad, backend)
+                         comm, needs_grad, backend)
         p = setup.problem
         fields.update(causal=p.causal, scale=p.scale, window_left=p.window[0],
                       window_right=p.window[1], softcap=p.softcap, layout=_LAYOUT_CODES[layout],
                       comm=_COMM_CODES[comm], needs_grad=needs_grad, return_lse=return_lse)
-    except (TypeError, ValueError) as e:  # NoBackendError is a ValueError
+    except Exception as e:  # raised on every rank by `agree`, not on this one alone
         error = e
     like = q if isinstance(q, torch.Tensor) else torch.empty(0)
     agree(group, comm_device(group, like), call_signature({"q": q, "k": k, "v": v}, fields),

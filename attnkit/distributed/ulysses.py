@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention
+from ..registry import registry
 from ..spec import AttentionProblem, check_lengths_tensor, describe_tensor
 from .group import agree, call_signature, comm_device, group_info
 from .layout import check_divisible, check_layout, global_to_storage, storage_to_global
@@ -60,12 +61,17 @@ def ulysses_attention(q, k, v, *, group=None, layout="headtail", causal=False, s
         repeat = _kv_repeat(q, k, world)
         if seqlens_k is not None:
             _check_global_lengths(seqlens_k, q, world)
+        if not problem.is_empty:  # a backend for the local call, chosen before data moves
+            whole = q.shape[2] * world
+            registry.select(problem._replace(
+                heads_q=q.shape[1] // world, heads_kv=k.shape[1] * repeat // world,
+                seqlen_q=whole, seqlen_k=whole, has_seqlens_k=seqlens_k is not None), backend)
         fields.update(causal=problem.causal, scale=problem.scale,
                       window_left=problem.window[0], window_right=problem.window[1],
                       softcap=problem.softcap, layout=_LAYOUT_CODES[layout],
                       needs_grad=needs_grad, return_lse=return_lse,
                       seqlens_k=seqlens_k is not None)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # raised on every rank by `agree`, not on this one alone
         error = e
     like = q if isinstance(q, torch.Tensor) else torch.empty(0)
     agree(group, comm_device(group, like), call_signature({"q": q, "k": k, "v": v}, fields),
