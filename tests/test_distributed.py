@@ -445,6 +445,27 @@ def test_shard_unshard_and_world_size_one(world, tmp_path):
         assert all(checks.values()), checks
 
 
+def test_a_compiled_model_breaks_its_graph_around_the_call():
+    """In this process, a group of one: the compiled function computes what eager does,
+    gradients included."""
+    from attnkit.distributed import ring_attention, ulysses_attention
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        q = torch.randn(1, 2, 8, 16, dtype=torch.float64, requires_grad=True)
+        for fn in (ring_attention, ulysses_attention):
+            def loss(q, fn=fn):
+                return (fn(q * 2, q, q, causal=True, backend="torch-blocked") ** 2).sum()
+            got = torch.compile(loss, backend="aot_eager")(q)
+            (g_got,) = torch.autograd.grad(got, q)
+            want = loss(q)
+            (g_want,) = torch.autograd.grad(want, q)
+            assert accuracy.max_abs(got, want) <= 1e-12 and accuracy.max_abs(g_got, g_want) <= 1e-12
+    finally:
+        dist.destroy_process_group()
+
+
 def test_storage_helpers_without_processes():
     from attnkit.distributed.layout import global_to_storage, storage_to_global
 

@@ -37,6 +37,7 @@ _LAYOUT_CODES = {"headtail": 1, "contiguous": 2}
 _COMM_CODES = {"p2p": 1, "allgather": 2}
 
 
+@torch.compiler.disable  # process-group calls stay eager: a compiled model breaks its graph here
 def ring_attention(q, k, v, *, group=None, causal=False, scale=None, window=None,
                    softcap=None, layout="headtail", comm="p2p", return_lse=False,
                    backend=None):
@@ -78,7 +79,9 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, window=None
     never return a partial result.
 
     Differentiable once (autograd); under ``torch.autocast`` the inputs are cast as
-    `attnkit.attention` casts them.
+    `attnkit.attention` casts them; inside ``torch.compile`` the call runs eagerly (a graph
+    break). Every rank must run the backward of every call that needs one (a loss over
+    every rank's output does): the backward communicates.
     """
     device_type = autocast_device(q)
     if device_type is not None:

@@ -18,6 +18,7 @@ from .layout import check_divisible, check_layout, global_to_storage, storage_to
 _LAYOUT_CODES = {"headtail": 1, "contiguous": 2}
 
 
+@torch.compiler.disable  # process-group calls stay eager: a compiled model breaks its graph here
 def ulysses_attention(q, k, v, *, group=None, layout="headtail", causal=False, scale=None,
                       window=None, seqlens_k=None, softcap=None, return_lse=False,
                       backend=None):
