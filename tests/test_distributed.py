@@ -296,8 +296,11 @@ def _all_cases():
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_every_method_and_layout_matches_one_process(world, tmp_path):
     """float64 to 1e-12 at every world size (the error does not grow with it), fp32 and
-    bf16 within the accuracy rule; out, lse, dq, dk, dv; communication counted per call."""
-    per_rank = _spawn("run_cases", world, tmp_path, _all_cases())
+    bf16 within the accuracy rule; out, lse, dq, dk, dv; communication counted per call.
+    Also `run_helpers` (shard/unshard) at this world size."""
+    per_rank = _spawn("run_cases_and_helpers", world, tmp_path, _all_cases())
+    for r in per_rank:
+        assert all(r["helpers"].values()), r["helpers"]
     failures = [f for r in per_rank for f in r["failures"]]
     assert not failures, "\n".join(failures)
     print(f"world {world}: largest relative float64 difference from one process "
@@ -439,9 +442,14 @@ def run_helpers(rank, world):
     return checks
 
 
-@pytest.mark.parametrize("world", [1, 3])
-def test_shard_unshard_and_world_size_one(world, tmp_path):
-    for checks in _spawn("run_helpers", world, tmp_path):
+def run_cases_and_helpers(rank, world, cases):
+    """One set of processes per world size: `run_cases`, then `run_helpers`."""
+    return {**run_cases(rank, world, cases), "helpers": run_helpers(rank, world)}
+
+
+def test_shard_unshard_and_world_size_one(tmp_path):
+    """World size 1 here; 2, 3 and 4 with `test_every_method_and_layout_matches_one_process`."""
+    for checks in _spawn("run_helpers", 1, tmp_path):
         assert all(checks.values()), checks
 
 
