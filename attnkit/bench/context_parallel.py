@@ -151,22 +151,28 @@ def _single_gpu(S, shape, options, warmup_ms, rep_ms) -> dict:
 
 
 def _collective_ms(fn, device, reps) -> float:
-    """Mean time of ``reps`` calls that communicate, the slowest rank's: every rank makes the
-    same number of calls (the adaptive repetitions of `timing.measure` would not agree)."""
-    for _ in range(2):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = torch.tensor([(time.perf_counter() - start) * 1e3 / reps], dtype=torch.float64,
-                           device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
+    """Mean time of repeated calls that communicate, the slowest rank's: every rank makes the
+    same number of calls (the adaptive repetitions of `timing.measure` would not agree), up
+    to ``reps``, fewer for calls over about 0.2 s."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(n) -> float:
+        sync()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        elapsed = torch.tensor([(time.perf_counter() - start) * 1e3 / n], dtype=torch.float64,
+                               device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return float(elapsed)
+
+    fn()  # compilation, communicators
+    estimate = timed(1)
+    return timed(max(3, min(reps, int(2000 / max(estimate, 1e-3)))))
 
 
 def _measure_cp(S, world, method, layout, shape, options, reps) -> dict:
