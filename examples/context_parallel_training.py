@@ -8,8 +8,8 @@ are summed over the ranks. Every rank also trains a copy of the model on the who
 with `attnkit.attention`, and at every step the loss and every gradient must agree.
 
 Run: ``python examples/context_parallel_training.py [--world 4] [--method p2p|allgather|
-ulysses] [--layout headtail|contiguous] [--steps 3]``: spawns the ranks itself (gloo on the
-CPU; NCCL, one GPU per rank, when there are enough GPUs), or runs under
+ulysses] [--layout headtail|contiguous] [--steps 3] [--backend NAME]``: spawns the ranks
+itself (gloo on the CPU; NCCL, one GPU per rank, when there are enough GPUs), or runs under
 ``torchrun --nproc-per-node P examples/context_parallel_training.py``.
 """
 
@@ -73,8 +73,10 @@ def train(rank, world, args):
 
     def ring(q, k, v):
         if args.method == "ulysses":
-            return ulysses_attention(q, k, v, causal=True, layout=args.layout)
-        return ring_attention(q, k, v, causal=True, layout=args.layout, comm=args.method)
+            return ulysses_attention(q, k, v, causal=True, layout=args.layout,
+                                     backend=args.backend)
+        return ring_attention(q, k, v, causal=True, layout=args.layout, comm=args.method,
+                              backend=args.backend)
 
     opt_sharded = torch.optim.SGD(sharded.parameters(), lr=0.1)
     opt_whole = torch.optim.SGD(whole.parameters(), lr=0.1)
@@ -82,8 +84,8 @@ def train(rank, world, args):
     for step in range(args.steps):
         # the whole sequence, on every rank
         opt_whole.zero_grad()
-        logits = whole(inputs, positions, lambda q, k, v: attnkit.attention(q, k, v,
-                                                                            causal=True))
+        logits = whole(inputs, positions, lambda q, k, v: attnkit.attention(
+            q, k, v, causal=True, backend=args.backend))
         loss_whole = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
         (loss_whole / targets.numel()).backward()
         # this rank's shard; the loss and the gradients summed over the ranks
@@ -129,6 +131,7 @@ def main():
     parser.add_argument("--layout", choices=("headtail", "contiguous"), default="headtail")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=8, help="tokens per chunk (2P chunks)")
+    parser.add_argument("--backend", help="the attnkit backend (default: the best available)")
     args = parser.parse_args()
     if "WORLD_SIZE" in os.environ:  # under torchrun
         args.nccl = torch.cuda.is_available()

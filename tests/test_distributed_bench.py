@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+from test_distributed import fast_backend
+
 ARGS = ["--context-parallel", "--device", "cpu", "--seqlens", "32", "--model-dim", "32",
         "--head-dims", "16", "--dtypes", "fp64", "--warmup-ms", "0", "--rep-ms", "1",
-        "--backends", "torch-blocked"]
+        "--backends", fast_backend()]
 
 
 def _run(cmd, tmp_path):
