@@ -48,7 +48,7 @@ def installed(name: str) -> bool:
     """Whether backend ``name`` is registered and can run here (the core's test session has
     only the built-in reference; plugin backends join where their plugins are installed)."""
     registration = attnkit.backends().get(name)
-    return registration is not None and registration.availability()[0]
+    return registration is not None and registration.availability[0]
 
 
 def fast_backend() -> str:
