@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# On a GPU machine, from the repository root, in two commands of under 10 minutes each:
+# On a GPU machine, from the repository root, each command under 10 minutes:
 #   bash benchmarks/gpu.sh check [BACKEND...]   # the conformance suite on CUDA
 #   bash benchmarks/gpu.sh bench   # the standard grid and the decoding table, compared with
 #                                  # the committed results of this GPU
 #   bash benchmarks/gpu.sh varlen  # the packed variable-length table (attnkit bench --varlen)
 #   bash benchmarks/gpu.sh paged   # paged against contiguous decoding (--decode --paged)
+#   bash benchmarks/gpu.sh cp-check   # attnkit.distributed over NCCL: world size 1 and, with
+#                                     # several GPUs, all of them
+#   bash benchmarks/gpu.sh cp-bench   # attnkit bench --context-parallel (torchrun over every
+#                                     # GPU; on one GPU, world size 1 and the prediction)
 # Logs and results go under $OUT (default /tmp/attnkit-out); bench writes $OUT/<gpu>/ in the
 # layout of benchmarks/results/<gpu>/. Where the tree is a copy without .git, set
 # ATTNKIT_BENCH_COMMIT=<commit> so the results name the commit they ran.
@@ -15,8 +19,8 @@ OUT=${OUT:-/tmp/attnkit-out}
 mkdir -p "$OUT"
 mode=${1:-}
 case "$mode" in
-check | bench | varlen | paged) ;;
-*) echo "usage: bash benchmarks/gpu.sh check|bench|varlen|paged" >&2; exit 2 ;;
+check | bench | varlen | paged | cp-check | cp-bench) ;;
+*) echo "usage: bash benchmarks/gpu.sh check|bench|varlen|paged|cp-check|cp-bench" >&2; exit 2 ;;
 esac
 
 # Editable, no dependencies (torch, triton and cupy come with the machine; it may have no
@@ -61,6 +65,24 @@ fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 \
     | sed -E 's/^NVIDIA //; s/ .*//' | tr '[:upper:]' '[:lower:]')
 dir="$OUT/$gpu"
+
+if [ "$mode" = cp-check ]; then
+    timeout 540 python -m pytest tests/test_distributed_nccl.py -q -p no:randomly \
+        > "$OUT/cp-check.log" 2>&1
+    echo "== tests/test_distributed_nccl.py: rc=$? $(grep -E "[0-9]+ (passed|failed|error)" \
+        "$OUT/cp-check.log" | tail -1) ($OUT/cp-check.log)"
+    exit 0
+fi
+if [ "$mode" = cp-bench ]; then
+    n=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+    if [ "$n" -gt 1 ]; then launch=(torchrun --standalone --nproc-per-node "$n" -m); else
+        launch=(python -m); fi
+    timeout 540 "${launch[@]}" attnkit.cli bench --context-parallel --out "$dir" \
+        > "$OUT/cp-bench.log" 2>&1
+    echo "== attnkit bench --context-parallel on $n GPU(s): rc=$?, $dir/context_parallel.{json,txt}"
+    cat "$dir/context_parallel.txt" 2> /dev/null || tail -30 "$OUT/cp-bench.log"
+    exit 0
+fi
 committed="benchmarks/results/$gpu"
 if [ "$mode" = varlen ]; then
     python -m attnkit.cli bench --varlen --out "$dir" --quiet --no-plot \

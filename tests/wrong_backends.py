@@ -321,6 +321,17 @@ class DropoutNotInBackward(ReferenceBackend):
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
         return super().backward(problem, q, k, v, out, lse, dout, seqlens_k, dlse=dlse)
+class RecomputesSavedState(ReferenceBackend):
+    """Its backward recomputes out and lse from the q, k, v it is given instead of taking
+    the ones passed: right for a whole call, wrong for a block of a longer key sequence
+    (context parallelism passes the global out and lse)."""
+
+    name = "wrong-recomputes-lse"
+    capabilities = _CAPS
+
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, **kw):
+        out, lse = self.forward(problem, q, k, v, seqlens_k)
+        return super().backward(problem, q, k, v, out, lse, dout, seqlens_k, **kw)
 
 
 WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt,
@@ -328,4 +339,4 @@ WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt
          MaskedKeysTimesZero, OutOfBandTimesZero, ScratchNotZeroed, NaNRowAsMasked,
          NoMaxSubtraction, LaterCallsDiffer, IgnoresDlse, VarlenOneSequence,
          VarlenOthersTimesZero, VarlenLseTransposed, DropoutOtherCounter,
-         DropoutSameSeedEveryCall, DropoutNotInBackward]
+         DropoutSameSeedEveryCall, DropoutNotInBackward, RecomputesSavedState]

@@ -119,6 +119,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "pages shuffled through the pool, each backend that declares paged")
     p.add_argument("--page-sizes", type=_ints, metavar="N,..",
                    help="--paged page sizes (default 16,64)")
+    mode.add_argument("--context-parallel", action="store_true",
+                      help="attnkit.distributed's fraction of ideal scaling per method and "
+                           "layout (default 64k,128k tokens, bf16, D=128, causal): measured on "
+                           "the process group (torchrun -m attnkit.cli bench ...), and at world "
+                           "size 1 predicted for --cp-worlds from each ring step's compute")
     mode.add_argument("--report", nargs="+", metavar="DIR",
                       help="run nothing: print the README's markdown tables of the results in "
                            "each DIR (e.g. benchmarks/results/h200)")
@@ -165,6 +170,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, metavar="P", dest="dropout_p",
                    help="the grid with attention dropout P (compare with a run without it "
                         "through --label/--compare)")
+    p.add_argument("--cp-worlds", type=_ints, metavar="P,..",
+                   help="--context-parallel: world sizes to predict (default 2,4,8)")
+    p.add_argument("--link-gbps", type=float, default=450.0, metavar="GB/s",
+                   help="--context-parallel: one direction of the GPU link (default 450, "
+                        "H100/H200 NVLink)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -290,6 +300,10 @@ def _run(args: argparse.Namespace) -> int:
         _report(result)
         print(f"wrote {plot.plot(result, Path(args.plot_from).with_suffix('.png'))}")
         return 0
+    if args.context_parallel:
+        from .context_parallel import run_cli
+
+        return run_cli(args)
     out, label, reference = _check(args)
     if args.env:
         from . import abtest

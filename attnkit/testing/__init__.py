@@ -17,9 +17,11 @@
   repeatability, refusals, out-of-range ``seqlens_k``), ``decode``, ``compile``
   (``torch.compile(fullgraph=True)`` against eager), ``cuda``, ``isolation`` (keys no query
   sees and uninitialised scratch never read, a NaN row kept in its row), ``lse_grad``,
-  ``varlen`` (packed variable-length batches, cases from `varlen_cases`) and ``dropout``
-  (the keep mask of `attnkit.dropout`, read back from the backend's output) and ``paged``
-  (paged KV caches against the same keys laid out contiguously).
+  ``varlen`` (packed variable-length batches, cases from `varlen_cases`), ``dropout``
+  (the keep mask of `attnkit.dropout`, read back from the backend's output), ``paged``
+  (paged KV caches against the same keys laid out contiguously) and ``context_parallel``
+  (the blocks of `attnkit.distributed`'s ring, simulated in one process, merged and
+  differentiated with the global out and lse).
 - `dropout_keep_mask`: a call's whole keep mask, materialised (for tests).
 
 A backend's own cases: a backend adds paths only it has (a kernel route forced by a switch,
