@@ -180,6 +180,111 @@ struct Band {
     }
 };
 
+// ---- packed variable-length batches -----------------------------------------------------
+
+// Feature bits of the fwd/bwd kernels (template argument FEAT): 0 is the plain dense kernel.
+// ATTN_VARLEN: grid z indexes the sequences of cu_q/cu_k offsets, not batches; Sq and Sk are
+//   the packed tensors' rows (total_q, total_k) and lse/delta are (Hq, total_q).
+// ATTN_DROPOUT: probabilities are dropped with attnkit.dropout's keep mask (AttnDropout).
+#define ATTN_VARLEN 1
+#define ATTN_DROPOUT 2
+
+// Where one block's batch (dense) or sequence (ATTN_VARLEN) lives: its query rows start at
+// row q0 of q/out (0 when dense: the batch stride places it) and its keys at row k0 of k/v;
+// sq query rows, and the band of its keys. Offsets are clamped to the tensors' rows because
+// the host does not read them (that would stall every call): any values keep every access
+// in bounds.
+struct Span {
+    Band band;
+    int sq;
+    int q0;
+    int k0;
+
+    template <bool VARLEN>
+    static ATTN_DEVICE Span of(const int* seqlens, const int* cu_q, const int* cu_k, int b,
+                               int Sq, int Sk, int left, int right) {
+        Span s;
+        if (VARLEN) {
+            s.q0 = min(max(cu_q[b], 0), Sq);
+            s.sq = min(max(cu_q[b + 1], s.q0), Sq) - s.q0;
+            s.k0 = min(max(cu_k[b], 0), Sk);
+            const int sk = min(max(cu_k[b + 1], s.k0), Sk) - s.k0;
+            s.band.skb = sk;
+            s.band.off = sk - s.sq;
+            s.band.left = left;
+            s.band.right = right;
+        } else {
+            s.q0 = s.k0 = 0;
+            s.sq = Sq;
+            s.band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
+        }
+        return s;
+    }
+
+    // Index of query row 0 of head h in lse/delta: (B, Hq, Sq) dense, (Hq, total_q) packed.
+    template <bool VARLEN>
+    ATTN_DEVICE i64 stat(int b, int h, int Hq, int Sq) const {
+        return VARLEN ? (i64)h * Sq + q0 : ((i64)b * Hq + h) * Sq;
+    }
+};
+
+// ---- attention dropout ----------------------------------------------------------------------
+//
+// attnkit.dropout's keep mask: element (b, h, i, j) is kept iff word 0 of
+// philox4x32_10(counter = (j, i, b * Hq + h, offset), key = (seed_lo, seed_hi)) >= threshold,
+// seed = state[0], offset = low word of state[1]. The state is read from device memory, so a
+// call needs no host sync and a CUDA graph replays with the generator's fresh draws.
+struct AttnDropout {
+    u32 k0, k1, offset, threshold;
+    float scale;  // 1 / (1 - p)
+
+    static ATTN_DEVICE AttnDropout load(const i64* state, u32 threshold, float scale) {
+        AttnDropout d;
+        const unsigned long long seed = (unsigned long long)state[0];
+        d.k0 = (u32)seed;
+        d.k1 = (u32)(seed >> 32);
+        d.offset = (u32)(unsigned long long)state[1];
+        d.threshold = threshold;
+        d.scale = scale;
+        return d;
+    }
+
+    // Philox4x32-10 (Salmon et al., SC'11), word 0 only: the last round's other words are dead.
+    ATTN_DEVICE bool keep(u32 bh, int i, int j) const {
+        u32 c0 = (u32)j, c1 = (u32)i, c2 = bh, c3 = offset, a = k0, b = k1;
+#pragma unroll
+        for (int r = 0; r < 10; ++r) {
+            if (r) {
+                a += 0x9E3779B9u;
+                b += 0xBB67AE85u;
+            }
+            const u32 hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+            const u32 hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+            c0 = hi1 ^ c1 ^ a;
+            c1 = lo1;
+            c2 = hi0 ^ c3 ^ b;
+            c3 = lo0;
+        }
+        return c0 >= threshold;
+    }
+
+    // Keep decisions of N (<= 64) elements of this thread as bits: bit x is keep(bh, i, j)
+    // with coord(x, i, j). UNROLL philox chains run side by side: all N at once would hold N
+    // chains' registers beside the kernels' accumulators and spill them.
+    template <int N, int UNROLL, typename F>
+    ATTN_DEVICE unsigned long long keep_bits(u32 bh, F coord) const {
+        static_assert(N <= 64, "one 64-bit word of keep bits");
+        unsigned long long bits = 0;
+#pragma unroll UNROLL
+        for (int x = 0; x < N; ++x) {
+            int i, j;
+            coord(x, i, j);
+            bits |= (unsigned long long)keep(bh, i, j) << x;
+        }
+        return bits;
+    }
+};
+
 // ---- shared memory and asynchronous copies ----------------------------------------------
 
 ATTN_DEVICE u32 smem_u32(const void* p) {
@@ -297,10 +402,11 @@ ATTN_DEVICE void mma_p_times_tile(float (*acc)[4], const float (*s)[4], const u1
 
 // fp32 paths, one key per lane of a BN = 32 key tile: fold score x (this lane's key) into the
 // row's online softmax (m, l) and accumulate P V into acc (this lane's DP / 32 columns of a
-// BN x DP tile in shared memory, row stride DP).
-template <int BN, int DP>
+// BN x DP tile in shared memory, row stride DP). With DROP, a probability not kept enters
+// l but not P V.
+template <int BN, int DP, bool DROP = false>
 ATTN_DEVICE void f32_softmax_pv(float x, float& m, float& l, float* acc, const float* sV,
-                                int lane) {
+                                int lane, bool keep = true) {
     constexpr int DPL = DP / 32;
     const float mx = fmaxf(m, warp_max(x));
     const float mu = mx == neg_inf() ? 0.f : mx;
@@ -308,11 +414,12 @@ ATTN_DEVICE void f32_softmax_pv(float x, float& m, float& l, float* acc, const f
     const float p = expf(x - mu);
     m = mx;
     l = l * alpha + p;
+    const float pv = DROP && !keep ? 0.f : p;
 #pragma unroll
     for (int c = 0; c < DPL; ++c) acc[c] *= alpha;
 #pragma unroll 8
     for (int jj = 0; jj < BN; ++jj) {
-        const float pj = __shfl_sync(0xffffffffu, p, jj);
+        const float pj = __shfl_sync(0xffffffffu, pv, jj);
 #pragma unroll
         for (int c = 0; c < DPL; ++c) acc[c] = fmaf(pj, sV[jj * DP + lane + 32 * c], acc[c]);
     }
