@@ -29,8 +29,9 @@
 // kernels serve packed calls as one batch of total_q rows.
 #include "common.cuh"
 
-// Philox chains evaluated side by side for a tile's dropout mask (AttnDropout::keep_bits).
-#define BWD_DROP_UNROLL 4
+// Philox calls per lane evaluated side by side for a tile's dropout mask
+// (AttnDropout::row_bits / col_bits): more hold more registers beside the accumulators.
+#define BWD_DROP_UNROLL 2
 
 // ---- delta = rowsum(dO * O) ----------------------------------------------------------------
 
@@ -112,8 +113,8 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
         DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
     if (VARLEN && m0 >= sq) return;  // a tile past its sequence's end: nothing to write
     const u32 bh = (u32)(b * Hq + h);
-    const u16* kg = k + (VARLEN ? (i64)span.k0 * k_ss : b * k_sb) + hk * k_sh;
-    const u16* vg = v + (VARLEN ? (i64)span.k0 * v_ss : b * v_sb) + hk * v_sh;
+    const u16* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const u16* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
 
     const int m1 = min(m0 + BM, sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
@@ -122,10 +123,12 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
     const int kfirst = band.key_first(BAND);
 
     if (ntiles > 0) {
-        load_tile_16<BM, DP, LDS, NT>(sQ, q + (VARLEN ? (i64)span.q0 * q_ss : b * q_sb) + h * q_sh + (i64)m0 * q_ss,
-                                      q_ss, q_sd, sq - m0, D, vec, q);
-        load_tile_16<BM, DP, LDS, NT>(sG, dout + (VARLEN ? (i64)span.q0 * g_ss : b * g_sb) + h * g_sh + (i64)m0 * g_ss,
-                                      g_ss, g_sd, sq - m0, D, vec, dout);
+        load_tile_16<BM, DP, LDS, NT>(
+            sQ, q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
+            sq - m0, D, vec, q);
+        load_tile_16<BM, DP, LDS, NT>(
+            sG, dout + span.q_base<VARLEN>(b, g_sb, g_ss) + h * g_sh + (i64)m0 * g_ss, g_ss,
+            g_sd, sq - m0, D, vec, dout);
         const int n0 = t0 * BN;
         // Only this first tile can reach below kfirst (the next start past key_lo(m0)).
         load_tile_16<BN, DP, LDS, NT, true>(sK, kg + (i64)n0 * k_ss, k_ss, k_sd, band.skb - n0,
@@ -203,11 +206,11 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
         const bool full = band.tile_full(m0, m1, n0, n0 + BN - 1, BAND);
         unsigned long long kept = 0;
         if constexpr (DROP)
-            kept = drop.keep_bits<NTN * 4, BWD_DROP_UNROLL>(bh, [&](int x, int& i, int& j) {
-                const int e = x & 3, n = x >> 2;
-                i = m0 + wrow + (lane >> 2) + (e >> 1) * 8;
-                j = n0 + n * 8 + (lane & 3) * 2 + (e & 1);
-            });
+            // call c = 2 n + hf: row hf, 8-key group n; bit n * 4 + e
+            kept = drop.row_bits<NTN * 2, BWD_DROP_UNROLL>(bh, lane, [&](int c, int& i, int& g) {
+                i = m0 + wrow + (lane >> 2) + (c & 1) * 8;
+                g = (n0 >> 3) + (c >> 1);
+            }, WarpShfl{});
 #pragma unroll
         for (int n = 0; n < NTN; ++n)
 #pragma unroll
@@ -244,7 +247,7 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
     for (int hf = 0; hf < 2; ++hf) {
         const int i = m0 + wrow + (lane >> 2) + hf * 8;
         if (i >= sq) continue;
-        u16* row = dq + (VARLEN ? (i64)span.q0 * dq_ss : b * dq_sb) + h * dq_sh + (i64)i * dq_ss;
+        u16* row = dq + span.q_base<VARLEN>(b, dq_sb, dq_ss) + h * dq_sh + (i64)i * dq_ss;
 #pragma unroll
         for (int d = 0; d < NTD; ++d) {
             const int c = d * 8 + (lane & 3) * 2;
@@ -313,9 +316,10 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
     const int ntq = (n0 < band.skb && qhi > qlo) ? (qhi + BQ - 1) / BQ - tq0 : 0;
     const int total = group * ntq;
 
-    const u16* kg = k + (VARLEN ? (i64)span.k0 * k_ss : b * k_sb) + hk * k_sh;
-    const u16* vg = v + (VARLEN ? (i64)span.k0 * v_ss : b * v_sb) + hk * v_sh;
-    const i64 q_base = (VARLEN ? (i64)span.q0 * q_ss : b * q_sb), g_base = (VARLEN ? (i64)span.q0 * g_ss : b * g_sb);
+    const u16* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const u16* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
+    const i64 q_base = span.q_base<VARLEN>(b, q_sb, q_ss);
+    const i64 g_base = span.q_base<VARLEN>(b, g_sb, g_ss);
     auto issue = [&](int it, int st) {
         const int h = hk * group + it / ntq;
         const int mq0 = (tq0 + it % ntq) * BQ;
@@ -396,11 +400,13 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
                           mq0 + BQ <= sq;
         unsigned long long keep = 0;
         if constexpr (DROP)
-            keep = drop.keep_bits<NTQ * 4, BWD_DROP_UNROLL>(bh, [&](int x, int& i, int& j) {
-                const int e = x & 3, n = x >> 2;
+            // call c = n * 4 + e: query column n * 8 + 2 (lane % 4) + e % 2, key group of
+            // rows j_row + 8 (e / 2); bit c
+            keep = drop.col_bits<NTQ * 4, BWD_DROP_UNROLL>(bh, lane, [&](int c, int& i, int& g) {
+                const int n = c >> 2, e = c & 3;
                 i = mq0 + n * 8 + (lane & 3) * 2 + (e & 1);
-                j = j_row + (e >> 1) * 8;
-            });
+                g = ((n0 + wrow) >> 3) + (e >> 1);
+            }, WarpShfl{});
 #pragma unroll
         for (int n = 0; n < NTQ; ++n)
 #pragma unroll
@@ -466,8 +472,8 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
     for (int hf = 0; hf < 2; ++hf) {
         const int j = j_row + hf * 8;
         if (j >= kend) continue;
-        u16* krow = dk + (VARLEN ? (i64)span.k0 * dk_ss : b * dk_sb) + hk * dk_sh + (i64)j * dk_ss;
-        u16* vrow = dv + (VARLEN ? (i64)span.k0 * dv_ss : b * dv_sb) + hk * dv_sh + (i64)j * dv_ss;
+        u16* krow = dk + span.k_base<VARLEN>(b, dk_sb, dk_ss) + hk * dk_sh + (i64)j * dk_ss;
+        u16* vrow = dv + span.k_base<VARLEN>(b, dv_sb, dv_ss) + hk * dv_sh + (i64)j * dv_ss;
 #pragma unroll
         for (int d = 0; d < NTC; ++d) {
             const int c = c0 + d * 8 + (lane & 3) * 2;
@@ -541,13 +547,14 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
     const AttnDropout drop =
         DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
     if (VARLEN && m0 >= sq) return;  // a tile past its sequence's end: nothing to write
-    const u32 bh = (u32)(b * Hq + h);
-    const float* kg = k + (VARLEN ? (i64)span.k0 * k_ss : b * k_sb) + hk * k_sh;
-    const float* vg = v + (VARLEN ? (i64)span.k0 * v_ss : b * v_sb) + hk * v_sh;
-    load_rows_f32<BM, DP, DP, NT>(sQ, q + (VARLEN ? (i64)span.q0 * q_ss : b * q_sb) + h * q_sh + (i64)m0 * q_ss, q_ss,
-                                  q_sd, sq - m0, D);
-    load_rows_f32<BM, DP, DP, NT>(sG, dout + (VARLEN ? (i64)span.q0 * g_ss : b * g_sb) + h * g_sh + (i64)m0 * g_ss,
-                                  g_ss, g_sd, sq - m0, D);
+    const float* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const float* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
+    load_rows_f32<BM, DP, DP, NT>(
+        sQ, q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
+        sq - m0, D);
+    load_rows_f32<BM, DP, DP, NT>(
+        sG, dout + span.q_base<VARLEN>(b, g_sb, g_ss) + h * g_sh + (i64)m0 * g_ss, g_ss, g_sd,
+        sq - m0, D);
     const int m1 = min(m0 + BM, sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
     const int kfirst = band.key_first(BAND);
@@ -602,7 +609,7 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
             const bool vis = band.visible(i, j, BAND);
             const float p = vis ? expf(x - lse_r[r]) : 0.f;
             float dpv = dp[r];
-            if constexpr (DROP) dpv = drop.keep(bh, i, j) ? dpv * drop.scale : 0.f;
+            if constexpr (DROP) dpv = drop.keep((u32)(b * Hq + h), i, j) ? dpv * drop.scale : 0.f;
             float ds = p * (vis ? dpv - dlt[r] : 0.f);  // masked: 0 * 0, whatever delta holds
             if (SOFTCAP) ds *= 1.f - t * t;
 #pragma unroll 8
@@ -619,7 +626,7 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
     for (int r = 0; r < R; ++r) {
         const int i = m0 + warp * R + r;
         if (i >= sq) continue;
-        float* row = dq + (VARLEN ? (i64)span.q0 * dq_ss : b * dq_sb) + h * dq_sh + (i64)i * dq_ss;
+        float* row = dq + span.q_base<VARLEN>(b, dq_sb, dq_ss) + h * dq_sh + (i64)i * dq_ss;
 #pragma unroll
         for (int c = 0; c < DPL; ++c)
             if (lane + 32 * c < D) row[lane + 32 * c] = acc[r][c] * scale;
@@ -660,10 +667,12 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
     if (VARLEN && n0 >= band.skb) return;  // a tile past its sequence's end
     // Rows this block writes: up to Sk (zeros past seqlens_k), or to its sequence's end.
     const int kend = VARLEN ? band.skb : Sk;
-    load_rows_f32<BK, DP, DP, NT>(sK, k + (VARLEN ? (i64)span.k0 * k_ss : b * k_sb) + hk * k_sh + (i64)n0 * k_ss,
-                                  k_ss, k_sd, band.skb - n0, D);
-    load_rows_f32<BK, DP, DP, NT>(sV, v + (VARLEN ? (i64)span.k0 * v_ss : b * v_sb) + hk * v_sh + (i64)n0 * v_ss,
-                                  v_ss, v_sd, band.skb - n0, D);
+    load_rows_f32<BK, DP, DP, NT>(
+        sK, k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh + (i64)n0 * k_ss, k_ss, k_sd,
+        band.skb - n0, D);
+    load_rows_f32<BK, DP, DP, NT>(
+        sV, v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh + (i64)n0 * v_ss, v_ss, v_sd,
+        band.skb - n0, D);
     const int n1 = min(n0 + BK, band.skb) - 1;
     const int qlo = band.query_lo(n0, BAND), qhi = band.query_hi(n1, sq, BAND);
     const bool any = n0 < band.skb && qhi > qlo;
@@ -676,13 +685,14 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
 
     for (int hh = 0; any && hh < group; ++hh) {
         const int h = hk * group + hh;
-        const u32 bh = (u32)(b * Hq + h);
         for (int mq0 = (qlo / BQ) * BQ; mq0 < qhi; mq0 += BQ) {
             __syncthreads();
-            load_rows_f32<BQ, DP, LDC, NT>(sQ, q + (VARLEN ? (i64)span.q0 * q_ss : b * q_sb) + h * q_sh + (i64)mq0 * q_ss,
-                                           q_ss, q_sd, sq - mq0, D);
-            load_rows_f32<BQ, DP, LDC, NT>(sG, dout + (VARLEN ? (i64)span.q0 * g_ss : b * g_sb) + h * g_sh
-                                           + (i64)mq0 * g_ss, g_ss, g_sd, sq - mq0, D);
+            load_rows_f32<BQ, DP, LDC, NT>(
+                sQ, q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh + (i64)mq0 * q_ss, q_ss,
+                q_sd, sq - mq0, D);
+            load_rows_f32<BQ, DP, LDC, NT>(
+                sG, dout + span.q_base<VARLEN>(b, g_sb, g_ss) + h * g_sh + (i64)mq0 * g_ss,
+                g_ss, g_sd, sq - mq0, D);
             if (threadIdx.x < BQ) {
                 const int i = mq0 + threadIdx.x;
                 const i64 idx = span.stat<VARLEN>(b, h, Hq, Sq) + i;
@@ -720,7 +730,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
                 const float p = vis ? expf(x - sL[lane]) : 0.f;
                 float dpv = dp[r], pv = p;
                 if constexpr (DROP) {  // dP = cZ (dO V^T); dV takes cZP
-                    const bool kept = drop.keep(bh, i, j);
+                    const bool kept = drop.keep((u32)(b * Hq + h), i, j);
                     dpv = kept ? dpv * drop.scale : 0.f;
                     pv = kept ? p * drop.scale : 0.f;
                 }
@@ -744,8 +754,8 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
     for (int r = 0; r < R; ++r) {
         const int j = n0 + warp * R + r;
         if (j >= kend) continue;
-        float* krow = dk + (VARLEN ? (i64)span.k0 * dk_ss : b * dk_sb) + hk * dk_sh + (i64)j * dk_ss;
-        float* vrow = dv + (VARLEN ? (i64)span.k0 * dv_ss : b * dv_sb) + hk * dv_sh + (i64)j * dv_ss;
+        float* krow = dk + span.k_base<VARLEN>(b, dk_sb, dk_ss) + hk * dk_sh + (i64)j * dk_ss;
+        float* vrow = dv + span.k_base<VARLEN>(b, dv_sb, dv_ss) + hk * dv_sh + (i64)j * dv_ss;
 #pragma unroll
         for (int c = 0; c < DPL; ++c)
             if (lane + 32 * c < D) {

@@ -27,8 +27,9 @@
 #define FWD_QREG 1
 #define FWD_LAZY 2
 #define FWD_TWO_BARRIERS 4
-// Philox chains evaluated side by side for a tile's dropout mask (AttnDropout::keep_bits).
-#define FWD_DROP_UNROLL 4
+// Philox calls per lane evaluated side by side for a tile's dropout mask
+// (AttnDropout::row_bits): more hold more registers beside the accumulators.
+#define FWD_DROP_UNROLL 2
 
 // Tiles (chosen on the host, _compile.FWD_TILES): NW warps, each owning MT slabs of 16 query
 // rows (BM = NW * 16 * MT queries per block), BN keys per streamed tile, OPT option bits.
@@ -74,9 +75,9 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     const int sq = span.sq;
     if (VARLEN && m0 >= sq) return;  // a tile past its sequence's end: nothing to write
 
-    const u16* qg = q + (VARLEN ? (i64)span.q0 * q_ss : b * q_sb) + h * q_sh;
-    const u16* kg = k + (VARLEN ? (i64)span.k0 * k_ss : b * k_sb) + hk * k_sh;
-    const u16* vg = v + (VARLEN ? (i64)span.k0 * v_ss : b * v_sb) + hk * v_sh;
+    const u16* qg = q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh;
+    const u16* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const u16* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
 
     // Only key tiles that some query of this block can see are visited.
     const int m1 = min(m0 + BM, sq) - 1;
@@ -288,12 +289,13 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
                 }
             // Dropout after l has summed the probabilities; 1 / (1 - p) is applied to out.
             if constexpr (DROP) {
-                const unsigned long long kept = drop.keep_bits<MT * NTN * 4, FWD_DROP_UNROLL>(
-                    bh, [&](int x, int& i, int& j) {
-                        const int e = x & 3, n = (x >> 2) % NTN, mt = x / (4 * NTN);
-                        i = m0 + wrow + mt * 16 + (lane >> 2) + (e >> 1) * 8;
-                        j = n0 + n * 8 + (lane & 3) * 2 + (e & 1);
-                    });
+                // call c = 2 (mt * NTN + n) + hf: row hf of slab mt, 8-key group n
+                const unsigned long long kept = drop.row_bits<MT * NTN * 2, FWD_DROP_UNROLL>(
+                    bh, lane, [&](int c, int& i, int& g) {
+                        const int t = c >> 1, n = t % NTN, mt = t / NTN;
+                        i = m0 + wrow + mt * 16 + (lane >> 2) + (c & 1) * 8;
+                        g = (n0 >> 3) + n;
+                    }, WarpShfl{});
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -348,7 +350,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
             const int i = m0 + wrow + mt * 16 + (lane >> 2) + hf * 8;
             if (i >= sq) continue;
             const float inv = l == 0.f ? 0.f : (DROP ? drop.scale : 1.f) / l;
-            u16* orow = o + (VARLEN ? (i64)span.q0 * o_ss : b * o_sb) + h * o_sh + (i64)i * o_ss;
+            u16* orow = o + span.q_base<VARLEN>(b, o_sb, o_ss) + h * o_sh + (i64)i * o_ss;
 #pragma unroll
             for (int d = 0; d < NTD; ++d) {
                 const int c = d * 8 + (lane & 3) * 2;
@@ -412,14 +414,14 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
     const Band band = span.band;
     const int sq = span.sq;
     if (VARLEN && m0 >= sq) return;  // a tile past its sequence's end: nothing to write
-    const float* kg = k + (VARLEN ? (i64)span.k0 * k_ss : b * k_sb) + hk * k_sh;
-    const float* vg = v + (VARLEN ? (i64)span.k0 * v_ss : b * v_sb) + hk * v_sh;
+    const float* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const float* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
     const AttnDropout drop =
         DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
     const u32 bh = (u32)(b * Hq + h);
 
     load_tile_f32<BM, DP, DP, NT>(
-        sQ, q + (VARLEN ? (i64)span.q0 * q_ss : b * q_sb) + h * q_sh + (i64)m0 * q_ss, q_ss,
+        sQ, q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh + (i64)m0 * q_ss, q_ss,
         q_sd, sq - m0, D);
     const int m1 = min(m0 + BM, sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
@@ -466,7 +468,7 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
         if (i >= sq) continue;
         // l NaN (a NaN row): NaN out and lse
         const float inv = l == 0.f ? 0.f : (DROP ? drop.scale : 1.f) / l;
-        float* orow = o + (VARLEN ? (i64)span.q0 * o_ss : b * o_sb) + h * o_sh + (i64)i * o_ss;
+        float* orow = o + span.q_base<VARLEN>(b, o_sb, o_ss) + h * o_sh + (i64)i * o_ss;
 #pragma unroll
         for (int c = 0; c < DPL; ++c)
             if (lane + 32 * c < D) orow[lane + 32 * c] = acc[r][c] * inv;
