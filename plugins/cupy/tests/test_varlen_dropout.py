@@ -19,6 +19,10 @@ pytestmark = pytest.mark.cuda
 DEV = "cuda"
 
 
+def _gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
 def _packed(lengths_q, lengths_k, Hq, Hkv, D, dtype, gen, qkv_slice=False):
     """q, k, v packed (total, H, D) and int32 offsets; with ``qkv_slice`` q, k and v are
     column slices of one (total, Hq + 2 Hkv, D) projection (strided rows, read in place)."""
@@ -48,6 +52,12 @@ def _per_sequence_reference(q, k, v, cu_q, cu_k, dout, dtype, **opts):
         qs = qq[cq[b]:cq[b + 1]].transpose(0, 1)[None]
         ks = kk[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         vs = vv[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        if ks.shape[2] == 0 or qs.shape[2] == 0:  # no key to see (or no row): 0 and -inf
+            outs.append(torch.zeros(qs.shape[2], q.shape[1], q.shape[2], dtype=dtype,
+                                    device=DEV))
+            lses.append(torch.full((q.shape[1], qs.shape[2]), float("-inf"), dtype=dtype,
+                                   device=DEV))
+            continue
         o, m = reference.safe(qs, ks, vs, **opts)
         outs.append(o[0].transpose(0, 1))
         lses.append(m[0])
@@ -62,7 +72,7 @@ def _run(q, k, v, cu_q, cu_k, dout, max_q=None, max_k=None, **opts):
     out, lse = attnkit.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True,
                                         backend="cupy", **opts)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    return out.detach(), lse, grads
+    return out.detach(), lse.detach(), grads
 
 
 VARLEN_CASES = [
@@ -166,9 +176,9 @@ def test_dropout_matches_reference_with_the_mask(case, p):
     k, v = (torch.randn(B, Hkv, Sk, D, generator=gen).to(DEV, dtype).requires_grad_(True)
             for _ in range(2))
     out, lse = attnkit.attention(q, k, v, **opts, dropout_p=p, return_lse=True,
-                                 generator=torch.Generator(DEV).manual_seed(seed),
+                                 generator=_gen(seed),
                                  backend="cupy")
-    drop = Dropout(p, draw_state(q.device, torch.Generator(DEV).manual_seed(seed)))
+    drop = Dropout(p, draw_state(q.device, _gen(seed)))
     dout = torch.randn(out.shape, generator=gen).to(DEV, dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
@@ -179,14 +189,14 @@ def test_dropout_matches_reference_with_the_mask(case, p):
 
     r64, rlp = ref(torch.float64), ref(dtype)
     assert_close("out", out, r64[0], rlp[0], dtype, factor=OUT_FACTOR)
-    assert_close("lse (dropout leaves it alone)", lse, r64[1], rlp[1], dtype,
+    assert_close("lse (dropout leaves it alone)", lse.detach(), r64[1], rlp[1], dtype,
                  factor=OUT_FACTOR)
     for name, g, g64, glp in zip("qkv", grads, r64[2], rlp[2]):
         assert_close(f"d{name}", g, g64, glp, dtype, factor=GRAD_FACTOR)
     # The mask is the definition's: another call with the same generator state is the same
     # bits, and without dropout the output differs.
-    again = attnkit.attention(q, k, v, **opts, dropout_p=p,
-                              generator=torch.Generator(DEV).manual_seed(seed), backend="cupy")
+    again = attnkit.attention(q, k, v, **opts, dropout_p=p, generator=_gen(seed),
+                              backend="cupy")
     assert not bit_difference("out", again, out)
     plain = attnkit.attention(q, k, v, **opts, backend="cupy")
     assert not torch.equal(plain, out)
@@ -201,10 +211,9 @@ def test_dropout_mask_read_back_is_the_definition():
         B, H, Sq, S = 2, 3, 70, 64
         q = torch.zeros(B, H, Sq, S, dtype=dtype, device=DEV)
         eye = torch.eye(S, dtype=dtype, device=DEV).expand(B, H, S, S)
-        out = attnkit.attention(q, eye, eye, dropout_p=0.3,
-                                generator=torch.Generator(DEV).manual_seed(7), backend="cupy")
+        out = attnkit.attention(q, eye, eye, dropout_p=0.3, generator=_gen(7), backend="cupy")
         want = dropout_keep_mask(draw_state(torch.device(DEV),
-                                            torch.Generator(DEV).manual_seed(7)),
+                                            _gen(7)),
                                  0.3, B, H, Sq, S)
         bad = ((out > 0.5 / S) != want).sum().item()
         assert bad == 0, f"{dtype}: {bad} keep decisions differ from attnkit.dropout's mask"
