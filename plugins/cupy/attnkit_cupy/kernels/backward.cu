@@ -608,9 +608,13 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
             }
             const bool vis = band.visible(i, j, BAND);
             const float p = vis ? expf(x - lse_r[r]) : 0.f;
-            float dpv = dp[r];
-            if constexpr (DROP) dpv = drop.keep((u32)(b * Hq + h), i, j) ? dpv * drop.scale : 0.f;
-            float ds = p * (vis ? dpv - dlt[r] : 0.f);  // masked: 0 * 0, whatever delta holds
+            float ds;  // masked: 0 * 0, whatever delta holds
+            if constexpr (DROP) {  // dP = cZ (dO V^T)
+                const bool kept = drop.keep((u32)(b * Hq + h), i, j);
+                ds = p * (vis ? (kept ? dp[r] * drop.scale : 0.f) - dlt[r] : 0.f);
+            } else {
+                ds = p * (vis ? dp[r] - dlt[r] : 0.f);
+            }
             if (SOFTCAP) ds *= 1.f - t * t;
 #pragma unroll 8
             for (int jj = 0; jj < BN; ++jj) {
@@ -728,13 +732,15 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
                 // Masked: 0 * 0, whatever delta or (for a key that exists for no query) its
                 // K/V rows hold; its tanh too may be NaN.
                 const float p = vis ? expf(x - sL[lane]) : 0.f;
-                float dpv = dp[r], pv = p;
+                float ds, pv;
                 if constexpr (DROP) {  // dP = cZ (dO V^T); dV takes cZP
                     const bool kept = drop.keep((u32)(b * Hq + h), i, j);
-                    dpv = kept ? dpv * drop.scale : 0.f;
+                    ds = p * (vis ? (kept ? dp[r] * drop.scale : 0.f) - sD[lane] : 0.f);
                     pv = kept ? p * drop.scale : 0.f;
+                } else {
+                    ds = p * (vis ? dp[r] - sD[lane] : 0.f);
+                    pv = p;
                 }
-                float ds = p * (vis ? dpv - sD[lane] : 0.f);
                 if (SOFTCAP) ds = vis ? ds * (1.f - t * t) : 0.f;
 #pragma unroll 8
                 for (int ii = 0; ii < BQ; ++ii) {
