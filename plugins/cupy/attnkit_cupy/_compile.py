@@ -1,7 +1,8 @@
 """Kernel variants, their launch geometry, and the lazy NVRTC module cache.
 
 A `Variant` is one compiled configuration: a kernel source (forward, backward or the split-KV
-decode), an element type, a padded head dim and the two masking flags. Each is compiled once
+decode), an element type, a padded head dim, the two masking flags and, for the forward and
+backward, the feature bits (packed sequences or dropout; FEAT_*). Each is compiled once
 per device through ``cupy.RawModule(code=..., options=..., name_expressions=[...])``; CuPy
 adds ``-arch=sm_XY`` for the current device and caches the cubin on disk, so a configuration
 is built once per machine. `all_variants` lists every configuration the backend can ask for:
@@ -49,6 +50,11 @@ DECODE_ROWS = 16
 #: The fp32 decode kernel's fixed tiles (DecF32Cfg): warps, keys per tile, stages.
 DECODE_F32 = (4, 32, 2)
 
+#: Feature bits of the forward/backward kernels (ATTN_VARLEN / ATTN_DROPOUT of common.cuh): the
+#: template argument FEAT. 0 is the plain kernel; packed sequences and dropout are not combined.
+FEAT_VARLEN, FEAT_DROPOUT = 1, 2
+FEATURES = (0, FEAT_VARLEN, FEAT_DROPOUT)
+
 #: NVRTC options. CuPy appends -arch=sm_XY for the current device (and caches per arch).
 OPTIONS = ("-std=c++17",)
 
@@ -74,11 +80,17 @@ class Variant:
     #: fp16/bf16 tile sizes, (forward tile), (dq tile, dkdv tile) or (decode tile): part of
     #: the cache key.
     tiles: tuple = ()
+    #: FEAT_* bits (forward and backward only).
+    feat: int = 0
 
     def kernels(self) -> dict[str, str]:
         """Role -> C++ name expression of every kernel of this variant."""
         flags = f"{_b(self.band)}, {_b(self.softcap)}>"
         dp = self.dp
+        if self.source != "decode":
+            flags = f"{_b(self.band)}, {_b(self.softcap)}, {self.feat}>"
+        elif self.feat:
+            raise ValueError("the split-KV decode kernels take no feature bits")
         if self.source == "decode":
             if self.dtype == "fp32":
                 return {"split": f"decode_split_f32_kernel<{dp}, {flags}",
@@ -160,16 +172,18 @@ def _tiles(source: str, dtype: str, dp: int) -> tuple:
     return FWD_TILES[dp] if source == "forward" else (DQ_TILES[dp], DKV_TILES[dp])
 
 
-def variant_for(source: str, dtype: str, head_dim: int, band: bool, softcap: bool) -> Variant:
+def variant_for(source: str, dtype: str, head_dim: int, band: bool, softcap: bool,
+                feat: int = 0) -> Variant:
     dp = head_dim_bucket(head_dim)
-    return Variant(source, dtype, dp, bool(band), bool(softcap), _tiles(source, dtype, dp))
+    return Variant(source, dtype, dp, bool(band), bool(softcap), _tiles(source, dtype, dp), feat)
 
 
 def all_variants() -> list[Variant]:
     """Every configuration the backend can ask for."""
-    return [Variant(src, dt, dp, band, cap, _tiles(src, dt, dp))
+    return [Variant(src, dt, dp, band, cap, _tiles(src, dt, dp), feat)
             for src in SOURCES for dt in DTYPES for dp in HEAD_DIM_BUCKETS
-            for band in (False, True) for cap in (False, True)]
+            for band in (False, True) for cap in (False, True)
+            for feat in (FEATURES if src != "decode" else (0,))]
 
 
 _INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.M)

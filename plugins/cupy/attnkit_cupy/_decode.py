@@ -59,8 +59,10 @@ def use_split_kv(problem: AttentionProblem) -> bool:
     """True for decoding-shaped problems: ``Sq <= 16`` queries over at least
     ``MIN_KEYS_PER_SPLIT`` visible keys. This kernel then runs even with a single split: it
     reads each K/V head once for its whole query group, where the forward kernel reads it
-    once per query head with mostly empty query tiles."""
-    if problem.seqlen_q > MAX_DECODE_QUERIES or problem.is_empty:
+    once per query head with mostly empty query tiles. Packed (varlen) and dropout calls run
+    the forward kernel, which has those features."""
+    if (problem.seqlen_q > MAX_DECODE_QUERIES or problem.is_empty or problem.varlen
+            or problem.dropout_p > 0):
         return False
     return visible_span(problem) >= MIN_KEYS_PER_SPLIT
 

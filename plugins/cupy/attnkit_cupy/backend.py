@@ -64,6 +64,9 @@ class CupyBackend(Backend):
         causal=True, gqa=True, window=True, seqlens_k=True, softcap=True, lse=True,
         backward=True, deterministic=True, cuda_capability_min=MIN_COMPUTE_CAPABILITY,
         lse_grad=True,
+        # Fused in the forward/backward kernels (FEAT bits of kernels/common.cuh); decoding
+        # shapes with either run those kernels instead of the split-KV decode.
+        varlen=True, dropout=True,
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -110,16 +113,28 @@ class CupyBackend(Backend):
                                f"allows {limit}")
         return reasons
 
-    def forward(self, problem, q, k, v, seqlens_k):
+    def forward(self, problem, q, k, v, seqlens_k, dropout=None):
         from . import _decode, _launch
 
         # Decoding shapes (Sq <= 16, a long key range, too few blocks to fill the GPU) split
         # the keys across blocks and merge (kernels/decode.cu).
         if _decode.use_split_kv(problem):
             return _decode.decode_forward(problem, q, k, v, seqlens_k)
-        return _launch.forward(problem, q, k, v, seqlens_k)
+        return _launch.forward(problem, q, k, v, seqlens_k, dropout)
 
-    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None):
+    def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
         from . import _launch
 
-        return _launch.backward(problem, q, k, v, out, lse, dout, seqlens_k, dlse)
+        return _launch.backward(problem, q, k, v, out, lse, dout, seqlens_k, dlse, dropout)
+
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        from . import _launch
+
+        return _launch.forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k)
+
+    def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
+                        dlse=None):
+        from . import _launch
+
+        return _launch.backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q,
+                                       cu_seqlens_k, dlse)

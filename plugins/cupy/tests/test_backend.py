@@ -88,8 +88,10 @@ def test_head_dim_buckets():
 
 def test_variants_name_every_kernel_and_fit_shared_memory():
     variants = _compile.all_variants()
-    assert len(variants) == len(set(variants)) == \
-        len(_compile.SOURCES) * 3 * len(_compile.HEAD_DIM_BUCKETS) * 4
+    # forward and backward once per feature set (plain, packed, dropout); decode plain only
+    per_source = 3 * len(_compile.HEAD_DIM_BUCKETS) * 4
+    assert len(variants) == len(set(variants)) == per_source * (2 * len(_compile.FEATURES) + 1)
+    assert {v.feat for v in variants if v.source == "decode"} == {0}
     roles = {"forward": {"fwd"}, "backward": {"delta", "dq", "dkdv"}, "decode": {"split", "merge"}}
     for var in variants:
         names = var.kernels()
@@ -176,3 +178,61 @@ def test_kernels_over_the_gpus_shared_memory_are_refused(monkeypatch):
     assert why.startswith("the decode split kernel at head dim 128")
     assert reasons(problem(128, grad=True), 101376, cc=75) == [
         "cuda:0 has compute capability 7.5; the cupy backend needs 8.0 or newer"]
+
+
+def test_varlen_and_dropout_are_declared_and_leave_the_decode_kernel():
+    """Both are fused in the forward/backward kernels only: a decoding shape with either runs
+    the forward kernel (the split-KV decode has neither)."""
+    from attnkit_cupy import _decode
+
+    caps = CupyBackend.capabilities
+    assert caps.varlen and caps.dropout
+    dense = attnkit.AttentionProblem(1, 8, 1, 1, 8192, 128, torch.bfloat16,
+                                     torch.device("cuda", 0))
+    assert _decode.use_split_kv(dense)
+    assert not _decode.use_split_kv(dense._replace(dropout_p=0.1))
+    assert not _decode.use_split_kv(dense._replace(varlen=True))
+
+
+def test_feature_bits_pick_the_kernels():
+    names = _compile.variant_for("forward", "bf16", 100, True, False,
+                                 _compile.FEAT_DROPOUT).kernels()
+    assert names["fwd"].endswith("true, false, 2>")
+    names = _compile.variant_for("backward", "fp32", 40, False, True,
+                                 _compile.FEAT_VARLEN).kernels()
+    assert names["dq"] == "bwd_dq_f32_kernel<64, false, true, 1>"
+    assert names["delta"] == "bwd_delta_f32_kernel"
+    with pytest.raises(ValueError, match="decode"):
+        _compile.Variant("decode", "bf16", 64, False, False, (4, 64, 4), 1).kernels()
+
+
+def test_packed_strides_and_vector_loads():
+    """A packed (total, H, D) tensor reaches the kernels as (0, head, row, column) strides; a
+    column slice of a qkv projection keeps 16-byte loads when its rows stay aligned."""
+    qkv = torch.zeros(10, 6, 64, dtype=torch.bfloat16)
+    q = qkv[:, :4]
+    assert [int(s) for s in _launch._packed_strides(q)] == [0, 64, 6 * 64, 1]
+    assert [int(s) for s in _launch._packed_strides(q, 3)] == [0, 64, 6 * 64]
+    assert _launch._vec_ok3(64, q, qkv[:, 4:5])
+    assert not _launch._vec_ok3(60, qkv[:, :, :60])  # D % 8
+    shifted = torch.zeros(10 * 6 * 64 + 1, dtype=torch.bfloat16)[1:].view(10, 6, 64)
+    assert not _launch._vec_ok3(64, shifted[:, :4])  # a 2-byte offset start
+    with pytest.raises(ValueError, match="total_q \\+ total_k"):
+        _launch.check_packed_lengths(_launch.MAX_SEQ_SUM, 0)
+    _launch.check_packed_lengths(_launch.MAX_SEQ_SUM - 1, 0)
+
+
+def test_dropout_state_is_checked_and_passed():
+    from attnkit.dropout import Dropout
+
+    q = torch.zeros(1, 1, 4, 8)
+    drop = Dropout(0.25, torch.tensor([3, 4], dtype=torch.int64))
+    cu_q, cu_k, state, thr, scale = _launch._extras(dropout=drop, q=q)
+    assert state == drop.state.data_ptr() and int(cu_q) == int(cu_k) == 0
+    assert thr == np.uint32(drop.threshold) and thr.dtype == np.uint32
+    assert scale == np.float32(1 / 0.75)
+    assert [int(x) for x in _launch._extras()[2:4]] == [0, 0]
+    for bad in (torch.tensor([3, 4], dtype=torch.int32), torch.tensor([3, 4, 5]),
+                torch.tensor([[3, 5], [4, 6]])[:, 0]):
+        with pytest.raises(TypeError, match="dropout.state"):
+            _launch._extras(dropout=Dropout(0.25, bad), q=q)

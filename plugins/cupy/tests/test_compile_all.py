@@ -37,6 +37,34 @@ def test_every_kernel_instance_compiles_with_nvcc():
 def test_a_broken_instance_fails(tmp_path):
     """A name expression with no such kernel makes its unit fail: the check can fail."""
     r = compile_all.compile_unit(shutil.which("nvcc"), tmp_path, "forward_fp32", "forward",
-                                 ["fwd_f32_kernel<64, false, false>", "no_such_kernel<1>"],
+                                 ["fwd_f32_kernel<64, false, false, 0>", "no_such_kernel<1>"],
                                  "80")
     assert not r.ok and r.returncode != 0 and "no_such_kernel" in r.log
+
+
+def test_units_per_feature_set():
+    """Packed and dropout kernels compile in their own units (their registers are reported
+    apart from the plain kernels'), and a unit can be picked by name."""
+    names = {name for name, _, _ in compile_all.units()}
+    for src in ("forward", "backward"):
+        for dt in ("fp16", "bf16", "fp32"):
+            assert {f"{src}_{dt}", f"{src}_{dt}_varlen", f"{src}_{dt}_dropout"} <= names
+    assert "decode_bf16_dropout" not in names and "decode_bf16" in names
+    with pytest.raises(ValueError, match="no such unit"):
+        compile_all.compile_all(("80",), only=["forward_bf16_nothing"], nvcc=sys.executable)
+
+
+def test_kernel_usage_is_read_from_ptxas_output():
+    log = ("ptxas info    : Compiling entry function '_Z3fooILi1EEvv' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooILi1EEvv\n"
+           "    16 bytes stack frame, 12 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers\n"
+           "ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3barv\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 40 registers\n")
+    r = compile_all.UnitResult("u", "90", 0, 2, 2, 255, 12, 0.0, "", log)
+    usage = r.kernel_usage()
+    assert [(regs, spill) for _, regs, spill in usage] == [(255, 12), (40, 0)]
+    if shutil.which("c++filt"):
+        assert usage[1][0] == "bar()"

@@ -21,7 +21,17 @@
 //
 // fp16/bf16 kernels use tensor cores (mma.sync m16n8k16 + ldmatrix, cp.async double
 // buffering); the *_f32 kernels are the exact fp32 path on CUDA cores.
+//
+// FEAT (common.cuh) adds packed sequences (ATTN_VARLEN: grid z indexes sequences, lse and
+// delta are (Hq, total_q)) or dropout (ATTN_DROPOUT: the forward's keep mask regenerated,
+// dV = (cZP)^T dO and dP = cZ (dO V^T), c = 1 / (1 - p); delta is unchanged). FEAT = 0 is the
+// plain kernel; the trailing arguments (offsets, dropout state) are then ignored. The delta
+// kernels serve packed calls as one batch of total_q rows.
 #include "common.cuh"
+
+// Philox calls per lane evaluated side by side for a tile's dropout mask
+// (AttnDropout::row_bits / col_bits): more hold more registers beside the accumulators.
+#define BWD_DROP_UNROLL 2
 
 // ---- delta = rowsum(dO * O) ----------------------------------------------------------------
 
@@ -70,7 +80,7 @@ __global__ void __launch_bounds__(128) bwd_delta_f32_kernel(
 // 4 warps of 16 query rows (64 queries per block), BN keys per streamed tile (host-chosen,
 // _compile.DQ_TILES). Shared memory: (2 * 64 + 4 * BN) * (DP + 8) * 2 bytes (Q, dO, two
 // stages of K and V).
-template <typename T, int DP, int BN, bool BAND, bool SOFTCAP>
+template <typename T, int DP, int BN, bool BAND, bool SOFTCAP, int FEAT>
 __global__ void __launch_bounds__(128) bwd_dq_kernel(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u16* __restrict__ dout, const float* __restrict__ lse,
@@ -79,7 +89,9 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
     i64 v_sb, i64 v_sh, i64 v_ss, i64 v_sd, i64 g_sb, i64 g_sh, i64 g_ss, i64 g_sd,
     i64 dq_sb, i64 dq_sh, i64 dq_ss,
     int Hq, int group, int Sq, int Sk, int D, int left, int right,
-    float scale_log2, float cap_in, float cap_out, float scale, int vec) {
+    float scale_log2, float cap_in, float cap_out, float scale, int vec,
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+    const i64* __restrict__ drop_state, u32 drop_threshold, float drop_scale) {
     static_assert(DP % 32 == 0 && BN % 16 == 0, "bad dq tile");
     using E = Elem<T>;
     constexpr int BM = 64, LDS = DP + 8, NT = 128;
@@ -93,21 +105,30 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
-    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
-    const u16* kg = k + b * k_sb + hk * k_sh;
-    const u16* vg = v + b * v_sb + hk * v_sh;
+    constexpr bool VARLEN = (FEAT & ATTN_VARLEN) != 0, DROP = (FEAT & ATTN_DROPOUT) != 0;
+    const Span span = Span::of<VARLEN>(seqlens, cu_q, cu_k, b, Sq, Sk, left, right);
+    const Band band = span.band;
+    const int sq = span.sq;
+    const AttnDropout drop =
+        DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
+    if (VARLEN && m0 >= sq) return;  // a tile past its sequence's end: nothing to write
+    const u32 bh = (u32)(b * Hq + h);
+    const u16* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const u16* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
 
-    const int m1 = min(m0 + BM, Sq) - 1;
+    const int m1 = min(m0 + BM, sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
     const int t0 = lo / BN;
     const int ntiles = hi > lo ? (hi + BN - 1) / BN - t0 : 0;
     const int kfirst = band.key_first(BAND);
 
     if (ntiles > 0) {
-        load_tile_16<BM, DP, LDS, NT>(sQ, q + b * q_sb + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
-                                      Sq - m0, D, vec, q);
-        load_tile_16<BM, DP, LDS, NT>(sG, dout + b * g_sb + h * g_sh + (i64)m0 * g_ss, g_ss,
-                                      g_sd, Sq - m0, D, vec, dout);
+        load_tile_16<BM, DP, LDS, NT>(
+            sQ, q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
+            sq - m0, D, vec, q);
+        load_tile_16<BM, DP, LDS, NT>(
+            sG, dout + span.q_base<VARLEN>(b, g_sb, g_ss) + h * g_sh + (i64)m0 * g_ss, g_ss,
+            g_sd, sq - m0, D, vec, dout);
         const int n0 = t0 * BN;
         // Only this first tile can reach below kfirst (the next start past key_lo(m0)).
         load_tile_16<BN, DP, LDS, NT, true>(sK, kg + (i64)n0 * k_ss, k_ss, k_sd, band.skb - n0,
@@ -122,9 +143,9 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         const int i = m0 + warp * 16 + (lane >> 2) + hf * 8;
-        const i64 idx = ((i64)b * Hq + h) * Sq + i;
-        lse2[hf] = i < Sq ? lse_to_log2(lse[idx]) : pos_inf();
-        dlt[hf] = i < Sq ? delta[idx] : 0.f;
+        const i64 idx = span.stat<VARLEN>(b, h, Hq, Sq) + i;
+        lse2[hf] = i < sq ? lse_to_log2(lse[idx]) : pos_inf();
+        dlt[hf] = i < sq ? delta[idx] : 0.f;
     }
 
     float acc[NTD][4];
@@ -183,12 +204,22 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
         // dP - delta and tanh are selected as -inf, 0, 0, 0: P = dS = 0 exactly, whatever lse
         // or delta hold there (NaN, inf).
         const bool full = band.tile_full(m0, m1, n0, n0 + BN - 1, BAND);
+        unsigned long long kept = 0;
+        if constexpr (DROP)
+            // call c = 2 n + hf: row hf, 8-key group n; bit n * 4 + e
+            kept = drop.row_bits<NTN * 2, BWD_DROP_UNROLL>(bh, lane, [&](int c, int& i, int& g) {
+                i = m0 + wrow + (lane >> 2) + (c & 1) * 8;
+                g = (n0 >> 3) + (c >> 1);
+            }, WarpShfl{});
 #pragma unroll
         for (int n = 0; n < NTN; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int hf = e >> 1;
-                float x = s[n][e], t = 0.f, l2 = lse2[hf], dd = dp[n][e] - dlt[hf];
+                float dpv = dp[n][e];
+                if constexpr (DROP)  // dP = cZ (dO V^T)
+                    dpv = (kept >> (n * 4 + e)) & 1 ? dpv * drop.scale : 0.f;
+                float x = s[n][e], t = 0.f, l2 = lse2[hf], dd = dpv - dlt[hf];
                 if (SOFTCAP) {
                     t = tanhf(x * cap_in);
                     x = t * cap_out;
@@ -215,8 +246,8 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         const int i = m0 + wrow + (lane >> 2) + hf * 8;
-        if (i >= Sq) continue;
-        u16* row = dq + b * dq_sb + h * dq_sh + (i64)i * dq_ss;
+        if (i >= sq) continue;
+        u16* row = dq + span.q_base<VARLEN>(b, dq_sb, dq_ss) + h * dq_sh + (i64)i * dq_ss;
 #pragma unroll
         for (int d = 0; d < NTD; ++d) {
             const int c = d * 8 + (lane & 3) * 2;
@@ -238,7 +269,7 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(
 // in registers, so each block owns half of the columns (NCH = 2 blocks per key tile; S and dP
 // are recomputed by both). Shared memory: 2 * BK * (DP + 8) * 2 (K, V) + 4 * BQ * (DP + 8) * 2
 // (two stages of Q, dO) + 4 * BQ * 4 (two stages of lse, delta) bytes.
-template <typename T, int DP, int NW, int BQ, bool BAND, bool SOFTCAP>
+template <typename T, int DP, int NW, int BQ, bool BAND, bool SOFTCAP, int FEAT>
 __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u16* __restrict__ dout, const float* __restrict__ lse,
@@ -248,7 +279,9 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
     i64 v_sb, i64 v_sh, i64 v_ss, i64 v_sd, i64 g_sb, i64 g_sh, i64 g_ss, i64 g_sd,
     i64 dk_sb, i64 dk_sh, i64 dk_ss, i64 dv_sb, i64 dv_sh, i64 dv_ss,
     int Hq, int group, int Sq, int Sk, int D, int left, int right,
-    float scale_log2, float cap_in, float cap_out, float scale, int vec) {
+    float scale_log2, float cap_in, float cap_out, float scale, int vec,
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+    const i64* __restrict__ drop_state, u32 drop_threshold, float drop_scale) {
     static_assert(DP % 32 == 0 && BQ % 16 == 0, "bad dkdv tile");
     using E = Elem<T>;
     constexpr int NCH = DP > 128 ? 2 : 1, DC = DP / NCH;
@@ -266,28 +299,38 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
     const int kb = blockIdx.x / NCH, c0 = (blockIdx.x % NCH) * DC;
     const int hk = blockIdx.y, b = blockIdx.z;
     const int n0 = kb * BK;
-    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
+    constexpr bool VARLEN = (FEAT & ATTN_VARLEN) != 0, DROP = (FEAT & ATTN_DROPOUT) != 0;
+    const Span span = Span::of<VARLEN>(seqlens, cu_q, cu_k, b, Sq, Sk, left, right);
+    const Band band = span.band;
+    const int sq = span.sq;
+    const AttnDropout drop =
+        DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
+    if (VARLEN && n0 >= band.skb) return;  // a tile past its sequence's end
+    // Rows this block writes: up to Sk (zeros past seqlens_k), or to its sequence's end.
+    const int kend = VARLEN ? band.skb : Sk;
 
     // Queries that can see some key of this block, for every head of the group.
     const int n1 = min(n0 + BK, band.skb) - 1;
-    const int qlo = band.query_lo(n0, BAND), qhi = band.query_hi(n1, Sq, BAND);
+    const int qlo = band.query_lo(n0, BAND), qhi = band.query_hi(n1, sq, BAND);
     const int tq0 = qlo / BQ;
     const int ntq = (n0 < band.skb && qhi > qlo) ? (qhi + BQ - 1) / BQ - tq0 : 0;
     const int total = group * ntq;
 
-    const u16* kg = k + b * k_sb + hk * k_sh;
-    const u16* vg = v + b * v_sb + hk * v_sh;
+    const u16* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const u16* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
+    const i64 q_base = span.q_base<VARLEN>(b, q_sb, q_ss);
+    const i64 g_base = span.q_base<VARLEN>(b, g_sb, g_ss);
     auto issue = [&](int it, int st) {
         const int h = hk * group + it / ntq;
         const int mq0 = (tq0 + it % ntq) * BQ;
-        load_tile_16<BQ, DP, LDS, NT>(sQ + st * BQ * LDS, q + b * q_sb + h * q_sh + (i64)mq0 * q_ss,
-                                      q_ss, q_sd, Sq - mq0, D, vec, q);
+        load_tile_16<BQ, DP, LDS, NT>(sQ + st * BQ * LDS, q + q_base + h * q_sh + (i64)mq0 * q_ss,
+                                      q_ss, q_sd, sq - mq0, D, vec, q);
         load_tile_16<BQ, DP, LDS, NT>(sG + st * BQ * LDS,
-                                      dout + b * g_sb + h * g_sh + (i64)mq0 * g_ss, g_ss, g_sd,
-                                      Sq - mq0, D, vec, dout);
-        const i64 row = ((i64)b * Hq + h) * Sq + mq0;
-        load_row_f32<BQ, NT>(sL + st * BQ, lse + row, Sq - mq0, lse);
-        load_row_f32<BQ, NT>(sD + st * BQ, delta + row, Sq - mq0, delta);
+                                      dout + g_base + h * g_sh + (i64)mq0 * g_ss, g_ss, g_sd,
+                                      sq - mq0, D, vec, dout);
+        const i64 row = span.stat<VARLEN>(b, h, Hq, Sq) + mq0;
+        load_row_f32<BQ, NT>(sL + st * BQ, lse + row, sq - mq0, lse);
+        load_row_f32<BQ, NT>(sD + st * BQ, delta + row, sq - mq0, delta);
     };
 
     if (total > 0) {
@@ -311,6 +354,7 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
     for (int it = 0; it < total; ++it) {
         const int st = it & 1;
         const int mq0 = (tq0 + it % ntq) * BQ;
+        const u32 bh = (u32)(b * Hq + hk * group + it / ntq);
         if (it + 1 < total) {
             issue(it + 1, st ^ 1);
             cp_async_commit();
@@ -353,13 +397,28 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
 
         // P^T in s, dS^T in dp; masked pairs select -inf, 0, 0 as in the dQ kernel.
         const bool full = band.tile_full(mq0, mq0 + BQ - 1, n0, n0 + BK - 1, BAND) &&
-                          mq0 + BQ <= Sq;
+                          mq0 + BQ <= sq;
+        unsigned long long keep = 0;
+        if constexpr (DROP)
+            // call c = n * 4 + e: query column n * 8 + 2 (lane % 4) + e % 2, key group of
+            // rows j_row + 8 (e / 2); bit c
+            keep = drop.col_bits<NTQ * 4, BWD_DROP_UNROLL>(bh, lane, [&](int c, int& i, int& g) {
+                const int n = c >> 2, e = c & 3;
+                i = mq0 + n * 8 + (lane & 3) * 2 + (e & 1);
+                g = ((n0 + wrow) >> 3) + (e >> 1);
+            }, WarpShfl{});
 #pragma unroll
         for (int n = 0; n < NTQ; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int col = n * 8 + (lane & 3) * 2 + (e & 1);
-                float x = s[n][e], t = 0.f, l2 = lse_to_log2(cL[col]), dd = dp[n][e] - cD[col];
+                float dpv = dp[n][e];
+                bool kept = true;
+                if constexpr (DROP) {  // dP = cZ (dO V^T); dV takes cZP
+                    kept = (keep >> (n * 4 + e)) & 1;
+                    dpv = kept ? dpv * drop.scale : 0.f;
+                }
+                float x = s[n][e], t = 0.f, l2 = lse_to_log2(cL[col]), dd = dpv - cD[col];
                 if (SOFTCAP) {
                     t = tanhf(x * cap_in);
                     x = t * cap_out;
@@ -368,12 +427,12 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
                 }
                 if (!full) {
                     const int i = mq0 + col, j = j_row + (e >> 1) * 8;
-                    if (i >= Sq || !band.visible(i, j, BAND)) x = neg_inf(), l2 = dd = t = 0.f;
+                    if (i >= sq || !band.visible(i, j, BAND)) x = neg_inf(), l2 = dd = t = 0.f;
                 }
                 const float p = fast_exp2(x - l2);
                 float ds = p * dd;
                 if (SOFTCAP) ds *= 1.f - t * t;
-                s[n][e] = p;
+                s[n][e] = DROP ? (kept ? p * drop.scale : 0.f) : p;
                 dp[n][e] = ds;
             }
 
@@ -412,9 +471,9 @@ __global__ void __launch_bounds__(NW * 32) bwd_dkdv_kernel(
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         const int j = j_row + hf * 8;
-        if (j >= Sk) continue;
-        u16* krow = dk + b * dk_sb + hk * dk_sh + (i64)j * dk_ss;
-        u16* vrow = dv + b * dv_sb + hk * dv_sh + (i64)j * dv_ss;
+        if (j >= kend) continue;
+        u16* krow = dk + span.k_base<VARLEN>(b, dk_sb, dk_ss) + hk * dk_sh + (i64)j * dk_ss;
+        u16* vrow = dv + span.k_base<VARLEN>(b, dv_sb, dv_ss) + hk * dv_sh + (i64)j * dv_ss;
 #pragma unroll
         for (int d = 0; d < NTC; ++d) {
             const int c = c0 + d * 8 + (lane & 3) * 2;
@@ -458,7 +517,7 @@ ATTN_DEVICE void load_rows_f32(float* sm, const float* g, i64 s_row, i64 s_col, 
     }
 }
 
-template <int DP, bool BAND, bool SOFTCAP>
+template <int DP, bool BAND, bool SOFTCAP, int FEAT>
 __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ dout, const float* __restrict__ lse,
@@ -467,7 +526,9 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
     i64 v_sb, i64 v_sh, i64 v_ss, i64 v_sd, i64 g_sb, i64 g_sh, i64 g_ss, i64 g_sd,
     i64 dq_sb, i64 dq_sh, i64 dq_ss,
     int Hq, int group, int Sq, int Sk, int D, int left, int right,
-    float scale, float cap_in, float softcap, float unused, int unused2) {
+    float scale, float cap_in, float softcap, float unused, int unused2,
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+    const i64* __restrict__ drop_state, u32 drop_threshold, float drop_scale) {
     using C = BwdF32Cfg<DP>;
     constexpr int R = C::R, BM = C::BR, BN = C::BC, LDC = C::LDC, DPL = DP / 32, NT = C::NW * 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -479,14 +540,22 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
-    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
-    const float* kg = k + b * k_sb + hk * k_sh;
-    const float* vg = v + b * v_sb + hk * v_sh;
-    load_rows_f32<BM, DP, DP, NT>(sQ, q + b * q_sb + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
-                                  Sq - m0, D);
-    load_rows_f32<BM, DP, DP, NT>(sG, dout + b * g_sb + h * g_sh + (i64)m0 * g_ss, g_ss, g_sd,
-                                  Sq - m0, D);
-    const int m1 = min(m0 + BM, Sq) - 1;
+    constexpr bool VARLEN = (FEAT & ATTN_VARLEN) != 0, DROP = (FEAT & ATTN_DROPOUT) != 0;
+    const Span span = Span::of<VARLEN>(seqlens, cu_q, cu_k, b, Sq, Sk, left, right);
+    const Band band = span.band;
+    const int sq = span.sq;
+    const AttnDropout drop =
+        DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
+    if (VARLEN && m0 >= sq) return;  // a tile past its sequence's end: nothing to write
+    const float* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const float* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
+    load_rows_f32<BM, DP, DP, NT>(
+        sQ, q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
+        sq - m0, D);
+    load_rows_f32<BM, DP, DP, NT>(
+        sG, dout + span.q_base<VARLEN>(b, g_sb, g_ss) + h * g_sh + (i64)m0 * g_ss, g_ss, g_sd,
+        sq - m0, D);
+    const int m1 = min(m0 + BM, sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
     const int kfirst = band.key_first(BAND);
 
@@ -494,10 +563,10 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int i = m0 + warp * R + r;
-        const i64 idx = ((i64)b * Hq + h) * Sq + i;
+        const i64 idx = span.stat<VARLEN>(b, h, Hq, Sq) + i;
         // A fully-masked row (lse = -inf) gets +inf: every exp(s - lse) is then 0.
-        lse_r[r] = i < Sq ? (lse[idx] == neg_inf() ? pos_inf() : lse[idx]) : pos_inf();
-        dlt[r] = i < Sq ? delta[idx] : 0.f;
+        lse_r[r] = i < sq ? (lse[idx] == neg_inf() ? pos_inf() : lse[idx]) : pos_inf();
+        dlt[r] = i < sq ? delta[idx] : 0.f;
 #pragma unroll
         for (int c = 0; c < DPL; ++c) acc[r][c] = 0.f;
     }
@@ -539,7 +608,13 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
             }
             const bool vis = band.visible(i, j, BAND);
             const float p = vis ? expf(x - lse_r[r]) : 0.f;
-            float ds = p * (vis ? dp[r] - dlt[r] : 0.f);  // masked: 0 * 0, whatever delta holds
+            float ds;  // masked: 0 * 0, whatever delta holds
+            if constexpr (DROP) {  // dP = cZ (dO V^T)
+                const bool kept = drop.keep((u32)(b * Hq + h), i, j);
+                ds = p * (vis ? (kept ? dp[r] * drop.scale : 0.f) - dlt[r] : 0.f);
+            } else {
+                ds = p * (vis ? dp[r] - dlt[r] : 0.f);
+            }
             if (SOFTCAP) ds *= 1.f - t * t;
 #pragma unroll 8
             for (int jj = 0; jj < BN; ++jj) {
@@ -554,15 +629,15 @@ __global__ void __launch_bounds__(128) bwd_dq_f32_kernel(
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int i = m0 + warp * R + r;
-        if (i >= Sq) continue;
-        float* row = dq + b * dq_sb + h * dq_sh + (i64)i * dq_ss;
+        if (i >= sq) continue;
+        float* row = dq + span.q_base<VARLEN>(b, dq_sb, dq_ss) + h * dq_sh + (i64)i * dq_ss;
 #pragma unroll
         for (int c = 0; c < DPL; ++c)
             if (lane + 32 * c < D) row[lane + 32 * c] = acc[r][c] * scale;
     }
 }
 
-template <int DP, bool BAND, bool SOFTCAP>
+template <int DP, bool BAND, bool SOFTCAP, int FEAT>
 __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ dout, const float* __restrict__ lse,
@@ -572,7 +647,9 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
     i64 v_sb, i64 v_sh, i64 v_ss, i64 v_sd, i64 g_sb, i64 g_sh, i64 g_ss, i64 g_sd,
     i64 dk_sb, i64 dk_sh, i64 dk_ss, i64 dv_sb, i64 dv_sh, i64 dv_ss,
     int Hq, int group, int Sq, int Sk, int D, int left, int right,
-    float scale, float cap_in, float softcap, float unused, int unused2) {
+    float scale, float cap_in, float softcap, float unused, int unused2,
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+    const i64* __restrict__ drop_state, u32 drop_threshold, float drop_scale) {
     using C = BwdF32Cfg<DP>;
     constexpr int R = C::R, BK = C::BR, BQ = C::BC, LDC = C::LDC, DPL = DP / 32, NT = C::NW * 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -585,13 +662,23 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n0 = blockIdx.x * BK, hk = blockIdx.y, b = blockIdx.z;
-    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
-    load_rows_f32<BK, DP, DP, NT>(sK, k + b * k_sb + hk * k_sh + (i64)n0 * k_ss, k_ss, k_sd,
-                                  band.skb - n0, D);
-    load_rows_f32<BK, DP, DP, NT>(sV, v + b * v_sb + hk * v_sh + (i64)n0 * v_ss, v_ss, v_sd,
-                                  band.skb - n0, D);
+    constexpr bool VARLEN = (FEAT & ATTN_VARLEN) != 0, DROP = (FEAT & ATTN_DROPOUT) != 0;
+    const Span span = Span::of<VARLEN>(seqlens, cu_q, cu_k, b, Sq, Sk, left, right);
+    const Band band = span.band;
+    const int sq = span.sq;
+    const AttnDropout drop =
+        DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
+    if (VARLEN && n0 >= band.skb) return;  // a tile past its sequence's end
+    // Rows this block writes: up to Sk (zeros past seqlens_k), or to its sequence's end.
+    const int kend = VARLEN ? band.skb : Sk;
+    load_rows_f32<BK, DP, DP, NT>(
+        sK, k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh + (i64)n0 * k_ss, k_ss, k_sd,
+        band.skb - n0, D);
+    load_rows_f32<BK, DP, DP, NT>(
+        sV, v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh + (i64)n0 * v_ss, v_ss, v_sd,
+        band.skb - n0, D);
     const int n1 = min(n0 + BK, band.skb) - 1;
-    const int qlo = band.query_lo(n0, BAND), qhi = band.query_hi(n1, Sq, BAND);
+    const int qlo = band.query_lo(n0, BAND), qhi = band.query_hi(n1, sq, BAND);
     const bool any = n0 < band.skb && qhi > qlo;
 
     float gk[R][DPL], gv[R][DPL];
@@ -604,16 +691,18 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
         const int h = hk * group + hh;
         for (int mq0 = (qlo / BQ) * BQ; mq0 < qhi; mq0 += BQ) {
             __syncthreads();
-            load_rows_f32<BQ, DP, LDC, NT>(sQ, q + b * q_sb + h * q_sh + (i64)mq0 * q_ss, q_ss,
-                                           q_sd, Sq - mq0, D);
-            load_rows_f32<BQ, DP, LDC, NT>(sG, dout + b * g_sb + h * g_sh + (i64)mq0 * g_ss,
-                                           g_ss, g_sd, Sq - mq0, D);
+            load_rows_f32<BQ, DP, LDC, NT>(
+                sQ, q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh + (i64)mq0 * q_ss, q_ss,
+                q_sd, sq - mq0, D);
+            load_rows_f32<BQ, DP, LDC, NT>(
+                sG, dout + span.q_base<VARLEN>(b, g_sb, g_ss) + h * g_sh + (i64)mq0 * g_ss,
+                g_ss, g_sd, sq - mq0, D);
             if (threadIdx.x < BQ) {
                 const int i = mq0 + threadIdx.x;
-                const i64 idx = ((i64)b * Hq + h) * Sq + i;
-                const float l = i < Sq ? lse[idx] : neg_inf();
+                const i64 idx = span.stat<VARLEN>(b, h, Hq, Sq) + i;
+                const float l = i < sq ? lse[idx] : neg_inf();
                 sL[threadIdx.x] = l == neg_inf() ? pos_inf() : l;
-                sD[threadIdx.x] = i < Sq ? delta[idx] : 0.f;
+                sD[threadIdx.x] = i < sq ? delta[idx] : 0.f;
             }
             __syncthreads();
             float s[R], dp[R];
@@ -639,15 +728,23 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
                 } else {
                     x = s[r] * scale;
                 }
-                const bool vis = i < Sq && band.visible(i, j, BAND);
+                const bool vis = i < sq && band.visible(i, j, BAND);
                 // Masked: 0 * 0, whatever delta or (for a key that exists for no query) its
                 // K/V rows hold; its tanh too may be NaN.
                 const float p = vis ? expf(x - sL[lane]) : 0.f;
-                float ds = p * (vis ? dp[r] - sD[lane] : 0.f);
+                float ds, pv;
+                if constexpr (DROP) {  // dP = cZ (dO V^T); dV takes cZP
+                    const bool kept = drop.keep((u32)(b * Hq + h), i, j);
+                    ds = p * (vis ? (kept ? dp[r] * drop.scale : 0.f) - sD[lane] : 0.f);
+                    pv = kept ? p * drop.scale : 0.f;
+                } else {
+                    ds = p * (vis ? dp[r] - sD[lane] : 0.f);
+                    pv = p;
+                }
                 if (SOFTCAP) ds = vis ? ds * (1.f - t * t) : 0.f;
 #pragma unroll 8
                 for (int ii = 0; ii < BQ; ++ii) {
-                    const float pi = __shfl_sync(0xffffffffu, p, ii);
+                    const float pi = __shfl_sync(0xffffffffu, pv, ii);
                     const float dsi = __shfl_sync(0xffffffffu, ds, ii);
 #pragma unroll
                     for (int c = 0; c < DPL; ++c) {
@@ -662,9 +759,9 @@ __global__ void __launch_bounds__(128) bwd_dkdv_f32_kernel(
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int j = n0 + warp * R + r;
-        if (j >= Sk) continue;
-        float* krow = dk + b * dk_sb + hk * dk_sh + (i64)j * dk_ss;
-        float* vrow = dv + b * dv_sb + hk * dv_sh + (i64)j * dv_ss;
+        if (j >= kend) continue;
+        float* krow = dk + span.k_base<VARLEN>(b, dk_sb, dk_ss) + hk * dk_sh + (i64)j * dk_ss;
+        float* vrow = dv + span.k_base<VARLEN>(b, dv_sb, dv_ss) + hk * dv_sh + (i64)j * dv_ss;
 #pragma unroll
         for (int c = 0; c < DPL; ++c)
             if (lane + 32 * c < D) {

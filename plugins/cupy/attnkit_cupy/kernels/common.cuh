@@ -180,6 +180,193 @@ struct Band {
     }
 };
 
+// ---- packed variable-length batches -----------------------------------------------------
+
+// Feature bits of the fwd/bwd kernels (template argument FEAT): 0 is the plain dense kernel.
+// ATTN_VARLEN: grid z indexes the sequences of cu_q/cu_k offsets, not batches; Sq and Sk are
+//   the packed tensors' rows (total_q, total_k) and lse/delta are (Hq, total_q).
+// ATTN_DROPOUT: probabilities are dropped with attnkit.dropout's keep mask (AttnDropout).
+#define ATTN_VARLEN 1
+#define ATTN_DROPOUT 2
+
+// Where one block's batch (dense) or sequence (ATTN_VARLEN) lives: its query rows start at
+// row q0 of q/out (0 when dense: the batch stride places it) and its keys at row k0 of k/v;
+// sq query rows, and the band of its keys. Offsets are clamped to the tensors' rows because
+// the host does not read them (that would stall every call): any values keep every access
+// in bounds.
+struct Span {
+    Band band;
+    int sq;
+    int q0;
+    int k0;
+
+    template <bool VARLEN>
+    static ATTN_DEVICE Span of(const int* seqlens, const int* cu_q, const int* cu_k, int b,
+                               int Sq, int Sk, int left, int right) {
+        Span s;
+        if (VARLEN) {
+            s.q0 = min(max(cu_q[b], 0), Sq);
+            s.sq = min(max(cu_q[b + 1], s.q0), Sq) - s.q0;
+            s.k0 = min(max(cu_k[b], 0), Sk);
+            const int sk = min(max(cu_k[b + 1], s.k0), Sk) - s.k0;
+            s.band.skb = sk;
+            s.band.off = sk - s.sq;
+            s.band.left = left;
+            s.band.right = right;
+        } else {
+            s.q0 = s.k0 = 0;
+            s.sq = Sq;
+            s.band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
+        }
+        return s;
+    }
+
+    // Element offset of this batch's (dense: b * batch stride) or sequence's (packed: first
+    // row * row stride) query rows, and of its key rows.
+    template <bool VARLEN>
+    ATTN_DEVICE i64 q_base(int b, i64 s_b, i64 s_row) const {
+        return VARLEN ? (i64)q0 * s_row : b * s_b;
+    }
+    template <bool VARLEN>
+    ATTN_DEVICE i64 k_base(int b, i64 s_b, i64 s_row) const {
+        return VARLEN ? (i64)k0 * s_row : b * s_b;
+    }
+
+    // Index of query row 0 of head h in lse/delta: (B, Hq, Sq) dense, (Hq, total_q) packed.
+    template <bool VARLEN>
+    ATTN_DEVICE i64 stat(int b, int h, int Hq, int Sq) const {
+        return VARLEN ? (i64)h * Sq + q0 : ((i64)b * Hq + h) * Sq;
+    }
+};
+
+// ---- attention dropout ----------------------------------------------------------------------
+//
+// attnkit.dropout's keep mask: one Philox4x32-10 call (Salmon et al., SC'11) per query row and
+// 8 consecutive key columns, its 128 bits as eight 16-bit draws, low half of word 0 first:
+//   x = philox(counter = (j / 8, i, b * Hq + h, offset), key = (seed_lo, seed_hi))
+//   keep(b, h, i, j) = ((x[(j % 8) / 2] >> (16 * (j % 2))) & 0xFFFF) >= threshold
+// seed = state[0], offset = low word of state[1]. The state is read from device memory, so a
+// call needs no host sync and a CUDA graph replays with the generator's fresh draws.
+//
+// The mma kernels share each call among the lanes whose elements it covers (row_bits,
+// col_bits) instead of evaluating it once per element; Shfl is __shfl_sync on the device (a
+// functor, so the exchange can be checked off the device).
+struct WarpShfl {
+    ATTN_DEVICE u32 operator()(u32 x, int src) const { return __shfl_sync(0xffffffffu, x, src); }
+};
+
+struct AttnDropout {
+    u32 k0, k1, offset, threshold;
+    float scale;  // 1 / (1 - p)
+
+    static ATTN_DEVICE AttnDropout load(const i64* state, u32 threshold, float scale) {
+        AttnDropout d;
+        const unsigned long long seed = (unsigned long long)state[0];
+        d.k0 = (u32)seed;
+        d.k1 = (u32)(seed >> 32);
+        d.offset = (u32)(unsigned long long)state[1];
+        d.threshold = threshold;
+        d.scale = scale;
+        return d;
+    }
+
+    // The four words of philox4x32_10(counter = (c0, c1, c2, offset), key = (k0, k1)).
+    ATTN_DEVICE void philox(u32 c0, u32 c1, u32 c2, u32 (&x)[4]) const {
+        u32 c3 = offset, a = k0, b = k1;
+#pragma unroll
+        for (int r = 0; r < 10; ++r) {
+            if (r) {
+                a += 0x9E3779B9u;
+                b += 0xBB67AE85u;
+            }
+            const u32 hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+            const u32 hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+            c0 = hi1 ^ c1 ^ a;
+            c1 = lo1;
+            c2 = hi0 ^ c3 ^ b;
+            c3 = lo0;
+        }
+        x[0] = c0;
+        x[1] = c1;
+        x[2] = c2;
+        x[3] = c3;
+    }
+
+    // Word w (0..3) of a call, selected without indexing (x stays in registers).
+    static ATTN_DEVICE u32 word(const u32 (&x)[4], int w) {
+        return w < 2 ? (w == 0 ? x[0] : x[1]) : (w == 2 ? x[2] : x[3]);
+    }
+
+    // Draw d (0..7) of a call.
+    static ATTN_DEVICE u32 draw(const u32 (&x)[4], int d) {
+        return (word(x, d >> 1) >> ((d & 1) * 16)) & 0xFFFFu;
+    }
+
+    // One element (the fp32 kernels: a lane per key or query, one call per element).
+    ATTN_DEVICE bool keep(u32 bh, int i, int j) const {
+        u32 x[4];
+        philox((u32)j >> 3, (u32)i, bh, x);
+        return draw(x, j & 7) >= threshold;
+    }
+
+    // Keep bits in the mma accumulator layout with query rows and key columns (forward, dQ):
+    // a quad of lanes (lane / 4 equal) holds rows r and r + 8 and, in each 8-column group, the
+    // columns 2 (lane % 4) + {0, 1}: word lane % 4 of each call. Calls c = 0..NCALL-1 are
+    // (row, group) pairs: call(c, i, g) gives row i and group g = j / 8; bit 2c + b is column
+    // 2 (lane % 4) + b of call c. Each lane evaluates every fourth call and the quad trades
+    // words (4 shuffles per 4 calls): one call per 8 elements, not one per element.
+    template <int NCALL, int UNROLL, typename Call, typename Shfl>
+    ATTN_DEVICE unsigned long long row_bits(u32 bh, int lane, Call call, Shfl shfl) const {
+        static_assert(NCALL % 4 == 0 && 2 * NCALL <= 64, "row_bits: 4 | calls <= 32");
+        const int q = lane & 3;
+        unsigned long long bits = 0;
+#pragma unroll UNROLL
+        for (int c0 = 0; c0 < NCALL; c0 += 4) {
+            int i, g;
+            call(c0 + q, i, g);
+            u32 x[4];
+            philox((u32)g, (u32)i, bh, x);
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                // Lane q sends word (q + s) % 4 and gets word q of lane (q - s) % 4's call.
+                const int src = (q - s) & 3;
+                const u32 got = shfl(word(x, (q + s) & 3), (lane & ~3) | src);
+                const int c = c0 + src;
+                bits |= (unsigned long long)((got & 0xFFFFu) >= threshold) << (2 * c);
+                bits |= (unsigned long long)((got >> 16) >= threshold) << (2 * c + 1);
+            }
+        }
+        return bits;
+    }
+
+    // Keep bits in the transposed layout, key rows and query columns (dK/dV): lane holds key
+    // rows whose column in their 8-key group is lane / 4, so the 8 lanes of equal lane % 4
+    // need the same calls (same queries, same key groups), draw lane / 4 of each. Calls c =
+    // 0..NCALL-1 (call(c, i, g): query i, key group g), bit c. Each lane evaluates every
+    // eighth call and the 8 lanes trade draws (8 shuffles per 8 calls).
+    template <int NCALL, int UNROLL, typename Call, typename Shfl>
+    ATTN_DEVICE unsigned long long col_bits(u32 bh, int lane, Call call, Shfl shfl) const {
+        static_assert(NCALL % 8 == 0 && NCALL <= 64, "col_bits: 8 | calls <= 64");
+        const int t = lane >> 2;
+        unsigned long long bits = 0;
+#pragma unroll UNROLL
+        for (int c0 = 0; c0 < NCALL; c0 += 8) {
+            int i, g;
+            call(c0 + t, i, g);
+            u32 x[4];
+            philox((u32)g, (u32)i, bh, x);
+#pragma unroll
+            for (int s = 0; s < 8; ++s) {
+                // Lane t sends draw (t + s) % 8 and gets draw t of lane (t - s) % 8's call.
+                const int src = (t - s) & 7;
+                const u32 got = shfl(draw(x, (t + s) & 7), src * 4 + (lane & 3));
+                bits |= (unsigned long long)(got >= threshold) << (c0 + src);
+            }
+        }
+        return bits;
+    }
+};
+
 // ---- shared memory and asynchronous copies ----------------------------------------------
 
 ATTN_DEVICE u32 smem_u32(const void* p) {
@@ -297,10 +484,11 @@ ATTN_DEVICE void mma_p_times_tile(float (*acc)[4], const float (*s)[4], const u1
 
 // fp32 paths, one key per lane of a BN = 32 key tile: fold score x (this lane's key) into the
 // row's online softmax (m, l) and accumulate P V into acc (this lane's DP / 32 columns of a
-// BN x DP tile in shared memory, row stride DP).
-template <int BN, int DP>
+// BN x DP tile in shared memory, row stride DP). With DROP, a probability not kept enters
+// l but not P V.
+template <int BN, int DP, bool DROP = false>
 ATTN_DEVICE void f32_softmax_pv(float x, float& m, float& l, float* acc, const float* sV,
-                                int lane) {
+                                int lane, bool keep = true) {
     constexpr int DPL = DP / 32;
     const float mx = fmaxf(m, warp_max(x));
     const float mu = mx == neg_inf() ? 0.f : mx;
@@ -308,11 +496,12 @@ ATTN_DEVICE void f32_softmax_pv(float x, float& m, float& l, float* acc, const f
     const float p = expf(x - mu);
     m = mx;
     l = l * alpha + p;
+    const float pv = DROP && !keep ? 0.f : p;
 #pragma unroll
     for (int c = 0; c < DPL; ++c) acc[c] *= alpha;
 #pragma unroll 8
     for (int jj = 0; jj < BN; ++jj) {
-        const float pj = __shfl_sync(0xffffffffu, p, jj);
+        const float pj = __shfl_sync(0xffffffffu, pv, jj);
 #pragma unroll
         for (int c = 0; c < DPL; ++c) acc[c] = fmaf(pj, sV[jj * DP + lane + 32 * c], acc[c]);
     }

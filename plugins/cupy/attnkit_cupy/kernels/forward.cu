@@ -11,7 +11,10 @@
 //
 // Template parameters: DP is the head dim rounded up to a multiple of 32 (columns D..DP-1 are
 // zero in shared memory), then the tile sizes (below), BAND selects the sliding-window/causal
-// mask code (without it only key padding, Sk and seqlens_k, is masked), SOFTCAP the tanh cap.
+// mask code (without it only key padding, Sk and seqlens_k, is masked), SOFTCAP the tanh cap,
+// FEAT the ATTN_VARLEN / ATTN_DROPOUT bits (common.cuh; 0: neither, the code is the plain
+// kernel's). Their arguments come last: cu_q/cu_k (packed offsets), drop_state, the keep
+// threshold and 1 / (1 - p); the plain kernel ignores them.
 #include "common.cuh"
 
 // Option bits of fwd_kernel (OPT, the fourth element of _compile.FWD_TILES entries).
@@ -24,6 +27,9 @@
 #define FWD_QREG 1
 #define FWD_LAZY 2
 #define FWD_TWO_BARRIERS 4
+// Philox calls per lane evaluated side by side for a tile's dropout mask
+// (AttnDropout::row_bits): more hold more registers beside the accumulators.
+#define FWD_DROP_UNROLL 2
 
 // Tiles (chosen on the host, _compile.FWD_TILES): NW warps, each owning MT slabs of 16 query
 // rows (BM = NW * 16 * MT queries per block), BN keys per streamed tile, OPT option bits.
@@ -33,18 +39,22 @@
 // Pipeline (one barrier per key tile): wait for tile it, barrier, then issue tile it + 1 into
 // the other stage (the barrier also proves every warp finished tile it - 1, the last reader
 // of that stage), then the math of tile it while tile it + 1 lands.
-template <typename T, int DP, int NW, int MT, int BN, int OPT, bool BAND, bool SOFTCAP>
+template <typename T, int DP, int NW, int MT, int BN, int OPT, bool BAND, bool SOFTCAP,
+          int FEAT>
 __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     u16* __restrict__ o, float* __restrict__ lse, const int* __restrict__ seqlens,
     i64 q_sb, i64 q_sh, i64 q_ss, i64 q_sd, i64 k_sb, i64 k_sh, i64 k_ss, i64 k_sd,
     i64 v_sb, i64 v_sh, i64 v_ss, i64 v_sd, i64 o_sb, i64 o_sh, i64 o_ss,
     int Hq, int group, int Sq, int Sk, int D, int left, int right,
-    float scale_log2, float cap_in, float cap_out, int vec) {
+    float scale_log2, float cap_in, float cap_out, int vec,
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+    const i64* __restrict__ drop_state, u32 drop_threshold, float drop_scale) {
     static_assert(DP % 32 == 0 && BN % 16 == 0 && MT >= 1, "bad forward tile");
     using E = Elem<T>;
     constexpr bool QREG = (OPT & FWD_QREG) != 0, LAZY = (OPT & FWD_LAZY) != 0;
     constexpr bool TWO_BARRIERS = (OPT & FWD_TWO_BARRIERS) != 0;
+    constexpr bool VARLEN = (FEAT & ATTN_VARLEN) != 0, DROP = (FEAT & ATTN_DROPOUT) != 0;
     constexpr int BM = NW * 16 * MT, LDS = DP + 8, NT = NW * 32;
     constexpr int NTN = BN / 8;  // score n8 tiles per row slab
     constexpr int NTD = DP / 8;  // output n8 tiles per row slab
@@ -60,14 +70,17 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
-    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
+    const Span span = Span::of<VARLEN>(seqlens, cu_q, cu_k, b, Sq, Sk, left, right);
+    const Band band = span.band;
+    const int sq = span.sq;
+    if (VARLEN && m0 >= sq) return;  // a tile past its sequence's end: nothing to write
 
-    const u16* qg = q + b * q_sb + h * q_sh;
-    const u16* kg = k + b * k_sb + hk * k_sh;
-    const u16* vg = v + b * v_sb + hk * v_sh;
+    const u16* qg = q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh;
+    const u16* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const u16* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
 
     // Only key tiles that some query of this block can see are visited.
-    const int m1 = min(m0 + BM, Sq) - 1;
+    const int m1 = min(m0 + BM, sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
     const int t0 = lo / BN;
     const int ntiles = hi > lo ? (hi + BN - 1) / BN - t0 : 0;
@@ -126,13 +139,16 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
     // must be > 0 so the raw maximum is the scaled one; a scale <= 0 is applied up front.
     const bool pos_scale = scale_log2 > 0.f;
     const float mult = SOFTCAP ? cap_out : (pos_scale ? scale_log2 : 1.f);
+    const AttnDropout drop =
+        DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
+    const u32 bh = (u32)(b * Hq + h);
 
     // The Q tile, then the key tiles. Instantiated once per load path so the general loader's
     // registers never weigh on the vector path's loop.
     auto key_loop = [&](auto fast) {
         u32 qf[QREG ? MT : 1][QREG ? KD : 1][4];  // Q fragments (FWD_QREG)
         if (ntiles > 0) {
-            load_tile_16<BM, DP, LDS, NT>(sQ, qg + (i64)m0 * q_ss, q_ss, q_sd, Sq - m0, D, vec, q);
+            load_tile_16<BM, DP, LDS, NT>(sQ, qg + (i64)m0 * q_ss, q_ss, q_sd, sq - m0, D, vec, q);
             load_kv(t0 * BN, 0, fast, BoolTag<true>{});
             cp_async_commit();
             if (QREG) {
@@ -271,6 +287,23 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
                     }
                     row_l[mt][hf] += sum;
                 }
+            // Dropout after l has summed the probabilities; 1 / (1 - p) is applied to out.
+            if constexpr (DROP) {
+                // call c = 2 (mt * NTN + n) + hf: row hf of slab mt, 8-key group n
+                const unsigned long long kept = drop.row_bits<MT * NTN * 2, FWD_DROP_UNROLL>(
+                    bh, lane, [&](int c, int& i, int& g) {
+                        const int t = c >> 1, n = t % NTN, mt = t / NTN;
+                        i = m0 + wrow + mt * 16 + (lane >> 2) + (c & 1) * 8;
+                        g = (n0 >> 3) + n;
+                    }, WarpShfl{});
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NTN; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!((kept >> ((mt * NTN + n) * 4 + e)) & 1)) s[mt][n][e] = 0.f;
+            }
 
             // O += P V: the score accumulators are already laid out as mma A fragments.
 #pragma unroll
@@ -315,9 +348,9 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
         for (int hf = 0; hf < 2; ++hf) {
             const float l = quad_sum(row_l[mt][hf]);
             const int i = m0 + wrow + mt * 16 + (lane >> 2) + hf * 8;
-            if (i >= Sq) continue;
-            const float inv = l == 0.f ? 0.f : 1.f / l;
-            u16* orow = o + b * o_sb + h * o_sh + (i64)i * o_ss;
+            if (i >= sq) continue;
+            const float inv = l == 0.f ? 0.f : (DROP ? drop.scale : 1.f) / l;
+            u16* orow = o + span.q_base<VARLEN>(b, o_sb, o_ss) + h * o_sh + (i64)i * o_ss;
 #pragma unroll
             for (int d = 0; d < NTD; ++d) {
                 const int c = d * 8 + (lane & 3) * 2;
@@ -330,7 +363,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(
                 }
             }
             if ((lane & 3) == 0)
-                lse[((i64)b * Hq + h) * Sq + i] =
+                lse[span.stat<VARLEN>(b, h, Hq, Sq) + i] =
                     l == 0.f ? neg_inf() : (row_m[mt][hf] + log2f(l)) * ATTN_LN2;
         }
 }
@@ -356,14 +389,16 @@ ATTN_DEVICE void load_tile_f32(float* sm, const float* g, i64 s_row, i64 s_col, 
     }
 }
 
-template <int DP, bool BAND, bool SOFTCAP>
+template <int DP, bool BAND, bool SOFTCAP, int FEAT>
 __global__ void __launch_bounds__(128) fwd_f32_kernel(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     float* __restrict__ o, float* __restrict__ lse, const int* __restrict__ seqlens,
     i64 q_sb, i64 q_sh, i64 q_ss, i64 q_sd, i64 k_sb, i64 k_sh, i64 k_ss, i64 k_sd,
     i64 v_sb, i64 v_sh, i64 v_ss, i64 v_sd, i64 o_sb, i64 o_sh, i64 o_ss,
     int Hq, int group, int Sq, int Sk, int D, int left, int right,
-    float scale, float cap_in, float softcap, int unused) {
+    float scale, float cap_in, float softcap, int unused,
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+    const i64* __restrict__ drop_state, u32 drop_threshold, float drop_scale) {
     using C = F32Cfg<DP>;
     constexpr int R = C::R, BM = C::BM, BN = C::BN, LDK = C::LDK, DPL = DP / 32, NT = C::NW * 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -374,13 +409,21 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / group;
-    const Band band = Band::of_batch(seqlens, b, Sk, Sq, left, right);
-    const float* kg = k + b * k_sb + hk * k_sh;
-    const float* vg = v + b * v_sb + hk * v_sh;
+    constexpr bool VARLEN = (FEAT & ATTN_VARLEN) != 0, DROP = (FEAT & ATTN_DROPOUT) != 0;
+    const Span span = Span::of<VARLEN>(seqlens, cu_q, cu_k, b, Sq, Sk, left, right);
+    const Band band = span.band;
+    const int sq = span.sq;
+    if (VARLEN && m0 >= sq) return;  // a tile past its sequence's end: nothing to write
+    const float* kg = k + span.k_base<VARLEN>(b, k_sb, k_ss) + hk * k_sh;
+    const float* vg = v + span.k_base<VARLEN>(b, v_sb, v_ss) + hk * v_sh;
+    const AttnDropout drop =
+        DROP ? AttnDropout::load(drop_state, drop_threshold, drop_scale) : AttnDropout{};
+    const u32 bh = (u32)(b * Hq + h);
 
-    load_tile_f32<BM, DP, DP, NT>(sQ, q + b * q_sb + h * q_sh + (i64)m0 * q_ss, q_ss, q_sd,
-                                  Sq - m0, D);
-    const int m1 = min(m0 + BM, Sq) - 1;
+    load_tile_f32<BM, DP, DP, NT>(
+        sQ, q + span.q_base<VARLEN>(b, q_sb, q_ss) + h * q_sh + (i64)m0 * q_ss, q_ss,
+        q_sd, sq - m0, D);
+    const int m1 = min(m0 + BM, sq) - 1;
     const int lo = band.key_lo(m0, BAND), hi = band.key_hi(m1, BAND);
     const int kfirst = band.key_first(BAND);
 
@@ -410,7 +453,11 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
             const int i = m0 + warp * R + r;
             float x = SOFTCAP ? tanhf(s[r] * cap_in) * softcap : s[r] * scale;
             if (!band.visible(i, j, BAND)) x = neg_inf();
-            f32_softmax_pv<BN, DP>(x, row_m[r], row_l[r], acc[r], sV, lane);
+            if constexpr (DROP)
+                f32_softmax_pv<BN, DP, true>(x, row_m[r], row_l[r], acc[r], sV, lane,
+                                             drop.keep(bh, i, j));
+            else
+                f32_softmax_pv<BN, DP>(x, row_m[r], row_l[r], acc[r], sV, lane);
         }
     }
 
@@ -418,12 +465,14 @@ __global__ void __launch_bounds__(128) fwd_f32_kernel(
     for (int r = 0; r < R; ++r) {
         const int i = m0 + warp * R + r;
         const float l = warp_sum(row_l[r]);
-        if (i >= Sq) continue;
-        const float inv = l == 0.f ? 0.f : 1.f / l;  // l NaN (a NaN row): NaN out and lse
-        float* orow = o + b * o_sb + h * o_sh + (i64)i * o_ss;
+        if (i >= sq) continue;
+        // l NaN (a NaN row): NaN out and lse
+        const float inv = l == 0.f ? 0.f : (DROP ? drop.scale : 1.f) / l;
+        float* orow = o + span.q_base<VARLEN>(b, o_sb, o_ss) + h * o_sh + (i64)i * o_ss;
 #pragma unroll
         for (int c = 0; c < DPL; ++c)
             if (lane + 32 * c < D) orow[lane + 32 * c] = acc[r][c] * inv;
-        if (lane == 0) lse[((i64)b * Hq + h) * Sq + i] = l == 0.f ? neg_inf() : row_m[r] + logf(l);
+        if (lane == 0)
+            lse[span.stat<VARLEN>(b, h, Hq, Sq) + i] = l == 0.f ? neg_inf() : row_m[r] + logf(l);
     }
 }
