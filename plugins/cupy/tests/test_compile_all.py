@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,8 +28,11 @@ def test_units_name_every_kernel_instance_once():
 
 @pytest.mark.nvcc
 def test_every_kernel_instance_compiles_with_nvcc():
-    results = compile_all.compile_all(("80", "90"))
-    assert len(results) == 2 * len(compile_all.units())
+    """Every unit for sm_80 and sm_90; each unit's head dims 64 and 256 only (the sample CI
+    compiles) unless ATTNKIT_CUPY_COMPILE_ALL=1 asks for every instance."""
+    quick = os.environ.get("ATTNKIT_CUPY_COMPILE_ALL") != "1"
+    results = compile_all.compile_all(("80", "90"), quick=quick)
+    assert len(results) == 2 * len(compile_all.units(quick))
     failed = [f"{r.describe()}\n{r.command}\n{r.log[-3000:]}" for r in results if not r.ok]
     assert not failed, "\n".join(failed)
 
