@@ -207,6 +207,29 @@ def check_call_tensors(q, k_cache, v_cache, k_new, v_new, cache_layout: str,
             "attnkit.attention for training")
 
 
+def check_new_keys(q, k_cache, v_cache, k_new, v_new, heads_kv: int) -> int:
+    """``S_new`` of the keys/values to append (0 without), checked against q and the
+    caches (or page pools), which must then be writable."""
+    if k_new is None:
+        return 0
+    B, _, Sq, D = q.shape
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"k_new and v_new must have the same shape (B, Hkv, S_new, D): "
+                         f"{describe_tensor('k_new', k_new)}, "
+                         f"{describe_tensor('v_new', v_new)}")
+    Bn, Hn, s_new, Dn = k_new.shape
+    if (Bn, Hn, Dn) != (B, heads_kv, D):
+        raise ValueError(f"{describe_tensor('k_new', k_new)} must be (B={B}, Hkv={heads_kv}, "
+                         f"S_new, D={D}) to match {describe_tensor('k_cache', k_cache)}")
+    if Sq != s_new:
+        raise ValueError(f"{describe_tensor('q', q)} has Sq={Sq} queries but "
+                         f"{describe_tensor('k_new', k_new)} appends S_new={s_new} "
+                         "positions; each new position needs its query (Sq == S_new)")
+    if s_new > 0:
+        _check_writable_caches(k_cache, v_cache)
+    return s_new
+
+
 def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
     check_call_tensors(q, k_cache, v_cache, k_new, v_new, "(B, Hkv, S_max, D)", "the caches")
     if k_cache.shape != v_cache.shape:
@@ -222,23 +245,7 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> N
         raise ValueError(f"query heads must be a multiple of kv heads (GQA): "
                          f"{describe_tensor('q', q)} has Hq={Hq}, "
                          f"{describe_tensor('k_cache', k_cache)} has Hkv={Hkv}")
-    if k_new is not None:
-        if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new and v_new must have the same shape (B, Hkv, S_new, D): "
-                             f"{describe_tensor('k_new', k_new)}, "
-                             f"{describe_tensor('v_new', v_new)}")
-        Bn, Hn, s_new, Dn = k_new.shape
-        if (Bn, Hn, Dn) != (B, Hkv, D):
-            raise ValueError(f"{describe_tensor('k_new', k_new)} must be (B={B}, Hkv={Hkv}, "
-                             f"S_new, D={D}) to match {describe_tensor('k_cache', k_cache)}")
-        if Sq != s_new:
-            raise ValueError(f"{describe_tensor('q', q)} has Sq={Sq} queries but "
-                             f"{describe_tensor('k_new', k_new)} appends S_new={s_new} "
-                             "positions; each new position needs its query (Sq == S_new)")
-        if s_new > 0:
-            _check_writable_caches(k_cache, v_cache)
-    else:
-        s_new = 0
+    s_new = check_new_keys(q, k_cache, v_cache, k_new, v_new, Hkv)
     _check_cache_seqlens(cache_seqlens, q, B, S_max, s_new)
 
 

@@ -142,7 +142,7 @@ def paged_problem(q, k_pages, block_table, *, causal=True, scale=None, window=No
 def check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_table,
                        validate) -> int:
     """Types, shapes, dtypes and devices of a paged call (no values read); returns S_new."""
-    from .kvcache import _check_writable_caches, check_call_tensors
+    from .kvcache import check_call_tensors, check_new_keys
 
     if validate not in VALIDATE_MODES:
         raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
@@ -178,22 +178,7 @@ def check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_t
     if block_table.device != q.device:
         raise ValueError(f"{describe_tensor('block_table', block_table)} must be on q's "
                          f"device {q.device}")
-    s_new = 0
-    if k_new is not None:
-        if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new and v_new must have the same shape (B, Hkv, S_new, D): "
-                             f"{describe_tensor('k_new', k_new)}, "
-                             f"{describe_tensor('v_new', v_new)}")
-        Bn, Hn, s_new, Dn = k_new.shape
-        if (Bn, Hn, Dn) != (B, Hkv, D):
-            raise ValueError(f"{describe_tensor('k_new', k_new)} must be (B={B}, Hkv={Hkv}, "
-                             f"S_new, D={D}) to match {describe_tensor('k_cache', k_pages)}")
-        if Sq != s_new:
-            raise ValueError(f"{describe_tensor('q', q)} has Sq={Sq} queries but "
-                             f"{describe_tensor('k_new', k_new)} appends S_new={s_new} "
-                             "positions; each new position needs its query (Sq == S_new)")
-        if s_new > 0:
-            _check_writable_caches(k_pages, v_pages)
+    s_new = check_new_keys(q, k_pages, v_pages, k_new, v_new, Hkv)
     check_lengths_tensor("cache_seqlens", cache_seqlens, q, B)
     return s_new
 
