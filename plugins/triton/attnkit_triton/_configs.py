@@ -176,8 +176,10 @@ def _fp32_configs(block_d: int, arch: int) -> tuple[KernelConfig, KernelConfig, 
 
 #: Largest BLOCK_M x BLOCK_N of a kernel with dropout. The mask's reshape to the tile's
 #: layout goes through BLOCK_M x BLOCK_N bytes of shared memory and its Philox words hold
-#: registers: sm_90's 128x128 bf16 forward at D=128 then needs 241 KB (over 227) and the
-#: 64x128 dK/dV spills (tools/compile_tables.py --dropout). Not yet timed on a GPU.
+#: about 60 more registers: sm_90's 128x128 bf16 forward at D=128 would need 241 KB (over
+#: 227); its 128x64 needs 137 KB, 212 registers, no spill. The 64x128 dK/dV (at the limit)
+#: keeps its tile: 255 registers and 124 B of spills (tools/compile_tables.py --dropout).
+#: Not yet timed on a GPU.
 DROPOUT_TILE = 8192
 
 
