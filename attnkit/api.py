@@ -121,7 +121,8 @@ def attention(
     device for invalid input, and `attnkit.registry.NoBackendError` (a ``ValueError``)
     listing every backend's reasons when none can run the problem.
     """
-    if any(getattr(t, "is_nested", False) for t in (q, k, v)):
+    if (getattr(q, "is_nested", False) or getattr(k, "is_nested", False)  # no generator:
+            or getattr(v, "is_nested", False)):  # this runs on every call
         from .varlen import attention_jagged  # packed values and offsets: attention_varlen
 
         return attention_jagged(q, k, v, causal=causal, scale=scale, window=window,
