@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _ORDINAL = (r"(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|"
             r"twelfth|thirteenth|fourteenth|fifteenth|sixteenth|seventeenth|eighteenth|"
             r"nineteenth|twentieth|twenty-[a-z]+|thirtieth)")
-#: An ordinal before session/round/sweep, "this/last/next session", "run7b": history.
+#: History: an ordinal or a demonstrative before a word for a round of work, or a run number.
 HISTORY = re.compile(
     rf"\b{_ORDINAL}[- ](session|round|sweep)\b|\b(this|last|next|previous|earlier) "
     rf"(session|round)\b|\brun[0-9]+[a-z]?\b", re.IGNORECASE)
