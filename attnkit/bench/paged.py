@@ -27,7 +27,7 @@ from ..paged import paged_problem
 from ..spec import AttentionProblem
 from . import timing
 from .contenders import Contender, select_declaring
-from .grid import DTYPES, Row, Timing, kv_bytes
+from .grid import DTYPES, DecodeSpec, Row, kv_bytes
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
@@ -35,15 +35,11 @@ CALLS = ("contiguous", "paged", "contiguous-api", "paged-api")
 
 
 @dataclass
-class PagedSpec(Timing):
+class PagedSpec(DecodeSpec):
+    """The decoding table's shape, with the page sizes to lay its caches out in."""
+
     cache_lens: tuple[int, ...] = (1024, 4096, 16384, 65536)
     page_sizes: tuple[int, ...] = (16, 64)
-    batch: int = 16
-    heads_q: int = 32
-    heads_kv: int = 8
-    head_dim: int = 128
-    dtype: str = "bf16"
-    seqlen_q: int = 1
 
 
 def default_paged(device: str) -> PagedSpec:
