@@ -12,6 +12,21 @@ from attnkit import reference
 from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER
 
 
+def cache_case_id(case, parts: list[str], default_layout: str) -> str:
+    """A KV-cache case's id: ``parts``, then causal, window, softcap, a layout other than
+    ``default_layout`` and the tag."""
+    parts = [*parts, "causal" if case.causal else "noncausal"]
+    if case.window is not None:
+        parts.append(f"win{case.window[0]}_{case.window[1]}")
+    if case.softcap is not None:
+        parts.append(f"cap{case.softcap:g}")
+    if case.layout != default_layout:
+        parts.append(case.layout)
+    if case.tag:
+        parts.append(case.tag)
+    return "-".join(parts)
+
+
 @dataclass(frozen=True)
 class DecodeCase:
     batch: int = 4
@@ -32,18 +47,9 @@ class DecodeCase:
 
     @property
     def id(self) -> str:
-        parts = [DTYPE_NAMES[self.dtype], f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
-                 f"smax{self.s_max}new{self.s_new}q{self.seqlen_q}d{self.head_dim}"]
-        parts.append("causal" if self.causal else "noncausal")
-        if self.window is not None:
-            parts.append(f"win{self.window[0]}_{self.window[1]}")
-        if self.softcap is not None:
-            parts.append(f"cap{self.softcap:g}")
-        if self.layout != "bhsd":
-            parts.append(self.layout)
-        if self.tag:
-            parts.append(self.tag)
-        return "-".join(parts)
+        return cache_case_id(self, [
+            DTYPE_NAMES[self.dtype], f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+            f"smax{self.s_max}new{self.s_new}q{self.seqlen_q}d{self.head_dim}"], "bhsd")
 
     def make_inputs(self, device, gen: torch.Generator):
         """``(q, k_cache, v_cache, k_new, v_new, levels)``: random caches in the case's

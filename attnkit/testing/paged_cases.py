@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnkit.testing.cases import DTYPE_NAMES
-from attnkit.testing.decode_cases import decode_dtypes, rand
+from attnkit.testing.decode_cases import cache_case_id, decode_dtypes, rand
 
 PAGE_SIZES = (1, 5, 16, 64, 256)
 #: An entry past the pages a sequence needs: never read, so it may be anything.
@@ -48,19 +48,10 @@ class PagedCase:
 
     @property
     def id(self) -> str:
-        parts = [DTYPE_NAMES[self.dtype], f"page{self.page_size}", self.pages,
-                 f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
-                 f"len{self.max_len}new{self.s_new}q{self.seqlen_q}d{self.head_dim}",
-                 "causal" if self.causal else "noncausal"]
-        if self.window is not None:
-            parts.append(f"win{self.window[0]}_{self.window[1]}")
-        if self.softcap is not None:
-            parts.append(f"cap{self.softcap:g}")
-        if self.layout != "nhpd":
-            parts.append(self.layout)
-        if self.tag:
-            parts.append(self.tag)
-        return "-".join(parts)
+        return cache_case_id(self, [
+            DTYPE_NAMES[self.dtype], f"page{self.page_size}", self.pages,
+            f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+            f"len{self.max_len}new{self.s_new}q{self.seqlen_q}d{self.head_dim}"], "nhpd")
 
     @property
     def shared_pages(self) -> int:
