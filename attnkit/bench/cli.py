@@ -119,6 +119,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "pages shuffled through the pool, each backend that declares paged")
     p.add_argument("--page-sizes", type=_ints, metavar="N,..",
                    help="--paged page sizes (default 16,64)")
+    mode.add_argument("--sdpa-overhead", action="store_true",
+                      help="host microseconds per call of attnkit.sdpa beside attnkit.attention "
+                           "and torch's SDPA on small shapes (--device, first of --backends)")
     mode.add_argument("--context-parallel", action="store_true",
                       help="attnkit.distributed's fraction of ideal scaling per method and "
                            "layout (default 64k,128k tokens, bf16, D=128, causal): measured on "
@@ -304,6 +307,13 @@ def _run(args: argparse.Namespace) -> int:
         from .context_parallel import run_cli
 
         return run_cli(args)
+    if args.sdpa_overhead:
+        from . import resolve_device
+        from .dropin import format_rows, sdpa_overhead
+
+        rows = sdpa_overhead(resolve_device(args.device), backend=(args.backends or [None])[0])
+        print(format_rows(rows))
+        return 0
     out, label, reference = _check(args)
     if args.env:
         from . import abtest

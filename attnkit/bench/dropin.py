@@ -2,14 +2,13 @@
 ``torch.nn.functional.scaled_dot_product_attention`` on the same small inputs, where the
 host's work (argument checks, mask reading, autograd, launches) is what a call costs.
 
-``python -m attnkit.bench.dropin [--device cuda]`` prints the table; `sdpa_overhead` returns
+``attnkit bench --sdpa-overhead [--device cuda]`` prints the table; `sdpa_overhead` returns
 its rows. Host time is measured as `attnkit.bench.host` does (on a GPU, the stream held
 meanwhile so no call waits for it).
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -123,15 +122,3 @@ def format_rows(rows: list[OverheadRow]) -> str:
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default=None, help="attnkit's backend (default: auto)")
-    args = parser.parse_args(argv)
-    print(format_rows(sdpa_overhead(args.device, backend=args.backend)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
