@@ -619,6 +619,17 @@ def test_varlen_mixes_and_flops():
         mix_lengths("zipf", 100, 10)
 
 
+def test_varlen_padded_peer_left_out_past_32_bit_offsets():
+    from attnkit.bench.varlen import _padded_skip, mix_lengths
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    tail = mix_lengths("long-tailed", 65536, 2048)  # 81 documents, the longest 16k
+    reason = _padded_skip(tail, 32, 64, cuda)
+    assert reason and "2^31" in reason and "elements" in reason
+    assert _padded_skip(mix_lengths("equal", 65536, 2048), 32, 64, cuda) is None
+    assert _padded_skip(tail, 32, 64, cpu) is None  # the limit is the CUDA kernel's
+
+
 def test_varlen_end_to_end_on_a_cpu(tmp_path, capsys):
     rc = main(["bench", "--varlen", "--device", "cpu", "--quiet", "--tokens", "256",
                "--head-dims", "16", "--model-dim", "32", "--warmup-ms", "0", "--rep-ms", "1",

@@ -117,23 +117,25 @@ class Case:
             grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype)) if grad else None
         return out.detach(), lse.detach(), grads
 
-    def saved_state_grads(self, q, k, v, seqlens_k, dout, dlse=None, out=None, lse=None):
+    def saved_state_grads(self, q, k, v, seqlens_k, dout, dlse=None, out=None, lse=None,
+                          dropout=None):
         """(dq, dk, dv) as the contract computes them, in float32 from the state a backend
         saves: its ``out`` (in the input dtype) and ``lse`` (float32) where given, else the
         float32 forward's rounded so; then ``P = exp(S - lse)`` and
         ``delta = rowsum(dout * out) - dlse`` (`reference.backward`). The accuracy rule's
-        second low-precision reference for gradients; None for float64 inputs."""
+        second low-precision reference for gradients; None for float64 inputs. ``dropout``:
+        the call's `attnkit.dropout.Dropout`, whose mask both passes apply."""
         if q.dtype == torch.float64:
             return None
         qc, kc, vc = (t.detach().float() for t in (q, k, v))
         opts = self.options(seqlens_k)
         if out is None or lse is None:
-            out32, lse32 = reference.safe(qc, kc, vc, **opts)
+            out32, lse32 = reference.safe(qc, kc, vc, **opts, dropout=dropout)
             out = out32.to(q.dtype) if out is None else out
             lse = lse32 if lse is None else lse
         return reference.backward(qc, kc, vc, out.detach().float(), lse.detach().float(),
                                   dout.float(), dlse=None if dlse is None else dlse.float(),
-                                  **opts)
+                                  dropout=dropout, **opts)
 
     def judge(self, q, k, v, seqlens_k, dout, out=None, grads=None) -> list[tuple[bool, str]]:
         """The accuracy rule on ``out`` and/or ``grads`` (dq, dk, dv) of these inputs, with
