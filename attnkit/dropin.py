@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .api import attention
-from .masks import MaskStructure, broadcast_mask, mask_structure
+from .masks import MaskStructure, broadcast_mask, cached_structure
 from .spec import describe_tensor
 
 _DENSE = (
@@ -158,7 +158,7 @@ def sdpa_band(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | 
         mask = broadcast_mask(attn_mask, B, Hq, Sq, Sk, query.dtype)
         if not (B and Sq and Sk):  # an empty problem reads no mask
             return MaskStructure(False, None, Sk, None)
-        found = mask_structure(mask, B, Sq)
+        found = cached_structure(attn_mask, mask, B, Sq)
         if found is None:
             raise ValueError(f"{describe_tensor('attn_mask', attn_mask)} {_DENSE}")
         return found

@@ -6,10 +6,14 @@ on its own device (a pass that counts the visible keys of each row, two that fin
 first and last visible key) and then reads a few numbers on the host: one device sync per
 call (two for a mask that is one row per batch but not a key prefix: the prefix test, then the
 band's). A key-padding prefix, the common case, takes about a dozen small operations.
+`cached_structure` remembers the answer per mask tensor (until it is modified in place or
+freed), so a model that passes one mask to every layer syncs once per forward, not per layer.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -135,3 +139,38 @@ def broadcast_mask(mask, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
             f"{describe_tensor(name, mask)} differs between heads; attnkit computes one mask "
             "for all heads (pass a mask whose head dimension is 1)")
     return m[:, 0].expand(m.shape[0], m.shape[2], seqlen_k)
+
+
+#: Masks whose structure `cached_structure` keeps: a model's few masks of one step.
+CACHE_SIZE = 16
+_cache: OrderedDict[int, tuple] = OrderedDict()
+
+
+def cached_structure(attn_mask: torch.Tensor, mask: torch.Tensor, batch: int,
+                     seqlen_q: int) -> MaskStructure | None:
+    """`mask_structure` of ``mask`` (`broadcast_mask` of the caller's ``attn_mask``),
+    remembered for that ``attn_mask`` tensor while it lives and is not modified in place (its
+    version counter): the read costs a device sync, which a model's later layers, passed the
+    same mask, then skip. Inference tensors (no version counter) and traced calls are read
+    every time."""
+    if attn_mask.is_inference() or torch.compiler.is_compiling():
+        return mask_structure(mask, batch, seqlen_q)
+    key = (attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), attn_mask.dtype,
+           attn_mask.device, attn_mask.storage_offset(), batch, seqlen_q)
+    entry = _cache.get(id(attn_mask))
+    if entry is not None and entry[0]() is attn_mask and entry[1] == key:
+        _cache.move_to_end(id(attn_mask))
+        return entry[2]
+    found = mask_structure(mask, batch, seqlen_q)
+    ident = id(attn_mask)
+    _cache[ident] = (weakref.ref(attn_mask, lambda _, ident=ident: _forget(ident)), key, found)
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return found
+
+
+def _forget(ident: int) -> None:
+    """Drop a freed mask's entry (unless the id was already reused by a newer entry)."""
+    entry = _cache.get(ident)
+    if entry is not None and entry[0]() is None:
+        del _cache[ident]

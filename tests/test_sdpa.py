@@ -348,3 +348,30 @@ def test_dropout_reaches_attention():
     want = attnkit.attention(q, k, v, dropout_p=0.3, backend="reference")
     assert torch.equal(got, want)
     assert not torch.equal(got, attnkit.sdpa(q, k, v, enable_gqa=True, backend="reference"))
+
+
+def test_mask_structure_read_once_per_mask_until_modified(monkeypatch):
+    """A model passes one mask to every layer: its structure (a device sync) is read once,
+    and again only after an in-place change; a freed mask's entry goes with it."""
+    import attnkit.masks as masks
+
+    reads = []
+    real = masks.mask_structure
+    monkeypatch.setattr(masks, "mask_structure", lambda *a: reads.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = _band(2, 5, 5, lengths=[5, 3]).clone()
+    for _ in range(3):
+        got = attnkit.sdpa(q, k, v, attn_mask=mask, backend="reference")
+    assert len(reads) == 1
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    mask[1, ..., 3:] = True  # in place: batch 1 now sees every key
+    got = attnkit.sdpa(q, k, v, attn_mask=mask, backend="reference")
+    assert len(reads) == 2
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    other = mask.clone()  # same values, another tensor: read afresh
+    attnkit.sdpa(q, k, v, attn_mask=other, backend="reference")
+    assert len(reads) == 3
+    ident = id(other)
+    del other
+    assert ident not in masks._cache
