@@ -120,8 +120,14 @@ def _key_prefix(mask, counts, last, batch: int) -> MaskStructure | None:
 def broadcast_mask(mask, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
                    q_dtype: torch.dtype, name: str = "attn_mask") -> torch.Tensor:
     """``mask`` checked against SDPA's rules (bool, q's dtype or float32; broadcastable to
-    ``(B, Hq, Sq, Sk)``) and returned as a ``(Bm, Sqm, Sk)`` view, its head dimension dropped.
-    A mask that differs between heads is refused: attention's band is the same for all."""
+    ``(B, Hq, Sq, Sk)``) and returned as a ``(Bm, Sqm, Sk)`` view of its first head: attention's
+    band is the same for all heads, which `cached_structure` checks where the mask has them."""
+    m = _four_d(mask, batch, heads, seqlen_q, seqlen_k, q_dtype, name)
+    return m[:, 0].expand(m.shape[0], m.shape[2], seqlen_k)
+
+
+def _four_d(mask, batch, heads, seqlen_q, seqlen_k, q_dtype, name) -> torch.Tensor:
+    """``mask`` as a 4-D view, each dimension expanded with stride 0 kept as one."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and mask.dtype not in (q_dtype, torch.float32):
@@ -133,12 +139,24 @@ def broadcast_mask(mask, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
                          f"= {(batch, heads, seqlen_q, seqlen_k)}")
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
     # A dimension expanded with stride 0 holds one value: keep one.
-    m = m[tuple(slice(0, 1) if m.stride(i) == 0 else slice(None) for i in range(4))]
-    if m.shape[1] != 1:
+    return m[tuple(slice(0, 1) if m.stride(i) == 0 else slice(None) for i in range(4))]
+
+
+def _heads_differ(attn_mask: torch.Tensor) -> torch.Tensor | None:
+    """A device boolean: whether a 4-D mask with a materialised head dimension holds different
+    values in some head (None where it has one head)."""
+    if attn_mask.dim() < 4 or attn_mask.shape[1] == 1 or attn_mask.stride(1) == 0:
+        return None
+    return (attn_mask != attn_mask[:, :1]).any()
+
+
+def _read(attn_mask, mask, batch, seqlen_q, name) -> MaskStructure | None:
+    differ = _heads_differ(attn_mask)
+    if differ is not None and bool(differ):  # one sync, for a mask that has heads
         raise ValueError(
-            f"{describe_tensor(name, mask)} differs between heads; attnkit computes one mask "
-            "for all heads (pass a mask whose head dimension is 1)")
-    return m[:, 0].expand(m.shape[0], m.shape[2], seqlen_k)
+            f"{describe_tensor(name, attn_mask)} differs between heads; attnkit computes one "
+            "mask for all heads (pass a mask whose head dimension is 1)")
+    return mask_structure(mask, batch, seqlen_q)
 
 
 #: Masks whose structure `cached_structure` keeps: a model's few masks of one step.
@@ -147,21 +165,22 @@ _cache: OrderedDict[int, tuple] = OrderedDict()
 
 
 def cached_structure(attn_mask: torch.Tensor, mask: torch.Tensor, batch: int,
-                     seqlen_q: int) -> MaskStructure | None:
-    """`mask_structure` of ``mask`` (`broadcast_mask` of the caller's ``attn_mask``),
-    remembered for that ``attn_mask`` tensor while it lives and is not modified in place (its
-    version counter): the read costs a device sync, which a model's later layers, passed the
-    same mask, then skip. Inference tensors (no version counter) and traced calls are read
-    every time."""
+                     seqlen_q: int, name: str = "attn_mask") -> MaskStructure | None:
+    """`mask_structure` of ``mask`` (`broadcast_mask` of the caller's ``attn_mask``), after
+    checking that a mask with a head dimension holds the same values in every head (else a
+    ``ValueError``), remembered for that ``attn_mask`` tensor while it lives and is not
+    modified in place (its version counter): the read costs a device sync, which a model's
+    later layers, passed the same mask, then skip. Inference tensors (no version counter) and
+    traced calls are read every time."""
     if attn_mask.is_inference() or torch.compiler.is_compiling():
-        return mask_structure(mask, batch, seqlen_q)
+        return _read(attn_mask, mask, batch, seqlen_q, name)
     key = (attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), attn_mask.dtype,
            attn_mask.device, attn_mask.storage_offset(), batch, seqlen_q)
     entry = _cache.get(id(attn_mask))
     if entry is not None and entry[0]() is attn_mask and entry[1] == key:
         _cache.move_to_end(id(attn_mask))
         return entry[2]
-    found = mask_structure(mask, batch, seqlen_q)
+    found = _read(attn_mask, mask, batch, seqlen_q, name)
     ident = id(attn_mask)
     _cache[ident] = (weakref.ref(attn_mask, lambda _, ident=ident: _forget(ident)), key, found)
     while len(_cache) > CACHE_SIZE:

@@ -82,6 +82,9 @@ MASKS = {
     "all_masked": (lambda B, Sq, Sk: torch.zeros(Sq, Sk, dtype=torch.bool), False),
     "heads_expanded": (lambda B, Sq, Sk: _band(B, Sq, Sk, causal="tl").expand(B, 4, Sq, Sk),
                        False),
+    # What .to(device) makes of an expanded mask: every head stored, all the same.
+    "heads_stored": (lambda B, Sq, Sk: _band(B, Sq, Sk, causal="tl").repeat(1, 4, 1, 1),
+                     False),
 }
 SHAPES = [(1, 1), (5, 5), (7, 13), (13, 7), (1, 9), (33, 40)]
 
@@ -290,6 +293,11 @@ def test_refuses_masks_it_cannot_express():
             attnkit.sdpa(q, k, v, attn_mask=mask)
     with pytest.raises(ValueError, match="differs between heads"):
         attnkit.sdpa(q, k, v, attn_mask=per_head)
+    # The same values in every head, materialised (as .to(device) or .contiguous() leave an
+    # expanded mask): read as one mask, as SDPA computes it.
+    same = _band(2, 4, 6, causal="br").repeat(1, 2, 1, 1)
+    torch.testing.assert_close(attnkit.sdpa(q, k, v, attn_mask=same),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=same))
 
 
 def test_refusals_name_what_is_wrong():
