@@ -174,9 +174,11 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
-def _time_row(row: StepRow, model, step, spec: StepSpec, device, progress, peak) -> dict:
+def _time_row(row: StepRow, model, step, spec: StepSpec, device, progress, peak,
+              reset=None) -> dict:
     """Both implementations, ``spec.rounds`` rounds in alternating order; returns each one's
-    first output (for the agreement check)."""
+    first output (for the agreement check). ``reset`` restores what a failed step may have
+    left half-done (a cache some layers appended to)."""
     first: dict = {}
     for r in range(spec.rounds):
         for impl in IMPLEMENTATIONS if r % 2 == 0 else IMPLEMENTATIONS[::-1]:
@@ -198,6 +200,8 @@ def _time_row(row: StepRow, model, step, spec: StepSpec, device, progress, peak)
             except Exception as e:  # noqa: BLE001 - recorded in the row
                 timed.error = _error(e)
                 timing.release_memory(device, collect=True)
+                if reset is not None:
+                    reset()
     for impl in IMPLEMENTATIONS:
         timed = getattr(row, impl)
         if timed.ms_rounds and not timed.error:
@@ -253,27 +257,46 @@ def _decode_rows(model, transformers, spec, dtype, device, progress, backend,
         token = torch.randint(0, spec.model.vocab, (B, 1), device=device, generator=g)
         auto = None if backend else _auto_backend(spec.model, B, 1, L + 1, dtype, device,
                                                   train=False)
-        with torch.no_grad():
+        state: dict = {}
+
+        def prefill(prompt=prompt, state=state):
+            """A fresh cache of the prompt, made by sdpa: the same for both implementations."""
+            state.clear()
             cache = transformers.DynamicCache(config=model.config)
-            model.set_attn_implementation("sdpa")  # the same cache for both implementations
+            model.set_attn_implementation("sdpa")
             model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{kwarg: cache})
+            state["cache"] = cache
+
+        with torch.no_grad():
+            try:
+                prefill()
+            except Exception as e:  # noqa: BLE001 - no step of this length can run
+                why = f"prefill of the cache: {_error(e)}"
+                rows += [StepRow("decode", B, L, mask, auto, Timed(error=why), Timed(error=why),
+                                 status="error") for mask in spec.masks]
+                for _ in range(len(spec.masks) * spec.rounds * len(IMPLEMENTATIONS)):
+                    progress.step(f"decode B={B} L={L}: not run, the prefill failed")
+                state.clear()
+                timing.release_memory(device, collect=True)
+                continue
             for mask in spec.masks:
                 attention_mask = (torch.ones(B, L + 1, dtype=torch.long, device=device)
                                   if mask == "ones" else None)
 
-                def step(output=False, token=token, cache=cache,
+                def step(output=False, token=token, state=state,
                          attention_mask=attention_mask):
                     logits = model(input_ids=token, attention_mask=attention_mask,
-                                   use_cache=True, **{kwarg: cache}).logits
-                    cache.crop(-1)
+                                   use_cache=True, **{kwarg: state["cache"]}).logits
+                    state["cache"].crop(-1)
                     return logits.float() if output else None
 
                 row = StepRow("decode", B, L, mask, auto)
-                first = _time_row(row, model, step, spec, device, progress, None)
+                first = _time_row(row, model, step, spec, device, progress, None,
+                                  reset=prefill)
                 if len(first) == 2:
                     row.max_abs_diff = float((first["attnkit"] - first["sdpa"]).abs().max())
                 rows.append(row)
-        del cache
+        state.clear()
         timing.release_memory(device)
     return rows
 
