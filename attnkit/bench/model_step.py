@@ -183,7 +183,9 @@ def _time_row(row: StepRow, model, step, spec: StepSpec, device, progress, peak,
     for r in range(spec.rounds):
         for impl in IMPLEMENTATIONS if r % 2 == 0 else IMPLEMENTATIONS[::-1]:
             timed: Timed = getattr(row, impl)
-            progress.step(f"{row.step} B={row.batch} S={row.seqlen} mask={row.mask} {impl}")
+            length = "S" if row.step == "train" else "L"
+            progress.step(f"{row.step} B={row.batch} {length}={row.seqlen} mask={row.mask} "
+                          f"{impl}")
             if timed.error:
                 continue
             try:
