@@ -162,12 +162,15 @@ def _cache_kwarg(model) -> str:
 
 def _auto_backend(shape: ModelShape, batch: int, sq: int, sk: int, dtype, device,
                   train: bool) -> str | None:
-    """What ``backend="auto"`` picks for this step's attention calls."""
+    """What ``backend="auto"`` picks for this step's attention calls (or why none)."""
     from .. import explain
 
     q = torch.empty(batch, shape.heads, sq, shape.head_dim, dtype=dtype, device=device)
     k = torch.empty(batch, shape.kv_heads, sk, shape.head_dim, dtype=dtype, device=device)
-    return explain(q, k, k, causal=True, needs_grad=train).chosen
+    try:
+        return explain(q, k, k, causal=True, needs_grad=train).chosen or "none"
+    except Exception as e:  # noqa: BLE001 - the step itself will report it too
+        return f"none ({_error(e)})"
 
 
 def _error(e: BaseException) -> str:
