@@ -66,14 +66,15 @@ def tests(session):
 def transformers(session):
     """``attnkit.sdpa`` and the Hugging Face transformers integration on CPU, with the
     ``transformers`` extra and the torch-blocked backend (what ``auto`` picks on a CPU): tiny
-    random models against transformers' own attention implementations."""
+    random models against transformers' own attention implementations, and ``attnkit bench
+    --model-step`` on one."""
     session.install("setuptools>=64", TORCH)
     session.install("--no-build-isolation", "-e", ".[transformers]", "-e",
                     PLUGINS["torch_blocked"])
     session.run("python", "-c", "import transformers; print('transformers', "
                 "transformers.__version__)")
     session.run("pytest", "tests/test_transformers_integration.py", "tests/test_sdpa.py",
-                *session.posargs)
+                "tests/test_model_step_bench.py", *session.posargs)
 
 
 @nox.session

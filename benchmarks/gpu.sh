@@ -5,6 +5,9 @@
 #                                  # the committed results of this GPU
 #   bash benchmarks/gpu.sh varlen  # the packed variable-length table (attnkit bench --varlen)
 #   bash benchmarks/gpu.sh paged   # paged against contiguous decoding (--decode --paged)
+#   bash benchmarks/gpu.sh model-step  # a random Llama's training and decode step with
+#                                      # attn_implementation="attnkit" beside "sdpa"
+#                                      # (--model-step; needs transformers installed)
 #   bash benchmarks/gpu.sh cp-check   # attnkit.distributed over NCCL: world size 1 and, with
 #                                     # several GPUs, all of them
 #   bash benchmarks/gpu.sh cp-bench   # attnkit bench --context-parallel (torchrun over every
@@ -19,8 +22,9 @@ OUT=${OUT:-/tmp/attnkit-out}
 mkdir -p "$OUT"
 mode=${1:-}
 case "$mode" in
-check | bench | varlen | paged | cp-check | cp-bench) ;;
-*) echo "usage: bash benchmarks/gpu.sh check|bench|varlen|paged|cp-check|cp-bench" >&2; exit 2 ;;
+check | bench | varlen | paged | model-step | cp-check | cp-bench) ;;
+*) echo "usage: bash benchmarks/gpu.sh check|bench|varlen|paged|model-step|cp-check|cp-bench" >&2
+   exit 2 ;;
 esac
 
 # Editable, no dependencies (torch, triton and cupy come with the machine; it may have no
@@ -33,7 +37,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit \
 python - << 'EOF'
 import importlib.metadata as md
 import torch
-names = ("torch", "triton", "cupy-cuda12x", "cupy-cuda13x", "pytest", "pytest-xdist")
+names = ("torch", "triton", "cupy-cuda12x", "cupy-cuda13x", "transformers", "pytest",
+         "pytest-xdist")
 found = []
 for name in names:
     try:
@@ -97,6 +102,13 @@ if [ "$mode" = paged ]; then
         --backends triton,torch-blocked --time-limit-s 480 > "$OUT/paged.log" 2>&1
     echo "== attnkit bench --decode --paged: rc=$?, $dir/paged.{json,txt}"
     cat "$OUT/paged.log"
+    exit 0
+fi
+if [ "$mode" = model-step ]; then
+    timeout 540 python -m attnkit.cli bench --model-step --out "$dir" --quiet \
+        > "$OUT/model-step.log" 2>&1
+    echo "== attnkit bench --model-step: rc=$?, $dir/model_step.{json,txt}"
+    cat "$OUT/model-step.log"
     exit 0
 fi
 compare=()

@@ -9,7 +9,8 @@ there (``decode.*``, ``graphs.*``, ``host.*``, ``sustained.*`` for the other mod
 `grid` (the standard grid, cells, FLOP and byte formulas), `timing` (medians, peak memory),
 `peers` (SDPA kernels), `contenders`, `runner` (the loops), `graphs` (CUDA-graph capture),
 `host` (host overhead), `sustained` (long runs with clocks and power), `varlen` (packed
-variable-length batches), `tables`, `plot`,
+variable-length batches), `model_step` (a transformers model's training and decode step with
+attn_implementation "attnkit" beside "sdpa"), `tables`, `plot`,
 `report` (JSON, README tables), `compare` (ratios between runs), `cache` (labelled runs),
 `abtest` (environment A/B in subprocesses), `environment`, `progress`, `cli`.
 """

@@ -88,8 +88,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "inputs. Default grid (CUDA): FlashAttention's, batch*seqlen = 16k tokens, seqlen "
         "512..16k, model dim 2048 (H = 2048/D), D 64 and 128, causal and not, fwd/bwd/fwd_bwd, "
         "fp16 and bf16; on a CPU a small fp32 grid. Other modes: --decode, --graphs, "
-        "--host-overhead, --sustained. --label/--compare keep and compare runs; --env A/Bs "
-        "environment switches; --report prints the README's tables from committed results.")
+        "--host-overhead, --sustained, --varlen, --model-step. --label/--compare keep and "
+        "compare runs; --env A/Bs environment switches; --report prints the README's tables "
+        "from committed results.")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--out", metavar="DIR",
                    help=f"write DIR/bench.json, DIR/bench.png and the table as DIR/bench.txt "
@@ -122,6 +123,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--sdpa-overhead", action="store_true",
                       help="host microseconds per call of attnkit.sdpa beside attnkit.attention "
                            "and torch's SDPA on small shapes (--device, first of --backends)")
+    mode.add_argument("--model-step", action="store_true",
+                      help="a random LlamaForCausalLM's training step and decode step with "
+                           "attn_implementation='attnkit' (first of --backends, or auto) "
+                           "beside 'sdpa' in Hugging Face transformers (needs transformers; "
+                           "--seqlens, --tokens, --cache-lens, --dtypes narrow it); writes "
+                           "model_step.{json,txt}")
     mode.add_argument("--context-parallel", action="store_true",
                       help="attnkit.distributed's fraction of ideal scaling per method and "
                            "layout (default 64k,128k tokens, bf16, D=128, causal): measured on "
@@ -305,6 +312,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.context_parallel:
         from .context_parallel import run_cli
+
+        return run_cli(args)
+    if args.model_step:
+        from .model_step import run_cli
 
         return run_cli(args)
     if args.sdpa_overhead:
