@@ -80,6 +80,16 @@ def check_divisible(name: str, x: torch.Tensor, dim: int, world: int, layout: st
             + (" (two chunks per rank)" if layout == "headtail" else ""))
 
 
+def check_local_shards(method: str, q: torch.Tensor, k: torch.Tensor, world: int,
+                       layout: str) -> None:
+    """Refuse local q and k shards of different lengths, or a length the layout cannot cut."""
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"{method} shards queries and keys alike: {describe_tensor('q', q)} and "
+            f"{describe_tensor('k', k)} must have the same local sequence length")
+    check_divisible("q", q, 2, world, layout, local=True)
+
+
 def shard(x: torch.Tensor, group=None, seq_dim: int = 2, layout: str = "headtail"
           ) -> torch.Tensor:
     """This rank's shard of the whole sequence ``x`` (the same on every rank), cut along

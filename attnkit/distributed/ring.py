@@ -19,7 +19,7 @@ from ..api import attention, autocast_device
 from ..backend import check_backward_result, check_forward_result
 from ..kvcache import merge_attention
 from ..registry import registry
-from ..spec import AttentionProblem, check_window, describe_tensor
+from ..spec import AttentionProblem, check_window
 from .group import (
     agree,
     all_gather,
@@ -29,7 +29,13 @@ from .group import (
     group_info,
     reduce_scatter,
 )
-from .layout import check_divisible, check_layout, global_to_storage, rank_chunks, storage_to_global
+from .layout import (
+    check_layout,
+    check_local_shards,
+    global_to_storage,
+    rank_chunks,
+    storage_to_global,
+)
 from .plan import Block, plan
 
 COMMS = ("p2p", "allgather")
@@ -135,11 +141,7 @@ class RingCall:
         self.problem = AttentionProblem.from_tensors(
             q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
             return_lse=True, needs_grad=needs_grad)
-        if q.shape[2] != k.shape[2]:
-            raise ValueError(
-                f"ring attention shards queries and keys alike: {describe_tensor('q', q)} and "
-                f"{describe_tensor('k', k)} must have the same local sequence length")
-        check_divisible("q", q, 2, world, layout, local=True)
+        check_local_shards("ring attention", q, k, world, layout)
         self.group, self.rank, self.world = group, rank, world
         self.layout, self.comm, self.backend_name = layout, comm, backend
         if self.problem.is_empty:

@@ -13,7 +13,7 @@ from ..api import attention
 from ..registry import registry
 from ..spec import AttentionProblem, check_lengths_tensor, describe_tensor
 from .group import agree, call_signature, comm_device, group_info
-from .layout import check_divisible, check_layout, global_to_storage, storage_to_global
+from .layout import check_layout, check_local_shards, global_to_storage, storage_to_global
 
 _LAYOUT_CODES = {"headtail": 1, "contiguous": 2}
 
@@ -54,11 +54,7 @@ def ulysses_attention(q, k, v, *, group=None, layout="headtail", causal=False, s
         problem = AttentionProblem.from_tensors(
             q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
             return_lse=return_lse, needs_grad=needs_grad)
-        if q.shape[2] != k.shape[2]:
-            raise ValueError(
-                f"Ulysses shards queries and keys alike: {describe_tensor('q', q)} and "
-                f"{describe_tensor('k', k)} must have the same local sequence length")
-        check_divisible("q", q, 2, world, layout, local=True)
+        check_local_shards("Ulysses", q, k, world, layout)
         repeat = _kv_repeat(q, k, world)
         if seqlens_k is not None:
             _check_global_lengths(seqlens_k, q, world)
@@ -82,16 +78,16 @@ def ulysses_attention(q, k, v, *, group=None, layout="headtail", causal=False, s
                          seqlens_k=seqlens_k, return_lse=return_lse, backend=backend)
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    qh = _SeqToHeads.apply(q, group, world, layout)
-    kvh = _SeqToHeads.apply(torch.stack([k, v]), group, world, layout)
+    qh = _AllToAll.apply(q, True, group, world, layout)
+    kvh = _AllToAll.apply(torch.stack([k, v]), True, group, world, layout)
     result = attention(qh, kvh[0], kvh[1], causal=causal, scale=scale, window=window,
                        seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse,
                        backend=backend)
     if not return_lse:
-        return _HeadsToSeq.apply(result, group, world, layout)
+        return _AllToAll.apply(result, False, group, world, layout)
     out, lse = result
-    return (_HeadsToSeq.apply(out, group, world, layout),
-            _HeadsToSeq.apply(lse.unsqueeze(-1), group, world, layout).squeeze(-1))
+    return (_AllToAll.apply(out, False, group, world, layout),
+            _AllToAll.apply(lse.unsqueeze(-1), False, group, world, layout).squeeze(-1))
 
 
 def _kv_repeat(q, k, world: int) -> int:
@@ -136,23 +132,16 @@ def _heads_to_seq(x, group, world: int, layout: str) -> torch.Tensor:
     return recv.movedim(0, -4).flatten(-4, -3)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """`_seq_to_heads` (``to_heads``) or `_heads_to_seq`, the other one its backward."""
+
     @staticmethod
-    def forward(ctx, x, group, world, layout):
-        ctx.args = (group, world, layout)
-        return _seq_to_heads(x, group, world, layout)
+    def forward(ctx, x, to_heads, group, world, layout):
+        ctx.args = (to_heads, group, world, layout)
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, world, layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad.contiguous(), *ctx.args), None, None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world, layout):
-        ctx.args = (group, world, layout)
-        return _heads_to_seq(x, group, world, layout)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad.contiguous(), *ctx.args), None, None, None
+        to_heads, *args = ctx.args
+        back = _heads_to_seq if to_heads else _seq_to_heads
+        return back(grad.contiguous(), *args), None, None, None, None

@@ -28,11 +28,11 @@ def cache_case_id(case, parts: list[str], default_layout: str) -> str:
 
 
 @dataclass(frozen=True)
-class DecodeCase:
+class CacheCase:
+    """What every KV-cache case has, contiguous (`DecodeCase`) or paged (`PagedCase`)."""
     batch: int = 4
     heads_q: int = 4
     heads_kv: int = 2
-    s_max: int = 80
     #: Positions appended by this call; 0 = attend the cache as it is with ``seqlen_q`` queries.
     s_new: int = 1
     seqlen_q: int = 1
@@ -41,9 +41,14 @@ class DecodeCase:
     causal: bool = True
     window: tuple[int, int] | None = None
     softcap: float | None = None
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class DecodeCase(CacheCase):
+    s_max: int = 80
     #: "bhsd", or "bshd": (B, S_max, H, D) cache buffers passed transposed (written in place).
     layout: str = "bhsd"
-    tag: str = ""
 
     @property
     def id(self) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnkit.testing.cases import DTYPE_NAMES
-from attnkit.testing.decode_cases import cache_case_id, decode_dtypes, rand
+from attnkit.testing.decode_cases import CacheCase, cache_case_id, decode_dtypes, rand
 
 PAGE_SIZES = (1, 5, 16, 64, 256)
 #: An entry past the pages a sequence needs: never read, so it may be anything.
@@ -24,27 +24,16 @@ GARBAGE_ENTRY = 1 << 30
 
 
 @dataclass(frozen=True)
-class PagedCase:
+class PagedCase(CacheCase):
     page_size: int = 16
-    batch: int = 4
-    heads_q: int = 4
-    heads_kv: int = 2
     #: The longest fill level before the append.
     max_len: int = 40
-    s_new: int = 1
-    seqlen_q: int = 1
-    head_dim: int = 64
-    dtype: torch.dtype = torch.float16
-    causal: bool = True
-    window: tuple[int, int] | None = None
-    softcap: float | None = None
     #: "ordered" (pages in sequence order), "shuffled" (a random permutation of the pool) or
     #: "shared" (sequences 0..2 share their first pages, the rest shuffled).
     pages: str = "shuffled"
     #: "nhpd": pools (num_pages, Hkv, page_size, D); "nphd": (num_pages, page_size, Hkv, D)
     #: buffers passed as ``.transpose(1, 2)``.
     layout: str = "nhpd"
-    tag: str = ""
 
     @property
     def id(self) -> str:
