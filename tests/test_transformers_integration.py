@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import attnkit  # noqa: E402
 import attnkit.integrations.transformers as akt  # noqa: E402
 from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, check  # noqa: E402
 
@@ -355,6 +356,27 @@ def test_packed_backward_matches_separate_documents(family, device):
     for name in packed:
         _close(packed[name], separate[name], f"{family} packed d{name}")
         _rule(f"{family} packed d{name}", packed[name], want[name], want64[name], GRAD_FACTOR)
+
+
+def test_packed_bidirectional_layout_runs_each_document_on_its_own():
+    # An encoder's packed mask: no causal band, documents still kept apart.
+    mu = transformers.masking_utils
+    ids, positions = _packed()
+    segments = transformers.masking_utils.find_packed_sequence_indices(positions)
+    mask_function = mu.and_masks(mu.bidirectional_mask_function,
+                                 mu.packed_sequence_mask_function(segments))
+    layout = akt.key_layout(len(PACKED), PROMPT, PROMPT, mask_function=mask_function)
+    assert not layout.causal and layout.cu_seqlens.tolist() == PACKED_OFFSETS
+    assert layout.cu_seqlens.dtype == torch.int32 and layout.max_seqlen == 7
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(len(PACKED), 4, PROMPT, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(len(PACKED), 2, PROMPT, 16, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    out, _ = akt.attention_forward(None, q, k, v, layout, scaling=0.25)
+    assert out.shape == (len(PACKED), PROMPT, 4, 16)
+    for r, start, end in _documents():
+        alone = attnkit.attention(*(t[r:r + 1, :, start:end] for t in (q, k, v)), scale=0.25)
+        torch.testing.assert_close(out[r, start:end], alone[0].transpose(0, 1))
 
 
 @pytest.mark.parametrize("positions", [True, False], ids=["position_ids", "no_position_ids"])
