@@ -478,26 +478,29 @@ def test_attention_dropout_in_training_runs_attnkit_dropout():
 
 def test_other_mask_functions_are_refused():
     mu = transformers.masking_utils
-    assert akt.band_of(mu.causal_mask_function) == (True, None)
-    assert akt.band_of(mu.sliding_window_causal_mask_function(8)) == (True, 7)
-    assert akt.band_of(mu.bidirectional_mask_function) == (False, None)
+    assert akt.read_mask_function(mu.causal_mask_function) == (True, None, None)
+    assert akt.read_mask_function(mu.sliding_window_causal_mask_function(8)) == (True, 7,
+                                                                                None)
+    assert akt.read_mask_function(mu.bidirectional_mask_function) == (False, None, None)
     chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
     custom = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv == 0)
     for fn in (chunked, custom):
         with pytest.raises(ValueError, match="does not\\s+compute"):
-            akt.band_of(fn)
-    # packed documents: each document's band, and transformers' document index of each token
+            akt.read_mask_function(fn)
+    # packed documents: each document's band, and transformers' document index of each token,
+    # with each document's positions remapped (newer transformers 5.x) or not
     segments = torch.tensor([[0, 0, 1, 1, 1]])
-    packed = mu.and_masks(mu.sliding_window_causal_mask_function(8),
-                          mu.packed_sequence_mask_function(segments))
-    if hasattr(mu, "remap_positions_for_packed_sequence"):
-        packed = mu.and_masks(
-            mu.remap_positions_for_packed_sequence(mu.sliding_window_causal_mask_function(8),
-                                                   torch.tensor([[0, 1, 0, 1, 2]])),
-            mu.packed_sequence_mask_function(segments))
-    causal, window, got = akt.read_mask_function(packed)
-    assert (causal, window) == (True, 7) and got is segments
-    assert akt.read_mask_function(mu.causal_mask_function) == (True, None, None)
+    band = mu.sliding_window_causal_mask_function(8)
+    forms = [mu.and_masks(band, mu.packed_sequence_mask_function(segments))]
+    remap = getattr(mu, "remap_positions_for_packed_sequence", None)
+    if remap is not None:
+        remapped = remap(band, torch.tensor([[0, 1, 0, 1, 2]]))
+        forms.append(mu.and_masks(remapped, mu.packed_sequence_mask_function(segments)))
+        with pytest.raises(ValueError, match="does not\\s+compute"):
+            akt.read_mask_function(remapped)  # remapped positions without documents
+    for packed in forms:
+        causal, window, got = akt.read_mask_function(packed)
+        assert (causal, window) == (True, 7) and got is segments
     with pytest.raises(ValueError, match="does not\\s+compute"):
         akt.read_mask_function(mu.and_masks(mu.packed_sequence_mask_function(segments),
                                             mu.packed_sequence_mask_function(segments)))

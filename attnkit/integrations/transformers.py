@@ -190,11 +190,6 @@ def read_mask_function(mask_function) -> tuple[bool, int | None, torch.Tensor | 
         "compute; use attn_implementation='sdpa' for it")
 
 
-def band_of(mask_function) -> tuple[bool, int | None]:
-    """``(causal, window_left)`` of `read_mask_function`: each document's band."""
-    return read_mask_function(mask_function)[:2]
-
-
 def key_layout(
     batch_size: int,
     q_length: int,
