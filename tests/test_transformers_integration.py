@@ -278,9 +278,10 @@ def test_a_four_d_mask_passed_by_the_caller_runs_as_sdpa_would():
 
 # -- packed (padding-free) batches ------------------------------------------------------------
 
-#: Documents packed back to back in each row (lengths), position_ids restarting at 0 in each.
-PACKED = [[5, 4, 3], [7, 5]]
-PACKED_OFFSETS = [0, 5, 9, 12, 19, 24]
+#: Documents packed back to back in each row (lengths), position_ids restarting at 0 in each;
+#: one in each row starts inside it and is longer than the sliding window (5).
+PACKED = [[4, 6, 2], [3, 9]]
+PACKED_OFFSETS = [0, 4, 10, 12, 15, 24]
 
 
 def _packed(device="cpu", seed=2):
@@ -302,7 +303,7 @@ def _documents():
 def _check_varlen_calls(family, varlen_calls, layers):
     assert len(varlen_calls) == layers  # every layer ran each document on its own
     assert all(c["cu_q"] == c["cu_k"] == PACKED_OFFSETS for c in varlen_calls)
-    assert all(c["max_q"] == c["max_k"] == 7 and c["causal"] for c in varlen_calls)
+    assert all(c["max_q"] == c["max_k"] == 9 and c["causal"] for c in varlen_calls)
     windows = {"llama": {None}, "mistral": {(4, -1)}, "gemma2": {(4, -1), None}}[family]
     assert {c["window"] for c in varlen_calls} == windows
     assert {c["softcap"] for c in varlen_calls} == ({4.0} if family == "gemma2" else {None})
@@ -374,7 +375,7 @@ def test_packed_bidirectional_layout_runs_each_document_on_its_own():
                                  mu.packed_sequence_mask_function(segments))
     layout = akt.key_layout(len(PACKED), PROMPT, PROMPT, mask_function=mask_function)
     assert not layout.causal and layout.cu_seqlens.tolist() == PACKED_OFFSETS
-    assert layout.cu_seqlens.dtype == torch.int32 and layout.max_seqlen == 7
+    assert layout.cu_seqlens.dtype == torch.int32 and layout.max_seqlen == 9
     g = torch.Generator().manual_seed(4)
     q = torch.randn(len(PACKED), 4, PROMPT, 16, generator=g, dtype=torch.float64)
     k, v = (torch.randn(len(PACKED), 2, PROMPT, 16, generator=g, dtype=torch.float64)
@@ -389,24 +390,24 @@ def test_packed_bidirectional_layout_runs_each_document_on_its_own():
 @pytest.mark.parametrize("positions", [True, False], ids=["position_ids", "no_position_ids"])
 def test_flattening_collator_with_flash_arguments(positions, varlen_calls, device):
     # cu_seq_lens_q/k and max_length_q/k as the collator gives them for flash attention: used
-    # as they are, whether or not position_ids mark the documents too. Row 1's documents
-    # (7 and 5 tokens) are longer than Mistral's window.
+    # as they are, whether or not position_ids mark the documents too. Row 1's second
+    # document is longer than Mistral's window.
     ours, ref = _pair("mistral", device)
     ids, _ = _packed()
     docs = [{"input_ids": ids[1, start:end].tolist()} for r, start, end in _documents()
             if r == 1]
     batch = transformers.DataCollatorWithFlattening(
         return_flash_attn_kwargs=True, return_position_ids=positions)(docs)
-    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 12] and batch["max_length_q"] == 7
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 12] and batch["max_length_q"] == 9
     batch.pop("labels")
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
         got = ours(**batch).logits[0]  # use_cache left at its default (True)
         assert len(varlen_calls) == ours.config.num_hidden_layers
-        assert {(c["max_q"], c["window"]) for c in varlen_calls} == {(7, (4, -1))}
+        assert {(c["max_q"], c["window"]) for c in varlen_calls} == {(9, (4, -1))}
         alone, alone_ref, alone64 = (
             torch.cat([m(batch["input_ids"][:, s:e], use_cache=False).logits[0]
-                       for s, e in ((0, 7), (7, 12))])
+                       for s, e in ((0, 3), (3, 12))])
             for m in (ours, ref, _f64(ref)))
     # without position_ids, rotary positions run on across documents: the same relative
     # positions, rounded differently; the reference's own error is the yardstick either way
@@ -428,15 +429,16 @@ def test_packed_batches_with_a_cache_or_padding_are_refused():
     with pytest.raises(ValueError, match="restart"):
         ours(ids, position_ids=positions)  # use_cache defaults to True in training too
     cu = torch.tensor(PACKED_OFFSETS[:4], dtype=torch.int32)
-    flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+    flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
     with pytest.raises(ValueError, match="cu_seq_lens_q/k mark a packed batch.*padding mask"):
         ours(ids[:1], attention_mask=mask[:1], use_cache=False, **flash)
-    # left padding's position_ids (1 on padding, then 0, 1, ...) restart nowhere in the tokens
-    left = torch.tensor([[0] * 4 + [1] * 8, [1] * 12])
-    left_positions = (left.cumsum(-1) - 1).masked_fill(left == 0, 1)
+    # generate()'s position_ids for left and right padding (1 on padding, 0, 1, ... on the
+    # tokens) restart only where padding begins or ends: not refused
+    padded = torch.tensor([[0] * 4 + [1] * 8, [1] * 8 + [0] * 4])
     ours.eval()
     with torch.no_grad():
-        ours(ids, attention_mask=left, position_ids=left_positions)
+        ours(ids, attention_mask=padded,
+             position_ids=(padded.cumsum(-1) - 1).masked_fill(padded == 0, 1))
 
 
 def test_dropout_on_a_packed_batch_is_refused():
