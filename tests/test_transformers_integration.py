@@ -2,8 +2,9 @@
 models of three families, against transformers' own implementations in float32: Llama (full
 causal, GQA) and Mistral (sliding window) against "sdpa", Gemma 2 (sliding and full layers,
 attention softcap, which transformers' sdpa refuses) against "eager". Forward logits, gradients
-of every parameter, right and left padding, greedy generation with the model's KV cache
-(dynamic and static), loading by name; and what is refused."""
+of every parameter, right and left padding, packed (padding-free) batches against the same
+documents run one by one, greedy generation with the model's KV cache (dynamic and static),
+loading by name; and what is refused."""
 
 import copy
 import inspect
@@ -13,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import attnkit  # noqa: E402
 import attnkit.integrations.transformers as akt  # noqa: E402
 from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, check  # noqa: E402
 
@@ -111,6 +113,21 @@ def _f64(model):
     model = copy.deepcopy(model).double()
     model.set_attn_implementation("test-math")
     return model
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """Every attnkit.attention_varlen call the integration makes, with its options."""
+    seen = []
+    real = akt.attention_varlen
+
+    def spy(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+        seen.append(dict(options, cu_q=cu_q.tolist(), cu_k=cu_k.tolist(), max_q=max_q,
+                         max_k=max_k, k_shape=tuple(k.shape)))
+        return real(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+
+    monkeypatch.setattr(akt, "attention_varlen", spy)
+    return seen
 
 
 @pytest.fixture
@@ -259,15 +276,185 @@ def test_a_four_d_mask_passed_by_the_caller_runs_as_sdpa_would():
                ref(ids, attention_mask=causal, use_cache=False).logits, "4-D mask logits")
 
 
-# -- refusals ----------------------------------------------------------------------------------
+# -- packed (padding-free) batches ------------------------------------------------------------
 
-def test_packed_batches_are_refused_until_varlen():
+#: Documents packed back to back in each row (lengths), position_ids restarting at 0 in each;
+#: one in each row starts inside it and is longer than the sliding window (5).
+PACKED = [[4, 6, 2], [3, 9]]
+PACKED_OFFSETS = [0, 4, 10, 12, 15, 24]
+
+
+def _packed(device="cpu", seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (len(PACKED), PROMPT), generator=g).to(device)
+    positions = torch.tensor([[i for n in row for i in range(n)] for row in PACKED]).to(device)
+    return ids, positions
+
+
+def _documents():
+    """``(row, start, end)`` of each packed document."""
+    for r, row in enumerate(PACKED):
+        start = 0
+        for n in row:
+            yield r, start, start + n
+            start += n
+
+
+def _check_varlen_calls(family, varlen_calls, layers):
+    assert len(varlen_calls) == layers  # every layer ran each document on its own
+    assert all(c["cu_q"] == c["cu_k"] == PACKED_OFFSETS for c in varlen_calls)
+    assert all(c["max_q"] == c["max_k"] == 9 and c["causal"] for c in varlen_calls)
+    windows = {"llama": {None}, "mistral": {(4, -1)}, "gemma2": {(4, -1), None}}[family]
+    assert {c["window"] for c in varlen_calls} == windows
+    assert {c["softcap"] for c in varlen_calls} == ({4.0} if family == "gemma2" else {None})
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_forward_matches_separate_documents_and_reference(family, varlen_calls,
+                                                                 device):
+    ours, ref = _pair(family, device)
+    ids, positions = _packed(device)
+    with torch.no_grad():
+        got, want, want64 = (m(ids, position_ids=positions, use_cache=False).logits
+                             for m in (ours, ref, _f64(ref)))
+        _check_varlen_calls(family, varlen_calls, ours.config.num_hidden_layers)
+        # transformers' own packed masking in its sdpa (eager for Gemma 2)
+        _rule(f"{family} packed logits", got, want, want64)
+        # causal attention across the documents' boundaries (a 4-D mask, not packed)
+        crossed = torch.ones(PROMPT, PROMPT, dtype=torch.bool, device=device).tril()
+        crossed = ref(ids, attention_mask=crossed[None, None].expand(len(PACKED), 1, -1, -1),
+                      position_ids=positions, use_cache=False).logits
+        alone = torch.zeros_like(got)
+        for r, start, end in _documents():
+            alone[r, start:end] = ours(ids[r:r + 1, start:end], use_cache=False).logits[0]
+            if start > 0:  # the checks below see documents attending to each other
+                err = float((crossed[r, start:end] - alone[r, start:end]).abs().max())
+                assert err > 1e3 * 2e-5 * max(1.0, float(alone.abs().max()))
+    # the documents run one by one: as accurate, and on the CPU the same to fp32 rounding
+    _rule(f"{family} packed logits against the documents alone", got, alone, want64)
+    if device == "cpu":
+        _close(got, alone, f"{family} packed logits against the documents alone")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_backward_matches_separate_documents(family, device):
+    ours, ref = _pair(family, device)
+    ids, positions = _packed(device)
+    weights = torch.randn(len(PACKED), PROMPT, VOCAB,
+                          generator=torch.Generator().manual_seed(3)).to(device)
+
+    def grads(model, packed):
+        model.train()  # attention_dropout is 0 in these configs
+        model.zero_grad()
+        if packed:  # a loss linear in the logits: the packed row's is the documents' sum
+            logits = model(ids, position_ids=positions, use_cache=False).logits
+            (logits * weights).sum().backward()
+        else:
+            for r, start, end in _documents():
+                logits = model(ids[r:r + 1, start:end], use_cache=False).logits
+                (logits * weights[r:r + 1, start:end]).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed, separate = grads(ours, True), grads(ours, False)
+    want, want64 = grads(ref, True), grads(_f64(ref), True)
+    assert packed.keys() == separate.keys() == want.keys() == want64.keys() and packed
+    for name in packed:  # against the documents alone, then against transformers' packing
+        _rule(f"{family} packed d{name}", packed[name], separate[name], want64[name],
+              GRAD_FACTOR)
+        _rule(f"{family} packed d{name}", packed[name], want[name], want64[name], GRAD_FACTOR)
+        if device == "cpu":
+            _close(packed[name], separate[name], f"{family} packed d{name}")
+
+
+def test_packed_bidirectional_layout_runs_each_document_on_its_own():
+    # An encoder's packed mask: no causal band, documents still kept apart.
+    mu = transformers.masking_utils
+    ids, positions = _packed()
+    segments = transformers.masking_utils.find_packed_sequence_indices(positions)
+    mask_function = mu.and_masks(mu.bidirectional_mask_function,
+                                 mu.packed_sequence_mask_function(segments))
+    layout = akt.key_layout(len(PACKED), PROMPT, PROMPT, mask_function=mask_function)
+    assert not layout.causal and layout.cu_seqlens.tolist() == PACKED_OFFSETS
+    assert layout.cu_seqlens.dtype == torch.int32 and layout.max_seqlen == 9
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(len(PACKED), 4, PROMPT, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(len(PACKED), 2, PROMPT, 16, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    out, _ = akt.attention_forward(None, q, k, v, layout, scaling=0.25)
+    assert out.shape == (len(PACKED), PROMPT, 4, 16)
+    for r, start, end in _documents():
+        alone = attnkit.attention(*(t[r:r + 1, :, start:end] for t in (q, k, v)), scale=0.25)
+        torch.testing.assert_close(out[r, start:end], alone[0].transpose(0, 1))
+
+
+@pytest.mark.parametrize("positions", [True, False], ids=["position_ids", "no_position_ids"])
+def test_flattening_collator_with_flash_arguments(positions, varlen_calls, device):
+    # cu_seq_lens_q/k and max_length_q/k as the collator gives them for flash attention: used
+    # as they are, whether or not position_ids mark the documents too. Row 1's second
+    # document is longer than Mistral's window.
+    ours, ref = _pair("mistral", device)
+    ids, _ = _packed()
+    docs = [{"input_ids": ids[1, start:end].tolist()} for r, start, end in _documents()
+            if r == 1]
+    batch = transformers.DataCollatorWithFlattening(
+        return_flash_attn_kwargs=True, return_position_ids=positions)(docs)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 12] and batch["max_length_q"] == 9
+    batch.pop("labels")
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        got = ours(**batch).logits[0]  # use_cache left at its default (True)
+        assert len(varlen_calls) == ours.config.num_hidden_layers
+        assert {(c["max_q"], c["window"]) for c in varlen_calls} == {(9, (4, -1))}
+        alone, alone_ref, alone64 = (
+            torch.cat([m(batch["input_ids"][:, s:e], use_cache=False).logits[0]
+                       for s, e in ((0, 3), (3, 12))])
+            for m in (ours, ref, _f64(ref)))
+    # without position_ids, rotary positions run on across documents: the same relative
+    # positions, rounded differently; the reference's own error is the yardstick either way
+    _rule("collator logits", got, [alone, alone_ref], alone64)
+    if positions and device == "cpu":
+        _close(got, alone, "collator logits")
+
+
+def test_packed_batches_with_a_cache_or_padding_are_refused():
     ours, _ = _pair("llama")
-    ids, _ = _batch("none")
-    restarts = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]] * 3)
-    with pytest.raises(ValueError, match="packed .*variable-length attention"):
-        ours(ids, position_ids=restarts, use_cache=False)
+    ids, positions = _packed()
+    mask = torch.ones_like(ids)
+    # transformers makes these masks for one sequence per row (sdpa lets the documents see
+    # each other): refused, not computed
+    for kwargs in (dict(), dict(use_cache=True), dict(attention_mask=mask, use_cache=False)):
+        with pytest.raises(ValueError, match=r"position_ids \(shape \(2, 12\).*restart"):
+            ours(ids, position_ids=positions, **kwargs)
+    ours.train()
+    with pytest.raises(ValueError, match="restart"):
+        ours(ids, position_ids=positions)  # use_cache defaults to True in training too
+    cu = torch.tensor(PACKED_OFFSETS[:4], dtype=torch.int32)
+    flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    with pytest.raises(ValueError, match="cu_seq_lens_q/k mark a packed batch.*padding mask"):
+        ours(ids[:1], attention_mask=mask[:1], use_cache=False, **flash)
+    # generate()'s position_ids for left and right padding (1 on padding, 0, 1, ... on the
+    # tokens) restart only where padding begins or ends: not refused
+    padded = torch.tensor([[0] * 4 + [1] * 8, [1] * 8 + [0] * 4])
+    ours.eval()
+    with torch.no_grad():
+        ours(ids, attention_mask=padded,
+             position_ids=(padded.cumsum(-1) - 1).masked_fill(padded == 0, 1))
 
+
+def test_dropout_on_a_packed_batch_is_refused():
+    make, _ = FAMILIES["llama"]
+    config = make()
+    config.attention_dropout = 0.1
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="attnkit")
+    ids, positions = _packed()
+    model.train()
+    with pytest.raises(ValueError, match="dropout .* on a packed batch"):
+        model(ids, position_ids=positions, use_cache=False)
+    model.eval()  # no dropout in evaluation: runs
+    model(ids, position_ids=positions, use_cache=False)
+
+
+# -- refusals ----------------------------------------------------------------------------------
 
 def test_padding_inside_a_sequence_is_refused():
     ours, _ = _pair("llama")
@@ -296,14 +483,32 @@ def test_attention_dropout_in_training_runs_attnkit_dropout():
 
 def test_other_mask_functions_are_refused():
     mu = transformers.masking_utils
-    assert akt.band_of(mu.causal_mask_function) == (True, None)
-    assert akt.band_of(mu.sliding_window_causal_mask_function(8)) == (True, 7)
-    assert akt.band_of(mu.bidirectional_mask_function) == (False, None)
+    assert akt.read_mask_function(mu.causal_mask_function) == (True, None, None)
+    assert akt.read_mask_function(mu.sliding_window_causal_mask_function(8)) == (True, 7,
+                                                                                None)
+    assert akt.read_mask_function(mu.bidirectional_mask_function) == (False, None, None)
     chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
     custom = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv == 0)
     for fn in (chunked, custom):
         with pytest.raises(ValueError, match="does not\\s+compute"):
-            akt.band_of(fn)
+            akt.read_mask_function(fn)
+    # packed documents: each document's band, and transformers' document index of each token,
+    # with each document's positions remapped (newer transformers 5.x) or not
+    segments = torch.tensor([[0, 0, 1, 1, 1]])
+    band = mu.sliding_window_causal_mask_function(8)
+    forms = [mu.and_masks(band, mu.packed_sequence_mask_function(segments))]
+    remap = getattr(mu, "remap_positions_for_packed_sequence", None)
+    if remap is not None:
+        remapped = remap(band, torch.tensor([[0, 1, 0, 1, 2]]))
+        forms.append(mu.and_masks(remapped, mu.packed_sequence_mask_function(segments)))
+        with pytest.raises(ValueError, match="does not\\s+compute"):
+            akt.read_mask_function(remapped)  # remapped positions without documents
+    for packed in forms:
+        causal, window, got = akt.read_mask_function(packed)
+        assert (causal, window) == (True, 7) and got is segments
+    with pytest.raises(ValueError, match="does not\\s+compute"):
+        akt.read_mask_function(mu.and_masks(mu.packed_sequence_mask_function(segments),
+                                            mu.packed_sequence_mask_function(segments)))
 
 
 def test_readme_snippet_runs():
