@@ -258,8 +258,10 @@ def save(result: dict, out: str | Path, plot: bool = True) -> dict:
     out = Path(out)
     stem = report.STEMS[result["kind"]]
     files: dict = {"json": str(out / f"{stem}.json"), "table": str(out / f"{stem}.txt")}
-    result["files"] = files
+    # Where this machine wrote the files is not the result's: the JSON holds no paths.
+    result.pop("files", None)
     report.write_json(result, out / f"{stem}.json")
+    result["files"] = files
     (out / f"{stem}.txt").write_text(tables.table(result) + "\n" + tables.summary(result)
                                      + "\n")
     if plot and result["kind"] in _plot.PLOTTED:

@@ -168,10 +168,7 @@ def _time(spec, backend, problem, fn, cell, *, first, device) -> None:
         if not first:
             first.append(out)
         cell.max_abs_diff_vs_contiguous = float((out - first[0]).abs().max())
-        t = timing.measure(fn, device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
-                           min_reps=spec.min_reps, max_reps=spec.max_reps,
-                           first_call_done=True)
-    cell.ms, cell.ms_min, cell.reps = t.median_ms, t.min_ms, t.reps
+        t = timing.time_cell(cell, fn, device, spec)
     cell.tbps = cell.bytes / (t.median_ms * 1e-3) / 1e12
 
 

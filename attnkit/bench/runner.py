@@ -158,10 +158,7 @@ def _grid_cell(session: _Session, spec: GridSpec, contender: Contender, shape: S
                 mem = timing.peak_memory(fn, session.device, baseline)
                 if mem is not None:
                     cell.mem_peak_bytes, cell.mem_extra_bytes = mem
-            t = timing.measure(fn, session.device, warmup_ms=spec.warmup_ms,
-                               rep_ms=spec.rep_ms, min_reps=spec.min_reps,
-                               max_reps=spec.max_reps, first_call_done=mode != "bwd")
-        cell.ms, cell.ms_min, cell.reps = t.median_ms, t.min_ms, t.reps
+            t = timing.time_cell(cell, fn, session.device, spec, first_call_done=mode != "bwd")
         cell.tflops = cell.flops / (t.median_ms * 1e-3) / 1e12
 
     return session.run(cell, body)
@@ -295,10 +292,7 @@ def _decode_cell(session: _Session, spec: DecodeSpec, contender: Contender, cach
                     cell.notes.append("the graph's replay differs from the eager call")
                 out, fn = graph_out, graph.replay
             _check_output(cell, out, ref)
-            t = timing.measure(fn, session.device, warmup_ms=spec.warmup_ms,
-                               rep_ms=spec.rep_ms, min_reps=spec.min_reps,
-                               max_reps=spec.max_reps, first_call_done=True)
-        cell.ms, cell.ms_min, cell.reps = t.median_ms, t.min_ms, t.reps
+            t = timing.time_cell(cell, fn, session.device, spec)
         cell.tbps = cell.bytes / (t.median_ms * 1e-3) / 1e12
 
     return session.run(cell, body)

@@ -96,6 +96,16 @@ def measure(fn: Callable[[], object], device: torch.device | str, *, warmup_ms: 
     return Timing(statistics.median(times), min(times), reps)
 
 
+
+def time_cell(cell, fn: Callable[[], object], device, spec, first_call_done: bool = True
+              ) -> Timing:
+    """`measure` with ``spec``'s warm-up and repetitions; the median, minimum and repetition
+    count are stored on ``cell`` (``ms``, ``ms_min``, ``reps``)."""
+    t = measure(fn, device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
+                min_reps=spec.min_reps, max_reps=spec.max_reps, first_call_done=first_call_done)
+    cell.ms, cell.ms_min, cell.reps = t.median_ms, t.min_ms, t.reps
+    return t
+
 def peak_memory(fn: Callable[[], object], device: torch.device | str,
                 baseline: int = 0) -> tuple[int, int] | None:
     """Run ``fn`` once and return ``(peak, extra)`` bytes allocated by torch on a CUDA device:

@@ -238,10 +238,7 @@ def _cell(session, spec, contender, call, mode, lens, heads, head_dim, causal, m
                 def fn():
                     return torch.autograd.grad(attend(q, k, v), leaves, dout)
                 fn()
-            t = timing.measure(fn, session.device, warmup_ms=spec.warmup_ms,
-                               rep_ms=spec.rep_ms, min_reps=spec.min_reps,
-                               max_reps=spec.max_reps, first_call_done=True)
-        cell.ms, cell.ms_min, cell.reps = t.median_ms, t.min_ms, t.reps
+            t = timing.time_cell(cell, fn, session.device, spec)
         cell.tflops = cell.flops / (t.median_ms * 1e-3) / 1e12
 
     return session.run(cell, body)
