@@ -177,7 +177,17 @@ class Row:
 
 
 @dataclass
-class Cell(Row):
+class Timed(Row):
+    """A row that is timed (`timing.time_cell` fills ``ms``, ``ms_min`` and ``reps``)."""
+
+    ms: float | None = None
+    ms_min: float | None = None
+    reps: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cell(Timed):
     """One measurement: a backend on a shape in a mode, and what came of it.
 
     ``status`` is "ok", "unsupported" (the backend declares it cannot compute this problem;
@@ -185,9 +195,6 @@ class Cell(Row):
     "skipped" (not attempted; ``error`` says why).
     """
 
-    ms: float | None = None
-    ms_min: float | None = None
-    reps: int | None = None
     flops: float | None = None
     tflops: float | None = None
     bytes: int | None = None
@@ -196,7 +203,6 @@ class Cell(Row):
     mem_peak_bytes: int | None = None
     mem_extra_bytes: int | None = None
     max_abs_diff_vs_sdpa: float | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def default_grid(device: str) -> GridSpec:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +27,7 @@ from ..paged import paged_problem
 from ..spec import AttentionProblem
 from . import timing
 from .contenders import Contender, select_declaring
-from .grid import DTYPES, DecodeSpec, Row, kv_bytes
+from .grid import DTYPES, DecodeSpec, Timed, kv_bytes
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
@@ -52,20 +52,13 @@ def default_paged(device: str) -> PagedSpec:
 
 
 @dataclass
-class PagedCell(Row):
+class PagedCell(Timed):
     call: str = ""
     page_size: int = 0
-    ms: float | None = None
-    ms_min: float | None = None
-    reps: int | None = None
     bytes: int | None = None
     tbps: float | None = None
     ratio_vs_contiguous: float | None = None
     max_abs_diff_vs_contiguous: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def select(device: torch.device, names: list[str] | None):

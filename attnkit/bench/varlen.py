@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from .. import api
 from ..varlen import attention_varlen, varlen_problem
 from . import peers, timing
 from .contenders import Contender, select_declaring
-from .grid import DTYPES, STANDARD_TOKENS, Row, Timing, attention_flops
+from .grid import DTYPES, STANDARD_TOKENS, Timed, Timing, attention_flops
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
@@ -86,7 +86,7 @@ def default_varlen(device: str) -> VarlenSpec:
 
 
 @dataclass
-class VarlenCell(Row):
+class VarlenCell(Timed):
     """One contender on one packing in one mode. ``backend`` is the attnkit backend (or the
     peer's name), ``call`` what was called: "varlen", "dense", "sdpa-nested" or
     "sdpa-flash-padded"; ``seqlen_q``/``seqlen_k`` the longest document."""
@@ -95,9 +95,6 @@ class VarlenCell(Row):
     mix: str = ""
     call: str = ""
     documents: int = 0
-    ms: float | None = None
-    ms_min: float | None = None
-    reps: int | None = None
     flops: float | None = None
     tflops: float | None = None
     #: Throughput of this varlen cell over the same backend's dense call (equal mix).
@@ -105,10 +102,6 @@ class VarlenCell(Row):
     ratio_vs_sdpa_nested: float | None = None
     ratio_vs_sdpa_flash_padded: float | None = None
     max_abs_diff_vs_sdpa: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def varlen_flops(lens: list[int], heads: int, head_dim: int, causal: bool, mode: str) -> float:
