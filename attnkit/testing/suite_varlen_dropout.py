@@ -104,7 +104,7 @@ def test_varlen_dropout_mask_is_the_dense_batch_of_documents(backend, backend_na
     want = attnkit.testing.dropout_keep_mask(state, P, len(lens_q), q.shape[1], max(lens_q),
                                              max(lens_k)).to(out.device)
     bad = []
-    for b, (q0, lq, k0, lk) in enumerate(zip(cu_q.tolist(), lens_q, cu_k.tolist(), lens_k)):
+    for b, (q0, lq, lk) in enumerate(zip(cu_q.tolist(), lens_q, lens_k)):
         if lq == 0 or lk == 0:
             continue
         # Each kept key contributes c / Lk to its column; a dropped one 0.
