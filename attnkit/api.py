@@ -127,7 +127,7 @@ def attention(
 
         return attention_jagged(q, k, v, causal=causal, scale=scale, window=window,
                                 seqlens_k=seqlens_k, softcap=softcap, return_lse=return_lse,
-                                backend=backend)
+                                dropout_p=dropout_p, generator=generator, backend=backend)
     if autocast_device(q) is not None:  # cast as autocast does for SDPA, then run without it
         q, k, v = _autocast_inputs(q, k, v)
         with torch.autocast(q.device.type, enabled=False):

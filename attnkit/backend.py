@@ -68,7 +68,8 @@ class Capabilities:
     #: ``forward_varlen`` and ``backward_varlen`` run packed variable-length batches.
     varlen: bool = False
     #: ``forward`` and ``backward`` take ``dropout`` (an `attnkit.dropout.Dropout`) and apply
-    #: the keep mask `attnkit.dropout` defines, bit for bit.
+    #: the keep mask `attnkit.dropout` defines, bit for bit; with ``varlen``,
+    #: ``forward_varlen`` and ``backward_varlen`` too.
     dropout: bool = False
     #: ``forward_paged`` attends over page pools through a block table (paged KV caches).
     paged: bool = False
@@ -185,6 +186,10 @@ class Backend:
         ``problem.seqlen_q``/``seqlen_k`` are upper bounds of the sequence lengths
         (max_seqlen), ``problem.varlen`` is True. Returns ``out (total_q, Hq, D)`` in q's
         dtype and ``lse (Hq, total_q)`` float32.
+
+        A backend declaring ``dropout`` too takes ``dropout=None`` (keyword; an
+        `attnkit.dropout.Dropout` when ``dropout_p > 0``): sequence ``b`` draws the mask of
+        batch ``b``, its rows and columns counted from its own first rows.
         """
         raise NotImplementedError
 
@@ -193,7 +198,7 @@ class Backend:
                         cu_seqlens_k: Tensor,
                         dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(dq, dk, dv)`` of `forward_varlen`, in the inputs' shapes and dtypes; ``dlse``
-        ``(Hq, total_q)`` as in `backward`."""
+        ``(Hq, total_q)`` as in `backward`; ``dropout=`` the forward's, as there."""
         raise NotImplementedError
 
     def forward_paged(

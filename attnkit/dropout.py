@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,10 +54,16 @@ def check_dropout_p(p) -> float:
 class Dropout:
     """What a backend receives for a call with dropout: ``p``, the integer `threshold`,
     the fp32 ``scale = 1 / (1 - p)``, and ``state``, int64 ``(2,)`` on the device holding
-    the philox key (word 0) and the offset counter word (low 32 bits of word 1)."""
+    the philox key (word 0) and the offset counter word (low 32 bits of word 1).
+
+    ``first_batch`` is the batch index the call's batch 0 takes in the mask's counter
+    (``b`` becomes ``first_batch + b``): 0 in what the core passes; a backend that runs
+    documents ``d0, d0 + 1, ...`` of a packed batch as one dense call of its own passes
+    ``at_batch(d0)`` to it."""
 
     p: float
     state: torch.Tensor
+    first_batch: int = 0
 
     @property
     def threshold(self) -> int:
@@ -66,6 +72,10 @@ class Dropout:
     @property
     def scale(self) -> float:
         return 1.0 / (1.0 - self.p)
+
+    def at_batch(self, first: int) -> Dropout:
+        """This dropout for a call whose batch 0 is batch ``first`` of the mask."""
+        return replace(self, first_batch=self.first_batch + first)
 
 
 def draw_state(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -113,11 +123,18 @@ def keep_where(state: torch.Tensor, p: float, bh, i, j) -> torch.Tensor:
 
 
 def keep_mask(state: torch.Tensor, p: float, batch: int, heads: int, seqlen_q: int,
-              seqlen_k: int) -> torch.Tensor:
+              seqlen_k: int, first_batch: int = 0) -> torch.Tensor:
     """Boolean ``(batch, heads, seqlen_q, seqlen_k)``: the elements one call keeps (on
-    ``state``'s device). Materialises the whole mask: for tests and the reference."""
+    ``state``'s device), batches ``first_batch ..`` of the mask. Materialises the whole
+    mask: for tests and the reference.
+
+    A packed batch (`attnkit.attention_varlen`) draws the mask of the dense batch of its
+    documents: document ``d`` is batch ``d``, its query rows and key columns counted from
+    its own first rows, so ``keep_mask(state, p, B, Hq, max_seqlen_q, max_seqlen_k)[d, :,
+    :Lq_d, :Lk_d]`` is document ``d``'s mask."""
     dev = state.device
     j = torch.arange(seqlen_k, device=dev, dtype=torch.int64)
     i = torch.arange(seqlen_q, device=dev, dtype=torch.int64)[:, None]
-    bh = torch.arange(batch * heads, device=dev, dtype=torch.int64)[:, None, None]
+    bh = torch.arange(first_batch * heads, (first_batch + batch) * heads, device=dev,
+                      dtype=torch.int64)[:, None, None]
     return keep_where(state, p, bh, i, j).view(batch, heads, seqlen_q, seqlen_k)

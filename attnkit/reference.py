@@ -110,7 +110,7 @@ def _dropped(p, dropout):
     if dropout is None:
         return p
     B, H, Sq, Sk = p.shape
-    keep = keep_mask(dropout.state, dropout.p, B, H, Sq, Sk).to(p.device)
+    keep = keep_mask(dropout.state, dropout.p, B, H, Sq, Sk, dropout.first_batch).to(p.device)
     return torch.where(keep, p * dropout.scale, 0)
 
 

@@ -56,34 +56,42 @@ class ReferenceBackend(Backend):
         return forward_paged_via_dense(self.forward, problem, q, k_pages, v_pages,
                                        block_table, seqlens_k)
 
-    # Packed batches: one dense call per sequence (the definition of varlen attention).
-    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    # Packed batches: one dense call per sequence (the definition of varlen attention), with
+    # dropout's mask at the sequence's batch index.
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k, dropout=None):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype,
                          device=q.device)
-        for q0, q1, k0, k1 in host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
-                                             q.shape[0], k.shape[0]):
+        for b, (q0, q1, k0, k1) in enumerate(host_sequences(problem, cu_seqlens_q,
+                                                            cu_seqlens_k, q.shape[0],
+                                                            k.shape[0])):
             if q1 > q0 and k1 > k0:  # else every row sees no key: 0 / -inf as set
                 o, m = self.forward(problem, as_dense(q, q0, q1), as_dense(k, k0, k1),
-                                    as_dense(v, k0, k1), None)
+                                    as_dense(v, k0, k1), None, dropout=_at(dropout, b))
                 out[q0:q1] = o[0].transpose(0, 1)
                 lse[:, q0:q1] = m[0]
         return out, lse
 
     def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
-                        dlse=None):
+                        dlse=None, dropout=None):
         dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        for q0, q1, k0, k1 in host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
-                                             q.shape[0], k.shape[0]):
+        for b, (q0, q1, k0, k1) in enumerate(host_sequences(problem, cu_seqlens_q,
+                                                            cu_seqlens_k, q.shape[0],
+                                                            k.shape[0])):
             if q1 > q0 and k1 > k0:
                 g = self.backward(problem, as_dense(q, q0, q1), as_dense(k, k0, k1),
                                   as_dense(v, k0, k1), as_dense(out, q0, q1),
                                   lse[None, :, q0:q1], as_dense(dout, q0, q1), None,
-                                  dlse=None if dlse is None else dlse[None, :, q0:q1])
+                                  dlse=None if dlse is None else dlse[None, :, q0:q1],
+                                  dropout=_at(dropout, b))
                 for grad, t, r0, r1 in zip((dq, dk, dv), g, (q0, k0, k0), (q1, k1, k1)):
                     grad[r0:r1] = t[0].transpose(0, 1)
         return dq, dk, dv
+
+
+def _at(dropout, b):
+    return None if dropout is None else dropout.at_batch(b)
 
 
 @hookimpl

@@ -19,11 +19,14 @@ import torch
 from .api import (
     _autocast_inputs,
     _autograd_dispatch,
+    _draw_dropout,
+    _dropout_kwargs,
     _OnceDifferentiable,
     autocast_device,
     backward_gradients,
 )
 from .backend import check_backward_result, check_forward_result
+from .dropout import check_dropout_p, draw_state
 from .registry import Explanation, registry
 from .spec import (
     FLOAT_DTYPES,
@@ -49,6 +52,8 @@ def attention_varlen(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
     backend: str | None = None,
 ):
     """Exact attention over a packed batch of sequences of different lengths.
@@ -68,6 +73,11 @@ def attention_varlen(
             (causal aligned to the bottom-right corner of each sequence's own lengths).
         return_lse: also return ``lse``, float32 ``(Hq, total_q)`` (float64 for float64
             inputs), natural log (FlashAttention's and PyTorch's layout).
+        dropout_p, generator: as in `attnkit.attention`. The keep mask is the one the dense
+            call over the batch of these sequences draws: sequence ``b`` is batch ``b``, its
+            query rows and key columns counted from its own first rows (so padding the
+            sequences into a dense batch draws the same bits). The backend must declare
+            ``varlen`` and ``dropout``.
         backend: as in `attnkit.attention`; the backend must declare ``varlen``.
 
     Returns:
@@ -88,15 +98,20 @@ def attention_varlen(
         with torch.autocast(q.device.type, enabled=False):
             return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     max_seqlen_k, causal=causal, scale=scale, window=window,
-                                    softcap=softcap, return_lse=return_lse, backend=backend)
+                                    softcap=softcap, return_lse=return_lse,
+                                    dropout_p=dropout_p, generator=generator, backend=backend)
     if torch.compiler.is_compiling():
         return _op_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          causal, scale, window, softcap, return_lse, backend)
+                          causal, scale, window, softcap, return_lse, backend, dropout_p,
+                          generator)
     problem = varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              causal=causal, scale=scale, window=window, softcap=softcap,
-                             return_lse=return_lse)
-    out, lse = run_varlen(problem, registry.select(problem, backend), q, k, v, cu_seqlens_q,
-                          cu_seqlens_k)
+                             return_lse=return_lse, dropout_p=dropout_p)
+    chosen = registry.select(problem, backend)
+    # The generator is checked either way; a packing no backend runs draws nothing.
+    dropout = _draw_dropout(problem._replace(dropout_p=0.0) if is_empty(problem, q, k)
+                            else problem, q, generator)
+    out, lse = run_varlen(problem, chosen, q, k, v, cu_seqlens_q, cu_seqlens_k, dropout)
     return (out, lse) if return_lse else out
 
 
@@ -197,7 +212,7 @@ def _check_max(name: str, given, longest: int | None, cu_name: str, lengths=None
 
 def varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                    *, causal=False, scale=None, window=None, softcap=None, return_lse=False,
-                   needs_grad=None, check_values=True) -> AttentionProblem:
+                   needs_grad=None, check_values=True, dropout_p=0.0) -> AttentionProblem:
     """Validate one `attention_varlen` call and describe it (``varlen=True``, ``batch`` B,
     ``seqlen_q``/``seqlen_k`` the max_seqlen bounds). ``check_values`` off (fake tensors
     under torch.compile) reads no offset; a max_seqlen left None is then 0."""
@@ -219,6 +234,7 @@ def varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_s
     scale = check_scale(scale, D)
     window = check_window(window)
     softcap = check_softcap(softcap)
+    dropout_p = check_dropout_p(dropout_p)
 
     longest_q = longest_k = lengths_q = lengths_k = None
     read = check_values and (q.device.type == "cpu" or max_seqlen_q is None
@@ -236,7 +252,7 @@ def varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_s
                                                   or v.requires_grad)
     return AttentionProblem(B, Hq, Hkv, max_q or 0, max_k or 0, D, q.dtype, q.device, causal,
                             scale, window, False, softcap, return_lse, bool(needs_grad),
-                            torch.are_deterministic_algorithms_enabled(), True)
+                            torch.are_deterministic_algorithms_enabled(), True, dropout_p)
 
 
 # -- running -------------------------------------------------------------------------------
@@ -258,27 +274,32 @@ def lse_shape(q) -> tuple[int, int]:
     return (q.shape[1], q.shape[0])
 
 
-def run_varlen(problem, chosen, q, k, v, cu_q, cu_k):
-    """``(out, lse)`` of a validated varlen problem on the backend selected for it."""
+def run_varlen(problem, chosen, q, k, v, cu_q, cu_k, dropout=None):
+    """``(out, lse)`` of a validated varlen problem on the backend selected for it;
+    ``dropout`` (an `attnkit.dropout.Dropout`) exactly when ``problem.dropout_p > 0``."""
     if is_empty(problem, q, k):
         out, lse = empty_result(problem, q)
         if problem.needs_grad:  # keep the graph: zero gradients
             out = out + 0 * (q.sum() + k.sum() + v.sum())
         return out, lse
     if problem.needs_grad:
-        return _VarlenFunction.apply(q, k, v, cu_q, cu_k, problem, chosen)
-    return check_forward_result(chosen, q, chosen.forward_varlen(problem, q, k, v, cu_q, cu_k),
+        return _VarlenFunction.apply(q, k, v, cu_q, cu_k, problem, chosen, dropout)
+    kw = {} if dropout is None else {"dropout": dropout}
+    return check_forward_result(chosen, q, chosen.forward_varlen(problem, q, k, v, cu_q, cu_k,
+                                                                 **kw),
                                 lse_shape(q), "forward_varlen")
 
 
 class _VarlenFunction(torch.autograd.Function):
-    """forward_varlen and backward_varlen on one backend; saves q, k, v, out and lse."""
+    """forward_varlen and backward_varlen on one backend; saves q, k, v, out and lse (and
+    the dropout state: the backward regenerates the mask)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, problem, backend):
+    def forward(ctx, q, k, v, cu_q, cu_k, problem, backend, dropout):
+        ctx.kw = {} if dropout is None else {"dropout": dropout}
         out, lse = check_forward_result(
-            backend, q, backend.forward_varlen(problem, q, k, v, cu_q, cu_k), lse_shape(q),
-            "forward_varlen")
+            backend, q, backend.forward_varlen(problem, q, k, v, cu_q, cu_k, **ctx.kw),
+            lse_shape(q), "forward_varlen")
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.problem, ctx.backend = problem, backend
         ctx.set_materialize_grads(False)
@@ -289,8 +310,8 @@ class _VarlenFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dout, dlse = backward_gradients(ctx.backend, out, lse, dout, dlse)
         if dout is None:
-            return (None,) * 7
-        kwargs = {} if dlse is None else {"dlse": dlse}
+            return (None,) * 8
+        kwargs = dict(ctx.kw) if dlse is None else {"dlse": dlse, **ctx.kw}
         autocast = autocast_device(q)
         off = torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext()
         with torch.no_grad(), off:
@@ -299,13 +320,13 @@ class _VarlenFunction(torch.autograd.Function):
         grads = check_backward_result(ctx.backend, q, k, v, grads, "backward_varlen")
         if torch.is_grad_enabled():
             grads = _OnceDifferentiable.apply(*grads, q, k, v, dout)
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
 
 
 # -- torch.compile: a custom op with a fake implementation ---------------------------------
 
 def _op_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, wl, wr, softcap, return_lse,
-                needs_grad, check_values):
+                needs_grad, check_values, dropout_p=0.0):
     # Fake tensors: shapes only (a traced max_seqlen may be symbolic; the body checks it).
     if not check_values:
         max_q = max_k = -1
@@ -313,7 +334,7 @@ def _op_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, wl, wr, softca
                           None if max_k < 0 else max_k, causal=causal, scale=scale,
                           window=(wl, wr), softcap=softcap if softcap > 0 else None,
                           return_lse=return_lse, needs_grad=needs_grad,
-                          check_values=check_values)
+                          check_values=check_values, dropout_p=dropout_p)
 
 
 @torch.library.custom_op("attnkit::attention_varlen", mutates_args=())
@@ -321,25 +342,28 @@ def _varlen_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
     scale: float, window_left: int, window_right: int, softcap: float, return_lse: bool,
-    needs_grad: bool, backend: str,
+    needs_grad: bool, backend: str, dropout_p: float = 0.0,
+    dropout_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     problem = _op_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           causal, scale, window_left, window_right, softcap, return_lse,
-                          needs_grad, True)
+                          needs_grad, True, dropout_p)
     chosen = registry.select(problem, backend)
     if is_empty(problem, q, k):
         return empty_result(problem, q)
+    kw = _dropout_kwargs(dropout_p, dropout_state)
     return check_forward_result(
-        chosen, q, chosen.forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k),
+        chosen, q, chosen.forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, **kw),
         lse_shape(q), "forward_varlen")
 
 
 @_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-      window_left, window_right, softcap, return_lse, needs_grad, backend):
+      window_left, window_right, softcap, return_lse, needs_grad, backend, dropout_p=0.0,
+      dropout_state=None):
     problem = _op_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           causal, scale, window_left, window_right, softcap, return_lse,
-                          needs_grad, False)
+                          needs_grad, False, dropout_p)
     return empty_result(problem, q)
 
 
@@ -349,16 +373,18 @@ def _varlen_backward_op(
     lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     dlse: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
     scale: float, window_left: int, window_right: int, softcap: float, return_lse: bool,
-    backend: str,
+    backend: str, dropout_p: float = 0.0, dropout_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     problem = _op_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           causal, scale, window_left, window_right, softcap, return_lse, True,
-                          True)
+                          True, dropout_p)
     if is_empty(problem, q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     chosen = registry.select(problem, backend)  # the forward's problem: its backend
     dout, dlse = backward_gradients(chosen, out, lse, dout.contiguous(), dlse)
-    kwargs = {} if dlse is None else {"dlse": dlse}
+    kwargs = _dropout_kwargs(dropout_p, dropout_state)
+    if dlse is not None:
+        kwargs["dlse"] = dlse
     with _autograd_dispatch():
         grads = chosen.backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q,
                                        cu_seqlens_k, **kwargs)
@@ -367,44 +393,55 @@ def _varlen_backward_op(
 
 @_varlen_backward_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dlse, max_seqlen_q, max_seqlen_k,
-      causal, scale, window_left, window_right, softcap, return_lse, backend):
+      causal, scale, window_left, window_right, softcap, return_lse, backend, dropout_p=0.0,
+      dropout_state=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _op_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, wl, wr, softcap, return_lse, _, be = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
-    ctx.options = (max_q, max_k, causal, scale, wl, wr, softcap, return_lse, be)
+    (q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, wl, wr, softcap, return_lse, _, be,
+     dropout_p, dropout_state) = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k, dropout_state)
+    ctx.options = (max_q, max_k, causal, scale, wl, wr, softcap, return_lse, be, dropout_p)
     ctx.set_materialize_grads(False)
 
 
 def _op_backward(ctx, dout, dlse):
     if dout is None and dlse is None:
-        return (None,) * 15
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        return (None,) * 17
+    q, k, v, out, lse, cu_q, cu_k, dropout_state = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _varlen_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, dlse, *ctx.options)
-    return dq, dk, dv, *(None,) * 12
+    dq, dk, dv = _varlen_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, dlse, *ctx.options,
+                                     dropout_state)
+    return dq, dk, dv, *(None,) * 14
 
 
 _varlen_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _op_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, return_lse,
-               backend):
+               backend, dropout_p=0.0, generator=None):
     """`attention_varlen` through the custom op (under torch.compile). A max_seqlen left
-    None is computed inside the op, from the real offsets."""
+    None is computed inside the op, from the real offsets; dropout's state is drawn in the
+    graph, from the device's default generator, as `attention`'s."""
     wl, wr = check_window(window)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         _check_max(name, m, None, "")
+    dropout_p = check_dropout_p(dropout_p)
+    state = None
+    if dropout_p:
+        if generator is not None:
+            raise ValueError("generator under torch.compile is not supported: dropout "
+                             "draws from the device's default generator there")
+        state = draw_state(q.device)
     out, lse = _varlen_op(q, k, v, cu_q, cu_k, -1 if max_q is None else max_q,
                           -1 if max_k is None else max_k, causal,
                           check_scale(scale, q.shape[-1]), wl, wr,
                           check_softcap(softcap) or 0.0, bool(return_lse), needs_grad,
-                          backend or "auto")
+                          backend or "auto", dropout_p, state)
     return (out, lse) if return_lse else out
 
 
@@ -456,7 +493,8 @@ def _jagged_parts(name: str, t) -> tuple[torch.Tensor, torch.Tensor, int | None]
 
 
 def attention_jagged(q, k, v, *, causal=False, scale=None, window=None, seqlens_k=None,
-                     softcap=None, return_lse=False, backend=None):
+                     softcap=None, return_lse=False, dropout_p=0.0, generator=None,
+                     backend=None):
     """`attnkit.attention` on nested jagged tensors ``(B, H, j, D)``: the packed values and
     offsets through `attention_varlen`; ``out`` (and ``lse``, ``(B, Hq, j)``) nested with
     q's offsets."""
@@ -471,7 +509,8 @@ def attention_jagged(q, k, v, *, causal=False, scale=None, window=None, seqlens_
                          f"{k_off.tolist()}, v's {v_off.tolist()}")
     res = attention_varlen(qv, kv, vv, q_off.to(torch.int32), k_off.to(torch.int32), max_q,
                            max_k, causal=causal, scale=scale, window=window, softcap=softcap,
-                           return_lse=return_lse, backend=backend)
+                           return_lse=return_lse, dropout_p=dropout_p, generator=generator,
+                           backend=backend)
     out, lse = res if return_lse else (res, None)
     out = torch.nested.nested_tensor_from_jagged(out, offsets=q_off).transpose(1, 2)
     if not return_lse:

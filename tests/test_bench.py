@@ -666,6 +666,22 @@ def test_varlen_end_to_end_on_a_cpu(tmp_path, capsys):
     assert set(ratios(result, result).values()) == {1.0}
 
 
+def test_varlen_with_dropout(tmp_path, capsys):
+    """--varlen --dropout P: every packed and dense call drops (so does SDPA); no output
+    check against SDPA, whose masks differ."""
+    rc = main(["bench", "--varlen", "--device", "cpu", "--quiet", "--tokens", "256",
+               "--head-dims", "16", "--model-dim", "32", "--warmup-ms", "0", "--rep-ms", "1",
+               "--modes", "fwd", "--backends", "reference,sdpa-nested", "--dropout", "0.2",
+               "--out", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    assert "every call with dropout_p=0.2" in capsys.readouterr().out
+    result = json.loads((tmp_path / "varlen.json").read_text())
+    assert result["config"]["varlen"]["dropout_p"] == 0.2
+    ours = [c for c in result["cells"] if c["backend"] == "reference"]
+    assert ours and all(c["status"] == "ok" and c["max_abs_diff_vs_sdpa"] is None
+                        for c in ours)
+
+
 def test_grid_with_dropout(tmp_path, test_backends, capsys):
     """--dropout P: attnkit backends that declare dropout and SDPA run every call with it;
     a backend without dropout is recorded as unsupported, saying why."""

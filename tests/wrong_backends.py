@@ -4,7 +4,7 @@ import torch
 
 from attnkit import reference
 from attnkit.backend import Backend, Capabilities
-from attnkit.dropout import Dropout
+from attnkit.dropout import Dropout, keep_mask
 from attnkit.reference_backend import ReferenceBackend
 
 _CAPS = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
@@ -321,6 +321,38 @@ class DropoutNotInBackward(ReferenceBackend):
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
         return super().backward(problem, q, k, v, out, lse, dout, seqlens_k, dlse=dlse)
+class VarlenDropoutPackedRows(ReferenceBackend):
+    """Draws a packed batch's mask as one sequence's: batch 0, query rows and key columns
+    counted in the packed tensors instead of from each sequence's start."""
+
+    name = "wrong-varlen-dropout-packed-rows"
+    capabilities = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                                head_dim_max=256, varlen=True, dropout=True, backward=False)
+
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k, dropout=None):
+        if dropout is None:
+            return super().forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k)
+        out = torch.zeros_like(q)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"))
+        keep = keep_mask(dropout.state, dropout.p, 1, q.shape[1], q.shape[0], k.shape[0])[0]
+        g = problem.group_size
+        for b in range(cu_seqlens_q.shape[0] - 1):
+            q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+            k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+            if q1 == q0 or k1 == k0:
+                continue
+            seen = reference.visible_mask(q1 - q0, k1 - k0, causal=problem.causal,
+                                window=problem.window)[0, 0]
+            kk, vv = (t[k0:k1].transpose(0, 1).repeat_interleave(g, 0) for t in (k, v))
+            s = (q[q0:q1].transpose(0, 1) @ kk.transpose(-1, -2)) * problem.scale
+            s = s.masked_fill(~seen, float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)
+            p = torch.where(keep[:, q0:q1, k0:k1], p * dropout.scale, 0)
+            out[q0:q1] = (p @ vv).transpose(0, 1)
+            lse[:, q0:q1] = torch.logsumexp(s, -1)
+        return out, lse
+
+
 class RecomputesSavedState(ReferenceBackend):
     """Its backward recomputes out and lse from the q, k, v it is given instead of taking
     the ones passed: right for a whole call, wrong for a block of a longer key sequence
@@ -339,4 +371,5 @@ WRONG = [DropsCausalMask, NaNOnMaskedRows, TopLeftCausal, ClaimsSoftcapIgnoresIt
          MaskedKeysTimesZero, OutOfBandTimesZero, ScratchNotZeroed, NaNRowAsMasked,
          NoMaxSubtraction, LaterCallsDiffer, IgnoresDlse, VarlenOneSequence,
          VarlenOthersTimesZero, VarlenLseTransposed, DropoutOtherCounter,
-         DropoutSameSeedEveryCall, DropoutNotInBackward, RecomputesSavedState]
+         DropoutSameSeedEveryCall, DropoutNotInBackward, VarlenDropoutPackedRows,
+         RecomputesSavedState]

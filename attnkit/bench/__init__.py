@@ -124,8 +124,9 @@ def run_benchmark(
       backend that declares paged on the decoding table's shapes, contiguous caches beside
       page pools of ``page_sizes`` (default 16 and 64) with shuffled pages.
 
-    ``dropout_p`` runs the grid with attention dropout (attnkit backends that declare it and
-    the SDPA peers; the output check against SDPA is left out, the masks differ).
+    ``dropout_p`` runs the grid (or ``varlen``'s table) with attention dropout (attnkit
+    backends that declare it and the SDPA peers; the output check against SDPA is left out,
+    the masks differ).
 
     Defaults come from the device (`default_grid` / `default_decode`): FlashAttention's grid
     on CUDA, a small fp32 grid on a CPU. ``backends`` names attnkit backends and SDPA peers
@@ -197,7 +198,7 @@ def run_benchmark(
                           modes=modes, model_dim=model_dim, warmup_ms=warmup_ms, rep_ms=rep_ms,
                           time_limit_s=time_limit_s, mixes=mixes,
                           tokens=None if tokens is None else [tokens],
-                          dtype=None if dtypes is None else dtypes[0])
+                          dtype=None if dtypes is None else dtypes[0], dropout_p=dropout_p)
         bad = [m for m in vspec.mixes if m not in _varlen.MIXES]
         if bad:
             raise ValueError(f"unknown length mix(es) {bad}; choose from {list(_varlen.MIXES)}")

@@ -178,8 +178,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit-s", type=float,
                    help="cells not started after this many seconds are recorded as skipped")
     p.add_argument("--dropout", type=float, metavar="P", dest="dropout_p",
-                   help="the grid with attention dropout P (compare with a run without it "
-                        "through --label/--compare)")
+                   help="the grid (or --varlen's table) with attention dropout P (compare "
+                        "with a run without it through --label/--compare)")
     p.add_argument("--cp-worlds", type=_ints, metavar="P,..",
                    help="--context-parallel: world sizes to predict (default 2,4,8)")
     p.add_argument("--link-gbps", type=float, default=450.0, metavar="GB/s",

@@ -222,8 +222,11 @@ def varlen_table(result: dict) -> str:
     padded batch (long-tailed)."""
     cells = result["cells"]
     notes = _Notes()
+    dropout = result.get("config", {}).get("varlen", {}).get("dropout_p")
     out = [f"attnkit bench --varlen on {_device(result)} (TFLOP/s, median; FLOPs summed per "
            "document)"]
+    if dropout:
+        out[0] += f", every call with dropout_p={dropout:g}"
 
     def column(c):
         return f"{seq_label(c['tokens'])} D={c['head_dim']}{' causal' if c['causal'] else ''}"

@@ -75,6 +75,8 @@ class VarlenSpec(Timing):
     model_dim: int = 2048
     #: Document length of the "equal" mix.
     doc_len: int = 2048
+    #: Attention dropout probability of every call (0: none); the SDPA peers drop too.
+    dropout_p: float = 0.0
 
 
 def default_varlen(device: str) -> VarlenSpec:
@@ -133,18 +135,22 @@ def _padded_index(lens, longest, device):
                       for b, n in enumerate(lens)]).long()
 
 
-def _call_fn(contender: Contender, call: str, leaves, cu, lens, causal: bool):
-    """``f(q, k, v) -> out (total, H, D)`` for one contender's way of computing the packing."""
+def _call_fn(contender: Contender, call: str, leaves, cu, lens, causal: bool,
+             dropout_p: float = 0.0):
+    """``f(q, k, v) -> out (total, H, D)`` for one contender's way of computing the packing,
+    every call with ``dropout_p``."""
     longest, B = max(lens), len(lens)
     if call == "varlen":
         return lambda q, k, v: attention_varlen(q, k, v, cu, cu, longest, longest,
-                                                causal=causal, backend=contender.name)
+                                                causal=causal, dropout_p=dropout_p,
+                                                backend=contender.name)
     if call == "dense":
         L = longest
 
         def dense(q, k, v):
             q4, k4, v4 = (t.unflatten(0, (B, L)).transpose(1, 2) for t in (q, k, v))
-            out = api.attention(q4, k4, v4, causal=causal, backend=contender.name)
+            out = api.attention(q4, k4, v4, causal=causal, dropout_p=dropout_p,
+                                backend=contender.name)
             return out.transpose(1, 2).flatten(0, 1)
         return dense
     if call == "sdpa-nested":
@@ -154,7 +160,8 @@ def _call_fn(contender: Contender, call: str, leaves, cu, lens, causal: bool):
             qn, kn, vn = (torch.nested.nested_tensor_from_jagged(
                 t, offsets=offsets, max_seqlen=longest, min_seqlen=min(lens)).transpose(1, 2)
                 for t in (q, k, v))
-            return F.scaled_dot_product_attention(qn, kn, vn, is_causal=causal
+            return F.scaled_dot_product_attention(qn, kn, vn, is_causal=causal,
+                                                  dropout_p=dropout_p
                                                   ).transpose(1, 2).values()
         return nested
     index = _padded_index(lens, longest, cu.device)
@@ -163,7 +170,7 @@ def _call_fn(contender: Contender, call: str, leaves, cu, lens, causal: bool):
         def pad(t):
             p = t.new_zeros(B * longest, *t.shape[1:]).index_copy(0, index, t)
             return p.unflatten(0, (B, longest)).transpose(1, 2)
-        out = peers.sdpa(pad(q), pad(k), pad(v), causal=causal)
+        out = peers.sdpa(pad(q), pad(k), pad(v), causal=causal, dropout_p=dropout_p)
         return out.transpose(1, 2).flatten(0, 1).index_select(0, index)
     return padded
 
@@ -208,15 +215,17 @@ def _cell(session, spec, contender, call, mode, lens, heads, head_dim, causal, m
         if contender.kind == "attnkit":
             if call == "varlen":
                 problem = varlen_problem(q, k, v, cu, cu, longest, longest, causal=causal,
-                                         needs_grad=mode != "fwd", check_values=False)
+                                         needs_grad=mode != "fwd", check_values=False,
+                                         dropout_p=spec.dropout_p)
             else:
                 q4 = q.unflatten(0, (len(lens), longest)).transpose(1, 2)
                 problem = api.AttentionProblem.from_tensors(q4, q4, q4, causal=causal,
-                                                            needs_grad=mode != "fwd")
+                                                            needs_grad=mode != "fwd",
+                                                            dropout_p=spec.dropout_p)
             reasons = contender.reasons(problem)
             if reasons:
                 raise _Unsupported("; ".join(reasons))
-        attend = _call_fn(contender, call, leaves, cu, lens, causal)
+        attend = _call_fn(contender, call, leaves, cu, lens, causal, spec.dropout_p)
         with _context(call, session.device):
             if mode == "fwd":
                 def fn():
@@ -265,7 +274,8 @@ def run_varlen(spec: VarlenSpec, contenders: list[Contender], device: torch.devi
         heads = spec.model_dim // d
         lens = mix_lengths(mix, tokens, spec.doc_len)
         leaves, dout, cu = _inputs(lens, heads, d, dtype, device, seed)
-        ref = _reference_out(leaves, cu, lens, causal, device)
+        # Under dropout the masks differ: no output check against SDPA.
+        ref = None if spec.dropout_p else _reference_out(leaves, cu, lens, causal, device)
         for contender, call in calls:
             for mode in spec.modes:
                 label = (f"{contender.name} {call} {mix} T={tokens} D={d}"

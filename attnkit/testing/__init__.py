@@ -18,7 +18,8 @@
   (``torch.compile(fullgraph=True)`` against eager), ``cuda``, ``isolation`` (keys no query
   sees and uninitialised scratch never read, a NaN row kept in its row), ``lse_grad``,
   ``varlen`` (packed variable-length batches, cases from `varlen_cases`), ``dropout``
-  (the keep mask of `attnkit.dropout`, read back from the backend's output), ``paged``
+  (the keep mask of `attnkit.dropout`, read back from the backend's output),
+  ``varlen_dropout`` (dropout on packed batches: the dense batch of documents' mask), ``paged``
   (paged KV caches against the same keys laid out contiguously) and ``context_parallel``
   (the blocks of `attnkit.distributed`'s ring, simulated in one process, merged and
   differentiated with the global out and lse).

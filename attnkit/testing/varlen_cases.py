@@ -139,14 +139,16 @@ class VarlenCase:
         return torch.cat([~self._visible(q1 - q0, k1 - k0).any(-2)
                           for q0, q1, k0, k1 in self.ranges()] or [torch.zeros(0, dtype=bool)])
 
-    def forward_reference(self, q, k, v):
+    def forward_reference(self, q, k, v, dropout=None):
         """``(out (total_q, Hq, D), lse (Hq, total_q))``: one dense `reference.safe` call
-        per sequence, packed, in q's dtype, differentiable (lse too)."""
+        per sequence, packed, in q's dtype, differentiable (lse too). ``dropout``: the
+        call's `attnkit.dropout.Dropout`, sequence ``b`` drawn as batch ``b``."""
         outs, lses = [], []
-        for q0, q1, k0, k1 in self.ranges():
+        for b, (q0, q1, k0, k1) in enumerate(self.ranges()):
             if q1 > q0 and k1 > k0:
                 o, m = reference.safe(as_dense(q, q0, q1), as_dense(k, k0, k1),
-                                      as_dense(v, k0, k1), **self.options())
+                                      as_dense(v, k0, k1), **self.options(),
+                                      dropout=None if dropout is None else dropout.at_batch(b))
                 outs.append(o[0].transpose(0, 1))
                 lses.append(m[0])
             else:  # no query, or no key: every row gives 0 / -inf
@@ -156,13 +158,13 @@ class VarlenCase:
             return torch.zeros_like(q), q.new_zeros((q.shape[1], 0))
         return torch.cat(outs), torch.cat(lses, 1)
 
-    def reference(self, q, k, v, dtype, dout, grad: bool = True, dlse=None):
+    def reference(self, q, k, v, dtype, dout, grad: bool = True, dlse=None, dropout=None):
         """``(out, lse, grads)`` of `forward_reference` with the inputs cast to ``dtype``
         (float64: ``ref64``; the input dtype: ``ref_lp``), gradients of
         ``sum(out * dout) + sum(lse * dlse)`` with dlse counted only on rows that see keys."""
         qq, kk, vv = (t.detach().to(dtype).requires_grad_(grad) for t in (q, k, v))
         with torch.enable_grad():
-            out, lse = self.forward_reference(qq, kk, vv)
+            out, lse = self.forward_reference(qq, kk, vv, dropout)
             grads = None
             if grad:
                 outputs, seeds = [out], [dout.to(dtype)]
@@ -178,22 +180,23 @@ class VarlenCase:
                               for g, t in zip(grads, (qq, kk, vv)))
         return out.detach(), lse.detach(), grads
 
-    def saved_state_grads(self, q, k, v, dout, out, lse, dlse=None):
+    def saved_state_grads(self, q, k, v, dout, out, lse, dlse=None, dropout=None):
         """The contract's backward in float32 from the backend's saved ``out`` and ``lse``,
         per sequence (the accuracy rule's second low-precision reference for gradients);
-        None for float64 inputs."""
+        None for float64 inputs. ``dropout`` as in `forward_reference`."""
         if q.dtype == torch.float64:
             return None
         qc, kc, vc, oc, dc = (t.detach().float() for t in (q, k, v, out, dout))
         lc = lse.detach().float()
         grads = tuple(torch.zeros_like(t) for t in (qc, kc, vc))
-        for q0, q1, k0, k1 in self.ranges():
+        for b, (q0, q1, k0, k1) in enumerate(self.ranges()):
             if q1 > q0 and k1 > k0:
                 g = reference.backward(
                     as_dense(qc, q0, q1), as_dense(kc, k0, k1), as_dense(vc, k0, k1),
                     as_dense(oc, q0, q1), lc[None, :, q0:q1], as_dense(dc, q0, q1),
                     dlse=None if dlse is None else dlse.float()[None, :, q0:q1],
-                    scale=None, **self.options())
+                    scale=None, **self.options(),
+                    dropout=None if dropout is None else dropout.at_batch(b))
                 for t, part, r0, r1 in zip(grads, g, (q0, k0, k0), (q1, k1, k1)):
                     t[r0:r1] = part[0].transpose(0, 1)
         return grads

@@ -12,21 +12,29 @@ from .blocked import BlockSizes, blocked_backward, blocked_forward
 
 
 def _runs(sequences):
-    """Consecutive sequences of equal ``(Lq, Lk)`` merged into ``(q0, q1, k0, k1, n)``: their
-    rows are ``n`` equal blocks, one dense batch of ``n`` (an equal-length packing is one
-    call). Sequences without queries or without keys are left out (0 / -inf, as set)."""
+    """Consecutive sequences of equal ``(Lq, Lk)`` merged into ``(q0, q1, k0, k1, n, d)``:
+    their rows are ``n`` equal blocks, one dense batch of ``n`` (an equal-length packing is
+    one call) whose first is sequence ``d`` (dropout's batch index). Sequences without
+    queries or without keys are left out (0 / -inf, as set)."""
     runs = []
-    for q0, q1, k0, k1 in sequences:
+    last = None  # the sequence before this one, to merge only neighbours
+    for d, (q0, q1, k0, k1) in enumerate(sequences):
         if q1 == q0 or k1 == k0:
             continue
-        if runs:
-            a0, a1, b0, b1, n = runs[-1]
+        if runs and last == d - 1:
+            a0, a1, b0, b1, n, d0 = runs[-1]
             if a1 == q0 and b1 == k0 and (a1 - a0) == n * (q1 - q0) and (b1 - b0) == n * (
                     k1 - k0):
-                runs[-1] = (a0, q1, b0, k1, n + 1)
+                runs[-1] = (a0, q1, b0, k1, n + 1, d0)
+                last = d
                 continue
-        runs.append((q0, q1, k0, k1, 1))
+        runs.append((q0, q1, k0, k1, 1, d))
+        last = d
     return runs
+
+
+def _at(dropout, d):
+    return None if dropout is None else dropout.at_batch(d)
 
 
 def _stat(t, q0, q1, n):
@@ -83,30 +91,31 @@ class TorchBlockedBackend(Backend):
 
     # Packed batches: the offsets are read on the host once, and each run of consecutive
     # equal-length sequences is one dense blocked call on views of the packed tensors.
-    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k, dropout=None):
         opts = self._options(problem, None)
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"),
                          dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                          device=q.device)
-        for q0, q1, k0, k1, n in _runs(host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
-                                                      q.shape[0], k.shape[0])):
+        for q0, q1, k0, k1, n, d in _runs(host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
+                                                         q.shape[0], k.shape[0])):
             o, m = blocked_forward(as_dense(q, q0, q1, n), as_dense(k, k0, k1, n),
-                                   as_dense(v, k0, k1, n), **opts)
+                                   as_dense(v, k0, k1, n), dropout=_at(dropout, d), **opts)
             as_dense(out, q0, q1, n).copy_(o)
             lse[:, q0:q1].unflatten(1, (n, -1)).copy_(m.transpose(0, 1))
         return out, lse
 
     def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
-                        dlse=None):
+                        dlse=None, dropout=None):
         opts = self._options(problem, None)
         dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        for q0, q1, k0, k1, n in _runs(host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
-                                                      q.shape[0], k.shape[0])):
+        for q0, q1, k0, k1, n, d in _runs(host_sequences(problem, cu_seqlens_q, cu_seqlens_k,
+                                                         q.shape[0], k.shape[0])):
             grads = blocked_backward(
                 as_dense(q, q0, q1, n), as_dense(k, k0, k1, n), as_dense(v, k0, k1, n),
                 as_dense(out, q0, q1, n), _stat(lse, q0, q1, n), as_dense(dout, q0, q1, n),
-                dlse=None if dlse is None else _stat(dlse, q0, q1, n), **opts)
+                dlse=None if dlse is None else _stat(dlse, q0, q1, n), dropout=_at(dropout, d),
+                **opts)
             for g, t, r0, r1 in zip(grads, (dq, dk, dv), (q0, k0, k0), (q1, k1, k1)):
                 as_dense(t, r0, r1, n).copy_(g)
         return dq, dk, dv

@@ -567,7 +567,8 @@ def _keep(dropout, heads_q, i0, i1, j0, j1, like) -> torch.Tensor:
     row ``g * n + r`` is query head ``hkv * group + g``, query row ``i0 + r``."""
     B, Hkv, rows, cols = like.shape
     group, dev = heads_q // Hkv, like.device
-    bh = torch.arange(B * heads_q, device=dev).view(B, Hkv, group, 1, 1)
+    first = dropout.first_batch * heads_q  # a packed batch's run of documents: not batch 0
+    bh = torch.arange(first, first + B * heads_q, device=dev).view(B, Hkv, group, 1, 1)
     i = torch.arange(i0, i1, device=dev).view(-1, 1)
     j = torch.arange(j0, j1, device=dev)
     return keep_where(dropout.state, dropout.p, bh, i, j).view(B, Hkv, rows, cols)

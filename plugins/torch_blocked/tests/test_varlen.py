@@ -12,7 +12,16 @@ def test_runs_merge_consecutive_equal_sequences_and_drop_empty_ones():
             (15, 19, 21, 27), (19, 22, 27, 30)]
     # (8, 8): no query; (8, 11): no key; the run of three 4x6 sequences resumes after them
     # only where the rows are adjacent, so (11, 15) starts a new run.
-    assert tb._runs(seqs) == [(0, 8, 0, 12, 2), (11, 19, 15, 27, 2), (19, 22, 27, 30, 1)]
+    # Each run ends with its first sequence's index (dropout's batch index).
+    assert tb._runs(seqs) == [(0, 8, 0, 12, 2, 0), (11, 19, 15, 27, 2, 4),
+                              (19, 22, 27, 30, 1, 6)]
+
+
+def test_runs_do_not_merge_across_an_empty_sequence():
+    # Rows adjacent, but a run's sequences must be consecutive: the second 4x6 sequence is
+    # sequence 2, and dropout draws it at batch index 2, not 1.
+    seqs = [(0, 4, 0, 6), (4, 4, 6, 6), (4, 8, 6, 12)]
+    assert tb._runs(seqs) == [(0, 4, 0, 6, 1, 0), (4, 8, 6, 12, 1, 2)]
 
 
 def test_an_equal_length_packing_is_one_blocked_call(monkeypatch):

@@ -616,12 +616,14 @@ def launch_backward(problem, q, k, v, out, lse, dout, seqlens_k,
 
 def launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
                            dkdv_cfg: KernelConfig, dq_cfg: KernelConfig, use_tma: bool = False,
-                           dlse=None):
+                           dlse=None, dropout=None):
     """`launch_backward` for packed tensors: ``q (total_q, Hq, D)``, ``k``/``v (total_k,
     Hkv, D)``, ``lse (Hq, total_q)``; returns contiguous gradients of the inputs' shapes.
     The prep runs on the packed rows as one dense batch (`packed_view`); the dK/dV and dQ
     kernels then read each sequence's rows of delta and lse2. ``use_tma``: tensor
-    descriptors per sequence where each kernel's config allows them (as `launch_backward`)."""
+    descriptors per sequence where each kernel's config allows them (as `launch_backward`).
+    ``dropout``: the forward's, exactly when ``problem.dropout_p > 0`` (regenerated per
+    sequence as `launch_forward_varlen` draws it)."""
     total_q, Hq, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     dq = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
@@ -640,10 +642,10 @@ def launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_se
     _launch_grads(_DKDV, problem, qv, kv_, vv, dov, delta, lse2, cu_seqlens_k,
                   (packed_view(dk), packed_view(dv)), Hkv,
                   varlen_grid(cdiv(problem.seqlen_k, dkdv_cfg.block_n), Hkv, B), dkdv_cfg,
-                  use_tma and dkdv_cfg.tma, layout, cu_seqlens_q)
+                  use_tma and dkdv_cfg.tma, layout, cu_seqlens_q, dropout)
     _launch_grads(_DQ, problem, qv, kv_, vv, dov, delta, lse2, cu_seqlens_k,
                   (packed_view(dq),), Hq,
                   varlen_grid(cdiv(problem.seqlen_q, dq_cfg.block_m), Hq, B), dq_cfg,
-                  use_tma and dq_cfg.tma, layout, cu_seqlens_q,
+                  use_tma and dq_cfg.tma, layout, cu_seqlens_q, dropout,
                   REVERSE_M=problem.band[1] is not None)
     return dq, dk, dv

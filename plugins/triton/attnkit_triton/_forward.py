@@ -318,11 +318,13 @@ def varlen_grid(blocks: int, heads: int, batch: int) -> tuple[int, int, int]:
 
 
 def launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, cfg: KernelConfig,
-                          use_tma: bool = False):
+                          use_tma: bool = False, dropout=None):
     """Packed ``q (total_q, Hq, D)``, ``k``/``v (total_k, Hkv, D)``: ``out`` (contiguous,
     q's shape) and ``lse (Hq, total_q)``. One launch over (query blocks of the longest
     sequence, Hq, B); programs past their sequence's end return at once. ``use_tma``: tensor
-    descriptors per sequence (the caller checked that they apply)."""
+    descriptors per sequence (the caller checked that they apply). ``dropout`` exactly when
+    ``problem.dropout_p > 0``: the kernel's batch index is the sequence's and its rows and
+    columns count from the sequence's start, which is the packed mask's definition."""
     total_q, Hq, D = q.shape
     total_k = k.shape[0]
     out = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
@@ -345,8 +347,9 @@ def launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, cfg: Ker
     # The totals fix lse's row stride and out's strides, which the problem (holding only
     # the longest lengths) does not.
     _FWD.launch(("varlen", problem, cfg, use_tma, total_q, total_k,
-                 layout_key(q, k, v, cu_seqlens_q, cu_seqlens_k)),
-                (q, k, v, out, lse, cu_seqlens_k, cu_seqlens_q, cu_seqlens_q), setup)
+                 layout_key(q, k, v, cu_seqlens_q, cu_seqlens_k), dropout_key(dropout)),
+                (q, k, v, out, lse, cu_seqlens_k, cu_seqlens_q,
+                 cu_seqlens_q if dropout is None else dropout.state), setup)
     return out, lse
 
 

@@ -213,20 +213,22 @@ class TritonBackend(Backend):
     # per sequence in the kernel (bounded by its length, so rows past it load as 0), with
     # the dense tables' tiles. Not the Gluon kernels: their host-side descriptors span whole
     # (batch, head) planes, so a sequence's boundary tiles would load its neighbour's rows.
-    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    # Dropout too: the kernels' sequence index is the mask's batch index.
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k, dropout=None):
         key = ("forward_varlen", problem, layout_key(q, k, v), os.environ.get(_TMA_ENV))
         route = _route(key, lambda: self._tl_forward_route(problem, q, k, v))
         with _on_device(q):
             return launch_forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                         route.config, route.tma)
+                                         route.config, route.tma, dropout)
 
     def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
-                        dlse=None):
+                        dlse=None, dropout=None):
         key = ("backward_varlen", problem, layout_key(q, k, v, dout), os.environ.get(_TMA_ENV))
         route = _route(key, lambda: self._tl_backward_route(problem, q, k, v, dout))
         with _on_device(q):
             return launch_backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q,
-                                          cu_seqlens_k, route.dkdv, route.dq, route.tma, dlse)
+                                          cu_seqlens_k, route.dkdv, route.dq, route.tma, dlse,
+                                          dropout)
 
     def backward(self, problem, q, k, v, out, lse, dout, seqlens_k, dlse=None, dropout=None):
         layout = layout_key(q, k, v, dout, seqlens_k)

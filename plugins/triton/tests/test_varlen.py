@@ -100,3 +100,62 @@ def test_dense_launches_keep_varlen_off():
     assert _flags(dense, False, F32, False)["VARLEN"] is False
     assert _flags(dense._replace(varlen=True), False, F32, False)["VARLEN"] is True
     assert attnkit.backends()["triton"].backend.capabilities.varlen
+
+
+def _seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_varlen_dropout_equal_lengths_match_the_dense_kernels_bit_for_bit():
+    """Equal lengths with dropout: the packed call draws sequence b's mask as the dense
+    call's batch b (rows and columns from the sequence's start), so the two agree bit for
+    bit, gradients too."""
+    B, S, Hq, Hkv, D = 2, 37, 2, 1, 16
+    case = VarlenCase((S,) * B, (S,) * B, Hq, Hkv, D, F16, causal=True)
+    q, k, v = (t.detach().requires_grad_() for t in make_inputs(case, _seeded(1))[:3])
+    cu = offsets(case.lens_q)
+    out = attnkit.attention_varlen(q, k, v, cu, cu, causal=True, dropout_p=0.3,
+                                   generator=_seeded(5), backend="triton")
+    dout = torch.randn(out.shape, generator=_seeded(2)).to(F16)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    def dense(t):
+        return t.detach().view(B, S, t.shape[1], D).transpose(1, 2).requires_grad_()
+
+    qd, kd, vd = dense(q), dense(k), dense(v)
+    out_d = attnkit.attention(qd, kd, vd, causal=True, dropout_p=0.3, generator=_seeded(5),
+                              backend="triton")
+    grads_d = torch.autograd.grad(out_d, (qd, kd, vd), dense(dout))
+    for name, got, want in (("out", out, out_d), *zip(("dq", "dk", "dv"), grads, grads_d)):
+        assert torch.equal(got.detach(), want.detach().transpose(1, 2).reshape(got.shape)), \
+            name
+
+
+def test_varlen_dropout_through_tensor_descriptors():
+    """Descriptors forced, with dropout: the reference's per-sequence mask, forward and
+    backward."""
+    from dataclasses import replace
+
+    from attnkit_triton._backward import launch_backward_varlen
+    from attnkit_triton._configs import backward_configs, forward_config
+    from attnkit_triton._forward import launch_forward_varlen
+
+    from attnkit.dropout import Dropout, draw_state
+
+    case = VarlenCase((5, 3, 37, 1), (20, 0, 45, 1), 2, 1, 16, F32, causal=True)
+    q, k, v = make_inputs(case, _seeded(3))[:3]
+    cq, ck = offsets(case.lens_q), offsets(case.lens_k)
+    problem = case.problem()._replace(dropout_p=0.3)
+    drop = Dropout(0.3, draw_state(q.device, _seeded(7)))
+    args = (problem.head_dim, problem.causal, problem.dtype, q.device, False, True)
+    fwd, dkdv, dq = (replace(c, tma=True) for c in (forward_config(*args),
+                                                       *backward_configs(*args)))
+    out, lse = launch_forward_varlen(problem, q, k, v, cq, ck, fwd, True, drop)
+    dout = torch.randn(out.shape, generator=_seeded(4))
+    grads = launch_backward_varlen(problem, q, k, v, out, lse, dout, cq, ck, dkdv, dq, True,
+                                   None, drop)
+    ref = attnkit.backends()["reference"].backend
+    ro, rl = ref.forward_varlen(problem, q, k, v, cq, ck, dropout=drop)
+    rgrads = ref.backward_varlen(problem, q, k, v, ro, rl, dout, cq, ck, dropout=drop)
+    for name, got, want in (("out", out, ro), *zip(("dq", "dk", "dv"), grads, rgrads)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
