@@ -49,7 +49,10 @@ MAIN = """
 static std::vector<u16> read_file(const char* path, size_t n) {
     std::vector<u16> v(n);
     FILE* f = std::fopen(path, "rb");
-    if (!f || std::fread(v.data(), 2, n, f) != n) { std::fprintf(stderr, "read %s\\n", path); std::exit(2); }
+    if (!f || std::fread(v.data(), 2, n, f) != n) {
+        std::fprintf(stderr, "cannot read %s\\n", path);
+        std::exit(2);
+    }
     std::fclose(f);
     return v;
 }
