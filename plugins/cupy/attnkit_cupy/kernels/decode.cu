@@ -97,7 +97,7 @@ struct PageMap {
     // Page and row inside it of key j (64-bit offsets: pools may pass 2^31 elements).
     ATTN_DEVICE void locate(int j, i64& page, i64& slot) const {
         const int t = page_shift >= 0 ? j >> page_shift : j / page_size;
-        page = min(max(row[t], 0), num_pages - 1);
+        page = max(min(row[t], num_pages - 1), 0);
         slot = j - t * page_size;
     }
 };
