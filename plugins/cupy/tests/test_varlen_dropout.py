@@ -15,6 +15,7 @@ import torch
 import attnkit
 from attnkit import reference
 from attnkit.dropout import Dropout, draw_state
+from attnkit.registry import registry
 from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, assert_close, bit_difference
 
 pytestmark = pytest.mark.cuda
@@ -237,7 +238,7 @@ def _varlen_dropout(q, k, v, cu_q, cu_k, dout, drop, max_q=None, max_k=None, **o
     called as the core calls a backend declaring varlen and dropout."""
     from attnkit.varlen import varlen_problem
 
-    backend = attnkit.registry.get("cupy")
+    backend = registry.get("cupy")
     problem = varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True,
                              needs_grad=True, **opts)._replace(dropout_p=drop.p)
     assert not backend.not_supported_reasons(problem)
@@ -287,7 +288,7 @@ def test_varlen_dropout_of_equal_documents_is_the_dense_batchs(dtype):
     gen = torch.Generator().manual_seed(4)
     q, k, v, dout = (torch.randn(B, H, S, D, generator=gen).to(DEV, dtype) for _ in range(4))
     drop = Dropout(0.3, draw_state(torch.device(DEV), _gen(9)))
-    backend = attnkit.registry.get("cupy")
+    backend = registry.get("cupy")
     problem = attnkit.AttentionProblem.from_tensors(q, k, v, causal=True, return_lse=True)
     problem = problem._replace(dropout_p=drop.p, needs_grad=True)
     out, lse = backend.forward(problem, q, k, v, None, dropout=drop)
