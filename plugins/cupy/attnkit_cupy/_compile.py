@@ -2,7 +2,8 @@
 
 A `Variant` is one compiled configuration: a kernel source (forward, backward or the split-KV
 decode), an element type, a padded head dim, the two masking flags and, for the forward and
-backward, the feature bits (packed sequences or dropout; FEAT_*). Each is compiled once
+backward, the feature bits (packed sequences, dropout or both; FEAT_*), for the decode the
+paged bit (FEAT_PAGED). Each is compiled once
 per device through ``cupy.RawModule(code=..., options=..., name_expressions=[...])``; CuPy
 adds ``-arch=sm_XY`` for the current device and caches the cubin on disk, so a configuration
 is built once per machine. `all_variants` lists every configuration the backend can ask for:
@@ -51,9 +52,12 @@ DECODE_ROWS = 16
 DECODE_F32 = (4, 32, 2)
 
 #: Feature bits of the forward/backward kernels (ATTN_VARLEN / ATTN_DROPOUT of common.cuh): the
-#: template argument FEAT. 0 is the plain kernel; packed sequences and dropout are not combined.
+#: template argument FEAT. 0 is the plain kernel; both bits: dropout on packed sequences.
 FEAT_VARLEN, FEAT_DROPOUT = 1, 2
-FEATURES = (0, FEAT_VARLEN, FEAT_DROPOUT)
+FEATURES = (0, FEAT_VARLEN, FEAT_DROPOUT, FEAT_VARLEN | FEAT_DROPOUT)
+#: The decode kernels' one feature: page pools read through a block table (PAGED of decode.cu).
+FEAT_PAGED = 4
+DECODE_FEATURES = (0, FEAT_PAGED)
 
 #: NVRTC options. CuPy appends -arch=sm_XY for the current device (and caches per arch).
 OPTIONS = ("-std=c++17",)
@@ -80,17 +84,22 @@ class Variant:
     #: fp16/bf16 tile sizes, (forward tile), (dq tile, dkdv tile) or (decode tile): part of
     #: the cache key.
     tiles: tuple = ()
-    #: FEAT_* bits (forward and backward only).
+    #: FEAT_* bits: FEATURES for the forward and backward, DECODE_FEATURES for the decode.
     feat: int = 0
 
     def kernels(self) -> dict[str, str]:
         """Role -> C++ name expression of every kernel of this variant."""
-        flags = f"{_b(self.band)}, {_b(self.softcap)}>"
         dp = self.dp
         if self.source != "decode":
+            if self.feat not in FEATURES:
+                raise ValueError(f"feature bits {self.feat} are not a forward/backward "
+                                 f"feature set {FEATURES}")
             flags = f"{_b(self.band)}, {_b(self.softcap)}, {self.feat}>"
-        elif self.feat:
-            raise ValueError("the split-KV decode kernels take no feature bits")
+        else:
+            if self.feat not in DECODE_FEATURES:
+                raise ValueError(f"the split-KV decode kernels take feature bits "
+                                 f"{DECODE_FEATURES}, got {self.feat}")
+            flags = f"{_b(self.band)}, {_b(self.softcap)}, {_b(self.feat == FEAT_PAGED)}>"
         if self.source == "decode":
             if self.dtype == "fp32":
                 return {"split": f"decode_split_f32_kernel<{dp}, {flags}",
@@ -183,7 +192,7 @@ def all_variants() -> list[Variant]:
     return [Variant(src, dt, dp, band, cap, _tiles(src, dt, dp), feat)
             for src in SOURCES for dt in DTYPES for dp in HEAD_DIM_BUCKETS
             for band in (False, True) for cap in (False, True)
-            for feat in (FEATURES if src != "decode" else (0,))]
+            for feat in (FEATURES if src != "decode" else DECODE_FEATURES)]
 
 
 _INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.M)

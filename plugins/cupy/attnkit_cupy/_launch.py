@@ -275,9 +275,12 @@ def forward(problem: AttentionProblem, q, k, v, seqlens_k, dropout=None):
     return out, lse
 
 
-def forward_varlen(problem: AttentionProblem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+def forward_varlen(problem: AttentionProblem, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                   dropout=None):
     """Packed sequences: one block per (query tile of the longest sequence, head, sequence);
-    a block past its sequence's end exits. ``out (total_q, Hq, D)``, ``lse (Hq, total_q)``."""
+    a block past its sequence's end exits. ``out (total_q, Hq, D)``, ``lse (Hq, total_q)``.
+    With ``dropout`` the keep mask is the dense one of the batch of documents: sequence d
+    takes batch index d's counters, rows and columns counted from its own start."""
     total_q, Hq, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     check_packed_lengths(total_q, total_k)
@@ -285,7 +288,8 @@ def forward_varlen(problem: AttentionProblem, q, k, v, cu_seqlens_q, cu_seqlens_
     dtype = _DTYPE_NAMES[q.dtype]
     left, right, *_ = bounds = band(problem, total_q + total_k)
     variant = _compile.variant_for("forward", dtype, D, bounds.bounded,
-                                   problem.softcap is not None, _compile.FEAT_VARLEN)
+                                   problem.softcap is not None,
+                                   _compile.FEAT_VARLEN | _feat(dropout))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
     fp32 = dtype == "fp32"
@@ -295,7 +299,8 @@ def forward_varlen(problem: AttentionProblem, q, k, v, cu_seqlens_q, cu_seqlens_
         *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
         *_packed_strides(out, 3),
         *_i32(Hq, Hq // Hkv, total_q, total_k, D, left, right),
-        *scores(problem, fp32), np.int32(vec), *_extras(cu_seqlens_q, cu_seqlens_k),
+        *scores(problem, fp32), np.int32(vec),
+        *_extras(cu_seqlens_q, cu_seqlens_k, dropout, q),
     )
     bm = variant.geometry("fwd")[0]
     if problem.seqlen_q and B:
@@ -342,9 +347,10 @@ def backward(problem: AttentionProblem, q, k, v, out, lse, dout, seqlens_k, dlse
 
 
 def backward_varlen(problem: AttentionProblem, q, k, v, out, lse, dout, cu_seqlens_q,
-                    cu_seqlens_k, dlse=None):
+                    cu_seqlens_k, dlse=None, dropout=None):
     """Packed sequences: delta over all total_q rows as one batch, then dQ and dK/dV blocks
-    per (tile of the longest sequence, head, sequence), as in `forward_varlen`."""
+    per (tile of the longest sequence, head, sequence), as in `forward_varlen`; ``dropout``
+    regenerates `forward_varlen`'s mask."""
     total_q, Hq, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     check_packed_lengths(total_q, total_k)
@@ -356,7 +362,8 @@ def backward_varlen(problem: AttentionProblem, q, k, v, out, lse, dout, cu_seqle
     dlse = dlse if dlse is None or dlse.is_contiguous() else dlse.contiguous()
     left, right, *_ = bounds = band(problem, total_q + total_k)
     variant = _compile.variant_for("backward", dtype, D, bounds.bounded,
-                                   problem.softcap is not None, _compile.FEAT_VARLEN)
+                                   problem.softcap is not None,
+                                   _compile.FEAT_VARLEN | _feat(dropout))
 
     # (Hq, total_q) is the dense (1, Hq, total_q) layout the delta kernel writes.
     delta = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
@@ -370,7 +377,7 @@ def backward_varlen(problem: AttentionProblem, q, k, v, out, lse, dout, cu_seqle
               *_packed_strides(dout))
     tail = (*_i32(Hq, Hq // Hkv, total_q, total_k, D, left, right),
             *scores(problem, fp32), np.float32(problem.scale), np.int32(vec),
-            *_extras(cu_seqlens_q, cu_seqlens_k))
+            *_extras(cu_seqlens_q, cu_seqlens_k, dropout, q))
     inputs = (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse), _ptr(delta), _ptr(None))
 
     if problem.seqlen_q and B:

@@ -64,9 +64,11 @@ class CupyBackend(Backend):
         causal=True, gqa=True, window=True, seqlens_k=True, softcap=True, lse=True,
         backward=True, deterministic=True, cuda_capability_min=MIN_COMPUTE_CAPABILITY,
         lse_grad=True,
-        # Fused in the forward/backward kernels (FEAT bits of kernels/common.cuh); decoding
-        # shapes with either run those kernels instead of the split-KV decode.
+        # Fused in the forward/backward kernels (FEAT bits of kernels/common.cuh), together
+        # too; decoding shapes with either run those kernels instead of the split-KV decode.
         varlen=True, dropout=True,
+        # The split-KV kernel reads page pools through the block table (kernels/decode.cu).
+        paged=True,
     )
 
     def availability(self) -> tuple[bool, str]:
@@ -97,6 +99,10 @@ class CupyBackend(Backend):
 
         # The base class refuses GPUs below MIN_COMPUTE_CAPABILITY (Capabilities).
         reasons = super().not_supported_reasons(problem) + _launch.limit_reasons(problem)
+        if problem.page_size:
+            from . import _decode
+
+            reasons += _decode.grid_reasons(problem)
         if problem.device.type == "cuda" and not reasons:
             idx = problem.device.index
             try:
@@ -127,14 +133,22 @@ class CupyBackend(Backend):
 
         return _launch.backward(problem, q, k, v, out, lse, dout, seqlens_k, dlse, dropout)
 
-    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    def forward_varlen(self, problem, q, k, v, cu_seqlens_q, cu_seqlens_k, dropout=None):
         from . import _launch
 
-        return _launch.forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k)
+        return _launch.forward_varlen(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, dropout)
 
     def backward_varlen(self, problem, q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k,
-                        dlse=None):
+                        dlse=None, dropout=None):
         from . import _launch
 
         return _launch.backward_varlen(problem, q, k, v, out, lse, dout, cu_seqlens_q,
-                                       cu_seqlens_k, dlse)
+                                       cu_seqlens_k, dlse, dropout)
+
+    def forward_paged(self, problem, q, k_pages, v_pages, block_table, seqlens_k):
+        from . import _decode
+
+        # Every paged call, decoding or several queries, takes the split-KV kernel: row
+        # blocks of 16 cover any query count, and it looks pages up as it loads each tile.
+        return _decode.decode_forward(problem, q, k_pages, v_pages, seqlens_k,
+                                      block_table=block_table)

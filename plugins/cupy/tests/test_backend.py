@@ -88,10 +88,13 @@ def test_head_dim_buckets():
 
 def test_variants_name_every_kernel_and_fit_shared_memory():
     variants = _compile.all_variants()
-    # forward and backward once per feature set (plain, packed, dropout); decode plain only
+    # forward and backward once per feature set (plain, packed, dropout, both); the decode
+    # plain and paged
     per_source = 3 * len(_compile.HEAD_DIM_BUCKETS) * 4
-    assert len(variants) == len(set(variants)) == per_source * (2 * len(_compile.FEATURES) + 1)
-    assert {v.feat for v in variants if v.source == "decode"} == {0}
+    assert len(variants) == len(set(variants)) == per_source * (
+        2 * len(_compile.FEATURES) + len(_compile.DECODE_FEATURES))
+    assert {v.feat for v in variants if v.source == "decode"} == {0, _compile.FEAT_PAGED}
+    assert {v.feat for v in variants if v.source != "decode"} == {0, 1, 2, 3}
     roles = {"forward": {"fwd"}, "backward": {"delta", "dq", "dkdv"}, "decode": {"split", "merge"}}
     for var in variants:
         names = var.kernels()
@@ -202,8 +205,15 @@ def test_feature_bits_pick_the_kernels():
                                  _compile.FEAT_VARLEN).kernels()
     assert names["dq"] == "bwd_dq_f32_kernel<64, false, true, 1>"
     assert names["delta"] == "bwd_delta_f32_kernel"
+    names = _compile.variant_for("forward", "bf16", 64, False, False,
+                                 _compile.FEAT_VARLEN | _compile.FEAT_DROPOUT).kernels()
+    assert names["fwd"].endswith("false, false, 3>")
+    names = _compile.variant_for("decode", "fp16", 128, True, False, _compile.FEAT_PAGED)
+    assert names.kernels()["split"] == "decode_split_kernel<Half, 128, 4, 64, 3, true, false, true>"
     with pytest.raises(ValueError, match="decode"):
         _compile.Variant("decode", "bf16", 64, False, False, (4, 64, 4), 1).kernels()
+    with pytest.raises(ValueError, match="forward/backward"):
+        _compile.Variant("forward", "fp32", 64, False, False, (), _compile.FEAT_PAGED).kernels()
 
 
 def test_packed_strides_and_vector_loads():

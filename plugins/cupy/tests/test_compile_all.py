@@ -47,13 +47,20 @@ def test_a_broken_instance_fails(tmp_path):
 
 
 def test_units_per_feature_set():
-    """Packed and dropout kernels compile in their own units (their registers are reported
-    apart from the plain kernels'), and a unit can be picked by name."""
+    """Packed, dropout, packed-with-dropout and paged kernels compile in their own units
+    (their registers are reported apart from the plain kernels'), and a unit can be picked by
+    name."""
     names = {name for name, _, _ in compile_all.units()}
     for src in ("forward", "backward"):
         for dt in ("fp16", "bf16", "fp32"):
-            assert {f"{src}_{dt}", f"{src}_{dt}_varlen", f"{src}_{dt}_dropout"} <= names
-    assert "decode_bf16_dropout" not in names and "decode_bf16" in names
+            assert {f"{src}_{dt}", f"{src}_{dt}_varlen", f"{src}_{dt}_dropout",
+                    f"{src}_{dt}_varlen_dropout"} <= names
+    for dt in ("fp16", "bf16", "fp32"):
+        assert {f"decode_{dt}", f"decode_{dt}_paged"} <= names
+    assert "decode_bf16_dropout" not in names and "forward_bf16_paged" not in names
+    units = {name: exprs for name, _, exprs in compile_all.units()}
+    assert all(e.endswith("true>") for e in units["decode_bf16_paged"])
+    assert any(e.endswith("3>") for e in units["backward_fp32_varlen_dropout"])
     with pytest.raises(ValueError, match="no such unit"):
         compile_all.compile_all(("80",), only=["forward_bf16_nothing"], nvcc=sys.executable)
 

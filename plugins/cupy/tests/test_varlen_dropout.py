@@ -1,8 +1,11 @@
 """GPU tests of the cupy kernels' packed sequences and dropout (``cuda``: skipped without a
 GPU the backend can use): packed calls against one dense reference call per sequence, rows of
 one sequence poisoned without reaching any other, a max_seqlen bound above the longest
-sequence; dropout against the reference with the materialised mask, forward and gradients.
-`attnkit check cupy --device cuda` runs the conformance suite's varlen and dropout cases."""
+sequence; dropout against the reference with the materialised mask, forward and gradients;
+dropout on packed sequences (the keep mask of the dense batch of documents: document d takes
+batch index d, rows and columns from its own start) against the per-document reference, a
+dense batch of equal documents, and the mask read back. `attnkit check cupy --device cuda`
+runs the conformance suite's varlen and dropout cases."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 import attnkit
 from attnkit import reference
 from attnkit.dropout import Dropout, draw_state
+from attnkit.registry import registry
 from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, assert_close, bit_difference
 
 pytestmark = pytest.mark.cuda
@@ -42,9 +46,10 @@ def _packed(lengths_q, lengths_k, Hq, Hkv, D, dtype, gen, qkv_slice=False):
     return q, k, v, offsets(lengths_q), offsets(lengths_k)
 
 
-def _per_sequence_reference(q, k, v, cu_q, cu_k, dout, dtype, **opts):
+def _per_sequence_reference(q, k, v, cu_q, cu_k, dout, dtype, dropout=None, **opts):
     """out (total_q, Hq, D), lse (Hq, total_q) and dq, dk, dv from dense reference calls, one
-    per sequence, in ``dtype``."""
+    per sequence, in ``dtype``. With ``dropout`` sequence b is batch index b of its call (b
+    zero batches before it), so it gets the dense mask's counters of batch b."""
     qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
     outs, lses = [], []
     cq, ck = cu_q.tolist(), cu_k.tolist()
@@ -58,7 +63,14 @@ def _per_sequence_reference(q, k, v, cu_q, cu_k, dout, dtype, **opts):
             lses.append(torch.full((q.shape[1], qs.shape[2]), float("-inf"), dtype=dtype,
                                    device=DEV))
             continue
-        o, m = reference.safe(qs, ks, vs, **opts)
+        if dropout is None:
+            o, m = reference.safe(qs, ks, vs, **opts)
+        else:
+            def at_b(t, b=b):
+                return torch.cat([t.new_zeros((b, *t.shape[1:])), t])
+
+            o, m = reference.safe(at_b(qs), at_b(ks), at_b(vs), dropout=dropout, **opts)
+            o, m = o[b:], m[b:]
         outs.append(o[0].transpose(0, 1))
         lses.append(m[0])
     out, lse = torch.cat(outs), torch.cat(lses, dim=1)
@@ -217,3 +229,106 @@ def test_dropout_mask_read_back_is_the_definition():
                                  0.3, B, H, Sq, S)
         bad = ((out > 0.5 / S) != want).sum().item()
         assert bad == 0, f"{dtype}: {bad} keep decisions differ from attnkit.dropout's mask"
+
+
+# -- dropout on packed sequences ----------------------------------------------------------------
+
+def _varlen_dropout(q, k, v, cu_q, cu_k, dout, drop, max_q=None, max_k=None, **opts):
+    """The backend's packed forward and backward with ``drop`` (an `attnkit.dropout.Dropout`),
+    called as the core calls a backend declaring varlen and dropout."""
+    from attnkit.varlen import varlen_problem
+
+    backend = registry.get("cupy")
+    problem = varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True,
+                             needs_grad=True, **opts)._replace(dropout_p=drop.p)
+    assert not backend.not_supported_reasons(problem)
+    out, lse = backend.forward_varlen(problem, q, k, v, cu_q, cu_k, dropout=drop)
+    grads = backend.backward_varlen(problem, q, k, v, out, lse, dout, cu_q, cu_k, dropout=drop)
+    return out, lse, grads
+
+
+VARLEN_DROPOUT_CASES = [
+    # (dtype, lengths_q, lengths_k, Hq, Hkv, D, options)
+    (torch.bfloat16, [0, 1, 77, 130, 64], [5, 1, 77, 200, 64], 4, 2, 64, dict(causal=True)),
+    (torch.float16, [33, 129, 1], [40, 100, 1], 2, 1, 128, dict(window=(20, 5), softcap=20.0)),
+    (torch.bfloat16, [17, 250], [300, 10], 2, 1, 256, dict()),
+    (torch.float32, [37, 1, 50], [37, 0, 64], 2, 1, 40, dict(causal=True)),
+    (torch.float32, [90, 5], [70, 5], 3, 1, 128, dict(window=(8, 8))),
+]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("case", VARLEN_DROPOUT_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}-D{c[5]}-{len(c[1])}docs")
+def test_varlen_dropout_matches_per_document_reference(case, p):
+    dtype, lq, lk, Hq, Hkv, D, opts = case
+    gen = torch.Generator().manual_seed(sum(lq) + D + int(100 * p))
+    q, k, v, cu_q, cu_k = _packed(lq, lk, Hq, Hkv, D, dtype, gen)
+    dout = torch.randn(q.shape, generator=gen).to(DEV, dtype)
+    drop = Dropout(p, draw_state(torch.device(DEV), _gen(int(1000 * p) + D)))
+    out, lse, grads = _varlen_dropout(q, k, v, cu_q, cu_k, dout, drop, **opts)
+    ref64 = _per_sequence_reference(q, k, v, cu_q, cu_k, dout, torch.float64, drop, **opts)
+    reflp = _per_sequence_reference(q, k, v, cu_q, cu_k, dout, dtype, drop, **opts)
+    assert_close("out", out, ref64[0], reflp[0], dtype, factor=OUT_FACTOR)
+    assert_close("lse (dropout leaves it alone)", lse, ref64[1], reflp[1], dtype,
+                 factor=OUT_FACTOR)
+    for name, g, g64, glp in zip("qkv", grads, ref64[2], reflp[2]):
+        assert_close(f"d{name}", g, g64, glp, dtype, factor=GRAD_FACTOR)
+    again = _varlen_dropout(q, k, v, cu_q, cu_k, dout, drop, **opts)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (again[0], *again[2])):
+        assert not bit_difference(name, a, b), f"not repeatable: {bit_difference(name, a, b)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_varlen_dropout_of_equal_documents_is_the_dense_batchs(dtype):
+    """B documents of one length packed give the dense batch's result with the same state:
+    document d takes batch d's mask (a packed call counting rows from the start of the
+    packed tensor, or one batch index for all, would drop other elements)."""
+    B, H, S, D = 3, 2, 70, 64
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(B, H, S, D, generator=gen).to(DEV, dtype) for _ in range(4))
+    drop = Dropout(0.3, draw_state(torch.device(DEV), _gen(9)))
+    backend = registry.get("cupy")
+    problem = attnkit.AttentionProblem.from_tensors(q, k, v, causal=True, return_lse=True)
+    problem = problem._replace(dropout_p=drop.p, needs_grad=True)
+    out, lse = backend.forward(problem, q, k, v, None, dropout=drop)
+    dense_grads = backend.backward(problem, q, k, v, out, lse, dout, None, dropout=drop)
+
+    def packed(t):
+        return t.transpose(1, 2).reshape(B * S, H, D)
+
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=DEV)
+    pout, _, pgrads = _varlen_dropout(packed(q), packed(k), packed(v), cu, cu, packed(dout),
+                                      drop, causal=True)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (pout, *pgrads), (out, *dense_grads)):
+        torch.testing.assert_close(a, packed(b), **tol, msg=lambda m, n=name: f"{n}: {m}")
+    plain = _varlen_dropout(packed(q), packed(k), packed(v), cu, cu, packed(dout),
+                            Dropout(0.3, drop.state + 1), causal=True)[0]
+    assert not torch.equal(plain, pout), "another state must drop other elements"
+
+
+def test_varlen_dropout_mask_read_back_is_the_definition():
+    """q = 0 makes P uniform over a document's keys and v = I puts key j's kept probability in
+    column j: each document's output is its rows and columns of the dense batch's mask."""
+    from attnkit.testing import dropout_keep_mask
+
+    lq, lk, H, D = [40, 0, 64, 9], [64, 7, 33, 1], 3, 64
+    p = 0.3
+    for dtype in (torch.bfloat16, torch.float32):
+        q = torch.zeros(sum(lq), H, D, dtype=dtype, device=DEV)
+        k = torch.zeros(sum(lk), H, D, dtype=dtype, device=DEV)
+        v = torch.cat([torch.eye(n, D, dtype=dtype, device=DEV) for n in lk])[:, None]
+        v = v.expand(sum(lk), H, D).contiguous()
+        cu_q, cu_k = (torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32,
+                                   device=DEV) for x in (lq, lk))
+        drop = Dropout(p, draw_state(torch.device(DEV), _gen(21)))
+        out = _varlen_dropout(q, k, v, cu_q, cu_k, torch.zeros_like(q), drop)[0]
+        want = dropout_keep_mask(drop.state, p, len(lq), H, max(lq), max(lk))
+        cq = [0, *torch.tensor(lq).cumsum(0).tolist()]
+        for d, (nq, nk) in enumerate(zip(lq, lk)):
+            if nq == 0:
+                continue
+            got = out[cq[d]:cq[d] + nq, :, :nk].transpose(0, 1) > 0.5 / nk
+            bad = (got != want[d, :, :nq, :nk]).sum().item()
+            assert bad == 0, f"{dtype}, document {d}: {bad} keep decisions differ"

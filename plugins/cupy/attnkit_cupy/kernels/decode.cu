@@ -21,9 +21,16 @@
 // Splits cover keys [key_lo(first query), key_hi(last query)) of their rows only, inside
 // [Band::key_first, skb): keys that exist for no query are never read.
 //
+// PAGED: k and v are page pools (num_pages, Hkv, page_size, D) (k_sb/v_sb their page
+// strides, k_ss/v_ss the row stride inside a page) and key j of batch b is row
+// j % page_size of page table[b * max_pages + j / page_size], looked up as each tile loads
+// (no gather copy). Only the entries of keys a split reads (j < skb) are read.
+//
 // Partials are laid out (B, Hq, Sq, splits[, D]) so a merge warp reads one row's splits in a
 // run. Template parameters as in forward.cu: DP is the head dim rounded up to a bucket
-// (columns D..DP-1 are zero in shared memory), BAND the causal/window mask, SOFTCAP the cap.
+// (columns D..DP-1 are zero in shared memory), BAND the causal/window mask, SOFTCAP the cap,
+// PAGED the page-pool addressing above (its arguments, the block table, max_pages, page_size,
+// page_shift and num_pages, come last; the contiguous kernels ignore them).
 #include "common.cuh"
 
 // Query rows per split block, for every dtype (the host's row-block count uses it too).
@@ -69,6 +76,75 @@ struct SplitBlock {
         ntiles = rg.end > rg.start ? (rg.end - rg.start + BN - 1) / BN : 0;
     }
 };
+
+// Where the keys of one batch live in paged pools (PAGED): its block-table row, the page
+// size (with its log2 when a power of two, else -1: a shift instead of a division per row)
+// and the pool's page count. A page index is clamped into the pool: the core checked every
+// entry a key needs, the clamp keeps any table's accesses in bounds all the same.
+struct PageMap {
+    const int* row;  // this batch's block-table row
+    int page_size, page_shift, num_pages;
+
+    static ATTN_DEVICE PageMap of_batch(const int* table, int b, int max_pages, int page_size,
+                                        int page_shift, int num_pages) {
+        PageMap m;
+        m.row = table + (i64)b * max_pages;
+        m.page_size = page_size;
+        m.page_shift = page_shift;
+        m.num_pages = num_pages;
+        return m;
+    }
+    // Page and row inside it of key j (64-bit offsets: pools may pass 2^31 elements).
+    ATTN_DEVICE void locate(int j, i64& page, i64& slot) const {
+        const int t = page_shift >= 0 ? j >> page_shift : j / page_size;
+        page = max(min(row[t], num_pages - 1), 0);
+        slot = j - t * page_size;
+    }
+};
+
+// K and V tiles of keys n0 .. n0 + ROWS - 1 of paged pools into shared memory (row stride
+// LDS): one table lookup per row serves both. Rows >= nvalid and columns >= D become 0 unread
+// (their table entries are not read either). kh/vh are the pools offset to the kv head.
+template <int ROWS, int DP, int LDS, int NT>
+ATTN_DEVICE void load_paged_kv_16(u16* sk, u16* sv, const u16* kh, const u16* vh,
+                                  const PageMap& pm, int n0, int nvalid, i64 k_sp, i64 k_ss,
+                                  i64 k_sd, i64 v_sp, i64 v_ss, i64 v_sd, int D, bool vec,
+                                  const u16* ksafe, const u16* vsafe) {
+    if (vec) {
+        constexpr int CH = DP / 8;
+        constexpr int ITERS = (ROWS * CH + NT - 1) / NT;
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            const int idx = threadIdx.x + it * NT;
+            if ((ROWS * CH) % NT != 0 && idx >= ROWS * CH) break;
+            const int r = idx / CH, c = idx % CH;
+            const bool ok = r < nvalid && c * 8 < D;
+            const u16* ks = ksafe;
+            const u16* vs = vsafe;
+            if (ok) {
+                i64 page, slot;
+                pm.locate(n0 + r, page, slot);
+                ks = kh + page * k_sp + slot * k_ss + c * 8;
+                vs = vh + page * v_sp + slot * v_ss + c * 8;
+            }
+            cp_async16(smem_u32(sk + r * LDS + c * 8), ks, ok ? 16 : 0);
+            cp_async16(smem_u32(sv + r * LDS + c * 8), vs, ok ? 16 : 0);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < ROWS * DP; idx += NT) {
+            const int r = idx / DP, c = idx % DP;
+            u16 xk = 0, xv = 0;
+            if (r < nvalid && c < D) {
+                i64 page, slot;
+                pm.locate(n0 + r, page, slot);
+                xk = kh[page * k_sp + slot * k_ss + (i64)c * k_sd];
+                xv = vh[page * v_sp + slot * v_ss + (i64)c * v_sd];
+            }
+            sk[r * LDS + c] = xk;
+            sv[r * LDS + c] = xv;
+        }
+    }
+}
 
 // Offset of partial (row r of the block, split) in the (B, Hq, Sq, splits) partial arrays.
 ATTN_DEVICE i64 partial_index(int b, int hk, int row, int group, int Hq, int Sq, int split,
@@ -118,14 +194,15 @@ template <int DP, int NW, int BN, int ST> struct DecCfg {
     static constexpr int SMEM = PIPE > MERGE ? PIPE : MERGE;
 };
 
-template <typename T, int DP, int NW, int BN, int ST, bool BAND, bool SOFTCAP>
+template <typename T, int DP, int NW, int BN, int ST, bool BAND, bool SOFTCAP, bool PAGED>
 __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     float* __restrict__ part_o, float* __restrict__ part_l, const int* __restrict__ seqlens,
     i64 q_sb, i64 q_sh, i64 q_ss, i64 q_sd, i64 k_sb, i64 k_sh, i64 k_ss, i64 k_sd,
     i64 v_sb, i64 v_sh, i64 v_ss, i64 v_sd,
     int Hq, int Hkv, int group, int Sq, int Sk, int D, int left, int right, int splits,
-    float scale_log2, float cap_in, float cap_out, int vec) {
+    float scale_log2, float cap_in, float cap_out, int vec,
+    const int* __restrict__ table, int max_pages, int page_size, int page_shift, int num_pages) {
     using E = Elem<T>;
     using C = DecCfg<DP, NW, BN, ST>;
     constexpr int LDS = C::LDS, LDA = C::LDA, NT = NW * 32, KW = BN / NW;
@@ -144,14 +221,23 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     const Band& band = blk.band;
     const SplitRange& rg = blk.rg;
 
-    const u16* kg = k + b * k_sb + hk * k_sh;
-    const u16* vg = v + b * v_sb + hk * v_sh;
+    // Paged: the pools offset to the kv head; a row's page comes from the table per tile.
+    const u16* kg = k + (PAGED ? 0 : b * k_sb) + hk * k_sh;
+    const u16* vg = v + (PAGED ? 0 : b * v_sb) + hk * v_sh;
+    const PageMap pm = PageMap::of_batch(table, b, max_pages, page_size, page_shift,
+                                         num_pages);
     auto load_kv = [&](int t) {
         const int n0 = rg.start + t * BN, st = t % ST;
-        load_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, kg + (i64)n0 * k_ss, k_ss, k_sd,
-                                      rg.end - n0, D, vec, k);
-        load_tile_16<BN, DP, LDS, NT>(sV + st * BN * LDS, vg + (i64)n0 * v_ss, v_ss, v_sd,
-                                      rg.end - n0, D, vec, v);
+        if constexpr (PAGED) {
+            load_paged_kv_16<BN, DP, LDS, NT>(sK + st * BN * LDS, sV + st * BN * LDS, kg, vg,
+                                              pm, n0, rg.end - n0, k_sb, k_ss, k_sd, v_sb,
+                                              v_ss, v_sd, D, vec, k, v);
+        } else {
+            load_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, kg + (i64)n0 * k_ss, k_ss, k_sd,
+                                          rg.end - n0, D, vec, k);
+            load_tile_16<BN, DP, LDS, NT>(sV + st * BN * LDS, vg + (i64)n0 * v_ss, v_ss, v_sd,
+                                          rg.end - n0, D, vec, v);
+        }
     };
     // Prologue: Q with tile 0 in the first group, then tiles 1..ST-2; one group per slot
     // (empty ones too) so the wait counts below hold for any number of tiles.
@@ -314,14 +400,15 @@ template <int DP> struct DecF32Cfg {
     static constexpr int SMEM = (DEC_ROWS * DP + ST * BN * (LDK + DP)) * 4;
 };
 
-template <int DP, bool BAND, bool SOFTCAP>
+template <int DP, bool BAND, bool SOFTCAP, bool PAGED>
 __global__ void __launch_bounds__(128) decode_split_f32_kernel(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     float* __restrict__ part_o, float* __restrict__ part_l, const int* __restrict__ seqlens,
     i64 q_sb, i64 q_sh, i64 q_ss, i64 q_sd, i64 k_sb, i64 k_sh, i64 k_ss, i64 k_sd,
     i64 v_sb, i64 v_sh, i64 v_ss, i64 v_sd,
     int Hq, int Hkv, int group, int Sq, int Sk, int D, int left, int right, int splits,
-    float scale, float cap_in, float softcap, int unused) {
+    float scale, float cap_in, float softcap, int unused,
+    const int* __restrict__ table, int max_pages, int page_size, int page_shift, int num_pages) {
     using C = DecF32Cfg<DP>;
     constexpr int R = C::R, BN = C::BN, ST = C::ST, LDK = C::LDK, DPL = DP / 32;
     constexpr int NT = C::NW * 32;
@@ -337,9 +424,13 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
     const Band& band = blk.band;
     const SplitRange& rg = blk.rg;
 
-    const float* kg = k + b * k_sb + hk * k_sh;
-    const float* vg = v + b * v_sb + hk * v_sh;
-    // 4-byte cp.async works for any stride; rows past the split's end and columns >= D are 0.
+    // Paged: the pools offset to the kv head; a row's page comes from the table per load.
+    const float* kg = k + (PAGED ? 0 : b * k_sb) + hk * k_sh;
+    const float* vg = v + (PAGED ? 0 : b * v_sb) + hk * v_sh;
+    const PageMap pm = PageMap::of_batch(table, b, max_pages, page_size, page_shift,
+                                         num_pages);
+    // 4-byte cp.async works for any stride; rows past the split's end and columns >= D are 0
+    // (and, paged, their table entries unread).
     auto load_kv = [&](int t) {
         const int n0 = rg.start + t * BN, st = t % ST;
         float* dk = sK + st * BN * LDK;
@@ -347,10 +438,24 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
         for (int idx = threadIdx.x; idx < BN * DP; idx += NT) {
             const int r = idx / DP, c = idx % DP;
             const bool ok = n0 + r < rg.end && c < D;
-            cp_async4(smem_u32(dk + r * LDK + c), ok ? kg + (i64)(n0 + r) * k_ss + (i64)c * k_sd : k,
-                      ok ? 4 : 0);
-            cp_async4(smem_u32(dv + r * DP + c), ok ? vg + (i64)(n0 + r) * v_ss + (i64)c * v_sd : v,
-                      ok ? 4 : 0);
+            const float* ks = k;
+            const float* vs = v;
+            if (ok) {
+                i64 krow, vrow;
+                if constexpr (PAGED) {
+                    i64 page, slot;
+                    pm.locate(n0 + r, page, slot);
+                    krow = page * k_sb + slot * k_ss;
+                    vrow = page * v_sb + slot * v_ss;
+                } else {
+                    krow = (i64)(n0 + r) * k_ss;
+                    vrow = (i64)(n0 + r) * v_ss;
+                }
+                ks = kg + krow + (i64)c * k_sd;
+                vs = vg + vrow + (i64)c * v_sd;
+            }
+            cp_async4(smem_u32(dk + r * LDK + c), ks, ok ? 4 : 0);
+            cp_async4(smem_u32(dv + r * DP + c), vs, ok ? 4 : 0);
         }
     };
     {

@@ -1,0 +1,189 @@
+"""The paged decode kernel's addressing (PageMap and load_paged_kv_16 in kernels/decode.cu)
+compiled for the host with the C++ compiler and AddressSanitizer, without a GPU: every thread
+of a block runs in turn with ``cp.async`` emulated as a copy, and the K/V tiles it leaves in
+shared memory must be the rows the block table names (page ``table[j // P]``, row ``j % P``),
+zeros past the valid rows and the head dim. The table holds exactly the entries the tile's
+keys need and the pools exactly their pages, so reading an entry or a page past them is an
+ASan error. Page sizes 1, 5, 16, 64, 256 (shift and division), tiles crossing pages, 16-byte
+and element loads, a transposed pool layout. Marked ``nvcc`` like the other compile checks."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from attnkit_cupy import _compile
+
+pytestmark = pytest.mark.nvcc
+
+ROWS, DP, NT = 64, 64, 128  # a decode tile of 64 keys, head dim bucket 64, 4 warps
+LDS = DP + 8
+
+PRELUDE = """
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+#define ATTN_DEVICE inline
+using std::max;
+using std::min;
+struct Dim3 { unsigned x; };
+static Dim3 threadIdx;
+static unsigned char* smem_base;
+// Shared memory is one host buffer; a cp.async copies src_bytes and zero-fills the rest.
+inline u32 smem_u32(const void* p) { return (u32)((const unsigned char*)p - smem_base); }
+inline void cp_async16(u32 dst, const void* src, int src_bytes) {
+    std::memset(smem_base + dst, 0, 16);
+    if (src_bytes) std::memcpy(smem_base + dst, src, src_bytes);
+}
+"""
+
+MAIN = """
+static std::vector<u16> read_file(const char* path, size_t n) {
+    std::vector<u16> v(n);
+    FILE* f = std::fopen(path, "rb");
+    if (!f || std::fread(v.data(), 2, n, f) != n) {
+        std::fprintf(stderr, "cannot read %s\\n", path);
+        std::exit(2);
+    }
+    std::fclose(f);
+    return v;
+}
+
+int main(int argc, char** argv) {
+    // P shift num_pages n0 nvalid D vec hk k_sp k_sh k_ss k_sd v_sp v_sh v_ss v_sd pool_elems
+    // n_entries kfile vfile tablefile outfile
+    i64 a[18];
+    for (int i = 0; i < 18; ++i) a[i] = std::strtoll(argv[1 + i], 0, 10);
+    const int P = (int)a[0], shift = (int)a[1], num_pages = (int)a[2], n0 = (int)a[3];
+    const int nvalid = (int)a[4], D = (int)a[5], vec = (int)a[6], hk = (int)a[7];
+    const i64 k_sp = a[8], k_sh = a[9], k_ss = a[10], k_sd = a[11];
+    const i64 v_sp = a[12], v_sh = a[13], v_ss = a[14], v_sd = a[15];
+    const size_t pool_elems = (size_t)a[16], n_entries = (size_t)a[17];
+    std::vector<u16> k = read_file(argv[19], pool_elems), v = read_file(argv[20], pool_elems);
+    std::vector<int> table(n_entries);  // exactly the entries the tile's keys need
+    {
+        FILE* f = std::fopen(argv[21], "rb");
+        if (!f || std::fread(table.data(), 4, n_entries, f) != n_entries) return 2;
+        std::fclose(f);
+    }
+    std::vector<unsigned char> smem(2 * ROWS * LDS * 2, 0xAB);  // garbage before the load
+    smem_base = smem.data();
+    u16* sk = (u16*)smem.data();
+    u16* sv = sk + ROWS * LDS;
+    const PageMap pm = PageMap::of_batch(table.data(), 0, (int)n_entries, P, shift, num_pages);
+    for (unsigned t = 0; t < NT; ++t) {
+        threadIdx.x = t;
+        load_paged_kv_16<ROWS, DP, LDS, NT>(sk, sv, k.data() + hk * k_sh, v.data() + hk * v_sh,
+                                            pm, n0, nvalid, k_sp, k_ss, k_sd, v_sp, v_ss, v_sd,
+                                            D, vec != 0, k.data(), v.data());
+    }
+    FILE* f = std::fopen(argv[22], "wb");
+    std::fwrite(smem.data(), 1, smem.size(), f);
+    std::fclose(f);
+    return 0;
+}
+"""
+
+
+def _extract(pattern: str, what: str) -> str:
+    text = (_compile.KERNEL_DIR / "decode.cu").read_text()
+    m = re.search(pattern, text, re.S | re.M)
+    assert m, f"{what} not found in decode.cu"
+    return m.group(0)
+
+
+@pytest.fixture(scope="module")
+def host_loader(tmp_path_factory):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    assert cxx, "no host C++ compiler"
+    d = tmp_path_factory.mktemp("paged")
+    src = d / "paged.cpp"
+    body = (_extract(r"^struct PageMap \{.*?^\};\n", "struct PageMap")
+            + _extract(r"^template <int ROWS, int DP, int LDS, int NT>\n"
+                       r"ATTN_DEVICE void load_paged_kv_16\(.*?^\}\n", "load_paged_kv_16"))
+    consts = f"constexpr int ROWS = {ROWS}, DP = {DP}, LDS = {LDS}, NT = {NT};\n"
+    src.write_text(PRELUDE + body + consts + MAIN)
+    exe = d / "paged"
+    proc = subprocess.run([cxx, "-std=c++17", "-O1", "-g", "-fsanitize=address",
+                           "-fno-omit-frame-pointer", "-Wno-unknown-pragmas", "-o", str(exe),
+                           str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return exe
+
+
+# (page size, first key of the tile, valid rows, head dim, 16-byte loads, pool layout)
+CASES = [
+    (1, 3, 64, 64, True, "nhpd"),
+    (5, 7, 50, 64, True, "nhpd"),
+    (5, 0, 64, 40, False, "nphd"),
+    (16, 40, 64, 64, True, "nhpd"),
+    (16, 8, 9, 56, True, "nphd"),
+    (64, 64, 64, 64, True, "nhpd"),
+    (64, 100, 64, 64, False, "nhpd"),
+    (256, 192, 30, 64, True, "nhpd"),
+    (3, 1, 64, 24, False, "nhpd"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"P{c[0]}-n{c[1]}-v{c[2]}-D{c[3]}-"
+                         f"{'vec' if c[4] else 'scalar'}-{c[5]}")
+def test_paged_tile_load_reads_the_tables_rows(host_loader, tmp_path, case):
+    P, n0, nvalid, D, vec, layout = case
+    Hkv, hk, rng = 2, 1, np.random.default_rng(P * 1000 + n0)
+    needed = -(-(n0 + nvalid) // P)  # entries of keys 0 .. n0 + nvalid - 1
+    num_pages = needed + 3
+    table = rng.permutation(num_pages)[:needed].astype(np.int32)
+    Dpad = D + 8  # a row stride beyond D (multiple of 8: 16-byte loads stay aligned)
+    shape = (num_pages, P, Hkv, Dpad) if layout == "nphd" else (num_pages, Hkv, P, Dpad)
+    k, v = (rng.integers(1, 0xFFFF, size=shape, dtype=np.uint16) for _ in range(2))
+    kv = [x.transpose(0, 2, 1, 3) if layout == "nphd" else x for x in (k, v)]  # (N, H, P, D)
+    strides = [s // 2 for s in kv[0].strides]  # elements, (page, head, row, column)
+    files = []
+    for name, arr in (("k", k), ("v", v), ("t", table)):
+        path = tmp_path / name
+        np.ascontiguousarray(arr).tofile(path)
+        files.append(str(path))
+    out = tmp_path / "smem"
+    shift = P.bit_length() - 1 if P & (P - 1) == 0 else -1
+    args = [P, shift, num_pages, n0, nvalid, D, int(vec), hk, *strides, *strides, k.size,
+            needed, *files, str(out)]
+    run = subprocess.run([str(host_loader), *map(str, args)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    smem = np.fromfile(out, dtype=np.uint16).reshape(2, ROWS, LDS)
+    for which, pool, tile in (("K", kv[0], smem[0]), ("V", kv[1], smem[1])):
+        want = np.zeros((ROWS, DP), dtype=np.uint16)
+        for r in range(nvalid):
+            j = n0 + r
+            want[r, :D] = pool[table[j // P], hk, j % P, :D]
+        got = tile[:, :DP]
+        bad = np.argwhere(got != want)
+        assert bad.size == 0, (f"{which} tile differs at (row, column) {bad[:5].tolist()}: "
+                               f"got {got[tuple(bad[0])]}, want {want[tuple(bad[0])]}")
+
+
+def test_an_entry_past_the_needed_ones_would_be_caught(host_loader, tmp_path):
+    """The check can fail: a table one entry short of what the valid rows need makes the
+    loader read past it, and ASan stops the run."""
+    P, n0, nvalid, D = 16, 0, 40, 64
+    num_pages = 4
+    rng = np.random.default_rng(1)
+    k = rng.integers(1, 0xFFFF, size=(num_pages, 2, P, D), dtype=np.uint16)
+    table = np.arange(2, dtype=np.int32)  # keys 32..39 need a third entry
+    files = []
+    for name, arr in (("k", k), ("v", k), ("t", table)):
+        path = tmp_path / name
+        arr.tofile(path)
+        files.append(str(path))
+    strides = [s // 2 for s in k.strides]
+    args = [P, 4, num_pages, n0, nvalid, D, 1, 0, *strides, *strides, k.size, len(table),
+            *files, str(tmp_path / "smem")]
+    run = subprocess.run([str(host_loader), *map(str, args)], capture_output=True, text=True)
+    assert run.returncode != 0 and "heap-buffer-overflow" in run.stderr
