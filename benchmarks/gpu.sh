@@ -99,7 +99,7 @@ if [ "$mode" = varlen ]; then
 fi
 if [ "$mode" = paged ]; then
     python -m attnkit.cli bench --decode --paged --out "$dir" --quiet --no-plot \
-        --backends triton,torch-blocked --time-limit-s 480 > "$OUT/paged.log" 2>&1
+        --backends triton,cupy,torch-blocked --time-limit-s 480 > "$OUT/paged.log" 2>&1
     echo "== attnkit bench --decode --paged: rc=$?, $dir/paged.{json,txt}"
     cat "$OUT/paged.log"
     exit 0
