@@ -286,12 +286,7 @@ def generate(caps: Capabilities, quick: bool = False, device: str = "cpu") -> li
     if not quick and not device.startswith("cpu"):
         cases += fit(caps, multi_block())
 
-    seen, unique = set(), []
-    for c in cases:
-        if c.id not in seen:
-            seen.add(c.id)
-            unique.append(c)
-    return unique
+    return unique(cases)
 
 
 def multi_block() -> list[Case]:

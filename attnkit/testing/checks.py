@@ -14,6 +14,20 @@ from .accuracy import GRAD_FACTOR, OUT_FACTOR, assert_close
 from .cases import Case
 
 
+def assert_grads(where: str, grads, inputs, ref64, ref_lp, saved, masked) -> None:
+    """(dq, dk, dv) of ``inputs`` (q, k, v): each in its input's dtype and shape and within
+    the accuracy rule against ``ref64`` with the low-precision references ``ref_lp`` and
+    ``saved``; query rows in ``masked`` (they see no key) get dq == 0."""
+    dtype = inputs[0].dtype
+    for name, g, t, g64, glp, gs in zip("qkv", grads, inputs, ref64, ref_lp, saved):
+        assert g.dtype == t.dtype and g.shape == t.shape, (
+            f"{where}: d{name} is {g.dtype} {tuple(g.shape)}, expected {t.dtype} "
+            f"{tuple(t.shape)}")
+        assert_close(f"{where} d{name}", g, g64, (glp, gs), dtype, factor=GRAD_FACTOR)
+    if masked.any():
+        assert (grads[0][masked] == 0).all(), f"{where}: rows that see no key need dq == 0"
+
+
 def seeded(case: Case) -> tuple[torch.Generator, int]:
     """A generator for fresh inputs on every run, and its seed (printed on failure)."""
     seed = random.randrange(2**31)
@@ -73,10 +87,4 @@ def matches_reference(case: Case, backend, device: str) -> None:
         # uncopied, so a backend that ignored dout's strides would fail here.
         grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out).copy_(dout))
         saved = case.saved_state_grads(q, k, v, seqlens_k, dout, out=out, lse=lse) or (None,) * 3
-        for name, g, t, g64, glp, gs in zip("qkv", grads, (q, k, v), ref64[2], ref_lp[2], saved):
-            assert g.dtype == t.dtype and g.shape == t.shape, (
-                f"{where}: d{name} is {g.dtype} {tuple(g.shape)}, "
-                f"expected {t.dtype} {tuple(t.shape)}")
-            assert_close(f"{where} d{name}", g, g64, (glp, gs), q.dtype, factor=GRAD_FACTOR)
-        if masked.any():
-            assert (grads[0][masked] == 0).all(), f"{where}: fully-masked rows need dq == 0"
+        assert_grads(where, grads, (q, k, v), ref64[2], ref_lp[2], saved, masked)

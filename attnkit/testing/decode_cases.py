@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnkit import reference
-from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER
+from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER, unique
 
 
 def cache_case_id(case, parts: list[str], default_layout: str) -> str:
@@ -149,12 +149,7 @@ def decode_cases(caps, quick: bool = False) -> list[DecodeCase]:
                 cases.append(replace(base, batch=3, heads_q=8, heads_kv=2, s_max=long,
                                      dtype=dt, head_dim=hd, s_new=s_new, seqlen_q=s_new,
                                      tag="long", **opts))
-    seen, unique = set(), []
-    for c in cases:
-        if c.id not in seen:
-            seen.add(c.id)
-            unique.append(c)
-    return unique
+    return unique(cases)
 
 
 def isolation_cases(caps, quick: bool = False) -> list[DecodeCase]:

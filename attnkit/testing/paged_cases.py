@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attnkit.testing.cases import DTYPE_NAMES
+from attnkit.testing.cases import DTYPE_NAMES, unique
 from attnkit.testing.decode_cases import CacheCase, cache_case_id, decode_dtypes, rand
 
 PAGE_SIZES = (1, 5, 16, 64, 256)
@@ -187,9 +187,4 @@ def paged_cases(caps, quick: bool = False) -> list[PagedCase]:
         cases.append(replace(base, page_size=64, batch=3, heads_q=8, heads_kv=2,
                              max_len=long, s_new=4, seqlen_q=4, window=(200, 0),
                              pages="shared", tag="long"))
-    seen, unique = set(), []
-    for c in cases:
-        if c.id not in seen:
-            seen.add(c.id)
-            unique.append(c)
-    return unique
+    return unique(cases)

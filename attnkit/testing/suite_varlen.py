@@ -26,6 +26,7 @@ import attnkit
 from attnkit.registry import NoBackendError
 from attnkit.testing import varlen_cases
 from attnkit.testing.accuracy import GRAD_FACTOR, OUT_FACTOR, assert_close, bit_difference
+from attnkit.testing.checks import assert_grads
 from attnkit.testing.generate import parametrize_cases
 from attnkit.testing.scratch import uninitialised_scratch
 
@@ -89,13 +90,7 @@ def test_varlen_matches_reference(varlen_case, backend, backend_name, device):
         return
     grads = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     saved = case.saved_state_grads(q, k, v, dout, out, lse) or (None,) * 3
-    for name, g, t, g64, glp, gs in zip("qkv", grads, (q, k, v), ref64[2], ref_lp[2], saved):
-        assert g.dtype == t.dtype and g.shape == t.shape, (
-            f"{where}: d{name} is {g.dtype} {tuple(g.shape)}, expected {t.dtype} "
-            f"{tuple(t.shape)}")
-        assert_close(f"{where} d{name}", g, g64, (glp, gs), q.dtype, factor=GRAD_FACTOR)
-    if masked.any():
-        assert (grads[0][masked] == 0).all(), f"{where}: rows that see no key need dq == 0"
+    assert_grads(where, grads, (q, k, v), ref64[2], ref_lp[2], saved, masked)
     if lse is not None and caps.lse_grad:
         _check_lse_gradient(case, where, q, k, v, out, lse, dout, gen)
 
