@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .backend import check_backward_result, check_forward_result
-from .dropout import Dropout, draw_state
+from .dropout import Dropout, draw_state, traced_state
 from .registry import Explanation, Registration, registry
 from .spec import AttentionProblem, check_scale, check_softcap, check_window, describe_tensor
 
@@ -533,11 +533,6 @@ def _op_attention(q, k, v, causal, scale, window, seqlens_k, softcap, return_lse
     if transformed:
         out, lse = _TransformedAttention.apply(q, k, v, seqlens_k, options)
     else:
-        state = None
-        if dropout_p:
-            if generator is not None:
-                raise ValueError("generator under torch.compile is not supported: dropout "
-                                 "draws from the device's default generator there")
-            state = draw_state(q.device)
+        state = traced_state(dropout_p, generator, q.device)
         out, lse = _attention_op(q, k, v, seqlens_k, *options, float(dropout_p), state)
     return (out, lse) if return_lse else out

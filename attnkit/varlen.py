@@ -26,7 +26,7 @@ from .api import (
     backward_gradients,
 )
 from .backend import check_backward_result, check_forward_result
-from .dropout import check_dropout_p, draw_state
+from .dropout import check_dropout_p, traced_state
 from .registry import Explanation, registry
 from .spec import (
     FLOAT_DTYPES,
@@ -431,12 +431,7 @@ def _op_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         _check_max(name, m, None, "")
     dropout_p = check_dropout_p(dropout_p)
-    state = None
-    if dropout_p:
-        if generator is not None:
-            raise ValueError("generator under torch.compile is not supported: dropout "
-                             "draws from the device's default generator there")
-        state = draw_state(q.device)
+    state = traced_state(dropout_p, generator, q.device)
     out, lse = _varlen_op(q, k, v, cu_q, cu_k, -1 if max_q is None else max_q,
                           -1 if max_k is None else max_k, causal,
                           check_scale(scale, q.shape[-1]), wl, wr,

@@ -7,13 +7,11 @@ forward and dQ; col_bits: dK/dV), run by 32 host threads standing in for a warp'
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 
 import pytest
 import torch
-from attnkit_cupy import _compile
+from host_build import build_host, kernel_text
 
 from attnkit.dropout import keep_where, threshold
 
@@ -90,24 +88,13 @@ int main(int argc, char** argv) {
 
 
 def _struct_source() -> str:
-    text = (_compile.KERNEL_DIR / "common.cuh").read_text()
-    m = re.search(r"^struct AttnDropout \{.*?^\};\n", text, re.S | re.M)
-    assert m, "struct AttnDropout not found in common.cuh"
-    return m.group(0)
+    return kernel_text("common.cuh", r"^struct AttnDropout \{.*?^\};\n", "struct AttnDropout")
 
 
 @pytest.fixture(scope="module")
 def host_keep(tmp_path_factory):
-    cxx = shutil.which("c++") or shutil.which("g++")
-    assert cxx, "no host C++ compiler"
-    d = tmp_path_factory.mktemp("philox")
-    src = d / "philox.cpp"
-    src.write_text(HOST_PRELUDE + _struct_source() + MAIN)
-    exe = d / "philox"
-    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas",
-                           "-o", str(exe), str(src)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return exe
+    return build_host(tmp_path_factory.mktemp("philox"), "philox",
+                      HOST_PRELUDE + _struct_source() + MAIN, "-std=c++20", "-O1", "-pthread")
 
 
 @pytest.mark.parametrize("seed, offset, p", [

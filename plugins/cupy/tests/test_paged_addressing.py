@@ -9,13 +9,11 @@ and element loads, a transposed pool layout. Marked ``nvcc`` like the other comp
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
-from attnkit_cupy import _compile
+from host_build import build_host, kernel_text
 
 pytestmark = pytest.mark.nvcc
 
@@ -94,29 +92,17 @@ int main(int argc, char** argv) {
 
 
 def _extract(pattern: str, what: str) -> str:
-    text = (_compile.KERNEL_DIR / "decode.cu").read_text()
-    m = re.search(pattern, text, re.S | re.M)
-    assert m, f"{what} not found in decode.cu"
-    return m.group(0)
+    return kernel_text("decode.cu", pattern, what)
 
 
 @pytest.fixture(scope="module")
 def host_loader(tmp_path_factory):
-    cxx = shutil.which("c++") or shutil.which("g++")
-    assert cxx, "no host C++ compiler"
-    d = tmp_path_factory.mktemp("paged")
-    src = d / "paged.cpp"
     body = (_extract(r"^struct PageMap \{.*?^\};\n", "struct PageMap")
             + _extract(r"^template <int ROWS, int DP, int LDS, int NT>\n"
                        r"ATTN_DEVICE void load_paged_kv_16\(.*?^\}\n", "load_paged_kv_16"))
     consts = f"constexpr int ROWS = {ROWS}, DP = {DP}, LDS = {LDS}, NT = {NT};\n"
-    src.write_text(PRELUDE + body + consts + MAIN)
-    exe = d / "paged"
-    proc = subprocess.run([cxx, "-std=c++17", "-O1", "-g", "-fsanitize=address",
-                           "-fno-omit-frame-pointer", "-Wno-unknown-pragmas", "-o", str(exe),
-                           str(src)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return exe
+    return build_host(tmp_path_factory.mktemp("paged"), "paged", PRELUDE + body + consts + MAIN,
+                      "-std=c++17", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer")
 
 
 # (page size, first key of the tile, valid rows, head dim, 16-byte loads, pool layout)
