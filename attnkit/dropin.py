@@ -155,10 +155,10 @@ def sdpa_band(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | 
         if attn_mask.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{describe_tensor('attn_mask', attn_mask)} requires grad; "
                              "attnkit reads a mask as structure and gives it no gradient")
-        mask = broadcast_mask(attn_mask, B, Hq, Sq, Sk, query.dtype)
-        if not (B and Sq and Sk):  # an empty problem reads no mask
+        if not (B and Sq and Sk):  # an empty problem reads no mask, only checks it
+            broadcast_mask(attn_mask, B, Hq, Sq, Sk, query.dtype)
             return MaskStructure(False, None, Sk, None)
-        found = cached_structure(attn_mask, mask, B, Sq)
+        found = cached_structure(attn_mask, B, Hq, Sq, Sk, query.dtype)
         if found is None:
             raise ValueError(f"{describe_tensor('attn_mask', attn_mask)} {_DENSE}")
         return found

@@ -164,24 +164,31 @@ CACHE_SIZE = 16
 _cache: OrderedDict[int, tuple] = OrderedDict()
 
 
-def cached_structure(attn_mask: torch.Tensor, mask: torch.Tensor, batch: int,
-                     seqlen_q: int, name: str = "attn_mask") -> MaskStructure | None:
-    """`mask_structure` of ``mask`` (`broadcast_mask` of the caller's ``attn_mask``), after
-    checking that a mask with a head dimension holds the same values in every head (else a
-    ``ValueError``), remembered for that ``attn_mask`` tensor while it lives and is not
-    modified in place (its version counter): the read costs a device sync, which a model's
+def cached_structure(attn_mask: torch.Tensor, batch: int, heads: int, seqlen_q: int,
+                     seqlen_k: int, q_dtype: torch.dtype,
+                     name: str = "attn_mask") -> MaskStructure | None:
+    """`mask_structure` of `broadcast_mask` of ``attn_mask``, after checking that a mask with
+    a head dimension holds the same values in every head (else a ``ValueError``), remembered
+    for that ``attn_mask`` tensor while it lives and is not modified in place (its version
+    counter): the read costs a device sync and the broadcast a few views, which a model's
     later layers, passed the same mask, then skip. Inference tensors (no version counter) and
     traced calls are read every time."""
-    if attn_mask.is_inference() or torch.compiler.is_compiling():
+    def read():
+        mask = broadcast_mask(attn_mask, batch, heads, seqlen_q, seqlen_k, q_dtype, name)
         return _read(attn_mask, mask, batch, seqlen_q, name)
+
+    if (not isinstance(attn_mask, torch.Tensor) or attn_mask.is_inference()
+            or torch.compiler.is_compiling()):
+        return read()
     key = (attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), attn_mask.dtype,
-           attn_mask.device, attn_mask.storage_offset(), batch, seqlen_q)
-    entry = _cache.get(id(attn_mask))
-    if entry is not None and entry[0]() is attn_mask and entry[1] == key:
-        _cache.move_to_end(id(attn_mask))
-        return entry[2]
-    found = _read(attn_mask, mask, batch, seqlen_q, name)
+           attn_mask.device, attn_mask.storage_offset(), batch, heads, seqlen_q, seqlen_k,
+           q_dtype)
     ident = id(attn_mask)
+    entry = _cache.get(ident)
+    if entry is not None and entry[0]() is attn_mask and entry[1] == key:
+        _cache.move_to_end(ident)
+        return entry[2]
+    found = read()
     _cache[ident] = (weakref.ref(attn_mask, lambda _, ident=ident: _forget(ident)), key, found)
     while len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
