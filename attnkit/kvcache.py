@@ -21,7 +21,13 @@ import torch
 from .api import autocast_device, run_problem
 from .paged import append_paged
 from .registry import registry
-from .spec import FLOAT_DTYPES, AttentionProblem, check_lengths_tensor, describe_tensor
+from .spec import (
+    FLOAT_DTYPES,
+    AttentionProblem,
+    check_heads,
+    check_lengths_tensor,
+    describe_tensor,
+)
 
 
 def attention_with_kvcache(
@@ -241,10 +247,7 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> N
     if Bc != B or Dc != D:
         raise ValueError(f"{describe_tensor('k_cache', k_cache)} must be (B={B}, Hkv, S_max, "
                          f"D={D}) to match {describe_tensor('q', q)}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads must be a multiple of kv heads (GQA): "
-                         f"{describe_tensor('q', q)} has Hq={Hq}, "
-                         f"{describe_tensor('k_cache', k_cache)} has Hkv={Hkv}")
+    check_heads(q, "k_cache", k_cache, Hq, Hkv, D)
     s_new = check_new_keys(q, k_cache, v_cache, k_new, v_new, Hkv)
     _check_cache_seqlens(cache_seqlens, q, B, S_max, s_new)
 

@@ -30,6 +30,7 @@ from .backend import check_forward_result
 from .registry import registry
 from .spec import (
     AttentionProblem,
+    check_heads,
     check_lengths_tensor,
     check_scale,
     check_softcap,
@@ -160,12 +161,7 @@ def check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_t
     if P == 0:
         raise ValueError(f"{describe_tensor('k_cache', k_pages)}: the page size (dimension 2) "
                          "must be at least 1")
-    if D == 0:
-        raise ValueError(f"{describe_tensor('q', q)}: head dim D must be at least 1")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads must be a multiple of kv heads (GQA): "
-                         f"{describe_tensor('q', q)} has Hq={Hq}, "
-                         f"{describe_tensor('k_cache', k_pages)} has Hkv={Hkv}")
+    check_heads(q, "k_cache", k_pages, Hq, Hkv, D)
     if not isinstance(block_table, torch.Tensor):
         raise TypeError(f"block_table must be an int32 tensor (B, max_pages), got "
                         f"{type(block_table).__name__}")

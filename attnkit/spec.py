@@ -170,13 +170,7 @@ class AttentionProblem(NamedTuple):
                 f"head dim mismatch: {describe_tensor('q', q)} has D={D}, "
                 f"{describe_tensor('k', k)} has D={Dk}"
             )
-        if D == 0:
-            raise ValueError(f"{describe_tensor('q', q)}: head dim D must be at least 1")
-        if Hkv == 0 or Hq % Hkv != 0:
-            raise ValueError(
-                f"query heads must be a multiple of kv heads (GQA): {describe_tensor('q', q)} "
-                f"has Hq={Hq}, {describe_tensor('k', k)} has Hkv={Hkv}"
-            )
+        check_heads(q, "k", k, Hq, Hkv, D)
 
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
@@ -199,6 +193,17 @@ class AttentionProblem(NamedTuple):
                    seqlens_k is not None, softcap, return_lse, bool(needs_grad),
                    torch.are_deterministic_algorithms_enabled(), dropout_p=dropout_p)
 
+
+
+def check_heads(q: torch.Tensor, kv_name: str, kv: torch.Tensor, heads_q: int, heads_kv: int,
+                head_dim: int) -> None:
+    """Refuse a head dim of 0, and query heads that are not a multiple of the kv heads."""
+    if head_dim == 0:
+        raise ValueError(f"{describe_tensor('q', q)}: head dim D must be at least 1")
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"query heads must be a multiple of kv heads (GQA): "
+                         f"{describe_tensor('q', q)} has Hq={heads_q}, "
+                         f"{describe_tensor(kv_name, kv)} has Hkv={heads_kv}")
 
 def _is_real(x) -> bool:
     """A Python or numpy real number (``np.float32(0.1)``, ``np.int64(8)``), not a bool."""

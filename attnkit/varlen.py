@@ -31,6 +31,7 @@ from .registry import Explanation, registry
 from .spec import (
     FLOAT_DTYPES,
     AttentionProblem,
+    check_heads,
     check_scale,
     check_softcap,
     check_window,
@@ -153,12 +154,7 @@ def _check_tensors(q, k, v) -> None:
     if Dk != D:
         raise ValueError(f"head dim mismatch: {describe_tensor('q', q)} has D={D}, "
                          f"{describe_tensor('k', k)} has D={Dk}")
-    if D == 0:
-        raise ValueError(f"{describe_tensor('q', q)}: head dim D must be at least 1")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads must be a multiple of kv heads (GQA): "
-                         f"{describe_tensor('q', q)} has Hq={Hq}, {describe_tensor('k', k)} "
-                         f"has Hkv={Hkv}")
+    check_heads(q, "k", k, Hq, Hkv, D)
 
 
 def _check_offsets_tensor(name: str, cu, q: torch.Tensor, of: str) -> None:
