@@ -122,12 +122,6 @@ def broadcast_mask(mask, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
     """``mask`` checked against SDPA's rules (bool, q's dtype or float32; broadcastable to
     ``(B, Hq, Sq, Sk)``) and returned as a ``(Bm, Sqm, Sk)`` view of its first head: attention's
     band is the same for all heads, which `cached_structure` checks where the mask has them."""
-    m = _four_d(mask, batch, heads, seqlen_q, seqlen_k, q_dtype, name)
-    return m[:, 0].expand(m.shape[0], m.shape[2], seqlen_k)
-
-
-def _four_d(mask, batch, heads, seqlen_q, seqlen_k, q_dtype, name) -> torch.Tensor:
-    """``mask`` as a 4-D view, each dimension expanded with stride 0 kept as one."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and mask.dtype not in (q_dtype, torch.float32):
@@ -139,7 +133,8 @@ def _four_d(mask, batch, heads, seqlen_q, seqlen_k, q_dtype, name) -> torch.Tens
                          f"= {(batch, heads, seqlen_q, seqlen_k)}")
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
     # A dimension expanded with stride 0 holds one value: keep one.
-    return m[tuple(slice(0, 1) if m.stride(i) == 0 else slice(None) for i in range(4))]
+    m = m[tuple(slice(0, 1) if m.stride(i) == 0 else slice(None) for i in range(4))]
+    return m[:, 0].expand(m.shape[0], m.shape[2], seqlen_k)
 
 
 def _heads_differ(attn_mask: torch.Tensor) -> torch.Tensor | None:
