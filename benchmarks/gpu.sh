@@ -114,7 +114,7 @@ fi
 compare=()
 [ -d "$committed" ] && compare=(--compare "$committed")
 python -m attnkit.cli bench --out "$dir" --quiet --backends triton,cupy,sdpa-flash,sdpa-cudnn \
-    --time-limit-s 300 ${compare[@]+"${compare[@]}"} > "$OUT/bench.log" 2>&1
+    --time-limit-s 420 ${compare[@]+"${compare[@]}"} > "$OUT/bench.log" 2>&1
 echo "== attnkit bench (grid): rc=$?, $dir/bench.{json,txt,png}"
 python -m attnkit.cli bench --decode --out "$dir" --quiet --time-limit-s 60 \
     ${compare[@]+"${compare[@]}"} > "$OUT/decode.log" 2>&1

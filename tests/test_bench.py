@@ -110,10 +110,10 @@ def test_flop_formulas():
 def test_standard_grid_is_flashattention_s():
     spec = default_grid("cuda")
     assert spec.seqlens == (512, 1024, 2048, 4096, 8192, 16384)
-    assert spec.head_dims == (64, 128) and spec.causal == (False, True)
+    assert spec.head_dims == (64, 128, 256) and spec.causal == (False, True)
     assert spec.dtypes == ("fp16", "bf16") and spec.modes == ("fwd", "bwd", "fwd_bwd")
     shapes = spec.shapes()
-    assert len(shapes) == 6 * 2 * 2 * 2
+    assert len(shapes) == 6 * 3 * 2 * 2
     for s in shapes:
         assert s.batch * s.seqlen == 16384 and s.heads * s.head_dim == 2048
     d = default_decode("cuda")

@@ -2,7 +2,7 @@
 
 The standard grid is FlashAttention's, defined here once: a fixed number of tokens
 (``batch * seqlen = STANDARD_TOKENS``, 16k), model dim ``STANDARD_MODEL_DIM`` (2048) split
-into ``H = 2048 / D`` heads, seqlens 512..16k, head dims 64 and 128, causal and not, fp16 and
+into ``H = 2048 / D`` heads, seqlens 512..16k, head dims 64, 128 and 256, causal and not, fp16 and
 bf16, forward / backward / forward+backward. Every grid shape has ``Sq == Sk``, so SDPA's
 top-left causal mask and attnkit's bottom-right one are the same mask there.
 """
@@ -30,7 +30,7 @@ DTYPES = {
 STANDARD_TOKENS = 16384
 STANDARD_MODEL_DIM = 2048
 STANDARD_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
-STANDARD_HEAD_DIMS = (64, 128)
+STANDARD_HEAD_DIMS = (64, 128, 256)
 #: Fields that name the problem a cell or row measured (what two runs are matched on).
 IDENTITY = ("backend", "mode", "dtype", "batch", "heads_q", "heads_kv", "seqlen_q", "seqlen_k",
             "head_dim", "causal")
