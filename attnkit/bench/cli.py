@@ -89,8 +89,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "512..16k, model dim 2048 (H = 2048/D), D 64, 128 and 256, causal and not, "
         "fwd/bwd/fwd_bwd, fp16 and bf16; on a CPU a small fp32 grid. Other modes: --decode, "
         "--graphs, --host-overhead, --sustained, --varlen, --model-step. --label/--compare "
-        "keep and compare runs; --env A/Bs environment switches; --report prints the README's tables "
-        "from committed results.")
+        "keep and compare runs; --env A/Bs environment switches; --report prints the README's "
+        "tables from committed results.")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--out", metavar="DIR",
                    help=f"write DIR/bench.json, DIR/bench.png and the table as DIR/bench.txt "
