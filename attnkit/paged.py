@@ -12,13 +12,14 @@ between sequences (a common prompt prefix). This module holds what the core does
 - `gather_pages`: a sequence-major copy of the keys a table addresses, for backends that
   compute paged attention through their dense path (the reference, torch-blocked).
 
-Validation (``validate``): "host" reduces the fill levels and the table's needed entries on
-the device to four numbers, reads them (on CUDA one synchronisation) and raises
-``ValueError`` naming the sequence before anything is written; "device" never
-synchronises: the same conditions become one ``torch._assert_async`` queued on the stream
-before the write, so a violation stops the stream with a device-side assertion (the CUDA
-context is unusable afterwards) and neither the write nor the attention kernel runs. On CPU
-both raise before writing.
+Validation (``validate``): every condition on the values (fill levels, the table entries
+they need, append slots) is one range check of one vector against bounds kept per call
+signature, a handful of operations (`check_table`). "host" reads its one boolean (on CUDA
+one synchronisation) and, only if it is false, finds the culprit and raises ``ValueError``
+naming the sequence before anything is written; "device" never synchronises: the check
+feeds one ``torch._assert_async`` queued on the stream before the write, so a violation
+stops the stream with a device-side assertion (the CUDA context is unusable afterwards) and
+neither the write nor the attention kernel runs. On CPU both raise before writing.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_tabl
                                 window=window, softcap=softcap, return_lse=return_lse)
         check = table_check(*block_table.shape, k_pages.shape[0], k_pages.shape[2], s_new,
                             cache_seqlens.dtype, q.device)
-        if key is not None:
+        if key is not None and not _capturing(q.device):  # (see table_check)
             if len(_validated) >= _MAX_VALIDATED:
                 _validated.clear()
             _validated[key] = (s_new, problem, check)
@@ -225,10 +226,16 @@ def table_check(B: int, M: int, N: int, P: int, s_new: int, lens_dtype,
         hi[B * M + B:].fill_(top)
         zero = torch.zeros((), dtype=torch.int32, device=device)
         new = torch.arange(s_new, device=device)
-        if len(_TABLE_CHECKS) >= _MAX_VALIDATED:
-            del _TABLE_CHECKS[next(iter(_TABLE_CHECKS))]  # the oldest: a loop's own stay
-        made = _TABLE_CHECKS[key] = TableCheck(first, new, zero, lo, hi)
+        made = TableCheck(first, new, zero, lo, hi)
+        if not _capturing(device):  # captured kernels fill them only when the graph replays
+            if len(_TABLE_CHECKS) >= _MAX_VALIDATED:
+                del _TABLE_CHECKS[next(iter(_TABLE_CHECKS))]  # the oldest: a loop's own stay
+            _TABLE_CHECKS[key] = made
     return made
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 _TABLE_CHECKS: dict = {}

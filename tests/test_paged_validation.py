@@ -161,6 +161,14 @@ def _random_case(rng):
             s_new, N, P)
 
 
+def _run(call, kp, vp, table, lens, new, s_new, q, validate):
+    if call == "append":
+        attnkit.append_paged(kp, vp, table, lens, *new, validate=validate)
+    else:
+        attnkit.attention_with_kvcache(q, kp, vp, lens, *(new if s_new else [None, None]),
+                                       block_table=table, backend=NULL, validate=validate)
+
+
 @pytest.mark.parametrize("validate", ["host", "device"])
 def test_every_condition_against_an_oracle(null, validate):
     """Random tables, fill levels and appends, a quarter with defects: the call passes
@@ -181,17 +189,10 @@ def test_every_condition_against_an_oracle(null, validate):
             kp.clone(), vp.clone())
         for call in ("attend", "attend again", "append"):  # the second on a kept signature
             k2, v2 = kp.clone(), vp.clone()
-            args = new if s_new else [None, None]
-            if call == "append":
-                fn = lambda: attnkit.append_paged(k2, v2, table, lens, *new,  # noqa: B023
-                                                  validate=validate)
-            else:
-                fn = lambda: attnkit.attention_with_kvcache(  # noqa: B023
-                    q, k2, v2, lens, *args, block_table=table, backend=NULL,
-                    validate=validate)
+            args = (k2, v2, table, lens, new, s_new, q, validate)
             calls = len(null.seen)
             if want is None:
-                fn()
+                _run(call, *args)
                 if len(null.seen) > calls:  # (a table of no pages is answered without it)
                     got = null.seen[-1]
                     assert got.dtype == torch.int32 and got.is_contiguous()
@@ -200,7 +201,7 @@ def test_every_condition_against_an_oracle(null, validate):
                 error, match = ((ValueError, want) if validate == "host"
                                 else (RuntimeError, "paged KV cache"))
                 with pytest.raises(error, match=match):
-                    fn()
+                    _run(call, *args)
             assert torch.equal(k2, expected[0]) and torch.equal(v2, expected[1]), (
                 call, table, lens, s_new, N, P)
         seen["valid" if want is None else "refused"] += 1
