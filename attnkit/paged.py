@@ -202,6 +202,9 @@ class TableCheck(NamedTuple):
     hi: torch.Tensor  # [0, M * P - S_new], gaps >= 1
 
 
+_TABLE_CHECKS: dict = {}  # `TableCheck` by signature, up to _MAX_VALIDATED
+
+
 def table_check(B: int, M: int, N: int, P: int, s_new: int, lens_dtype,
                 device) -> TableCheck | None:
     """The `TableCheck` of a signature (kept: a few per serving loop); None where no row
@@ -238,9 +241,6 @@ def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-_TABLE_CHECKS: dict = {}
-
-
 def check_table(k_pages, block_table, cache_seqlens, s_new, validate,
                 check: TableCheck | None = None) -> tuple | None:
     """The values of a paged call: fill levels >= 0, ``cache_seqlens[b] + S_new`` positions
@@ -261,7 +261,7 @@ def check_table(k_pages, block_table, cache_seqlens, s_new, validate,
     if check is not None:
         # Page j is needed iff j * P - S_new < lens[b] (no sum that could overflow).
         need = check.first < lens.unsqueeze(1)
-        parts = [(need if N == 0 else torch.where(need, block_table, check.zero)).view(-1),
+        parts = [(need if N == 0 else torch.where(need, block_table, check.zero)).reshape(-1),
                  lens]
         if s_new:
             targets = _targets(block_table, lens, check.new, P, N)

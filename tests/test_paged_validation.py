@@ -84,8 +84,8 @@ def _count(fn):
 
 @pytest.mark.parametrize("validate, most", [("device", 8), ("host", 8)])
 def test_a_repeated_decoding_step_queues_few_operations(null, validate, most):
-    """Without an append the check is one range check of one vector: 7 operations, where
-    the check once took about 20 (each a launch on a GPU)."""
+    """Without an append the check is one range check of one vector: 7 operations, each a
+    launch on a GPU (a regression to the ~20 of separate reductions fails)."""
     q, kp, vp, table, lens, _ = _decode_inputs()
     c = _count(lambda: attnkit.attention_with_kvcache(q, kp, vp, lens, block_table=table,
                                                       backend=NULL, validate=validate))
@@ -233,3 +233,18 @@ def test_strided_int64_lengths_reach_the_backend_as_int32(null):
                                        validate="device")
         got = null.seen[-1]
         assert got.dtype == torch.int32 and got.is_contiguous() and got.tolist() == [5, 9]
+
+
+@pytest.mark.parametrize("validate", ["host", "device"])
+def test_a_column_major_table_is_checked(null, validate):
+    """A table of any strides: its needed entries are found in their own places."""
+    q, kp, vp, table, lens, _ = _decode_inputs(B=3, L=64, P=16)
+    t = table.t().contiguous().t()
+    attnkit.attention_with_kvcache(q, kp, vp, lens, block_table=t, backend=NULL,
+                                   validate=validate)
+    t[2, 3] = kp.shape[0]
+    error, match = ((ValueError, "entry \\[2, 3\\] = 12 is needed") if validate == "host"
+                    else (RuntimeError, "paged KV cache"))
+    with pytest.raises(error, match=match):
+        attnkit.attention_with_kvcache(q, kp, vp, lens, block_table=t, backend=NULL,
+                                       validate=validate)
