@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .api import autocast_device, run_problem
-from .paged import append_paged
+from .paged import append_paged, attention_paged
 from .registry import registry
 from .spec import (
     FLOAT_DTYPES,
@@ -97,8 +97,6 @@ def attention_with_kvcache(
     outside the pool, or two sequences would append into one slot.
     """
     if block_table is not None:
-        from .paged import attention_paged
-
         return attention_paged(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
                                causal=causal, scale=scale, window=window, softcap=softcap,
                                return_lse=return_lse, backend=backend, validate=validate)

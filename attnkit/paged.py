@@ -12,19 +12,23 @@ between sequences (a common prompt prefix). This module holds what the core does
 - `gather_pages`: a sequence-major copy of the keys a table addresses, for backends that
   compute paged attention through their dense path (the reference, torch-blocked).
 
-Validation (``validate``): "host" reduces the fill levels and the table's needed entries on
-the device to four numbers, reads them (on CUDA one synchronisation) and raises
-``ValueError`` naming the sequence before anything is written; "device" never
-synchronises: the same conditions become one ``torch._assert_async`` queued on the stream
-before the write, so a violation stops the stream with a device-side assertion (the CUDA
-context is unusable afterwards) and neither the write nor the attention kernel runs. On CPU
-both raise before writing.
+Validation (``validate``): every condition on the values (fill levels, the table entries
+they need, append slots) is one range check of one vector against bounds kept per call
+signature, a handful of operations (`check_table`). "host" reads its one boolean (on CUDA
+one synchronisation) and, only if it is false, finds the culprit and raises ``ValueError``
+naming the sequence before anything is written; "device" never synchronises: the check
+feeds one ``torch._assert_async`` queued on the stream before the write, so a violation
+stops the stream with a device-side assertion (the CUDA context is unusable afterwards) and
+neither the write nor the attention kernel runs. On CPU both raise before writing.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from . import kvcache  # the module, not its names: kvcache imports this module first
 from .api import _empty_result, autocast_device
 from .backend import check_forward_result
 from .registry import registry
@@ -51,28 +55,31 @@ def attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_tabl
                                    block_table, causal=causal, scale=scale, window=window,
                                    softcap=softcap, return_lse=return_lse, backend=backend,
                                    validate=validate)
-    from .kvcache import _metadata_key
-
     options = (causal, scale, window, softcap, return_lse, validate, _table_key(block_table))
-    key = _metadata_key(q, k_pages, v_pages, cache_seqlens, k_new, v_new, options)
+    key = kvcache._metadata_key(q, k_pages, v_pages, cache_seqlens, k_new, v_new, options)
     known = _validated.get(key) if key is not None else None
     if known is None:
         s_new = check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new,
                                    block_table, validate)
         problem = paged_problem(q, k_pages, block_table, causal=causal, scale=scale,
                                 window=window, softcap=softcap, return_lse=return_lse)
-        if key is not None:
+        check = table_check(*block_table.shape, k_pages.shape[0], k_pages.shape[2], s_new,
+                            cache_seqlens.dtype, q.device)
+        if key is not None and not _capturing(q.device):  # (see table_check)
             if len(_validated) >= _MAX_VALIDATED:
                 _validated.clear()
-            _validated[key] = (s_new, problem)
+            _validated[key] = (s_new, problem, check)
     else:
-        s_new, problem = known
+        s_new, problem, check = known
     # Refuse (bad options, no backend for this problem) before the pools are written.
     chosen = registry.select(problem, backend)
-    targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate)
+    targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate, check)
     if targets is not None:
         _write(k_pages, v_pages, targets, k_new, v_new)
-    seqlens_k = cache_seqlens.to(torch.int32) + s_new
+    # Kernels only read seqlens_k: without an append the caller's int32 tensor is passed as
+    # is (one launch less per decoding step), as on the contiguous path.
+    seqlens_k = (cache_seqlens if s_new == 0 and cache_seqlens.dtype == torch.int32
+                 and cache_seqlens.is_contiguous() else cache_seqlens.to(torch.int32) + s_new)
     if problem.is_empty:
         out, lse = _empty_result(problem, q)
     else:
@@ -83,9 +90,10 @@ def attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_tabl
     return (out, lse) if return_lse else out
 
 
-#: (S_new, problem) of recent calls by their metadata (`attnkit.kvcache._metadata_key` with
-#: the table's): a serving loop repeats a few call signatures, and their checks are host
-#: time every step. The values (fill levels, table entries) are checked on every call.
+#: (S_new, problem, `TableCheck`) of recent calls by their metadata
+#: (`attnkit.kvcache._metadata_key` with the table's): a serving loop repeats a few call
+#: signatures, and their checks are host time every step. The values (fill levels, table
+#: entries) are checked on every call.
 _validated: dict = {}
 _MAX_VALIDATED = 256
 
@@ -179,50 +187,110 @@ def check_paged_inputs(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_t
     return s_new
 
 
-_ARANGES = {}  # (n, step, device) -> arange(0, n * step, step): a few per serving loop
+class TableCheck(NamedTuple):
+    """Constant tensors of `check_table` for one signature (batch, table and pool shapes,
+    ``S_new``, the fill levels' dtype, the device), made by kernels (no host copy: a first
+    call may be captured in a CUDA graph). The checked vector is the needed entries
+    (``B * M``; the need mask itself without pages), the fill levels (``B``) and, with an
+    append into several sequences, the gaps between the sorted append slots
+    (``B * S_new - 1``)."""
+
+    first: torch.Tensor  # per table column j: j * page_size - S_new
+    new: torch.Tensor  # 0 .. S_new - 1, int64: the appended positions past a fill level
+    zero: torch.Tensor  # 0-d, the table's dtype: where's fill for entries not needed
+    lo: torch.Tensor  # bounds of the vector: entries [0, N - 1], fill levels
+    hi: torch.Tensor  # [0, M * P - S_new], gaps >= 1
 
 
-def _arange(n: int, step: int, device) -> torch.Tensor:
-    key = (n, step, device)
-    t = _ARANGES.get(key)
-    if t is None:
-        if len(_ARANGES) >= 64:
-            _ARANGES.clear()
-        t = _ARANGES[key] = torch.arange(0, n * step, step, device=device)
-    return t
+_TABLE_CHECKS: dict = {}  # `TableCheck` by signature, up to _MAX_VALIDATED
 
 
-def check_table(k_pages, block_table, cache_seqlens, s_new, validate) -> tuple | None:
+def table_check(B: int, M: int, N: int, P: int, s_new: int, lens_dtype,
+                device) -> TableCheck | None:
+    """The `TableCheck` of a signature (kept: a few per serving loop); None where no row
+    can hold ``S_new`` positions (refused whatever the values)."""
+    if M * P < s_new:
+        return None
+    key = (B, M, N, P, s_new, lens_dtype, device)
+    made = _TABLE_CHECKS.get(key)
+    if made is None:
+        # The compare runs in the fill levels' dtype where the table's positions fit it.
+        fits = lens_dtype == torch.int64 or M * P < 2**31
+        first = torch.arange(-s_new, M * P - s_new, P, device=device,
+                             dtype=lens_dtype if fits else torch.int64)
+        n_gaps = B * s_new - 1 if s_new and B > 1 else 0
+        dtype = torch.int64 if lens_dtype == torch.int64 or n_gaps else torch.int32
+        lo = torch.zeros(B * M + B + n_gaps, dtype=dtype, device=device)
+        hi = torch.empty_like(lo)
+        top = torch.iinfo(dtype).max  # bounds past the dtype hold every value it has
+        hi[:B * M].fill_(min(max(N - 1, 0), top))
+        hi[B * M:B * M + B].fill_(min(M * P - s_new, top))
+        lo[B * M + B:].fill_(1)
+        hi[B * M + B:].fill_(top)
+        zero = torch.zeros((), dtype=torch.int32, device=device)
+        new = torch.arange(s_new, device=device)
+        made = TableCheck(first, new, zero, lo, hi)
+        if not _capturing(device):  # captured kernels fill them only when the graph replays
+            if len(_TABLE_CHECKS) >= _MAX_VALIDATED:
+                del _TABLE_CHECKS[next(iter(_TABLE_CHECKS))]  # the oldest: a loop's own stay
+            _TABLE_CHECKS[key] = made
+    return made
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_table(k_pages, block_table, cache_seqlens, s_new, validate,
+                check: TableCheck | None = None) -> tuple | None:
     """The values of a paged call: fill levels >= 0, ``cache_seqlens[b] + S_new`` positions
     within the row's pages, every entry they need in ``[0, num_pages)``, and no slot written
-    by two sequences. "host" raises ``ValueError`` (one read of four numbers); "device"
-    queues one ``torch._assert_async`` (no host synchronisation). Returns the append's
-    targets (`_targets`), or None without an append."""
+    by two sequences. All four are one range check of one vector (the needed entries, the
+    fill levels, the gaps between sorted append slots; see `TableCheck`, ``check`` if the
+    caller kept it): "device" queues it as one ``torch._assert_async`` (no host
+    synchronisation), "host" reads its one boolean and, only when it is false, finds the
+    culprit and raises ``ValueError``. Returns the append's targets (`_targets`), or None
+    without an append."""
     B, M = block_table.shape
     if B == 0:
         return None
     N, _, P, _ = k_pages.shape
-    lens = cache_seqlens.to(torch.int64)
-    end = lens + s_new if s_new else lens
-    need = _arange(M, P, lens.device) < end[:, None]  # entries holding a position < end
-    outside = (block_table.clamp(0, N - 1) != block_table) if N else torch.ones_like(need)
-    bad_page = need & outside
-    parts = [lens.min(), end.max(), bad_page.sum()]
-    targets = None
-    if s_new:
-        targets = _targets(block_table, lens, s_new, P, N)
-        if B > 1:
-            slots = (targets[0] * P + targets[1]).flatten().sort().values
-            parts.append((slots[1:] == slots[:-1]).sum())
-    stats = torch.stack(parts)
+    lens, ok, targets = cache_seqlens, None, None
+    if check is None:
+        check = table_check(B, M, N, P, s_new, lens.dtype, lens.device)
+    if check is not None:
+        # Page j is needed iff j * P - S_new < lens[b] (no sum that could overflow).
+        need = check.first < lens.unsqueeze(1)
+        parts = [(need if N == 0 else torch.where(need, block_table, check.zero)).reshape(-1),
+                 lens]
+        if s_new:
+            targets = _targets(block_table, lens, check.new, P, N)
+            if B > 1:
+                slots = torch.add(targets[1], targets[0], alpha=P).view(-1).sort().values
+                parts.append(slots[1:] - slots[:-1])
+        z = torch.cat(parts)
+        ok = (z.clamp(check.lo, check.hi) == z).all()
     if validate == "device":
+        if ok is None:
+            ok = torch.zeros((), dtype=torch.bool, device=lens.device)
         torch._assert_async(
-            (stats[0] >= 0) & (stats[1] <= M * P) & (stats[2:].sum() == 0),
+            ok,
             "paged KV cache: a negative fill level, too few pages for a sequence's positions, "
             "a needed block_table entry outside [0, num_pages), or two sequences appending "
             "into one slot (validate='host' says which)")
         return targets
-    lo, hi, n_bad, *dup = stats.tolist()  # the one synchronisation of a host check
+    if ok is not None and bool(ok):  # the one synchronisation of a host check
+        return targets
+    _raise_culprit(k_pages, block_table, cache_seqlens, s_new, targets)
+
+
+def _raise_culprit(k_pages, block_table, cache_seqlens, s_new, targets):
+    """The ``ValueError`` of a failed host check, naming the sequence or entry (reads the
+    values again: only on failure)."""
+    B, M = block_table.shape
+    N, _, P, _ = k_pages.shape
+    lens = cache_seqlens.to(torch.int64)
+    lo, hi = int(lens.min()), int(lens.max()) + s_new
     if lo < 0:
         b = int(torch.argmin(lens))
         raise ValueError(f"{describe_tensor('cache_seqlens', cache_seqlens)} values must be "
@@ -234,6 +302,9 @@ def check_table(k_pages, block_table, cache_seqlens, s_new, validate) -> tuple |
             f"paged KV cache overflow: sequence {b} holds {L} positions and {s_new} new ones "
             f"need {L + s_new} > {M} pages x page size {P} = {M * P} in its "
             f"{describe_tensor('block_table', block_table)} row; nothing was written")
+    need = torch.arange(0, M * P, P, device=lens.device) < (lens + s_new)[:, None]
+    bad_page = need & ((block_table < 0) | (block_table >= N))
+    n_bad = int(bad_page.sum())
     if n_bad:
         b, j = (int(x) for x in bad_page.nonzero()[0])
         raise ValueError(
@@ -242,24 +313,26 @@ def check_table(k_pages, block_table, cache_seqlens, s_new, validate) -> tuple |
             f"positions, page size {P}) but is not a page of the pool "
             f"{describe_tensor('k_cache', k_pages)} (valid: 0 .. {N - 1}); {n_bad} such "
             "entries; nothing was written")
-    if dup and dup[0]:
-        raise ValueError(
-            f"{dup[0]} slot(s) of the page pool would be appended to by two sequences (their "
-            f"{describe_tensor('block_table', block_table)} rows share the page their new "
-            "positions fall in); copy a shared page before appending into it; nothing was "
-            "written")
-    return targets
+    # What is left of the range check: sorted append slots that repeat.
+    slots = torch.add(targets[1], targets[0], alpha=P).view(-1).sort().values
+    dup = int((slots[1:] == slots[:-1]).sum())
+    raise ValueError(
+        f"{dup} slot(s) of the page pool would be appended to by two sequences (their "
+        f"{describe_tensor('block_table', block_table)} rows share the page their new "
+        "positions fall in); copy a shared page before appending into it; nothing was "
+        "written")
 
 
-def _targets(block_table, lens, s_new, P, N):
-    """``(page, offset)``, int64 ``(B, S_new)`` each: where every appended position goes.
-    Indices are clamped into the table and the pool: in range after a host check; with
-    "device" they keep the write in bounds while its assertion is in flight."""
+def _targets(block_table, lens, new, P, N):
+    """``(page, offset)``, int64 ``(B, S_new)`` each: where every appended position goes
+    (the table holds at least ``S_new`` positions). Positions are clamped into the table and
+    pages into the pool: in range after a host check; with "device" they keep the write in
+    bounds while its assertion is in flight."""
     M = block_table.shape[1]
-    pos = lens[:, None] + _arange(s_new, 1, lens.device)
-    col = torch.div(pos, P, rounding_mode="floor").clamp_(0, max(M - 1, 0))
+    pos = (lens.unsqueeze(1) + new).clamp_(0, M * P - 1)
+    col = torch.div(pos, P, rounding_mode="floor")
     page = block_table.gather(1, col).to(torch.int64).clamp_(0, max(N - 1, 0))
-    return page, pos - col * P
+    return page, pos.remainder(P)
 
 
 def _write(k_pages, v_pages, targets, k_new, v_new) -> None:
