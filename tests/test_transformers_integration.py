@@ -441,17 +441,48 @@ def test_packed_batches_with_a_cache_or_padding_are_refused():
              position_ids=(padded.cumsum(-1) - 1).masked_fill(padded == 0, 1))
 
 
-def test_dropout_on_a_packed_batch_is_refused():
+def test_dropout_on_a_packed_batch_runs_varlen_dropout(varlen_calls):
     make, _ = FAMILIES["llama"]
     config = make()
     config.attention_dropout = 0.1
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="attnkit")
     ids, positions = _packed()
     model.train()
-    with pytest.raises(ValueError, match="dropout .* on a packed batch"):
-        model(ids, position_ids=positions, use_cache=False)
-    model.eval()  # no dropout in evaluation: runs
-    model(ids, position_ids=positions, use_cache=False)
+    torch.manual_seed(0)
+    a = model(ids, position_ids=positions, use_cache=False).logits
+    assert [c["dropout_p"] for c in varlen_calls] == [0.1] * config.num_hidden_layers
+    torch.manual_seed(0)
+    assert torch.equal(a, model(ids, position_ids=positions, use_cache=False).logits)
+    assert not torch.equal(a, model(ids, position_ids=positions, use_cache=False).logits)
+    model.eval()  # no dropout in evaluation
+    b = model(ids, position_ids=positions, use_cache=False).logits
+    assert varlen_calls[-1]["dropout_p"] == 0.0
+    assert not torch.equal(a, b)
+
+
+def test_packed_dropout_is_attention_varlen_dropout():
+    # one layer's packed call draws what attention_varlen draws for those documents
+    mu = transformers.masking_utils
+    ids, positions = _packed()
+    segments = mu.find_packed_sequence_indices(positions)
+    mask_function = mu.and_masks(mu.causal_mask_function,
+                                 mu.packed_sequence_mask_function(segments))
+    layout = akt.key_layout(len(PACKED), PROMPT, PROMPT, mask_function=mask_function)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(len(PACKED), 4, PROMPT, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(len(PACKED), 2, PROMPT, 16, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    torch.manual_seed(5)
+    out, _ = akt.attention_forward(None, q, k, v, layout, dropout=0.25, scaling=0.25)
+    flat = [t.transpose(1, 2).reshape(-1, t.shape[1], 16) for t in (q, k, v)]
+    cu = torch.tensor(PACKED_OFFSETS, dtype=torch.int32)
+    torch.manual_seed(5)
+    want = attnkit.attention_varlen(*flat, cu, cu, 9, 9, causal=True, scale=0.25,
+                                    dropout_p=0.25)
+    torch.testing.assert_close(out.reshape(-1, 4, 16), want, rtol=0, atol=0)
+    torch.manual_seed(5)
+    plain = attnkit.attention_varlen(*flat, cu, cu, 9, 9, causal=True, scale=0.25)
+    assert not torch.equal(want, plain)
 
 
 # -- refusals ----------------------------------------------------------------------------------

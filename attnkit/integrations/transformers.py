@@ -36,11 +36,12 @@ whose position_ids restart inside a row's tokens, is refused: sdpa would let its
 attend to each other. Telling costs one read of one flag per mask kind for a forward of more
 than one query with position_ids; a decoding step of one query reads nothing.
 
-Attention dropout in training mode runs through `attnkit.attention`'s ``dropout_p`` (on a
-backend that declares dropout). Refused with an error, never computed otherwise: padding
-that is not one run per row, a mask function other than causal, sliding-window causal or
-bidirectional (custom ``or``/``and`` masks, chunked attention), position bias, attention
-sinks, and dropout on a packed batch (variable-length attention has none).
+Attention dropout in training mode runs through ``dropout_p`` of `attnkit.attention`, or of
+`attnkit.attention_varlen` for a packed batch (on a backend that declares dropout; the mask
+is the one the padded batch of the same documents would draw). Refused with an error, never
+computed otherwise: padding that is not one run per row, a mask function other than causal,
+sliding-window causal or bidirectional (custom ``or``/``and`` masks, chunked attention),
+position bias and attention sinks.
 """
 
 from __future__ import annotations
@@ -355,16 +356,11 @@ def _given_offsets(kwargs, layout, query, key):
 def _packed_attention(query, key, value, offsets, causal, window, scaling, softcap, dropout,
                       backend):
     """Each packed document on its own through `attention_varlen`; ``(B, Sq, Hq, D)``."""
-    if dropout:
-        raise ValueError(
-            f"attn_implementation='attnkit': attention dropout ({dropout}) on a packed batch; "
-            "attnkit's variable-length attention has no dropout: set the model's "
-            "attention_dropout to 0, or pad the batch")
     B, Hq, Sq, D = query.shape
     q = query.transpose(1, 2).reshape(B * Sq, Hq, D)  # a view for one row, a copy for several
     k, v = (t.transpose(1, 2).reshape(B * t.shape[2], t.shape[1], D) for t in (key, value))
     out = attention_varlen(q, k, v, *offsets, causal=causal, scale=scaling, window=window,
-                           softcap=softcap, backend=backend)
+                           softcap=softcap, dropout_p=float(dropout), backend=backend)
     return out.view(B, Sq, Hq, D)
 
 
