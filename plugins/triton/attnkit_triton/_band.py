@@ -147,33 +147,11 @@ def mma(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr,
-              CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile, zero outside ``rows < n_rows`` and ``d < HEAD_DIM``."""
+def _load_rows(ptrs, keep, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
+               CHECK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile: rows where ``keep`` is false (CHECK_ROWS) and columns
+    ``d >= HEAD_DIM`` (CHECK_D) are not read and hold 0."""
     if CHECK_ROWS:
-        if CHECK_D:
-            t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
-                        other=0.0)
-        else:
-            t = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-    else:
-        if CHECK_D:
-            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            t = tl.load(ptrs)
-    return t
-
-
-@triton.jit
-def load_keys(ptrs, cols, lo, hi, offs_d, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-              HAS_LO: tl.constexpr, CHECK_D: tl.constexpr):
-    """Load a [cols, BLOCK_D] K or V tile. MASKED (a boundary block): rows outside
-    ``[lo, hi)`` (`seen_keys`) are not read and hold 0; HAS_LO: ``lo`` may be above 0."""
-    if MASKED:
-        if HAS_LO:
-            keep = (cols >= lo) & (cols < hi)
-        else:
-            keep = cols < hi
         if CHECK_D:
             t = tl.load(ptrs, mask=keep[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         else:
@@ -187,13 +165,35 @@ def load_keys(ptrs, cols, lo, hi, offs_d, HEAD_DIM: tl.constexpr, MASKED: tl.con
 
 
 @triton.jit
-def zero_keys(t, cols, lo, hi, HAS_LO: tl.constexpr):
-    """``t`` (a K or V tile as TMA loaded it) with rows outside ``[lo, hi)`` selected to 0."""
+def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr,
+              CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, zero outside ``rows < n_rows`` and ``d < HEAD_DIM``."""
+    return _load_rows(ptrs, rows < n_rows, offs_d, HEAD_DIM, CHECK_ROWS, CHECK_D)
+
+
+@triton.jit
+def _keys_kept(cols, lo, hi, HAS_LO: tl.constexpr):
+    """``lo <= cols < hi`` (``cols < hi`` unless HAS_LO)."""
     if HAS_LO:
         keep = (cols >= lo) & (cols < hi)
     else:
         keep = cols < hi
-    return tl.where(keep[:, None], t, tl.zeros_like(t))
+    return keep
+
+
+@triton.jit
+def load_keys(ptrs, cols, lo, hi, offs_d, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+              HAS_LO: tl.constexpr, CHECK_D: tl.constexpr):
+    """Load a [cols, BLOCK_D] K or V tile. MASKED (a boundary block): rows outside
+    ``[lo, hi)`` (`seen_keys`) are not read and hold 0; HAS_LO: ``lo`` may be above 0."""
+    return _load_rows(ptrs, _keys_kept(cols, lo, hi, HAS_LO), offs_d, HEAD_DIM, MASKED,
+                      CHECK_D)
+
+
+@triton.jit
+def zero_keys(t, cols, lo, hi, HAS_LO: tl.constexpr):
+    """``t`` (a K or V tile as TMA loaded it) with rows outside ``[lo, hi)`` selected to 0."""
+    return tl.where(_keys_kept(cols, lo, hi, HAS_LO)[:, None], t, tl.zeros_like(t))
 
 
 @triton.jit
