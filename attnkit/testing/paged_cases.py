@@ -144,6 +144,25 @@ class PagedInputs:
         return kp, vp, kc, vc
 
 
+def spoil_table(table: torch.Tensor, lens: torch.Tensor, defect: str, num_pages: int,
+                fill: int = -1) -> None:
+    """Write one defect a paged call must refuse into a block table of two sequences and its
+    fill levels, in place: "negative" (an entry sequence 0 needs is -1), "outside" (an entry
+    sequence 1 needs is ``num_pages``, past the pool), "same_slot" (sequence 1 takes sequence
+    0's pages and level, so both append to one slot) or "negative_fill" (level ``fill``)."""
+    if defect == "negative":
+        table[0, 1] = -1
+    elif defect == "outside":
+        table[1, 0] = num_pages
+    elif defect == "same_slot":
+        table[1] = table[0]
+        lens[1] = lens[0]
+    elif defect == "negative_fill":
+        lens[1] = fill
+    else:
+        raise ValueError(f"unknown block table defect {defect!r}")
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s bits as integers (NaN poison compares equal to itself)."""
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
