@@ -27,11 +27,22 @@ HEAD_DIMS_QUICK = (16, 40, 64)
 MAX_TESTED_HEAD_DIM = 256
 
 
+def heads_id(case) -> str:
+    """``B{batch}H{heads_q}x{heads_kv}``: the part of a case's id naming its batch and heads."""
+    return f"B{case.batch}H{case.heads_q}x{case.heads_kv}"
+
+
 @dataclass(frozen=True)
-class Case:
+class Heads:
+    """Batch and head counts: the fields a dense (`Case`), KV-cache or merge case starts
+    with, in this order (subclasses may give them other defaults)."""
     batch: int = 2
     heads_q: int = 2
     heads_kv: int = 2
+
+
+@dataclass(frozen=True)
+class Case(Heads):
     seqlen_q: int = 64
     seqlen_k: int = 64
     head_dim: int = 64
@@ -56,7 +67,7 @@ class Case:
     def id(self) -> str:
         parts = [
             DTYPE_NAMES[self.dtype],
-            f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+            heads_id(self),
             f"q{self.seqlen_q}k{self.seqlen_k}d{self.head_dim}",
         ]
         if self.causal:

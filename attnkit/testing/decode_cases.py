@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnkit import reference
-from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER, unique
+from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER, Heads, heads_id, unique
 
 
 def cache_case_id(case, parts: list[str], default_layout: str) -> str:
@@ -28,11 +28,10 @@ def cache_case_id(case, parts: list[str], default_layout: str) -> str:
 
 
 @dataclass(frozen=True)
-class CacheCase:
+class CacheCase(Heads):
     """What every KV-cache case has, contiguous (`DecodeCase`) or paged (`PagedCase`)."""
     batch: int = 4
     heads_q: int = 4
-    heads_kv: int = 2
     #: Positions appended by this call; 0 = attend the cache as it is with ``seqlen_q`` queries.
     s_new: int = 1
     seqlen_q: int = 1
@@ -53,7 +52,7 @@ class DecodeCase(CacheCase):
     @property
     def id(self) -> str:
         return cache_case_id(self, [
-            DTYPE_NAMES[self.dtype], f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+            DTYPE_NAMES[self.dtype], heads_id(self),
             f"smax{self.s_max}new{self.s_new}q{self.seqlen_q}d{self.head_dim}"], "bhsd")
 
     def make_inputs(self, device, gen: torch.Generator):
@@ -87,10 +86,9 @@ class DecodeCase(CacheCase):
 
 
 @dataclass(frozen=True)
-class MergeCase:
+class MergeCase(Heads):
     batch: int = 4
     heads_q: int = 4
-    heads_kv: int = 2
     seqlen_q: int = 3
     seqlen_k: int = 90
     head_dim: int = 64
@@ -100,7 +98,7 @@ class MergeCase:
 
     @property
     def id(self) -> str:
-        return (f"{DTYPE_NAMES[self.dtype]}-B{self.batch}H{self.heads_q}x{self.heads_kv}-"
+        return (f"{DTYPE_NAMES[self.dtype]}-{heads_id(self)}-"
                 f"q{self.seqlen_q}k{self.seqlen_k}d{self.head_dim}-parts{len(self.bounds) - 1}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attnkit.testing.cases import DTYPE_NAMES, unique
+from attnkit.testing.cases import DTYPE_NAMES, heads_id, unique
 from attnkit.testing.decode_cases import CacheCase, cache_case_id, decode_dtypes, rand
 
 PAGE_SIZES = (1, 5, 16, 64, 256)
@@ -39,7 +39,7 @@ class PagedCase(CacheCase):
     def id(self) -> str:
         return cache_case_id(self, [
             DTYPE_NAMES[self.dtype], f"page{self.page_size}", self.pages,
-            f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+            heads_id(self),
             f"len{self.max_len}new{self.s_new}q{self.seqlen_q}d{self.head_dim}"], "nhpd")
 
     @property

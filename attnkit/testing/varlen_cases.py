@@ -15,7 +15,7 @@ from ..backend import Capabilities
 from ..reference import visible_mask
 from ..varlen import as_dense
 from . import accuracy
-from .cases import DTYPE_NAMES, DTYPE_ORDER, MAX_TESTED_HEAD_DIM, _primary_dtype, unique
+from .cases import DTYPE_NAMES, DTYPE_ORDER, MAX_TESTED_HEAD_DIM, _primary_dtype, heads_id, unique
 
 #: Length mixes, as (query lengths, key lengths or None for the same): zero-length
 #: sequences first, in the middle and last, single tokens, and lengths that are multiples
@@ -60,7 +60,7 @@ class VarlenCase:
 
     @property
     def id(self) -> str:
-        parts = [DTYPE_NAMES[self.dtype], f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+        parts = [DTYPE_NAMES[self.dtype], heads_id(self),
                  f"tq{sum(self.lens_q)}tk{sum(self.keys)}d{self.head_dim}"]
         if self.lens_k is not None:
             parts.append("cross")
