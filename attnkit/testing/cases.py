@@ -7,7 +7,7 @@ suite checks separately that such problems are refused rather than computed wron
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 
 import torch
 
@@ -41,17 +41,27 @@ class Heads:
     heads_kv: int = 2
 
 
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What every case kind (dense, packed, KV-cache) may ask of a call besides its sizes:
+    the mask (causal, window) and softcap; and a tag, the last part of its id. Keyword-only,
+    as is every field of a dense or packed case past its dtype: a positional argument there
+    is an error, never another field's value."""
+    causal: bool = False
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
+    tag: str = ""
+
+
 @dataclass(frozen=True)
-class Case(Heads):
+class Case(Options, Heads):
     seqlen_q: int = 64
     seqlen_k: int = 64
     head_dim: int = 64
     dtype: torch.dtype = torch.float16
-    causal: bool = False
-    window: tuple[int, int] | None = None
+    _: KW_ONLY
     #: None, or one of "random", "zero", "full", "mixed" (0 and Sk and values between).
     seqlens_k: str | None = None
-    softcap: float | None = None
     #: None: the default 1/sqrt(D).
     scale: float | None = None
     #: "bhsd" (contiguous) or "bshd" (a (B, S, H, D) tensor transposed: non-contiguous).
@@ -61,7 +71,6 @@ class Case(Heads):
     grad: bool = True
     #: The case must contain at least one query row that sees no key.
     expect_masked_rows: bool = False
-    tag: str = ""
 
     @property
     def id(self) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnkit import reference
-from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER, Heads, heads_id, unique
+from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER, Heads, Options, heads_id, unique
 
 
 def cache_case_id(case, parts: list[str], default_layout: str) -> str:
@@ -28,22 +28,26 @@ def cache_case_id(case, parts: list[str], default_layout: str) -> str:
 
 
 @dataclass(frozen=True)
-class CacheCase(Heads):
-    """What every KV-cache case has, contiguous (`DecodeCase`) or paged (`PagedCase`)."""
+class DecodeHeads(Heads):
+    """The batch and heads of the decoding cases (KV-cache and merge): four sequences, four
+    query heads over two kv heads."""
     batch: int = 4
     heads_q: int = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheCase(Options, DecodeHeads):
+    """What every KV-cache case has, contiguous (`DecodeCase`) or paged (`PagedCase`);
+    keyword-only past the heads (``causal`` defaults to True here)."""
     #: Positions appended by this call; 0 = attend the cache as it is with ``seqlen_q`` queries.
     s_new: int = 1
     seqlen_q: int = 1
     head_dim: int = 64
     dtype: torch.dtype = torch.float16
     causal: bool = True
-    window: tuple[int, int] | None = None
-    softcap: float | None = None
-    tag: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecodeCase(CacheCase):
     s_max: int = 80
     #: "bhsd", or "bshd": (B, S_max, H, D) cache buffers passed transposed (written in place).
@@ -86,9 +90,7 @@ class DecodeCase(CacheCase):
 
 
 @dataclass(frozen=True)
-class MergeCase(Heads):
-    batch: int = 4
-    heads_q: int = 4
+class MergeCase(DecodeHeads):
     seqlen_q: int = 3
     seqlen_k: int = 90
     head_dim: int = 64

@@ -23,7 +23,7 @@ UNUSED_ENTRY = -1
 GARBAGE_ENTRY = 1 << 30
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PagedCase(CacheCase):
     page_size: int = 16
     #: The longest fill level before the append.
