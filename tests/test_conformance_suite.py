@@ -156,3 +156,28 @@ def test_a_missing_conformance_module_is_a_usage_error(capsys):
         registry.unregister("names-missing-module")
     assert code == pytest.ExitCode.USAGE_ERROR
     assert "no_such_module_of_conformance_cases" in capsys.readouterr().err
+
+
+def test_case_sizes_positional_options_keyword_only():
+    """A case's sizes (through dtype; a cache case's batch and heads) may be passed by
+    position; past them a positional argument is refused, never taken for another field."""
+    import torch
+
+    from attnkit.testing.cases import Case
+    from attnkit.testing.decode_cases import DecodeCase, MergeCase
+    from attnkit.testing.paged_cases import PagedCase
+    from attnkit.testing.varlen_cases import VarlenCase
+
+    case = Case(1, 2, 2, 33, 47, 16, torch.float32, causal=True, softcap=5.0, tag="t")
+    assert (case.seqlen_k, case.dtype, case.causal, case.softcap, case.tag) == (
+        47, torch.float32, True, 5.0, "t")
+    packed = VarlenCase((3, 4), None, 2, 1, 16, torch.float32, window=(2, 0))
+    assert (packed.heads_kv, packed.head_dim, packed.window, packed.causal) == (
+        1, 16, (2, 0), False)
+    assert DecodeCase(2, 4, 1, s_max=9).causal and PagedCase(3).batch == 3
+    assert MergeCase(2, 2, 1, 5, 60).seqlen_k == 60
+    for build in (lambda: Case(1, 2, 2, 33, 47, 16, torch.float32, True),
+                  lambda: VarlenCase((3,), None, 2, 2, 16, torch.float32, True),
+                  lambda: DecodeCase(4, 4, 2, 1)):
+        with pytest.raises(TypeError):
+            build()

@@ -1,16 +1,14 @@
 """The dropout keep mask (attnkit.dropout) and dropout through attention on the reference."""
 
-import dataclasses
 
 import pytest
 import torch
-import torch.utils.checkpoint
+from dropout_checks import assert_checkpoint_regenerates, reference_without_dropout
 
 import attnkit
 from attnkit import reference
 from attnkit.dropout import Dropout, draw_state, keep_mask, philox4x32_10, threshold
-from attnkit.reference_backend import ReferenceBackend
-from attnkit.registry import NoBackendError, registry
+from attnkit.registry import NoBackendError
 
 
 @pytest.mark.parametrize("counter,key,want", [
@@ -81,13 +79,7 @@ def test_checkpoint_recomputes_the_same_mask():
     def f(q, k, v):
         return attnkit.attention(q, k, v, dropout_p=0.3, backend="reference")
 
-    torch.manual_seed(2)
-    plain = torch.autograd.grad(f(q, k, v).square().sum(), (q, k, v))
-    torch.manual_seed(2)
-    ckpt = torch.autograd.grad(torch.utils.checkpoint.checkpoint(
-        f, q, k, v, use_reentrant=False).square().sum(), (q, k, v))
-    for a, b in zip(plain, ckpt):
-        assert torch.equal(a, b)
+    assert_checkpoint_regenerates(f, q, k, v)
 
 
 def test_compiled_matches_eager():
@@ -111,17 +103,10 @@ def test_bad_dropout_p(p, err):
 
 
 def test_backend_without_dropout_refuses_saying_why():
-    class NoDropout(ReferenceBackend):
-        name = "no-dropout"
-        capabilities = dataclasses.replace(ReferenceBackend.capabilities, dropout=False)
-
-    registry.register(NoDropout(), priority=None)
-    try:
+    with reference_without_dropout("no-dropout"):
         q, k, v = _qkv(torch.float32)
         with pytest.raises(NoBackendError, match="no-dropout.*dropout_p > 0 not supported"):
             attnkit.attention(q, k, v, dropout_p=0.1, backend="no-dropout")
-    finally:
-        registry.unregister("no-dropout")
 
 
 def test_p_zero_draws_nothing():

@@ -11,6 +11,7 @@ from attnkit.backend import Capabilities
 from attnkit.paged import gather_pages
 from attnkit.reference_backend import ReferenceBackend
 from attnkit.registry import NoBackendError, registry
+from attnkit.testing.paged_cases import spoil_table
 from attnkit.testing.runner import suite_files
 
 
@@ -65,17 +66,10 @@ def test_gather_pages_zero_past_each_sequence():
 ])
 def test_bad_tables_refused_before_writing(defect, message, validate):
     q, kp, vp, table, lens, new = _inputs()
-    if defect == "negative":
-        table[0, 1] = -1
-    elif defect == "outside":
-        table[1, 0] = 8
-    elif defect == "overflow":
+    if defect == "overflow":
         lens[0] = 12
-    elif defect == "same_slot":
-        table[1] = table[0]
-        lens[1] = 6
     else:
-        lens[1] = -2
+        spoil_table(table, lens, defect, num_pages=kp.shape[0], fill=-2)
     before = kp.clone(), vp.clone()
     # validate="device" is torch._assert_async: on CPU it raises at once, without the detail.
     error, match = ((ValueError, message + ".*nothing was written") if validate == "host"

@@ -1,14 +1,12 @@
 """Dropout on packed batches through attention_varlen: the mask is the dense batch of the
 documents' (the numbers on each backend are the conformance suite's, suite_varlen_dropout)."""
 
-import dataclasses
 
 import pytest
 import torch
-import torch.utils.checkpoint
+from dropout_checks import assert_checkpoint_regenerates, reference_without_dropout
 
 import attnkit
-from attnkit.reference_backend import ReferenceBackend
 from attnkit.registry import NoBackendError, registry
 
 LENS_Q, LENS_K = (5, 0, 7, 3, 7), (6, 4, 9, 0, 9)
@@ -71,13 +69,7 @@ def test_seed_reproduces_calls_differ_and_backward_regenerates(backend):
     a = f(q, k, v)
     b = f(q, k, v)
     assert not torch.equal(a, b), "consecutive calls drew the same mask"
-    torch.manual_seed(2)
-    plain = torch.autograd.grad(f(q, k, v).square().sum(), (q, k, v))
-    torch.manual_seed(2)
-    ckpt = torch.autograd.grad(torch.utils.checkpoint.checkpoint(
-        f, q, k, v, use_reentrant=False).square().sum(), (q, k, v))
-    for x, y in zip(plain, ckpt):
-        assert torch.equal(x, y)
+    assert_checkpoint_regenerates(f, q, k, v)
     torch.manual_seed(2)
     assert torch.equal(f(q, k, v), a)
 
@@ -150,12 +142,7 @@ def test_p_zero_and_an_empty_packing_draw_nothing():
 
 
 def test_varlen_backend_without_dropout_refuses_saying_why():
-    class NoDropout(ReferenceBackend):
-        name = "varlen-no-dropout"
-        capabilities = dataclasses.replace(ReferenceBackend.capabilities, dropout=False)
-
-    registry.register(NoDropout(), priority=None)
-    try:
+    with reference_without_dropout("varlen-no-dropout"):
         q, k, v, cu_q, cu_k = _packed()
         with pytest.raises(NoBackendError,
                            match="varlen-no-dropout.*dropout_p > 0 not supported"):
@@ -163,5 +150,3 @@ def test_varlen_backend_without_dropout_refuses_saying_why():
                                      backend="varlen-no-dropout")
         # Without dropout it runs.
         attnkit.attention_varlen(q, k, v, cu_q, cu_k, backend="varlen-no-dropout")
-    finally:
-        registry.unregister("varlen-no-dropout")

@@ -186,8 +186,31 @@ class Timed(Row):
     notes: list[str] = field(default_factory=list)
 
 
+def tera_per_s(amount: float, ms: float) -> float:
+    """``amount`` (FLOPs or bytes) per second over ``ms`` milliseconds, in units of 1e12."""
+    return amount / (ms * 1e-3) / 1e12
+
+
 @dataclass
-class Cell(Timed):
+class Rated(Timed):
+    """A timed row and the work one call does: ``flops`` (compute-bound rows) or ``bytes``
+    (memory-bound rows: the KV cache read), with the rate `set_rates` derives from them."""
+
+    flops: float | None = None
+    tflops: float | None = None
+    bytes: int | None = None
+    tbps: float | None = None
+
+    def set_rates(self, ms: float) -> None:
+        """``tflops`` and ``tbps`` of the work known, at ``ms`` milliseconds a call."""
+        if self.flops is not None:
+            self.tflops = tera_per_s(self.flops, ms)
+        if self.bytes is not None:
+            self.tbps = tera_per_s(self.bytes, ms)
+
+
+@dataclass
+class Cell(Rated):
     """One measurement: a backend on a shape in a mode, and what came of it.
 
     ``status`` is "ok", "unsupported" (the backend declares it cannot compute this problem;
@@ -195,10 +218,6 @@ class Cell(Timed):
     "skipped" (not attempted; ``error`` says why).
     """
 
-    flops: float | None = None
-    tflops: float | None = None
-    bytes: int | None = None
-    tbps: float | None = None
     ratio_vs_sdpa_flash: float | None = None
     mem_peak_bytes: int | None = None
     mem_extra_bytes: int | None = None

@@ -27,7 +27,7 @@ from ..paged import paged_problem
 from ..spec import AttentionProblem
 from . import timing
 from .contenders import Contender, select_declaring
-from .grid import DTYPES, DecodeSpec, Timed, kv_bytes
+from .grid import DTYPES, DecodeSpec, Rated, kv_bytes
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
@@ -52,11 +52,9 @@ def default_paged(device: str) -> PagedSpec:
 
 
 @dataclass
-class PagedCell(Timed):
+class PagedCell(Rated):
     call: str = ""
     page_size: int = 0
-    bytes: int | None = None
-    tbps: float | None = None
     ratio_vs_contiguous: float | None = None
     max_abs_diff_vs_contiguous: float | None = None
 
@@ -162,7 +160,7 @@ def _time(spec, backend, problem, fn, cell, *, first, device) -> None:
             first.append(out)
         cell.max_abs_diff_vs_contiguous = float((out - first[0]).abs().max())
         t = timing.time_cell(cell, fn, device, spec)
-    cell.tbps = cell.bytes / (t.median_ms * 1e-3) / 1e12
+    cell.set_rates(t.median_ms)
 
 
 def add_paged_ratios(cells: list[PagedCell]) -> None:

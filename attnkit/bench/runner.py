@@ -159,7 +159,7 @@ def _grid_cell(session: _Session, spec: GridSpec, contender: Contender, shape: S
                 if mem is not None:
                     cell.mem_peak_bytes, cell.mem_extra_bytes = mem
             t = timing.time_cell(cell, fn, session.device, spec, first_call_done=mode != "bwd")
-        cell.tflops = cell.flops / (t.median_ms * 1e-3) / 1e12
+        cell.set_rates(t.median_ms)
 
     return session.run(cell, body)
 
@@ -293,7 +293,7 @@ def _decode_cell(session: _Session, spec: DecodeSpec, contender: Contender, cach
                 out, fn = graph_out, graph.replay
             _check_output(cell, out, ref)
             t = timing.time_cell(cell, fn, session.device, spec)
-        cell.tbps = cell.bytes / (t.median_ms * 1e-3) / 1e12
+        cell.set_rates(t.median_ms)
 
     return session.run(cell, body)
 

@@ -18,7 +18,7 @@ import torch
 from . import timing
 from .contenders import Contender
 from .environment import nvidia_smi
-from .grid import Cell, GridSpec
+from .grid import Cell, GridSpec, tera_per_s
 from .progress import Progress
 from .runner import _Session, _Unsupported, add_ratios, grid_inputs, mode_call
 
@@ -128,7 +128,7 @@ def run_sustained(spec: GridSpec, contenders: list[Contender], device: torch.dev
                 med = [statistics.median(s[i] for s in samples) if samples else None
                        for i in range(len(_SAMPLED))]
                 passes.setdefault(key, []).append({
-                    "pass": n, "ms": cell.ms, "tflops": cell.flops / (cell.ms * 1e-3) / 1e12,
+                    "pass": n, "ms": cell.ms, "tflops": tera_per_s(cell.flops, cell.ms),
                     **dict(zip(_NAMES, med)), "samples": len(samples)})
                 cells.setdefault(key, cell)
     finally:
@@ -140,7 +140,7 @@ def run_sustained(spec: GridSpec, contenders: list[Contender], device: torch.dev
         mine = passes.get(key, [])
         if mine and cell.status == "ok":
             cell.ms = statistics.fmean(p["ms"] for p in mine)
-            cell.tflops = cell.flops / (cell.ms * 1e-3) / 1e12
+            cell.set_rates(cell.ms)
             cell.reps = len(mine)
         out.append(cell)
     add_ratios(out)

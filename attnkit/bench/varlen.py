@@ -30,7 +30,7 @@ from .. import api
 from ..varlen import attention_varlen, varlen_problem
 from . import peers, timing
 from .contenders import Contender, select_declaring
-from .grid import DTYPES, STANDARD_TOKENS, Timed, Timing, attention_flops
+from .grid import DTYPES, STANDARD_TOKENS, Rated, Timing, attention_flops
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
@@ -88,7 +88,7 @@ def default_varlen(device: str) -> VarlenSpec:
 
 
 @dataclass
-class VarlenCell(Timed):
+class VarlenCell(Rated):
     """One contender on one packing in one mode. ``backend`` is the attnkit backend (or the
     peer's name), ``call`` what was called: "varlen", "dense", "sdpa-nested" or
     "sdpa-flash-padded"; ``seqlen_q``/``seqlen_k`` the longest document."""
@@ -97,8 +97,6 @@ class VarlenCell(Timed):
     mix: str = ""
     call: str = ""
     documents: int = 0
-    flops: float | None = None
-    tflops: float | None = None
     #: Throughput of this varlen cell over the same backend's dense call (equal mix).
     ratio_vs_dense: float | None = None
     ratio_vs_sdpa_nested: float | None = None
@@ -241,7 +239,7 @@ def _cell(session, spec, contender, call, mode, lens, heads, head_dim, causal, m
                     return torch.autograd.grad(attend(q, k, v), leaves, dout)
                 fn()
             t = timing.time_cell(cell, fn, session.device, spec)
-        cell.tflops = cell.flops / (t.median_ms * 1e-3) / 1e12
+        cell.set_rates(t.median_ms)
 
     return session.run(cell, body)
 

@@ -7,7 +7,7 @@ suite checks separately that such problems are refused rather than computed wron
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 
 import torch
 
@@ -27,20 +27,41 @@ HEAD_DIMS_QUICK = (16, 40, 64)
 MAX_TESTED_HEAD_DIM = 256
 
 
+def heads_id(case) -> str:
+    """``B{batch}H{heads_q}x{heads_kv}``: the part of a case's id naming its batch and heads."""
+    return f"B{case.batch}H{case.heads_q}x{case.heads_kv}"
+
+
 @dataclass(frozen=True)
-class Case:
+class Heads:
+    """Batch and head counts: the fields a dense (`Case`), KV-cache or merge case starts
+    with, in this order (subclasses may give them other defaults)."""
     batch: int = 2
     heads_q: int = 2
     heads_kv: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What every case kind (dense, packed, KV-cache) may ask of a call besides its sizes:
+    the mask (causal, window) and softcap; and a tag, the last part of its id. Keyword-only,
+    as is every field of a dense or packed case past its dtype: a positional argument there
+    is an error, never another field's value."""
+    causal: bool = False
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class Case(Options, Heads):
     seqlen_q: int = 64
     seqlen_k: int = 64
     head_dim: int = 64
     dtype: torch.dtype = torch.float16
-    causal: bool = False
-    window: tuple[int, int] | None = None
+    _: KW_ONLY
     #: None, or one of "random", "zero", "full", "mixed" (0 and Sk and values between).
     seqlens_k: str | None = None
-    softcap: float | None = None
     #: None: the default 1/sqrt(D).
     scale: float | None = None
     #: "bhsd" (contiguous) or "bshd" (a (B, S, H, D) tensor transposed: non-contiguous).
@@ -50,13 +71,12 @@ class Case:
     grad: bool = True
     #: The case must contain at least one query row that sees no key.
     expect_masked_rows: bool = False
-    tag: str = ""
 
     @property
     def id(self) -> str:
         parts = [
             DTYPE_NAMES[self.dtype],
-            f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+            heads_id(self),
             f"q{self.seqlen_q}k{self.seqlen_k}d{self.head_dim}",
         ]
         if self.causal:

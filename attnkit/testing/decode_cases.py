@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnkit import reference
-from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER, unique
+from attnkit.testing.cases import DTYPE_NAMES, DTYPE_ORDER, Heads, Options, heads_id, unique
 
 
 def cache_case_id(case, parts: list[str], default_layout: str) -> str:
@@ -28,23 +28,26 @@ def cache_case_id(case, parts: list[str], default_layout: str) -> str:
 
 
 @dataclass(frozen=True)
-class CacheCase:
-    """What every KV-cache case has, contiguous (`DecodeCase`) or paged (`PagedCase`)."""
+class DecodeHeads(Heads):
+    """The batch and heads of the decoding cases (KV-cache and merge): four sequences, four
+    query heads over two kv heads."""
     batch: int = 4
     heads_q: int = 4
-    heads_kv: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheCase(Options, DecodeHeads):
+    """What every KV-cache case has, contiguous (`DecodeCase`) or paged (`PagedCase`);
+    keyword-only past the heads (``causal`` defaults to True here)."""
     #: Positions appended by this call; 0 = attend the cache as it is with ``seqlen_q`` queries.
     s_new: int = 1
     seqlen_q: int = 1
     head_dim: int = 64
     dtype: torch.dtype = torch.float16
     causal: bool = True
-    window: tuple[int, int] | None = None
-    softcap: float | None = None
-    tag: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecodeCase(CacheCase):
     s_max: int = 80
     #: "bhsd", or "bshd": (B, S_max, H, D) cache buffers passed transposed (written in place).
@@ -53,7 +56,7 @@ class DecodeCase(CacheCase):
     @property
     def id(self) -> str:
         return cache_case_id(self, [
-            DTYPE_NAMES[self.dtype], f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+            DTYPE_NAMES[self.dtype], heads_id(self),
             f"smax{self.s_max}new{self.s_new}q{self.seqlen_q}d{self.head_dim}"], "bhsd")
 
     def make_inputs(self, device, gen: torch.Generator):
@@ -87,10 +90,7 @@ class DecodeCase(CacheCase):
 
 
 @dataclass(frozen=True)
-class MergeCase:
-    batch: int = 4
-    heads_q: int = 4
-    heads_kv: int = 2
+class MergeCase(DecodeHeads):
     seqlen_q: int = 3
     seqlen_k: int = 90
     head_dim: int = 64
@@ -100,7 +100,7 @@ class MergeCase:
 
     @property
     def id(self) -> str:
-        return (f"{DTYPE_NAMES[self.dtype]}-B{self.batch}H{self.heads_q}x{self.heads_kv}-"
+        return (f"{DTYPE_NAMES[self.dtype]}-{heads_id(self)}-"
                 f"q{self.seqlen_q}k{self.seqlen_k}d{self.head_dim}-parts{len(self.bounds) - 1}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attnkit.testing.cases import DTYPE_NAMES, unique
+from attnkit.testing.cases import DTYPE_NAMES, heads_id, unique
 from attnkit.testing.decode_cases import CacheCase, cache_case_id, decode_dtypes, rand
 
 PAGE_SIZES = (1, 5, 16, 64, 256)
@@ -23,7 +23,7 @@ UNUSED_ENTRY = -1
 GARBAGE_ENTRY = 1 << 30
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PagedCase(CacheCase):
     page_size: int = 16
     #: The longest fill level before the append.
@@ -39,7 +39,7 @@ class PagedCase(CacheCase):
     def id(self) -> str:
         return cache_case_id(self, [
             DTYPE_NAMES[self.dtype], f"page{self.page_size}", self.pages,
-            f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+            heads_id(self),
             f"len{self.max_len}new{self.s_new}q{self.seqlen_q}d{self.head_dim}"], "nhpd")
 
     @property
@@ -142,6 +142,25 @@ class PagedInputs:
                 kc[b, :, p] = self.k_new[b, :, i].cpu()
                 vc[b, :, p] = self.v_new[b, :, i].cpu()
         return kp, vp, kc, vc
+
+
+def spoil_table(table: torch.Tensor, lens: torch.Tensor, defect: str, num_pages: int,
+                fill: int = -1) -> None:
+    """Write one defect a paged call must refuse into a block table of two sequences and its
+    fill levels, in place: "negative" (an entry sequence 0 needs is -1), "outside" (an entry
+    sequence 1 needs is ``num_pages``, past the pool), "same_slot" (sequence 1 takes sequence
+    0's pages and level, so both append to one slot) or "negative_fill" (level ``fill``)."""
+    if defect == "negative":
+        table[0, 1] = -1
+    elif defect == "outside":
+        table[1, 0] = num_pages
+    elif defect == "same_slot":
+        table[1] = table[0]
+        lens[1] = lens[0]
+    elif defect == "negative_fill":
+        lens[1] = fill
+    else:
+        raise ValueError(f"unknown block table defect {defect!r}")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from attnkit.registry import NoBackendError
 from attnkit.testing.accuracy import assert_close
 from attnkit.testing.decode_cases import rand, reference_over_prefix
 from attnkit.testing.generate import parametrize_cases
-from attnkit.testing.paged_cases import PagedCase, bits, paged_cases
+from attnkit.testing.paged_cases import PagedCase, bits, paged_cases, spoil_table
 
 
 def pytest_generate_tests(metafunc):
@@ -94,19 +94,12 @@ def test_paged_bad_table_refused(defect, backend, backend_name, device):
     if not backend.capabilities.paged:
         pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
     q, (kp, vp), table, lens, (kn, vn) = _small_paged(backend, device)
-    if defect == "negative":
-        table[0, 1] = -1
-    elif defect == "outside":
-        table[1, 0] = 6
-    elif defect == "too_few":
+    if defect == "too_few":
         lens[0] = 8  # 9 positions > 2 usable pages x 4 (the third entry is -1: too few)
         table[0, 2] = -1
         table = table[:, :2].contiguous()
-    elif defect == "same_slot":
-        table[1] = table[0]
-        lens[1] = 6
     else:
-        lens[1] = -1
+        spoil_table(table, lens, defect, num_pages=kp.shape[0])
     before = kp.clone(), vp.clone()
     with torch.no_grad(), pytest.raises(ValueError, match="nothing was written"):
         attnkit.attention_with_kvcache(q, kp, vp, lens, kn, vn, block_table=table,

@@ -6,7 +6,7 @@ sequence, assembled into the packed layout.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 
 import torch
 
@@ -15,7 +15,15 @@ from ..backend import Capabilities
 from ..reference import visible_mask
 from ..varlen import as_dense
 from . import accuracy
-from .cases import DTYPE_NAMES, DTYPE_ORDER, MAX_TESTED_HEAD_DIM, _primary_dtype, unique
+from .cases import (
+    DTYPE_NAMES,
+    DTYPE_ORDER,
+    MAX_TESTED_HEAD_DIM,
+    Options,
+    _primary_dtype,
+    heads_id,
+    unique,
+)
 
 #: Length mixes, as (query lengths, key lengths or None for the same): zero-length
 #: sequences first, in the middle and last, single tokens, and lengths that are multiples
@@ -29,7 +37,7 @@ LONG_TAIL = (700, 3, 1, 260, 0, 1031, 64, 2)
 
 
 @dataclass(frozen=True)
-class VarlenCase:
+class VarlenCase(Options):
     lens_q: tuple[int, ...]
     #: None: the key lengths are the query lengths (self-attention over one packing).
     lens_k: tuple[int, ...] | None = None
@@ -37,9 +45,7 @@ class VarlenCase:
     heads_kv: int = 2
     head_dim: int = 64
     dtype: torch.dtype = torch.float16
-    causal: bool = False
-    window: tuple[int, int] | None = None
-    softcap: float | None = None
+    _: KW_ONLY
     #: "packed": contiguous (total, H, D) tensors; "qkv": q, k and v sliced out of one
     #: (total, Hq + 2 Hkv, D) projection (strided, read in place).
     layout: str = "packed"
@@ -48,7 +54,6 @@ class VarlenCase:
     slack: int | None = 0
     magnitude: float = 1.0
     grad: bool = True
-    tag: str = ""
 
     @property
     def keys(self) -> tuple[int, ...]:
@@ -60,7 +65,7 @@ class VarlenCase:
 
     @property
     def id(self) -> str:
-        parts = [DTYPE_NAMES[self.dtype], f"B{self.batch}H{self.heads_q}x{self.heads_kv}",
+        parts = [DTYPE_NAMES[self.dtype], heads_id(self),
                  f"tq{sum(self.lens_q)}tk{sum(self.keys)}d{self.head_dim}"]
         if self.lens_k is not None:
             parts.append("cross")

@@ -147,21 +147,40 @@ def mma(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr,
-              CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile, zero outside ``rows < n_rows`` and ``d < HEAD_DIM``."""
+def _load_rows(ptrs, keep, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
+               CHECK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile: rows where ``keep`` ([rows, 1]) is false (CHECK_ROWS) and
+    columns ``d >= HEAD_DIM`` (CHECK_D) are not read and hold 0."""
     if CHECK_ROWS:
         if CHECK_D:
-            t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
-                        other=0.0)
+            t = tl.load(ptrs, mask=keep & (offs_d[None, :] < HEAD_DIM), other=0.0)
         else:
-            t = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+            t = tl.load(ptrs, mask=keep, other=0.0)
     else:
         if CHECK_D:
             t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         else:
             t = tl.load(ptrs)
     return t
+
+
+@triton.jit
+def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr,
+              CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, zero outside ``rows < n_rows`` and ``d < HEAD_DIM``."""
+    # The row test on the broadcast [rows, 1] shape, not broadcast after: the compiler then
+    # keeps the mask out of packed predicate words.
+    return _load_rows(ptrs, rows[:, None] < n_rows, offs_d, HEAD_DIM, CHECK_ROWS, CHECK_D)
+
+
+@triton.jit
+def _keys_kept(cols, lo, hi, HAS_LO: tl.constexpr):
+    """``lo <= cols < hi`` (``cols < hi`` unless HAS_LO)."""
+    if HAS_LO:
+        keep = (cols >= lo) & (cols < hi)
+    else:
+        keep = cols < hi
+    return keep
 
 
 @triton.jit
@@ -169,31 +188,14 @@ def load_keys(ptrs, cols, lo, hi, offs_d, HEAD_DIM: tl.constexpr, MASKED: tl.con
               HAS_LO: tl.constexpr, CHECK_D: tl.constexpr):
     """Load a [cols, BLOCK_D] K or V tile. MASKED (a boundary block): rows outside
     ``[lo, hi)`` (`seen_keys`) are not read and hold 0; HAS_LO: ``lo`` may be above 0."""
-    if MASKED:
-        if HAS_LO:
-            keep = (cols >= lo) & (cols < hi)
-        else:
-            keep = cols < hi
-        if CHECK_D:
-            t = tl.load(ptrs, mask=keep[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        else:
-            t = tl.load(ptrs, mask=keep[:, None], other=0.0)
-    else:
-        if CHECK_D:
-            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            t = tl.load(ptrs)
-    return t
+    return _load_rows(ptrs, _keys_kept(cols, lo, hi, HAS_LO)[:, None], offs_d, HEAD_DIM,
+                      MASKED, CHECK_D)
 
 
 @triton.jit
 def zero_keys(t, cols, lo, hi, HAS_LO: tl.constexpr):
     """``t`` (a K or V tile as TMA loaded it) with rows outside ``[lo, hi)`` selected to 0."""
-    if HAS_LO:
-        keep = (cols >= lo) & (cols < hi)
-    else:
-        keep = cols < hi
-    return tl.where(keep[:, None], t, tl.zeros_like(t))
+    return tl.where(_keys_kept(cols, lo, hi, HAS_LO)[:, None], t, tl.zeros_like(t))
 
 
 @triton.jit

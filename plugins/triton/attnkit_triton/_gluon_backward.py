@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._gluon_forward import _tma_load
+from ._gluon_forward import _tma_load, init_ring
 from ._triton_internals import gluon_tma_reduce_add
 
 # None where this Triton names no such op and the gate refuses the builder call that builds
@@ -241,12 +241,7 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, stats_desc, dk_ptr, dv
     dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, 64], dq_desc.layout)  # role
     stats_smem = gl.allocate_shared_memory(gl.float32, [2 * NUM_BUF, 1, BLOCK_M],
                                            stats_desc.layout)  # [slot: delta, lse2]
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(do_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)
-        mbarrier.init(do_empty.index(i), count=2)
+    init_ring(kv_bar, q_ready, do_ready, q_empty, do_empty, NUM_BUF)
     for i in gl.static_range(DS_BUF):
         mbarrier.init(ds_bar.index(i), count=2)
 

@@ -29,6 +29,19 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
+def init_ring(one_bar, ready_a, ready_b, empty_a, empty_b, NUM_BUF: gl.constexpr):
+    """The barriers of a ``NUM_BUF``-slot ring of two operands fed by one producer and drained
+    by two consumers: ``one_bar`` (a single load) and each slot's "ready" barriers take one
+    arrival (the producer's expect), the "empty" ones two (one per consumer)."""
+    mbarrier.init(one_bar, count=1)
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(ready_a.index(i), count=1)
+        mbarrier.init(ready_b.index(i), count=1)
+        mbarrier.init(empty_a.index(i), count=2)
+        mbarrier.init(empty_b.index(i), count=2)
+
+
+@gluon.jit
 def _producer(descs, bufs, bars, scal, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
               NUM_BUF: gl.constexpr, ROLE: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
@@ -211,12 +224,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, S, H, GROUP, qk_scale,
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
+    init_ring(q_bar, k_ready, v_ready, k_empty, v_empty, NUM_BUF)
 
     descs = (q_desc, k_desc, v_desc, o_desc)
     bufs = (q_smem, k_smem, v_smem)

@@ -24,68 +24,51 @@ struct BF16 {};
 
 template <typename T> struct Elem;
 
+// The conversions and mma.sync wrappers of a 16-bit type, named T in PTX ("f16", "bf16"):
+// one body for both, so they differ only in that name.
+#define ATTN_ELEM16_OPS(T)                                                                  \
+    static ATTN_DEVICE u16 from_float(float f) {                                           \
+        u16 h;                                                                              \
+        asm("cvt.rn." T ".f32 %0, %1;" : "=h"(h) : "f"(f));                                 \
+        return h;                                                                           \
+    }                                                                                       \
+    /* lo goes to the low half (the lower column index in an mma fragment). */              \
+    static ATTN_DEVICE u32 pack(float lo, float hi) {                                      \
+        u32 r;                                                                              \
+        asm("cvt.rn." T "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));                 \
+        return r;                                                                           \
+    }                                                                                       \
+    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {                  \
+        asm volatile(                                                                       \
+            "mma.sync.aligned.m16n8k16.row.col.f32." T "." T ".f32 "                        \
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                         \
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                \
+    }                                                                                       \
+    /* c = A B with a zero accumulator: the first k-step of a score tile writes c instead  \
+       of reading it, so the tile needs no zeroing moves (ptxas feeds the zero as RZ). */   \
+    static ATTN_DEVICE void mma_zero(float* c, const u32* a, u32 b0, u32 b1) {             \
+        asm("mma.sync.aligned.m16n8k16.row.col.f32." T "." T ".f32 "                        \
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"                     \
+            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])                                \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));      \
+    }
+
 template <> struct Elem<Half> {
     static ATTN_DEVICE float to_float(u16 h) {
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
         return f;
     }
-    static ATTN_DEVICE u16 from_float(float f) {
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-        return h;
-    }
-    // lo goes to the low half (the lower column index in an mma fragment).
-    static ATTN_DEVICE u32 pack(float lo, float hi) {
-        u32 r;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // c = A B with a zero accumulator: the first k-step of a score tile writes c instead of
-    // reading it, so the tile needs no zeroing moves (ptxas feeds the zero as RZ).
-    static ATTN_DEVICE void mma_zero(float* c, const u32* a, u32 b0, u32 b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
-            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
-    }
+    ATTN_ELEM16_OPS("f16")
 };
 
 template <> struct Elem<BF16> {
     static ATTN_DEVICE float to_float(u16 h) { return __uint_as_float(((u32)h) << 16); }
-    static ATTN_DEVICE u16 from_float(float f) {
-        u16 h;
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-        return h;
-    }
-    static ATTN_DEVICE u32 pack(float lo, float hi) {
-        u32 r;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-    static ATTN_DEVICE void mma(float* c, const u32* a, u32 b0, u32 b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // c = A B with a zero accumulator: the first k-step of a score tile writes c instead of
-    // reading it, so the tile needs no zeroing moves (ptxas feeds the zero as RZ).
-    static ATTN_DEVICE void mma_zero(float* c, const u32* a, u32 b0, u32 b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
-            : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
-    }
+    ATTN_ELEM16_OPS("bf16")
 };
+
+#undef ATTN_ELEM16_OPS
 
 // ---- small math -------------------------------------------------------------------------
 
