@@ -11,7 +11,9 @@ leaves them after a while). Calls, each on full caches with one query token:
   ``block_table`` (``validate="device"``: no host synchronisation), what a caller pays.
 
 TB/s is K+V bytes of the valid keys over the median time; ``ratio_vs_contiguous`` is a paged
-call's throughput over the same backend's contiguous call of the same kind.
+call's throughput over the same backend's contiguous call of the same kind. ``host_us`` is the
+host time per call with the GPU held busy (`attnkit.bench.host.host_us`): a call whose host
+time exceeds its median time is bound by the host, not by its kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..paged import paged_problem
 from ..spec import AttentionProblem
 from . import timing
 from .contenders import Contender, select_declaring
+from .host import batch_sizes, host_us
 from .grid import DTYPES, DecodeSpec, Rated, kv_bytes
 from .progress import Progress
 from .runner import _Session, _Unsupported
@@ -57,6 +60,7 @@ class PagedCell(Rated):
     page_size: int = 0
     ratio_vs_contiguous: float | None = None
     max_abs_diff_vs_contiguous: float | None = None
+    host_us: float | None = None
 
 
 def select(device: torch.device, names: list[str] | None):
@@ -160,6 +164,7 @@ def _time(spec, backend, problem, fn, cell, *, first, device) -> None:
             first.append(out)
         cell.max_abs_diff_vs_contiguous = float((out - first[0]).abs().max())
         t = timing.time_cell(cell, fn, device, spec)
+        cell.host_us = host_us(fn, device, *batch_sizes(device))[0]
     cell.set_rates(t.median_ms)
 
 
@@ -205,6 +210,12 @@ def paged_table(result: dict) -> str:
             title = (f"\n{backend}, {kind} " + ("(backend.forward / forward_paged)"
                      if kind == "kernel" else "(attention_with_kvcache, validate='device')"))
             out += fmt_table(title, "cache", rows, columns, values)
+            host = {(seq_label(c["seqlen_k"]), column(c)):
+                    f"{c['host_us']:.1f} / {1e3 * c['ms']:.1f}"
+                    for c in mine if c["status"] == "ok" and c.get("host_us") is not None}
+            if host:
+                out += fmt_table("host us per call / median us per call", "cache", rows,
+                                 columns, host)
     out += [f"  {line}" for line in notes.lines()]
     out.append(f"({len(cells)} cells in {result['elapsed_s']}s)")
     return "\n".join(out)
