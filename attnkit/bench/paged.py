@@ -29,8 +29,8 @@ from ..paged import paged_problem
 from ..spec import AttentionProblem
 from . import timing
 from .contenders import Contender, select_declaring
-from .host import batch_sizes, host_us
 from .grid import DTYPES, DecodeSpec, Rated, kv_bytes
+from .host import batch_sizes, host_us
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
