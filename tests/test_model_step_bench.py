@@ -41,6 +41,7 @@ def test_end_to_end(tmp_path, capsys):
         for impl in ("sdpa", "attnkit"):
             t = r[impl]
             assert not t["error"] and t["ms"] > 0 and len(t["ms_rounds"]) == 2, (impl, r)
+            assert t["host_ms"] > 0 and not t["host_error"], (impl, r)  # the CPU never waits
         assert r["ratio"] == pytest.approx(r["sdpa"]["ms"] / r["attnkit"]["ms"])
         assert r["max_abs_diff"] < 1e-4, r  # fp32: the two compute the same step
         assert r["auto_backend"]
@@ -49,6 +50,7 @@ def test_end_to_end(tmp_path, capsys):
                   "B=1 L=24 mask=none", "B=1 L=24 mask=ones"):
         assert sum(line.lstrip().startswith(label) for line in text.splitlines()) == 1, label
     assert text.index("Training step") < text.index("Decode step") < text.index("Summary")
+    assert text.count("host ms attnkit") == 2
     assert "Summary: lowest sdpa/attnkit time ratio, training " in text
     assert text.strip() in printed
 

@@ -43,20 +43,34 @@ class HostRow(Row):
     notes: list[str] = field(default_factory=list)
 
 
+class WaitedForGpu(RuntimeError):
+    """A timed batch outlasted the GPU hold: its calls synchronize with the GPU (or their host
+    time exceeded the hold), so the clock read GPU time too and is not reported."""
+
+
 def host_us(fn, device: torch.device, calls: int, batches: int) -> tuple[float, float]:
     """``(median, min)`` over ``batches`` of the host microseconds per call of ``calls``
-    calls in a row (the GPU held meanwhile)."""
+    calls in a row (the GPU held meanwhile). Raises `WaitedForGpu` where the hold ran out
+    before a batch's calls were all queued."""
     cuda = device.type == "cuda"
 
     def batch(hold_s: float) -> float:
+        held = None
         if cuda:
             torch.cuda.synchronize(device)
             if hold_s:
                 torch.cuda._sleep(int(hold_s * _CYCLES_PER_S))
+                held = torch.cuda.Event()
+                held.record()  # completes when the hold does: queued calls run after it
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         t = (time.perf_counter() - t0) / calls
+        if held is not None and held.query():
+            raise WaitedForGpu(
+                f"the GPU hold of {hold_s:.3g} s ran out before {calls} calls were queued "
+                f"({t * 1e6:.0f} us each): the call synchronizes with the GPU, so its host "
+                "time cannot be told apart from GPU time")
         if cuda:
             torch.cuda.synchronize(device)
         return t

@@ -33,9 +33,13 @@ import torch
 from . import timing
 from .environment import environment
 from .grid import DTYPES
+from .host import WaitedForGpu, host_us
 from .progress import Progress
 
 IMPLEMENTATIONS = ("sdpa", "attnkit")
+#: (steps per timed batch, batches) of the host-time measurement: a training step holds its
+#: activations until its backward runs, so only a few are queued at once.
+HOST_BATCHES = {"train": (3, 3), "decode": (20, 5)}
 MASKS = ("none", "ones")
 STEM = "model_step"
 CACHE = "DynamicCache"
@@ -104,6 +108,9 @@ class Timed:
     ms_rounds: list[float] = field(default_factory=list)
     ms_min: float | None = None
     reps: list[int] = field(default_factory=list)
+    #: host time per step with the GPU held busy (`attnkit.bench.host.host_us`), median
+    host_ms: float | None = None
+    host_error: str = ""  # why host_ms is None (a step that synchronizes with the GPU)
     peak_bytes: int | None = None
     error: str = ""
 
@@ -199,6 +206,11 @@ def _time_row(row: StepRow, model, step, spec: StepSpec, device, progress, peak,
                         timed.peak_bytes = peak(step)
                 t = timing.measure(step, device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
                                    min_reps=spec.min_reps, first_call_done=True)
+                if timed.host_ms is None and not timed.host_error:
+                    try:  # a few steps queued while the GPU is held
+                        timed.host_ms = host_us(step, device, *HOST_BATCHES[row.step])[0] / 1e3
+                    except WaitedForGpu as e:
+                        timed.host_error = str(e)
                 timed.ms_rounds.append(t.median_ms)
                 timed.reps.append(t.reps)
                 timed.ms_min = t.min_ms if timed.ms_min is None else min(timed.ms_min, t.min_ms)
@@ -378,7 +390,8 @@ def table(result: dict) -> str:
            f"{spec['dtype']}",
            f'attn_implementation="attnkit" (backend {cfg["backend"]}) beside "sdpa", the same '
            f"weights and inputs; median ms over {spec['rounds']} rounds in alternating order; "
-           "sdpa/attnkit above 1: attnkit faster"]
+           "sdpa/attnkit above 1: attnkit faster; host ms: host time per step with the GPU "
+           "held busy (a step whose host time is near its median time is bound by the host)"]
     errors: list[str] = []
 
     def mark(t: dict) -> str:
@@ -395,7 +408,7 @@ def table(result: dict) -> str:
         rows = [r for r in result["rows"] if r["step"] == step]
         if not rows:
             continue
-        columns = ["sdpa ms", "attnkit ms", "sdpa/attnkit"]
+        columns = ["sdpa ms", "attnkit ms", "sdpa/attnkit", "host ms sdpa", "host ms attnkit"]
         if step == "train":
             columns += ["peak MiB sdpa", "peak MiB attnkit"]
         columns += [diff]
@@ -409,12 +422,20 @@ def table(result: dict) -> str:
             values[(label, "sdpa ms")] = mark(r["sdpa"])
             values[(label, "attnkit ms")] = mark(r["attnkit"])
             values[(label, "sdpa/attnkit")] = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+            for impl in IMPLEMENTATIONS:
+                host = r[impl].get("host_ms")  # absent from results written before it
+                values[(label, f"host ms {impl}")] = (
+                    f"{host:.2f}" if host is not None else
+                    "sync" if r[impl].get("host_error") else "-")
             values[(label, "peak MiB sdpa")] = _mib(r["sdpa"])
             values[(label, "peak MiB attnkit")] = _mib(r["attnkit"])
             values[(label, diff)] = (f"{r['max_abs_diff']:.2g}"
                                      if r["max_abs_diff"] is not None else "-")
             values[(label, "auto chose")] = r["auto_backend"] or "-"
         out += fmt_table(f"\n{title}", "shape", labels, columns, values)
+        if any(r[impl].get("host_error") for r in rows for impl in IMPLEMENTATIONS):
+            out.append("  sync: the step synchronizes with the GPU, so its host time cannot "
+                       "be told apart from GPU time")
     out += [f"  E{i + 1}: {text}" for i, text in enumerate(errors)]
     out.append(f"({len(result['rows'])} rows in {result['elapsed_s']}s)")
     return "\n".join(out)

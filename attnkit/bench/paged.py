@@ -30,7 +30,7 @@ from ..spec import AttentionProblem
 from . import timing
 from .contenders import Contender, select_declaring
 from .grid import DTYPES, DecodeSpec, Rated, kv_bytes
-from .host import batch_sizes, host_us
+from .host import WaitedForGpu, batch_sizes, host_us
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
@@ -164,7 +164,10 @@ def _time(spec, backend, problem, fn, cell, *, first, device) -> None:
             first.append(out)
         cell.max_abs_diff_vs_contiguous = float((out - first[0]).abs().max())
         t = timing.time_cell(cell, fn, device, spec)
-        cell.host_us = host_us(fn, device, *batch_sizes(device))[0]
+        try:
+            cell.host_us = host_us(fn, device, *batch_sizes(device))[0]
+        except WaitedForGpu:  # a call that synchronizes: its host time is not separable
+            cell.host_us = None
     cell.set_rates(t.median_ms)
 
 
