@@ -135,7 +135,8 @@ def attention_with_kvcache(
 
 
 #: Problems of recent calls by `_metadata_key`: a decoding loop repeats one call signature
-#: every step, and validating it again was a third of a step's host time (benchmarks/NOTES.md).
+#: every step, and validating it again was a third of a step's host time (docs/tuning.md,
+#: "Host time and the launch path").
 _validated: dict = {}
 _MAX_VALIDATED = 256
 

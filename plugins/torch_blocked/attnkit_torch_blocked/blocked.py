@@ -98,7 +98,7 @@ def _pow2_clamp(x: int, lo: int, hi: int) -> int:
 
 def default_block_sizes(device_type: str, dtype: torch.dtype, batch: int, heads_q: int,
                         head_dim: int) -> BlockSizes:
-    """Block sizes for a problem on a device (measured on CPU; see benchmarks/NOTES.md).
+    """Block sizes for a problem on a device (measured on CPU; see docs/tuning.md, torch-blocked).
 
     The budget (`TILE_BUDGET`) is halved for fp64 and scaled down for head dims above 128
     (the q/acc blocks grow with D). With ``BH = B * Hq`` tiles batched together:
