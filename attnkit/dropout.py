@@ -86,7 +86,6 @@ def draw_state(device: torch.device, generator: torch.Generator | None = None) -
                          generator=generator)
 
 
-
 def traced_state(dropout_p: float, generator, device: torch.device) -> torch.Tensor | None:
     """The state a call under torch.compile draws inside the graph, from the device's default
     generator (None without dropout); a ``generator`` there is refused."""
@@ -96,6 +95,7 @@ def traced_state(dropout_p: float, generator, device: torch.device) -> torch.Ten
         raise ValueError("generator under torch.compile is not supported: dropout draws from "
                          "the device's default generator there")
     return draw_state(device)
+
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)`` 32-bit words of ``a * b`` for a 32-bit constant and 32-bit words held in

@@ -197,7 +197,7 @@ class TableCheck(NamedTuple):
 
     first: torch.Tensor  # per table column j: j * page_size - S_new
     new: torch.Tensor  # 0 .. S_new - 1, int64: the appended positions past a fill level
-    zero: torch.Tensor  # 0-d, the table's dtype: where's fill for entries not needed
+    zero: torch.Tensor  # 0-d, the table's dtype: `where`'s fill for entries not needed
     lo: torch.Tensor  # bounds of the vector: entries [0, N - 1], fill levels
     hi: torch.Tensor  # [0, M * P - S_new], gaps >= 1
 
@@ -266,7 +266,7 @@ def check_table(k_pages, block_table, cache_seqlens, s_new, validate,
         if s_new:
             targets = _targets(block_table, lens, check.new, P, N)
             if B > 1:
-                slots = torch.add(targets[1], targets[0], alpha=P).view(-1).sort().values
+                slots = _sorted_slots(targets, P)
                 parts.append(slots[1:] - slots[:-1])
         z = torch.cat(parts)
         ok = (z.clamp(check.lo, check.hi) == z).all()
@@ -314,13 +314,19 @@ def _raise_culprit(k_pages, block_table, cache_seqlens, s_new, targets):
             f"{describe_tensor('k_cache', k_pages)} (valid: 0 .. {N - 1}); {n_bad} such "
             "entries; nothing was written")
     # What is left of the range check: sorted append slots that repeat.
-    slots = torch.add(targets[1], targets[0], alpha=P).view(-1).sort().values
+    slots = _sorted_slots(targets, P)
     dup = int((slots[1:] == slots[:-1]).sum())
     raise ValueError(
         f"{dup} slot(s) of the page pool would be appended to by two sequences (their "
         f"{describe_tensor('block_table', block_table)} rows share the page their new "
         "positions fall in); copy a shared page before appending into it; nothing was "
         "written")
+
+
+def _sorted_slots(targets, P) -> torch.Tensor:
+    """Every appended position's slot in the pool (``page * P + offset``), sorted: two equal
+    neighbours are two sequences appending into one slot."""
+    return torch.add(targets[1], targets[0], alpha=P).view(-1).sort().values
 
 
 def _targets(block_table, lens, new, P, N):

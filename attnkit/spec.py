@@ -194,7 +194,6 @@ class AttentionProblem(NamedTuple):
                    torch.are_deterministic_algorithms_enabled(), dropout_p=dropout_p)
 
 
-
 def check_heads(q: torch.Tensor, kv_name: str, kv: torch.Tensor, heads_q: int, heads_kv: int,
                 head_dim: int) -> None:
     """Refuse a head dim of 0, and query heads that are not a multiple of the kv heads."""
@@ -204,6 +203,7 @@ def check_heads(q: torch.Tensor, kv_name: str, kv: torch.Tensor, heads_q: int, h
         raise ValueError(f"query heads must be a multiple of kv heads (GQA): "
                          f"{describe_tensor('q', q)} has Hq={heads_q}, "
                          f"{describe_tensor(kv_name, kv)} has Hkv={heads_kv}")
+
 
 def _is_real(x) -> bool:
     """A Python or numpy real number (``np.float32(0.1)``, ``np.int64(8)``), not a bool."""

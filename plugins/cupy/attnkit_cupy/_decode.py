@@ -149,13 +149,10 @@ def check_args(problem: AttentionProblem, q, k, v, seqlens_k, splits=None, tiles
     if p.seqlen_q > MAX_DECODE_QUERIES and not p.page_size:
         raise ValueError(f"the split-KV decode kernel takes at most {MAX_DECODE_QUERIES} "
                          f"queries, got Sq={p.seqlen_q}")
-    if row_blocks(p) > _launch.MAX_GRID_YZ:
-        raise ValueError(f"{p.group_size} query heads per kv head x Sq={p.seqlen_q} rows make "
-                         f"{row_blocks(p)} row blocks, more than the CUDA grid limit "
-                         f"{_launch.MAX_GRID_YZ} of the split-KV decode kernel")
-    if p.batch * p.heads_kv > _launch.MAX_GRID_YZ:
-        raise ValueError(f"batch x kv heads = {p.batch * p.heads_kv} exceeds the CUDA grid "
-                         f"limit {_launch.MAX_GRID_YZ} of the split-KV decode kernel")
+    grid = grid_reasons(p)
+    if grid:
+        raise ValueError(f"the split-KV decode kernel cannot take {p.describe()}: "
+                         + "; ".join(grid))
     if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int)
                                or not 1 <= splits <= MAX_FORCED_SPLITS):
         raise ValueError(f"splits must be an int in [1, {MAX_FORCED_SPLITS}], got {splits!r}")
