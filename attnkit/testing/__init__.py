@@ -4,7 +4,8 @@
 - `accuracy`: the accuracy rule (``ref64`` / ``ref_lp`` comparison) and bitwise comparison.
 - `cases`: problem cases generated from a backend's declared capabilities;
   `decode_cases`: the KV-cache and merge cases; `paged_cases`: page pools and block tables
-  built from contiguous caches.
+  built from contiguous caches. A case takes its batch, heads and sizes (through ``dtype``)
+  by position or keyword and every option (mask, softcap, layout, tag, ...) by keyword only.
 - `checks`: the per-case checks as functions; `cuda_checks`: the checks only a CUDA device can
   pose (side streams, offsets past 2^31 elements).
 - `scratch`: `uninitialised_scratch`, torch's uninitialised allocations filled with NaN.
