@@ -4,8 +4,9 @@
 - `accuracy`: the accuracy rule (``ref64`` / ``ref_lp`` comparison) and bitwise comparison.
 - `cases`: problem cases generated from a backend's declared capabilities;
   `decode_cases`: the KV-cache and merge cases; `paged_cases`: page pools and block tables
-  built from contiguous caches. A case takes its batch, heads and sizes (through ``dtype``)
-  by position or keyword and every option (mask, softcap, layout, tag, ...) by keyword only.
+  built from contiguous caches. A dense or packed case takes its batch, heads and sizes
+  (through ``dtype``) by position or keyword, a KV-cache case everything past its heads by
+  keyword; options (mask, softcap, layout, tag, ...) are keyword-only everywhere.
 - `checks`: the per-case checks as functions; `cuda_checks`: the checks only a CUDA device can
   pose (side streams, offsets past 2^31 elements).
 - `scratch`: `uninitialised_scratch`, torch's uninitialised allocations filled with NaN.
