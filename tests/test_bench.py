@@ -431,6 +431,20 @@ def test_ratios_are_speedups_over_the_base_in_every_unit():
     assert gm and float(gm.group(1)) == pytest.approx((1.1 * 0.5) ** 0.5, abs=1e-3)
 
 
+def test_compare_reads_a_backend_against_a_peers_own_change():
+    # The whole GPU 10% slower in the new run, and triton's 1k cell 5% slower still.
+    base = _result("grid", {("triton", 512): 100.0, ("triton", 1024): 200.0,
+                            ("sdpa-flash", 512): 50.0, ("sdpa-flash", 1024): 80.0})
+    run = _result("grid", {("triton", 512): 90.0, ("triton", 1024): 200.0 * 0.9 * 0.95,
+                           ("sdpa-flash", 512): 45.0, ("sdpa-flash", 1024): 72.0})
+    text = compare_table({"old": base, "new": run}, "old")
+    line = re.search(r"triton / sdpa-flash\s+([\d.]+)\s+(\d+)%", text)
+    assert line, text
+    assert float(line.group(1)) == pytest.approx(0.95 ** 0.5, abs=1e-3)
+    assert line.group(2) == "50"  # 512 within 3%, 1k not
+    assert "sdpa-flash / sdpa-flash" not in text and "sdpa-cudnn" not in text  # no such peer
+
+
 def test_label_then_compare(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(bench_cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

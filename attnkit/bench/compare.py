@@ -112,7 +112,38 @@ def compare_table(results: dict[str, dict], base: str, title: str | None = None)
     lines += fmt_table(f"\nGeometric mean over {base} (cells compared)", "backend",
                        [c for c in columns if any((c, m) in summary for m in modes)], modes,
                        summary)
-    return "\n".join(lines)
+    return "\n".join(lines + _against_peers(per, backends, others, modes, column, base))
+
+
+#: The peers a backend's change is also read against, where both runs timed them.
+REFERENCE_PEERS = ("sdpa-flash", "sdpa-cudnn")
+#: The band `_against_peers` counts cells in (the "within noise" of a restructure).
+NOISE = 0.03
+
+
+def _against_peers(per, backends, others, modes, column, base) -> list[str]:
+    """Each attnkit backend's ratio divided by a peer's ratio in the same cell: the GPU's
+    clocks, power state and host move both alike between processes, so this reads a kernel's
+    own change where the plain ratio moves 5-15% per cell. Geometric mean and the share of
+    cells within +-NOISE, per mode."""
+    rows, values = [], {}
+    for backend in backends:
+        if backend.startswith("sdpa"):
+            continue
+        for peer in REFERENCE_PEERS:
+            for name in others:
+                row = f"{column(backend, name)} / {peer}"
+                for m in modes:
+                    rs = [r / per[name][(peer, *k[1:])] for k, r in per[name].items()
+                          if k[0] == backend and k[1] == m and (peer, *k[1:]) in per[name]]
+                    if rs:
+                        near = sum(abs(x - 1) <= NOISE for x in rs) / len(rs)
+                        values[(row, m)] = f"{geomean(rs):.3f} {near:4.0%}"
+                        rows.append(row)
+    if not values:
+        return []
+    return fmt_table(f"\nOver a peer's own change (geometric mean, share within "
+                     f"+-{NOISE:.0%})", "backend", list(dict.fromkeys(rows)), modes, values)
 
 
 def _varlen_compare(per: dict, base: str, others: list[str], unit: str, title) -> str:
