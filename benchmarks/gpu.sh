@@ -13,8 +13,8 @@
 #   bash benchmarks/gpu.sh cp-bench   # attnkit bench --context-parallel (torchrun over every
 #                                     # GPU; on one GPU, world size 1 and the prediction)
 # Logs and results go under $OUT (default /tmp/attnkit-out); bench writes $OUT/<gpu>/ in the
-# layout of benchmarks/results/<gpu>/. Where the tree is a copy without .git, set
-# ATTNKIT_BENCH_COMMIT=<commit> so the results name the commit they ran.
+# layout of benchmarks/results/<gpu>/. Where the tree is a copy (without .git, or with an
+# older one), set ATTNKIT_BENCH_COMMIT=<commit> so the results name the commit they ran.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -368,6 +368,19 @@ def test_outside_a_checkout_the_installed_version_stands_in(monkeypatch):
     assert bench_env.COMMIT_ENV not in bench_env.switches()
 
 
+def test_a_given_commit_names_a_copied_tree_whose_git_is_older(monkeypatch):
+    answers = {"rev-parse": "0ld", "status": " M attnkit/api.py"}
+    monkeypatch.setattr(bench_env, "_git", lambda root, cmd, *a: (
+        str(bench_env.Path(bench_env.__file__).resolve().parents[2]) if "--show-toplevel" in a
+        else answers[cmd]))
+    monkeypatch.delenv(bench_env.COMMIT_ENV, raising=False)
+    assert bench_env.source_revision() == {"commit": "0ld", "dirty": True}
+    monkeypatch.setenv(bench_env.COMMIT_ENV, "n3w")
+    src = bench_env.source_revision()
+    assert src["commit"] == "n3w" and src["dirty"] is None
+    assert src["git"] == {"commit": "0ld", "dirty": True}
+
+
 def test_committed_results_are_one_set_per_gpu_with_their_provenance():
     dirs = sorted(p for p in RESULTS.iterdir() if p.is_dir())
     assert {"h100", "h200"} <= {p.name for p in dirs}

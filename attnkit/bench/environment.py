@@ -124,23 +124,28 @@ def _git(root: Path, *args: str) -> str | None:
 
 def source_revision() -> dict:
     """The git commit of the attnkit source this process imported, and whether the checkout
-    has uncommitted changes to tracked files (``dirty``). Outside a checkout (an installed
-    wheel, a copied tree) ``commit`` is ``$ATTNKIT_BENCH_COMMIT`` if set, else None, and
+    has uncommitted changes to tracked files (``dirty``). ``$ATTNKIT_BENCH_COMMIT``, where
+    set, names the commit instead (a tree copied onto a GPU machine whose ``.git`` is older
+    than the files), with what git says kept beside it. Outside a checkout (an installed
+    wheel, a copied tree without ``.git``) and without that variable ``commit`` is None and
     ``dirty`` None: the installed version stands in."""
     package = Path(__file__).resolve().parents[1]
     top = _git(package, "rev-parse", "--show-toplevel")
+    found = None
     # Only a checkout whose attnkit/ is this package counts (not a repository that merely
     # contains site-packages).
     if top and (Path(top) / "attnkit").resolve() == package:
         commit = _git(package, "rev-parse", "HEAD")
         status = _git(package, "status", "--porcelain", "--untracked-files=no")
         if commit:
-            return {"commit": commit, "dirty": None if status is None else bool(status)}
-    out = {"commit": os.environ.get(COMMIT_ENV) or None, "dirty": None,
-           "installed": f"attnkit {__version__}"}
-    if out["commit"]:
-        out["note"] = f"not a git checkout; commit from ${COMMIT_ENV}"
-    return out
+            found = {"commit": commit, "dirty": None if status is None else bool(status)}
+    given = os.environ.get(COMMIT_ENV) or None
+    if given:
+        out = {"commit": given, "dirty": None, "note": f"commit from ${COMMIT_ENV}"}
+        if found:
+            out["git"] = found
+        return out
+    return found or {"commit": None, "dirty": None, "installed": f"attnkit {__version__}"}
 
 
 #: Environment variables recorded with every run (kernel switches are read from these).
