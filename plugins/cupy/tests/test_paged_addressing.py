@@ -1,12 +1,11 @@
-"""The paged decode kernel's addressing (PageMap, TilePages and load_paged_kv_16 in
-kernels/decode.cu) compiled for the host with the C++ compiler and AddressSanitizer, without a
-GPU: every thread of a block runs in turn with ``cp.async`` emulated as a copy, and the K/V
-tiles it leaves in shared memory must be the rows the block table names (page
-``table[j // P]``, row ``j % P``), zeros past the valid rows and the head dim. The table holds
-exactly the entries the tile's keys need and the pools exactly their pages, so reading an
-entry or a page past them is an ASan error. Page sizes 1, 5, 16, 64, 256 (shift and division),
-tiles crossing pages, 16-byte and element loads, a transposed pool layout. Marked ``nvcc``
-like the other compile checks."""
+"""The paged decode kernel's addressing (PageMap and load_paged_kv_16 in kernels/decode.cu)
+compiled for the host with the C++ compiler and AddressSanitizer, without a GPU: every thread
+of a block runs in turn with ``cp.async`` emulated as a copy, and the K/V tiles it leaves in
+shared memory must be the rows the block table names (page ``table[j // P]``, row ``j % P``),
+zeros past the valid rows and the head dim. The table holds exactly the entries the tile's
+keys need and the pools exactly their pages, so reading an entry or a page past them is an
+ASan error. Page sizes 1, 5, 16, 64, 256 (shift and division), tiles crossing pages, 16-byte
+and element loads, a transposed pool layout. Marked ``nvcc`` like the other compile checks."""
 
 from __future__ import annotations
 
@@ -80,11 +79,9 @@ int main(int argc, char** argv) {
     const PageMap pm = PageMap::of_batch(table.data(), 0, (int)n_entries, P, shift, num_pages);
     for (unsigned t = 0; t < NT; ++t) {
         threadIdx.x = t;
-        TilePages<ROWS, DP, NT> pages;
-        if (vec) pages.fetch(pm, n0, nvalid);
         load_paged_kv_16<ROWS, DP, LDS, NT>(sk, sv, k.data() + hk * k_sh, v.data() + hk * v_sh,
-                                            pm, pages, n0, nvalid, k_sp, k_ss, k_sd, v_sp, v_ss,
-                                            v_sd, D, vec != 0, k.data(), v.data());
+                                            pm, n0, nvalid, k_sp, k_ss, k_sd, v_sp, v_ss, v_sd,
+                                            D, vec != 0, k.data(), v.data());
     }
     FILE* f = std::fopen(argv[22], "wb");
     std::fwrite(smem.data(), 1, smem.size(), f);
@@ -101,8 +98,6 @@ def _extract(pattern: str, what: str) -> str:
 @pytest.fixture(scope="module")
 def host_loader(tmp_path_factory):
     body = (_extract(r"^struct PageMap \{.*?^\};\n", "struct PageMap")
-            + _extract(r"^template <int ROWS, int DP, int NT>\nstruct TilePages \{.*?^\};\n",
-                       "struct TilePages")
             + _extract(r"^template <int ROWS, int DP, int LDS, int NT>\n"
                        r"ATTN_DEVICE void load_paged_kv_16\(.*?^\}\n", "load_paged_kv_16"))
     consts = f"constexpr int ROWS = {ROWS}, DP = {DP}, LDS = {LDS}, NT = {NT};\n"

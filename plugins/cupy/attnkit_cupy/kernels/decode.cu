@@ -94,47 +94,22 @@ struct PageMap {
         m.num_pages = num_pages;
         return m;
     }
-    // The table entry holding key j, and the page an entry names.
-    ATTN_DEVICE int entry(int j) const {
-        return page_shift >= 0 ? j >> page_shift : j / page_size;
-    }
-    ATTN_DEVICE int page(int t) const { return max(min(row[t], num_pages - 1), 0); }
     // Page and row inside it of key j (64-bit offsets: pools may pass 2^31 elements).
-    ATTN_DEVICE void locate(int j, i64& pg, i64& slot) const {
-        const int t = entry(j);
-        pg = page(t);
+    ATTN_DEVICE void locate(int j, i64& page, i64& slot) const {
+        const int t = page_shift >= 0 ? j >> page_shift : j / page_size;
+        page = max(min(row[t], num_pages - 1), 0);
         slot = j - t * page_size;
-    }
-};
-
-// The pages of the rows one thread loads with 16-byte copies in a paged tile, read one tile
-// ahead of the copies: a copy's address waits on its table entry, and reading the entries
-// while the previous tile's math runs hides that wait instead of stalling every tile on it.
-template <int ROWS, int DP, int NT>
-struct TilePages {
-    static constexpr int CH = DP / 8;
-    static constexpr int ITERS = (ROWS * CH + NT - 1) / NT;
-    int page[ITERS];
-
-    ATTN_DEVICE void fetch(const PageMap& pm, int n0, int nvalid) {
-#pragma unroll
-        for (int it = 0; it < ITERS; ++it) {
-            const int r = (threadIdx.x + it * NT) / CH;
-            page[it] = r < nvalid && r < ROWS ? pm.page(pm.entry(n0 + r)) : 0;
-        }
     }
 };
 
 // K and V tiles of keys n0 .. n0 + ROWS - 1 of paged pools into shared memory (row stride
 // LDS): one table lookup per row serves both. Rows >= nvalid and columns >= D become 0 unread
 // (their table entries are not read either). kh/vh are the pools offset to the kv head.
-// With `vec`, `pages` are this thread's rows' pages (TilePages::fetch of the same tile).
 template <int ROWS, int DP, int LDS, int NT>
 ATTN_DEVICE void load_paged_kv_16(u16* sk, u16* sv, const u16* kh, const u16* vh,
-                                  const PageMap& pm, const TilePages<ROWS, DP, NT>& pages,
-                                  int n0, int nvalid, i64 k_sp, i64 k_ss, i64 k_sd, i64 v_sp,
-                                  i64 v_ss, i64 v_sd, int D, bool vec, const u16* ksafe,
-                                  const u16* vsafe) {
+                                  const PageMap& pm, int n0, int nvalid, i64 k_sp, i64 k_ss,
+                                  i64 k_sd, i64 v_sp, i64 v_ss, i64 v_sd, int D, bool vec,
+                                  const u16* ksafe, const u16* vsafe) {
     if (vec) {
         constexpr int CH = DP / 8;
         constexpr int ITERS = (ROWS * CH + NT - 1) / NT;
@@ -147,8 +122,8 @@ ATTN_DEVICE void load_paged_kv_16(u16* sk, u16* sv, const u16* kh, const u16* vh
             const u16* ks = ksafe;
             const u16* vs = vsafe;
             if (ok) {
-                const i64 page = pages.page[it];
-                const i64 slot = (n0 + r) - pm.entry(n0 + r) * pm.page_size;
+                i64 page, slot;
+                pm.locate(n0 + r, page, slot);
                 ks = kh + page * k_sp + slot * k_ss + c * 8;
                 vs = vh + page * v_sp + slot * v_ss + c * 8;
             }
@@ -251,19 +226,12 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     const u16* vg = v + (PAGED ? 0 : b * v_sb) + hk * v_sh;
     const PageMap pm = PageMap::of_batch(table, b, max_pages, page_size, page_shift,
                                          num_pages);
-    TilePages<BN, DP, NT> pages;  // of the next tile to load (tiles load in order)
-    auto fetch_pages = [&](int t) {
-        if (PAGED && vec && t < ntiles)
-            pages.fetch(pm, rg.start + t * BN, rg.end - rg.start - t * BN);
-    };
-    fetch_pages(0);
     auto load_kv = [&](int t) {
         const int n0 = rg.start + t * BN, st = t % ST;
         if constexpr (PAGED) {
             load_paged_kv_16<BN, DP, LDS, NT>(sK + st * BN * LDS, sV + st * BN * LDS, kg, vg,
-                                              pm, pages, n0, rg.end - n0, k_sb, k_ss, k_sd,
-                                              v_sb, v_ss, v_sd, D, vec, k, v);
-            fetch_pages(t + 1);
+                                              pm, n0, rg.end - n0, k_sb, k_ss, k_sd, v_sb,
+                                              v_ss, v_sd, D, vec, k, v);
         } else {
             load_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, kg + (i64)n0 * k_ss, k_ss, k_sd,
                                           rg.end - n0, D, vec, k);
