@@ -70,11 +70,24 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+def _part(text: str) -> str:
+    """argparse's check of ``--part K/N``."""
+    import pytest
+
+    from .testing.plugin import parse_part
+
+    try:
+        parse_part(text)
+    except pytest.UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--part {text!r}: ")) from None
+    return text
+
+
 def _cmd_check(args) -> int:
     from .testing.runner import run_check
 
     return run_check(args.backend, device=args.device, quick=args.quick,
-                     pytest_args=args.pytest_args)
+                     pytest_args=args.pytest_args, part=args.part)
 
 
 def _cmd_demo(args) -> int:
@@ -154,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backend", help="backend name, e.g. torch-blocked, triton, cupy, reference")
     p.add_argument("--device", default="cpu", help="device to test on (cpu, cuda)")
     p.add_argument("--quick", action="store_true", help="a small grid (for interpreters, CI)")
+    p.add_argument("--part", metavar="K/N", default=None, type=_part,
+                   help="only the K-th of N consecutive slices of the suite (1/2, then 2/2: "
+                   "every test once, in two runs)")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("demo", help="run one attention call on the automatically chosen "

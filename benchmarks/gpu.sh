@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root, each command under 10 minutes:
 #   bash benchmarks/gpu.sh check [BACKEND...]   # the conformance suite on CUDA
+#   CHECK_PART=1/2 bash benchmarks/gpu.sh check triton   # then 2/2: the suite in two calls
 #   bash benchmarks/gpu.sh bench   # the standard grid and the decoding table, compared with
 #                                  # the committed results of this GPU
 #   bash benchmarks/gpu.sh varlen  # the packed variable-length table (attnkit bench --varlen)
@@ -52,16 +53,21 @@ python -m attnkit.cli backends 2>&1 | grep -E "^[a-z]|available|FAILED"
 if [ "$mode" = check ]; then
     # pytest-xdist is not promised on the machine: without it the suite runs in one process.
     if python -c "import xdist" 2> /dev/null; then workers=(-n 8); else workers=(); fi
-    # Backends after the mode (default: all three); a cold triton suite compiles for minutes,
-    # so give it a call of its own: `gpu.sh check triton`, then `gpu.sh check cupy torch-blocked`.
+    # Backends after the mode (default: all three). The triton suite outlasts one 10-minute
+    # call (an H100 ran 88% of it in 370 s with its compile cache warm): run it in parts,
+    # CHECK_PART=1/2 then 2/2, one call each; likewise cupy, in a call of its own.
     backends=("${@:2}")
     [ ${#backends[@]} -gt 0 ] || backends=(triton cupy torch-blocked)
+    part=()
+    [ -n "${CHECK_PART:-}" ] && part=(--part "$CHECK_PART")
     for b in "${backends[@]}"; do
-        timeout "${CHECK_TIMEOUT:-540}" python -m attnkit.cli check "$b" --device cuda -- \
-            ${workers[@]+"${workers[@]}"} -p no:randomly > "$OUT/check-$b.log" 2>&1
+        log="$OUT/check-$b${CHECK_PART:+-part${CHECK_PART%/*}}.log"
+        timeout "${CHECK_TIMEOUT:-540}" python -m attnkit.cli check "$b" --device cuda \
+            ${part[@]+"${part[@]}"} -- ${workers[@]+"${workers[@]}"} -p no:randomly > "$log" 2>&1
         rc=$?
-        counts=$(grep -E "[0-9]+ (passed|failed|error)" "$OUT/check-$b.log" | tail -1)
-        echo "== attnkit check $b --device cuda: rc=$rc ${counts:-no pytest summary (see $OUT/check-$b.log)}"
+        counts=$(grep -E "[0-9]+ (passed|failed|error)" "$log" | tail -1)
+        echo "== attnkit check $b --device cuda ${CHECK_PART:+--part $CHECK_PART}: rc=$rc" \
+            "${counts:-no pytest summary (see $log)}"
     done
     exit 0
 fi

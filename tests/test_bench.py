@@ -403,7 +403,8 @@ def test_committed_results_are_one_set_per_gpu_with_their_provenance():
             assert re.fullmatch(r"\d{4}-\d\d-\d\dT.*", env["date"])
             assert env["versions"]["torch"] and env["versions"]["triton"]
             assert re.fullmatch(r"[0-9a-f]{40}", env["source"]["commit"])
-            assert isinstance(env["source"]["dirty"], bool)
+            # unknown only where the commit was given ($ATTNKIT_BENCH_COMMIT), which says so
+            assert isinstance(env["source"]["dirty"], bool) or "note" in env["source"]
             assert "files" not in result  # where a machine once wrote it is no provenance
 
 

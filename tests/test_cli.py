@@ -67,6 +67,21 @@ def test_check_passes_pytest_args():
     assert "fp32" in r.stdout and "fp16" not in r.stdout
 
 
+def _collected(*args) -> list[str]:
+    r = _cli("check", "reference", "--quick", *args, "--", "--co", "-q")
+    assert r.returncode == 0, r.stdout[-2000:]
+    return [line for line in r.stdout.splitlines() if "::" in line]
+
+
+def test_check_parts_run_every_test_once():
+    whole = _collected()
+    parts = [_collected("--part", f"{k}/3") for k in (1, 2, 3)]
+    assert sum(parts, []) == whole  # consecutive slices, in order, none twice
+    assert all(len(whole) // 3 <= len(p) <= len(whole) // 3 + 1 for p in parts)
+    r = _cli("check", "reference", "--quick", "--part", "4/3")
+    assert r.returncode == 2 and "expected K/N with 1 <= K <= N" in r.stderr
+
+
 @pytest.mark.parametrize("device", ["cuda"])
 def test_check_refuses_missing_device(device):
     import torch

@@ -1,11 +1,11 @@
 """The pytest plugin behind ``attnkit check``: options, fixtures and case parametrization.
 
 Load it with ``-p attnkit.testing.plugin`` and point it at a backend with
-``--attnkit-backend NAME [--attnkit-device cuda] [--attnkit-quick]``. Tests that take a
-``case`` argument are parametrized with the cases generated from that backend's capabilities;
-``refused`` with the problems it does not claim. Every call of the backend's forward and
-backward is checked at the boundary (inputs left as they were, gradients in their inputs'
-dtype and shape), and the session fails if the forward never ran.
+``--attnkit-backend NAME [--attnkit-device cuda] [--attnkit-quick] [--attnkit-part K/N]``.
+Tests that take a ``case`` argument are parametrized with the cases generated from that
+backend's capabilities; ``refused`` with the problems it does not claim. Every call of the
+backend's forward and backward is checked at the boundary (inputs left as they were,
+gradients in their inputs' dtype and shape), and the session fails if the forward never ran.
 """
 
 from __future__ import annotations
@@ -25,6 +25,35 @@ def pytest_addoption(parser):
     group.addoption("--attnkit-backend", default=None, help="backend under test")
     group.addoption("--attnkit-device", default="cpu", help="device: cpu or cuda")
     group.addoption("--attnkit-quick", action="store_true", help="small grid")
+    group.addoption("--attnkit-part", default=None, metavar="K/N",
+                    help="run only the K-th of N consecutive slices of the collected tests")
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"K/N"`` as ``(K, N)`` with ``1 <= K <= N``; anything else is a usage error."""
+    k, sep, n = text.partition("/")
+    if sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n):
+        return int(k), int(n)
+    raise pytest.UsageError(f"--part {text!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
+
+
+def part_slice(count: int, k: int, n: int) -> slice:
+    """The K-th of N consecutive slices of ``count`` tests; the N slices cover each test once.
+    Consecutive, not interleaved: neighbouring cases share compiled kernels, so each slice
+    compiles about its own share of them."""
+    return slice((k - 1) * count // n, k * count // n)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    part = config.getoption("--attnkit-part", default=None)
+    if not part or not config.getoption("--attnkit-backend"):
+        return
+    keep = part_slice(len(items), *parse_part(part))
+    dropped = items[:keep.start] + items[keep.stop:]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = items[keep]
 
 
 def _backend_name(config) -> str:

@@ -38,8 +38,10 @@ def backend_modules(backend) -> list[str]:
 
 
 def run_check(backend: str, device: str = "cpu", quick: bool = False,
-              pytest_args: list[str] | None = None) -> int:
-    """Exit code of pytest; a run that collected no test is a failure, not a pass."""
+              pytest_args: list[str] | None = None, part: str | None = None) -> int:
+    """Exit code of pytest; a run that collected no test is a failure, not a pass.
+    ``part`` ``"K/N"`` runs the K-th of N consecutive slices of the suite (a suite longer
+    than one sitting on a GPU machine runs as N calls; together they run every test once)."""
     from ..registry import NoBackendError, registry
 
     extra = [a for a in (pytest_args or []) if a != "--"]
@@ -61,6 +63,7 @@ def run_check(backend: str, device: str = "cpu", quick: bool = False,
         # conftest of whatever directory the user stands in.
         "--rootdir", SUITE_DIR, "--noconftest",
         *(["--attnkit-quick"] if quick else []),
+        *([f"--attnkit-part={part}"] if part else []),
         *extra,
     ]
     code = pytest.main(args)
