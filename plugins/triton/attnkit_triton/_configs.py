@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass, replace
 
 import triton
@@ -41,6 +42,33 @@ def padded_head_dim(head_dim: int) -> int:
 #: Triton picks interpreter or compiler when a kernel is decorated, so the environment at
 #: import is what counts (and reading it on every call costs microseconds).
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Tiles replacing the tables' for fp16/bf16 on a GPU, for a sweep through ``attnkit bench
+#: --env``: ``KERNEL=BMxBNwWARPSsSTAGES[p]`` joined by ``+``, KERNEL fwd, dkdv or dq, ``p``
+#: pointers instead of tensor descriptors (``dkdv=32x64w8s2+dq=128x32w8s2p``). Read at import.
+TILES_ENV = "ATTNKIT_TRITON_TILES"
+_TILE = re.compile(r"(\d+)x(\d+)w(\d+)s(\d+)(p?)")
+
+
+def parse_tiles(text: str) -> dict[str, KernelConfig]:
+    """`TILES_ENV`'s value as kernel -> config; a malformed one raises ``ValueError``."""
+    out: dict[str, KernelConfig] = {}
+    for item in filter(None, text.split("+")):
+        kernel, _, spec = item.partition("=")
+        m = _TILE.fullmatch(spec)
+        sizes = [int(x) for x in m.groups()[:3]] if m else []
+        if (kernel not in ("fwd", "dkdv", "dq") or kernel in out or not m
+                or any(x < 1 or x & (x - 1) for x in sizes) or min(sizes[:2]) < 16
+                or int(m.group(4)) < 1):
+            raise ValueError(
+                f"{TILES_ENV}={text!r}: {item!r} is not KERNEL=BMxBNwWARPSsSTAGES[p] (KERNEL "
+                "fwd, dkdv or dq, each once; blocks powers of two >= 16, warps a power of "
+                "two, stages >= 1), e.g. dkdv=32x64w8s2+dq=128x32w8s2p")
+        out[kernel] = KernelConfig(*sizes, int(m.group(4)), tma=not m.group(5))
+    return out
+
+
+_TILES = parse_tiles(os.environ.get(TILES_ENV, ""))
 
 
 def interpreting() -> bool:
@@ -234,10 +262,19 @@ def forward_config(head_dim: int, causal: bool, dtype, device,
 
 @functools.lru_cache(maxsize=256)  # a table lookup, but on every call: keep it off the clock
 def _forward_config(head_dim, causal, dtype, device, interpret, short, dropout) -> KernelConfig:
+    return _chosen(head_dim, causal, dtype, device, interpret, short, dropout)[0]
+
+
+def _chosen(head_dim, causal, dtype, device, interpret, short, dropout):
+    """The tables' (forward, dK/dV, dQ) for this call, `TILES_ENV`'s where it gives them,
+    with ``block_d`` filled."""
+    import torch
+
     bd = padded_head_dim(head_dim)
-    cfg = table_configs(None if interpret else _arch(device), bd, causal, dtype, short,
-                        dropout)[0]
-    return replace(cfg, block_d=bd)
+    cfgs = table_configs(None if interpret else _arch(device), bd, causal, dtype, short)
+    if _TILES and not interpret and dtype != torch.float32:
+        cfgs = tuple(_TILES.get(k, c) for k, c in zip(("fwd", "dkdv", "dq"), cfgs))
+    return tuple(replace(_dropout_tile(c) if dropout else c, block_d=bd) for c in cfgs)
 
 
 def backward_configs(head_dim: int, causal: bool, dtype, device,
@@ -248,7 +285,4 @@ def backward_configs(head_dim: int, causal: bool, dtype, device,
 
 @functools.lru_cache(maxsize=256)
 def _backward_configs(head_dim, causal, dtype, device, interpret, short, dropout):
-    bd = padded_head_dim(head_dim)
-    _, dkdv, dq = table_configs(None if interpret else _arch(device), bd, causal, dtype, short,
-                                dropout)
-    return replace(dkdv, block_d=bd), replace(dq, block_d=bd)
+    return _chosen(head_dim, causal, dtype, device, interpret, short, dropout)[1:]
