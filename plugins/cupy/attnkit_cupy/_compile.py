@@ -3,7 +3,7 @@
 A `Variant` is one compiled configuration: a kernel source (forward, backward or the split-KV
 decode), an element type, a padded head dim, the two masking flags and, for the forward and
 backward, the feature bits (packed sequences, dropout or both; FEAT_*), for the decode the
-paged bit (FEAT_PAGED). Each is compiled once
+paged bits (FEAT_PAGED, FEAT_WHOLE_PAGES). Each is compiled once
 per device through ``cupy.RawModule(code=..., options=..., name_expressions=[...])``; CuPy
 adds ``-arch=sm_XY`` for the current device and caches the cubin on disk, so a configuration
 is built once per machine. `all_variants` lists every configuration the backend can ask for:
@@ -55,9 +55,10 @@ DECODE_F32 = (4, 32, 2)
 #: template argument FEAT. 0 is the plain kernel; both bits: dropout on packed sequences.
 FEAT_VARLEN, FEAT_DROPOUT = 1, 2
 FEATURES = (0, FEAT_VARLEN, FEAT_DROPOUT, FEAT_VARLEN | FEAT_DROPOUT)
-#: The decode kernels' one feature: page pools read through a block table (PAGED of decode.cu).
-FEAT_PAGED = 4
-DECODE_FEATURES = (0, FEAT_PAGED)
+#: The decode kernels' features: page pools read through a block table (PAGED of decode.cu),
+#: with each tile's page looked up once where pages hold whole tiles (fp16/bf16 only).
+FEAT_PAGED, FEAT_WHOLE_PAGES = 4, 8
+DECODE_FEATURES = (0, FEAT_PAGED, FEAT_PAGED | FEAT_WHOLE_PAGES)
 
 #: NVRTC options. CuPy appends -arch=sm_XY for the current device (and caches per arch).
 OPTIONS = ("-std=c++17",)
@@ -96,10 +97,14 @@ class Variant:
                                  f"feature set {FEATURES}")
             flags = f"{_b(self.band)}, {_b(self.softcap)}, {self.feat}>"
         else:
-            if self.feat not in DECODE_FEATURES:
+            if self.feat not in DECODE_FEATURES or (self.dtype == "fp32"
+                                                    and self.feat & FEAT_WHOLE_PAGES):
                 raise ValueError(f"the split-KV decode kernels take feature bits "
-                                 f"{DECODE_FEATURES}, got {self.feat}")
-            flags = f"{_b(self.band)}, {_b(self.softcap)}, {_b(self.feat == FEAT_PAGED)}>"
+                                 f"{DECODE_FEATURES} (fp32 without FEAT_WHOLE_PAGES), got "
+                                 f"{self.feat} for {self.dtype}")
+            paged = (_b(bool(self.feat)) if self.dtype == "fp32"  # PAGED_* of decode.cu
+                     else 2 if self.feat & FEAT_WHOLE_PAGES else int(bool(self.feat)))
+            flags = f"{_b(self.band)}, {_b(self.softcap)}, {paged}>"
         if self.source == "decode":
             if self.dtype == "fp32":
                 return {"split": f"decode_split_f32_kernel<{dp}, {flags}",
@@ -192,7 +197,8 @@ def all_variants() -> list[Variant]:
     return [Variant(src, dt, dp, band, cap, _tiles(src, dt, dp), feat)
             for src in SOURCES for dt in DTYPES for dp in HEAD_DIM_BUCKETS
             for band in (False, True) for cap in (False, True)
-            for feat in (FEATURES if src != "decode" else DECODE_FEATURES)]
+            for feat in (FEATURES if src != "decode" else DECODE_FEATURES)
+            if not (dt == "fp32" and feat & FEAT_WHOLE_PAGES)]
 
 
 _INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.M)

@@ -211,11 +211,10 @@ def _plan(problem: AttentionProblem, splits: int, tiles) -> _Plan:
     fp32 = dtype == "fp32"
     left, right, *_ = bounds = _launch.band(problem)
     variant = _compile.variant_for("decode", dtype, D, bounds.bounded,
-                                   problem.softcap is not None,
-                                   _compile.FEAT_PAGED if problem.page_size else 0)
-    if tiles is not None:
-        variant = _compile.Variant("decode", dtype, variant.dp, variant.band, variant.softcap,
-                                   tiles, variant.feat)
+                                   problem.softcap is not None)
+    tiles = variant.tiles if tiles is None else tiles
+    variant = _compile.Variant("decode", dtype, variant.dp, variant.band, variant.softcap,
+                               tiles, _paged_feature(problem, tiles, bounds.has_left))
     nrows = B * Hq * Sq
     _, split_threads, split_smem = variant.geometry("split")
     merge_rows, merge_threads, _ = variant.geometry("merge")
@@ -230,6 +229,17 @@ def _plan(problem: AttentionProblem, splits: int, tiles) -> _Plan:
         merge_tail=(*_launch._i32(Hq, Sq, D, splits), np.int64(nrows)),
         fp32=fp32,
     )
+
+
+def _paged_feature(problem: AttentionProblem, tiles, has_left: bool) -> int:
+    """The decode variant's paged bits: none for contiguous caches; whole pages per tile where
+    the page size is a multiple of the tile's keys and no left window moves a split's first key
+    off a tile boundary (splits start at multiples of the tile otherwise), else per row."""
+    if not problem.page_size:
+        return 0
+    whole = (problem.dtype != torch.float32 and not has_left
+             and problem.page_size % tiles[1] == 0)
+    return _compile.FEAT_PAGED | (_compile.FEAT_WHOLE_PAGES if whole else 0)
 
 
 class _Prepared(NamedTuple):

@@ -45,6 +45,21 @@ def test_paged_is_declared_and_always_takes_the_split_kernel():
     assert not _decode.use_split_kv(_paged(B=0)[0])
 
 
+@pytest.mark.parametrize("P, dtype, window, whole", [
+    (64, F16, None, True), (256, F16, None, True), (128, F16, (-1, 0), True),
+    (16, F16, None, False), (5, F16, None, False), (96, F16, None, False),
+    (64, F16, (100, 0), False),  # a left window starts splits off a tile boundary
+    (64, F32, None, False),  # the fp32 kernel looks rows up one by one
+])
+def test_pages_holding_whole_tiles_take_the_one_lookup_per_tile_variant(P, dtype, window,
+                                                                         whole):
+    p = _paged(P=P, dtype=dtype, causal=True, window=window)[0]
+    feat = _decode._plan(p, 1, None).variant.feat
+    assert feat == _compile.FEAT_PAGED | (_compile.FEAT_WHOLE_PAGES if whole else 0)
+    if dtype == F16:  # the decode tile's keys: 64 at every head dim
+        assert _decode._plan(p, 1, None).variant.tiles[1] == 64
+
+
 def test_paged_grid_limits_are_refused_with_reasons():
     p = _paged()[0]
     assert _decode.grid_reasons(p) == []
@@ -130,7 +145,7 @@ def test_split_arguments_match_the_kernels_parameters(kernel, dtype, paged):
         assert int(args16[-2]) == 4  # 16 = 1 << 4: a shift, not a division
     else:
         assert set(tail.values()) == {0}
-    assert plan.variant.feat == (_compile.FEAT_PAGED if paged else 0)
+    assert plan.variant.feat == (_compile.FEAT_PAGED if paged else 0)  # 5 rows: per row
 
 
 # -- GPU ------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""The paged decode kernel's addressing (PageMap and load_paged_kv_16 in kernels/decode.cu)
-compiled for the host with the C++ compiler and AddressSanitizer, without a GPU: every thread
-of a block runs in turn with ``cp.async`` emulated as a copy, and the K/V tiles it leaves in
-shared memory must be the rows the block table names (page ``table[j // P]``, row ``j % P``),
-zeros past the valid rows and the head dim. The table holds exactly the entries the tile's
-keys need and the pools exactly their pages, so reading an entry or a page past them is an
-ASan error. Page sizes 1, 5, 16, 64, 256 (shift and division), tiles crossing pages, 16-byte
-and element loads, a transposed pool layout. Marked ``nvcc`` like the other compile checks."""
+"""The paged decode kernel's addressing (PageMap, load_paged_kv_16 and load_paged_tile_16 in
+kernels/decode.cu) compiled for the host with the C++ compiler and AddressSanitizer, without a
+GPU: every thread of a block runs in turn with ``cp.async`` emulated as a copy, and the K/V
+tiles it leaves in shared memory must be the rows the block table names (page
+``table[j // P]``, row ``j % P``), zeros past the valid rows and the head dim. The table holds
+exactly the entries the tile's keys need and the pools exactly their pages, so reading an
+entry or a page past them is an ASan error. Page sizes 1, 5, 16, 64, 128, 256 (shift and
+division), tiles crossing pages, tiles inside one page loaded through one lookup, 16-byte and
+element loads, a transposed pool layout. Marked ``nvcc`` like the other compile checks."""
 
 from __future__ import annotations
 
@@ -57,18 +58,19 @@ static std::vector<u16> read_file(const char* path, size_t n) {
 
 int main(int argc, char** argv) {
     // P shift num_pages n0 nvalid D vec hk k_sp k_sh k_ss k_sd v_sp v_sh v_ss v_sd pool_elems
-    // n_entries kfile vfile tablefile outfile
-    i64 a[18];
-    for (int i = 0; i < 18; ++i) a[i] = std::strtoll(argv[1 + i], 0, 10);
+    // n_entries whole kfile vfile tablefile outfile
+    i64 a[19];
+    for (int i = 0; i < 19; ++i) a[i] = std::strtoll(argv[1 + i], 0, 10);
     const int P = (int)a[0], shift = (int)a[1], num_pages = (int)a[2], n0 = (int)a[3];
     const int nvalid = (int)a[4], D = (int)a[5], vec = (int)a[6], hk = (int)a[7];
     const i64 k_sp = a[8], k_sh = a[9], k_ss = a[10], k_sd = a[11];
     const i64 v_sp = a[12], v_sh = a[13], v_ss = a[14], v_sd = a[15];
     const size_t pool_elems = (size_t)a[16], n_entries = (size_t)a[17];
-    std::vector<u16> k = read_file(argv[19], pool_elems), v = read_file(argv[20], pool_elems);
+    const bool whole = a[18] != 0;
+    std::vector<u16> k = read_file(argv[20], pool_elems), v = read_file(argv[21], pool_elems);
     std::vector<int> table(n_entries);  // exactly the entries the tile's keys need
     {
-        FILE* f = std::fopen(argv[21], "rb");
+        FILE* f = std::fopen(argv[22], "rb");
         if (!f || std::fread(table.data(), 4, n_entries, f) != n_entries) return 2;
         std::fclose(f);
     }
@@ -79,11 +81,12 @@ int main(int argc, char** argv) {
     const PageMap pm = PageMap::of_batch(table.data(), 0, (int)n_entries, P, shift, num_pages);
     for (unsigned t = 0; t < NT; ++t) {
         threadIdx.x = t;
-        load_paged_kv_16<ROWS, DP, LDS, NT>(sk, sv, k.data() + hk * k_sh, v.data() + hk * v_sh,
-                                            pm, n0, nvalid, k_sp, k_ss, k_sd, v_sp, v_ss, v_sd,
-                                            D, vec != 0, k.data(), v.data());
+        load_paged_tile_16<ROWS, DP, LDS, NT>(sk, sv, k.data() + hk * k_sh,
+                                              v.data() + hk * v_sh, pm, whole, n0, nvalid, k_sp,
+                                              k_ss, k_sd, v_sp, v_ss, v_sd, D, vec != 0,
+                                              k.data(), v.data());
     }
-    FILE* f = std::fopen(argv[22], "wb");
+    FILE* f = std::fopen(argv[23], "wb");
     std::fwrite(smem.data(), 1, smem.size(), f);
     std::fclose(f);
     return 0;
@@ -97,9 +100,13 @@ def _extract(pattern: str, what: str) -> str:
 
 @pytest.fixture(scope="module")
 def host_loader(tmp_path_factory):
-    body = (_extract(r"^struct PageMap \{.*?^\};\n", "struct PageMap")
+    body = (kernel_text("common.cuh", r"^template <int ROWS, int DP, int LDS, int NT, bool LO = "
+                        r"false>\nATTN_DEVICE void load_tile_16\(.*?^\}\n", "load_tile_16")
+            + _extract(r"^struct PageMap \{.*?^\};\n", "struct PageMap")
             + _extract(r"^template <int ROWS, int DP, int LDS, int NT>\n"
-                       r"ATTN_DEVICE void load_paged_kv_16\(.*?^\}\n", "load_paged_kv_16"))
+                       r"ATTN_DEVICE void load_paged_kv_16\(.*?^\}\n", "load_paged_kv_16")
+            + _extract(r"^template <int ROWS, int DP, int LDS, int NT>\n"
+                       r"ATTN_DEVICE void load_paged_tile_16\(.*?^\}\n", "load_paged_tile_16"))
     consts = f"constexpr int ROWS = {ROWS}, DP = {DP}, LDS = {LDS}, NT = {NT};\n"
     return build_host(tmp_path_factory.mktemp("paged"), "paged", PRELUDE + body + consts + MAIN,
                       "-std=c++17", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer")
@@ -116,13 +123,19 @@ CASES = [
     (64, 100, 64, 64, False, "nhpd"),
     (256, 192, 30, 64, True, "nhpd"),
     (3, 1, 64, 24, False, "nhpd"),
+    (128, 128, 64, 64, True, "nphd"),
+    (256, 0, 64, 40, False, "nhpd"),
+    (64, 0, 10, 64, True, "nphd"),
 ]
+# Each case row by row, and through one lookup per tile where its tile lies inside a page.
+LOADS = [(*c, False) for c in CASES] + [(*c, True) for c in CASES
+                                        if c[0] % ROWS == 0 and c[1] % ROWS == 0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"P{c[0]}-n{c[1]}-v{c[2]}-D{c[3]}-"
-                         f"{'vec' if c[4] else 'scalar'}-{c[5]}")
+@pytest.mark.parametrize("case", LOADS, ids=lambda c: f"P{c[0]}-n{c[1]}-v{c[2]}-D{c[3]}-"
+                         f"{'vec' if c[4] else 'scalar'}-{c[5]}-{'whole' if c[6] else 'rows'}")
 def test_paged_tile_load_reads_the_tables_rows(host_loader, tmp_path, case):
-    P, n0, nvalid, D, vec, layout = case
+    P, n0, nvalid, D, vec, layout, whole = case
     Hkv, hk, rng = 2, 1, np.random.default_rng(P * 1000 + n0)
     needed = -(-(n0 + nvalid) // P)  # entries of keys 0 .. n0 + nvalid - 1
     num_pages = needed + 3
@@ -140,7 +153,7 @@ def test_paged_tile_load_reads_the_tables_rows(host_loader, tmp_path, case):
     out = tmp_path / "smem"
     shift = P.bit_length() - 1 if P & (P - 1) == 0 else -1
     args = [P, shift, num_pages, n0, nvalid, D, int(vec), hk, *strides, *strides, k.size,
-            needed, *files, str(out)]
+            needed, int(whole), *files, str(out)]
     run = subprocess.run([str(host_loader), *map(str, args)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     smem = np.fromfile(out, dtype=np.uint16).reshape(2, ROWS, LDS)
@@ -169,7 +182,7 @@ def test_an_entry_past_the_needed_ones_would_be_caught(host_loader, tmp_path):
         arr.tofile(path)
         files.append(str(path))
     strides = [s // 2 for s in k.strides]
-    args = [P, 4, num_pages, n0, nvalid, D, 1, 0, *strides, *strides, k.size, len(table),
+    args = [P, 4, num_pages, n0, nvalid, D, 1, 0, *strides, *strides, k.size, len(table), 0,
             *files, str(tmp_path / "smem")]
     run = subprocess.run([str(host_loader), *map(str, args)], capture_output=True, text=True)
     assert run.returncode != 0 and "heap-buffer-overflow" in run.stderr

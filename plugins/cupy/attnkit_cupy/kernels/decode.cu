@@ -24,14 +24,21 @@
 // PAGED: k and v are page pools (num_pages, Hkv, page_size, D) (k_sb/v_sb their page
 // strides, k_ss/v_ss the row stride inside a page) and key j of batch b is row
 // j % page_size of page table[b * max_pages + j / page_size], looked up as each tile loads
-// (no gather copy). Only the entries of keys a split reads (j < skb) are read.
+// (no gather copy): once per tile where pages hold whole tiles, else once per row. Only the
+// entries of keys a split reads (j < skb) are read.
 //
 // Partials are laid out (B, Hq, Sq, splits[, D]) so a merge warp reads one row's splits in a
 // run. Template parameters as in forward.cu: DP is the head dim rounded up to a bucket
 // (columns D..DP-1 are zero in shared memory), BAND the causal/window mask, SOFTCAP the cap,
 // PAGED the page-pool addressing above (its arguments, the block table, max_pages, page_size,
-// page_shift and num_pages, come last; the contiguous kernels ignore them).
+// page_shift and num_pages, come last; the contiguous kernels ignore them): for fp16/bf16 one
+// of PAGED_* below, for fp32 a flag (rows looked up one by one).
 #include "common.cuh"
+
+// The fp16/bf16 split kernel's PAGED: contiguous caches, pages looked up per row, or per tile
+// (the host picks it where the page size is a multiple of BN and no left window moves a
+// split's first key off a multiple of BN, so every tile lies inside one page).
+constexpr int PAGED_NONE = 0, PAGED_ROWS = 1, PAGED_WHOLE = 2;
 
 // Query rows per split block, for every dtype (the host's row-block count uses it too).
 #define DEC_ROWS 16
@@ -146,6 +153,28 @@ ATTN_DEVICE void load_paged_kv_16(u16* sk, u16* sv, const u16* kh, const u16* vh
     }
 }
 
+// The K and V tiles of keys n0 .. n0 + ROWS - 1 of paged pools. With `whole` (the page size a
+// multiple of ROWS and n0 of ROWS, so the tile lies inside one page) one table read places
+// the tile and the contiguous loader copies it; otherwise each row looks its page up
+// (load_paged_kv_16). Arguments as load_paged_kv_16's.
+template <int ROWS, int DP, int LDS, int NT>
+ATTN_DEVICE void load_paged_tile_16(u16* sk, u16* sv, const u16* kh, const u16* vh,
+                                    const PageMap& pm, bool whole, int n0, int nvalid,
+                                    i64 k_sp, i64 k_ss, i64 k_sd, i64 v_sp, i64 v_ss, i64 v_sd,
+                                    int D, bool vec, const u16* ksafe, const u16* vsafe) {
+    if (whole) {
+        i64 page, slot;
+        pm.locate(n0, page, slot);
+        load_tile_16<ROWS, DP, LDS, NT>(sk, kh + page * k_sp + slot * k_ss, k_ss, k_sd, nvalid,
+                                        D, vec, ksafe);
+        load_tile_16<ROWS, DP, LDS, NT>(sv, vh + page * v_sp + slot * v_ss, v_ss, v_sd, nvalid,
+                                        D, vec, vsafe);
+    } else {
+        load_paged_kv_16<ROWS, DP, LDS, NT>(sk, sv, kh, vh, pm, n0, nvalid, k_sp, k_ss, k_sd,
+                                            v_sp, v_ss, v_sd, D, vec, ksafe, vsafe);
+    }
+}
+
 // Offset of partial (row r of the block, split) in the (B, Hq, Sq, splits) partial arrays.
 ATTN_DEVICE i64 partial_index(int b, int hk, int row, int group, int Hq, int Sq, int split,
                               int splits) {
@@ -194,7 +223,7 @@ template <int DP, int NW, int BN, int ST> struct DecCfg {
     static constexpr int SMEM = PIPE > MERGE ? PIPE : MERGE;
 };
 
-template <typename T, int DP, int NW, int BN, int ST, bool BAND, bool SOFTCAP, bool PAGED>
+template <typename T, int DP, int NW, int BN, int ST, bool BAND, bool SOFTCAP, int PAGED>
 __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     float* __restrict__ part_o, float* __restrict__ part_l, const int* __restrict__ seqlens,
@@ -221,7 +250,7 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     const Band& band = blk.band;
     const SplitRange& rg = blk.rg;
 
-    // Paged: the pools offset to the kv head; a row's page comes from the table per tile.
+    // Paged: the pools offset to the kv head; pages come from the table per tile.
     const u16* kg = k + (PAGED ? 0 : b * k_sb) + hk * k_sh;
     const u16* vg = v + (PAGED ? 0 : b * v_sb) + hk * v_sh;
     const PageMap pm = PageMap::of_batch(table, b, max_pages, page_size, page_shift,
@@ -229,9 +258,9 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     auto load_kv = [&](int t) {
         const int n0 = rg.start + t * BN, st = t % ST;
         if constexpr (PAGED) {
-            load_paged_kv_16<BN, DP, LDS, NT>(sK + st * BN * LDS, sV + st * BN * LDS, kg, vg,
-                                              pm, n0, rg.end - n0, k_sb, k_ss, k_sd, v_sb,
-                                              v_ss, v_sd, D, vec, k, v);
+            load_paged_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, sV + st * BN * LDS, kg, vg,
+                                                pm, PAGED == PAGED_WHOLE, n0, rg.end - n0, k_sb,
+                                                k_ss, k_sd, v_sb, v_ss, v_sd, D, vec, k, v);
         } else {
             load_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, kg + (i64)n0 * k_ss, k_ss, k_sd,
                                           rg.end - n0, D, vec, k);
