@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .grid import IDENTITY
+from .peers import PEERS
 from .tables import backends_in_order, fmt_table, geomean, seq_label
 
 #: Kind -> (field compared, its name, whether larger is faster).
@@ -112,7 +113,7 @@ def compare_table(results: dict[str, dict], base: str, title: str | None = None)
     lines += fmt_table(f"\nGeometric mean over {base} (cells compared)", "backend",
                        [c for c in columns if any((c, m) in summary for m in modes)], modes,
                        summary)
-    return "\n".join(lines + _against_peers(per, backends, others, modes, column, base))
+    return "\n".join(lines + _against_peers(per, backends, others, modes, column))
 
 
 #: The peers a backend's change is also read against, where both runs timed them.
@@ -121,14 +122,14 @@ REFERENCE_PEERS = ("sdpa-flash", "sdpa-cudnn")
 NOISE = 0.03
 
 
-def _against_peers(per, backends, others, modes, column, base) -> list[str]:
+def _against_peers(per, backends, others, modes, column) -> list[str]:
     """Each attnkit backend's ratio divided by a peer's ratio in the same cell: the GPU's
     clocks, power state and host move both alike between processes, so this reads a kernel's
     own change where the plain ratio moves 5-15% per cell. Geometric mean and the share of
     cells within +-NOISE, per mode."""
     rows, values = [], {}
     for backend in backends:
-        if backend.startswith("sdpa"):
+        if backend in PEERS:
             continue
         for peer in REFERENCE_PEERS:
             for name in others:
