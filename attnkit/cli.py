@@ -72,14 +72,12 @@ def _cmd_backends(args) -> int:
 
 def _part(text: str) -> str:
     """argparse's check of ``--part K/N``."""
-    import pytest
-
     from .testing.plugin import parse_part
 
     try:
         parse_part(text)
-    except pytest.UsageError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--part {text!r}: ")) from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

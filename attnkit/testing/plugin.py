@@ -30,11 +30,11 @@ def pytest_addoption(parser):
 
 
 def parse_part(text: str) -> tuple[int, int]:
-    """``"K/N"`` as ``(K, N)`` with ``1 <= K <= N``; anything else is a usage error."""
+    """``"K/N"`` as ``(K, N)`` with ``1 <= K <= N``; anything else raises ``ValueError``."""
     k, sep, n = text.partition("/")
     if sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n):
         return int(k), int(n)
-    raise pytest.UsageError(f"--part {text!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
+    raise ValueError(f"expected K/N with 1 <= K <= N, e.g. 1/2; got {text!r}")
 
 
 def part_slice(count: int, k: int, n: int) -> slice:
@@ -49,7 +49,10 @@ def pytest_collection_modifyitems(config, items):
     part = config.getoption("--attnkit-part", default=None)
     if not part or not config.getoption("--attnkit-backend"):
         return
-    keep = part_slice(len(items), *parse_part(part))
+    try:
+        keep = part_slice(len(items), *parse_part(part))
+    except ValueError as e:
+        raise pytest.UsageError(f"--attnkit-part: {e}") from None
     dropped = items[:keep.start] + items[keep.stop:]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
