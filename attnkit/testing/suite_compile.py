@@ -44,7 +44,10 @@ def test_compile_fullgraph_matches_eager(backend, backend_name, device, quick):
         results[name] = (out.detach(), loss.detach(), grads)
     (out_e, loss_e, grads_e), (out_c, loss_c, grads_c) = results["eager"], results["compiled"]
     assert torch.equal(out_c, out_e), f"{where}: compiled out differs from eager's"
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=0, msg=lambda m: f"{where}: {m}")
+    # Inductor sums the loss's terms in its own order: allow the fp32 rounding of such a sum
+    # (their magnitudes' sum times 1e-6), not a fixed relative error of a sum that cancels.
+    atol = 1e-6 * float((out_e.float() * weight.float()).abs().sum())
+    torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=atol, msg=lambda m: f"{where}: {m}")
     if case.grad:
         for name, grads in (("eager", grads_e), ("compiled", grads_c)):
             verdicts = case.judge(q, k, v, lens, weight, grads=grads)
