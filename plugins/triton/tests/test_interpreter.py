@@ -114,15 +114,10 @@ def _check_against_reference(case):
         assert (grads[0][masked] == 0).all()
 
 
-def test_fp32_tiles_for_small_shared_memory(monkeypatch):
-    """fp32 at head dims 129..256 off Hopper takes its own tiles per kernel (16 and 32 rows,
-    sized for sm_86's 99 KB; tools/compile_tables.py). The interpreter otherwise runs its
-    one tile, so they are forced here."""
+def _check_with_tiles(monkeypatch, tiles, case):
+    """``case`` against the reference with `table_configs` answering ``tiles``; returns the
+    lookups made (the interpreter otherwise runs its one tile, so others are forced)."""
     from attnkit_triton import _configs, backend
-
-    tiles = _configs.table_configs(86, 256, True, F32)
-    assert tiles == _configs._FP32_SMALL_256
-    assert tiles != _configs.table_configs(90, 256, True, F32)
 
     def forget():  # the config lookups and the backend's routes are cached per problem
         _configs._forward_config.cache_clear()
@@ -133,11 +128,38 @@ def test_fp32_tiles_for_small_shared_memory(monkeypatch):
     forget()
     monkeypatch.setattr(_configs, "table_configs", lambda *args: asked.append(args) or tiles)
     try:
-        _check_against_reference(Case(batch=1, heads_q=2, heads_kv=1, seqlen_q=37,
-                                      seqlen_k=45, head_dim=136, dtype=F32, causal=True))
+        _check_against_reference(case)
     finally:
         forget()
+    return asked
+
+
+def test_fp32_tiles_for_small_shared_memory(monkeypatch):
+    """fp32 at head dims 129..256 off Hopper takes its own tiles per kernel (16 and 32 rows,
+    sized for sm_86's 99 KB; tools/compile_tables.py)."""
+    from attnkit_triton import _configs
+
+    tiles = _configs.table_configs(86, 256, True, F32)
+    assert tiles == _configs._FP32_SMALL_256
+    assert tiles != _configs.table_configs(90, 256, True, F32)
+    asked = _check_with_tiles(monkeypatch, tiles, Case(
+        batch=1, heads_q=2, heads_kv=1, seqlen_q=37, seqlen_k=45, head_dim=136, dtype=F32,
+        causal=True))
     assert len(asked) == 2  # the forward's lookup and the backward's
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_head_dim_256_tiles(monkeypatch, causal):
+    """sm_90's fp16/bf16 tiles at head dims 129..256 (dK/dV 32x64, dQ 128x32), through
+    pointers: sequences that leave partial blocks of each, GQA, a padded head dim."""
+    from dataclasses import replace
+
+    from attnkit_triton import _configs
+
+    tiles = tuple(replace(c, tma=False) for c in _configs.table_configs(90, 256, causal, F16))
+    _check_with_tiles(monkeypatch, tiles, Case(
+        batch=1, heads_q=4, heads_kv=2, seqlen_q=150, seqlen_k=200, head_dim=192,
+        dtype=BF16 if causal else F16, causal=causal))
 
 
 def test_refuses_gpus_older_than_sm80(monkeypatch):
