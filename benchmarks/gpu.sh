@@ -52,7 +52,9 @@ python -m attnkit.cli backends 2>&1 | grep -E "^[a-z]|available|FAILED"
 
 if [ "$mode" = check ]; then
     # pytest-xdist is not promised on the machine: without it the suite runs in one process.
-    if python -c "import xdist" 2> /dev/null; then workers=(-n 8); else workers=(); fi
+    # CHECK_WORKERS sets the xdist workers (default 8; a cold compile cache favours more).
+    if python -c "import xdist" 2> /dev/null; then workers=(-n "${CHECK_WORKERS:-8}"); else
+        workers=(); fi
     # Backends after the mode (default: all three). The triton suite outlasts one 10-minute
     # call (an H100 ran 88% of it in 370 s with its compile cache warm): run it in parts,
     # CHECK_PART=1/2 then 2/2, one call each; likewise cupy, in a call of its own.
