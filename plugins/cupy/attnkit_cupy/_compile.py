@@ -3,7 +3,7 @@
 A `Variant` is one compiled configuration: a kernel source (forward, backward or the split-KV
 decode), an element type, a padded head dim, the two masking flags and, for the forward and
 backward, the feature bits (packed sequences, dropout or both; FEAT_*), for the decode the
-paged bits (FEAT_PAGED, FEAT_WHOLE_PAGES). Each is compiled once
+paged bits (FEAT_PAGED, FEAT_WHOLE_PAGES, FEAT_CHUNK_PAGES). Each is compiled once
 per device through ``cupy.RawModule(code=..., options=..., name_expressions=[...])``; CuPy
 adds ``-arch=sm_XY`` for the current device and caches the cubin on disk, so a configuration
 is built once per machine. `all_variants` lists every configuration the backend can ask for:
@@ -56,9 +56,12 @@ DECODE_F32 = (4, 32, 2)
 FEAT_VARLEN, FEAT_DROPOUT = 1, 2
 FEATURES = (0, FEAT_VARLEN, FEAT_DROPOUT, FEAT_VARLEN | FEAT_DROPOUT)
 #: The decode kernels' features: page pools read through a block table (PAGED of decode.cu),
-#: with each tile's page looked up once where pages hold whole tiles (fp16/bf16 only).
-FEAT_PAGED, FEAT_WHOLE_PAGES = 4, 8
-DECODE_FEATURES = (0, FEAT_PAGED, FEAT_PAGED | FEAT_WHOLE_PAGES)
+#: with a page looked up once per tile where pages hold whole tiles, or once per 16 keys where
+#: they hold whole 16-key chunks (fp16/bf16 only).
+FEAT_PAGED, FEAT_WHOLE_PAGES, FEAT_CHUNK_PAGES = 4, 8, 16
+DECODE_FEATURES = (0, FEAT_PAGED, FEAT_PAGED | FEAT_WHOLE_PAGES, FEAT_PAGED | FEAT_CHUNK_PAGES)
+#: The feature bits only the fp16/bf16 decode has (the fp32 kernel reads pages row by row).
+FEAT_HALF_ONLY = FEAT_WHOLE_PAGES | FEAT_CHUNK_PAGES
 
 #: NVRTC options. CuPy appends -arch=sm_XY for the current device (and caches per arch).
 OPTIONS = ("-std=c++17",)
@@ -98,12 +101,13 @@ class Variant:
             flags = f"{_b(self.band)}, {_b(self.softcap)}, {self.feat}>"
         else:
             if self.feat not in DECODE_FEATURES or (self.dtype == "fp32"
-                                                    and self.feat & FEAT_WHOLE_PAGES):
+                                                    and self.feat & FEAT_HALF_ONLY):
                 raise ValueError(f"the split-KV decode kernels take feature bits "
-                                 f"{DECODE_FEATURES} (fp32 without FEAT_WHOLE_PAGES), got "
-                                 f"{self.feat} for {self.dtype}")
+                                 f"{DECODE_FEATURES} (fp32 without FEAT_WHOLE_PAGES or "
+                                 f"FEAT_CHUNK_PAGES), got {self.feat} for {self.dtype}")
             paged = (_b(bool(self.feat)) if self.dtype == "fp32"  # PAGED_* of decode.cu
-                     else 2 if self.feat & FEAT_WHOLE_PAGES else int(bool(self.feat)))
+                     else 2 if self.feat & FEAT_WHOLE_PAGES
+                     else 3 if self.feat & FEAT_CHUNK_PAGES else int(bool(self.feat)))
             flags = f"{_b(self.band)}, {_b(self.softcap)}, {paged}>"
         if self.source == "decode":
             if self.dtype == "fp32":
@@ -198,7 +202,7 @@ def all_variants() -> list[Variant]:
             for src in SOURCES for dt in DTYPES for dp in HEAD_DIM_BUCKETS
             for band in (False, True) for cap in (False, True)
             for feat in (FEATURES if src != "decode" else DECODE_FEATURES)
-            if not (dt == "fp32" and feat & FEAT_WHOLE_PAGES)]
+            if not (dt == "fp32" and feat & FEAT_HALF_ONLY)]
 
 
 _INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.M)

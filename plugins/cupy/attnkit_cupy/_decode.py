@@ -231,15 +231,25 @@ def _plan(problem: AttentionProblem, splits: int, tiles) -> _Plan:
     )
 
 
+#: Keys per chunk of the PAGED_CHUNKS loads (decode.cu's CHUNK).
+PAGE_CHUNK = 16
+
+
 def _paged_feature(problem: AttentionProblem, tiles, has_left: bool) -> int:
-    """The decode variant's paged bits: none for contiguous caches; whole pages per tile where
-    the page size is a multiple of the tile's keys and no left window moves a split's first key
-    off a tile boundary (splits start at multiples of the tile otherwise), else per row."""
-    if not problem.page_size:
+    """The decode variant's paged bits: none for contiguous caches; one lookup per tile where
+    the page size is a multiple of the tile's keys, per 16-key chunk where it is a multiple of
+    16, and no left window moves a split's first key off a tile boundary (splits start at
+    multiples of the tile otherwise); else per row."""
+    P = problem.page_size
+    if not P:
         return 0
-    whole = (problem.dtype != torch.float32 and not has_left
-             and problem.page_size % tiles[1] == 0)
-    return _compile.FEAT_PAGED | (_compile.FEAT_WHOLE_PAGES if whole else 0)
+    if problem.dtype == torch.float32 or has_left:
+        return _compile.FEAT_PAGED
+    if P % tiles[1] == 0:
+        return _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES
+    if P % PAGE_CHUNK == 0 and tiles[1] % PAGE_CHUNK == 0:
+        return _compile.FEAT_PAGED | _compile.FEAT_CHUNK_PAGES
+    return _compile.FEAT_PAGED
 
 
 class _Prepared(NamedTuple):

@@ -45,17 +45,21 @@ def test_paged_is_declared_and_always_takes_the_split_kernel():
     assert not _decode.use_split_kv(_paged(B=0)[0])
 
 
-@pytest.mark.parametrize("P, dtype, window, whole", [
-    (64, F16, None, True), (256, F16, None, True), (128, F16, (-1, 0), True),
-    (16, F16, None, False), (5, F16, None, False), (96, F16, None, False),
-    (64, F16, (100, 0), False),  # a left window starts splits off a tile boundary
-    (64, F32, None, False),  # the fp32 kernel looks rows up one by one
+WHOLE, CHUNKS = _compile.FEAT_WHOLE_PAGES, _compile.FEAT_CHUNK_PAGES
+
+
+@pytest.mark.parametrize("P, dtype, window, lookups", [
+    (64, F16, None, WHOLE), (256, F16, None, WHOLE), (128, F16, (-1, 0), WHOLE),
+    (16, F16, None, CHUNKS), (32, F16, None, CHUNKS), (96, F16, None, CHUNKS),
+    (48, F16, (-1, 0), CHUNKS), (5, F16, None, 0), (8, F16, None, 0),
+    (64, F16, (100, 0), 0), (16, F16, (100, 0), 0),  # a left window: splits start anywhere
+    (64, F32, None, 0), (16, F32, None, 0),  # the fp32 kernel looks rows up one by one
 ])
-def test_pages_holding_whole_tiles_take_the_one_lookup_per_tile_variant(P, dtype, window,
-                                                                         whole):
+def test_pages_of_whole_tiles_or_chunks_take_one_lookup_per_tile_or_chunk(P, dtype, window,
+                                                                          lookups):
     p = _paged(P=P, dtype=dtype, causal=True, window=window)[0]
     feat = _decode._plan(p, 1, None).variant.feat
-    assert feat == _compile.FEAT_PAGED | (_compile.FEAT_WHOLE_PAGES if whole else 0)
+    assert feat == _compile.FEAT_PAGED | lookups
     if dtype == F16:  # the decode tile's keys: 64 at every head dim
         assert _decode._plan(p, 1, None).variant.tiles[1] == 64
 

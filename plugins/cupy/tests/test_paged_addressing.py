@@ -6,7 +6,9 @@ tiles it leaves in shared memory must be the rows the block table names (page
 exactly the entries the tile's keys need and the pools exactly their pages, so reading an
 entry or a page past them is an ASan error. Page sizes 1, 5, 16, 64, 128, 256 (shift and
 division), tiles crossing pages, tiles inside one page loaded through one lookup, 16-byte and
-element loads, a transposed pool layout. Marked ``nvcc`` like the other compile checks."""
+16-key chunks of pages looked up once each, element loads, a transposed pool layout; the
+table lookups are counted, so each case is known to take its path. Marked ``nvcc`` like the
+other compile checks."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ using std::max;
 using std::min;
 struct Dim3 { unsigned x; };
 static Dim3 threadIdx;
+static long lookups;  // table reads by PageMap::locate, counted by the test's instrumentation
 static unsigned char* smem_base;
 // Shared memory is one host buffer; a cp.async copies src_bytes and zero-fills the rest.
 inline u32 smem_u32(const void* p) { return (u32)((const unsigned char*)p - smem_base); }
@@ -58,7 +61,7 @@ static std::vector<u16> read_file(const char* path, size_t n) {
 
 int main(int argc, char** argv) {
     // P shift num_pages n0 nvalid D vec hk k_sp k_sh k_ss k_sd v_sp v_sh v_ss v_sd pool_elems
-    // n_entries whole kfile vfile tablefile outfile
+    // n_entries mode kfile vfile tablefile outfile
     i64 a[19];
     for (int i = 0; i < 19; ++i) a[i] = std::strtoll(argv[1 + i], 0, 10);
     const int P = (int)a[0], shift = (int)a[1], num_pages = (int)a[2], n0 = (int)a[3];
@@ -66,7 +69,7 @@ int main(int argc, char** argv) {
     const i64 k_sp = a[8], k_sh = a[9], k_ss = a[10], k_sd = a[11];
     const i64 v_sp = a[12], v_sh = a[13], v_ss = a[14], v_sd = a[15];
     const size_t pool_elems = (size_t)a[16], n_entries = (size_t)a[17];
-    const bool whole = a[18] != 0;
+    const int mode = (int)a[18];  // PAGED_ROWS, PAGED_WHOLE or PAGED_CHUNKS
     std::vector<u16> k = read_file(argv[20], pool_elems), v = read_file(argv[21], pool_elems);
     std::vector<int> table(n_entries);  // exactly the entries the tile's keys need
     {
@@ -82,10 +85,11 @@ int main(int argc, char** argv) {
     for (unsigned t = 0; t < NT; ++t) {
         threadIdx.x = t;
         load_paged_tile_16<ROWS, DP, LDS, NT>(sk, sv, k.data() + hk * k_sh,
-                                              v.data() + hk * v_sh, pm, whole, n0, nvalid, k_sp,
+                                              v.data() + hk * v_sh, pm, mode, n0, nvalid, k_sp,
                                               k_ss, k_sd, v_sp, v_ss, v_sd, D, vec != 0,
                                               k.data(), v.data());
     }
+    std::printf("%ld\\n", lookups);
     FILE* f = std::fopen(argv[23], "wb");
     std::fwrite(smem.data(), 1, smem.size(), f);
     std::fclose(f);
@@ -98,11 +102,19 @@ def _extract(pattern: str, what: str) -> str:
     return kernel_text("decode.cu", pattern, what)
 
 
+def _counted(page_map: str) -> str:
+    """PageMap with each table read counted in ``lookups``."""
+    read = "page = max(min(row[t], num_pages - 1), 0);"
+    assert page_map.count(read) == 1, "PageMap::locate's table read moved: update the test"
+    return page_map.replace(read, "++lookups; " + read)
+
+
 @pytest.fixture(scope="module")
 def host_loader(tmp_path_factory):
     body = (kernel_text("common.cuh", r"^template <int ROWS, int DP, int LDS, int NT, bool LO = "
                         r"false>\nATTN_DEVICE void load_tile_16\(.*?^\}\n", "load_tile_16")
-            + _extract(r"^struct PageMap \{.*?^\};\n", "struct PageMap")
+            + _extract(r"^constexpr int PAGED_NONE = .*?;\n", "the PAGED_* modes")
+            + _counted(_extract(r"^struct PageMap \{.*?^\};\n", "struct PageMap"))
             + _extract(r"^template <int ROWS, int DP, int LDS, int NT>\n"
                        r"ATTN_DEVICE void load_paged_kv_16\(.*?^\}\n", "load_paged_kv_16")
             + _extract(r"^template <int ROWS, int DP, int LDS, int NT>\n"
@@ -126,16 +138,26 @@ CASES = [
     (128, 128, 64, 64, True, "nphd"),
     (256, 0, 64, 40, False, "nhpd"),
     (64, 0, 10, 64, True, "nphd"),
+    # Pages of whole 16-key chunks (power-of-two and other page sizes, chunks past the valid
+    # rows).
+    (16, 48, 64, 64, True, "nhpd"),
+    (32, 32, 40, 64, True, "nphd"),
+    (16, 0, 9, 56, False, "nhpd"),
+    (48, 16, 64, 40, True, "nhpd"),
+    (32, 0, 17, 64, False, "nphd"),
 ]
-# Each case row by row, and through one lookup per tile where its tile lies inside a page.
-LOADS = [(*c, False) for c in CASES] + [(*c, True) for c in CASES
-                                        if c[0] % ROWS == 0 and c[1] % ROWS == 0]
+MODES = {"rows": 1, "whole": 2, "chunks": 3}  # PAGED_* of decode.cu
+# Each case row by row; through one lookup per tile where its tile lies inside a page, and
+# per 16-key chunk where each chunk does.
+LOADS = ([(*c, "rows") for c in CASES]
+         + [(*c, "whole") for c in CASES if c[0] % ROWS == 0 and c[1] % ROWS == 0]
+         + [(*c, "chunks") for c in CASES if c[0] % 16 == 0 and c[1] % 16 == 0])
 
 
 @pytest.mark.parametrize("case", LOADS, ids=lambda c: f"P{c[0]}-n{c[1]}-v{c[2]}-D{c[3]}-"
-                         f"{'vec' if c[4] else 'scalar'}-{c[5]}-{'whole' if c[6] else 'rows'}")
+                         f"{'vec' if c[4] else 'scalar'}-{c[5]}-{c[6]}")
 def test_paged_tile_load_reads_the_tables_rows(host_loader, tmp_path, case):
-    P, n0, nvalid, D, vec, layout, whole = case
+    P, n0, nvalid, D, vec, layout, route = case
     Hkv, hk, rng = 2, 1, np.random.default_rng(P * 1000 + n0)
     needed = -(-(n0 + nvalid) // P)  # entries of keys 0 .. n0 + nvalid - 1
     num_pages = needed + 3
@@ -153,9 +175,14 @@ def test_paged_tile_load_reads_the_tables_rows(host_loader, tmp_path, case):
     out = tmp_path / "smem"
     shift = P.bit_length() - 1 if P & (P - 1) == 0 else -1
     args = [P, shift, num_pages, n0, nvalid, D, int(vec), hk, *strides, *strides, k.size,
-            needed, int(whole), *files, str(out)]
+            needed, MODES[route], *files, str(out)]
     run = subprocess.run([str(host_loader), *map(str, args)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
+    # Table reads over the block's threads: one each (whole), one per chunk with valid rows
+    # each (chunks), one per copy of a valid row, shared by K and V (rows).
+    copies = nvalid * (-(-D // 8) if vec else D)
+    want_reads = {"whole": NT, "chunks": NT * -(-nvalid // 16), "rows": copies}[route]
+    assert int(run.stdout) == want_reads, (route, int(run.stdout), want_reads)
     smem = np.fromfile(out, dtype=np.uint16).reshape(2, ROWS, LDS)
     for which, pool, tile in (("K", kv[0], smem[0]), ("V", kv[1], smem[1])):
         want = np.zeros((ROWS, DP), dtype=np.uint16)
@@ -182,7 +209,8 @@ def test_an_entry_past_the_needed_ones_would_be_caught(host_loader, tmp_path):
         arr.tofile(path)
         files.append(str(path))
     strides = [s // 2 for s in k.strides]
-    args = [P, 4, num_pages, n0, nvalid, D, 1, 0, *strides, *strides, k.size, len(table), 0,
+    args = [P, 4, num_pages, n0, nvalid, D, 1, 0, *strides, *strides, k.size, len(table),
+            MODES["rows"],
             *files, str(tmp_path / "smem")]
     run = subprocess.run([str(host_loader), *map(str, args)], capture_output=True, text=True)
     assert run.returncode != 0 and "heap-buffer-overflow" in run.stderr

@@ -38,7 +38,7 @@ KERNEL_USAGE = re.compile(r"Compiling entry function '([^']+)' for 'sm_\d+'.*?"
                           r"(\d+) bytes spill stores.*?Used (\d+) registers", re.S)
 #: Unit name suffix of each feature set (_compile.FEAT_*).
 FEATURE_NAMES = {0: "", 1: "_varlen", 2: "_dropout", 3: "_varlen_dropout", 4: "_paged",
-                 12: "_paged_whole"}
+                 12: "_paged_whole", 20: "_paged_chunks"}
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@
 // PAGED: k and v are page pools (num_pages, Hkv, page_size, D) (k_sb/v_sb their page
 // strides, k_ss/v_ss the row stride inside a page) and key j of batch b is row
 // j % page_size of page table[b * max_pages + j / page_size], looked up as each tile loads
-// (no gather copy): once per tile where pages hold whole tiles, else once per row. Only the
-// entries of keys a split reads (j < skb) are read.
+// (no gather copy): once per tile where pages hold whole tiles, once per 16 keys where pages
+// hold whole 16-key chunks, else once per row. Only the entries of keys a split reads
+// (j < skb) are read.
 //
 // Partials are laid out (B, Hq, Sq, splits[, D]) so a merge warp reads one row's splits in a
 // run. Template parameters as in forward.cu: DP is the head dim rounded up to a bucket
@@ -35,10 +36,11 @@
 // of PAGED_* below, for fp32 a flag (rows looked up one by one).
 #include "common.cuh"
 
-// The fp16/bf16 split kernel's PAGED: contiguous caches, pages looked up per row, or per tile
+// The fp16/bf16 split kernel's PAGED: contiguous caches, pages looked up per row, per tile
 // (the host picks it where the page size is a multiple of BN and no left window moves a
-// split's first key off a multiple of BN, so every tile lies inside one page).
-constexpr int PAGED_NONE = 0, PAGED_ROWS = 1, PAGED_WHOLE = 2;
+// split's first key off a multiple of BN, so every tile lies inside one page) or per 16-key
+// chunk (likewise with a page size that is a multiple of 16).
+constexpr int PAGED_NONE = 0, PAGED_ROWS = 1, PAGED_WHOLE = 2, PAGED_CHUNKS = 3;
 
 // Query rows per split block, for every dtype (the host's row-block count uses it too).
 #define DEC_ROWS 16
@@ -153,22 +155,46 @@ ATTN_DEVICE void load_paged_kv_16(u16* sk, u16* sv, const u16* kh, const u16* vh
     }
 }
 
-// The K and V tiles of keys n0 .. n0 + ROWS - 1 of paged pools. With `whole` (the page size a
-// multiple of ROWS and n0 of ROWS, so the tile lies inside one page) one table read places
-// the tile and the contiguous loader copies it; otherwise each row looks its page up
-// (load_paged_kv_16). Arguments as load_paged_kv_16's.
+// The K and V tiles of keys n0 .. n0 + ROWS - 1 of paged pools, by `mode` (PAGED_*): WHOLE
+// (the page size a multiple of ROWS and n0 of ROWS: the tile lies inside one page) reads one
+// table entry and copies the tile with the contiguous loader; CHUNKS (the page size and n0
+// multiples of 16) does so per 16-key chunk; ROWS looks each row's page up
+// (load_paged_kv_16). Other arguments as load_paged_kv_16's.
 template <int ROWS, int DP, int LDS, int NT>
 ATTN_DEVICE void load_paged_tile_16(u16* sk, u16* sv, const u16* kh, const u16* vh,
-                                    const PageMap& pm, bool whole, int n0, int nvalid,
+                                    const PageMap& pm, int mode, int n0, int nvalid,
                                     i64 k_sp, i64 k_ss, i64 k_sd, i64 v_sp, i64 v_ss, i64 v_sd,
                                     int D, bool vec, const u16* ksafe, const u16* vsafe) {
-    if (whole) {
+    constexpr int CHUNK = 16, NCH = ROWS / CHUNK;
+    static_assert(ROWS % CHUNK == 0, "a tile of whole 16-key chunks");
+    if (mode == PAGED_WHOLE) {
         i64 page, slot;
         pm.locate(n0, page, slot);
         load_tile_16<ROWS, DP, LDS, NT>(sk, kh + page * k_sp + slot * k_ss, k_ss, k_sd, nvalid,
                                         D, vec, ksafe);
         load_tile_16<ROWS, DP, LDS, NT>(sv, vh + page * v_sp + slot * v_ss, v_ss, v_sd, nvalid,
                                         D, vec, vsafe);
+    } else if (mode == PAGED_CHUNKS) {
+        // Chunk c + 1's entry is read before chunk c's copies are issued: its latency
+        // overlaps them rather than stalling the next chunk. Chunks past the valid rows read
+        // no entry and are zero-filled.
+        i64 page = 0, slot = 0;
+        if (nvalid > 0) pm.locate(n0, page, slot);
+#pragma unroll 1
+        for (int c = 0; c < NCH; ++c) {
+            i64 next_page = 0, next_slot = 0;
+            if (c + 1 < NCH && (c + 1) * CHUNK < nvalid)
+                pm.locate(n0 + (c + 1) * CHUNK, next_page, next_slot);
+            const bool any = c * CHUNK < nvalid;
+            const u16* kc = any ? kh + page * k_sp + slot * k_ss : ksafe;
+            const u16* vc = any ? vh + page * v_sp + slot * v_ss : vsafe;
+            load_tile_16<CHUNK, DP, LDS, NT>(sk + c * CHUNK * LDS, kc, k_ss, k_sd,
+                                             nvalid - c * CHUNK, D, vec, ksafe);
+            load_tile_16<CHUNK, DP, LDS, NT>(sv + c * CHUNK * LDS, vc, v_ss, v_sd,
+                                             nvalid - c * CHUNK, D, vec, vsafe);
+            page = next_page;
+            slot = next_slot;
+        }
     } else {
         load_paged_kv_16<ROWS, DP, LDS, NT>(sk, sv, kh, vh, pm, n0, nvalid, k_sp, k_ss, k_sd,
                                             v_sp, v_ss, v_sd, D, vec, ksafe, vsafe);
@@ -259,7 +285,7 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
         const int n0 = rg.start + t * BN, st = t % ST;
         if constexpr (PAGED) {
             load_paged_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, sV + st * BN * LDS, kg, vg,
-                                                pm, PAGED == PAGED_WHOLE, n0, rg.end - n0, k_sb,
+                                                pm, PAGED, n0, rg.end - n0, k_sb,
                                                 k_ss, k_sd, v_sb, v_ss, v_sd, D, vec, k, v);
         } else {
             load_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, kg + (i64)n0 * k_ss, k_ss, k_sd,
