@@ -4,11 +4,10 @@ GPU: every thread of a block runs in turn with ``cp.async`` emulated as a copy, 
 tiles it leaves in shared memory must be the rows the block table names (page
 ``table[j // P]``, row ``j % P``), zeros past the valid rows and the head dim. The table holds
 exactly the entries the tile's keys need and the pools exactly their pages, so reading an
-entry or a page past them is an ASan error. Page sizes 1, 5, 16, 64, 128, 256 (shift and
-division), tiles crossing pages, tiles inside one page loaded through one lookup, 16-byte and
-16-key chunks of pages looked up once each, element loads, a transposed pool layout; the
-table lookups are counted, so each case is known to take its path. Marked ``nvcc`` like the
-other compile checks."""
+entry or a page past them is an ASan error. Page sizes 1 to 256 (shift and division), tiles
+crossing pages, each route (a lookup per row, per tile inside one page, per 16-key chunk),
+16-byte and element loads, a transposed pool layout; the table reads are counted, so each
+case is known to take its route. Marked ``nvcc`` like the other compile checks."""
 
 from __future__ import annotations
 
