@@ -59,7 +59,11 @@ FEATURES = (0, FEAT_VARLEN, FEAT_DROPOUT, FEAT_VARLEN | FEAT_DROPOUT)
 #: with a page looked up once per tile where pages hold whole tiles, or once per 16 keys where
 #: they hold whole 16-key chunks (fp16/bf16 only).
 FEAT_PAGED, FEAT_WHOLE_PAGES, FEAT_CHUNK_PAGES = 4, 8, 16
-DECODE_FEATURES = (0, FEAT_PAGED, FEAT_PAGED | FEAT_WHOLE_PAGES, FEAT_PAGED | FEAT_CHUNK_PAGES)
+#: Each decode feature set and the fp16/bf16 kernel's PAGED template argument for it
+#: (PAGED_NONE, _ROWS, _WHOLE, _CHUNKS of decode.cu).
+PAGED_MODE = {0: 0, FEAT_PAGED: 1, FEAT_PAGED | FEAT_WHOLE_PAGES: 2,
+              FEAT_PAGED | FEAT_CHUNK_PAGES: 3}
+DECODE_FEATURES = tuple(PAGED_MODE)
 #: The feature bits only the fp16/bf16 decode has (the fp32 kernel reads pages row by row).
 FEAT_HALF_ONLY = FEAT_WHOLE_PAGES | FEAT_CHUNK_PAGES
 
@@ -105,9 +109,8 @@ class Variant:
                 raise ValueError(f"the split-KV decode kernels take feature bits "
                                  f"{DECODE_FEATURES} (fp32 without FEAT_WHOLE_PAGES or "
                                  f"FEAT_CHUNK_PAGES), got {self.feat} for {self.dtype}")
-            paged = (_b(bool(self.feat)) if self.dtype == "fp32"  # PAGED_* of decode.cu
-                     else 2 if self.feat & FEAT_WHOLE_PAGES
-                     else 3 if self.feat & FEAT_CHUNK_PAGES else int(bool(self.feat)))
+            paged = (_b(bool(self.feat)) if self.dtype == "fp32"
+                     else PAGED_MODE[self.feat])
             flags = f"{_b(self.band)}, {_b(self.softcap)}, {paged}>"
         if self.source == "decode":
             if self.dtype == "fp32":

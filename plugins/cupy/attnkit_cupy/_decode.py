@@ -247,7 +247,7 @@ def _paged_feature(problem: AttentionProblem, tiles, has_left: bool) -> int:
         return _compile.FEAT_PAGED
     if P % tiles[1] == 0:
         return _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES
-    if P % PAGE_CHUNK == 0 and tiles[1] % PAGE_CHUNK == 0:
+    if P % PAGE_CHUNK == 0:  # every tile is whole chunks (decode.cu asserts it)
         return _compile.FEAT_PAGED | _compile.FEAT_CHUNK_PAGES
     return _compile.FEAT_PAGED
 

@@ -37,8 +37,11 @@ SPILL = re.compile(r"(\d+) bytes spill stores")
 KERNEL_USAGE = re.compile(r"Compiling entry function '([^']+)' for 'sm_\d+'.*?"
                           r"(\d+) bytes spill stores.*?Used (\d+) registers", re.S)
 #: Unit name suffix of each feature set (_compile.FEAT_*).
-FEATURE_NAMES = {0: "", 1: "_varlen", 2: "_dropout", 3: "_varlen_dropout", 4: "_paged",
-                 12: "_paged_whole", 20: "_paged_chunks"}
+FEATURE_NAMES = {
+    0: "", _compile.FEAT_VARLEN: "_varlen", _compile.FEAT_DROPOUT: "_dropout",
+    _compile.FEAT_VARLEN | _compile.FEAT_DROPOUT: "_varlen_dropout",
+    _compile.FEAT_PAGED: "_paged", _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES: "_paged_whole",
+    _compile.FEAT_PAGED | _compile.FEAT_CHUNK_PAGES: "_paged_chunks"}
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,16 @@ def test_the_override_replaces_the_tables_for_fp16_and_bf16_on_a_gpu(monkeypatch
     monkeypatch.setattr(_configs, "_arch", lambda device: 90)
     table = _configs._chosen(256, False, torch.bfloat16, "cuda", False, False, False)
     assert table[1] == replace(_configs._HOPPER_BWD[(256, False)][0], block_d=256)
-    monkeypatch.setattr(_configs, "_TILES", parse_tiles("dkdv=64x64w8s1+dq=64x32w8s3p"))
+    monkeypatch.setattr(_configs, "_TILES", parse_tiles("dkdv=64x64w8s1+dq=128x128w8s3p"))
     fwd, dkdv, dq = _configs._chosen(200, False, torch.bfloat16, "cuda", False, False, False)
     assert fwd == table[0]  # not named: the table's
     assert dkdv == KernelConfig(64, 64, 8, 1, block_d=256) != table[1]
-    assert dq == KernelConfig(64, 32, 8, 3, block_d=256, tma=False) != table[2]
+    assert dq == KernelConfig(128, 128, 8, 3, block_d=256, tma=False) != table[2]
     # With dropout the override's tile is halved as the table's would be.
     drop = _configs._chosen(256, False, torch.float16, "cuda", False, False, True)
-    assert drop[2] == KernelConfig(64, _configs._dropout_tile(dq).block_n, 8, 3, block_d=256,
+    assert drop[2] == KernelConfig(128, _configs._dropout_tile(dq).block_n, 8, 3, block_d=256,
                                    tma=False)
+    assert drop[2].block_n < dq.block_n
     # fp32 and the interpreter keep their own tiles.
     assert _configs._chosen(256, False, torch.float32, "cuda", False, False, False)[1] != dkdv
     interp = _configs._chosen(256, False, torch.bfloat16, "cpu", True, False, False)
