@@ -73,6 +73,10 @@ class Capabilities:
     dropout: bool = False
     #: ``forward_paged`` attends over page pools through a block table (paged KV caches).
     paged: bool = False
+    #: ``forward_paged`` checks what it reads, where the core's ``validate="device"`` check
+    #: would (`Backend.forward_paged`): the core then queues no check of its own for a call
+    #: that appends nothing and has no left window (no operation but the kernel's).
+    paged_checks: bool = False
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -217,7 +221,13 @@ class Backend:
         ``(B, max_pages)``; ``seqlens_k`` int32 contiguous ``(B,)``, always given: sequence
         ``b`` has ``seqlens_k[b]`` keys, key ``p`` at offset ``p % page_size`` of page
         ``block_table[b, p // page_size]``. The core has checked every entry a key needs
-        (``p < seqlens_k[b]``) to lie in ``[0, num_pages)``; the entries past them may hold
+        (``p < seqlens_k[b]``) to lie in ``[0, num_pages)``, and each ``seqlens_k[b]`` to lie
+        in ``[0, problem.seqlen_k]``, except where the backend declares ``paged_checks``
+        and the call appends nothing and has no left window: then this method checks them
+        itself, on CUDA in the kernel as it reads them (a bad one stops the kernel with a
+        device-side trap before it is used to address anything; the CUDA context is
+        unusable afterwards, as after the core's ``torch._assert_async``), elsewhere by
+        raising ``ValueError`` before reading. The entries past the keys may hold
         anything (-1, stale indices) and must not be read. Pages may repeat within and
         across rows (shared prefixes). ``problem.page_size`` is the page size and
         ``problem.seqlen_k`` the capacity of a row (``max_pages * page_size``); masks are

@@ -83,7 +83,9 @@ def attention_with_kvcache(
             no synchronisation (CUDA graphs, engines that build their own tables): the same
             conditions are one ``torch._assert_async`` queued before the write, so a bad
             table stops the stream with a device-side assertion before anything is written
-            or read (see `attnkit.paged`).
+            or read (see `attnkit.paged`). A call appending nothing, without a left window,
+            on a backend declaring ``Capabilities.paged_checks`` queues no check at all: its
+            kernel checks what it reads and stops the same way on a bad fill level or entry.
 
     Returns:
         ``out`` ``(B, Hq, Sq, D)``, or ``(out, lse)`` if ``return_lse``.

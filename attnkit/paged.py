@@ -19,7 +19,11 @@ one synchronisation) and, only if it is false, finds the culprit and raises ``Va
 naming the sequence before anything is written; "device" never synchronises: the check
 feeds one ``torch._assert_async`` queued on the stream before the write, so a violation
 stops the stream with a device-side assertion (the CUDA context is unusable afterwards) and
-neither the write nor the attention kernel runs. On CPU both raise before writing.
+neither the write nor the attention kernel runs. On CPU both raise before writing. A call
+that appends nothing, without a left window, on a backend declaring ``paged_checks`` queues
+no check under "device": its kernel checks the fill levels and the entries as it reads them
+and stops on a bad one (`attnkit.backend.Backend.forward_paged`), so a decoding step costs
+the kernel alone.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .api import _empty_result, autocast_device
 from .backend import check_forward_result
 from .registry import registry
 from .spec import (
+    UNBOUNDED,
     AttentionProblem,
     check_heads,
     check_lengths_tensor,
@@ -73,7 +78,11 @@ def attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_tabl
         s_new, problem, check = known
     # Refuse (bad options, no backend for this problem) before the pools are written.
     chosen = registry.select(problem, backend)
-    targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate, check)
+    if (validate == "device" and not s_new and problem.window[0] == UNBOUNDED
+            and chosen.capabilities.paged_checks):
+        targets = None  # the backend checks what its kernel reads (Capabilities.paged_checks)
+    else:
+        targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate, check)
     if targets is not None:
         _write(k_pages, v_pages, targets, k_new, v_new)
     # Kernels only read seqlens_k: without an append the caller's int32 tensor is passed as

@@ -2,6 +2,7 @@
 condition against a plain-Python oracle in both modes, on fresh and repeated signatures,
 with nothing written on failure."""
 
+import dataclasses
 import random
 
 import pytest
@@ -94,6 +95,48 @@ def test_a_repeated_decoding_step_queues_few_operations(null, validate, most):
     # "device" never reads a value on the host; "host" reads the one boolean.
     assert c.ops.count("_local_scalar_dense") == (validate == "host")
     assert null.seen[-1] is lens  # without an append the caller's int32 lengths, as they are
+
+
+@pytest.fixture
+def self_checking(null):
+    """The null backend declaring ``paged_checks`` (it checks nothing: what the core leaves
+    to such a backend is what reaches it unchecked)."""
+    null.capabilities = dataclasses.replace(null.capabilities, paged_checks=True)
+    return null
+
+
+@pytest.mark.parametrize("window, s_new, validate, checked", [
+    (None, 0, "device", False),  # a decoding step: the kernel's own checks alone
+    ((4, 0), 0, "device", True),  # a left window: entries it hides are the core's to check
+    ((-1, 0), 0, "device", False),  # a right bound alone hides no entry
+    (None, 1, "device", True),  # an append: checked before the write
+    (None, 0, "host", True),  # "host" always names the culprit itself
+])
+def test_a_self_checking_backend_takes_the_device_check(self_checking, window, s_new,
+                                                        validate, checked):
+    """``Capabilities.paged_checks``: under "device", a call that appends nothing and has no
+    left window queues no check (no operation at all here); otherwise the core's check runs
+    and still refuses a bad entry before the backend sees it."""
+    q, kp, vp, table, lens, new = _decode_inputs(s_new=s_new)
+
+    def call(t):
+        return attnkit.attention_with_kvcache(q, kp, vp, lens, *new, block_table=t,
+                                              backend=NULL, causal=True, window=window,
+                                              validate=validate)
+
+    c = _count(lambda: call(table))
+    assert (len(c.ops) > 0) == checked, c.ops
+    bad = table.clone()
+    bad[3, 0] = kp.shape[0]
+    seen = len(self_checking.seen)
+    if checked:
+        with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="paged KV|entry"):
+            call(bad)
+        assert len(self_checking.seen) == seen
+    else:  # left to the backend: it got the table as it is
+        with torch.no_grad():
+            call(bad)
+        assert len(self_checking.seen) == seen + 1
 
 
 def test_a_repeated_appending_step_queues_few_operations(null):

@@ -163,6 +163,33 @@ def spoil_table(table: torch.Tensor, lens: torch.Tensor, defect: str, num_pages:
         raise ValueError(f"unknown block table defect {defect!r}")
 
 
+def small_paged_inputs(caps, device, page_size: int = 4):
+    """``q, (k_pages, v_pages), table, lens, (k_new, v_new)``: two sequences of 6 and 3 keys
+    in a pool of 6 pages (each needs 2 after one append; the third entry is -1), in the first
+    dtype and a head dim ``caps`` (a backend's `Capabilities`) allow."""
+    dt = next(d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+              if d in caps.dtypes)
+    D = max(caps.head_dim_min, min(32, caps.head_dim_max))
+    gen = torch.Generator().manual_seed(3)
+    pools = [rand((6, 1, page_size, D), dt, device, gen) for _ in range(2)]
+    table = torch.tensor([[4, 1, -1], [0, 5, -1]], dtype=torch.int32, device=device)
+    lens = torch.tensor([6, 3], dtype=torch.int32, device=device)
+    q = rand((2, 1, 1, D), dt, device, gen)
+    new = [rand((2, 1, 1, D), dt, device, gen) for _ in range(2)]
+    return q, pools, table, lens, new
+
+
+def spoil_for_attending(table, lens, defect: str, num_pages: int):
+    """``(table, lens)`` of `small_paged_inputs` with one defect a call that appends nothing
+    must refuse: `spoil_table`'s "negative", "outside" and "negative_fill" (level -1), or
+    "too_few" (sequence 0 holds 9 keys, its row 2 pages of 4)."""
+    if defect == "too_few":
+        lens[0] = 9
+        return table[:, :2].contiguous(), lens
+    spoil_table(table, lens, defect, num_pages)
+    return table, lens
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s bits as integers (NaN poison compares equal to itself)."""
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

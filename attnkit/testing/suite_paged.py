@@ -12,6 +12,9 @@ appending into one slot, a negative fill level) are refused before anything is w
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -23,7 +26,14 @@ from attnkit.registry import NoBackendError
 from attnkit.testing.accuracy import assert_close
 from attnkit.testing.decode_cases import rand, reference_over_prefix
 from attnkit.testing.generate import parametrize_cases
-from attnkit.testing.paged_cases import PagedCase, bits, paged_cases, spoil_table
+from attnkit.testing.paged_cases import (
+    PagedCase,
+    bits,
+    paged_cases,
+    small_paged_inputs,
+    spoil_for_attending,
+    spoil_table,
+)
 
 
 def pytest_generate_tests(metafunc):
@@ -72,28 +82,13 @@ def test_paged_step(paged_case, backend, backend_name, device):
         assert_close("lse", lse, l64, llp, c.dtype, 2.0)
 
 
-def _small_paged(backend, device, page_size=4):
-    """Two sequences of 6 and 3 keys in a pool of 6 pages (each needs 2 after one append)."""
-    caps = backend.capabilities
-    dt = next(d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-              if d in caps.dtypes)
-    D = max(caps.head_dim_min, min(32, caps.head_dim_max))
-    gen = torch.Generator().manual_seed(3)
-    pools = [rand((6, 1, page_size, D), dt, device, gen) for _ in range(2)]
-    table = torch.tensor([[4, 1, -1], [0, 5, -1]], dtype=torch.int32, device=device)
-    lens = torch.tensor([6, 3], dtype=torch.int32, device=device)
-    q = rand((2, 1, 1, D), dt, device, gen)
-    new = [rand((2, 1, 1, D), dt, device, gen) for _ in range(2)]
-    return q, pools, table, lens, new
-
-
 @pytest.mark.parametrize("defect", ["negative", "outside", "too_few", "same_slot",
                                     "negative_fill"])
 def test_paged_bad_table_refused(defect, backend, backend_name, device):
     """Each defect raises ValueError before anything is written (validate="host")."""
     if not backend.capabilities.paged:
         pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
-    q, (kp, vp), table, lens, (kn, vn) = _small_paged(backend, device)
+    q, (kp, vp), table, lens, (kn, vn) = small_paged_inputs(backend.capabilities, device)
     if defect == "too_few":
         lens[0] = 8  # 9 positions > 2 usable pages x 4 (the third entry is -1: too few)
         table[0, 2] = -1
@@ -111,12 +106,73 @@ def test_paged_bad_table_refused(defect, backend, backend_name, device):
     assert torch.equal(bits(kp), bits(before[0])) and torch.equal(bits(vp), bits(before[1]))
 
 
+#: A child process's attend-only call with validate="device" (argv: backend, defect or
+#: "none", device): on CUDA a refusal ends the process's CUDA context, so it runs apart.
+_CHILD = """
+import sys
+import torch
+import attnkit
+from attnkit.registry import registry
+from attnkit.testing.paged_cases import small_paged_inputs, spoil_for_attending
+name, defect, device = sys.argv[1:4]
+try:
+    backend = registry.get(name)
+except Exception:
+    print("no-backend")
+    sys.exit(3)
+q, (kp, vp), table, lens, _ = small_paged_inputs(backend.capabilities, device)
+if defect != "none":
+    table, lens = spoil_for_attending(table, lens, defect, kp.shape[0])
+with torch.no_grad():
+    out = attnkit.attention_with_kvcache(q, kp, vp, lens, block_table=table,
+                                         causal=backend.capabilities.causal, backend=name,
+                                         validate="device")
+torch.cuda.synchronize()
+print("finite" if bool(out.isfinite().all()) else "not finite")
+"""
+
+
+def _child(backend_name, defect, device):
+    return subprocess.run([sys.executable, "-c", _CHILD, backend_name, defect, device],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("defect", ["negative", "outside", "too_few", "negative_fill"])
+def test_paged_bad_table_stops_a_device_check(defect, backend, backend_name, device):
+    """validate="device" on a call that appends nothing (a decoding step): a needed entry
+    outside the pool or a fill level outside the row's capacity stops the call, whether the
+    core queues the check or the backend's kernel makes it (``Capabilities.paged_checks``).
+    On CUDA either ends the CUDA context, so a child process must fail where the same call
+    on the intact table succeeds; elsewhere the call raises."""
+    if not backend.capabilities.paged:
+        pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
+    if device.startswith("cuda"):
+        good = _child(backend_name, "none", device)
+        if good.returncode == 3 and "no-backend" in good.stdout:
+            pytest.skip(f"{backend_name!r} is not registered in a fresh process (not an "
+                        "installed plugin)")
+        assert good.returncode == 0 and "finite" in good.stdout, good.stderr[-3000:]
+        bad = _child(backend_name, defect, device)
+        assert bad.returncode != 0 and "finite" not in bad.stdout, (
+            f"a {defect} table was not refused: {bad.stdout[-500:]} {bad.stderr[-2000:]}")
+        assert re.search(r"(?i)launch fail|device-side assert|cuda error|CUDA_ERROR",
+                         bad.stderr), bad.stderr[-3000:]
+        return
+    q, (kp, vp), table, lens, _ = small_paged_inputs(backend.capabilities, device)
+    table, lens = spoil_for_attending(table, lens, defect, kp.shape[0])
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError),
+                                        match="paged KV|is needed|must be >= 0"):
+        attnkit.attention_with_kvcache(q, kp, vp, lens, block_table=table,
+                                       causal=backend.capabilities.causal,
+                                       backend=backend_name, validate="device")
+
+
 def test_append_paged_then_attend(backend, backend_name, device):
     """`append_paged` then an attend-only call equals the call that appends and attends,
     bit for bit (one backend, one problem), and writes only the appended slots."""
     if not backend.capabilities.paged:
         pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
-    q, (kp, vp), table, lens, (kn, vn) = _small_paged(backend, device)
+    q, (kp, vp), table, lens, (kn, vn) = small_paged_inputs(backend.capabilities, device)
     kp2, vp2 = kp.clone(), vp.clone()
     with torch.no_grad():
         causal = backend.capabilities.causal

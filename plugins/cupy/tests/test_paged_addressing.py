@@ -38,6 +38,8 @@ struct Dim3 { unsigned x; };
 static Dim3 threadIdx;
 static long lookups;  // table reads by PageMap::locate, counted by the test's instrumentation
 static unsigned char* smem_base;
+// A device-side trap: the run stops here, with a status the tests recognise.
+[[noreturn]] static void __trap() { std::fputs("trap\\n", stderr); std::exit(42); }
 // Shared memory is one host buffer; a cp.async copies src_bytes and zero-fills the rest.
 inline u32 smem_u32(const void* p) { return (u32)((const unsigned char*)p - smem_base); }
 inline void cp_async16(u32 dst, const void* src, int src_bytes) {
@@ -103,7 +105,7 @@ def _extract(pattern: str, what: str) -> str:
 
 def _counted(page_map: str) -> str:
     """PageMap with each table read counted in ``lookups``."""
-    read = "page = max(min(row[t], num_pages - 1), 0);"
+    read = "const int entry = row[t];"
     assert page_map.count(read) == 1, "PageMap::locate's table read moved: update the test"
     return page_map.replace(read, "++lookups; " + read)
 
@@ -192,6 +194,30 @@ def test_paged_tile_load_reads_the_tables_rows(host_loader, tmp_path, case):
         bad = np.argwhere(got != want)
         assert bad.size == 0, (f"{which} tile differs at (row, column) {bad[:5].tolist()}: "
                                f"got {got[tuple(bad[0])]}, want {want[tuple(bad[0])]}")
+
+
+@pytest.mark.parametrize("route,P,nvalid,entries", [
+    ("rows", 16, 40, [0, 5, 1]), ("rows", 16, 40, [0, 1, -1]), ("chunks", 16, 40, [2, -3, 1]),
+    ("chunks", 32, 64, [1, 4]), ("whole", 64, 64, [-1]), ("whole", 64, 64, [4])])
+def test_an_entry_outside_the_pool_traps_before_use(host_loader, tmp_path, route, P, nvalid,
+                                                    entries):
+    """A needed entry negative or past the pool's 4 pages stops the loader (the kernel's
+    ``__trap``, Capabilities.paged_checks) before it addresses anything: no ASan report."""
+    num_pages, D = 4, 64
+    rng = np.random.default_rng(2)
+    k = rng.integers(1, 0xFFFF, size=(num_pages, 2, P, D), dtype=np.uint16)
+    table = np.array(entries, dtype=np.int32)
+    files = []
+    for name, arr in (("k", k), ("v", k), ("t", table)):
+        path = tmp_path / name
+        arr.tofile(path)
+        files.append(str(path))
+    strides = [s // 2 for s in k.strides]
+    args = [P, P.bit_length() - 1, num_pages, 0, nvalid, D, 1, 0, *strides, *strides, k.size,
+            len(table), MODES[route], *files, str(tmp_path / "smem")]
+    run = subprocess.run([str(host_loader), *map(str, args)], capture_output=True, text=True)
+    assert run.returncode == 42 and "trap" in run.stderr, (run.returncode, run.stderr[-2000:])
+    assert "AddressSanitizer" not in run.stderr
 
 
 def test_an_entry_past_the_needed_ones_would_be_caught(host_loader, tmp_path):

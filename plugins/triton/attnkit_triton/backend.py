@@ -18,6 +18,7 @@ import torch
 
 from attnkit.backend import Backend, Capabilities
 from attnkit.backend_utils import LaunchCache
+from attnkit.paged import check_table
 
 from ._backward import BackwardSites, launch_backward, launch_backward_varlen
 from ._configs import (
@@ -146,6 +147,8 @@ class TritonBackend(Backend):
         lse_grad=True,  # dlse enters through delta in the backward's prep kernel
         varlen=True,  # the pointer path's kernels; see `forward_varlen`
         paged=True,  # the split-KV kernel looks pages up in the block table (decode.py)
+        paged_checks=True,  # and checks each entry it reads (CHECK_PAGES; the interpreter:
+        # forward_paged, on the host)
         dropout=True,  # in the `tl` kernels (`_dropout`); see `_forward_route`
     )
 
@@ -192,6 +195,8 @@ class TritonBackend(Backend):
     def forward_paged(self, problem, q, k_pages, v_pages, block_table, seqlens_k):
         # Every paged call, decoding or several queries, takes the split-KV kernel (row
         # blocks cover any query count); splits from the table's capacity, as for S_max.
+        if interpreting():  # CHECK_PAGES traps on a GPU only
+            check_table(k_pages, block_table, seqlens_k, 0, "host")
         with _on_device(q):
             return decode_forward(problem, q, k_pages, v_pages, seqlens_k,
                                   splits=_paged_splits(problem, interpreting()),

@@ -62,13 +62,13 @@ def _split_kv_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     Hq, Hkv, Sq, Sk, num_splits,
-    qk_scale, cap_log2, left, right,
+    qk_scale, cap_log2, left, right, n_pages,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
     PAGED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 1,
-    TILE_IN_PAGE: tl.constexpr = False,
+    TILE_IN_PAGE: tl.constexpr = False, CHECK_PAGES: tl.constexpr = False,
 ):
     """One (key split, batch x kv head, row block): partial out and lse (log2 units) of the
     rows ``r = i * GROUP + g`` (query ``i`` of query head ``kv_head * GROUP + g``). The last
@@ -81,7 +81,11 @@ def _split_kv_kernel(
     PAGED: K and V are page pools, ``stride_kb``/``stride_vb`` their page strides, and
     BLOCK_TABLE the contiguous int32 ``(B, Sk // PAGE_SIZE)`` table (Sk: a row's capacity).
     TILE_IN_PAGE: every key tile lies in one page (tiles start at multiples of BLOCK_N, which
-    divides PAGE_SIZE: no left window), so one table entry is read per tile."""
+    divides PAGE_SIZE: no left window), so one table entry is read per tile.
+    CHECK_PAGES: a fill level outside ``[0, Sk]`` or a table entry read outside
+    ``[0, n_pages)`` stops the kernel (`_stop_if`) before it addresses anything
+    (`Capabilities.paged_checks`; without it the core checked them, and fill levels are
+    clamped)."""
     pid = tl.program_id(0)
     split = pid % num_splits
     bh = pid // num_splits
@@ -97,7 +101,10 @@ def _split_kv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    if HAS_SEQLENS:
+    if CHECK_PAGES:
+        sk_b = tl.load(SEQLENS + b)
+        _stop_if((sk_b < 0) | (sk_b > Sk) | ((sk_b > 0) & (n_pages == 0)))
+    elif HAS_SEQLENS:
         sk_b = valid_keys(SEQLENS, b, Sk, True)
     else:
         sk_b = Sk + r0 * 0
@@ -140,13 +147,19 @@ def _split_kv_kernel(
         else:
             kv_mask = col_ok[:, None] & d_ok[None, :]
         if TILE_IN_PAGE:
-            page = tl.load(table_row + j0 // PAGE_SIZE).to(tl.int64)
+            page = tl.load(table_row + j0 // PAGE_SIZE)
+            if CHECK_PAGES:
+                page = _checked_page(page, n_pages)
+            page = page.to(tl.int64)
             slot = cols % PAGE_SIZE
             k_rows = page * stride_kb + slot * stride_ks
             v_rows = page * stride_vb + slot * stride_vs
         elif PAGED:
             # Columns past `end` read entry 0 of the row (always needed when any key is).
-            page = tl.load(table_row + tl.where(col_ok, cols, 0) // PAGE_SIZE).to(tl.int64)
+            page = tl.load(table_row + tl.where(col_ok, cols, 0) // PAGE_SIZE)
+            if CHECK_PAGES:
+                page = _checked_page(page, n_pages)
+            page = page.to(tl.int64)
             slot = cols % PAGE_SIZE
             k_rows = page * stride_kb + slot * stride_ks
             v_rows = page * stride_vb + slot * stride_vs
@@ -203,6 +216,25 @@ def _split_kv_kernel(
         _merge_rows(PART_O, PART_L, O, LSE, part - split, row_ok, part_mask, b64, h, qi,
                     offs_d, stride_ob, stride_oh, stride_os, stride_od, Hq, Sq, num_splits,
                     HEAD_DIM)
+
+
+@triton.jit
+def _stop_if(bad):
+    """A device-side trap in every thread holding a true element of ``bad`` (the launch fails
+    and the CUDA context with it, as after a failed ``torch._assert_async``): Triton compiles
+    ``tl.device_assert`` only in debug mode, which also checks every integer operation."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $1, 0; @p trap; mov.b32 $0, 0; }",
+                              "=r,r", [bad.to(tl.int32)], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
+@triton.jit
+def _checked_page(page, n_pages):
+    """``page`` after `_stop_if` on an entry outside the pool, clamped into it: a load the
+    pipeliner issues before this iteration's trap still addresses a page of the pool (the
+    kernel checked ``n_pages > 0`` where it has keys)."""
+    _stop_if((page < 0) | (page >= n_pages))
+    return tl.minimum(tl.maximum(page, 0), n_pages - 1)
 
 
 @triton.jit
@@ -354,8 +386,14 @@ def _counters_for(dev: torch.device, stream: int, n: int) -> torch.Tensor:
 
 def _signature(problem, q, k, v, seqlens_k, config, block_table=None):
     """What fixes the kernel's specialization besides the problem: strides, dtypes and
-    16-byte alignment of every tensor argument (workspace parts are aligned by construction)."""
-    return problem, config, layout_key(q, k, v, seqlens_k, block_table)
+    16-byte alignment of every tensor argument (workspace parts are aligned by construction),
+    and a pool's page count (an argument kept with the launch site)."""
+    return problem, config, layout_key(q, k, v, seqlens_k, block_table), _pool_pages(problem, k)
+
+
+def _pool_pages(problem, k) -> int:
+    """The kernel's ``n_pages``: the pools' page count (1 for a contiguous cache)."""
+    return k.shape[0] if problem.page_size else 1
 
 
 def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, num_stages,
@@ -378,7 +416,7 @@ def _launch(problem, key, prep, q, k, v, seqlens_k, splits, block_n, num_warps, 
         n_groups = problem.batch * problem.heads_kv * cdiv(
             problem.group_size * problem.seqlen_q, _tiles(problem)[0])
         tail = (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                *_split_scalars(problem, splits))
+                *_split_scalars(problem, splits), _pool_pages(problem, k))
     else:
         n_groups, tail = prep.n_groups, prep.tail
     args = (q, k, v, seqlens_k if seqlens_k is not None else q, part_o, part_l, out, lse,
@@ -413,6 +451,7 @@ def _prepare(problem, key, args, n_groups, tail, workspace, has_seqlens, splits,
              PAGED=problem.page_size > 0, PAGE_SIZE=max(problem.page_size, 1),
              TILE_IN_PAGE=(problem.page_size > 0 and not band.has_left
                            and problem.page_size % (block_n or default_n) == 0),
+             CHECK_PAGES=problem.page_size > 0 and not interpreting(),
              num_warps=num_warps or default_warps, num_stages=num_stages or default_stages))
     _prepared.put(key, _Prepared(split, args[6].stride(), n_groups, tail, workspace))
 

@@ -149,14 +149,15 @@ def _decode_warmup(dtype, head_dim: int, tile, page_size: int = 0):
     t = torch.empty(1, 2, 256, head_dim, dtype=dtype)
     f32 = torch.empty(1024, dtype=torch.float32)
     i32 = torch.empty(4, dtype=torch.int32)
-    # (Hq, Hkv, Sq, Sk, num_splits, qk_scale, cap_log2, left, right)
+    # (Hq, Hkv, Sq, Sk, num_splits, qk_scale, cap_log2, left, right, n_pages)
     return decode._split_kv_kernel.warmup(
         t, t, t, i32, f32, f32, t, f32, i32, i32, *list(t.stride()) * 4, 2, 2, 1, 256, 2, 0.1,
-        1.0, 0, 0, GROUP=1, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=triton.next_power_of_2(head_dim), HAS_SEQLENS=False, HAS_LEFT=False,
+        1.0, 0, 0, 37, GROUP=1, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_D=triton.next_power_of_2(head_dim), HAS_SEQLENS=page_size > 0, HAS_LEFT=False,
         HAS_RIGHT=False, HAS_SOFTCAP=False, IEEE_DOT=dtype == torch.float32,
         PAGED=page_size > 0, PAGE_SIZE=max(page_size, 1),
         TILE_IN_PAGE=page_size > 0 and page_size % bn == 0,
+        CHECK_PAGES=page_size > 0,
         num_warps=warps, num_stages=stages, grid=(1,))
 
 
