@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .api import autocast_device, run_problem
-from .paged import append_paged, attention_paged
+from .paged import VALIDATE_MODES, append_paged, attention_paged
 from .registry import registry
 from .spec import (
     FLOAT_DTYPES,
@@ -77,13 +77,16 @@ def attention_with_kvcache(
             masks apply over each batch's ``cache_seqlens[b] + S_new`` valid keys. ``causal``
             defaults to True (a decoder's self-attention); use False for cross-attention over an
             encoder's outputs.
-        validate: paged caches only. "host" (default): the fill levels and the table entries
-            they need are checked on the host before anything is written (on CUDA one
-            synchronisation), raising ``ValueError`` naming the sequence and entry. "device":
-            no synchronisation (CUDA graphs, engines that build their own tables): the same
-            conditions are one ``torch._assert_async`` queued before the write, so a bad
+        validate: "host" (default): the fill levels (and, paged, the table entries they
+            need) are checked on the host before anything is written (on CUDA one
+            synchronisation; a contiguous cache without an append needs none: its kernels
+            clamp fill levels), raising ``ValueError`` naming the sequence and entry.
+            "device": no synchronisation (CUDA graphs, decoding loops that keep the host
+            ahead of the GPU, engines that build their own tables): the same conditions are
+            one ``torch._assert_async`` queued before the write, so a bad fill level or
             table stops the stream with a device-side assertion before anything is written
-            or read (see `attnkit.paged`). A call appending nothing, without a left window,
+            or read (the CUDA context is unusable afterwards; on CPU it raises at once; see
+            `attnkit.paged`). A call appending nothing, without a left window,
             on a backend declaring ``Capabilities.paged_checks`` queues no check at all: its
             kernel checks what it reads and stops the same way on a bad fill level or entry.
 
@@ -94,7 +97,8 @@ def attention_with_kvcache(
     dtype, so q, k_new and v_new must already have it.
 
     Forward only: raises if gradients are requested. Raises ``ValueError`` before writing
-    anything if ``cache_seqlens[b] + S_new > S_max`` for any batch, or, paged, if a sequence's
+    anything if ``cache_seqlens[b] + S_new > S_max`` or ``cache_seqlens[b] < 0`` for any
+    batch (``validate="device"``: stops the stream instead), or, paged, if a sequence's
     positions need more pages than its table row holds, a page they need is negative or
     outside the pool, or two sequences would append into one slot.
     """
@@ -106,16 +110,17 @@ def attention_with_kvcache(
         with torch.autocast(q.device.type, enabled=False):  # runs without autocast
             return attention_with_kvcache(
                 q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal=causal, scale=scale,
-                window=window, softcap=softcap, return_lse=return_lse, backend=backend)
-    options = (causal, scale, window, softcap, return_lse)
+                window=window, softcap=softcap, return_lse=return_lse, backend=backend,
+                validate=validate)
+    options = (causal, scale, window, softcap, return_lse, validate)
     key = _metadata_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, options)
     problem = _validated.get(key) if key is not None else None
     if problem is None:
-        _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+        _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, validate)
     s_new = 0 if k_new is None else k_new.shape[2]
     if problem is not None and (s_new > 0 or cache_seqlens.device.type == "cpu"):
         # The metadata was checked before; the fill levels are values, checked every call.
-        _check_cache_seqlens(cache_seqlens, q, q.shape[0], k_cache.shape[2], s_new)
+        _check_cache_seqlens(cache_seqlens, q, q.shape[0], k_cache.shape[2], s_new, validate)
     # Kernels only read seqlens_k, so with nothing appended the caller's int32 tensor is
     # passed as is (one launch less per decoding step); otherwise a new tensor.
     seqlens_k = (cache_seqlens if s_new == 0 and cache_seqlens.dtype == torch.int32
@@ -237,7 +242,9 @@ def check_new_keys(q, k_cache, v_cache, k_new, v_new, heads_kv: int) -> int:
     return s_new
 
 
-def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
+def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, validate) -> None:
+    if validate not in VALIDATE_MODES:
+        raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
     check_call_tensors(q, k_cache, v_cache, k_new, v_new, "(B, Hkv, S_max, D)", "the caches")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape (B, Hkv, S_max, D): "
@@ -250,7 +257,10 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> N
                          f"D={D}) to match {describe_tensor('q', q)}")
     check_heads(q, "k_cache", k_cache, Hq, Hkv, D)
     s_new = check_new_keys(q, k_cache, v_cache, k_new, v_new, Hkv)
-    _check_cache_seqlens(cache_seqlens, q, B, S_max, s_new)
+    if s_new > S_max:
+        raise ValueError(f"KV cache overflow: {describe_tensor('k_new', k_new)} appends "
+                         f"{s_new} positions to caches of S_max={S_max}; nothing was written")
+    _check_cache_seqlens(cache_seqlens, q, B, S_max, s_new, validate)
 
 
 def _check_writable_caches(k_cache, v_cache) -> None:
@@ -338,11 +348,17 @@ def _has_solution(target: int, digits: list[tuple[int, int, int]], budget: int) 
     return search(0, target)
 
 
-def _check_cache_seqlens(s, q, B: int, S_max: int, s_new: int) -> None:
+def _check_cache_seqlens(s, q, B: int, S_max: int, s_new: int, validate: str = "host") -> None:
     check_lengths_tensor("cache_seqlens", s, q, B)
     if B == 0 or (s_new == 0 and s.device.type != "cpu"):
         # Nothing will be written: no reason to stall the GPU for a host-side check (the
         # kernels clamp fill levels to the cache).
+        return
+    if validate == "device":  # queued before the write; no synchronisation (S_new <= S_max)
+        torch._assert_async(
+            (s.clamp(0, S_max - s_new) == s).all(),
+            "KV cache: a negative fill level, or one whose appended positions pass S_max "
+            "(validate='host' says which)")
         return
     lo, hi = (int(x) for x in torch.aminmax(s))  # one sync, before anything is written
     if lo < 0:

@@ -7,6 +7,7 @@ import runpy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnkit
 from attnkit import reference
@@ -243,3 +244,62 @@ def test_repeated_signature_still_checks_fill_levels():
     with pytest.raises(ValueError, match=">= 0"):
         attnkit.attention_with_kvcache(**dict(args, cache_seqlens=torch.tensor(
             [0, -1, 2], dtype=torch.int32)), backend=REF)
+
+
+# -- validate="device": the fill levels checked without a host synchronisation ---------------
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("validate, syncs", [("host", 2), ("device", 0)])
+def test_an_appending_step_reads_fill_levels_on_the_host_only_under_host(validate, syncs):
+    """A repeated appending step: "host" reads the fill levels' min and max (a
+    synchronisation on CUDA), "device" queues one assertion and reads nothing."""
+    args = _call()
+    with torch.no_grad():
+        attnkit.attention_with_kvcache(**_call(), backend=REF, validate=validate)
+        with _CountOps() as c:
+            attnkit.attention_with_kvcache(**args, backend=REF, validate=validate)
+    assert c.ops.count("_local_scalar_dense") == syncs, c.ops
+    assert c.ops.count("_assert_async") == (validate == "device"), c.ops
+
+
+@pytest.mark.parametrize("levels", [[9, 9, 9], [0, 9, 2], [0, -1, 2]])
+def test_device_validation_refuses_bad_fill_levels_before_writing(levels):
+    """Fill levels below 0, or whose S_new appended positions pass S_max: the assertion
+    (raised at once on CPU) comes before the write, on fresh and kept signatures."""
+    for _ in range(2):
+        args = _call(cache_seqlens=torch.tensor(levels, dtype=torch.int32))
+        kc0, vc0 = args["k_cache"].clone(), args["v_cache"].clone()
+        with torch.no_grad(), pytest.raises(RuntimeError, match="KV cache: a negative fill"):
+            attnkit.attention_with_kvcache(**args, backend=REF, validate="device")
+        assert torch.equal(args["k_cache"], kc0) and torch.equal(args["v_cache"], vc0)
+
+
+def test_device_validation_gives_the_host_checked_result():
+    args, again = _call(), _call()
+    with torch.no_grad():
+        a = attnkit.attention_with_kvcache(**args, backend=REF, validate="host")
+        b = attnkit.attention_with_kvcache(**again, backend=REF, validate="device")
+    assert torch.equal(a, b) and torch.equal(args["k_cache"], again["k_cache"])
+
+
+def test_an_append_longer_than_the_cache_is_refused_whatever_the_levels():
+    args = _call(q=_cache(3, 4, 12, 8), k_new=_cache(3, 2, 12, 8), v_new=_cache(3, 2, 12, 8),
+                 cache_seqlens=torch.zeros(3, dtype=torch.int32))
+    for validate in ("host", "device"):
+        with torch.no_grad(), pytest.raises(ValueError, match="appends 12 positions to caches "
+                                                               "of S_max=10"):
+            attnkit.attention_with_kvcache(**args, backend=REF, validate=validate)
+
+
+def test_validate_must_be_a_mode():
+    with torch.no_grad(), pytest.raises(ValueError, match="validate must be one of"):
+        attnkit.attention_with_kvcache(**_call(), backend=REF, validate="never")

@@ -31,6 +31,7 @@ from attnkit.testing.decode_cases import (
     rand,
     reference_over_prefix,
 )
+from attnkit.testing.device_refusal import DEFECTS, assert_refused
 from attnkit.testing.generate import parametrize_cases
 
 
@@ -104,6 +105,14 @@ def test_decode_overflow_refused(backend_name, device):
             q, k_cache, v_cache, torch.tensor([3, 7], dtype=torch.int32, device=device),
             new, new, backend=backend_name)
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+@pytest.mark.parametrize("defect", DEFECTS["contiguous"])
+def test_decode_bad_fill_level_stops_a_device_check(defect, backend, backend_name, device):
+    """validate="device" (no host synchronisation): a fill level below 0 or whose appended
+    positions pass S_max stops the call before the write; on CUDA in a child process
+    (`attnkit.testing.device_refusal`)."""
+    assert_refused("contiguous", backend, backend_name, defect, device)
 
 
 def test_merge_attention(merge_case, backend, backend_name, device):

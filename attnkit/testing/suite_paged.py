@@ -12,9 +12,6 @@ appending into one slot, a negative fill level) are refused before anything is w
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -25,13 +22,13 @@ from attnkit.paged import paged_problem
 from attnkit.registry import NoBackendError
 from attnkit.testing.accuracy import assert_close
 from attnkit.testing.decode_cases import rand, reference_over_prefix
+from attnkit.testing.device_refusal import DEFECTS, assert_refused
 from attnkit.testing.generate import parametrize_cases
 from attnkit.testing.paged_cases import (
     PagedCase,
     bits,
     paged_cases,
     small_paged_inputs,
-    spoil_for_attending,
     spoil_table,
 )
 
@@ -106,65 +103,15 @@ def test_paged_bad_table_refused(defect, backend, backend_name, device):
     assert torch.equal(bits(kp), bits(before[0])) and torch.equal(bits(vp), bits(before[1]))
 
 
-#: A child process's attend-only call with validate="device" (argv: backend, defect or
-#: "none", device): on CUDA a refusal ends the process's CUDA context, so it runs apart.
-_CHILD = """
-import sys
-import torch
-import attnkit
-from attnkit.registry import registry
-from attnkit.testing.paged_cases import small_paged_inputs, spoil_for_attending
-name, defect, device = sys.argv[1:4]
-try:
-    backend = registry.get(name)
-except Exception:
-    print("no-backend")
-    sys.exit(3)
-q, (kp, vp), table, lens, _ = small_paged_inputs(backend.capabilities, device)
-if defect != "none":
-    table, lens = spoil_for_attending(table, lens, defect, kp.shape[0])
-with torch.no_grad():
-    out = attnkit.attention_with_kvcache(q, kp, vp, lens, block_table=table,
-                                         causal=backend.capabilities.causal, backend=name,
-                                         validate="device")
-torch.cuda.synchronize()
-print("finite" if bool(out.isfinite().all()) else "not finite")
-"""
-
-
-def _child(backend_name, defect, device):
-    return subprocess.run([sys.executable, "-c", _CHILD, backend_name, defect, device],
-                          capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.parametrize("defect", ["negative", "outside", "too_few", "negative_fill"])
+@pytest.mark.parametrize("defect", DEFECTS["paged"])
 def test_paged_bad_table_stops_a_device_check(defect, backend, backend_name, device):
     """validate="device" on a call that appends nothing (a decoding step): a needed entry
     outside the pool or a fill level outside the row's capacity stops the call, whether the
-    core queues the check or the backend's kernel makes it (``Capabilities.paged_checks``).
-    On CUDA either ends the CUDA context, so a child process must fail where the same call
-    on the intact table succeeds; elsewhere the call raises."""
+    core queues the check or the backend's kernel makes it (``Capabilities.paged_checks``);
+    on CUDA in a child process (`attnkit.testing.device_refusal`)."""
     if not backend.capabilities.paged:
         pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
-    if device.startswith("cuda"):
-        good = _child(backend_name, "none", device)
-        if good.returncode == 3 and "no-backend" in good.stdout:
-            pytest.skip(f"{backend_name!r} is not registered in a fresh process (not an "
-                        "installed plugin)")
-        assert good.returncode == 0 and "finite" in good.stdout, good.stderr[-3000:]
-        bad = _child(backend_name, defect, device)
-        assert bad.returncode != 0 and "finite" not in bad.stdout, (
-            f"a {defect} table was not refused: {bad.stdout[-500:]} {bad.stderr[-2000:]}")
-        assert re.search(r"(?i)launch fail|device-side assert|cuda error|CUDA_ERROR",
-                         bad.stderr), bad.stderr[-3000:]
-        return
-    q, (kp, vp), table, lens, _ = small_paged_inputs(backend.capabilities, device)
-    table, lens = spoil_for_attending(table, lens, defect, kp.shape[0])
-    with torch.no_grad(), pytest.raises((ValueError, RuntimeError),
-                                        match="paged KV|is needed|must be >= 0"):
-        attnkit.attention_with_kvcache(q, kp, vp, lens, block_table=table,
-                                       causal=backend.capabilities.causal,
-                                       backend=backend_name, validate="device")
+    assert_refused("paged", backend, backend_name, defect, device)
 
 
 def test_append_paged_then_attend(backend, backend_name, device):

@@ -157,3 +157,41 @@ def test_paged_steps_replayed_from_a_cuda_graph():
         assert torch.equal(kp.view(torch.int16), kr.view(torch.int16))
         assert torch.equal(vp.view(torch.int16), vr.view(torch.int16))
         lens += 1
+
+
+@pytest.mark.cuda
+def test_contiguous_steps_replayed_from_a_cuda_graph():
+    """The same with a contiguous cache: an appending step reads no fill level on the host
+    under validate="device", so it is captured, and each replay equals the eager call."""
+    import attnkit
+
+    dev, D = torch.device("cuda"), 64
+    kc, vc = (torch.randn((3, 2, 64, D), device=dev, dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([5, 40, 17], dtype=torch.int32, device=dev)
+    q = torch.randn((3, 8, 1, D), device=dev, dtype=torch.bfloat16)
+    kn, vn = (torch.randn((3, 2, 1, D), device=dev, dtype=torch.bfloat16) for _ in range(2))
+
+    def step(k_cache, v_cache, validate):
+        return attnkit.attention_with_kvcache(q, k_cache, v_cache, lens, kn, vn,
+                                              backend="triton", validate=validate)
+
+    kr, vr = kc.clone(), vc.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(kc.clone(), vc.clone(), "device")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = step(kc, vc, "device")
+    for _ in range(3):
+        for t in (q, kn, vn):
+            t.copy_(torch.randn(t.shape, device=dev, dtype=t.dtype))
+        graph.replay()
+        with torch.no_grad():
+            expected = step(kr, vr, "host")
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+        assert torch.equal(kc.view(torch.int16), kr.view(torch.int16))
+        assert torch.equal(vc.view(torch.int16), vr.view(torch.int16))
+        lens += 1
