@@ -75,7 +75,8 @@ class Capabilities:
     paged: bool = False
     #: ``forward_paged`` checks what it reads, where the core's ``validate="device"`` check
     #: would (`Backend.forward_paged`): the core then queues no check of its own for a call
-    #: that appends nothing and has no left window (no operation but the kernel's).
+    #: that appends nothing and has no left window (no operation but the kernel's); and
+    #: under ``validate="device"`` the core offers appends to `Backend.append_paged`.
     paged_checks: bool = False
 
     def as_dict(self) -> dict:
@@ -236,6 +237,30 @@ class Backend:
         Address arithmetic must be 64-bit: pools may exceed 2^31 elements.
         """
         raise NotImplementedError
+
+    def append_paged(
+        self,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The append of a ``validate="device"`` paged call, checks included (only asked of
+        backends declaring ``paged_checks``; None, the default, leaves it to the core).
+
+        Pools and ``k_new``/``v_new`` ``(B, Hkv, S_new >= 1, D)`` of any strides,
+        ``block_table`` int32 contiguous ``(B, max_pages)``, ``cache_seqlens`` int32 or
+        int64 contiguous ``(B,)``: exactly the core's `attnkit.paged.check_table` (fill
+        levels in ``[0, max_pages * page_size - S_new]``, every entry a position below
+        ``cache_seqlens[b] + S_new`` needs in ``[0, num_pages)``, no slot appended to by two
+        sequences), then the write of position ``cache_seqlens[b] + i`` of each sequence,
+        nothing else. A violation writes nothing: on CUDA it stops the kernel with a trap
+        (the context is unusable afterwards, as after the core's assertion), elsewhere it
+        raises ``ValueError``. Returns the int32 ``(B,)`` fill levels after the append
+        (``cache_seqlens + S_new``), queued on the stream like the write."""
+        return None
 
     def conformance_modules(self) -> tuple[str, ...]:
         """Importable names of pytest modules ``attnkit check`` runs for this backend after

@@ -28,14 +28,16 @@ def test_paged_decode_table(tmp_path):
     cells = result["cells"]
     # 64 is no multiple of 5: that page size is left out, the others all ran.
     assert sorted((c["call"], c["page_size"]) for c in cells) == [
-        ("contiguous", 0), ("contiguous-api", 0), ("paged", 16), ("paged-api", 16)]
+        ("contiguous", 0), ("contiguous-api", 0), ("contiguous-api-append", 0), ("paged", 16),
+        ("paged-api", 16), ("paged-api-append", 16)]
     assert all(c["status"] == "ok" for c in cells), cells
     assert all(c["max_abs_diff_vs_contiguous"] < 1e-5 for c in cells)
     assert all(c["ratio_vs_contiguous"] > 0 for c in cells if c["call"].startswith("paged"))
     assert all(c["host_us"] > 0 for c in cells)  # each call's host time beside its median
     text = (tmp_path / "paged.txt").read_text()
     assert "reference, kernel" in text and "page 16" in text and "Summary" in text
-    assert text.count("host us per call / median us per call") == 2  # kernel and api
+    assert text.count("host us per call / median us per call") == 3  # kernel, api, append
+    assert "reference, api appending a token" in text
     assert json.loads((tmp_path / "paged.json").read_text())["kind"] == "paged"
 
 

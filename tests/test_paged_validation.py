@@ -139,6 +139,31 @@ def test_a_self_checking_backend_takes_the_device_check(self_checking, window, s
         assert len(self_checking.seen) == seen + 1
 
 
+def test_a_self_checking_backend_may_append(self_checking, monkeypatch):
+    """Under "device" an append goes to `Backend.append_paged` (checks included), whose fill
+    levels reach forward_paged; a backend returning None leaves it to the core."""
+    q, kp, vp, table, lens, new = _decode_inputs(s_new=1)
+    taken = []
+
+    def append(k_pages, v_pages, block_table, cache_seqlens, k_new, v_new):
+        taken.append(block_table)
+        return (cache_seqlens + k_new.shape[2]).to(torch.int32)
+
+    self_checking.append_paged = append
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(attnkit.paged, "check_table", lambda *a: pytest.fail("the core checked"))
+        attnkit.attention_with_kvcache(q, kp, vp, lens, *new, block_table=table,
+                                       backend=NULL, validate="device")
+    assert len(taken) == 1 and taken[0] is table
+    assert self_checking.seen[-1].tolist() == (lens + 1).tolist()
+    self_checking.append_paged = lambda *a: None
+    before = kp.clone()
+    with torch.no_grad():
+        attnkit.attention_with_kvcache(q, kp, vp, lens, *new, block_table=table,
+                                       backend=NULL, validate="device")
+    assert not torch.equal(kp, before)  # the core wrote the new keys
+
+
 def test_a_repeated_appending_step_queues_few_operations(null):
     q, kp, vp, table, lens, new = _decode_inputs(s_new=1)
     c = _count(lambda: attnkit.attention_with_kvcache(q, kp, vp, lens, *new, block_table=table,

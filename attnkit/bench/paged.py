@@ -8,7 +8,10 @@ leaves them after a while). Calls, each on full caches with one query token:
 - ``contiguous``: the backend's ``forward`` on the caches (kernel time: the problem built once);
 - ``paged``: the backend's ``forward_paged`` on the pools (the same);
 - ``contiguous-api`` / ``paged-api``: `attnkit.attention_with_kvcache` without and with
-  ``block_table`` (``validate="device"``: no host synchronisation), what a caller pays.
+  ``block_table`` (``validate="device"``: no host synchronisation), what a caller pays;
+- ``contiguous-api-append`` / ``paged-api-append``: the same calls appending one token per
+  sequence (a decoding step in FlashAttention's style): the last cached key and value
+  written again over themselves (fill levels one short), so every call reads the same keys.
 
 TB/s is K+V bytes of the valid keys over the median time; ``ratio_vs_contiguous`` is a paged
 call's throughput over the same backend's contiguous call of the same kind. ``host_us`` is the
@@ -34,7 +37,10 @@ from .host import WaitedForGpu, batch_sizes, host_us
 from .progress import Progress
 from .runner import _Session, _Unsupported
 
-CALLS = ("contiguous", "paged", "contiguous-api", "paged-api")
+CALLS = ("contiguous", "paged", "contiguous-api", "paged-api", "contiguous-api-append",
+         "paged-api-append")
+#: (kind, suffix) of the tables: calls ``contiguous{suffix}`` and ``paged{suffix}``.
+KINDS = (("kernel", ""), ("api", "-api"), ("api appending a token", "-api-append"))
 
 
 @dataclass
@@ -95,7 +101,7 @@ def run_paged(spec: PagedSpec, contenders: list[Contender], device: torch.device
               progress: Progress, seed: int = 0) -> list[PagedCell]:
     session = _Session(device, progress)
     timing.prepare(device)
-    progress.start(len(contenders) * len(spec.cache_lens) * (2 + 2 * len(spec.page_sizes)))
+    progress.start(len(contenders) * len(spec.cache_lens) * 3 * (1 + len(spec.page_sizes)))
     cells: list[PagedCell] = []
     t0 = time.perf_counter()
     for contender in contenders:
@@ -104,9 +110,9 @@ def run_paged(spec: PagedSpec, contenders: list[Contender], device: torch.device
                 session.poisoned = (f"not run: the time limit of {spec.time_limit_s:g}s was "
                                     "reached")
             if session.poisoned is not None:  # skipped without allocating the caches
-                for call, P in [("contiguous", 0), ("contiguous-api", 0)] + [
+                for call, P in [(c, 0) for c in CALLS if c.startswith("contiguous")] + [
                         (c, P) for P in spec.page_sizes if L % P == 0
-                        for c in ("paged", "paged-api")]:
+                        for c in CALLS if c.startswith("paged")]:
                     cells.append(session.run(_blank(spec, contender, L, call, P), None))
                 continue
             cells += _cache_len(session, spec, contender, L, device, seed, progress)
@@ -125,12 +131,17 @@ def _cache_len(session, spec, contender, L, device, seed, progress) -> list[Page
     k, v = (torch.randn(spec.batch, spec.heads_kv, L, spec.head_dim, generator=g,
                         device=device, dtype=dtype) for _ in range(2))
     lens = torch.full((spec.batch,), L, dtype=torch.int32, device=device)
+    short = lens - 1  # the appending calls write key L - 1 again, from these copies
+    k_last, v_last = k[:, :, -1:].clone(), v[:, :, -1:].clone()
     dense = AttentionProblem.from_tensors(q, k, v, causal=True, seqlens_k=lens,
                                           needs_grad=False, check_values=False)
     calls = {
         ("contiguous", 0): lambda: backend.forward(dense, q, k, v, lens),
         ("contiguous-api", 0): lambda: attention_with_kvcache(q, k, v, lens, causal=True,
                                                               backend=contender.name),
+        ("contiguous-api-append", 0): lambda: attention_with_kvcache(
+            q, k, v, short, k_last, v_last, causal=True, backend=contender.name,
+            validate="device"),
     }
     host = torch.Generator().manual_seed(seed + L)
     for P in spec.page_sizes:
@@ -143,6 +154,9 @@ def _cache_len(session, spec, contender, L, device, seed, progress) -> list[Page
         calls[("paged-api", P)] = functools.partial(
             attention_with_kvcache, q, kp, vp, lens, block_table=table, causal=True,
             backend=contender.name, validate="device")
+        calls[("paged-api-append", P)] = functools.partial(
+            attention_with_kvcache, q, kp, vp, short, k_last, v_last, block_table=table,
+            causal=True, backend=contender.name, validate="device")
     first: list = []  # the contiguous call's out, which every other call is compared with
     cells = []
     for (call, P), fn in calls.items():
@@ -192,7 +206,7 @@ def paged_table(result: dict) -> str:
            f"D={spec['head_dim']} {spec['dtype']} Sq={spec['seqlen_q']}, pages shuffled",
            "TB/s of K+V read (median; Nx = over the same backend's contiguous call)"]
     for backend in backends_in_order(cells):
-        for kind, suffix in (("kernel", ""), ("api", "-api")):
+        for kind, suffix in KINDS:
             mine = [c for c in cells if c["backend"] == backend
                     and c["call"] in (f"contiguous{suffix}", f"paged{suffix}")]
             if not mine:

@@ -20,9 +20,11 @@ import attnkit
 from .decode_cases import decode_dtypes, rand
 from .paged_cases import small_paged_inputs, spoil_for_attending
 
-#: Defects per kind of cache: "paged" calls append nothing (the kernel may check them),
-#: "contiguous" ones append two positions (the core checks before writing).
+#: Defects per kind of call: "paged" appends nothing (the kernel may check), "paged_append"
+#: one position per sequence (the backend may check and append), "contiguous" two
+#: positions (the core checks before writing).
 DEFECTS = {"paged": ("negative", "outside", "too_few", "negative_fill"),
+           "paged_append": ("negative", "outside", "too_few", "same_slot", "negative_fill"),
            "contiguous": ("overflow", "negative_fill")}
 
 
@@ -30,13 +32,14 @@ def refusing_call(kind: str, backend, backend_name: str, defect: str, device):
     """A function making the ``kind`` call on inputs with ``defect`` ("none": intact) under
     ``validate="device"``, returning ``out``."""
     caps = backend.capabilities
-    if kind == "paged":
-        q, (kp, vp), table, lens, _ = small_paged_inputs(caps, device)
+    if kind in ("paged", "paged_append"):
+        q, (kp, vp), table, lens, new = small_paged_inputs(caps, device)
         if defect != "none":
             table, lens = spoil_for_attending(table, lens, defect, kp.shape[0])
+        new = new if kind == "paged_append" else (None, None)
         return lambda: attnkit.attention_with_kvcache(
-            q, kp, vp, lens, block_table=table, causal=caps.causal, backend=backend_name,
-            validate="device")
+            q, kp, vp, lens, *new, block_table=table, causal=caps.causal,
+            backend=backend_name, validate="device")
     gen = torch.Generator().manual_seed(7)
     dt, D = decode_dtypes(caps, True)[0], max(caps.head_dim_min, 16)
     k_cache, v_cache = (rand((2, 1, 8, D), dt, device, gen) for _ in range(2))
@@ -78,7 +81,7 @@ def assert_refused(kind: str, backend, backend_name: str, defect: str, device) -
     backend is not registered in a fresh process); elsewhere it raises."""
     if not str(device).startswith("cuda"):
         with torch.no_grad(), pytest.raises((ValueError, RuntimeError),
-                                            match="KV cache|is needed|must be >= 0"):
+                                            match="KV cache|is needed|must be >= 0|two sequences"):
             refusing_call(kind, backend, backend_name, defect, device)()
         return
     good = _child(kind, backend_name, "none", str(device))

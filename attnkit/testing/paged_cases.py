@@ -180,8 +180,8 @@ def small_paged_inputs(caps, device, page_size: int = 4):
 
 
 def spoil_for_attending(table, lens, defect: str, num_pages: int):
-    """``(table, lens)`` of `small_paged_inputs` with one defect a call that appends nothing
-    must refuse: `spoil_table`'s "negative", "outside" and "negative_fill" (level -1), or
+    """``(table, lens)`` of `small_paged_inputs` with one defect a call must refuse, with or
+    without its one-token append: `spoil_table`'s ("negative_fill": level -1), or
     "too_few" (sequence 0 holds 9 keys, its row 2 pages of 4)."""
     if defect == "too_few":
         lens[0] = 9

@@ -42,8 +42,11 @@ def _unchanged(inputs, kp, vp, what):
         bits(inputs.v_pages), bits(vp)), what
 
 
-def test_paged_step(paged_case, backend, backend_name, device):
-    """Append into pages, attend; pools, fill levels, table and results as specified."""
+@pytest.mark.parametrize("validate", ["host", "device"])
+def test_paged_step(paged_case, validate, backend, backend_name, device):
+    """Append into pages, attend; pools, fill levels, table and results as specified, with
+    the values checked on the host or on the device (where a backend declaring
+    ``paged_checks`` may check and append itself, `Backend.append_paged`)."""
     c = paged_case
     gen = torch.Generator().manual_seed(zlib.crc32(c.id.encode()))
     x = c.make_inputs(device, gen)
@@ -52,7 +55,7 @@ def test_paged_step(paged_case, backend, backend_name, device):
     kp_before, vp_before = x.k_pages.clone(), x.v_pages.clone()
     lse_wanted = backend.capabilities.lse
     opts = dict(block_table=x.block_table, causal=c.causal, window=c.window, softcap=c.softcap,
-                return_lse=lse_wanted, backend=backend_name)
+                return_lse=lse_wanted, backend=backend_name, validate=validate)
     problem = paged_problem(x.q, x.k_pages, x.block_table, causal=c.causal, window=c.window,
                             softcap=c.softcap, return_lse=lse_wanted)
     reasons = backend.not_supported_reasons(problem)
@@ -103,15 +106,17 @@ def test_paged_bad_table_refused(defect, backend, backend_name, device):
     assert torch.equal(bits(kp), bits(before[0])) and torch.equal(bits(vp), bits(before[1]))
 
 
-@pytest.mark.parametrize("defect", DEFECTS["paged"])
-def test_paged_bad_table_stops_a_device_check(defect, backend, backend_name, device):
-    """validate="device" on a call that appends nothing (a decoding step): a needed entry
-    outside the pool or a fill level outside the row's capacity stops the call, whether the
-    core queues the check or the backend's kernel makes it (``Capabilities.paged_checks``);
-    on CUDA in a child process (`attnkit.testing.device_refusal`)."""
+@pytest.mark.parametrize("kind, defect", [(k, d) for k in ("paged", "paged_append")
+                                           for d in DEFECTS[k]])
+def test_paged_bad_table_stops_a_device_check(kind, defect, backend, backend_name, device):
+    """validate="device", a call that appends nothing (a decoding step) or one token per
+    sequence: a needed entry outside the pool, a fill level outside the row's capacity or
+    two sequences appending into one slot stops the call, whether the core queues the check
+    or the backend makes it (``Capabilities.paged_checks``, `Backend.append_paged`); on CUDA
+    in a child process (`attnkit.testing.device_refusal`)."""
     if not backend.capabilities.paged:
         pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
-    assert_refused("paged", backend, backend_name, defect, device)
+    assert_refused(kind, backend, backend_name, defect, device)
 
 
 def test_append_paged_then_attend(backend, backend_name, device):

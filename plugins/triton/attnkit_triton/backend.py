@@ -41,6 +41,9 @@ from ._launcher import layout_key
 from ._triton_internals import ensure_allocator as _ensure_allocator
 from ._triton_internals import launch_path
 from .decode import decode_forward, num_splits, use_split_kv
+from .paged_append import append_checked, takes
+
+_APPEND_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _TMA_ENV = "ATTNKIT_TRITON_TMA"
 
@@ -201,6 +204,14 @@ class TritonBackend(Backend):
             return decode_forward(problem, q, k_pages, v_pages, seqlens_k,
                                   splits=_paged_splits(problem, interpreting()),
                                   block_table=block_table)
+
+    def append_paged(self, k_pages, v_pages, block_table, cache_seqlens, k_new, v_new):
+        # One launch for the checks and the write (paged_append.py); long appends (chunked
+        # prefill) and dtypes the kernels do not take are the core's.
+        if k_pages.dtype not in _APPEND_DTYPES or not takes(block_table, k_new.shape[2]):
+            return None
+        with _on_device(k_pages):
+            return append_checked(k_pages, v_pages, block_table, cache_seqlens, k_new, v_new)
 
     def _forward_route(self, problem, q, k, v) -> GluonRoute | ForwardRoute:
         # The warp-specialized Gluon kernels have no dropout mask: dropout takes `tl`'s. The
