@@ -137,26 +137,7 @@ def test_paged_steps_replayed_from_a_cuda_graph():
                                               block_table=table, backend="triton",
                                               validate=validate)
 
-    kr, vr = kp.clone(), vp.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and cache outside the capture, on copies
-        step(kp.clone(), vp.clone(), "device")
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        out = step(kp, vp, "device")
-    for _ in range(3):
-        for t in (q, kn, vn):
-            t.copy_(torch.randn(t.shape, device=dev, dtype=t.dtype))
-        graph.replay()
-        with torch.no_grad():
-            expected = step(kr, vr, "host")
-        torch.cuda.synchronize()
-        assert torch.equal(out, expected)
-        assert torch.equal(kp.view(torch.int16), kr.view(torch.int16))
-        assert torch.equal(vp.view(torch.int16), vr.view(torch.int16))
-        lens += 1
+    _replays_equal_eager(step, (kp, vp), (q, kn, vn), lens)
 
 
 @pytest.mark.cuda
@@ -175,23 +156,31 @@ def test_contiguous_steps_replayed_from_a_cuda_graph():
         return attnkit.attention_with_kvcache(q, k_cache, v_cache, lens, kn, vn,
                                               backend="triton", validate=validate)
 
-    kr, vr = kc.clone(), vc.clone()
+    _replays_equal_eager(step, (kc, vc), (q, kn, vn), lens)
+
+
+def _replays_equal_eager(step, caches, inputs, lens):
+    """``step(k, v, validate)`` captured in a CUDA graph with ``validate="device"`` (compiled
+    first on a side stream, on copies) and replayed three times with new ``inputs`` and fill
+    levels one longer each time: each replay's output and caches equal the eager ``"host"``
+    call's on copies of the caches, bit for bit."""
+    copies = tuple(c.clone() for c in caches)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(kc.clone(), vc.clone(), "device")
+    with torch.cuda.stream(side):  # compile and cache outside the capture, on copies
+        step(*(c.clone() for c in caches), "device")
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        out = step(kc, vc, "device")
+        out = step(*caches, "device")
     for _ in range(3):
-        for t in (q, kn, vn):
-            t.copy_(torch.randn(t.shape, device=dev, dtype=t.dtype))
+        for t in inputs:
+            t.copy_(torch.randn(t.shape, device=t.device, dtype=t.dtype))
         graph.replay()
         with torch.no_grad():
-            expected = step(kr, vr, "host")
+            expected = step(*copies, "host")
         torch.cuda.synchronize()
         assert torch.equal(out, expected)
-        assert torch.equal(kc.view(torch.int16), kr.view(torch.int16))
-        assert torch.equal(vc.view(torch.int16), vr.view(torch.int16))
+        for c, r in zip(caches, copies):
+            assert torch.equal(c.view(torch.int16), r.view(torch.int16))
         lens += 1
