@@ -88,7 +88,9 @@ def attention_with_kvcache(
             or read (the CUDA context is unusable afterwards; on CPU it raises at once; see
             `attnkit.paged`). A call appending nothing, without a left window,
             on a backend declaring ``Capabilities.paged_checks`` queues no check at all: its
-            kernel checks what it reads and stops the same way on a bad fill level or entry.
+            kernel checks what it reads and stops the same way on a bad fill level or entry;
+            an appending one may be checked and written by such a backend in one launch
+            (`attnkit.backend.Backend.append_paged`).
 
     Returns:
         ``out`` ``(B, Hq, Sq, D)``, or ``(out, lse)`` if ``return_lse``.

@@ -23,7 +23,8 @@ neither the write nor the attention kernel runs. On CPU both raise before writin
 that appends nothing, without a left window, on a backend declaring ``paged_checks`` queues
 no check under "device": its kernel checks the fill levels and the entries as it reads them
 and stops on a bad one (`attnkit.backend.Backend.forward_paged`), so a decoding step costs
-the kernel alone.
+the kernel alone; an appending call under "device" is offered to such a backend's
+`attnkit.backend.Backend.append_paged` (this module's checks and write in its own kernels).
 """
 
 from __future__ import annotations
