@@ -80,25 +80,26 @@ def attention_paged(q, k_pages, v_pages, cache_seqlens, k_new, v_new, block_tabl
     # Refuse (bad options, no backend for this problem) before the pools are written.
     chosen = registry.select(problem, backend)
     table = block_table if block_table.is_contiguous() else block_table.contiguous()
+    # Under "device" a backend declaring paged_checks checks what its kernels read: nothing
+    # is queued for a step without an append or a left window, and an append is offered to
+    # the backend, checks included (None: the core's).
+    backend_checks = (validate == "device" and chosen.capabilities.paged_checks
+                      and block_table.shape[0] > 0)
     seqlens_k = None
-    if validate == "device" and chosen.capabilities.paged_checks and block_table.shape[0]:
-        # The backend checks what its kernel reads, and may append (checks included).
-        if s_new and check is not None:
-            lens = cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()
-            seqlens_k = chosen.append_paged(k_pages, v_pages, table, lens, k_new, v_new)
-        elif not s_new and problem.window[0] == UNBOUNDED:
-            seqlens_k = cache_seqlens
-    if seqlens_k is None:
+    if backend_checks and s_new and check is not None:
+        lens = cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()
+        seqlens_k = chosen.append_paged(k_pages, v_pages, table, lens, k_new, v_new)
+    if seqlens_k is None and not (backend_checks and not s_new
+                                  and problem.window[0] == UNBOUNDED):
         targets = check_table(k_pages, block_table, cache_seqlens, s_new, validate, check)
         if targets is not None:
             _write(k_pages, v_pages, targets, k_new, v_new)
-        seqlens_k = cache_seqlens
-    # Kernels only read seqlens_k: without an append the caller's int32 tensor is passed as
-    # is (one launch less per decoding step), as on the contiguous path.
-    if s_new == 0 and not (seqlens_k.dtype == torch.int32 and seqlens_k.is_contiguous()):
-        seqlens_k = seqlens_k.to(torch.int32).contiguous()
-    elif s_new and seqlens_k is cache_seqlens:
-        seqlens_k = cache_seqlens.to(torch.int32) + s_new
+    if seqlens_k is None:
+        # Kernels only read seqlens_k: without an append the caller's int32 tensor is passed
+        # as is (one launch less per decoding step), as on the contiguous path.
+        seqlens_k = (cache_seqlens if s_new == 0 and cache_seqlens.dtype == torch.int32
+                     and cache_seqlens.is_contiguous()
+                     else cache_seqlens.to(torch.int32) + s_new)
     if problem.is_empty:
         out, lse = _empty_result(problem, q)
     else:

@@ -29,7 +29,7 @@ from attnkit.testing.paged_cases import (
     bits,
     paged_cases,
     small_paged_inputs,
-    spoil_table,
+    spoil_for_attending,
 )
 
 
@@ -89,12 +89,7 @@ def test_paged_bad_table_refused(defect, backend, backend_name, device):
     if not backend.capabilities.paged:
         pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
     q, (kp, vp), table, lens, (kn, vn) = small_paged_inputs(backend.capabilities, device)
-    if defect == "too_few":
-        lens[0] = 8  # 9 positions > 2 usable pages x 4 (the third entry is -1: too few)
-        table[0, 2] = -1
-        table = table[:, :2].contiguous()
-    else:
-        spoil_table(table, lens, defect, num_pages=kp.shape[0])
+    table, lens = spoil_for_attending(table, lens, defect, kp.shape[0])
     before = kp.clone(), vp.clone()
     with torch.no_grad(), pytest.raises(ValueError, match="nothing was written"):
         attnkit.attention_with_kvcache(q, kp, vp, lens, kn, vn, block_table=table,
