@@ -86,8 +86,8 @@ def attention_with_kvcache(
             one ``torch._assert_async`` queued before the write, so a bad fill level or
             table stops the stream with a device-side assertion before anything is written
             or read (the CUDA context is unusable afterwards; on CPU it raises at once; see
-            `attnkit.paged`). A call appending nothing, without a left window,
-            on a backend declaring ``Capabilities.paged_checks`` queues no check at all: its
+            `attnkit.paged`). A paged call appending nothing, without a left window, on a
+            backend declaring ``Capabilities.paged_checks`` queues no check at all: its
             kernel checks what it reads and stops the same way on a bad fill level or entry;
             an appending one may be checked and written by such a backend in one launch
             (`attnkit.backend.Backend.append_paged`).
