@@ -69,7 +69,6 @@ class CupyBackend(Backend):
         varlen=True, dropout=True,
         # The split-KV kernel reads page pools through the block table (kernels/decode.cu).
         paged=True,
-        paged_checks=True,  # decode.cu traps on a bad fill level or entry (PageMap)
     )
 
     def availability(self) -> tuple[bool, str]:

