@@ -18,7 +18,7 @@ import torch
 import attnkit
 
 from .decode_cases import decode_dtypes, rand
-from .paged_cases import small_paged_inputs, spoil_for_attending
+from .paged_cases import small_paged_inputs, spoil_small_table
 
 #: Defects per kind of call: "paged" appends nothing (the kernel may check), "paged_append"
 #: one position per sequence (the backend may check and append), "contiguous" two
@@ -35,7 +35,7 @@ def refusing_call(kind: str, backend, backend_name: str, defect: str, device):
     if kind in ("paged", "paged_append"):
         q, (kp, vp), table, lens, new = small_paged_inputs(caps, device)
         if defect != "none":
-            table, lens = spoil_for_attending(table, lens, defect, kp.shape[0])
+            table, lens = spoil_small_table(table, lens, defect, kp.shape[0])
         new = new if kind == "paged_append" else (None, None)
         return lambda: attnkit.attention_with_kvcache(
             q, kp, vp, lens, *new, block_table=table, causal=caps.causal,

@@ -179,7 +179,7 @@ def small_paged_inputs(caps, device, page_size: int = 4):
     return q, pools, table, lens, new
 
 
-def spoil_for_attending(table, lens, defect: str, num_pages: int):
+def spoil_small_table(table, lens, defect: str, num_pages: int):
     """``(table, lens)`` of `small_paged_inputs` with one defect a call must refuse, with or
     without its one-token append: `spoil_table`'s ("negative_fill": level -1), or
     "too_few" (sequence 0 holds 9 keys, its row 2 pages of 4)."""

@@ -29,7 +29,7 @@ from attnkit.testing.paged_cases import (
     bits,
     paged_cases,
     small_paged_inputs,
-    spoil_for_attending,
+    spoil_small_table,
 )
 
 
@@ -89,7 +89,7 @@ def test_paged_bad_table_refused(defect, backend, backend_name, device):
     if not backend.capabilities.paged:
         pytest.skip("the backend does not declare paged (refusal: test_paged_step)")
     q, (kp, vp), table, lens, (kn, vn) = small_paged_inputs(backend.capabilities, device)
-    table, lens = spoil_for_attending(table, lens, defect, kp.shape[0])
+    table, lens = spoil_small_table(table, lens, defect, kp.shape[0])
     before = kp.clone(), vp.clone()
     with torch.no_grad(), pytest.raises(ValueError, match="nothing was written"):
         attnkit.attention_with_kvcache(q, kp, vp, lens, kn, vn, block_table=table,
