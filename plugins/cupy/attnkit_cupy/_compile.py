@@ -3,7 +3,7 @@
 A `Variant` is one compiled configuration: a kernel source (forward, backward or the split-KV
 decode), an element type, a padded head dim, the two masking flags and, for the forward and
 backward, the feature bits (packed sequences, dropout or both; FEAT_*), for the decode the
-paged bits (FEAT_PAGED, FEAT_WHOLE_PAGES, FEAT_CHUNK_PAGES). Each is compiled once
+paged bits (FEAT_PAGED, FEAT_WHOLE_PAGES). Each is compiled once
 per device through ``cupy.RawModule(code=..., options=..., name_expressions=[...])``; CuPy
 adds ``-arch=sm_XY`` for the current device and caches the cubin on disk, so a configuration
 is built once per machine. `all_variants` lists every configuration the backend can ask for:
@@ -56,16 +56,16 @@ DECODE_F32 = (4, 32, 2)
 FEAT_VARLEN, FEAT_DROPOUT = 1, 2
 FEATURES = (0, FEAT_VARLEN, FEAT_DROPOUT, FEAT_VARLEN | FEAT_DROPOUT)
 #: The decode kernels' features: page pools read through a block table (PAGED of decode.cu),
-#: with a page looked up once per tile where pages hold whole tiles, or once per 16 keys where
-#: they hold whole 16-key chunks (fp16/bf16 only).
-FEAT_PAGED, FEAT_WHOLE_PAGES, FEAT_CHUNK_PAGES = 4, 8, 16
+#: with a page looked up once per tile where pages hold whole tiles (fp16/bf16 only).
+FEAT_PAGED, FEAT_WHOLE_PAGES = 4, 8
 #: Each decode feature set and the fp16/bf16 kernel's PAGED template argument for it
-#: (PAGED_NONE, _ROWS, _WHOLE, _CHUNKS of decode.cu).
-PAGED_MODE = {0: 0, FEAT_PAGED: 1, FEAT_PAGED | FEAT_WHOLE_PAGES: 2,
-              FEAT_PAGED | FEAT_CHUNK_PAGES: 3}
+#: (PAGED_NONE, _ROWS, _WHOLE of decode.cu).
+PAGED_MODE = {0: 0, FEAT_PAGED: 1, FEAT_PAGED | FEAT_WHOLE_PAGES: 2}
 DECODE_FEATURES = tuple(PAGED_MODE)
 #: The feature bits only the fp16/bf16 decode has (the fp32 kernel reads pages row by row).
-FEAT_HALF_ONLY = FEAT_WHOLE_PAGES | FEAT_CHUNK_PAGES
+FEAT_HALF_ONLY = FEAT_WHOLE_PAGES
+#: Block-table entries a paged decode block keeps in shared memory (PAGE_WINDOW of decode.cu).
+PAGE_WINDOW = 512
 
 #: NVRTC options. CuPy appends -arch=sm_XY for the current device (and caches per arch).
 OPTIONS = ("-std=c++17",)
@@ -107,8 +107,8 @@ class Variant:
             if self.feat not in DECODE_FEATURES or (self.dtype == "fp32"
                                                     and self.feat & FEAT_HALF_ONLY):
                 raise ValueError(f"the split-KV decode kernels take feature bits "
-                                 f"{DECODE_FEATURES} (fp32 without FEAT_WHOLE_PAGES or "
-                                 f"FEAT_CHUNK_PAGES), got {self.feat} for {self.dtype}")
+                                 f"{DECODE_FEATURES} (fp32 without FEAT_WHOLE_PAGES), got "
+                                 f"{self.feat} for {self.dtype}")
             paged = (_b(bool(self.feat)) if self.dtype == "fp32"
                      else PAGED_MODE[self.feat])
             flags = f"{_b(self.band)}, {_b(self.softcap)}, {paged}>"
@@ -147,7 +147,8 @@ class Variant:
         if role in ("delta", "merge"):
             return 4, 128, 0
         if role == "split":
-            return (DECODE_ROWS,) + _decode_split_geometry(self.dtype, dp, self.tiles)
+            return (DECODE_ROWS,) + _decode_split_geometry(self.dtype, dp, self.tiles,
+                                                           bool(self.feat))
         if self.dtype == "fp32":
             if role == "fwd":
                 bm, bn, ldk = 16, 32, dp + 1
@@ -173,16 +174,19 @@ class Variant:
         return 2 if self.dtype != "fp32" and self.dp > 128 else 1
 
 
-def _decode_split_geometry(dtype: str, dp: int, tiles: tuple) -> tuple[int, int]:
-    """(threads, shared memory bytes) of a decode split kernel (DecCfg / DecF32Cfg)."""
+def _decode_split_geometry(dtype: str, dp: int, tiles: tuple,
+                           paged: bool) -> tuple[int, int]:
+    """(threads, shared memory bytes) of a decode split kernel (DecCfg / DecF32Cfg; paged:
+    the table window after the pipeline)."""
+    window = PAGE_WINDOW * 4 if paged else 0
     if dtype == "fp32":
         nw, bn, st = DECODE_F32
-        return nw * 32, (DECODE_ROWS * dp + st * bn * (2 * dp + 1)) * 4
+        return nw * 32, (DECODE_ROWS * dp + st * bn * (2 * dp + 1)) * 4 + window
     nw, bn, st = tiles
     lds = dp + 8
     pipe = (DECODE_ROWS + 2 * st * bn) * lds * 2
     merge = (nw * DECODE_ROWS * (dp + 8) + 3 * nw * DECODE_ROWS) * 4
-    return nw * 32, max(pipe, merge)
+    return nw * 32, max(pipe + window, merge)
 
 
 def _tiles(source: str, dtype: str, dp: int) -> tuple:

@@ -8,8 +8,9 @@ The split count is `attnkit.backend_utils.choose_splits`, shared with the triton
 
 Paged KV caches (`attnkit.backend.Backend.forward_paged`) run the same kernels compiled with
 ``PAGED``: K and V are page pools and each tile's rows are looked up in the block table as they
-load (no gather copy). Every paged call takes this path, decoding or several queries (row
-blocks of 16 cover any query count).
+load (no gather copy), through a window of the table held in shared memory; the kernel checks
+each entry it reads and each fill level (`Capabilities.paged_checks`). Every paged call takes
+this path, decoding or several queries (row blocks of 16 cover any query count).
 
 Host work per call is kept small: everything that depends only on the `AttentionProblem`
 (variant, grid, constant kernel arguments) is computed once and cached.
@@ -231,15 +232,10 @@ def _plan(problem: AttentionProblem, splits: int, tiles) -> _Plan:
     )
 
 
-#: Keys per chunk of the PAGED_CHUNKS loads (decode.cu's CHUNK).
-PAGE_CHUNK = 16
-
-
 def _paged_feature(problem: AttentionProblem, tiles, has_left: bool) -> int:
     """The decode variant's paged bits: none for contiguous caches; one lookup per tile where
-    the page size is a multiple of the tile's keys, per 16-key chunk where it is a multiple of
-    16, and no left window moves a split's first key off a tile boundary (splits start at
-    multiples of the tile otherwise); else per row."""
+    the page size is a multiple of the tile's keys and no left window moves a split's first
+    key off a tile boundary (splits start at multiples of the tile otherwise); else per row."""
     P = problem.page_size
     if not P:
         return 0
@@ -247,8 +243,6 @@ def _paged_feature(problem: AttentionProblem, tiles, has_left: bool) -> int:
         return _compile.FEAT_PAGED
     if P % tiles[1] == 0:
         return _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES
-    if P % PAGE_CHUNK == 0:  # every tile is whole chunks (decode.cu asserts it)
-        return _compile.FEAT_PAGED | _compile.FEAT_CHUNK_PAGES
     return _compile.FEAT_PAGED
 
 

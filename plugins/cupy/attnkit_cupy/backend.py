@@ -67,8 +67,9 @@ class CupyBackend(Backend):
         # Fused in the forward/backward kernels (FEAT bits of kernels/common.cuh), together
         # too; decoding shapes with either run those kernels instead of the split-KV decode.
         varlen=True, dropout=True,
-        # The split-KV kernel reads page pools through the block table (kernels/decode.cu).
-        paged=True,
+        # The split-KV kernel reads page pools through the block table (kernels/decode.cu)
+        # and checks each entry and fill level it reads (a trap).
+        paged=True, paged_checks=True,
     )
 
     def availability(self) -> tuple[bool, str]:

@@ -89,15 +89,13 @@ def test_head_dim_buckets():
 def test_variants_name_every_kernel_and_fit_shared_memory():
     variants = _compile.all_variants()
     # forward and backward once per feature set (plain, packed, dropout, both); the decode
-    # plain, paged by rows and (fp16/bf16) paged by whole pages or by 16-key chunks
+    # plain, paged by rows and (fp16/bf16) paged by whole pages
     per_source = 3 * len(_compile.HEAD_DIM_BUCKETS) * 4
     whole = _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES
-    chunks = _compile.FEAT_PAGED | _compile.FEAT_CHUNK_PAGES
     assert len(variants) == len(set(variants)) == per_source * (
-        2 * len(_compile.FEATURES) + len(_compile.DECODE_FEATURES)) - 2 * per_source // 3
-    assert {v.feat for v in variants if v.source == "decode"} == {0, _compile.FEAT_PAGED, whole,
-                                                                  chunks}
-    assert not [v for v in variants if v.dtype == "fp32" and v.feat in (whole, chunks)]
+        2 * len(_compile.FEATURES) + len(_compile.DECODE_FEATURES)) - per_source // 3
+    assert {v.feat for v in variants if v.source == "decode"} == {0, _compile.FEAT_PAGED, whole}
+    assert not [v for v in variants if v.dtype == "fp32" and v.feat == whole]
     assert {v.feat for v in variants if v.source != "decode"} == {0, 1, 2, 3}
     roles = {"forward": {"fwd"}, "backward": {"delta", "dq", "dkdv"}, "decode": {"split", "merge"}}
     for var in variants:
@@ -217,15 +215,11 @@ def test_feature_bits_pick_the_kernels():
     names = _compile.variant_for("decode", "fp16", 128, True, False,
                                  _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES)
     assert names.kernels()["split"] == "decode_split_kernel<Half, 128, 4, 64, 3, true, false, 2>"
-    names = _compile.variant_for("decode", "bf16", 128, False, False,
-                                 _compile.FEAT_PAGED | _compile.FEAT_CHUNK_PAGES)
-    assert names.kernels()["split"] == "decode_split_kernel<BF16, 128, 4, 64, 3, false, false, 3>"
     with pytest.raises(ValueError, match="decode"):
         _compile.Variant("decode", "bf16", 64, False, False, (4, 64, 4), 1).kernels()
-    for half_only in (_compile.FEAT_WHOLE_PAGES, _compile.FEAT_CHUNK_PAGES):
-        with pytest.raises(ValueError, match="fp32 without FEAT_WHOLE_PAGES or FEAT_CHUNK"):
-            _compile.variant_for("decode", "fp32", 64, False, False,
-                                 _compile.FEAT_PAGED | half_only).kernels()
+    with pytest.raises(ValueError, match="fp32 without FEAT_WHOLE_PAGES"):
+        _compile.variant_for("decode", "fp32", 64, False, False,
+                             _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES).kernels()
     with pytest.raises(ValueError, match="forward/backward"):
         _compile.Variant("forward", "fp32", 64, False, False, (), _compile.FEAT_PAGED).kernels()
 

@@ -57,15 +57,13 @@ def test_units_per_feature_set():
                     f"{src}_{dt}_varlen_dropout"} <= names
     for dt in ("fp16", "bf16", "fp32"):
         assert {f"decode_{dt}", f"decode_{dt}_paged"} <= names
-    assert {"decode_fp16_paged_whole", "decode_bf16_paged_whole", "decode_fp16_paged_chunks",
-            "decode_bf16_paged_chunks"} <= names
+    assert {"decode_fp16_paged_whole", "decode_bf16_paged_whole"} <= names
     # fp32 reads pages row by row
-    assert not {"decode_fp32_paged_whole", "decode_fp32_paged_chunks"} & names
+    assert "decode_fp32_paged_whole" not in names and not any("chunks" in n for n in names)
     assert "decode_bf16_dropout" not in names and "forward_bf16_paged" not in names
     units = {name: exprs for name, _, exprs in compile_all.units()}
     assert all(e.endswith(", 1>") for e in units["decode_bf16_paged"] if "split" in e)
     assert all(e.endswith(", 2>") for e in units["decode_bf16_paged_whole"] if "split" in e)
-    assert all(e.endswith(", 3>") for e in units["decode_fp16_paged_chunks"] if "split" in e)
     assert any(e.endswith("3>") for e in units["backward_fp32_varlen_dropout"])
     with pytest.raises(ValueError, match="no such unit"):
         compile_all.compile_all(("80",), only=["forward_bf16_nothing"], nvcc=sys.executable)

@@ -45,18 +45,17 @@ def test_paged_is_declared_and_always_takes_the_split_kernel():
     assert not _decode.use_split_kv(_paged(B=0)[0])
 
 
-WHOLE, CHUNKS = _compile.FEAT_WHOLE_PAGES, _compile.FEAT_CHUNK_PAGES
+WHOLE = _compile.FEAT_WHOLE_PAGES
 
 
 @pytest.mark.parametrize("P, dtype, window, lookups", [
     (64, F16, None, WHOLE), (256, F16, None, WHOLE), (128, F16, (-1, 0), WHOLE),
-    (16, F16, None, CHUNKS), (32, F16, None, CHUNKS), (96, F16, None, CHUNKS),
-    (48, F16, (-1, 0), CHUNKS), (5, F16, None, 0), (8, F16, None, 0),
+    (16, F16, None, 0), (32, F16, None, 0), (96, F16, None, 0),
+    (48, F16, (-1, 0), 0), (5, F16, None, 0), (8, F16, None, 0),
     (64, F16, (100, 0), 0), (16, F16, (100, 0), 0),  # a left window: splits start anywhere
     (64, F32, None, 0), (16, F32, None, 0),  # the fp32 kernel looks rows up one by one
 ])
-def test_pages_of_whole_tiles_or_chunks_take_one_lookup_per_tile_or_chunk(P, dtype, window,
-                                                                          lookups):
+def test_pages_of_whole_tiles_take_one_lookup_per_tile(P, dtype, window, lookups):
     p = _paged(P=P, dtype=dtype, causal=True, window=window)[0]
     feat = _decode._plan(p, 1, None).variant.feat
     assert feat == _compile.FEAT_PAGED | lookups

@@ -40,8 +40,7 @@ KERNEL_USAGE = re.compile(r"Compiling entry function '([^']+)' for 'sm_\d+'.*?"
 FEATURE_NAMES = {
     0: "", _compile.FEAT_VARLEN: "_varlen", _compile.FEAT_DROPOUT: "_dropout",
     _compile.FEAT_VARLEN | _compile.FEAT_DROPOUT: "_varlen_dropout",
-    _compile.FEAT_PAGED: "_paged", _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES: "_paged_whole",
-    _compile.FEAT_PAGED | _compile.FEAT_CHUNK_PAGES: "_paged_chunks"}
+    _compile.FEAT_PAGED: "_paged", _compile.FEAT_PAGED | _compile.FEAT_WHOLE_PAGES: "_paged_whole"}
 
 
 @dataclass(frozen=True)

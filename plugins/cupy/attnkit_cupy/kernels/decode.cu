@@ -24,23 +24,30 @@
 // PAGED: k and v are page pools (num_pages, Hkv, page_size, D) (k_sb/v_sb their page
 // strides, k_ss/v_ss the row stride inside a page) and key j of batch b is row
 // j % page_size of page table[b * max_pages + j / page_size], looked up as each tile loads
-// (no gather copy): once per tile where pages hold whole tiles, once per 16 keys where pages
-// hold whole 16-key chunks, else once per row. Only the entries of keys a split reads
-// (j < skb) are read.
+// (no gather copy): once per tile where pages hold whole tiles, else once per row. The
+// entries come from a window of the table row in shared memory (PageMap), filled in one
+// coalesced pass ahead of the tiles that need it, so no copy waits on a global table read.
+// Only the entries of keys a split reads (j < skb) are read, each checked against the pool as
+// the window fills, and each fill level against the row's capacity: a bad one traps before it
+// addresses anything (Capabilities.paged_checks).
 //
 // Partials are laid out (B, Hq, Sq, splits[, D]) so a merge warp reads one row's splits in a
 // run. Template parameters as in forward.cu: DP is the head dim rounded up to a bucket
 // (columns D..DP-1 are zero in shared memory), BAND the causal/window mask, SOFTCAP the cap,
 // PAGED the page-pool addressing above (its arguments, the block table, max_pages, page_size,
 // page_shift and num_pages, come last; the contiguous kernels ignore them): for fp16/bf16 one
-// of PAGED_* below, for fp32 a flag (rows looked up one by one).
+// of PAGED_* below, for fp32 a flag (rows looked up one by one). Paged kernels take
+// PAGE_WINDOW * 4 bytes of shared memory more, after their pipeline's.
 #include "common.cuh"
 
-// The fp16/bf16 split kernel's PAGED: contiguous caches, pages looked up per row, per tile
+// The fp16/bf16 split kernel's PAGED: contiguous caches, pages looked up per row, or per tile
 // (the host picks it where the page size is a multiple of BN and no left window moves a
-// split's first key off a multiple of BN, so every tile lies inside one page) or per 16-key
-// chunk (likewise with a page size that is a multiple of 16).
-constexpr int PAGED_NONE = 0, PAGED_ROWS = 1, PAGED_WHOLE = 2, PAGED_CHUNKS = 3;
+// split's first key off a multiple of BN, so every tile lies inside one page).
+constexpr int PAGED_NONE = 0, PAGED_ROWS = 1, PAGED_WHOLE = 2;
+
+// Block-table entries a paged split block holds in shared memory: a refill (two barriers and
+// one global read) every PAGE_WINDOW pages, every 8 tiles at page size 1.
+#define PAGE_WINDOW 512
 
 // Query rows per split block, for every dtype (the host's row-block count uses it too).
 #define DEC_ROWS 16
@@ -87,29 +94,60 @@ struct SplitBlock {
 };
 
 // Where the keys of one batch live in paged pools (PAGED): its block-table row, the page
-// size (with its log2 when a power of two, else -1: a shift instead of a division per row)
-// and the pool's page count. A page index is clamped into the pool: the core checked every
-// entry a key needs, the clamp keeps any table's accesses in bounds all the same.
+// size (with its log2 when a power of two, else -1: a shift instead of a division per row),
+// the pool's page count, and the window of the row's entries held in shared memory: table
+// positions [first, last). `first` and `last` are the same in every thread of a block.
 struct PageMap {
     const int* row;  // this batch's block-table row
     int page_size, page_shift, num_pages;
+    int* win;  // shared memory, PAGE_WINDOW entries
+    int first, last;
 
     static ATTN_DEVICE PageMap of_batch(const int* table, int b, int max_pages, int page_size,
-                                        int page_shift, int num_pages) {
+                                        int page_shift, int num_pages, int* win) {
         PageMap m;
         m.row = table + (i64)b * max_pages;
         m.page_size = page_size;
         m.page_shift = page_shift;
         m.num_pages = num_pages;
+        m.win = win;
+        m.first = m.last = 0;
         return m;
     }
-    // Page and row inside it of key j (64-bit offsets: pools may pass 2^31 elements).
+    ATTN_DEVICE int position(int j) const {
+        return page_shift >= 0 ? j >> page_shift : j / page_size;
+    }
+    // Whether the window holds the entries of keys [n0, n1) (n0 < n1).
+    ATTN_DEVICE bool holds(int n0, int n1) const {
+        return position(n0) >= first && position(n1 - 1) < last;
+    }
+    // The window from key n0's entry on, up to key end - 1's (at most PAGE_WINDOW): every
+    // thread of the block calls it, between barriers. An entry outside [0, num_pages) traps
+    // before it is stored; stored entries are clamped into the pool all the same.
+    ATTN_DEVICE void fill(int n0, int end, int nt) {
+        first = position(n0);
+        last = min(position(end - 1) + 1, first + PAGE_WINDOW);
+        for (int t = first + (int)threadIdx.x; t < last; t += nt) {
+            const int e = row[t];
+            if (e < 0 || e >= num_pages) __trap();
+            win[t - first] = max(min(e, num_pages - 1), 0);
+        }
+    }
+    // Page and row inside it of key j, whose entry the window holds (64-bit offsets: pools
+    // may pass 2^31 elements).
     ATTN_DEVICE void locate(int j, i64& page, i64& slot) const {
-        const int t = page_shift >= 0 ? j >> page_shift : j / page_size;
-        page = max(min(row[t], num_pages - 1), 0);
+        const int t = position(j);
+        page = win[t - first];
         slot = j - t * page_size;
     }
 };
+
+// Batch b's fill level checked against its table row's capacity Sk (paged kernels): a bad one
+// traps before any key is addressed.
+ATTN_DEVICE void check_fill_level(const int* seqlens, int b, int Sk) {
+    const int n = seqlens[b];
+    if (n < 0 || n > Sk) __trap();
+}
 
 // K and V tiles of keys n0 .. n0 + ROWS - 1 of paged pools into shared memory (row stride
 // LDS): one table lookup per row serves both. Rows >= nvalid and columns >= D become 0 unread
@@ -157,16 +195,14 @@ ATTN_DEVICE void load_paged_kv_16(u16* sk, u16* sv, const u16* kh, const u16* vh
 
 // The K and V tiles of keys n0 .. n0 + ROWS - 1 of paged pools, by `mode` (PAGED_*): WHOLE
 // (the page size a multiple of ROWS and n0 of ROWS: the tile lies inside one page) reads one
-// table entry and copies the tile with the contiguous loader; CHUNKS (the page size and n0
-// multiples of 16) does so per 16-key chunk; ROWS looks each row's page up
-// (load_paged_kv_16). Other arguments as load_paged_kv_16's.
+// table entry and copies the tile with the contiguous loader; ROWS looks each row's page up
+// (load_paged_kv_16). The window holds the entries of the valid rows. Other arguments as
+// load_paged_kv_16's.
 template <int ROWS, int DP, int LDS, int NT>
 ATTN_DEVICE void load_paged_tile_16(u16* sk, u16* sv, const u16* kh, const u16* vh,
                                     const PageMap& pm, int mode, int n0, int nvalid,
                                     i64 k_sp, i64 k_ss, i64 k_sd, i64 v_sp, i64 v_ss, i64 v_sd,
                                     int D, bool vec, const u16* ksafe, const u16* vsafe) {
-    constexpr int CHUNK = 16, NCH = ROWS / CHUNK;
-    static_assert(ROWS % CHUNK == 0, "a tile of whole 16-key chunks");
     if (mode == PAGED_WHOLE) {
         i64 page, slot;
         pm.locate(n0, page, slot);
@@ -174,27 +210,6 @@ ATTN_DEVICE void load_paged_tile_16(u16* sk, u16* sv, const u16* kh, const u16* 
                                         D, vec, ksafe);
         load_tile_16<ROWS, DP, LDS, NT>(sv, vh + page * v_sp + slot * v_ss, v_ss, v_sd, nvalid,
                                         D, vec, vsafe);
-    } else if (mode == PAGED_CHUNKS) {
-        // Chunk c + 1's entry is read before chunk c's copies are issued: its latency
-        // overlaps them rather than stalling the next chunk. Chunks past the valid rows read
-        // no entry and are zero-filled.
-        i64 page = 0, slot = 0;
-        if (nvalid > 0) pm.locate(n0, page, slot);
-#pragma unroll 1
-        for (int c = 0; c < NCH; ++c) {
-            i64 next_page = 0, next_slot = 0;
-            if (c + 1 < NCH && (c + 1) * CHUNK < nvalid)
-                pm.locate(n0 + (c + 1) * CHUNK, next_page, next_slot);
-            const bool any = c * CHUNK < nvalid;
-            const u16* kc = any ? kh + page * k_sp + slot * k_ss : ksafe;
-            const u16* vc = any ? vh + page * v_sp + slot * v_ss : vsafe;
-            load_tile_16<CHUNK, DP, LDS, NT>(sk + c * CHUNK * LDS, kc, k_ss, k_sd,
-                                             nvalid - c * CHUNK, D, vec, ksafe);
-            load_tile_16<CHUNK, DP, LDS, NT>(sv + c * CHUNK * LDS, vc, v_ss, v_sd,
-                                             nvalid - c * CHUNK, D, vec, vsafe);
-            page = next_page;
-            slot = next_slot;
-        }
     } else {
         load_paged_kv_16<ROWS, DP, LDS, NT>(sk, sv, kh, vh, pm, n0, nvalid, k_sp, k_ss, k_sd,
                                             v_sp, v_ss, v_sd, D, vec, ksafe, vsafe);
@@ -276,14 +291,21 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     const Band& band = blk.band;
     const SplitRange& rg = blk.rg;
 
-    // Paged: the pools offset to the kv head; pages come from the table per tile.
+    // Paged: the pools offset to the kv head; pages come from the window as each tile loads,
+    // refilled where a tile's entries are not all in it.
     const u16* kg = k + (PAGED ? 0 : b * k_sb) + hk * k_sh;
     const u16* vg = v + (PAGED ? 0 : b * v_sb) + hk * v_sh;
-    const PageMap pm = PageMap::of_batch(table, b, max_pages, page_size, page_shift,
-                                         num_pages);
+    if (PAGED) check_fill_level(seqlens, b, Sk);
+    PageMap pm = PageMap::of_batch(table, b, max_pages, page_size, page_shift, num_pages,
+                                   reinterpret_cast<int*>(smem_raw + C::PIPE));
     auto load_kv = [&](int t) {
         const int n0 = rg.start + t * BN, st = t % ST;
         if constexpr (PAGED) {
+            if (!pm.holds(n0, min(n0 + BN, rg.end))) {  // block-uniform
+                __syncthreads();  // no thread still reads the window
+                pm.fill(n0, rg.end, NT);
+                __syncthreads();
+            }
             load_paged_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, sV + st * BN * LDS, kg, vg,
                                                 pm, PAGED, n0, rg.end - n0, k_sb,
                                                 k_ss, k_sd, v_sb, v_ss, v_sd, D, vec, k, v);
@@ -479,15 +501,21 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
     const Band& band = blk.band;
     const SplitRange& rg = blk.rg;
 
-    // Paged: the pools offset to the kv head; a row's page comes from the table per load.
+    // Paged: the pools offset to the kv head; a row's page comes from the window per load.
     const float* kg = k + (PAGED ? 0 : b * k_sb) + hk * k_sh;
     const float* vg = v + (PAGED ? 0 : b * v_sb) + hk * v_sh;
-    const PageMap pm = PageMap::of_batch(table, b, max_pages, page_size, page_shift,
-                                         num_pages);
+    if (PAGED) check_fill_level(seqlens, b, Sk);
+    PageMap pm = PageMap::of_batch(table, b, max_pages, page_size, page_shift, num_pages,
+                                   reinterpret_cast<int*>(smem_raw + C::SMEM));
     // 4-byte cp.async works for any stride; rows past the split's end and columns >= D are 0
     // (and, paged, their table entries unread).
     auto load_kv = [&](int t) {
         const int n0 = rg.start + t * BN, st = t % ST;
+        if (PAGED && !pm.holds(n0, min(n0 + BN, rg.end))) {  // block-uniform
+            __syncthreads();  // no thread still reads the window
+            pm.fill(n0, rg.end, NT);
+            __syncthreads();
+        }
         float* dk = sK + st * BN * LDK;
         float* dv = sV + st * BN * DP;
         for (int idx = threadIdx.x; idx < BN * DP; idx += NT) {
