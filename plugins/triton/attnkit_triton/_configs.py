@@ -111,12 +111,11 @@ _HOPPER_BWD = {
     (64, True): (KernelConfig(32, 64, 4, 3), KernelConfig(64, 64, 4, 3, tma=False)),
     (128, False): (KernelConfig(64, 128, 8, 3), KernelConfig(128, 32, 8, 3)),
     (128, True): (KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3)),
-    (256, False): (KernelConfig(32, 64, 8, 3), KernelConfig(128, 32, 8, 3)),
-    (256, True): (KernelConfig(32, 64, 8, 3), KernelConfig(128, 32, 8, 3)),
+    (256, False): (KernelConfig(32, 64, 8, 2), KernelConfig(128, 32, 8, 2)),
+    (256, True): (KernelConfig(32, 64, 8, 2), KernelConfig(128, 32, 8, 2)),
 }
-# D=256 backward: 128-row dQ tiles and three stages in both kernels, 1.18x the same tiles
-# in two stages (dK/dV 1.10x, dQ 1.08x alone), which were 1.86x the one-stage 32x64 / 64x32
-# pair (H100, fp16/bf16, causal and not, 512..16k); 64x64 dK/dV spills (1.22x).
+# D=256 backward: two stages and 128-row dQ tiles, 1.86x the one-stage 32x64 / 64x32 pair
+# (H100, fp16/bf16, causal and not, 512..16k); 64x64 dK/dV spills (1.22x).
 # D=128 non-causal dK/dV: 3 stages (whole backward, bf16/fp16, S 2k-16k, H100: +1-8% over 2).
 # Short sequences (max(Sq, Sk) <= SHORT_SEQLEN): a program walks few key blocks, so smaller
 # tiles win. S=512 sweep, H100, 2026-11: D=128 forward 64x64 w4 pointers 333 vs 262 TFLOP/s
@@ -229,18 +228,11 @@ def table_configs(arch: int | None, block_d: int, causal: bool, dtype,
     (major*10+minor; None: the interpreter), ``block_d`` = `padded_head_dim`; ``dropout``:
     those of the kernels with dropout (`DROPOUT_TILE`). block_d is not filled in. A pure
     function of its arguments, so scripts can ask for any GPU's choice."""
-    cfgs = _table_configs(arch, block_d, causal, dtype, short, dropout)
+    cfgs = _table_configs(arch, block_d, causal, dtype, short)
     return tuple(_dropout_tile(c) for c in cfgs) if dropout else cfgs
 
 
-def _table_configs(arch, block_d, causal, dtype, short, dropout=False):
-    cfgs = _table_tiles(arch, block_d, causal, dtype, short)
-    if dropout and block_d == 256:  # sm_90's dQ with dropout in 3 stages: 233,496 B of 232,448
-        cfgs = tuple(replace(c, num_stages=min(c.num_stages, 2)) for c in cfgs)
-    return cfgs
-
-
-def _table_tiles(arch, block_d, causal, dtype, short):
+def _table_configs(arch, block_d, causal, dtype, short):
     import torch
 
     if arch is None:
@@ -281,8 +273,7 @@ def _chosen(head_dim, causal, dtype, device, interpret, short, dropout):
     import torch
 
     bd = padded_head_dim(head_dim)
-    cfgs = _table_configs(None if interpret else _arch(device), bd, causal, dtype, short,
-                          dropout)
+    cfgs = table_configs(None if interpret else _arch(device), bd, causal, dtype, short)
     if _TILES and not interpret and dtype != torch.float32:
         cfgs = tuple(_TILES.get(k, c) for k, c in zip(("fwd", "dkdv", "dq"), cfgs))
     return tuple(replace(_dropout_tile(c) if dropout else c, block_d=bd) for c in cfgs)

@@ -41,16 +41,3 @@ def test_the_override_replaces_the_tables_for_fp16_and_bf16_on_a_gpu(monkeypatch
     assert _configs._chosen(256, False, torch.float32, "cuda", False, False, False)[1] != dkdv
     interp = _configs._chosen(256, False, torch.bfloat16, "cpu", True, False, False)
     assert interp[1] == KernelConfig(32, 16, 4, 1, block_d=256)
-
-
-def test_head_dim_256_backward_takes_three_stages_but_two_with_dropout(monkeypatch):
-    """Three stages fit sm_90's shared memory in the plain D=256 backward; the dQ kernel with
-    dropout would need 233,496 bytes in three, over the 232,448 a block may have."""
-    monkeypatch.setattr(_configs, "_arch", lambda device: 90)
-    for causal in (False, True):
-        plain = _configs._chosen(256, causal, torch.bfloat16, "cuda", False, False, False)
-        drop = _configs._chosen(256, causal, torch.bfloat16, "cuda", False, False, True)
-        assert [c.num_stages for c in plain[1:]] == [3, 3]
-        assert [c.num_stages for c in drop[1:]] == [2, 2]
-        table = _configs.table_configs(90, 256, causal, torch.bfloat16, dropout=True)
-        assert drop[1:] == tuple(replace(c, block_d=256) for c in table[1:])
