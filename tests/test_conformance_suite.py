@@ -119,6 +119,29 @@ def test_case_judge_applies_the_suite_rule():
     assert verdicts[1][1].startswith("dk: max|got - ref64| = 1.0"), verdicts[1][1]
 
 
+def test_reference_orders_are_the_same_math_with_gradients_put_back():
+    """`Case.reference_orders` (the rule's other summation orders) computes the same
+    function: in float64 every output and gradient equals the plain reference's, so the
+    permutation of the head dim is undone in dq and dk."""
+    import torch
+
+    from attnkit.testing.cases import Case
+
+    case = Case(2, 4, 2, 9, 13, 24, torch.float64, causal=True)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, seqlens_k = case.make_inputs("cpu", gen)
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    want = case.reference(q, k, v, seqlens_k, torch.float64, dout)
+    orders = case.reference_orders(q, k, v, seqlens_k, torch.float64, dout, grad=True)
+    assert len(orders) == 2
+    for out, lse, grads in orders:
+        torch.testing.assert_close(out, want[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(lse, want[1], rtol=0, atol=1e-12)
+        for g, w in zip(grads, want[2]):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    assert case.reference_orders(q, k, v, seqlens_k, torch.float64)[0][2] is None
+
+
 class WithOwnCases(ReferenceBackend):
     name = "with-own-cases"
     capabilities = _CAPS

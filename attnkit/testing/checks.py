@@ -16,14 +16,16 @@ from .cases import Case
 
 def assert_grads(where: str, grads, inputs, ref64, ref_lp, saved, masked) -> None:
     """(dq, dk, dv) of ``inputs`` (q, k, v): each in its input's dtype and shape and within
-    the accuracy rule against ``ref64`` with the low-precision references ``ref_lp`` and
-    ``saved``; query rows in ``masked`` (they see no key) get dq == 0."""
+    the accuracy rule against ``ref64`` with the low-precision references ``ref_lp`` (per
+    gradient one tensor, or a tuple of them) and ``saved``; query rows in ``masked`` (they
+    see no key) get dq == 0."""
     dtype = inputs[0].dtype
     for name, g, t, g64, glp, gs in zip("qkv", grads, inputs, ref64, ref_lp, saved):
         assert g.dtype == t.dtype and g.shape == t.shape, (
             f"{where}: d{name} is {g.dtype} {tuple(g.shape)}, expected {t.dtype} "
             f"{tuple(t.shape)}")
-        assert_close(f"{where} d{name}", g, g64, (glp, gs), dtype, factor=GRAD_FACTOR)
+        lps = glp if isinstance(glp, tuple) else (glp,)
+        assert_close(f"{where} d{name}", g, g64, (*lps, gs), dtype, factor=GRAD_FACTOR)
     if masked.any():
         assert (grads[0][masked] == 0).all(), f"{where}: rows that see no key need dq == 0"
 
@@ -60,8 +62,10 @@ def matches_reference(case: Case, backend, device: str) -> None:
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(device, q.dtype)
     ref64 = case.reference(q, k, v, seqlens_k, torch.float64, dout, case.grad)
     ref_lp = case.reference(q, k, v, seqlens_k, q.dtype, dout, case.grad)
+    orders = case.reference_orders(q, k, v, seqlens_k, q.dtype, dout, case.grad)
 
-    assert_close(f"{where} out", out, ref64[0], ref_lp[0], q.dtype, factor=OUT_FACTOR)
+    assert_close(f"{where} out", out, ref64[0], [ref_lp[0], *(r[0] for r in orders)], q.dtype,
+                 factor=OUT_FACTOR)
     masked = case.masked_rows(seqlens_k).to(out.device).expand(out.shape[:3])
     if case.expect_masked_rows:
         assert masked.any(), f"{where}: the case was meant to contain fully-masked rows"
@@ -71,7 +75,8 @@ def matches_reference(case: Case, backend, device: str) -> None:
         want = torch.float64 if q.dtype == torch.float64 else torch.float32
         assert lse.dtype == want, f"{where}: lse dtype {lse.dtype}, expected {want}"
         assert tuple(lse.shape) == tuple(q.shape[:3]), f"{where}: lse shape {tuple(lse.shape)}"
-        assert_close(f"{where} lse", lse, ref64[1], ref_lp[1], q.dtype, factor=OUT_FACTOR)
+        assert_close(f"{where} lse", lse, ref64[1], [ref_lp[1], *(r[1] for r in orders)],
+                     q.dtype, factor=OUT_FACTOR)
         if masked.any():
             assert (lse[masked] == float("-inf")).all(), \
                 f"{where}: fully-masked rows must give lse == -inf"
@@ -87,4 +92,5 @@ def matches_reference(case: Case, backend, device: str) -> None:
         # uncopied, so a backend that ignored dout's strides would fail here.
         grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out).copy_(dout))
         saved = case.saved_state_grads(q, k, v, seqlens_k, dout, out=out, lse=lse) or (None,) * 3
-        assert_grads(where, grads, (q, k, v), ref64[2], ref_lp[2], saved, masked)
+        lps = [(glp, *(r[2][i] for r in orders)) for i, glp in enumerate(ref_lp[2])]
+        assert_grads(where, grads, (q, k, v), ref64[2], lps, saved, masked)
