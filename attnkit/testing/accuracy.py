@@ -4,11 +4,11 @@
 
 ``ref64`` is the reference computed in float64 from the same inputs, ``ref_lp`` the plain
 PyTorch math in the input dtype; factor is 2 for outputs and 3 for gradients. NaN never passes.
-The plain math runs in three orders of summing each score (the head dim as given, reversed,
-permuted: `Case.reference_orders`) and the largest error counts: a near
-one-hot row follows the rounding of its top two scores, and at scores near 1e4 in fp32 one
-order's error can be a tenth of another's (4e-5 against 5e-4 in the suite's scores-1e4 case),
-so a single order failed correct kernels one run in ten.
+In the attention cases the plain math runs in three orders of summing each score (the head
+dim as given, reversed, permuted: `Case.low_precision_references`) and the largest error
+counts: a near one-hot row follows the rounding of its top two scores, and at scores near 1e4
+in fp32 one order's error can be a tenth of another's (4e-5 against 5e-4 in the suite's
+scores-1e4 case), so a single order failed correct kernels one run in ten.
 Gradients have a second low-precision reference, and the larger error of the two counts:
 the contract's own backward in float32 from the state the backend saved, its out (in the
 input dtype) and lse (`Case.saved_state_grads`): ``P = exp(S - lse)``,

@@ -61,11 +61,9 @@ def matches_reference(case: Case, backend, device: str) -> None:
 
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(device, q.dtype)
     ref64 = case.reference(q, k, v, seqlens_k, torch.float64, dout, case.grad)
-    ref_lp = case.reference(q, k, v, seqlens_k, q.dtype, dout, case.grad)
-    orders = case.reference_orders(q, k, v, seqlens_k, q.dtype, dout, case.grad)
+    lps = case.low_precision_references(q, k, v, seqlens_k, dout, case.grad)
 
-    assert_close(f"{where} out", out, ref64[0], [ref_lp[0], *(r[0] for r in orders)], q.dtype,
-                 factor=OUT_FACTOR)
+    assert_close(f"{where} out", out, ref64[0], [r[0] for r in lps], q.dtype, factor=OUT_FACTOR)
     masked = case.masked_rows(seqlens_k).to(out.device).expand(out.shape[:3])
     if case.expect_masked_rows:
         assert masked.any(), f"{where}: the case was meant to contain fully-masked rows"
@@ -75,8 +73,8 @@ def matches_reference(case: Case, backend, device: str) -> None:
         want = torch.float64 if q.dtype == torch.float64 else torch.float32
         assert lse.dtype == want, f"{where}: lse dtype {lse.dtype}, expected {want}"
         assert tuple(lse.shape) == tuple(q.shape[:3]), f"{where}: lse shape {tuple(lse.shape)}"
-        assert_close(f"{where} lse", lse, ref64[1], [ref_lp[1], *(r[1] for r in orders)],
-                     q.dtype, factor=OUT_FACTOR)
+        assert_close(f"{where} lse", lse, ref64[1], [r[1] for r in lps], q.dtype,
+                     factor=OUT_FACTOR)
         if masked.any():
             assert (lse[masked] == float("-inf")).all(), \
                 f"{where}: fully-masked rows must give lse == -inf"
@@ -92,5 +90,5 @@ def matches_reference(case: Case, backend, device: str) -> None:
         # uncopied, so a backend that ignored dout's strides would fail here.
         grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out).copy_(dout))
         saved = case.saved_state_grads(q, k, v, seqlens_k, dout, out=out, lse=lse) or (None,) * 3
-        lps = [(glp, *(r[2][i] for r in orders)) for i, glp in enumerate(ref_lp[2])]
-        assert_grads(where, grads, (q, k, v), ref64[2], lps, saved, masked)
+        per_grad = [tuple(r[2][i] for r in lps) for i in range(3)]
+        assert_grads(where, grads, (q, k, v), ref64[2], per_grad, saved, masked)

@@ -40,6 +40,7 @@ struct Dim3 { unsigned x; };
 static Dim3 threadIdx;
 static long table_reads, window_reads;  // counted by the test's instrumentation
 #define __trap() std::abort()
+#define __syncthreads() ((void)0)  // the harness runs fill's phases itself
 static unsigned char* smem_base;
 // Shared memory is one host buffer; a cp.async copies src_bytes and zero-fills the rest.
 inline u32 smem_u32(const void* p) { return (u32)((const unsigned char*)p - smem_base); }

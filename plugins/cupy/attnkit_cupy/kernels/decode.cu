@@ -123,15 +123,23 @@ struct PageMap {
     }
     // The window from key n0's entry on, up to key end - 1's (at most PAGE_WINDOW): every
     // thread of the block calls it, between barriers. An entry outside [0, num_pages) traps
-    // before it is stored; stored entries are clamped into the pool all the same.
+    // before it is stored (its thread never reaches the next barrier: nobody reads it).
     ATTN_DEVICE void fill(int n0, int end, int nt) {
         first = position(n0);
         last = min(position(end - 1) + 1, first + PAGE_WINDOW);
         for (int t = first + (int)threadIdx.x; t < last; t += nt) {
             const int e = row[t];
             if (e < 0 || e >= num_pages) __trap();
-            win[t - first] = max(min(e, num_pages - 1), 0);
+            win[t - first] = e;
         }
+    }
+    // Make the window hold keys [n0, n1)'s entries, refilling it up to key end - 1's where
+    // it does not (block-uniform: every thread calls it with the same keys).
+    ATTN_DEVICE void cover(int n0, int n1, int end, int nt) {
+        if (holds(n0, n1)) return;
+        __syncthreads();  // no thread still reads the window
+        fill(n0, end, nt);
+        __syncthreads();
     }
     // Page and row inside it of key j, whose entry the window holds (64-bit offsets: pools
     // may pass 2^31 elements).
@@ -301,11 +309,7 @@ __global__ void __launch_bounds__(NW * 32) decode_split_kernel(
     auto load_kv = [&](int t) {
         const int n0 = rg.start + t * BN, st = t % ST;
         if constexpr (PAGED) {
-            if (!pm.holds(n0, min(n0 + BN, rg.end))) {  // block-uniform
-                __syncthreads();  // no thread still reads the window
-                pm.fill(n0, rg.end, NT);
-                __syncthreads();
-            }
+            pm.cover(n0, min(n0 + BN, rg.end), rg.end, NT);
             load_paged_tile_16<BN, DP, LDS, NT>(sK + st * BN * LDS, sV + st * BN * LDS, kg, vg,
                                                 pm, PAGED, n0, rg.end - n0, k_sb,
                                                 k_ss, k_sd, v_sb, v_ss, v_sd, D, vec, k, v);
@@ -511,11 +515,7 @@ __global__ void __launch_bounds__(128) decode_split_f32_kernel(
     // (and, paged, their table entries unread).
     auto load_kv = [&](int t) {
         const int n0 = rg.start + t * BN, st = t % ST;
-        if (PAGED && !pm.holds(n0, min(n0 + BN, rg.end))) {  // block-uniform
-            __syncthreads();  // no thread still reads the window
-            pm.fill(n0, rg.end, NT);
-            __syncthreads();
-        }
+        if (PAGED) pm.cover(n0, min(n0 + BN, rg.end), rg.end, NT);
         float* dk = sK + st * BN * LDK;
         float* dv = sV + st * BN * DP;
         for (int idx = threadIdx.x; idx < BN * DP; idx += NT) {
